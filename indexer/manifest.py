@@ -1,0 +1,265 @@
+"""The manifest: one immutable JSON file per committed index version.
+
+A manifest names the model whose codes the index holds (`ModelMeta`), the
+shard count, and per shard the segment files (`SegmentRef`, with row count,
+size and sha256) and the tombstoned face ids. Layout and rules live in
+docs/index-format.md; this module is the code side of that contract.
+
+Segment paths are validated on load: a manifest can only point inside the
+index root (`shards/...`), never at `..` or an absolute path, so a hostile or
+corrupt manifest cannot make a reader open arbitrary files.
+"""
+from __future__ import annotations
+
+import json
+import posixpath
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from facepq.errors import IndexFormatError
+
+FORMAT_VERSION = 1
+_SEGMENT_ID = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._-]{0,127}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def utc_now() -> str:
+    """Current UTC time as ISO-8601 with a Z suffix (the format of `created_at`)."""
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_utc(text: str) -> datetime:
+    """Inverse of `utc_now` (also accepts seconds without a fraction)."""
+    for fmt in ("%Y-%m-%dT%H:%M:%S.%fZ", "%Y-%m-%dT%H:%M:%SZ"):
+        try:
+            return datetime.strptime(text, fmt).replace(tzinfo=timezone.utc)
+        except ValueError:
+            continue
+    raise IndexFormatError(f"bad created_at timestamp {text!r} in manifest")
+
+
+def check_relative_path(path: str) -> str:
+    """Return `path` if it is a safe relative path inside the index root, else raise IndexFormatError."""
+    if not isinstance(path, str) or not path:
+        raise IndexFormatError(f"segment path {path!r} is not a non-empty string")
+    if "\\" in path or "\0" in path or path.startswith("/") or re.match(r"^[A-Za-z]+:", path):
+        raise IndexFormatError(f"segment path {path!r} must be relative to the index root")
+    parts = path.split("/")
+    if any(p in ("", ".", "..") for p in parts) or posixpath.normpath(path) != path:
+        raise IndexFormatError(f"segment path {path!r} leaves the index root or is not normalised; refusing it")
+    return path
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """The model an index's codes were made with; every commit must match it.
+
+    Args:
+        fingerprint: hex id of the model's codebooks + head weights + config.
+        trunk: trunk registry name ('dlib', 'resnet20', ...).
+        M, K, bits, code_bytes, packed: the code layout (`opqn_model.codes.CodeSpec`).
+    """
+
+    fingerprint: str
+    trunk: str
+    M: int
+    K: int
+    bits: int
+    code_bytes: int
+    packed: bool
+
+    @classmethod
+    def from_code_spec(cls, spec, fingerprint: str, trunk: str) -> "ModelMeta":
+        """Build from an `opqn_model.codes.CodeSpec` plus the model's fingerprint and trunk name."""
+        return cls(fingerprint=str(fingerprint), trunk=str(trunk), M=spec.M, K=spec.K, bits=spec.bits,
+                   code_bytes=spec.code_bytes, packed=spec.packed)
+
+    @classmethod
+    def from_encoder(cls, encoder) -> "ModelMeta":
+        """Build from a loaded `opqn_model.api.FaceEncoder`."""
+        return cls.from_code_spec(encoder.code_spec, encoder.fingerprint, encoder.trunk_name)
+
+    def code_spec(self):
+        from opqn_model.codes import CodeSpec
+
+        return CodeSpec(M=self.M, K=self.K)
+
+    def to_dict(self) -> dict:
+        return {"fingerprint": self.fingerprint, "trunk": self.trunk, "M": self.M, "K": self.K,
+                "bits": self.bits, "code_bytes": self.code_bytes, "packed": self.packed}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelMeta":
+        try:
+            return cls(fingerprint=str(d["fingerprint"]), trunk=str(d["trunk"]), M=int(d["M"]), K=int(d["K"]),
+                       bits=int(d["bits"]), code_bytes=int(d["code_bytes"]), packed=bool(d["packed"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise IndexFormatError(f"manifest 'model' section is incomplete or malformed: {exc!r}") from exc
+
+    def mismatch(self, other: "ModelMeta") -> str | None:
+        """None when `other` makes codes compatible with this index, else a sentence naming both models."""
+        if self.fingerprint != other.fingerprint:
+            return (f"the index holds codes of model {self.fingerprint} (trunk {self.trunk}, M={self.M}, K={self.K}) "
+                    f"but this model is {other.fingerprint} (trunk {other.trunk}, M={other.M}, K={other.K}); "
+                    f"codes of different models cannot be mixed: use the index's model or a new index")
+        if (self.M, self.K, self.code_bytes, self.packed) != (other.M, other.K, other.code_bytes, other.packed):
+            return (f"code shape differs: index M={self.M} K={self.K} code_bytes={self.code_bytes}, "
+                    f"model M={other.M} K={other.K} code_bytes={other.code_bytes}")
+        return None
+
+
+@dataclass(frozen=True)
+class SegmentRef:
+    """One immutable segment file: `path` is relative to the index root."""
+
+    id: str
+    path: str
+    rows: int
+    bytes: int
+    sha256: str
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "path": self.path, "rows": self.rows, "bytes": self.bytes, "sha256": self.sha256}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SegmentRef":
+        try:
+            ref = cls(id=str(d["id"]), path=str(d["path"]), rows=int(d["rows"]), bytes=int(d["bytes"]),
+                      sha256=str(d["sha256"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise IndexFormatError(f"malformed segment entry in manifest: {exc!r}") from exc
+        if not _SEGMENT_ID.match(ref.id):
+            raise IndexFormatError(f"bad segment id {ref.id!r} in manifest")
+        check_relative_path(ref.path)
+        if not ref.path.startswith("shards/"):
+            raise IndexFormatError(f"segment path {ref.path!r} is not under shards/; refusing it")
+        if ref.rows < 0 or ref.bytes < 0 or not _SHA256.match(ref.sha256):
+            raise IndexFormatError(f"segment {ref.id}: bad rows/bytes/sha256 in manifest")
+        return ref
+
+
+@dataclass
+class ShardState:
+    """Segments of one shard plus face ids deleted from them but not yet compacted away."""
+
+    segments: list[SegmentRef] = field(default_factory=list)
+    tombstones: set[int] = field(default_factory=set)
+
+    @property
+    def rows(self) -> int:
+        return sum(s.rows for s in self.segments)
+
+    @property
+    def bytes(self) -> int:
+        return sum(s.bytes for s in self.segments)
+
+
+@dataclass
+class Manifest:
+    """One committed version of an index (see docs/index-format.md)."""
+
+    version: int
+    model: ModelMeta
+    shard_count: int
+    shards: list[ShardState]
+    parent_version: int | None = None
+    created_at: str = field(default_factory=utc_now)
+    message: str = ""
+    format_version: int = FORMAT_VERSION
+
+    @classmethod
+    def empty(cls, model: ModelMeta, shard_count: int) -> "Manifest":
+        """Version 0: the state before the first commit (never written to disk)."""
+        if shard_count < 1:
+            raise IndexFormatError(f"shard count must be >= 1, got {shard_count}")
+        return cls(version=0, model=model, shard_count=shard_count, shards=[ShardState() for _ in range(shard_count)])
+
+    # ---- derived numbers -------------------------------------------------
+    @property
+    def segments(self) -> list[SegmentRef]:
+        return [s for shard in self.shards for s in shard.segments]
+
+    @property
+    def rows(self) -> int:
+        return sum(sh.rows for sh in self.shards)
+
+    @property
+    def tombstone_count(self) -> int:
+        return sum(len(sh.tombstones) for sh in self.shards)
+
+    @property
+    def live_faces(self) -> int:
+        """Rows minus tombstoned rows (a tombstone always names a row present in its shard)."""
+        return self.rows - self.tombstone_count
+
+    @property
+    def bytes(self) -> int:
+        return sum(sh.bytes for sh in self.shards)
+
+    def shard_of(self, face_id: int) -> int:
+        return int(face_id) % self.shard_count
+
+    # ---- (de)serialisation -----------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "format_version": self.format_version,
+            "version": self.version,
+            "parent_version": self.parent_version,
+            "created_at": self.created_at,
+            "model": self.model.to_dict(),
+            "shard_count": self.shard_count,
+            "shards": [{"shard": i, "segments": [s.to_dict() for s in sh.segments],
+                        "tombstones": sorted(sh.tombstones)} for i, sh in enumerate(self.shards)],
+            "message": self.message,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str | bytes, source: str = "manifest") -> "Manifest":
+        try:
+            d = json.loads(text)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise IndexFormatError(f"{source} is not valid JSON (corrupt or truncated): {exc}") from exc
+        if not isinstance(d, dict):
+            raise IndexFormatError(f"{source} is not a JSON object")
+        return cls.from_dict(d, source)
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "manifest") -> "Manifest":
+        fmt = d.get("format_version")
+        if not isinstance(fmt, int):
+            raise IndexFormatError(f"{source} has no integer format_version; not a facepq index manifest")
+        if fmt > FORMAT_VERSION:
+            raise IndexFormatError(f"{source} has index format_version {fmt} but this facepq reads up to "
+                                   f"{FORMAT_VERSION}; upgrade facepq to read this index")
+        try:
+            shard_count = int(d["shard_count"])
+            shards_raw = d["shards"]
+            version = int(d["version"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise IndexFormatError(f"{source} is missing version/shard_count/shards: {exc!r}") from exc
+        if shard_count < 1 or not isinstance(shards_raw, list) or len(shards_raw) != shard_count:
+            raise IndexFormatError(f"{source}: shard_count {shard_count} does not match its {len(shards_raw)} shards")
+        shards: list[ShardState] = []
+        for i, sh in enumerate(shards_raw):
+            if not isinstance(sh, dict) or sh.get("shard") != i:
+                raise IndexFormatError(f"{source}: shard entry {i} is malformed or out of order")
+            try:
+                tombstones = {int(t) for t in sh.get("tombstones", [])}
+            except (TypeError, ValueError) as exc:
+                raise IndexFormatError(f"{source}: shard {i} has non-integer tombstones") from exc
+            shards.append(ShardState(segments=[SegmentRef.from_dict(s) for s in sh.get("segments", [])],
+                                     tombstones=tombstones))
+        parent = d.get("parent_version")
+        return cls(version=version, model=ModelMeta.from_dict(d.get("model") or {}), shard_count=shard_count,
+                   shards=shards, parent_version=None if parent is None else int(parent),
+                   created_at=str(d.get("created_at", "")), message=str(d.get("message", "")), format_version=fmt)
+
+    def successor(self, message: str) -> "Manifest":
+        """A deep copy with version + 1, this version as parent, fresh timestamp and `message`."""
+        return Manifest(version=self.version + 1, model=self.model, shard_count=self.shard_count,
+                        shards=[ShardState(list(sh.segments), set(sh.tombstones)) for sh in self.shards],
+                        parent_version=self.version if self.version > 0 else None, message=message)

@@ -1,0 +1,240 @@
+"""Segments: immutable Arrow IPC files of (face_id, person, source, code) rows.
+
+A segment is written once, as exactly one uncompressed record batch, so the
+`code` column (fixed_size_binary(code_bytes)) is one contiguous byte range of
+the file: `open_segment` memory-maps the file and hands out a zero-copy
+`uint8 [rows, code_bytes]` view for the scan kernels. The sha256 of the file is
+computed while it is written and recorded in the manifest; `open_segment`
+re-checks it (and the size, schema and row count) before anything is served.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import time
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from facepq.errors import IndexFormatError
+from indexer.errors import SegmentCorrupt
+from indexer.manifest import ModelMeta, SegmentRef
+from indexer.store import SHARD_DIR, IndexStore
+
+__all__ = ["SegmentCorrupt", "SegmentView", "write_segment", "open_segment", "segment_schema", "segment_path"]
+
+COLUMNS = ("face_id", "person", "source", "code")
+
+
+def segment_schema(model: ModelMeta) -> pa.Schema:
+    """Arrow schema of a segment holding codes of `model` (metadata as in docs/index-format.md)."""
+    return pa.schema(
+        [pa.field("face_id", pa.uint64(), nullable=False), pa.field("person", pa.string(), nullable=False),
+         pa.field("source", pa.string(), nullable=False),
+         pa.field("code", pa.binary(model.code_bytes), nullable=False)],
+        metadata={"facepq.model_fingerprint": model.fingerprint, "facepq.M": str(model.M),
+                  "facepq.K": str(model.K), "facepq.code_bytes": str(model.code_bytes)},
+    )
+
+
+def new_segment_id() -> str:
+    """`<utc yyyymmddThhmmss>-<12 hex>`: sortable by creation time, unique without coordination."""
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:12]
+
+
+def segment_path(shard: int, segment_id: str) -> str:
+    return f"{SHARD_DIR}/{shard:04d}/{segment_id}.arrow"
+
+
+def _string_array(values, n: int, what: str) -> pa.Array:
+    arr = values if isinstance(values, (pa.Array, pa.ChunkedArray)) else pa.array(np.asarray(values, dtype=object),
+                                                                                    type=pa.string())
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    if arr.type != pa.string():
+        arr = arr.cast(pa.string())
+    if len(arr) != n:
+        raise ValueError(f"{what} has {len(arr)} entries for {n} face ids")
+    if arr.null_count:
+        raise ValueError(f"{what} contains nulls")
+    return arr
+
+
+def build_batch(face_ids, persons, sources, codes, model: ModelMeta) -> pa.RecordBatch:
+    """Validate the columns and assemble one record batch (codes are wrapped without a copy).
+
+    Args:
+        face_ids: uint64 [n].
+        persons, sources: n strings (list, numpy object array, or pyarrow string array).
+        codes: uint8 [n, model.code_bytes].
+    """
+    ids = np.ascontiguousarray(face_ids, dtype=np.uint64)
+    if ids.ndim != 1:
+        raise ValueError(f"face_ids must be 1-D, got shape {ids.shape}")
+    n = ids.shape[0]
+    codes = np.ascontiguousarray(codes)
+    if codes.dtype != np.uint8 or codes.shape != (n, model.code_bytes):
+        raise ValueError(f"codes must be uint8 [{n}, {model.code_bytes}], got {codes.dtype} {codes.shape}")
+    code_arr = pa.FixedSizeBinaryArray.from_buffers(pa.binary(model.code_bytes), n, [None, pa.py_buffer(codes)])
+    return pa.RecordBatch.from_arrays(
+        [pa.array(ids, type=pa.uint64()), _string_array(persons, n, "persons"), _string_array(sources, n, "sources"),
+         code_arr], schema=segment_schema(model))
+
+
+class _HashingWriter(io.RawIOBase):
+    """A write-only file that forwards to `raw` and hashes and counts every byte on the way."""
+
+    def __init__(self, raw):
+        super().__init__()
+        self.raw = raw
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        self.sha.update(view)
+        self.raw.write(view)
+        self.size += len(view)
+        return len(view)
+
+    def close(self) -> None:  # the underlying file belongs to IndexStore.open_atomic
+        super().close()
+
+
+def write_segment(store: IndexStore, shard: int, face_ids, persons, sources, codes, model: ModelMeta) -> SegmentRef:
+    """Write one segment file into `shard` and return its manifest entry.
+
+    The file appears under its final name only once complete (IndexStore.open_atomic);
+    it is not part of the index until a commit references it.
+    """
+    batch = build_batch(face_ids, persons, sources, codes, model)
+    if batch.num_rows == 0:
+        raise ValueError("refusing to write an empty segment")
+    seg_id = new_segment_id()
+    rel = segment_path(shard, seg_id)
+    options = pa.ipc.IpcWriteOptions(compression=None)
+    with store.open_atomic(rel) as f:
+        hashing = _HashingWriter(f)
+        sink = pa.PythonFile(hashing, mode="w")
+        with pa.ipc.new_file(sink, batch.schema, options=options) as writer:
+            writer.write_batch(batch)
+        sink.close()
+    return SegmentRef(id=seg_id, path=rel, rows=batch.num_rows, bytes=hashing.size, sha256=hashing.sha.hexdigest())
+
+
+@dataclass
+class SegmentView:
+    """A read-only, memory-mapped segment.
+
+    Attributes:
+        ref: its manifest entry.
+        face_ids: uint64 [rows], zero-copy.
+        codes: uint8 [rows, code_bytes], zero-copy view of the code column.
+        persons, sources: pyarrow string arrays [rows].
+        fingerprint: model fingerprint from the file's schema metadata.
+    """
+
+    ref: SegmentRef
+    batch: pa.RecordBatch
+    face_ids: np.ndarray
+    codes: np.ndarray
+    persons: pa.Array
+    sources: pa.Array
+    fingerprint: str
+
+    @property
+    def rows(self) -> int:
+        return self.batch.num_rows
+
+    def person_at(self, i: int) -> str:
+        return self.persons[int(i)].as_py()
+
+    def source_at(self, i: int) -> str:
+        return self.sources[int(i)].as_py()
+
+    def live_mask(self, tombstones) -> np.ndarray:
+        """bool [rows]: False for rows whose face_id is in `tombstones` (a set or array of ints)."""
+        if not len(tombstones):
+            return np.ones(self.rows, dtype=bool)
+        dead = np.fromiter((int(t) for t in tombstones), dtype=np.uint64, count=len(tombstones))
+        return ~np.isin(self.face_ids, dead)
+
+
+def _column_view(col: pa.Array, dtype, width: int) -> np.ndarray:
+    """Zero-copy numpy view of a fixed-width column's data buffer, honouring the array offset."""
+    buf = col.buffers()[1]
+    itemsize = np.dtype(dtype).itemsize * width
+    flat = np.frombuffer(buf, dtype=dtype, count=len(col) * width, offset=col.offset * itemsize)
+    return flat.reshape(len(col), width) if width > 1 or dtype == np.uint8 else flat
+
+
+def open_segment(store_or_path: IndexStore | str, ref: SegmentRef, verify: bool = True,
+                 model: ModelMeta | None = None) -> SegmentView:
+    """Memory-map a segment and check it against its manifest entry.
+
+    Args:
+        store_or_path: the IndexStore, or the index root (path/URI).
+        ref: the segment's manifest entry.
+        verify: check file size and sha256 against `ref` (reads the whole file once).
+        model: when given, the file's code width and model fingerprint must match it.
+    Raises:
+        SegmentCorrupt: missing, truncated, altered, or of another schema/model.
+    """
+    store = store_or_path if isinstance(store_or_path, IndexStore) else IndexStore(store_or_path)
+    where = f"segment {ref.path} of {store.uri}"
+    local = store.local_path(ref.path)
+    try:
+        if local is not None:
+            source = pa.memory_map(local, "r")
+            buf = source.read_buffer()
+        else:
+            buf = pa.py_buffer(store.read_bytes(ref.path))
+    except (FileNotFoundError, IndexFormatError) as exc:
+        raise SegmentCorrupt(f"{where} is missing") from exc
+    except OSError as exc:
+        raise SegmentCorrupt(f"{where} cannot be read: {exc}") from exc
+    if verify:
+        if buf.size != ref.bytes:
+            raise SegmentCorrupt(f"{where} has {buf.size} bytes, manifest says {ref.bytes} (truncated or replaced)")
+        digest = hashlib.sha256(memoryview(buf)).hexdigest()
+        if digest != ref.sha256:
+            raise SegmentCorrupt(f"{where} fails its sha256 check (file altered or corrupt); refusing to serve it")
+    try:
+        reader = pa.ipc.open_file(buf)
+        if reader.num_record_batches != 1:
+            raise SegmentCorrupt(f"{where} has {reader.num_record_batches} record batches, expected exactly 1")
+        batch = reader.get_batch(0)
+    except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
+        raise SegmentCorrupt(f"{where} is not a readable Arrow IPC file: {exc}") from exc
+    return _view(batch, ref, where, model)
+
+
+def _view(batch: pa.RecordBatch, ref: SegmentRef, where: str, model: ModelMeta | None) -> SegmentView:
+    schema = batch.schema
+    meta = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
+    if tuple(schema.names) != COLUMNS:
+        raise SegmentCorrupt(f"{where} has columns {schema.names}, expected {list(COLUMNS)}")
+    code_type = schema.field("code").type
+    if (schema.field("face_id").type != pa.uint64() or not pa.types.is_fixed_size_binary(code_type)
+            or schema.field("person").type != pa.string() or schema.field("source").type != pa.string()):
+        raise SegmentCorrupt(f"{where} has an unexpected schema: {schema}")
+    code_bytes = code_type.byte_width
+    if model is not None:
+        if code_bytes != model.code_bytes:
+            raise SegmentCorrupt(f"{where} stores {code_bytes}-byte codes, the index model uses {model.code_bytes}")
+        if meta.get("facepq.model_fingerprint") != model.fingerprint:
+            raise SegmentCorrupt(f"{where} was written by model {meta.get('facepq.model_fingerprint')}, "
+                                 f"the index model is {model.fingerprint}")
+    if batch.num_rows != ref.rows:
+        raise SegmentCorrupt(f"{where} has {batch.num_rows} rows, manifest says {ref.rows}")
+    ids_col, code_col = batch.column(0), batch.column(3)
+    if ids_col.null_count or code_col.null_count:
+        raise SegmentCorrupt(f"{where} has null face ids or codes")
+    return SegmentView(ref=ref, batch=batch, face_ids=_column_view(ids_col, np.uint64, 1),
+                       codes=_column_view(code_col, np.uint8, code_bytes), persons=batch.column(1),
+                       sources=batch.column(2), fingerprint=meta.get("facepq.model_fingerprint", ""))

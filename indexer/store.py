@@ -1,0 +1,212 @@
+"""Where an index lives: a local directory or a `pyarrow.fs` URI (s3://, gs://, ...).
+
+`IndexStore` is the only code that touches index files. It reads `CURRENT` and
+manifests, and writes files atomically: on a local disk through a temporary
+file in the same directory, fsync, rename, fsync of the directory (so a crash
+leaves either the old or the new file, never half of one); on an object store
+each key is written once with a single put, which the store makes atomic.
+
+Every relative path goes through `manifest.check_relative_path`, so nothing a
+manifest says can reach outside the index root.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import uuid
+from dataclasses import dataclass
+from typing import Iterator
+
+import pyarrow.fs as pafs
+
+from facepq.errors import IndexFormatError
+from indexer.manifest import Manifest, check_relative_path
+
+log = logging.getLogger(__name__)
+
+CURRENT = "CURRENT"
+MANIFEST_DIR = "manifests"
+SHARD_DIR = "shards"
+LOCK_FILE = "_lock"
+TMP_PREFIX = ".tmp-"
+
+
+def manifest_path(version: int) -> str:
+    return f"{MANIFEST_DIR}/{version:08d}.json"
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """A file under the index root: path relative to the root, size in bytes, mtime in epoch seconds."""
+
+    path: str
+    size: int
+    mtime: float
+
+
+class IndexStore:
+    """An index root on a local disk or object store.
+
+    Args:
+        uri: a local path (relative or absolute) or a URI `pyarrow.fs.FileSystem.from_uri` understands.
+    """
+
+    def __init__(self, uri: str | os.PathLike):
+        uri = os.fspath(uri)
+        if not uri:
+            raise IndexFormatError("index path is empty")
+        self.uri = uri
+        if "://" not in uri:
+            self.fs: pafs.FileSystem = pafs.LocalFileSystem()
+            self.root = os.path.abspath(uri)
+        else:
+            try:
+                self.fs, self.root = pafs.FileSystem.from_uri(uri)
+            except (ValueError, OSError) as exc:
+                raise IndexFormatError(f"cannot open index location {uri!r}: {exc}") from exc
+            self.root = self.root.rstrip("/")
+        self.is_local = isinstance(self.fs, pafs.LocalFileSystem)
+
+    def __repr__(self) -> str:
+        return f"IndexStore({self.uri!r})"
+
+    # ---- paths -------------------------------------------------------------
+    def full_path(self, rel: str) -> str:
+        """Absolute path (local) or bucket key (object store) of `rel`, refused if it leaves the root."""
+        return f"{self.root}/{check_relative_path(rel)}"
+
+    def local_path(self, rel: str) -> str | None:
+        """OS path of `rel` when the index is on a local disk (for memory-mapping), else None."""
+        return self.full_path(rel) if self.is_local else None
+
+    # ---- reading -----------------------------------------------------------
+    def file_exists(self, rel: str) -> bool:
+        return self.fs.get_file_info(self.full_path(rel)).type == pafs.FileType.File
+
+    def read_bytes(self, rel: str) -> bytes:
+        try:
+            with self.fs.open_input_stream(self.full_path(rel)) as f:
+                return f.read()
+        except FileNotFoundError as exc:
+            raise IndexFormatError(f"{self.uri}: missing file {rel}") from exc
+
+    def exists(self) -> bool:
+        """True when an index has been committed here (a CURRENT pointer exists)."""
+        return self.file_exists(CURRENT)
+
+    def current_version(self) -> int | None:
+        """The committed version `CURRENT` points at, or None when no index exists here yet."""
+        if not self.exists():
+            return None
+        text = self.read_bytes(CURRENT).decode("ascii", "replace").strip()
+        if not text.isdigit() or int(text) < 1:
+            raise IndexFormatError(f"{self.uri}/CURRENT is corrupt (contains {text[:40]!r}, expected a version number)")
+        return int(text)
+
+    def load_manifest(self, version: int | None = None) -> Manifest:
+        """Read the manifest of `version` (default: the current one).
+
+        Raises:
+            IndexFormatError: no index here, the manifest is missing or corrupt, or of a newer format.
+        """
+        if version is None:
+            version = self.current_version()
+            if version is None:
+                raise IndexFormatError(f"no facepq index at {self.uri} (no CURRENT file); "
+                                       f"create one with `facepq ingest --index {self.uri} ...`")
+        rel = manifest_path(version)
+        if not self.file_exists(rel):
+            raise IndexFormatError(f"{self.uri}: manifest of version {version} ({rel}) is missing")
+        manifest = Manifest.from_json(self.read_bytes(rel), source=f"{self.uri}/{rel}")
+        if manifest.version != version:
+            raise IndexFormatError(f"{self.uri}/{rel} claims version {manifest.version}; the index is corrupt")
+        return manifest
+
+    def list_files(self, prefix: str) -> list[FileEntry]:
+        """All files under the directory `prefix` (recursively); empty if it does not exist."""
+        base = self.full_path(prefix)
+        try:
+            infos = self.fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+        except FileNotFoundError:
+            return []
+        out = []
+        for info in infos:
+            if info.type != pafs.FileType.File:
+                continue
+            rel = info.path[len(self.root) + 1:] if info.path.startswith(self.root + "/") else info.path
+            mtime = info.mtime.timestamp() if info.mtime is not None else 0.0
+            out.append(FileEntry(rel, info.size or 0, mtime))
+        return sorted(out, key=lambda e: e.path)
+
+    # ---- writing -----------------------------------------------------------
+    def makedirs(self, rel: str) -> None:
+        self.fs.create_dir(self.full_path(rel), recursive=True)
+
+    @contextlib.contextmanager
+    def open_atomic(self, rel: str) -> Iterator[io.RawIOBase]:
+        """Yield a binary file; its content appears at `rel` only if the block finishes without error.
+
+        Local: temporary file beside the target, fsync, rename over the target, fsync of the directory.
+        Object store: bytes are buffered and written with one put (a key is never seen half written).
+        """
+        target = self.full_path(rel)
+        parent, name = os.path.split(rel) if "/" in rel else ("", rel)
+        if self.is_local:
+            directory = os.path.dirname(target)
+            os.makedirs(directory, exist_ok=True)
+            tmp = os.path.join(directory, f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}-{name}")
+            f = open(tmp, "wb")
+            try:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+                f.close()
+                os.replace(tmp, target)
+                _fsync_dir(directory)
+            except BaseException:
+                f.close()
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+        else:
+            buf = io.BytesIO()
+            yield buf
+            if parent:
+                self.makedirs(parent)
+            with self.fs.open_output_stream(target) as out:
+                out.write(buf.getvalue())
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Atomically write `data` to `rel` (see `open_atomic`)."""
+        with self.open_atomic(rel) as f:
+            f.write(data)
+
+    def write_manifest(self, manifest: Manifest) -> str:
+        """Write `manifests/<version>.json`; it is not current until `set_current`."""
+        rel = manifest_path(manifest.version)
+        self.write_bytes(rel, manifest.to_json().encode("utf-8"))
+        return rel
+
+    def set_current(self, version: int) -> None:
+        """Atomically make `version` the current one (the commit point)."""
+        self.write_bytes(CURRENT, f"{version}\n".encode("ascii"))
+
+    def delete(self, rel: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.delete_file(self.full_path(rel))
+
+
+def _fsync_dir(directory: str) -> None:
+    # The rename is durable only once the directory entry is on disk.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
