@@ -1,0 +1,68 @@
+"""The `facepq` command: one entry point whose subcommands live with their components.
+
+Each component exposes `register(subparsers)` in its own `cli.py`; those modules
+import only argparse at module level so `facepq --help` stays instant, and load
+torch, Ray or gRPC inside the command that needs them.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from facepq import __version__
+from facepq.errors import FacepqError
+
+# (module, what it adds) — order is the order of `facepq --help`.
+COMPONENT_CLIS = [
+    "opqn_model.cli",  # train, eval, embed
+    "indexer.cli",  # ingest, index, delete, compact
+    "query_node.cli",  # node, coordinator, search
+    "facepq.demo_cli",  # demo, up, down
+    "facepq.bench_cli",  # bench
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="facepq",
+        description="Face search over OPQN product-quantization codes: train, ingest, serve, search.",
+    )
+    parser.add_argument("--version", action="version", version=f"facepq {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMPONENT_CLIS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:  # component not present in this build
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.handler(args) or 0)
+    except FacepqError as exc:
+        print(f"facepq {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"facepq {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

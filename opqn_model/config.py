@@ -1,0 +1,106 @@
+"""Model and training configuration: every default in one place.
+
+An experiment overrides only what it changes (CLI flags map 1:1 to fields);
+the whole config is logged at the start of training and stored in checkpoints.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from opqn_model.codebooks import resolve_code_spec
+from opqn_model.codes import CodeSpec
+
+
+@dataclass
+class ModelConfig:
+    """What defines a model's codes: two models with equal configs and weights give equal codes.
+
+    Args:
+        trunk: registry name ('resnet20' trained end to end, 'dlib' frozen pretrained).
+        bits: code length; (M, K) are resolved from it unless given.
+        M, K: codebooks and codewords per codebook (optional overrides).
+        sub_dim: d, dims per subspace; defaults to K (the paper's 112x112 rule D = M*K),
+            at least 32 so small K still gets a usable projection.
+        input_size: side of the aligned face crop the trunk takes.
+        trunk_width: base channels of resnet20 (64 in the paper; smaller trains faster on CPU).
+        dropout: dropout in the head's projection (BN -> dropout -> FC -> BN).
+        pipeline: FacePipeline settings (FacePipeline.to_dict()), stored so encoding
+            aligns faces exactly as training did.
+    """
+
+    trunk: str = "resnet20"
+    bits: int = 64
+    M: int | None = None
+    K: int | None = None
+    sub_dim: int | None = None
+    input_size: int = 32
+    trunk_width: int = 64
+    dropout: float = 0.2
+    pipeline: dict = field(default_factory=dict)
+
+    def code_spec(self) -> CodeSpec:
+        return resolve_code_spec(self.bits, self.M, self.K, self.sub_dim)
+
+    @property
+    def d(self) -> int:
+        spec = self.code_spec()
+        return self.sub_dim if self.sub_dim else max(spec.K, 32)
+
+    @property
+    def head_dim(self) -> int:
+        return self.code_spec().M * self.d
+
+    def resolved(self) -> "ModelConfig":
+        """A copy with M, K and sub_dim filled in, as stored in checkpoints."""
+        spec = self.code_spec()
+        return dataclasses.replace(self, M=spec.M, K=spec.K, sub_dim=self.d)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings (paper: SGD lr 0.1, momentum 0.9, wd 5e-4, batch 256).
+
+    Args:
+        margin, scale: CosFace additive margin and scale (paper: 0.5; 20 at 32x32, 40 at 112x112).
+        entropy_weight: mu, weight of the mean soft-assignment entropy.
+        test_people: fraction of people held out of training for the unseen protocol.
+        queries_per_person: photos per training person held out as seen-protocol queries.
+        val_people: fraction of training people used to pick the best checkpoint (unseen mAP).
+    """
+
+    epochs: int = 20
+    batch_size: int = 256
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    margin: float = 0.5
+    scale: float | None = None
+    entropy_weight: float = 0.1
+    seed: int = 0
+    test_people: float = 0.25
+    queries_per_person: int = 1
+    val_people: float = 0.1
+    log_every: int = 20
+    workers: int = 0
+
+    def resolved_scale(self, input_size: int) -> float:
+        if self.scale is not None:
+            return self.scale
+        return 40.0 if input_size >= 112 else 20.0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})

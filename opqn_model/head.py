@@ -1,0 +1,81 @@
+"""The OPQN head: projection, soft assignment to fixed orthonormal codebooks, codes, lookup tables.
+
+Paper: M. Zhang, X. Zhe, H. Yan, "Orthonormal Product Quantization Network for
+Scalable Face Image Retrieval", Pattern Recognition 2023 (arXiv 2107.00327).
+
+For a trunk feature f, the head projects x = BN(FC(Dropout(BN(f)))) in R^{M d},
+splits it into M sub-vectors x_m, and soft-assigns each to the K fixed codewords
+of C_m: p_m = softmax(x̂_m A_m), s_m = C_m p_m.
+
+One deliberate difference from the official code: the soft assignment uses the
+L2-normalised sub-vector x̂_m during training as well (the official code uses the
+raw x_m there but x̂_m when building a query's table). Training on x̂_m makes the
+training-time p_m and the query-time lookup table the same function, and codes
+(argmax) are unchanged by the normalisation.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from opqn_model.codebooks import orthonormal_codebooks
+
+
+class OPQNHead(nn.Module):
+    """Projection + soft product quantization over fixed orthonormal codebooks.
+
+    Args:
+        in_dim: trunk feature length (512 for resnet20, 128 for dlib).
+        M: number of subspaces / codebooks.
+        K: codewords per codebook (K <= d).
+        d: dims per subspace; the projection outputs M * d.
+        dropout: dropout probability inside the projection.
+    """
+
+    def __init__(self, in_dim: int, M: int, K: int, d: int, dropout: float = 0.2):
+        super().__init__()
+        self.M, self.K, self.d = M, K, d
+        self.projection = nn.Sequential(
+            nn.BatchNorm1d(in_dim),
+            nn.Dropout(dropout) if dropout > 0 else nn.Identity(),
+            nn.Linear(in_dim, M * d),
+            nn.BatchNorm1d(M * d),
+        )
+        self.register_buffer("codebooks", torch.from_numpy(orthonormal_codebooks(M, K, d)))  # [M, d, K]
+        self.assignment = nn.Parameter(torch.empty(M, d, K))  # A_m, learned
+        nn.init.xavier_uniform_(self.assignment)
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """features [N, in_dim] -> sub-vectors x [N, M, d] (not normalised)."""
+        return self.projection(features).view(-1, self.M, self.d)
+
+    def assignment_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x [N, M, d] -> logits x̂_m A_m, [N, M, K]."""
+        return torch.einsum("nmd,mdk->nmk", F.normalize(x, dim=-1), self.assignment)
+
+    def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Training pass.
+
+        Returns a dict with x [N, M, d] (projected sub-vectors), p [N, M, K] (soft
+        assignment), s [N, M, d] (soft-quantized sub-vectors C_m p_m).
+        """
+        x = self.project(features)
+        p = F.softmax(self.assignment_logits(x), dim=-1)
+        s = torch.einsum("mdk,nmk->nmd", self.codebooks, p)
+        return {"x": x, "p": p, "s": s}
+
+    @torch.no_grad()
+    def encode(self, features: torch.Tensor) -> torch.Tensor:
+        """Gallery codes c_m = argmax_k (x̂_m A_m)_k, uint8 [N, M]."""
+        return self.assignment_logits(self.project(features)).argmax(dim=-1).to(torch.uint8)
+
+    @torch.no_grad()
+    def lookup_tables(self, features: torch.Tensor) -> torch.Tensor:
+        """Query tables P[m, k] = softmax(q̂_m A_m)_k, float32 [N, M, K]; score = sum_m P[m, c_m]."""
+        return F.softmax(self.assignment_logits(self.project(features)), dim=-1).float()
+
+    @torch.no_grad()
+    def float_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Per-subspace normalised sub-vectors flattened, [N, M*d]: the float counterpart of the codes."""
+        return F.normalize(self.project(features), dim=-1).flatten(1)

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Idempotent setup for a fresh machine: a virtual environment in .venv with the
+# CPU build of PyTorch, the project in editable mode, redis-server and the npm
+# packages of the Node.js client. A second run only checks and returns quickly.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${FACEPQ_VENV:-.venv}"
+PY="${PYTHON:-python3}"
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[install] creating virtual environment $VENV"
+  "$PY" -m venv "$VENV"
+fi
+PIP="$VENV/bin/python -m pip"
+# The CPU build of torch for this environment; the project itself accepts any torch>=2.1.
+if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+  echo "[install] torch==2.13.0 (CPU build)"
+  $PIP install -q --upgrade pip
+  $PIP install -q "torch==2.13.0"
+fi
+stamp="$VENV/.facepq-installed"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  echo "[install] facepq and its dependencies"
+  $PIP install -q -e ".[dev]"
+  touch "$stamp"
+fi
+# gRPC stubs are generated from proto/ (never committed); regenerate when the .proto changes.
+"$VENV/bin/python" -m facepq_proto.build --quiet
+
+if ! command -v redis-server >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[install] redis-server (apt)"
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+  else
+    echo "[install] redis-server not found and cannot be installed here; Redis tests will fail" >&2
+  fi
+fi
+if [ -f clients/node/package.json ] && command -v npm >/dev/null 2>&1 && [ ! -d clients/node/node_modules ]; then
+  echo "[install] npm packages for the Node.js client"
+  (cd clients/node && npm install --silent --no-audit --no-fund >/dev/null)
+fi
+echo "[install] ready: $VENV/bin/facepq"

@@ -1,0 +1,107 @@
+"""Shared fixtures: the real data in ../shared/data and real servers on loopback.
+
+`../shared/data` (or $FACEPQ_SHARED_DATA) holds identity-labelled face photos for
+tests. Tests that need it skip with the reason when it is absent; in CI it is
+always present, so those tests run.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import socket
+import subprocess
+import time
+
+import pytest
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+SHARED_DATA = pathlib.Path(os.environ.get("FACEPQ_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def _shared_subdir(name: str) -> pathlib.Path:
+    path = SHARED_DATA / name
+    if not path.is_dir():
+        pytest.skip(f"needs real face photos at {path} (../shared/data beside the repo, or $FACEPQ_SHARED_DATA); not present here")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> pathlib.Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"needs ../shared/data at {SHARED_DATA}; not present here")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def att_faces() -> pathlib.Path:
+    """AT&T/ORL: 40 people x 10 grey 92x112 PGM photos."""
+    return _shared_subdir("att_faces")
+
+
+@pytest.fixture(scope="session")
+def lfw5() -> pathlib.Path:
+    """LFW deep-funneled, people with >= 5 photos, 250x250 colour JPEG."""
+    return _shared_subdir("lfw5")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """A real redis-server process on 127.0.0.1 and a free port (stop/start for fault tests)."""
+
+    def __init__(self, workdir: pathlib.Path, password: str | None = None):
+        self.binary = shutil.which("redis-server")
+        if not self.binary:
+            pytest.fail("redis-server is not installed; scripts/install.sh installs it (apt-get install redis-server)")
+        self.port = free_port()
+        self.workdir = workdir
+        self.password = password
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                "--dir", str(self.workdir)]
+        if self.password:
+            args += ["--requirepass", self.password]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        pytest.fail(f"redis-server did not start on port {self.port} within 10 s")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A fresh real redis-server for one test; `.url`, `.stop()`, `.start()`."""
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
