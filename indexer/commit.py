@@ -1,0 +1,269 @@
+"""Serialised, atomic commits: the only way an index changes.
+
+Every change runs under the commit lock (`indexer.lock.commit_lock`): read the
+current manifest, build its successor, write `manifests/<v+1>.json`, then
+atomically replace `CURRENT`. A process killed anywhere before that last
+rename leaves the index at its previous version; files it wrote are
+unreferenced and garbage-collected by `compact` (indexer.gc).
+
+Invariants kept here (readers rely on them):
+* a face id is live in at most one row of the index (dedup on commit);
+* a tombstone always names a row physically present in its shard;
+* the index's model (fingerprint, code shape) and shard count never change.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow.compute as pc
+
+from facepq.errors import ConfigError, DataError, IndexFormatError
+from indexer.lock import commit_lock
+from indexer.manifest import Manifest, ModelMeta, SegmentRef
+from indexer.segment import _column_view, open_segment, write_segment
+from indexer.store import IndexStore
+
+log = logging.getLogger(__name__)
+
+__all__ = ["commit_lock", "commit_segments", "delete_faces", "compact", "CompactStats", "segment_face_ids",
+           "shard_face_ids", "rewrite_without"]
+
+_EMPTY = np.empty(0, dtype=np.uint64)
+
+
+def segment_face_ids(store: IndexStore, ref: SegmentRef) -> np.ndarray:
+    """uint64 [rows]: the face_id column of one segment (a memory-mapped read of that column only)."""
+    return open_segment(store, ref, verify=False).face_ids
+
+
+def shard_face_ids(store: IndexStore, refs: list[SegmentRef]) -> np.ndarray:
+    """Sorted unique uint64 face ids present in `refs` (tombstoned ones included)."""
+    if not refs:
+        return _EMPTY
+    return np.unique(np.concatenate([segment_face_ids(store, r) for r in refs]))
+
+
+def _as_id_array(ids) -> np.ndarray:
+    if isinstance(ids, np.ndarray):
+        return ids.astype(np.uint64, copy=False)
+    ids = list(ids)
+    return np.fromiter((int(i) for i in ids), dtype=np.uint64, count=len(ids)) if ids else _EMPTY
+
+
+def shard_of_path(ref: SegmentRef) -> int:
+    return int(ref.path.split("/")[1])
+
+
+def rewrite_without(store: IndexStore, ref: SegmentRef, drop_ids, model: ModelMeta) -> SegmentRef | None:
+    """Write a copy of segment `ref` without the rows whose face_id is in `drop_ids`.
+
+    Returns the new segment's ref, or None when no row is left. The old file is not touched
+    (readers of older versions may still use it); garbage collection removes it later.
+    """
+    view = open_segment(store, ref, verify=True, model=model)
+    keep = ~np.isin(view.face_ids, _as_id_array(drop_ids))
+    if keep.all():
+        return ref
+    if not keep.any():
+        return None
+    kept = view.batch.filter(keep)
+    codes = _column_view(kept.column(3), np.uint8, model.code_bytes)
+    return write_segment(store, shard_of_path(ref), _column_view(kept.column(0), np.uint64, 1), kept.column(1),
+                         kept.column(2), codes, model)
+
+
+def _check_compatible(manifest: Manifest, model: ModelMeta, shard_count: int | None, uri: str) -> None:
+    problem = manifest.model.mismatch(model)
+    if problem:
+        raise IndexFormatError(f"refusing to commit into {uri}: {problem}")
+    if shard_count is not None and shard_count != manifest.shard_count:
+        raise ConfigError(f"{uri} has {manifest.shard_count} shards (fixed when it was created); "
+                          f"got shard count {shard_count}")
+
+
+def _publish(store: IndexStore, manifest: Manifest) -> int:
+    store.write_manifest(manifest)
+    store.set_current(manifest.version)  # the commit point
+    log.info("committed %s version %d: %s", store.uri, manifest.version, manifest.message)
+    return manifest.version
+
+
+def commit_segments(store: IndexStore, new_refs_by_shard: dict[int, list[SegmentRef]], model_meta: ModelMeta,
+                    shard_count: int, message: str, redis_url: str | None = None, base_version: int | None = None,
+                    lock_timeout: float = 60.0) -> int:
+    """Add written segments to the index in one new version (creating the index on first commit).
+
+    Args:
+        new_refs_by_shard: shard -> segments written with `write_segment` and not yet committed.
+        base_version: the version the writer deduplicated against (None: it did not). Rows whose face id
+            became live in a version committed after it are dropped (the segment is rewritten), so two
+            concurrent ingests of the same photos never duplicate a face.
+    Returns:
+        The new version.
+    Raises:
+        IndexFormatError: the index holds codes of another model (fingerprint or code shape), or is corrupt.
+        ConfigError: `shard_count` differs from the index's.
+    """
+    with commit_lock(store, redis_url, lock_timeout):
+        current = store.current_version()
+        if current is None:
+            old = Manifest.empty(model_meta, shard_count)
+        else:
+            old = store.load_manifest(current)
+            _check_compatible(old, model_meta, shard_count, store.uri)
+        new = old.successor(message)
+        known: set[str] = set()
+        if base_version and current and base_version <= current:
+            try:
+                known = {s.id for s in store.load_manifest(base_version).segments}
+            except IndexFormatError:  # base manifest garbage-collected: check against everything
+                known = set()
+        added = 0
+        for shard, refs in sorted(new_refs_by_shard.items()):
+            if not 0 <= shard < new.shard_count:
+                raise ConfigError(f"shard {shard} out of range for an index of {new.shard_count} shards")
+            added += _add_to_shard(store, new, shard, refs, known, model_meta)
+        new.message = f"{message} (+{added} faces)" if message else f"+{added} faces"
+        return _publish(store, new)
+
+
+def _add_to_shard(store, new: Manifest, shard: int, refs: list[SegmentRef], known: set[str], model) -> int:
+    state = new.shards[shard]
+    unseen = [s for s in state.segments if s.id not in known]
+    live = np.setdiff1d(shard_face_ids(store, unseen), _as_id_array(state.tombstones), assume_unique=True)
+    revived: list[np.ndarray] = []
+    added = 0
+    for ref in refs:
+        ids = open_segment(store, ref, verify=True, model=model).face_ids  # never reference an unchecked file
+        dup = np.isin(ids, live)
+        if dup.any():
+            log.info("segment %s: %d faces were committed meanwhile by another writer; dropping them",
+                     ref.id, int(dup.sum()))
+            kept_ref = rewrite_without(store, ref, ids[dup], model)
+            store.delete(ref.path)
+            if kept_ref is None:
+                continue
+            ref, ids = kept_ref, segment_face_ids(store, kept_ref)
+        if state.tombstones:
+            revived.append(ids[np.isin(ids, _as_id_array(state.tombstones))])
+        live = np.union1d(live, ids)
+        added += ref.rows
+        state.segments.append(ref)
+    back = np.concatenate(revived) if revived else _EMPTY
+    if back.size:
+        # A deleted face enrolled again: its old row goes (rewritten away) and the new row is live.
+        log.info("shard %d: %d previously deleted faces enrolled again", shard, back.size)
+        new_ids = {r.id for r in refs}
+        segments = []
+        for seg in state.segments:
+            segments.append(seg if seg.id in new_ids else rewrite_without(store, seg, back, model))
+        state.segments = [s for s in segments if s is not None]
+        state.tombstones -= {int(i) for i in back}
+    return added
+
+
+def delete_faces(store: IndexStore, person: str | None = None, face_ids=None, redis_url: str | None = None,
+                 lock_timeout: float = 60.0) -> tuple[int, int]:
+    """Tombstone every live face of `person`, or the given `face_ids`, in one new version.
+
+    The rows stay in their segment files until `compact` rewrites them; readers drop them now.
+    Returns:
+        (new version, number of faces deleted).
+    Raises:
+        DataError: unknown person / face ids (nothing is committed).
+    """
+    if (person is None) == (face_ids is None):
+        raise ConfigError("delete needs exactly one of a person name or face ids")
+    with commit_lock(store, redis_url, lock_timeout):
+        old = store.load_manifest()
+        new = old.successor("")
+        if person is not None:
+            found = _person_face_ids(store, old, person)
+            if not found:
+                raise DataError(f"no live faces of person {person!r} in {store.uri}; nothing deleted "
+                                f"(names are case-sensitive; see `facepq index info`)")
+            what = f"person {person!r}"
+        else:
+            found = _present_face_ids(store, old, _as_id_array(face_ids))
+            what = f"{len(found)} face ids"
+        for fid in found:
+            new.shards[fid % new.shard_count].tombstones.add(fid)
+        new.message = f"delete {what} ({len(found)} faces)"
+        return _publish(store, new), len(found)
+
+
+def _person_face_ids(store: IndexStore, manifest: Manifest, person: str) -> list[int]:
+    out: list[int] = []
+    for state in manifest.shards:
+        for ref in state.segments:
+            view = open_segment(store, ref, verify=False, model=manifest.model)
+            mask = pc.equal(view.persons, person).to_numpy(zero_copy_only=False)
+            out.extend(int(i) for i in view.face_ids[mask] if int(i) not in state.tombstones)
+    return out
+
+
+def _present_face_ids(store: IndexStore, manifest: Manifest, ids: np.ndarray) -> list[int]:
+    if ids.size == 0:
+        raise DataError("no face ids given; nothing deleted")
+    ids = np.unique(ids)
+    missing: list[int] = []
+    for shard, state in enumerate(manifest.shards):
+        mine = ids[ids % np.uint64(manifest.shard_count) == shard]
+        if mine.size:
+            live = np.setdiff1d(shard_face_ids(store, state.segments), _as_id_array(state.tombstones))
+            missing.extend(int(i) for i in mine[~np.isin(mine, live)])
+    if missing:
+        shown = ", ".join(str(i) for i in missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise DataError(f"{len(missing)} of the face ids are not live in {store.uri}: {shown}; nothing deleted")
+    return [int(i) for i in ids]
+
+
+@dataclass
+class CompactStats:
+    """What `compact` did."""
+
+    version: int | None
+    rows_removed: int = 0
+    segments_rewritten: int = 0
+    tombstones_cleared: int = 0
+    files_deleted: int = 0
+    bytes_freed: int = 0
+    manifests_deleted: int = 0
+
+
+def compact(store: IndexStore, redis_url: str | None = None, grace_seconds: float = 3600.0,
+            keep_manifests: int = 10, lock_timeout: float = 60.0) -> CompactStats:
+    """Physically remove tombstoned rows, then garbage-collect unreferenced files.
+
+    Every segment holding a tombstoned face is rewritten without it and the tombstones are
+    dropped in one new version; then `indexer.gc.collect_garbage` deletes files no retained
+    manifest references (see docs/index-format.md, "Garbage collection").
+    """
+    from indexer.gc import collect_garbage
+
+    with commit_lock(store, redis_url, lock_timeout):
+        old = store.load_manifest()
+        stats = CompactStats(version=old.version)
+        if old.tombstone_count:
+            new = old.successor("")
+            for state in new.shards:
+                if not state.tombstones:
+                    continue
+                dead = _as_id_array(state.tombstones)
+                kept = []
+                for ref in state.segments:
+                    out = rewrite_without(store, ref, dead, new.model)
+                    if out is not ref:
+                        stats.segments_rewritten += 1
+                        stats.rows_removed += ref.rows - (out.rows if out else 0)
+                    if out is not None:
+                        kept.append(out)
+                state.segments = kept
+                stats.tombstones_cleared += len(state.tombstones)
+                state.tombstones = set()
+            new.message = f"compact: removed {stats.rows_removed} deleted rows from {stats.segments_rewritten} segments"
+            stats.version = _publish(store, new)
+        collect_garbage(store, stats, grace_seconds=grace_seconds, keep_manifests=keep_manifests)
+    return stats

@@ -1,0 +1,134 @@
+"""The commit lock: one writer at a time turns the current manifest into the next.
+
+Local indexes use an `fcntl` lock on `<index>/_lock` (released by the kernel
+when the holder dies, so a SIGKILLed ingest never wedges the index). When a
+Redis URL is given (required for object stores, where no file lock exists)
+the lock is a Redis key set with `SET key token NX PX ttl`; a watchdog thread
+extends the TTL while the holder works and the release deletes the key only if
+it still holds our token, so a holder that stalled past its TTL can never
+release someone else's lock. Every wait has a timeout.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import threading
+import time
+import uuid
+from typing import Iterator
+
+from facepq.errors import ConfigError
+from indexer.errors import IndexLockTimeout
+from indexer.store import LOCK_FILE, IndexStore
+
+log = logging.getLogger(__name__)
+
+_POLL_S = 0.05
+_REDIS_TTL_MS = 30_000
+_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
+_EXTEND = ("if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) "
+           "else return 0 end")
+
+
+@contextlib.contextmanager
+def commit_lock(store: IndexStore, redis_url: str | None = None, timeout: float = 60.0) -> Iterator[None]:
+    """Hold the index's commit lock for the duration of the block.
+
+    Args:
+        store: the index.
+        redis_url: use a Redis lock (redis://host:port/db) instead of the local file lock.
+        timeout: seconds to wait for the lock before raising IndexLockTimeout.
+    """
+    if redis_url:
+        with _redis_lock(store, redis_url, timeout):
+            yield
+    elif store.is_local:
+        with _file_lock(store, timeout):
+            yield
+    else:
+        raise ConfigError(f"{store.uri} is on an object store, which has no file lock: pass a Redis URL (--redis) "
+                          f"so concurrent commits are serialised")
+
+
+@contextlib.contextmanager
+def _file_lock(store: IndexStore, timeout: float) -> Iterator[None]:
+    import fcntl
+
+    os.makedirs(store.root, exist_ok=True)
+    path = os.path.join(store.root, LOCK_FILE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise IndexLockTimeout(f"another writer held the commit lock of {store.uri} ({path}) for more "
+                                           f"than {timeout:g} s; retry when it has finished") from None
+                time.sleep(_POLL_S)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def redis_lock_key(store: IndexStore) -> str:
+    where = f"file://{store.root}" if store.is_local else store.uri
+    return "facepq:index-lock:" + hashlib.sha256(where.encode("utf-8")).hexdigest()[:24]
+
+
+@contextlib.contextmanager
+def _redis_lock(store: IndexStore, redis_url: str, timeout: float) -> Iterator[None]:
+    import redis
+
+    client = redis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
+    key, token = redis_lock_key(store), uuid.uuid4().hex
+    deadline = time.monotonic() + timeout
+    try:
+        while not client.set(key, token, nx=True, px=_REDIS_TTL_MS):
+            if time.monotonic() >= deadline:
+                raise IndexLockTimeout(f"another writer held the Redis commit lock {key} of {store.uri} for more "
+                                       f"than {timeout:g} s; retry when it has finished")
+            time.sleep(_POLL_S)
+    except redis.exceptions.RedisError as exc:
+        raise ConfigError(f"cannot take the commit lock in Redis at {_redact(redis_url)}: {exc}") from exc
+    stop = threading.Event()
+    lost = threading.Event()
+
+    def keep_alive() -> None:
+        # Long commits (compaction of big segments) outlive one TTL; extend while we hold it.
+        while not stop.wait(_REDIS_TTL_MS / 3000):
+            try:
+                if not client.eval(_EXTEND, 1, key, token, _REDIS_TTL_MS):
+                    lost.set()
+                    log.error("lost the Redis commit lock %s of %s", key, store.uri)
+                    return
+            except redis.exceptions.RedisError as exc:
+                log.warning("could not extend the Redis commit lock %s: %s", key, exc)
+
+    watchdog = threading.Thread(target=keep_alive, name="facepq-lock-keepalive", daemon=True)
+    watchdog.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        watchdog.join(timeout=10)
+        try:
+            client.eval(_RELEASE, 1, key, token)
+        except redis.exceptions.RedisError as exc:  # the TTL frees it anyway
+            log.warning("could not release the Redis commit lock %s (expires in %d s): %s", key,
+                        _REDIS_TTL_MS // 1000, exc)
+        client.close()
+
+
+def _redact(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
