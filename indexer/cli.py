@@ -1,0 +1,107 @@
+"""`facepq ingest`, `facepq index info`, `facepq delete`, `facepq compact`.
+
+Only argparse is imported at module level; Ray, torch and pyarrow load inside
+the handlers so `facepq --help` stays instant.
+"""
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("ingest", help="encode a gallery (photos or embeddings) into an index (Ray job)",
+                              description="Encode a gallery with a trained model and commit it to an index. "
+                                          "Runs on a local Ray, or on the cluster given by --ray-address / "
+                                          "$RAY_ADDRESS (so it works under `ray job submit -- facepq ingest ...`).")
+    p.add_argument("--model", required=True, help="trained checkpoint (model.pt)")
+    p.add_argument("--gallery", required=True,
+                   help="photo folder <root>/<person>/<photo>, a .csv/.parquet list (path, person), or embeddings: "
+                        "X.npy float32 [N, E] with sidecar X.csv (person[, source]), or .parquet (embedding, person, source)")
+    p.add_argument("--index", required=True, help="index path or pyarrow.fs URI (created on first ingest)")
+    p.add_argument("--shards", type=int, default=None, help="shards of a new index (default 4; fixed at creation)")
+    p.add_argument("--ray-address", default=None, help="Ray cluster address (default $RAY_ADDRESS, else local Ray)")
+    p.add_argument("--actors", type=int, default=None, help="encoder actors (default: CPUs, at most 8)")
+    p.add_argument("--batch-size", type=int, default=64, help="photos per encoder call (default 64)")
+    p.add_argument("--segment-rows", type=int, default=None, help="rows per segment file (default 1,000,000)")
+    p.add_argument("--redis", default=None, help="redis://host:port/db for the commit lock (object stores)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_ingest)
+
+    p = subparsers.add_parser("index", help="inspect an index", description="Inspect an index.")
+    sub = p.add_subparsers(dest="index_command", metavar="SUBCOMMAND")
+    info = sub.add_parser("info", help="version, faces, people, shards, segments, tombstones, bytes")
+    info.add_argument("--index", required=True)
+    info.add_argument("--json", action="store_true", help="machine-readable output")
+    info.add_argument("--verify", action="store_true", help="also check every segment's sha256")
+    info.set_defaults(handler=_info)
+
+    p = subparsers.add_parser("delete", help="delete a person or faces from an index (tombstones; see compact)")
+    p.add_argument("--index", required=True)
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--person", help="delete every face of this person (exact name)")
+    who.add_argument("--face-id", type=int, nargs="+", dest="face_ids", help="delete these face ids")
+    p.add_argument("--redis", default=None, help="redis URL for the commit lock")
+    p.set_defaults(handler=_delete)
+
+    p = subparsers.add_parser("compact", help="physically remove deleted faces and garbage-collect old files")
+    p.add_argument("--index", required=True)
+    p.add_argument("--grace", type=float, default=3600.0,
+                   help="seconds a replaced or unreferenced file is kept for running readers/jobs (default 3600)")
+    p.add_argument("--keep-manifests", type=int, default=10, help="past versions kept at most (default 10)")
+    p.add_argument("--redis", default=None, help="redis URL for the commit lock")
+    p.set_defaults(handler=_compact)
+
+
+def _ingest(args: argparse.Namespace) -> int:
+    from indexer.job import run_ingest
+    from indexer.writer import DEFAULT_SEGMENT_ROWS
+
+    summary = run_ingest(args.model, args.gallery, args.index, shards=args.shards, ray_address=args.ray_address,
+                         actors=args.actors, batch_size=args.batch_size, redis_url=args.redis,
+                         progress=not args.no_progress, segment_rows=args.segment_rows or DEFAULT_SEGMENT_ROWS)
+    print("\n".join(summary.summary_lines()))
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    import json
+
+    from indexer.info import index_info
+
+    info = index_info(args.index, verify=args.verify)
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    print(f"index {info['index']}: version {info['version']} (format {info['format_version']}, {info['created_at']})")
+    print(f"  model: {info['model']['fingerprint']} trunk {info['model']['trunk']} "
+          f"M={info['model']['M']} K={info['model']['K']} ({info['model']['bits']} bits, {info['model']['code_bytes']} B/code)")
+    print(f"  faces: {info['faces']} live ({info['rows']} rows, {info['tombstones']} tombstoned), people: {info['people']}")
+    print(f"  shards: {info['shard_count']}, segments: {info['segments']}, bytes: {info['bytes']}")
+    for sh in info["shards"]:
+        print(f"    shard {sh['shard']}: {sh['faces']} faces in {sh['segments']} segments, {sh['bytes']} bytes")
+    if args.verify:
+        print(f"  verified: all {info['segments']} segments match their sha256")
+    print(f"  last commit: {info['message']}")
+    return 0
+
+
+def _delete(args: argparse.Namespace) -> int:
+    from indexer.commit import delete_faces
+    from indexer.store import IndexStore
+
+    version, n = delete_faces(IndexStore(args.index), person=args.person, face_ids=args.face_ids,
+                              redis_url=args.redis)
+    print(f"deleted {n} faces; index version {version} (run `facepq compact` to remove them from disk)")
+    return 0
+
+
+def _compact(args: argparse.Namespace) -> int:
+    from indexer.commit import compact
+    from indexer.store import IndexStore
+
+    stats = compact(IndexStore(args.index), redis_url=args.redis, grace_seconds=args.grace,
+                    keep_manifests=args.keep_manifests)
+    print(f"compacted: removed {stats.rows_removed} deleted rows from {stats.segments_rewritten} segments; "
+          f"deleted {stats.files_deleted} files ({stats.bytes_freed} bytes) and {stats.manifests_deleted} old "
+          f"manifests; index version {stats.version}")
+    return 0

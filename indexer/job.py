@@ -1,0 +1,328 @@
+"""The Ray ingest job: gallery -> face crops -> OPQN codes -> segments -> one commit.
+
+    list inputs ─► ray.data.from_items ─► map_batches(read_and_align | read_embedding_chunk)   CPU tasks
+               ─► map_batches(EncoderActor, ActorPoolStrategy(size=actors))                  checkpoint loaded once per actor
+               ─► iter_batches in the driver ─► IndexWriter.add ─► IndexWriter.commit         one new version
+
+Inputs: a photo folder `<root>/<person>/<photo>` or a .csv/.parquet list with `path`,
+`person` (opqn_model.datasets.list_photos); or embeddings of the model's trunk:
+`X.npy` (float32 [N, E]) with a sidecar `X.csv`/`X.parquet` holding `person`
+(and optionally `source`) per row, or a Parquet file with columns `embedding`
+(list<float>), `person`, `source`.
+
+Ray: connects to `ray_address`, else to the cluster in $RAY_ADDRESS (as under
+`ray job submit -- facepq ingest ...`), else starts a local Ray on this machine's CPUs.
+Nothing is visible in the index until the final commit; a job killed before it
+leaves the previous version intact, and running it again skips faces already present.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from facepq.errors import ConfigError, DataError
+from indexer.manifest import ModelMeta
+from indexer.writer import DEFAULT_SEGMENT_ROWS, IndexWriter
+
+log = logging.getLogger(__name__)
+
+EMBEDDING_CHUNK_ROWS = 32_768
+PROGRESS_EVERY_S = 2.0
+
+
+@dataclass
+class IngestSummary:
+    """What an ingest did (printed by `facepq ingest`)."""
+
+    index_uri: str
+    version: int | None
+    previous_version: int | None
+    inputs: int = 0
+    faces_encoded: int = 0
+    faces_added: int = 0
+    duplicates_skipped: int = 0
+    segments_written: int = 0
+    shards_written: list = field(default_factory=list)
+    skipped: dict = field(default_factory=dict)
+    converted: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def summary_lines(self) -> list[str]:
+        rate = self.faces_encoded / self.seconds if self.seconds > 0 else 0.0
+        lines = [f"ingest into {self.index_uri}: {self.inputs} inputs in {self.seconds:.1f} s ({rate:.0f} faces/s)",
+                 f"  faces encoded: {self.faces_encoded}",
+                 f"  faces added: {self.faces_added}",
+                 f"  duplicates skipped (already in the index): {self.duplicates_skipped}"]
+        skipped = sum(self.skipped.values())
+        lines.append(f"  photos skipped: {skipped}" + ("" if not skipped else " (" + ", ".join(
+            f"{k}: {v}" for k, v in sorted(self.skipped.items(), key=lambda kv: -kv[1])) + ")"))
+        if self.converted:
+            lines.append("  photos converted: " + ", ".join(f"{k}: {v}" for k, v in sorted(self.converted.items())))
+        lines.append(f"  segments written: {self.segments_written} in shards {self.shards_written or '-'}")
+        if self.version == self.previous_version:
+            lines.append(f"  index version: {self.version} (unchanged: nothing new)")
+        else:
+            lines.append(f"  index version: {self.previous_version or 'none'} -> {self.version}")
+        return lines
+
+
+def load_model_info(model_path: str) -> tuple[ModelMeta, dict]:
+    """(ModelMeta, face-pipeline settings) of a checkpoint, without building the model."""
+    from opqn_model.checkpoint import load_checkpoint
+
+    payload = load_checkpoint(model_path)
+    config = payload["model_config"]
+    meta = ModelMeta.from_code_spec(config.code_spec(), payload["fingerprint"], config.trunk)
+    pipeline = dict(config.pipeline or {})
+    if not pipeline:  # checkpoints without stored settings: the trunk's default pipeline
+        from opqn_model.api import FaceEncoder
+
+        pipeline = FaceEncoder.load(model_path).pipeline.to_dict()
+    return meta, pipeline
+
+
+def init_ray(ray_address: str | None = None) -> bool:
+    """Connect to / start Ray; True when this call started it (the caller shuts it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    try:
+        if ray_address:
+            ray.init(address=ray_address, log_to_driver=False)
+        elif os.environ.get("RAY_ADDRESS"):
+            ray.init(address="auto", log_to_driver=False)
+        else:
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    except ConnectionError as exc:
+        raise ConfigError(f"cannot connect to Ray at {ray_address or os.environ.get('RAY_ADDRESS')}: {exc}") from exc
+    return True
+
+
+# ---- inputs ------------------------------------------------------------------------------------
+@dataclass
+class _Inputs:
+    kind: str  # 'photos' | 'npy' | 'parquet'
+    items: list[dict]
+    count: int
+    persons: object = None  # embeddings: pyarrow string array [N], indexed by row
+    sources: object = None
+
+
+def _embedding_sidecar(path: pathlib.Path) -> pathlib.Path:
+    for suffix in (".csv", ".parquet"):
+        candidate = path.with_suffix(suffix)
+        if candidate.is_file():
+            return candidate
+    raise DataError(f"embeddings file {path} needs a sidecar {path.with_suffix('.csv')} or "
+                    f"{path.with_suffix('.parquet')} with a 'person' column (one row per embedding)")
+
+
+def list_inputs(gallery: str, embedding_dim: int | None = None) -> _Inputs:
+    """Work items of the gallery (photos, .npy embeddings + sidecar, or Parquet embeddings)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = pathlib.Path(gallery)
+    if path.suffix.lower() == ".npy":
+        if not path.is_file():
+            raise DataError(f"embeddings file {path} does not exist")
+        try:
+            emb = np.load(path, mmap_mode="r")
+        except (ValueError, OSError) as exc:
+            raise DataError(f"cannot read embeddings {path}: {exc}") from exc
+        if emb.ndim != 2 or emb.dtype != np.float32:
+            raise DataError(f"{path} must hold float32 [N, E] embeddings, got {emb.dtype} {list(emb.shape)}")
+        sidecar = _embedding_sidecar(path)
+        table = pq.read_table(sidecar) if sidecar.suffix == ".parquet" else _read_csv_table(sidecar)
+        if "person" not in table.column_names or table.num_rows != emb.shape[0]:
+            raise DataError(f"{sidecar} must have a 'person' column and {emb.shape[0]} rows "
+                            f"(has {table.num_rows} rows, columns {table.column_names})")
+        n = emb.shape[0]
+        sources = (table.column("source").cast(pa.string()) if "source" in table.column_names
+                   else pa.array([f"{path.name}#{i}" for i in range(n)], type=pa.string()))
+        sources = sources.combine_chunks() if isinstance(sources, pa.ChunkedArray) else sources
+        items = [{"start": s, "stop": min(n, s + EMBEDDING_CHUNK_ROWS), "row_group": 0,
+                  "sources": sources[s:s + EMBEDDING_CHUNK_ROWS].to_pylist()} for s in range(0, n, EMBEDDING_CHUNK_ROWS)]
+        _check_dim(emb.shape[1], embedding_dim, path)
+        return _Inputs("npy", items, n, _strings(table.column("person")), sources)
+    if path.suffix.lower() == ".parquet" and path.is_file():
+        schema = pq.read_schema(path)
+        if "embedding" in schema.names:
+            missing = [c for c in ("person", "source") if c not in schema.names]
+            if missing:
+                raise DataError(f"{path}: an embeddings Parquet file needs columns embedding, person, source "
+                                f"(missing {', '.join(missing)})")
+            meta = pq.ParquetFile(path).metadata
+            items, start = [], 0
+            for g in range(meta.num_row_groups):
+                rows = meta.row_group(g).num_rows
+                items.append({"start": start, "stop": start + rows, "row_group": g, "sources": []})
+                start += rows
+            table = pq.read_table(path, columns=["person", "source"])
+            return _Inputs("parquet", items, start, _strings(table.column("person")), _strings(table.column("source")))
+    from opqn_model.datasets import list_photos
+
+    records = list_photos(gallery)
+    return _Inputs("photos", [{"path": r.path, "person": r.person} for r in records], len(records))
+
+
+def _read_csv_table(path: pathlib.Path):
+    import pyarrow.csv as pacsv
+
+    try:
+        return pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(
+            column_types={"person": "string", "source": "string"}))
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several kinds for a bad CSV
+        raise DataError(f"cannot read {path}: {exc}") from exc
+
+
+def _strings(column):
+    import pyarrow as pa
+
+    column = column.cast(pa.string())
+    return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+
+
+def _check_dim(found: int, expected: int | None, path) -> None:
+    if expected is not None and found != expected:
+        raise DataError(f"{path} holds {found}-d embeddings; this model's trunk gives {expected}-d")
+
+
+# ---- the job -----------------------------------------------------------------------------------
+def run_ingest(model_path: str, gallery: str, index_uri: str, shards: int | None = None,
+               ray_address: str | None = None, actors: int | None = None, batch_size: int = 64,
+               redis_url: str | None = None, progress: bool = True,
+               segment_rows: int = DEFAULT_SEGMENT_ROWS) -> IngestSummary:
+    """Encode a gallery with the model at `model_path` and commit it to the index at `index_uri`.
+
+    Args:
+        shards: shard count of a new index (default 4); must match an existing index when given.
+        ray_address: Ray cluster to use (default: $RAY_ADDRESS, else a local Ray).
+        actors: encoder actors (default: the cluster's CPU count, at most 8).
+        batch_size: photos (or embedding rows) per encoder call.
+        redis_url: Redis commit lock, for object-store indexes or many concurrent writers.
+        segment_rows: rows per segment file.
+    Raises:
+        DataError / ConfigError / CheckpointError / IndexFormatError for unusable inputs, a model that
+        does not match the index, or a Ray cluster that cannot be reached.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+    t0 = time.monotonic()
+    model_path = str(pathlib.Path(model_path).resolve())
+    meta, pipeline = load_model_info(model_path)
+    # Open the writer first: a model/index mismatch fails before any encoding.
+    writer = IndexWriter(index_uri, meta, shard_count=shards, redis_url=redis_url, segment_rows=segment_rows)
+    previous = writer.base_version
+    inputs = list_inputs(gallery, embedding_dim=_embedding_dim(model_path))
+    log.info("ingest %s (%d %s) into %s with model %s", gallery, inputs.count, inputs.kind, writer.store.uri,
+             meta.fingerprint)
+    summary = IngestSummary(index_uri=writer.store.uri, version=previous, previous_version=previous,
+                            inputs=inputs.count)
+    started = init_ray(ray_address)
+    try:
+        _run_pipeline(inputs, model_path, pipeline, writer, summary, actors, batch_size, progress, gallery)
+        message = f"ingest {gallery} (model {meta.fingerprint})"
+        summary.version = writer.commit(message)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    summary.faces_added = writer.stats.rows_added
+    summary.duplicates_skipped = writer.stats.duplicates_skipped
+    summary.segments_written = writer.stats.segments_written
+    summary.shards_written = sorted(writer.stats.shards_written)
+    summary.seconds = time.monotonic() - t0
+    return summary
+
+
+def _embedding_dim(model_path: str) -> int | None:
+    from opqn_model.checkpoint import load_checkpoint
+
+    weight = load_checkpoint(model_path)["head"].get("projection.2.weight")
+    return int(weight.shape[1]) if weight is not None and weight.ndim == 2 else None
+
+
+def _run_pipeline(inputs: _Inputs, model_path: str, pipeline: dict, writer: IndexWriter, summary: IngestSummary,
+                  actors: int | None, batch_size: int, progress: bool, gallery: str) -> None:
+    import ray
+    from tqdm import tqdm
+
+    from indexer.encode_actor import EncoderActor, read_and_align, read_embedding_chunk
+
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    actors = int(actors) if actors else min(cpus, 8)
+    if actors < 1:
+        raise ConfigError(f"actors must be >= 1, got {actors}")
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # we report progress ourselves, in faces
+    if inputs.kind == "photos":
+        ds = ray.data.from_items(inputs.items, override_num_blocks=max(1, min(len(inputs.items) // batch_size, 200)))
+        ds = ds.map_batches(read_and_align, fn_kwargs={"pipeline": pipeline}, batch_size=batch_size,
+                            batch_format="numpy", num_cpus=0.5)
+    else:
+        ds = ray.data.from_items(inputs.items, override_num_blocks=len(inputs.items))
+        ds = ds.map_batches(read_embedding_chunk, fn_kwargs={"path": str(pathlib.Path(gallery).resolve()),
+                                                             "kind": inputs.kind},
+                            batch_size=1, batch_format="numpy", num_cpus=0.5)
+    # Fractional CPUs: actors sit idle while reads run; whole CPUs per actor deadlocked small machines.
+    ds = ds.map_batches(EncoderActor, fn_constructor_kwargs={"model_path": model_path},
+                        compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=0.5,
+                        batch_size=batch_size if inputs.kind == "photos" else max(batch_size, 4096),
+                        batch_format="numpy")
+    from opqn_model.datasets import SkipCounter
+
+    skips = SkipCounter()
+    bar = tqdm(total=inputs.count, unit="face", desc="ingest", disable=not progress, smoothing=0.1)
+    done, last_log, t_start = 0, 0.0, time.monotonic()
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            n = len(batch["face_id"])
+            if inputs.kind == "photos":
+                ok = np.array([not s for s in batch["skip"]], dtype=bool)
+                for reason, source in zip(batch["skip"][~ok], batch["source"][~ok]):
+                    skips.add(str(reason), str(source))
+                for note, source in zip(batch["note"][ok], batch["source"][ok]):
+                    skips.add_note(str(note) or None, str(source))
+                writer.add(batch["face_id"][ok], batch["person"][ok], batch["source"][ok], batch["code"][ok])
+                summary.faces_encoded += int(ok.sum())
+            else:
+                import pyarrow as pa
+
+                rows = pa.array(batch["row"])
+                writer.add(batch["face_id"], inputs.persons.take(rows), inputs.sources.take(rows), batch["code"])
+                summary.faces_encoded += n
+            done += n
+            bar.update(n)
+            now = time.monotonic()
+            if now - last_log >= PROGRESS_EVERY_S or done == inputs.count:
+                last_log = now
+                rate = done / max(now - t_start, 1e-9)
+                eta = (inputs.count - done) / rate if rate > 0 else float("inf")
+                log.info("ingest progress: %d/%d inputs (%.0f/s, ETA %.0f s)", done, inputs.count, rate, eta)
+    except ray.exceptions.RayError as exc:
+        raise _translate_ray_error(exc) from exc
+    finally:
+        bar.close()
+    summary.skipped, summary.converted = dict(skips.skipped), dict(skips.converted)
+
+
+def _translate_ray_error(exc: Exception) -> Exception:
+    """A FacepqError raised inside a Ray task/actor (e.g. CheckpointError) comes back as itself."""
+    from facepq.errors import FacepqError
+
+    cause = getattr(exc, "cause", None)
+    while cause is not None:
+        if isinstance(cause, FacepqError):
+            return cause
+        cause = getattr(cause, "cause", None) or cause.__cause__
+    return DataError(f"the ingest pipeline failed in a Ray worker: {exc}")
