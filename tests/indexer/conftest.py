@@ -1,0 +1,86 @@
+"""Fixtures of the index tests: a real trained model, synthetic galleries, one local Ray per module."""
+from __future__ import annotations
+
+import os
+import pathlib
+
+import numpy as np
+import pytest
+
+from indexer.manifest import ModelMeta
+from opqn_model.codes import CodeSpec
+
+
+@pytest.fixture
+def meta() -> ModelMeta:
+    """A model description for format-level tests (no encoding happens in them)."""
+    return ModelMeta.from_code_spec(CodeSpec(M=8, K=256), fingerprint="f00dfeedf00dfeed", trunk="resnet20")
+
+
+@pytest.fixture
+def rows():
+    """(face_ids, persons, sources, codes) for 500 faces of 10 people, 8-byte codes."""
+    rng = np.random.default_rng(7)
+    n = 500
+    ids = rng.integers(1, 2**63, n, dtype=np.uint64)
+    persons = [f"person_{i % 10:02d}" for i in range(n)]
+    sources = [f"/photos/{i:05d}.jpg" for i in range(n)]
+    codes = rng.integers(0, 256, (n, 8), dtype=np.uint8)
+    return ids, persons, sources, codes
+
+
+@pytest.fixture(scope="session")
+def work_dir(tmp_path_factory) -> pathlib.Path:
+    return tmp_path_factory.mktemp("indexer")
+
+
+@pytest.fixture(scope="session")
+def synthetic_gallery(work_dir) -> pathlib.Path:
+    """Synthetic faces (not real people): 12 identities x 6 photos, 48x48 PNG."""
+    from opqn_model.synthetic import write_faces
+
+    return write_faces(work_dir / "synth", 12, 6, size=48, seed=3)
+
+
+@pytest.fixture(scope="session")
+def big_gallery(work_dir) -> pathlib.Path:
+    """Synthetic faces, 40 identities x 8 photos (long enough to kill an ingest mid-way)."""
+    from opqn_model.synthetic import write_faces
+
+    return write_faces(work_dir / "synth_big", 40, 8, size=40, seed=5)
+
+
+def _train(out_dir: pathlib.Path, gallery: pathlib.Path, seed: int) -> pathlib.Path:
+    from opqn_model.config import ModelConfig, TrainConfig
+    from opqn_model.train import train
+
+    config = ModelConfig(trunk="resnet20", bits=32, input_size=32, trunk_width=8,
+                         pipeline={"size": 32, "mode": "none"})
+    train_config = TrainConfig(epochs=1, batch_size=32, test_people=0.0, val_people=0.0, queries_per_person=0,
+                               seed=seed)
+    return pathlib.Path(train(gallery, out_dir, config, train_config, progress=False)["model"])
+
+
+@pytest.fixture(scope="session")
+def trained_model(work_dir, synthetic_gallery) -> pathlib.Path:
+    """A real OPQN checkpoint (tiny resnet20, 32 bits = 4 x 256) trained for one epoch on synthetic faces."""
+    return _train(work_dir / "model_a", synthetic_gallery, seed=0)
+
+
+@pytest.fixture(scope="session")
+def other_model(work_dir, synthetic_gallery) -> pathlib.Path:
+    """A second real checkpoint (other seed, so other weights and fingerprint)."""
+    return _train(work_dir / "model_b", synthetic_gallery, seed=1)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """One local Ray for the module; its address lets subprocess ingests join it."""
+    import ray
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()

@@ -1,0 +1,245 @@
+"""Commits: atomic versions, dedup, model checks, delete + compact, garbage collection, locks."""
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from facepq.errors import ConfigError, DataError, IndexFormatError
+from indexer.commit import commit_lock, commit_segments, compact, delete_faces
+from indexer.errors import IndexLockTimeout
+from indexer.info import index_info
+from indexer.segment import open_segment, write_segment
+from indexer.store import IndexStore
+from indexer.writer import IndexWriter
+
+
+def _all_live_ids(store: IndexStore) -> np.ndarray:
+    manifest = store.load_manifest()
+    ids = [open_segment(store, ref, model=manifest.model).face_ids for ref in manifest.segments]
+    ids = np.concatenate(ids) if ids else np.empty(0, np.uint64)
+    dead = np.array(sorted(t for sh in manifest.shards for t in sh.tombstones), dtype=np.uint64)
+    return ids[~np.isin(ids, dead)]
+
+
+def test_writer_shards_by_face_id_and_reingest_adds_nothing(tmp_path, meta, rows):
+    ids, persons, sources, codes = rows
+    w = IndexWriter(tmp_path / "idx", meta, segment_rows=64)
+    assert w.add(ids, persons, sources, codes) == len(ids)
+    assert w.commit("first") == 1
+    store = IndexStore(tmp_path / "idx")
+    manifest = store.load_manifest()
+    assert manifest.shard_count == 4 and manifest.live_faces == len(ids)
+    for shard, state in enumerate(manifest.shards):
+        for ref in state.segments:
+            assert ref.rows <= 64
+            assert np.all(open_segment(store, ref).face_ids % np.uint64(4) == shard)
+
+    again = IndexWriter(tmp_path / "idx", meta)
+    assert again.add(ids, persons, sources, codes) == 0 and again.stats.duplicates_skipped == len(ids)
+    assert again.commit("same rows") == 1  # nothing new: no new version
+    half = IndexWriter(tmp_path / "idx", meta)
+    extra = np.array([5, 6], dtype=np.uint64)
+    both = np.concatenate([ids[:10], extra, extra])  # duplicates within one batch too
+    assert half.add(both, ["a"] * 14, ["s"] * 14, np.zeros((14, 8), np.uint8)) == 2
+    assert half.commit("two new") == 2
+    assert sorted(_all_live_ids(store).tolist()) == sorted(ids.tolist() + [5, 6])
+
+
+def test_uncommitted_files_are_ignored_by_readers_then_garbage_collected(tmp_path, meta, rows):
+    ids, persons, sources, codes = rows
+    store = IndexStore(tmp_path / "idx")
+    w = IndexWriter(store, meta)
+    w.add(ids[:100], persons[:100], sources[:100], codes[:100])
+    assert w.commit("v1") == 1
+    # A job that wrote segments (and even its next manifest) but died before moving CURRENT:
+    orphan = write_segment(store, 0, ids[200:300], persons[200:300], sources[200:300], codes[200:300], meta)
+    half = store.load_manifest().successor("never committed")
+    half.shards[0].segments.append(orphan)
+    store.write_manifest(half)
+    with open(os.path.join(store.root, "shards/0000/.tmp-dead-x.arrow"), "wb") as f:
+        f.write(b"half a segment")
+    assert store.current_version() == 1
+    assert store.load_manifest().live_faces == 100
+    assert not np.isin(ids[200:300], _all_live_ids(store)).any()
+
+    stats = compact(store, grace_seconds=3600)  # too young: a running job's files are safe
+    assert os.path.exists(store.local_path(orphan.path))
+    stats = compact(store, grace_seconds=0)
+    assert stats.files_deleted == 2 and stats.manifests_deleted == 1
+    assert not os.path.exists(store.local_path(orphan.path))
+    assert not os.path.exists(os.path.join(store.root, "shards/0000/.tmp-dead-x.arrow"))
+    # The next commit reuses version 2 cleanly.
+    w2 = IndexWriter(store, meta)
+    w2.add(ids[200:300], persons[200:300], sources[200:300], codes[200:300])
+    assert w2.commit("v2") == 2 and store.load_manifest().live_faces == 200
+
+
+def test_readers_see_whole_commits_only(tmp_path, meta, rows):
+    ids, persons, sources, codes = rows
+    store = IndexStore(tmp_path / "idx")
+    stop, seen, errors = threading.Event(), set(), []
+
+    def reader():
+        while not stop.is_set():
+            try:
+                if store.exists():
+                    m = store.load_manifest()
+                    live = sum(open_segment(store, r).rows for r in m.segments)
+                    seen.add((m.version, m.live_faces, live))
+            except Exception as exc:  # noqa: BLE001 - any failure is the finding
+                errors.append(exc)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        for k in range(5):
+            w = IndexWriter(store, meta, segment_rows=30)
+            sl = slice(k * 100, (k + 1) * 100)
+            w.add(ids[sl], persons[sl], sources[sl], codes[sl])
+            w.commit(f"batch {k}")
+    finally:
+        stop.set()
+        t.join(10)
+    assert not errors
+    assert seen and all(faces == live == 100 * version for version, faces, live in seen)
+
+
+def test_commit_refuses_codes_of_another_model_or_shard_count(tmp_path, meta, rows):
+    ids, persons, sources, codes = rows
+    w = IndexWriter(tmp_path / "idx", meta)
+    w.add(ids, persons, sources, codes)
+    w.commit("v1")
+    other = replace(meta, fingerprint="0123456789abcdef")
+    with pytest.raises(IndexFormatError, match=f"{meta.fingerprint}.*0123456789abcdef"):
+        IndexWriter(tmp_path / "idx", other)
+    store = IndexStore(tmp_path / "idx")
+    ref = write_segment(store, 0, ids[:5] + np.uint64(1), persons[:5], sources[:5], codes[:5], other)
+    with pytest.raises(IndexFormatError, match="0123456789abcdef"):
+        commit_segments(store, {0: [ref]}, other, 4, "wrong model")
+    with pytest.raises(ConfigError, match="4 shards"):
+        IndexWriter(tmp_path / "idx", meta, shard_count=8)
+    assert store.current_version() == 1
+
+
+def test_delete_then_compact_removes_the_person_from_every_live_file(tmp_path, meta, rows):
+    ids, persons, sources, codes = rows
+    codes = codes.copy()
+    victim = "person_03"
+    mask = np.array([p == victim for p in persons])
+    # Give the victim a code pattern no one else has, so a byte scan can find it.
+    codes[mask] = np.frombuffer(b"\xde\xad\xbe\xef\xca\xfe\xf0\x0d", np.uint8)
+    codes[~mask & np.all(codes == codes[mask][0], axis=1)] ^= 1
+    store = IndexStore(tmp_path / "idx")
+    w = IndexWriter(store, meta, segment_rows=100)
+    w.add(ids, persons, sources, codes)
+    w.commit("v1")
+
+    with pytest.raises(DataError, match="no live faces of person 'nobody'"):
+        delete_faces(store, person="nobody")
+    assert store.current_version() == 1
+    version, n = delete_faces(store, person=victim)
+    assert (version, n) == (2, int(mask.sum()))
+    assert index_info(store)["faces"] == len(ids) - n and index_info(store)["people"] == 9
+    assert not np.isin(ids[mask], _all_live_ids(store)).any()
+    with pytest.raises(DataError, match="no live faces"):
+        delete_faces(store, person=victim)
+
+    stats = compact(store, grace_seconds=0)
+    assert stats.rows_removed == n and stats.version == 3
+    manifest = store.load_manifest()
+    assert manifest.tombstone_count == 0 and manifest.live_faces == len(ids) - n
+    victim_ids = [int(i).to_bytes(8, "little") for i in ids[mask]]
+    for ref in manifest.segments:
+        data = open(store.local_path(ref.path), "rb").read()
+        assert victim.encode() not in data
+        assert b"\xde\xad\xbe\xef\xca\xfe\xf0\x0d" not in data
+        assert not any(v in data for v in victim_ids)
+    # Nothing else on disk holds them either (old segments were garbage-collected with grace 0).
+    for dirpath, _, files in os.walk(os.path.join(store.root, "shards")):
+        for name in files:
+            assert victim.encode() not in open(os.path.join(dirpath, name), "rb").read()
+
+
+def test_deleting_face_ids_and_enrolling_them_again(tmp_path, meta, rows):
+    ids, persons, sources, codes = rows
+    store = IndexStore(tmp_path / "idx")
+    w = IndexWriter(store, meta)
+    w.add(ids, persons, sources, codes)
+    w.commit("v1")
+    with pytest.raises(DataError, match="not live"):
+        delete_faces(store, face_ids=[int(ids[0]), 12345])
+    assert delete_faces(store, face_ids=ids[:20]) == (2, 20)
+    # Enrolled again (under a corrected name): live once, with the new name, tombstones gone.
+    w = IndexWriter(store, meta)
+    assert w.add(ids[:20], ["renamed"] * 20, sources[:20], codes[:20]) == 20
+    assert w.commit("re-enrol") == 3
+    manifest = store.load_manifest()
+    assert manifest.tombstone_count == 0 and manifest.live_faces == len(ids)
+    live = _all_live_ids(store)
+    assert len(live) == len(np.unique(live)) == len(ids)
+    assert index_info(store)["people"] == 11
+
+
+def test_concurrent_writers_commit_both_without_duplicates(tmp_path, meta, rows):
+    ids, persons, sources, codes = rows
+    store = IndexStore(tmp_path / "idx")
+    a, b = IndexWriter(store, meta), IndexWriter(store, meta)  # both opened on the empty index
+    a.add(ids[:300], persons[:300], sources[:300], codes[:300])
+    b.add(ids[200:], persons[200:], sources[200:], codes[200:])  # 100 faces overlap
+    assert a.commit("a") == 1 and b.commit("b") == 2
+    live = _all_live_ids(store)
+    assert len(live) == len(np.unique(live)) == len(ids)
+
+
+def test_file_lock_times_out_with_a_clear_error(tmp_path, meta):
+    store = IndexStore(tmp_path / "idx")
+    held, release = threading.Event(), threading.Event()
+
+    def holder():
+        with commit_lock(store):
+            held.set()
+            release.wait(10)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    try:
+        assert held.wait(10)
+        # flock locks are per open file description, so a second open in this process contends too.
+        with pytest.raises(IndexLockTimeout, match="commit lock"):
+            with commit_lock(store, timeout=0.3):
+                pass
+    finally:
+        release.set()
+        t.join(10)
+    with commit_lock(store, timeout=1):
+        pass
+
+
+def test_redis_lock_serialises_commits_and_is_released(tmp_path, meta, rows, redis_server):
+    import redis
+
+    from indexer.lock import redis_lock_key
+
+    ids, persons, sources, codes = rows
+    store = IndexStore(tmp_path / "idx")
+    client = redis.Redis.from_url(redis_server.url)
+    key = redis_lock_key(store)
+    with commit_lock(store, redis_url=redis_server.url):
+        assert client.exists(key)
+        with pytest.raises(IndexLockTimeout, match="Redis commit lock"):
+            with commit_lock(store, redis_url=redis_server.url, timeout=0.3):
+                pass
+    assert not client.exists(key)
+    w = IndexWriter(store, meta, redis_url=redis_server.url)
+    w.add(ids, persons, sources, codes)
+    assert w.commit("via redis") == 1
+    assert delete_faces(store, person="person_01", redis_url=redis_server.url)[0] == 2
+    assert compact(store, redis_url=redis_server.url, grace_seconds=0).version == 3
+    assert not client.exists(key)
+    redis_server.stop()
+    with pytest.raises(ConfigError, match="cannot take the commit lock in Redis"):
+        delete_faces(store, person="person_02", redis_url=redis_server.url, lock_timeout=1)
