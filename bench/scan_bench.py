@@ -1,0 +1,160 @@
+"""Scan kernel vs FAISS, one thread, same codes, same query, top-k.
+
+For each configuration the same random codes are loaded into FAISS (IndexPQ with
+METRIC_INNER_PRODUCT, 8-bit; IndexPQFastScan built from the 4-bit IndexPQ) and
+scanned by `query_node.scan`. The lookup table given to our kernel is FAISS's own
+inner-product table (<q_m, centroid_{m,k}>), so both rank by the same scores and
+the overlap of the two top-k lists measures agreement; our kernel is additionally
+checked against the numpy reference (`opqn_model.codes.score_codes`, exact top-k).
+
+Targets (ARCHITECTURE.md): 8-bit >= 2x FAISS IndexPQ throughput; 4-bit within 1.5x
+of FastScan (which is approximate: 8-bit-quantized tables).
+
+Run: python bench/scan_bench.py --sizes 1000000,10000000   (or `facepq bench scan`)
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+CONFIGS = [  # (name, M, nbits, faiss index kind)
+    ("8-bit M=8 K=256", 8, 8, "pq"),
+    ("8-bit M=16 K=256", 16, 8, "pq"),
+    ("4-bit M=16 K=16", 16, 4, "fastscan"),
+]
+
+
+@dataclass
+class Row:
+    config: str
+    n: int
+    ours_ms: float
+    faiss_ms: float
+    faiss_name: str
+    overlap_faiss: float  # |ours ∩ faiss| / k, averaged over queries
+    exact_vs_reference: bool
+
+    @property
+    def ratio(self) -> float:
+        """Our throughput / FAISS throughput (> 1: we are faster)."""
+        return self.faiss_ms / self.ours_ms
+
+
+def _best_ms(fn, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best * 1e3
+
+
+def _reference_topk(codes, lut, spec, k, chunk=1 << 20):
+    """Exact top-k by the numpy reference, chunked to bound memory; ties -> lower row."""
+    from opqn_model.codes import score_codes
+
+    scores = np.concatenate([score_codes(lut, codes[s:s + chunk], spec) for s in range(0, len(codes), chunk)])
+    cand = np.argpartition(-scores, k - 1)[:k]
+    threshold = scores[cand].min()
+    cand = np.flatnonzero(scores >= threshold)  # every row tied at the boundary
+    order = np.lexsort((cand, -scores[cand]))[:k]
+    return scores[cand[order]], cand[order]
+
+
+def run_config(name, m, nbits, kind, n, k, queries, repeats, rng, log=print) -> Row:
+    import faiss
+
+    from opqn_model.codes import CodeSpec
+    from query_node.scan import scan_topk
+
+    spec = CodeSpec(M=m, K=2 ** nbits)
+    dsub = 4
+    d = m * dsub
+    pq_index = faiss.IndexPQ(d, m, nbits, faiss.METRIC_INNER_PRODUCT)
+    pq_index.train(rng.standard_normal((max(256 * 40, 2 ** nbits * 40), d)).astype(np.float32))
+    sub = rng.integers(0, spec.K, size=(n, m), dtype=np.uint8)
+    from opqn_model.codes import pack_codes
+
+    codes = pack_codes(sub, spec)  # FAISS packs 4-bit codes low nibble first, like ours
+    del sub
+    pq_index.add_sa_codes(codes)
+    index = faiss.IndexPQFastScan(pq_index) if kind == "fastscan" else pq_index
+    faiss_name = "IndexPQFastScan" if kind == "fastscan" else "IndexPQ"
+    centroids = faiss.vector_to_array(pq_index.pq.centroids).reshape(m, spec.K, dsub)
+    q = rng.standard_normal((queries, d)).astype(np.float32)
+    luts = np.einsum("qmd,mkd->qmk", q.reshape(queries, m, dsub), centroids).astype(np.float32)
+
+    # warm both (numba compile / FAISS table allocation)
+    scan_topk(codes[:1000], luts[0], k, spec.packed)
+    index.search(q[:1], k)
+    ours_ms = faiss_ms = 0.0
+    overlap = 0.0
+    exact = True
+    for i in range(queries):
+        ours_ms += _best_ms(lambda: scan_topk(codes, luts[i], k, spec.packed), repeats)
+        faiss_ms += _best_ms(lambda: index.search(q[i:i + 1], k), repeats)
+        s, rows = scan_topk(codes, luts[i], k, spec.packed)
+        _, ids = index.search(q[i:i + 1], k)
+        overlap += len(set(rows.tolist()) & set(ids[0].tolist())) / k
+        ref_s, ref_rows = _reference_topk(codes, luts[i], spec, k)
+        # the kernel sums in byte order (pair tables for 4-bit), the reference in numpy's
+        # order: equal up to float rounding; ids must match except across rounding-level ties
+        exact &= bool(np.allclose(s, ref_s, rtol=1e-5, atol=1e-5)) and \
+            len(set(rows.tolist()) & set(ref_rows.tolist())) >= k - 1
+    row = Row(name, n, ours_ms / queries, faiss_ms / queries, faiss_name, overlap / queries, exact)
+    log(f"  {name:18s} N={n:>10,d}  ours {row.ours_ms:8.2f} ms ({n / row.ours_ms / 1e3:7.1f} M codes/s)  "
+        f"{faiss_name} {row.faiss_ms:8.2f} ms  ratio {row.ratio:5.2f}x  "
+        f"top-{k} overlap with FAISS {row.overlap_faiss * 100:5.1f}%  matches reference: {row.exact_vs_reference}")
+    return row
+
+
+def run(sizes: list[int], k: int = 100, queries: int = 3, repeats: int = 3, seed: int = 0, log=print) -> list[Row]:
+    """Benchmark every configuration at every size; returns the rows (also logged)."""
+    import faiss
+    import numba
+
+    numba.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+    rng = np.random.default_rng(seed)
+    log(f"scan benchmark: one thread, top-{k}, {queries} queries x best of {repeats}")
+    rows = []
+    for n in sizes:
+        for name, m, nbits, kind in CONFIGS:
+            rows.append(run_config(name, m, nbits, kind, n, k, queries, repeats, rng, log))
+    log("summary (throughput ratio ours/FAISS; targets: 8-bit >= 2.0x IndexPQ, 4-bit >= 0.67x FastScan):")
+    for r in rows:
+        target = 2.0 if "8-bit" in r.config else 1 / 1.5
+        verdict = "meets" if r.ratio >= target else "MISSES"
+        log(f"  {r.config:18s} N={r.n:>10,d}  {r.ratio:5.2f}x vs {r.faiss_name} ({verdict} target {target:.2f}x)")
+    return rows
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--sizes", default="200000", help="comma-separated code counts (e.g. 1000000,10000000)")
+    ap.add_argument("-k", "--top-k", type=int, default=100)
+    ap.add_argument("--queries", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+
+
+def main_args(args) -> int:
+    from facepq.errors import ConfigError
+
+    try:
+        sizes = [int(s.replace("_", "")) for s in str(args.sizes).split(",") if s.strip()]
+    except ValueError as exc:
+        raise ConfigError(f"--sizes must be comma-separated integers, got {args.sizes!r}") from exc
+    if not sizes or min(sizes) < args.top_k or args.top_k < 1:
+        raise ConfigError(f"every size must be >= top-k ({args.top_k}) and top-k >= 1")
+    run(sizes, k=args.top_k, queries=args.queries, repeats=args.repeats, seed=args.seed)
+    return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    sys.exit(main_args(parser.parse_args()))

@@ -1,0 +1,193 @@
+"""The coordinator's gRPC server: Search / Enrol / Delete / Status over `Coordinator`.
+
+Status codes:
+* INVALID_ARGUMENT: no query, top_k outside 0..1000 (0 = default 10), an embedding of
+  the wrong length or with NaN/inf, a photo that is not a decodable image.
+* FAILED_PRECONDITION: the photo decoded but "no face found" in it (Search); an Enrol
+  where no photo had a usable face.
+* NOT_FOUND: Delete of an unknown person / face ids.
+* RESOURCE_EXHAUSTED: a request above MAX_MESSAGE_BYTES (gRPC's own check).
+* A search with shards that no replica answered is NOT an error: complete=false and
+  missing_shards name them.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from concurrent import futures
+
+import numpy as np
+
+from facepq.errors import ConfigError, DataError
+from query_node.node_server import MAX_MESSAGE_BYTES, MAX_TOP_K
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TOP_K = 10
+SERVICE_NAME = "facepq.v1.Coordinator"
+
+
+def _servicer_class():
+    import grpc
+
+    from facepq_proto.facepq.v1 import facepq_pb2, facepq_pb2_grpc
+    from query_node.coordinator import embedding_tables, photo_features
+
+    class CoordinatorServicer(facepq_pb2_grpc.CoordinatorServicer):
+        def __init__(self, coordinator, encoder, index_uri, redis_url, search_timeout):
+            self.coordinator, self.encoder = coordinator, encoder
+            self.index_uri, self.redis_url, self.search_timeout = index_uri, redis_url, search_timeout
+
+        def Search(self, request, context):
+            t0 = time.perf_counter()
+            k = request.top_k or DEFAULT_TOP_K
+            if not 1 <= k <= MAX_TOP_K:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"top_k must be in 1..{MAX_TOP_K}, got {k}")
+            kind = request.WhichOneof("query")
+            if kind is None:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "send a photo (bytes) or an embedding")
+            if kind == "embedding":
+                try:
+                    tables = embedding_tables(self.encoder, request.embedding.values)
+                except ConfigError as exc:
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            else:
+                feats, kept, skipped = photo_features(self.encoder, [request.photo])
+                if not kept:
+                    reason = skipped.get(0, "unknown")
+                    if reason == "no_face":
+                        context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                      "no face found in the photo; send a photo with a visible, frontal face")
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the photo cannot be used: {reason} "
+                                  f"(send JPEG/PNG/PGM bytes of a face photo)")
+                tables = np.asarray(self.encoder.lookup_tables(feats[:1]), dtype=np.float32)
+            remaining = context.time_remaining()
+            timeout = self.search_timeout if remaining is None else max(0.0, min(remaining - 0.05, self.search_timeout))
+            result = self.coordinator.search_tables(tables, k, timeout=timeout)
+            reply = facepq_pb2.SearchResponse(complete=result.complete, missing_shards=result.missing_shards,
+                                              index_version=result.index_version)
+            reply.hits.extend(facepq_pb2.Hit(face_id=h.face_id, person=h.person, source=h.source, score=h.score,
+                                             shard=h.shard) for h in result.hits[0])
+            reply.took_ms = (time.perf_counter() - t0) * 1e3
+            return reply
+
+        def Enrol(self, request, context):
+            from indexer.face_id import face_id_for_photo
+            from indexer.manifest import ModelMeta
+            from indexer.writer import IndexWriter
+
+            if not request.person.strip():
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "person must be a non-empty name")
+            if not request.photos:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "send at least one photo to enrol")
+            contents = [p.content for p in request.photos]
+            sources = [p.source or f"enrol:{request.person}:{i}" for i, p in enumerate(request.photos)]
+            feats, kept, skipped = photo_features(self.encoder, contents)
+            skipped_msgs = [f"{sources[i]}: {r}" for i, r in sorted(skipped.items())]
+            if not kept:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"no usable face in any photo ({'; '.join(skipped_msgs)})")
+            codes = self.encoder.encode(feats)
+            ids = np.array([face_id_for_photo(bytes(contents[i])) for i in kept], dtype=np.uint64)
+            writer = IndexWriter(self.index_uri, ModelMeta.from_encoder(self.encoder), redis_url=self.redis_url)
+            writer.add(ids, [request.person] * len(kept), [sources[i] for i in kept], codes)
+            version = writer.commit(f"enrol {request.person!r} ({len(kept)} faces)")
+            return facepq_pb2.EnrolResponse(face_ids=ids.tolist(), skipped=skipped_msgs,
+                                            index_version=str(version or ""))
+
+        def Delete(self, request, context):
+            from indexer.commit import delete_faces
+            from indexer.store import IndexStore
+
+            target = request.WhichOneof("target")
+            if target is None:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "send a person or face_ids to delete")
+            try:
+                if target == "person":
+                    version, n = delete_faces(IndexStore(self.index_uri), person=request.person,
+                                              redis_url=self.redis_url)
+                else:
+                    version, n = delete_faces(IndexStore(self.index_uri), face_ids=list(request.face_ids.ids),
+                                              redis_url=self.redis_url)
+            except DataError as exc:
+                context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+            return facepq_pb2.DeleteResponse(deleted=n, index_version=str(version))
+
+        def Status(self, request, context):
+            replicas = self.coordinator.replicas()
+            reply = facepq_pb2.StatusResponse(shard_count=self.coordinator.shard_count,
+                                              model_fingerprint=self.encoder.fingerprint,
+                                              uncovered_shards=[s for s, r in replicas.items() if not r])
+            for n in self.coordinator.nodes():
+                reply.nodes.add(node_id=n.node_id, address=n.address, shards=n.shards,
+                                index_version=n.index_version, healthy=n.healthy)
+                reply.index_version = reply.index_version or n.index_version
+            return reply
+
+    return CoordinatorServicer
+
+
+class CoordinatorServer:
+    """A running coordinator: model + registry + gRPC server with health and reflection.
+
+    Args:
+        model_path: trained checkpoint (FaceEncoder.load).  index_uri: the index (for Enrol/Delete and shard count).
+        redis_url / nodes: the registry (Redis) or a static list of node addresses.
+    """
+
+    def __init__(self, model_path, index_uri, redis_url=None, nodes=None, host="127.0.0.1", port=0,
+                 search_timeout=5.0, workers=8):
+        from indexer.store import IndexStore
+        from opqn_model.api import FaceEncoder
+        from query_node.coordinator import Coordinator
+        from query_node.registry import RedisRegistry, StaticRegistry
+
+        if bool(redis_url) == bool(nodes):
+            raise ConfigError("give exactly one of --redis URL or --nodes host:port,...")
+        self.encoder = FaceEncoder.load(model_path)
+        manifest = IndexStore(index_uri).load_manifest()
+        if manifest.model.fingerprint != self.encoder.fingerprint:
+            raise ConfigError(f"the index at {index_uri} holds codes of model {manifest.model.fingerprint}, "
+                              f"but {model_path} is model {self.encoder.fingerprint}; use the index's model")
+        registry = RedisRegistry(redis_url) if redis_url else StaticRegistry(nodes)
+        self.coordinator = Coordinator(registry, manifest.shard_count)
+        self.index_uri, self.redis_url = index_uri, redis_url
+        self.host, self.requested_port, self.workers, self.search_timeout = host, port, workers, search_timeout
+        self.server = self.health = self.port = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def start(self) -> "CoordinatorServer":
+        import grpc
+        from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+        from grpc_reflection.v1alpha import reflection
+
+        from facepq_proto.facepq.v1 import facepq_pb2, facepq_pb2_grpc
+
+        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=self.workers), options=options)
+        self.port = self.server.add_insecure_port(f"{self.host}:{self.requested_port}")
+        if not self.port:
+            raise ConfigError(f"cannot listen on {self.host}:{self.requested_port} (port in use or bad address)")
+        servicer = _servicer_class()(self.coordinator, self.encoder, self.index_uri, self.redis_url,
+                                     self.search_timeout)
+        facepq_pb2_grpc.add_CoordinatorServicer_to_server(servicer, self.server)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection((facepq_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name,
+                                             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                                             reflection.SERVICE_NAME), self.server)
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.server.start()
+        return self
+
+    def stop(self, grace: float = 2.0) -> None:
+        if self.health is not None:
+            self.health.enter_graceful_shutdown()
+        if self.server is not None:
+            self.server.stop(grace).wait(grace + 1)
+        self.coordinator.close()

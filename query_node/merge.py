@@ -1,0 +1,63 @@
+"""Exact k-way merge of per-shard top-k lists into a global top-k.
+
+Global order (the one every layer uses, and the one a single-process scan of all
+shards reproduces): higher score first; at equal score the lower shard number;
+within a shard the shard's own order (its scan order, i.e. the lower row).
+Because each shard list is the exact top-k of its shard in that order, the first
+k of the merge are the exact global top-k.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+from dataclasses import dataclass
+from typing import Iterable
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One search result. score: higher is better."""
+
+    face_id: int
+    person: str
+    source: str
+    score: float
+    shard: int
+
+
+def merge_shard_lists(shard_lists: Iterable[list[Hit]], k: int) -> list[Hit]:
+    """Merge lists that each hold the hits of ONE shard, best first, into the global top-k.
+
+    Args:
+        shard_lists: per-shard lists sorted best first (every hit of a list has the same shard).
+        k: how many to keep (>= 0).
+    Returns:
+        up to k hits in the global order (score desc, shard asc, position in its shard list).
+    """
+    keyed = []
+    for hits in shard_lists:
+        keyed.append([(-h.score, h.shard, pos, h) for pos, h in enumerate(hits)])
+    merged = heapq.merge(*keyed, key=lambda t: t[:3])
+    return [t[3] for t in itertools.islice(merged, k)]
+
+
+def split_by_shard(hits: Iterable[Hit]) -> dict[int, list[Hit]]:
+    """Group a best-first hit list by shard, keeping each shard's relative order."""
+    groups: dict[int, list[Hit]] = {}
+    for h in hits:
+        groups.setdefault(h.shard, []).append(h)
+    return groups
+
+
+def merge_node_results(node_lists: Iterable[list[Hit]], k: int) -> list[Hit]:
+    """Merge node answers (each a best-first mix of that node's shards) into the global top-k.
+
+    A node's list keeps each of its shards' own order, so splitting it by shard gives
+    per-shard lists for `merge_shard_lists`. A shard answered by two nodes (should not
+    happen: the coordinator asks one replica per shard) keeps only the first answer.
+    """
+    per_shard: dict[int, list[Hit]] = {}
+    for hits in node_lists:
+        for shard, group in split_by_shard(hits).items():
+            per_shard.setdefault(shard, group)
+    return merge_shard_lists(per_shard.values(), k)

@@ -1,0 +1,171 @@
+"""Node registry: which query nodes are alive, where, serving which shards.
+
+Redis mode: each node writes its record (JSON) under `facepq:node:<node_id>` with a
+TTL (default 5 s) and refreshes it every TTL/3 from a heartbeat thread, so a dead
+node disappears within one TTL. When Redis is down the node keeps retrying and
+re-registers as soon as it is back; the coordinator keeps the last topology it saw.
+
+Static mode (no Redis): `StaticRegistry(addresses)` asks each node's Status RPC
+for its shards and version.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+
+log = logging.getLogger(__name__)
+
+KEY_PREFIX = "facepq:node:"
+DEFAULT_TTL = 5.0
+
+
+@dataclass
+class NodeRecord:
+    """What a node announces."""
+
+    node_id: str
+    address: str
+    shards: list[int]
+    index_version: str = ""
+    load: float = 0.0
+    healthy: bool = True
+    updated: float = field(default_factory=time.time)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text) -> "NodeRecord":
+        d = json.loads(text)
+        return cls(node_id=str(d["node_id"]), address=str(d["address"]), shards=[int(s) for s in d["shards"]],
+                   index_version=str(d.get("index_version", "")), load=float(d.get("load", 0.0)),
+                   healthy=bool(d.get("healthy", True)), updated=float(d.get("updated", 0.0)))
+
+
+def _client(url: str):
+    import redis
+
+    return redis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
+
+
+class Heartbeat:
+    """Announce a node in Redis and keep the announcement alive.
+
+    Args:
+        url: Redis URL. record_fn: returns the current NodeRecord (called every beat).
+        ttl: seconds the key lives without a refresh; refreshed every ttl/3.
+    """
+
+    def __init__(self, url: str, record_fn, ttl: float = DEFAULT_TTL):
+        self.url, self.record_fn, self.ttl = url, record_fn, ttl
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._redis = _client(url)
+        self.connected = False
+
+    def beat(self) -> bool:
+        """Write the record once; False (logged once per outage) when Redis is unreachable."""
+        import redis
+
+        record = self.record_fn()
+        try:
+            self._redis.set(KEY_PREFIX + record.node_id, record.to_json(), px=int(self.ttl * 1000))
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            if self.connected:
+                log.warning("registry %s unreachable (%s); will keep retrying", self.url, exc)
+            self.connected = False
+            return False
+        if not self.connected:
+            log.info("registered node %s at %s in %s", record.node_id, record.address, self.url)
+        self.connected = True
+        return True
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.ttl / 3):
+            self.beat()
+
+    def start(self) -> None:
+        self.beat()
+        self._thread = threading.Thread(target=self._run, name="facepq-heartbeat", daemon=True)
+        self._thread.start()
+
+    def stop(self, deregister: bool = True) -> None:
+        """Stop beating; by default delete the key so the node disappears at once."""
+        import redis
+
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+        if deregister:
+            try:
+                self._redis.delete(KEY_PREFIX + self.record_fn().node_id)
+            except (redis.ConnectionError, redis.TimeoutError):
+                pass
+
+
+class RedisRegistry:
+    """The coordinator's view of live nodes in Redis (last known topology when Redis is down)."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self._redis = _client(url)
+        self._last: list[NodeRecord] = []
+        self.reachable = False
+
+    def nodes(self) -> list[NodeRecord]:
+        import redis
+
+        try:
+            keys = list(self._redis.scan_iter(match=KEY_PREFIX + "*", count=500))
+            values = self._redis.mget(keys) if keys else []
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            if self.reachable:
+                log.warning("registry %s unreachable (%s); using the last known %d nodes", self.url, exc,
+                            len(self._last))
+            self.reachable = False
+            return list(self._last)
+        self.reachable = True
+        records = []
+        for v in values:
+            if v is None:  # expired between SCAN and MGET
+                continue
+            try:
+                records.append(NodeRecord.from_json(v))
+            except (ValueError, KeyError, TypeError):
+                log.warning("ignoring a malformed registry entry: %r", v[:200])
+        self._last = sorted(records, key=lambda r: r.node_id)
+        return list(self._last)
+
+
+class StaticRegistry:
+    """A fixed list of node addresses; shards and versions come from each node's Status RPC."""
+
+    def __init__(self, addresses: list[str], timeout: float = 2.0):
+        self.addresses = list(addresses)
+        self.timeout = timeout
+        self._last: dict[str, NodeRecord] = {}
+
+    def nodes(self) -> list[NodeRecord]:
+        import grpc
+
+        from facepq_proto.facepq.v1 import facepq_pb2, facepq_pb2_grpc
+
+        out = []
+        for addr in self.addresses:
+            try:
+                with grpc.insecure_channel(addr) as channel:
+                    st = facepq_pb2_grpc.QueryNodeStub(channel).Status(facepq_pb2.NodeStatusRequest(),
+                                                                     timeout=self.timeout)
+                shards = [s.shard for s in st.shards if s.state == facepq_pb2.SHARD_SERVING]
+                rec = NodeRecord(node_id=st.node_id or addr, address=addr, shards=shards,
+                                 index_version=st.index_version)
+            except grpc.RpcError:
+                rec = NodeRecord(node_id=addr, address=addr, shards=[], healthy=False)
+                if addr in self._last:  # keep its shards as a retry candidate, marked unhealthy
+                    rec.shards = self._last[addr].shards
+            self._last[addr] = rec
+            out.append(rec)
+        return out

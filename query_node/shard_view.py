@@ -1,0 +1,198 @@
+"""A query node's view of its shards at one index version, and the watcher that swaps it.
+
+`IndexView` memory-maps every segment of the served shards (zero-copy: the code
+matrix is the file's pages, so resident memory is about the bytes scanned),
+verifies each segment's sha256 once, and turns tombstones into per-segment skip
+masks. A shard whose segment is missing or corrupt is NOT_SERVING with the reason
+recorded: it is never scanned, so it never returns wrong scores.
+
+`LiveIndex` holds the current view and a watcher thread that polls the index's
+CURRENT pointer; a new version builds a new view (reusing the already verified,
+immutable segments of the old one) and swaps a single reference. Queries that
+started on the old view finish on it; its memory maps close when the last
+reference goes away.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from facepq.errors import ConfigError, FacepqError
+from query_node.merge import Hit, merge_shard_lists
+from query_node.scan import TopKHeap, byte_tables
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ShardData:
+    """One served shard at one version."""
+
+    shard: int
+    segments: list = field(default_factory=list)   # indexer.segment.SegmentView, scan order
+    skips: list = field(default_factory=list)      # bool [rows] per segment (True = tombstoned) or None
+    rows: int = 0
+    live_rows: int = 0
+    code_bytes: int = 0
+    serving: bool = True
+    reason: str = ""
+
+    def search(self, tables: np.ndarray, k: int) -> list[list[Hit]]:
+        """Top-k of this shard for byte tables float32 [Q, B*256]; one best-first list per query."""
+        heap = TopKHeap(tables.shape[0], k)
+        offsets = []
+        for seg, skip in zip(self.segments, self.skips):
+            offsets.append(heap.rows_scanned)
+            heap.scan(seg.codes, tables, skip)
+        scores, rows = heap.result()
+        starts = np.asarray(offsets, dtype=np.int64)
+        out = []
+        for q in range(scores.shape[0]):
+            hits = []
+            for score, row in zip(scores[q], rows[q]):
+                if row < 0:
+                    break
+                s = int(np.searchsorted(starts, row, side="right")) - 1
+                seg, local = self.segments[s], int(row - starts[s])
+                hits.append(Hit(face_id=int(seg.face_ids[local]), person=seg.person_at(local),
+                                source=seg.source_at(local), score=float(score), shard=self.shard))
+            out.append(hits)
+        return out
+
+
+class IndexView:
+    """The served shards of one index version (immutable once built)."""
+
+    def __init__(self, manifest, shards: dict[int, ShardData]):
+        self.manifest = manifest
+        self.model = manifest.model
+        self.version = str(manifest.version)
+        self.shards = shards
+
+    def serving_shards(self) -> list[int]:
+        return sorted(s for s, d in self.shards.items() if d.serving)
+
+    def search(self, lookup_tables: np.ndarray, k: int, shards: list[int]) -> list[list[Hit]]:
+        """Exact top-k over `shards` (all serving) for float32 [Q, M, K] tables; one list per query."""
+        tables = byte_tables(lookup_tables, self.model.packed, self.model.code_bytes)
+        per_shard = [self.shards[s].search(tables, k) for s in shards]
+        return [merge_shard_lists([res[q] for res in per_shard], k) for q in range(tables.shape[0])]
+
+
+def load_view(store, shard_ids: list[int], previous: IndexView | None = None, verify: bool = True) -> IndexView:
+    """Open the current manifest's segments of `shard_ids`.
+
+    Args:
+        store: indexer.store.IndexStore.
+        shard_ids: shards this node serves; each must exist in the index.
+        previous: a view whose already verified segments (same id) are reused.
+        verify: check every newly opened segment's size and sha256.
+    Raises:
+        IndexFormatError: no index / unreadable manifest. ConfigError: a shard outside the index.
+    """
+    from indexer.errors import SegmentCorrupt
+    from indexer.segment import open_segment
+
+    manifest = store.load_manifest()
+    bad = [s for s in shard_ids if s < 0 or s >= manifest.shard_count]
+    if bad:
+        raise ConfigError(f"shard(s) {bad} do not exist: the index at {store.uri} has {manifest.shard_count} "
+                          f"shards (0..{manifest.shard_count - 1})")
+    reuse = {}
+    if previous is not None:
+        for data in previous.shards.values():
+            reuse.update({seg.ref.id: seg for seg in data.segments})
+    shards = {}
+    for shard in shard_ids:
+        state = manifest.shards[shard]
+        data = ShardData(shard=shard)
+        try:
+            for ref in state.segments:
+                seg = reuse.get(ref.id)
+                if seg is None or seg.ref.sha256 != ref.sha256:
+                    seg = open_segment(store, ref, verify=verify, model=manifest.model)
+                data.segments.append(seg)
+        except SegmentCorrupt as exc:
+            log.error("shard %d NOT_SERVING at version %d: %s", shard, manifest.version, exc)
+            shards[shard] = ShardData(shard=shard, serving=False, reason=str(exc))
+            continue
+        tomb = np.fromiter(state.tombstones, dtype=np.uint64, count=len(state.tombstones))
+        for seg in data.segments:
+            if tomb.size:
+                skip = np.isin(seg.face_ids, tomb)
+                data.skips.append(skip if skip.any() else None)
+            else:
+                data.skips.append(None)
+            data.rows += seg.rows
+            data.code_bytes += seg.codes.nbytes
+        data.live_rows = data.rows - sum(int(s.sum()) for s in data.skips if s is not None)
+        shards[shard] = data
+    return IndexView(manifest, shards)
+
+
+class LiveIndex:
+    """The current IndexView of an index, kept up to date by a polling watcher thread.
+
+    Args:
+        index_uri: path or URI of the index.
+        shard_ids: shards to serve.
+        poll_seconds: how often CURRENT is read.
+        on_change: called with the new view after every swap (health, registry).
+    """
+
+    def __init__(self, index_uri, shard_ids: list[int], poll_seconds: float = 0.5, on_change=None, verify=True):
+        from indexer.store import IndexStore
+
+        self.store = IndexStore(index_uri)
+        self.shard_ids = sorted(set(int(s) for s in shard_ids))
+        if not self.shard_ids:
+            raise ConfigError("a node must serve at least one shard (e.g. --shards 0,1)")
+        self.poll_seconds = poll_seconds
+        self.on_change = on_change
+        self.verify = verify
+        self._view = load_view(self.store, self.shard_ids, verify=verify)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.last_error = ""
+
+    @property
+    def view(self) -> IndexView:
+        """The current view; hold on to it for the whole query (it never changes under you)."""
+        return self._view
+
+    def reload_if_changed(self) -> bool:
+        """Build and swap in a new view when CURRENT moved; True when it did."""
+        current = self.store.current_version()
+        if current is None or str(current) == self._view.version:
+            return False
+        new = load_view(self.store, self.shard_ids, previous=self._view, verify=self.verify)
+        old, self._view = self._view, new  # one reference assignment: atomic for readers
+        log.info("index version %s -> %s", old.version, new.version)
+        if self.on_change:
+            self.on_change(new)
+        return True
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.poll_seconds):
+            try:
+                self.reload_if_changed()
+                self.last_error = ""
+            except FacepqError as exc:  # keep serving the old view; retry next poll
+                if str(exc) != self.last_error:
+                    log.warning("cannot load the new index version (still serving %s): %s", self._view.version, exc)
+                self.last_error = str(exc)
+            except OSError as exc:
+                log.warning("index watcher: %s", exc)
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._watch, name="facepq-index-watcher", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
