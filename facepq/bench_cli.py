@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import pathlib
+import sys
 
 from facepq.errors import ConfigError
 
@@ -21,8 +22,12 @@ def _load(filename: str):
     path = BENCH_DIR / filename
     if not path.is_file():
         raise ConfigError(f"benchmark file {path} not found: benchmarks run from a source checkout of facepq")
-    spec = importlib.util.spec_from_file_location(f"facepq_bench_{path.stem}", path)
+    name = f"facepq_bench_{path.stem}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up here
     spec.loader.exec_module(module)
     return module
 
