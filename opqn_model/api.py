@@ -57,6 +57,7 @@ class FaceEncoder:
     def __init__(self, config: ModelConfig, head: OPQNHead, trunk, fingerprint: str, pipeline=None):
         self.config = config
         self.head = head.eval()
+        self.codec = HeadCodec(self.head, CodeSpec(config.M, config.K))
         self.trunk = trunk
         if isinstance(trunk, torch.nn.Module):
             trunk.eval()
@@ -112,12 +113,32 @@ class FaceEncoder:
         with torch.inference_mode():
             return np.asarray(self.trunk.features(crops), dtype=np.float32)
 
-    # ---- embeddings -> head -----------------------------------------------------------------------
+    # ---- embeddings -> head (delegated to the codec) -------------------------------------------
+    def encode(self, features: np.ndarray) -> np.ndarray:
+        return self.codec.encode(features)
+
+    def lookup_tables(self, features: np.ndarray) -> np.ndarray:
+        return self.codec.lookup_tables(features)
+
+    def float_features(self, features: np.ndarray) -> np.ndarray:
+        return self.codec.float_features(features)
+
+
+class HeadCodec:
+    """The OPQN head alone: trunk embeddings -> codes, lookup tables, float features.
+
+    This is all the ingest of precomputed embeddings and the coordinator's table
+    building need; FaceEncoder adds the face pipeline and the trunk in front.
+    """
+
+    def __init__(self, head: OPQNHead, code_spec: CodeSpec):
+        self.head, self.code_spec = head, code_spec
+        self.embedding_dim = head.projection[2].in_features
+
     def _embeddings(self, features: np.ndarray) -> torch.Tensor:
         features = np.asarray(features, dtype=np.float32)
         if features.ndim != 2 or features.shape[1] != self.embedding_dim:
-            raise ConfigError(f"embeddings must be float32 [N, {self.embedding_dim}] for trunk "
-                              f"{self.trunk_name!r}, got {list(features.shape)}")
+            raise ConfigError(f"embeddings must be float32 [N, {self.embedding_dim}], got {list(features.shape)}")
         if not np.isfinite(features).all():
             raise ConfigError("embeddings contain NaN or infinite values")
         return torch.from_numpy(np.ascontiguousarray(features))

@@ -16,6 +16,8 @@ Each protocol is scored three ways on the same queries and gallery:
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from opqn_model.codes import unpack_codes
@@ -55,19 +57,57 @@ def evaluate_embeddings(encoder, q_emb: np.ndarray, q_labels, g_emb: np.ndarray,
     return result
 
 
-def split_queries(labels: list[str], queries_per_person: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (queries, gallery): per person with >= 2 items, a seeded choice of queries; the rest is gallery."""
-    rng = np.random.default_rng(seed)
-    by_person: dict[str, list[int]] = {}
-    for i, person in enumerate(labels):
-        by_person.setdefault(person, []).append(i)
-    queries, gallery = [], []
-    for person in sorted(by_person):
-        idx = by_person[person]
-        if len(idx) < 2:
-            gallery.extend(idx)
-            continue
-        chosen = set(rng.choice(idx, size=min(queries_per_person, len(idx) - 1), replace=False).tolist())
-        queries.extend(i for i in idx if i in chosen)
-        gallery.extend(i for i in idx if i not in chosen)
-    return np.array(queries, dtype=np.int64), np.array(gallery, dtype=np.int64)
+def protocol_records(records, split: dict, protocol: str, queries_per_person: int = 1, seed: int = 0):
+    """(query records, gallery records) of a protocol, from a checkpoint's stored split.
+
+    unseen: people absent from training (not in train_people or val_people); a seeded
+    choice of `queries_per_person` photos each are queries, their other photos the gallery.
+    seen: training people; queries are the photos held out of training (stored split),
+    the gallery their other photos.
+    """
+    from facepq.errors import DataError
+    from opqn_model.datasets import split_photos_per_person
+
+    trained = set(split.get("train_people", [])) | set(split.get("val_people", []))
+    if protocol == "unseen":
+        unseen = [r for r in records if r.person not in trained]
+        if not unseen:
+            raise DataError("no person in this data is unseen by the model: every person was used in training")
+        gallery, queries = split_photos_per_person(unseen, queries_per_person, seed)
+        return queries, gallery
+    if protocol == "seen":
+        train_people = set(split.get("train_people", []))
+        root = split.get("root", "")
+        held_out = set(split.get("seen_queries", []))
+        seen = [r for r in records if r.person in train_people]
+        queries = [r for r in seen if os.path.relpath(os.path.abspath(r.path), root) in held_out]
+        if not queries:
+            raise DataError("no held-out photo of a training person found in this data: run seen evaluation "
+                            "on the data the model was trained on")
+        qset = {r.path for r in queries}
+        return queries, [r for r in seen if r.path not in qset]
+    raise DataError(f"unknown protocol {protocol!r}; use 'seen' or 'unseen'")
+
+
+def evaluate_checkpoint(model_path, data, protocol: str = "unseen", queries_per_person: int = 1, seed: int = 0,
+                        progress: bool = True) -> dict:
+    """Load a checkpoint, embed the protocol's photos (cached for frozen trunks) and score codes vs float."""
+    import torch
+
+    from opqn_model.api import FaceEncoder
+    from opqn_model.checkpoint import load_checkpoint
+    from opqn_model.datasets import list_photos
+    from opqn_model.training_data import embeddings_of, model_inputs
+
+    split = load_checkpoint(model_path).get("split") or {}
+    encoder = FaceEncoder.load(model_path)
+    queries, gallery = protocol_records(list_photos(data), split, protocol, queries_per_person, seed)
+    with torch.inference_mode():
+        q_in, q_kept, q_skips = model_inputs(queries, encoder.trunk, encoder.pipeline, progress)
+        g_in, g_kept, g_skips = model_inputs(gallery, encoder.trunk, encoder.pipeline, progress)
+        q_emb, g_emb = embeddings_of(q_in, encoder.trunk), embeddings_of(g_in, encoder.trunk)
+    result = evaluate_embeddings(encoder, q_emb, [r.person for r in q_kept], g_emb, [r.person for r in g_kept])
+    result.update({"protocol": protocol, "trunk": encoder.trunk_name, "fingerprint": encoder.fingerprint,
+                   "n_people": len({r.person for r in q_kept} | {r.person for r in g_kept}),
+                   "skipped": {**q_skips.skipped, **{k: v + q_skips.skipped.get(k, 0) for k, v in g_skips.skipped.items()}}})
+    return result

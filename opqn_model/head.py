@@ -8,12 +8,17 @@ splits it into M sub-vectors x_m, and soft-assigns each to the K fixed codewords
 of C_m: p_m = softmax(x̂_m A_m), s_m = C_m p_m.
 
 One deliberate difference from the official code: the soft assignment uses the
-L2-normalised sub-vector x̂_m during training as well (the official code uses the
-raw x_m there but x̂_m when building a query's table). Training on x̂_m makes the
-training-time p_m and the query-time lookup table the same function, and codes
-(argmax) are unchanged by the normalisation.
+L2-normalised sub-vector x̂_m during training as well, scaled by sqrt(d)
+(the official code uses the raw, batch-normalised x_m there, whose norm is about
+sqrt(d), but x̂_m when building a query's table). Using sqrt(d) x̂_m everywhere
+makes the training-time p_m and the query-time lookup table the same function
+and keeps the official code's logit magnitude (without the scale the softmax
+starts uniform and the quantized branch never learns); codes (argmax) are
+unchanged by the normalisation.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
@@ -31,11 +36,13 @@ class OPQNHead(nn.Module):
         K: codewords per codebook (K <= d).
         d: dims per subspace; the projection outputs M * d.
         dropout: dropout probability inside the projection.
+        assignment_init_scale: A_m starts as this times C_m.
     """
 
-    def __init__(self, in_dim: int, M: int, K: int, d: int, dropout: float = 0.2):
+    def __init__(self, in_dim: int, M: int, K: int, d: int, dropout: float = 0.2, assignment_init_scale: float = 4.0):
         super().__init__()
         self.M, self.K, self.d = M, K, d
+        self.logit_scale = math.sqrt(d)
         self.projection = nn.Sequential(
             nn.BatchNorm1d(in_dim),
             nn.Dropout(dropout) if dropout > 0 else nn.Identity(),
@@ -43,16 +50,19 @@ class OPQNHead(nn.Module):
             nn.BatchNorm1d(M * d),
         )
         self.register_buffer("codebooks", torch.from_numpy(orthonormal_codebooks(M, K, d)))  # [M, d, K]
-        self.assignment = nn.Parameter(torch.empty(M, d, K))  # A_m, learned
-        nn.init.xavier_uniform_(self.assignment)
+        # A_m starts as a scaled copy of the codebook, so the first soft assignment is a
+        # softmax over cosine similarities to the codewords (logit std ~ init_scale for a
+        # random x). The official code's xavier init of the [M, d, K] tensor gives logits of
+        # ~0.1: the softmax starts uniform and short runs never leave it.
+        self.assignment = nn.Parameter(self.codebooks.clone() * assignment_init_scale)  # A_m, learned
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """features [N, in_dim] -> sub-vectors x [N, M, d] (not normalised)."""
         return self.projection(features).view(-1, self.M, self.d)
 
     def assignment_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """x [N, M, d] -> logits x̂_m A_m, [N, M, K]."""
-        return torch.einsum("nmd,mdk->nmk", F.normalize(x, dim=-1), self.assignment)
+        """x [N, M, d] -> logits sqrt(d) x̂_m A_m, [N, M, K]."""
+        return torch.einsum("nmd,mdk->nmk", F.normalize(x, dim=-1) * self.logit_scale, self.assignment)
 
     def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
         """Training pass.
@@ -72,7 +82,7 @@ class OPQNHead(nn.Module):
 
     @torch.no_grad()
     def lookup_tables(self, features: torch.Tensor) -> torch.Tensor:
-        """Query tables P[m, k] = softmax(q̂_m A_m)_k, float32 [N, M, K]; score = sum_m P[m, c_m]."""
+        """Query tables P[m, k] = softmax(sqrt(d) q̂_m A_m)_k, float32 [N, M, K]; score = sum_m P[m, c_m]."""
         return F.softmax(self.assignment_logits(self.project(features)), dim=-1).float()
 
     @torch.no_grad()

@@ -1,0 +1,112 @@
+"""`facepq train` and `facepq eval`."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import pathlib
+import sys
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WORKDIR = pathlib.Path(".facepq")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train an OPQN model (trunk + orthonormal PQ head)",
+                       description="Train an OPQN model. Without --data it trains on generated synthetic faces.")
+    p.add_argument("--data", help="folder of <person>/<photo> or a CSV/Parquet list (path, person); "
+                                  "default: generated synthetic faces")
+    p.add_argument("--out", default=str(DEFAULT_WORKDIR / "model"), help="checkpoint folder (default %(default)s)")
+    p.add_argument("--trunk", default="resnet20", help="resnet20 (trained from scratch) or dlib (pretrained, frozen)")
+    p.add_argument("--bits", type=int, default=64, help="code length in bits (default %(default)s)")
+    p.add_argument("--codebooks", "-M", dest="M", type=int, help="subspaces M (default: derived from --bits)")
+    p.add_argument("--codewords", "-K", dest="K", type=int, help="codewords per subspace K (default: largest that fits)")
+    p.add_argument("--sub-dim", type=int, help="dims per subspace d (default max(K, 32))")
+    p.add_argument("--input-size", type=int, default=32, help="face crop side for resnet20: 32 or 112")
+    p.add_argument("--width", type=int, default=64, help="resnet20 first-stage channels (paper 64)")
+    p.add_argument("--align", choices=["dlib", "none"], help="face alignment: dlib (detect + 5 landmarks) or none "
+                   "(photos are already face crops); default dlib, none for synthetic faces")
+    p.add_argument("--no-face", choices=["skip", "centre-crop"], default="skip",
+                   help="photos where no face is found: skip (counted) or use a centre crop")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--test-people", type=float, default=0.25, help="share of people held out (unseen protocol)")
+    p.add_argument("--resume", help="continue from a last.pt checkpoint")
+    p.add_argument("--synthetic-people", type=int, default=200)
+    p.add_argument("--synthetic-photos", type=int, default=12)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(handler=run_train)
+
+    e = sub.add_parser("eval", help="mAP@all, P@k, R@10 of codes vs float features",
+                       description="Evaluate a checkpoint on the seen or unseen identity protocol.")
+    e.add_argument("--model", required=True, help="checkpoint (model.pt)")
+    e.add_argument("--data", required=True, help="folder of <person>/<photo> or a CSV/Parquet list")
+    e.add_argument("--protocol", choices=["seen", "unseen"], default="unseen")
+    e.add_argument("--queries-per-person", type=int, default=1)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(handler=run_eval)
+
+
+def synthetic_data(root: pathlib.Path, people: int, photos: int, size: int, seed: int = 0) -> pathlib.Path:
+    from opqn_model.synthetic import write_faces
+
+    return pathlib.Path(write_faces(root, people, photos, size=size, seed=seed))
+
+
+def run_train(args) -> int:
+    from opqn_model.config import ModelConfig, TrainConfig
+    from opqn_model.face_pipeline import FacePipeline
+    from opqn_model.train import train
+
+    data, align = args.data, args.align
+    if data is None:
+        data = synthetic_data(DEFAULT_WORKDIR / f"synthetic-{args.synthetic_people}x{args.synthetic_photos}",
+                              args.synthetic_people, args.synthetic_photos, size=max(64, args.input_size))
+        align = align or "none"
+        log.info("training on generated synthetic faces in %s", data)
+    pipeline = {}
+    if args.trunk != "dlib":
+        pipeline = FacePipeline(size=args.input_size, mode=align or "dlib", on_no_face=args.no_face).to_dict()
+    elif align == "none" or args.no_face != "skip":
+        pipeline = FacePipeline(size=150, mode=align or "dlib", padding=0.25, on_no_face=args.no_face).to_dict()
+    model_config = ModelConfig(trunk=args.trunk, bits=args.bits, M=args.M, K=args.K, sub_dim=args.sub_dim,
+                               input_size=args.input_size, trunk_width=args.width, pipeline=pipeline)
+    model_config.code_spec()  # refuse an invalid code before loading any data
+    train_config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                               test_people=args.test_people)
+    summary = train(data, args.out, model_config, train_config, resume=args.resume, progress=not args.no_progress)
+    print(f"trained {summary['epochs']} epochs on {summary['train_photos']} photos of {summary['train_people']} people "
+          f"in {summary['seconds']:.0f}s; best validation code mAP {summary['best_val_map']:.4f}")
+    for reason, count in sorted(summary["skipped"].items()):
+        print(f"  skipped {count} photo(s): {reason}")
+    print(f"model: {summary['model']}  (fingerprint {summary['fingerprint']})")
+    print(f"next: facepq eval --model {summary['model']} --data {data} --protocol unseen")
+    return 0
+
+
+def run_eval(args) -> int:
+    from opqn_model.evaluate import evaluate_checkpoint
+
+    result = evaluate_checkpoint(args.model, args.data, args.protocol, args.queries_per_person, args.seed,
+                                 progress=not args.no_progress)
+    if args.json:
+        json.dump({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in result.items()}, sys.stdout)
+        print()
+        return 0
+    print(f"{args.protocol} protocol: {result['n_queries']} queries, gallery {result['n_gallery']}, "
+          f"{result['n_people']} people, {result['bits']}-bit codes ({result['M']}x{result['K']}), trunk {result['trunk']}")
+    rows = [("OPQN codes (asymmetric LUT)", result["map"], result["p_at_1"], result["p_at_5"], result["r_at_10"]),
+            ("float, trunk embedding", result["map_float"], result["p_at_1_float"], None, None),
+            ("float, head before quantization", result["map_float_head"], None, None, None)]
+    print(f"{'':34} {'mAP@all':>8} {'P@1':>7} {'P@5':>7} {'R@10':>7}")
+    fmt = lambda v: f"{v:7.4f}" if v is not None else f"{'':7}"  # noqa: E731
+    for name, m, p1, p5, r10 in rows:
+        print(f"{name:34} {m:8.4f} {fmt(p1)} {fmt(p5)} {fmt(r10)}")
+    print(f"code mAP / float mAP = {result['map_ratio_vs_float']:.3f}")
+    return 0
