@@ -266,7 +266,8 @@ def _run_pipeline(inputs: _Inputs, model_path: str, pipeline: dict, writer: Inde
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # we report progress ourselves, in faces
     if inputs.kind == "photos":
-        ds = ray.data.from_items(inputs.items, override_num_blocks=max(1, min(len(inputs.items) // batch_size, 200)))
+        blocks = max(actors, -(-len(inputs.items) // batch_size))  # every actor gets work, even on small inputs
+        ds = ray.data.from_items(inputs.items, override_num_blocks=min(blocks, 200, len(inputs.items)))
         ds = ds.map_batches(read_and_align, fn_kwargs={"pipeline": pipeline}, batch_size=batch_size,
                             batch_format="numpy", num_cpus=0.5)
     else:

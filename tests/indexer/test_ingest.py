@@ -1,0 +1,219 @@
+"""The Ray ingest job end to end: real checkpoint, real local Ray, real `facepq ingest` processes."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from facepq.cli import main as facepq_main
+from facepq.errors import IndexFormatError
+from indexer.encode_actor import EncoderActor, read_and_align
+from indexer.info import index_info
+from indexer.job import run_ingest
+from indexer.segment import open_segment
+from indexer.store import IndexStore
+
+pytestmark = pytest.mark.slow
+
+
+def _live_ids(index) -> np.ndarray:
+    store = IndexStore(index)
+    manifest = store.load_manifest()
+    ids = np.concatenate([open_segment(store, r, model=manifest.model).face_ids for r in manifest.segments])
+    dead = [t for sh in manifest.shards for t in sh.tombstones]
+    return ids[~np.isin(ids, np.array(dead, dtype=np.uint64))]
+
+
+def _codes_by_source(index) -> dict[str, bytes]:
+    store = IndexStore(index)
+    out = {}
+    for ref in store.load_manifest().segments:
+        view = open_segment(store, ref)
+        for i in range(view.rows):
+            out[view.source_at(i)] = view.codes[i].tobytes()
+    return out
+
+
+def _encoder(model):
+    from opqn_model.api import FaceEncoder
+
+    return FaceEncoder.load(model)
+
+
+def test_read_and_encode_stages_on_plain_batches(trained_model, synthetic_gallery, tmp_path):
+    photos = sorted(str(p) for p in (synthetic_gallery / "synth_00001").glob("*.png"))[:3]
+    junk = tmp_path / "junk.jpg"
+    junk.write_text("not a photo")
+    enc = _encoder(trained_model)
+    batch = {"path": np.array(photos + [str(junk)], dtype=object), "person": np.array(["p"] * 4, dtype=object)}
+    aligned = read_and_align(batch, enc.pipeline.to_dict())
+    assert list(aligned["skip"]) == ["", "", "", "not_an_image"]
+    assert aligned["crop"].shape == (4, 32, 32, 3) and len(set(aligned["face_id"][:3])) == 3
+    out = EncoderActor(str(trained_model))(aligned)
+    assert "crop" not in out and out["code"].shape == (4, enc.code_spec.code_bytes)
+    expected = enc.encode(enc.trunk_features(aligned["crop"][:3]))
+    np.testing.assert_array_equal(out["code"][:3], expected)
+    assert not out["code"][3].any()
+
+
+def test_ingest_photos_twice_gives_the_same_faces(ray_local, trained_model, synthetic_gallery, tmp_path):
+    gallery = tmp_path / "gallery"
+    shutil.copytree(synthetic_gallery, gallery)
+    (gallery / "synth_00000" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 10)
+    index = tmp_path / "idx"
+    first = run_ingest(str(trained_model), str(gallery), str(index), batch_size=16, actors=2, progress=False)
+    assert (first.version, first.previous_version, first.faces_encoded, first.faces_added) == (1, None, 72, 72)
+    assert sum(first.skipped.values()) == 1
+    assert "photos skipped: 1" in "\n".join(first.summary_lines())
+    info = index_info(index, verify=True)
+    assert (info["faces"], info["people"], info["shard_count"]) == (72, 12, 4)
+
+    again = run_ingest(str(trained_model), str(gallery), str(index), batch_size=16, actors=1, progress=False)
+    assert (again.version, again.faces_added, again.duplicates_skipped) == (1, 0, 72)
+    assert index_info(index)["faces"] == 72
+    # The stored codes are the model's codes for those photos.
+    enc = _encoder(trained_model)
+    photo = sorted((gallery / "synth_00004").glob("*.png"))[2]
+    from opqn_model.images import load_image
+
+    expected = enc.encode(enc.trunk_features(enc.pipeline(load_image(photo))[None]))[0].tobytes()
+    assert _codes_by_source(index)[str(photo)] == expected
+
+
+def test_ingest_of_embedding_files(ray_local, trained_model, tmp_path):
+    enc = _encoder(trained_model)
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(300, enc.embedding_dim)).astype(np.float32)
+    np.save(tmp_path / "emb.npy", emb)
+    (tmp_path / "emb.csv").write_text("person\n" + "\n".join(f"p{i % 7}" for i in range(300)) + "\n")
+    index = tmp_path / "idx"
+    s = run_ingest(str(trained_model), str(tmp_path / "emb.npy"), str(index), shards=3, progress=False)
+    assert (s.faces_added, s.version) == (300, 1)
+    codes = _codes_by_source(index)
+    expected = enc.encode(emb)
+    assert all(codes[f"emb.npy#{i}"] == expected[i].tobytes() for i in range(300))
+    assert index_info(index)["people"] == 7 and IndexStore(index).load_manifest().shard_count == 3
+
+    table = pa.table({"embedding": pa.array(list(emb[:100])), "person": ["q"] * 100,
+                      "source": [f"cam/{i}" for i in range(100)]})
+    pq.write_table(table, tmp_path / "more.parquet", row_group_size=40)
+    s = run_ingest(str(trained_model), str(tmp_path / "more.parquet"), str(index), progress=False)
+    assert (s.faces_added, s.version) == (100, 2)  # same vectors, other sources: other faces
+    assert _codes_by_source(index)["cam/7"] == expected[7].tobytes()
+    s = run_ingest(str(trained_model), str(tmp_path / "more.parquet"), str(index), progress=False)
+    assert (s.faces_added, s.duplicates_skipped, s.version) == (0, 100, 2)
+
+
+def test_ingest_with_another_model_is_refused_naming_both(ray_local, trained_model, other_model,
+                                                          synthetic_gallery, tmp_path):
+    index = tmp_path / "idx"
+    (tmp_path / "e.npy").write_bytes(b"")
+    emb = np.zeros((3, _encoder(trained_model).embedding_dim), np.float32)
+    np.save(tmp_path / "e.npy", emb)
+    (tmp_path / "e.csv").write_text("person\na\nb\nc\n")
+    run_ingest(str(trained_model), str(tmp_path / "e.npy"), str(index), progress=False)
+    fp_a, fp_b = _encoder(trained_model).fingerprint, _encoder(other_model).fingerprint
+    with pytest.raises(IndexFormatError, match=f"{fp_a}.*{fp_b}"):
+        run_ingest(str(other_model), str(synthetic_gallery), str(index), progress=False)
+    assert IndexStore(index).current_version() == 1
+
+
+def _ingest_cmd(model, gallery, index, address, *extra):
+    return [sys.executable, "-m", "facepq.cli", "ingest", "--model", str(model), "--gallery", str(gallery),
+            "--index", str(index), "--ray-address", address, "--no-progress", *extra]
+
+
+def _env():
+    return dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+
+
+def test_sigkill_mid_ingest_keeps_the_previous_version_and_rerun_completes(
+        ray_local, trained_model, synthetic_gallery, big_gallery, tmp_path):
+    index = tmp_path / "idx"
+    run_ingest(str(trained_model), str(synthetic_gallery), str(index), progress=False)
+    proc = subprocess.Popen(_ingest_cmd(trained_model, big_gallery, index, ray_local, "--batch-size", "2",
+                                        "--segment-rows", "4", "--actors", "1"),
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=_env(), text=True)
+    lines = []
+    try:
+        deadline = time.monotonic() + 120
+        for line in proc.stderr:  # the first progress line: encoding under way, segments being written
+            lines.append(line)
+            if "ingest progress" in line or time.monotonic() > deadline:
+                break
+        assert any("ingest progress" in line for line in lines), "".join(lines[-20:])
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait(30)
+    assert proc.returncode == -signal.SIGKILL
+    store = IndexStore(index)
+    assert store.current_version() == 1
+    assert index_info(index, verify=True)["faces"] == 72
+
+    done = run_ingest(str(trained_model), str(big_gallery), str(index), batch_size=32, progress=False)
+    assert done.version == 2 and done.faces_added == 320
+    ids = _live_ids(index)
+    assert len(ids) == len(np.unique(ids)) == 72 + 320
+    again = run_ingest(str(trained_model), str(big_gallery), str(index), batch_size=32, progress=False)
+    assert (again.version, again.faces_added) == (2, 0)
+
+
+def test_two_concurrent_ingest_processes_both_commit(ray_local, trained_model, synthetic_gallery, tmp_path):
+    from opqn_model.synthetic import write_faces
+
+    other = write_faces(tmp_path / "other", 5, 4, size=40, seed=11)
+    index = tmp_path / "idx"
+    procs = [subprocess.Popen(_ingest_cmd(trained_model, g, index, ray_local, "--batch-size", "8"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(), text=True)
+             for g in (synthetic_gallery, other)]
+    outs = []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=240))
+        finally:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    store = IndexStore(index)
+    assert store.current_version() == 2
+    messages = {store.load_manifest(v).message for v in (1, 2)}
+    assert any(str(synthetic_gallery) in m for m in messages) and any(str(other) in m for m in messages)
+    ids = _live_ids(index)
+    assert len(ids) == len(np.unique(ids)) == 72 + 20
+
+
+def test_cli_info_delete_compact(ray_local, trained_model, synthetic_gallery, tmp_path, capsys):
+    index = tmp_path / "idx"
+    run_ingest(str(trained_model), str(synthetic_gallery), str(index), progress=False)
+    capsys.readouterr()
+    assert facepq_main(["index", "info", "--index", str(index), "--json"]) == 0
+    import json
+
+    info = json.loads(capsys.readouterr().out)
+    assert (info["faces"], info["people"], info["version"]) == (72, 12, 1)
+    assert facepq_main(["delete", "--index", str(index), "--person", "synth_00002"]) == 0
+    assert "deleted 6 faces" in capsys.readouterr().out
+    assert facepq_main(["compact", "--index", str(index), "--grace", "0"]) == 0
+    assert "removed 6 deleted rows" in capsys.readouterr().out
+    assert facepq_main(["delete", "--index", str(index), "--person", "synth_00002"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("facepq delete: error: no live faces") and "\n" not in err
+    assert facepq_main(["index", "info", "--index", str(tmp_path / "none")]) == 2
+    assert "no facepq index" in capsys.readouterr().err
+
+
+def test_ingest_of_att_faces(ray_local, trained_model, att_faces, tmp_path):
+    s = run_ingest(str(trained_model), str(att_faces), str(tmp_path / "idx"), batch_size=50, progress=False)
+    assert s.faces_added == 400 and sum(s.skipped.values()) == 0
+    assert s.converted  # grey PGM photos are converted, and counted
+    info = index_info(tmp_path / "idx")
+    assert (info["faces"], info["people"]) == (400, 40)
