@@ -68,7 +68,16 @@ class FacePipeline:
     upsample: int = 1
 
     def __post_init__(self):
-        if not isinstance(self.size, (int, np.integer)) or not 8 <= self.size <= 1024:
+        # Settings come back from JSON/torch checkpoints as numpy or float scalars: store plain
+        # Python values so to_dict() is JSON-serialisable and equality/pickling stay exact.
+        for name, kind in (("padding", float), ("upsample", int)):
+            try:
+                object.__setattr__(self, name, kind(getattr(self, name)))
+            except (TypeError, ValueError):
+                raise ConfigError(f"face pipeline {name} must be a number, got {getattr(self, name)!r}") from None
+        if isinstance(self.size, np.integer):
+            object.__setattr__(self, "size", int(self.size))
+        if not isinstance(self.size, int) or isinstance(self.size, bool) or not 8 <= self.size <= 1024:
             raise ConfigError(f"face crop size must be an integer in [8, 1024], got {self.size!r}")
         if self.mode not in MODES:
             raise ConfigError(f"face pipeline mode must be one of {', '.join(MODES)}, got {self.mode!r}")
@@ -85,6 +94,7 @@ class FacePipeline:
 
     @classmethod
     def from_dict(cls, settings: dict) -> "FacePipeline":
+        """Inverse of `to_dict`; unknown keys (from newer versions) are ignored, missing ones take defaults."""
         known = {k: settings[k] for k in ("size", "mode", "padding", "on_no_face", "upsample") if k in settings}
         return cls(**known)
 

@@ -1,6 +1,7 @@
 """Face pipeline on real photos: detection rate, largest-face choice, no-face handling, settings round trip."""
 from __future__ import annotations
 
+import json
 import os
 import pickle
 
@@ -121,9 +122,13 @@ def test_mode_none_centre_crops_and_resizes_and_accepts_grey():
 def test_settings_round_trip_and_pickle_and_validation():
     pipeline = FacePipeline(size=150, mode="dlib", padding=0.3, on_no_face="centre-crop", upsample=2)
     assert FacePipeline.from_dict(pipeline.to_dict()) == pipeline
+    assert FacePipeline.from_dict(json.loads(json.dumps(pipeline.to_dict()))) == pipeline
+    from_numpy = FacePipeline(size=np.int64(150), padding=np.float32(0.25), upsample=np.int64(1))
+    assert from_numpy == FacePipeline(size=150) and json.dumps(from_numpy.to_dict())
     assert pickle.loads(pickle.dumps(pipeline)) == pipeline
     assert pipeline.cache_key != FacePipeline(size=150).cache_key
     for bad in (dict(size=150, mode="mtcnn"), dict(size=150, on_no_face="guess"), dict(size=4),
-                dict(size=150, upsample=9), dict(size=150, padding=-1)):
+                dict(size=150, upsample=9), dict(size=150, padding=-1), dict(size=150, padding="wide"),
+                dict(size=150.0)):
         with pytest.raises(ConfigError):
             FacePipeline(**bad)
