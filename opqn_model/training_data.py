@@ -20,14 +20,17 @@ def load_crops(records, pipeline, progress: bool = True):
     Returns (crops uint8 [n_ok, S, S, 3], kept records, SkipCounter).
     """
     from opqn_model.datasets import SkipCounter
-    from opqn_model.images import load_image
+    from opqn_model.images import load_image_with_note
 
     skips = SkipCounter()
     crops, kept = [], []
     for rec in tqdm(records, desc="align", unit="photo", disable=not progress, leave=False):
         try:
-            crops.append(pipeline(load_image(rec.path)))
+            image, note = load_image_with_note(rec.path)
+            crops.append(pipeline(image))
             kept.append(rec)
+            if note:
+                skips.add_note(note, rec.path)
         except NoFaceFound:
             skips.add("no_face", rec.path)
         except BadImage as exc:
