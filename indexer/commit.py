@@ -28,9 +28,26 @@ from indexer.store import IndexStore
 log = logging.getLogger(__name__)
 
 __all__ = ["commit_lock", "commit_segments", "delete_faces", "compact", "CompactStats", "segment_face_ids",
-           "shard_face_ids", "rewrite_without"]
+           "shard_face_ids", "rewrite_without", "isin_sorted", "sorted_unique"]
 
 _EMPTY = np.empty(0, dtype=np.uint64)
+
+
+def sorted_unique(values: np.ndarray) -> np.ndarray:
+    """Sorted unique uint64 values (sort-based: numpy's hash-based unique is slow on random 64-bit ids)."""
+    s = np.sort(np.asarray(values, dtype=np.uint64))
+    if s.size < 2:
+        return s
+    return s[np.concatenate(([True], s[1:] != s[:-1]))]
+
+
+def isin_sorted(values: np.ndarray, sorted_arr: np.ndarray) -> np.ndarray:
+    """bool mask: which `values` are in `sorted_arr` (ascending), by binary search."""
+    values = np.asarray(values, dtype=np.uint64)
+    if sorted_arr.size == 0:
+        return np.zeros(values.shape, dtype=bool)
+    pos = np.minimum(np.searchsorted(sorted_arr, values), sorted_arr.size - 1)
+    return sorted_arr[pos] == values
 
 
 def segment_face_ids(store: IndexStore, ref: SegmentRef) -> np.ndarray:
@@ -42,7 +59,7 @@ def shard_face_ids(store: IndexStore, refs: list[SegmentRef]) -> np.ndarray:
     """Sorted unique uint64 face ids present in `refs` (tombstoned ones included)."""
     if not refs:
         return _EMPTY
-    return np.unique(np.concatenate([segment_face_ids(store, r) for r in refs]))
+    return sorted_unique(np.concatenate([segment_face_ids(store, r) for r in refs]))
 
 
 def _as_id_array(ids) -> np.ndarray:
@@ -132,12 +149,13 @@ def commit_segments(store: IndexStore, new_refs_by_shard: dict[int, list[Segment
 def _add_to_shard(store, new: Manifest, shard: int, refs: list[SegmentRef], known: set[str], model) -> int:
     state = new.shards[shard]
     unseen = [s for s in state.segments if s.id not in known]
-    live = np.setdiff1d(shard_face_ids(store, unseen), _as_id_array(state.tombstones), assume_unique=True)
+    present = shard_face_ids(store, unseen)
+    live = present[~isin_sorted(present, sorted_unique(_as_id_array(state.tombstones)))]
     revived: list[np.ndarray] = []
     added = 0
     for ref in refs:
         ids = open_segment(store, ref, verify=True, model=model).face_ids  # never reference an unchecked file
-        dup = np.isin(ids, live)
+        dup = isin_sorted(ids, live)
         if dup.any():
             log.info("segment %s: %d faces were committed meanwhile by another writer; dropping them",
                      ref.id, int(dup.sum()))
@@ -148,7 +166,7 @@ def _add_to_shard(store, new: Manifest, shard: int, refs: list[SegmentRef], know
             ref, ids = kept_ref, segment_face_ids(store, kept_ref)
         if state.tombstones:
             revived.append(ids[np.isin(ids, _as_id_array(state.tombstones))])
-        live = np.union1d(live, ids)
+        live = sorted_unique(np.concatenate([live, ids]))
         added += ref.rows
         state.segments.append(ref)
     back = np.concatenate(revived) if revived else _EMPTY
@@ -212,8 +230,9 @@ def _present_face_ids(store: IndexStore, manifest: Manifest, ids: np.ndarray) ->
     for shard, state in enumerate(manifest.shards):
         mine = ids[ids % np.uint64(manifest.shard_count) == shard]
         if mine.size:
-            live = np.setdiff1d(shard_face_ids(store, state.segments), _as_id_array(state.tombstones))
-            missing.extend(int(i) for i in mine[~np.isin(mine, live)])
+            present = shard_face_ids(store, state.segments)
+            live = present[~isin_sorted(present, sorted_unique(_as_id_array(state.tombstones)))]
+            missing.extend(int(i) for i in mine[~isin_sorted(mine, live)])
     if missing:
         shown = ", ".join(str(i) for i in missing[:5]) + (" ..." if len(missing) > 5 else "")
         raise DataError(f"{len(missing)} of the face ids are not live in {store.uri}: {shown}; nothing deleted")

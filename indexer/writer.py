@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from facepq.errors import ConfigError
-from indexer.commit import _check_compatible, commit_segments, shard_face_ids
+from indexer.commit import _check_compatible, commit_segments, isin_sorted, shard_face_ids
 from indexer.manifest import ModelMeta, SegmentRef
 from indexer.segment import write_segment
 from indexer.store import IndexStore
@@ -71,9 +71,11 @@ class IndexWriter:
             _check_compatible(manifest, model_meta, shard_count, self.store.uri)
             self.shard_count = manifest.shard_count
             # Tombstoned faces count as absent: adding one again enrols it again.
-            self._seen = [np.setdiff1d(shard_face_ids(self.store, st.segments),
-                                       np.array(sorted(st.tombstones), dtype=np.uint64))
-                          for st in manifest.shards]
+            self._seen = []
+            for st in manifest.shards:
+                present = shard_face_ids(self.store, st.segments)
+                dead = np.array(sorted(st.tombstones), dtype=np.uint64)
+                self._seen.append(present[~isin_sorted(present, dead)])
         self._buffers: list[list[tuple]] = [[] for _ in range(self.shard_count)]
         self._buffered_rows = [0] * self.shard_count
         self._refs: dict[int, list[SegmentRef]] = {}
@@ -98,23 +100,33 @@ class IndexWriter:
         if n == 0:
             return 0
         # Keep the first occurrence of each id within the batch, then drop ids seen before.
-        _, first = np.unique(ids, return_index=True)
+        order = np.argsort(ids, kind="stable")
+        sorted_ids = ids[order]
+        first = np.ones(n, dtype=bool)
+        first[1:] = sorted_ids[1:] != sorted_ids[:-1]
         keep = np.zeros(n, dtype=bool)
-        keep[first] = True
+        keep[order[first]] = True
         shard_of = (ids % np.uint64(self.shard_count)).astype(np.int64)
         new = 0
-        for shard in np.unique(shard_of[keep]):
+        for shard in range(self.shard_count):
             sel = np.flatnonzero(keep & (shard_of == shard))
-            sel = sel[~np.isin(ids[sel], self._seen[shard])]
             if sel.size == 0:
                 continue
-            self._seen[shard] = np.union1d(self._seen[shard], ids[sel])
+            # Sorted needles make the binary searches cache-friendly.
+            o = np.argsort(ids[sel], kind="stable")
+            sel, cand = sel[o], ids[sel][o]
+            fresh = ~isin_sorted(cand, self._seen[shard])
+            if not fresh.any():
+                continue
+            # Both runs are sorted: a stable sort of their concatenation is a linear merge (timsort).
+            self._seen[shard] = np.sort(np.concatenate([self._seen[shard], cand[fresh]]), kind="stable")
+            sel = np.sort(sel[fresh])  # keep the input order within a segment
             idx = pa.array(sel)
             self._buffers[shard].append((ids[sel], persons.take(idx), sources.take(idx), codes[sel]))
             self._buffered_rows[shard] += sel.size
             new += sel.size
             if self._buffered_rows[shard] >= self.segment_rows:
-                self._flush(int(shard))
+                self._flush(shard)
         self.stats.rows_added += new
         self.stats.duplicates_skipped += n - new
         return new

@@ -1,0 +1,144 @@
+"""Ingest benchmark (prints, never asserts).
+
+    .venv/bin/python bench/ingest_bench.py [--model CKPT] [--photos 800] [--embeddings 1000000] [--workdir DIR]
+
+1. Encode throughput of the Ray pipeline with 1 and 2 encoder actors on the same
+   synthetic photo gallery (ratio; target >= 1.7x on 2 cores).
+2. IndexWriter throughput in codes/s (add + segment write + commit; target >= 5M/s),
+   beside a plain `np.save` of the same code matrix as the reference.
+3. Wall time to ingest N faces (default 1M) from an embeddings .npy file of the model's trunk.
+
+Without --model, a tiny real model is trained on synthetic faces first (about 10 s).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import pathlib
+import shutil
+import tempfile
+import time
+
+import numpy as np
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def tiny_model(work: pathlib.Path) -> pathlib.Path:
+    from opqn_model.config import ModelConfig, TrainConfig
+    from opqn_model.synthetic import write_faces
+    from opqn_model.train import train
+
+    gallery = write_faces(work / "train_faces", 12, 6, size=48)
+    config = ModelConfig(trunk="resnet20", bits=32, input_size=32, trunk_width=8, pipeline={"size": 32, "mode": "none"})
+    tc = TrainConfig(epochs=1, batch_size=32, test_people=0.0, val_people=0.0, queries_per_person=0)
+    return pathlib.Path(train(gallery, work / "model", config, tc, progress=False)["model"])
+
+
+def bench_actors(model, work: pathlib.Path, photos: int) -> None:
+    from indexer.job import run_ingest
+    from opqn_model.synthetic import write_faces
+
+    gallery = write_faces(work / "bench_faces", max(1, photos // 10), 10, size=64, seed=9)
+    run_ingest(str(model), str(gallery), str(work / "warm.idx"), actors=2, batch_size=32, progress=False)  # warm
+    rates = {}
+    for actors in (1, 2):
+        index = work / f"actors{actors}.idx"
+        t = time.perf_counter()
+        s = run_ingest(str(model), str(gallery), str(index), actors=actors, batch_size=32, progress=False)
+        dt = time.perf_counter() - t
+        rates[actors] = s.faces_encoded / dt
+        print(f"encode pipeline, {actors} actor(s): {s.faces_encoded} photos in {dt:.1f} s = {rates[actors]:.0f} photos/s")
+    print(f"encode scaling 2 actors / 1 actor: {rates[2] / rates[1]:.2f}x (target >= 1.7x on 2 cores)")
+
+
+def bench_writer(work: pathlib.Path, n: int = 2_000_000) -> None:
+    import pyarrow as pa
+
+    from indexer.manifest import ModelMeta
+    from indexer.writer import IndexWriter
+    from opqn_model.codes import CodeSpec
+
+    meta = ModelMeta.from_code_spec(CodeSpec(8, 256), "bench000bench000", "resnet20")
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 2**63, n, dtype=np.uint64)
+    codes = rng.integers(0, 256, (n, 8), dtype=np.uint8)
+    persons = pa.array([f"person_{i % 100_000:06d}" for i in range(n)])
+    sources = pa.array([f"gallery/{i % 100_000:06d}/{i}.jpg" for i in range(n)])
+    t = time.perf_counter()
+    np.save(work / "ref.npy", codes)
+    with open(work / "ref.npy", "rb+") as f:
+        os.fsync(f.fileno())
+    ref_dt = time.perf_counter() - t
+    t = time.perf_counter()
+    writer = IndexWriter(work / "writer.idx", meta)
+    step = 100_000
+    for s in range(0, n, step):
+        writer.add(ids[s:s + step], persons[s:s + step], sources[s:s + step], codes[s:s + step])
+    writer.commit("bench")
+    dt = time.perf_counter() - t
+    size = sum(f.stat().st_size for f in (work / "writer.idx").rglob("*.arrow"))
+    print(f"writer: {n} codes (8 B + id + person + source) in {dt:.2f} s = {n / dt / 1e6:.2f} M codes/s, "
+          f"{size / dt / 1e6:.0f} MB/s (target >= 5 M codes/s); np.save+fsync of the codes alone: "
+          f"{n / ref_dt / 1e6:.1f} M codes/s")
+
+
+def bench_embeddings(model, work: pathlib.Path, n: int) -> None:
+    from indexer.info import index_info
+    from indexer.job import run_ingest
+    from opqn_model.api import FaceEncoder
+
+    dim = FaceEncoder.load(model).embedding_dim
+    path = work / "emb.npy"
+    emb = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, dim))
+    rng = np.random.default_rng(1)
+    for s in range(0, n, 100_000):
+        emb[s:s + 100_000] = rng.normal(size=(min(100_000, n - s), dim)).astype(np.float32)
+    emb.flush()
+    del emb
+    with open(work / "emb.csv", "w") as f:
+        f.write("person\n")
+        f.writelines(f"person_{i % 50_000:05d}\n" for i in range(n))
+    t = time.perf_counter()
+    s = run_ingest(str(model), str(path), str(work / "emb.idx"), batch_size=8192, progress=False)
+    dt = time.perf_counter() - t
+    info = index_info(work / "emb.idx")
+    print(f"ingest {n} embeddings ({dim}-d, {path.stat().st_size / 1e9:.1f} GB) -> {info['faces']} faces, "
+          f"{info['segments']} segments: {dt:.1f} s wall = {n / dt:.0f} faces/s (Ray already running)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model")
+    parser.add_argument("--photos", type=int, default=800)
+    parser.add_argument("--embeddings", type=int, default=1_000_000)
+    parser.add_argument("--workdir")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["actors", "writer", "embeddings"])
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    work = pathlib.Path(args.workdir or tempfile.mkdtemp(prefix="facepq-ingest-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"machine: {os.cpu_count()} CPUs; workdir {work}")
+    try:
+        if "writer" not in args.skip:
+            bench_writer(work)
+        model = pathlib.Path(args.model) if args.model else tiny_model(work)
+        import ray
+
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        try:
+            if "actors" not in args.skip:
+                bench_actors(model, work, args.photos)
+            if "embeddings" not in args.skip:
+                bench_embeddings(model, work, args.embeddings)
+        finally:
+            ray.shutdown()
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
