@@ -1,0 +1,276 @@
+"""The steps of `facepq demo` / `facepq up`, as functions (the CLI prints; nothing here does).
+
+1. data: synthetic identities (or the user's person folders), split into training
+   people and unseen people; of the unseen people one is kept aside for enrolment
+   and one photo of every other is a query, the rest is the gallery;
+2. model: a small OPQN model trained on the training people only, cached under
+   `<workdir>/model` with a key of its settings and data;
+3. index: the gallery ingested through Ray into `<workdir>/index`;
+4. cluster: `facepq.launcher.LocalCluster`;
+5. enrol: the kept-aside person enrolled through the coordinator, then found by
+   another photo once the nodes hot-reload the new index version;
+6. search: every query through gRPC (latency), and the same queries / gallery
+   scored offline (codes vs float mAP) with `opqn_model.evaluate.evaluate_embeddings`.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import pathlib
+import shutil
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from facepq.errors import DataError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WORKDIR = pathlib.Path(".facepq") / "demo"
+SEARCH_K = 10
+
+
+@dataclass
+class DemoSettings:
+    """Everything that shapes a demo run (`--small` swaps in `SMALL`)."""
+
+    people: int = 80
+    photos: int = 8
+    epochs: int = 8
+    width: int = 32
+    bits: int = 64
+    batch_size: int = 64
+    unseen_fraction: float = 0.25
+    shards: int = 2
+    replicas: int = 1
+    rounds: int = 5  # each query is searched this many times for the latency percentiles
+    seed: int = 0
+    image_size: int = 64
+
+
+SMALL = dict(people=30, photos=6, epochs=3, width=16, rounds=2)
+
+
+@dataclass
+class DemoData:
+    """The demo's split of the photos (opqn_model.datasets.PhotoRecord lists)."""
+
+    root: pathlib.Path
+    train: list
+    unseen_people: list
+    gallery: list
+    queries: list  # one photo of each gallery person
+    enrol_person: str
+    enrol_photos: list
+    enrol_query: object
+    gallery_list: pathlib.Path  # CSV (path, person) of `gallery`, the ingest's input
+
+
+def prepare_data(workdir: pathlib.Path, settings: DemoSettings, data_dir=None) -> DemoData:
+    """Generate (idempotently) or list the photos and split them (see the module docstring)."""
+    from opqn_model.datasets import list_photos, split_people, split_photos_per_person
+    from opqn_model.synthetic import write_faces
+
+    if data_dir is None:
+        root = write_faces(workdir / "faces", settings.people, settings.photos, size=settings.image_size,
+                           seed=settings.seed)
+    else:
+        root = pathlib.Path(data_dir)
+        if not root.is_dir():
+            raise DataError(f"--data {root} is not a folder of <person>/<photo> folders")
+    records = list_photos(root)
+    train, unseen = split_people(records, settings.unseen_fraction, settings.seed)
+    counts: dict[str, int] = {}
+    for r in unseen:
+        counts[r.person] = counts.get(r.person, 0) + 1
+    usable = sorted(p for p, n in counts.items() if n >= 2)
+    if len(usable) < 3 or len({r.person for r in train}) < 2:
+        raise DataError(f"the demo needs at least 2 training people and 3 unseen people with 2+ photos each; "
+                        f"{root} gave {len({r.person for r in train})} and {len(usable)} "
+                        f"(use more people or photos per person)")
+    enrol_person = usable[int(np.random.default_rng(settings.seed).integers(len(usable)))]
+    enrol = sorted((r for r in unseen if r.person == enrol_person), key=lambda r: r.path)
+    rest = [r for r in unseen if r.person in usable and r.person != enrol_person]
+    gallery, queries = split_photos_per_person(rest, 1, settings.seed)
+    gallery_list = workdir / "gallery.csv"
+    with open(gallery_list, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "person"])
+        writer.writerows((os.path.abspath(r.path), r.person) for r in gallery)
+    return DemoData(pathlib.Path(root), train, sorted(counts), gallery, queries, enrol_person, enrol[:-1], enrol[-1],
+                    gallery_list)
+
+
+# ---- 2. model -------------------------------------------------------------------------------------
+def _model_configs(settings: DemoSettings):
+    from opqn_model.config import ModelConfig, TrainConfig
+    from opqn_model.face_pipeline import FacePipeline
+
+    model_config = ModelConfig(trunk="resnet20", bits=settings.bits, input_size=32, trunk_width=settings.width,
+                               pipeline=FacePipeline(size=32, mode="none").to_dict())
+    # test_people=0: the demo itself holds the unseen people out (they never reach train()).
+    train_config = TrainConfig(epochs=settings.epochs, batch_size=settings.batch_size, seed=settings.seed,
+                               test_people=0.0)
+    return model_config, train_config
+
+
+def training_key(settings: DemoSettings, data: DemoData) -> dict:
+    """What decides the trained weights: configs + the training photos (path, size, mtime)."""
+    model_config, train_config = _model_configs(settings)
+    digest = hashlib.sha256()
+    for r in sorted(data.train, key=lambda r: r.path):
+        st = os.stat(r.path)
+        digest.update(f"{os.path.relpath(r.path, data.root)}\0{r.person}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return {"model_config": model_config.to_dict(), "train_config": train_config.to_dict(),
+            "data": str(data.root.resolve()), "train_photos": digest.hexdigest()}
+
+
+def train_model(workdir: pathlib.Path, settings: DemoSettings, data: DemoData, progress: bool = True):
+    """Train (or reuse) the demo model. Returns (model.pt path, reused: bool, train summary or None)."""
+    from opqn_model.train import train
+
+    model_dir = workdir / "model"
+    key_path, model_path = model_dir / "demo-key.json", model_dir / "model.pt"
+    key = training_key(settings, data)
+    if model_path.is_file() and key_path.is_file():
+        try:
+            if json.loads(key_path.read_text()) == key:
+                return model_path, True, None
+        except ValueError:
+            pass
+    if model_dir.exists():
+        shutil.rmtree(model_dir)  # another config's or a half-finished run's checkpoints
+    model_config, train_config = _model_configs(settings)
+    summary = train(data.root, model_dir, model_config, train_config, progress=progress, records=data.train)
+    key_path.write_text(json.dumps(key, indent=1))  # last: an interrupted run is never reused
+    return pathlib.Path(summary["model"]), False, summary
+
+
+# ---- 3. index -------------------------------------------------------------------------------------
+def ingest_gallery(workdir: pathlib.Path, model_path, data: DemoData, settings: DemoSettings, progress: bool = True):
+    """A fresh index of the gallery (Ray, local) in `<workdir>/index`; returns indexer.job.IngestSummary."""
+    from indexer.job import run_ingest
+
+    index = workdir / "index"
+    if index.exists():  # every run starts from the gallery alone, without earlier enrolments
+        shutil.rmtree(index)
+    return run_ingest(str(model_path), str(data.gallery_list), str(index), shards=settings.shards, progress=progress)
+
+
+# ---- 5/6. gRPC ------------------------------------------------------------------------------------
+class CoordinatorClient:
+    """A thin gRPC client of the coordinator (Search / Enrol / Status) that times each search."""
+
+    def __init__(self, address: str, timeout: float = 10.0):
+        import grpc
+
+        from facepq_proto.facepq.v1 import facepq_pb2, facepq_pb2_grpc
+
+        self.pb = facepq_pb2
+        self.channel = grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 64 << 20)])
+        self.stub = facepq_pb2_grpc.CoordinatorStub(self.channel)
+        self.timeout = timeout
+
+    def search(self, photo: bytes, k: int = SEARCH_K):
+        """(SearchResponse, seconds the call took as the client saw it)."""
+        t0 = time.perf_counter()
+        reply = self.stub.Search(self.pb.SearchRequest(photo=photo, top_k=k), timeout=self.timeout)
+        return reply, time.perf_counter() - t0
+
+    def enrol(self, person: str, photos: list[tuple[bytes, str]]):
+        request = self.pb.EnrolRequest(person=person, photos=[self.pb.Photo(content=c, source=s) for c, s in photos])
+        return self.stub.Enrol(request, timeout=60.0)
+
+    def status(self):
+        return self.stub.Status(self.pb.StatusRequest(), timeout=self.timeout)
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+@dataclass
+class EnrolResult:
+    person: str
+    face_ids: list
+    index_version: str
+    rank: int | None  # rank of the person among the hits of their held-out photo; None = not found in time
+    seconds: float  # from the Enrol call until the search found them (or gave up)
+    hits: list = field(default_factory=list)
+
+
+def enrol_and_find(client: CoordinatorClient, data: DemoData, timeout: float = 20.0) -> EnrolResult:
+    """Enrol `data.enrol_person` with all but one photo; search the held-out photo until they appear."""
+    photos = [(pathlib.Path(r.path).read_bytes(), os.path.relpath(r.path, data.root)) for r in data.enrol_photos]
+    query = pathlib.Path(data.enrol_query.path).read_bytes()
+    t0 = time.monotonic()
+    reply = client.enrol(data.enrol_person, photos)
+    hits, rank = [], None
+    while time.monotonic() - t0 < timeout:
+        result, _ = client.search(query)
+        hits = list(result.hits)
+        rank = next((i + 1 for i, h in enumerate(hits) if h.person == data.enrol_person), None)
+        if rank is not None:
+            break
+        time.sleep(0.2)  # nodes poll the index every 0.5 s
+    return EnrolResult(data.enrol_person, list(reply.face_ids), reply.index_version, rank, time.monotonic() - t0, hits)
+
+
+@dataclass
+class SearchRun:
+    queries: list  # PhotoRecords searched (the gallery people's queries + the enrolled person's)
+    replies: list  # SearchResponse of the first round, per query
+    latencies_ms: np.ndarray  # client-side, every round
+    server_ms: np.ndarray  # took_ms reported by the coordinator, every round
+
+    def percentile(self, q: float, server: bool = False) -> float:
+        return float(np.percentile(self.server_ms if server else self.latencies_ms, q))
+
+    def p_at_1(self) -> float:
+        """Share of queries whose first hit is the query's person (over gRPC)."""
+        ok = [bool(r.hits) and r.hits[0].person == q.person for q, r in zip(self.queries, self.replies)]
+        return float(np.mean(ok)) if ok else float("nan")
+
+
+def search_all(client: CoordinatorClient, data: DemoData, rounds: int = 1, progress: bool = True) -> SearchRun:
+    """Search one photo of every unseen person `rounds` times through the coordinator."""
+    from tqdm import tqdm
+
+    queries = list(data.queries) + [data.enrol_query]
+    photos = [pathlib.Path(r.path).read_bytes() for r in queries]
+    replies, lat, server = [], [], []
+    with tqdm(total=len(photos) * rounds, desc="search", unit="query", disable=not progress, leave=False) as bar:
+        for round_ in range(rounds):
+            for photo in photos:
+                reply, seconds = client.search(photo)
+                if round_ == 0:
+                    replies.append(reply)
+                lat.append(seconds * 1e3)
+                server.append(reply.took_ms)
+                bar.update(1)
+    return SearchRun(queries, replies, np.array(lat), np.array(server))
+
+
+def offline_metrics(model_path, data: DemoData) -> dict:
+    """Codes vs float on the served queries and gallery (+ the enrolled photos), without any server."""
+    from opqn_model.api import FaceEncoder
+    from opqn_model.evaluate import evaluate_embeddings
+    from opqn_model.training_data import load_crops
+
+    encoder = FaceEncoder.load(model_path)
+    queries = list(data.queries) + [data.enrol_query]
+    gallery = list(data.gallery) + list(data.enrol_photos)
+    q_crops, q_kept, _ = load_crops(queries, encoder.pipeline, progress=False)
+    g_crops, g_kept, _ = load_crops(gallery, encoder.pipeline, progress=False)
+    result = evaluate_embeddings(encoder, encoder.trunk_features(q_crops), [r.person for r in q_kept],
+                                 encoder.trunk_features(g_crops), [r.person for r in g_kept])
+    result["fingerprint"] = encoder.fingerprint
+    return result
+
+
+def settings_dict(settings: DemoSettings) -> dict:
+    return dataclasses.asdict(settings)
