@@ -2,6 +2,7 @@
 
 Servers print exactly one line `facepq <what> listening on HOST:PORT` when ready
 (scripts and tests wait for it) and stop gracefully on SIGTERM / SIGINT.
+TLS and token flags (with FACEPQ_* environment fallbacks) are in query_node.security.
 """
 from __future__ import annotations
 
@@ -35,9 +36,11 @@ def _wait_for_signal() -> None:
 def _node(args) -> int:
     from query_node.node_server import NodeServer
     from query_node.registry import Heartbeat, NodeRecord
+    from query_node.security import server_security
 
+    tls, tokens = server_security(args)
     server = NodeServer(args.index, args.shards, host=args.host, port=args.port, node_id=args.node_id,
-                        poll_seconds=args.poll).start()
+                        poll_seconds=args.poll, tls=tls, auth_tokens=tokens).start()
     heartbeat = None
     try:
         if args.redis:
@@ -59,11 +62,20 @@ def _node(args) -> int:
 
 
 def _coordinator(args) -> int:
-    from query_node.coordinator_server import CoordinatorServer
+    import os
 
+    from query_node.coordinator_server import CoordinatorServer
+    from query_node.security import ENV_NODE_AUTH_TOKEN, ClientTls, load_tokens, server_security
+
+    tls, tokens = server_security(args)
+    node_tls = ClientTls.from_paths(args.node_tls_ca, args.tls_cert if args.node_tls_ca else None,
+                                    args.tls_key if args.node_tls_ca else None)
+    node_tokens = load_tokens(args.node_auth_token_file, os.environ.get(ENV_NODE_AUTH_TOKEN))
+    node_token = node_tokens[0] if node_tokens else (tokens[0] if tokens else None)
     nodes = [a.strip() for a in args.nodes.split(",") if a.strip()] if args.nodes else None
     server = CoordinatorServer(args.model, args.index, redis_url=args.redis, nodes=nodes, host=args.host,
-                               port=args.port).start()
+                               port=args.port, tls=tls, auth_tokens=tokens, auth_search=args.auth_search,
+                               node_tls=node_tls, node_token=node_token).start()
     try:
         print(f"facepq coordinator listening on {server.address}", flush=True)
         _wait_for_signal()
@@ -77,16 +89,18 @@ def _search(args) -> int:
 
     from facepq.errors import ConfigError, DataError
     from facepq_proto.facepq.v1 import facepq_pb2, facepq_pb2_grpc
+    from query_node.security import bearer_metadata, client_security, make_channel
 
+    tls, token = client_security(args)
     try:
         with open(args.photo, "rb") as f:
             photo = f.read()
     except OSError as exc:
         raise DataError(f"cannot read photo {args.photo}: {exc.strerror}") from exc
-    with grpc.insecure_channel(args.coordinator, options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
+    with make_channel(args.coordinator, tls, options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
         try:
             reply = facepq_pb2_grpc.CoordinatorStub(ch).Search(facepq_pb2.SearchRequest(photo=photo, top_k=args.k),
-                                                               timeout=args.timeout)
+                                                               timeout=args.timeout, metadata=bearer_metadata(token))
         except grpc.RpcError as exc:
             raise ConfigError(f"{exc.code().name}: {exc.details()}") from exc
     hits = [{"rank": i + 1, "face_id": h.face_id, "person": h.person, "score": round(h.score, 6),
@@ -106,6 +120,10 @@ def _search(args) -> int:
 
 
 def register(subparsers) -> None:
+    import os
+
+    from query_node.security import ENV_NODE_AUTH_TOKEN, ENV_TLS_CA, add_client_flags, add_server_flags
+
     p = subparsers.add_parser("node", help="serve index shards over gRPC (a query node)")
     p.add_argument("--index", required=True, help="index path or URI")
     p.add_argument("--shards", required=True, type=_shard_list, help="shards to serve, e.g. 0,1")
@@ -115,6 +133,7 @@ def register(subparsers) -> None:
     p.add_argument("--node-id", help="name in the registry (default host:port)")
     p.add_argument("--ttl", type=float, default=5.0, help="registry heartbeat TTL in seconds")
     p.add_argument("--poll", type=float, default=0.5, help="seconds between checks for a new index version")
+    add_server_flags(p, "require this token (from coordinators) for Search and Status")
     p.set_defaults(handler=_node)
 
     p = subparsers.add_parser("coordinator", help="serve Search/Enrol/Delete: model + fan-out to query nodes")
@@ -125,6 +144,12 @@ def register(subparsers) -> None:
     g.add_argument("--nodes", help="static node list host:port,host:port")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0)
+    add_server_flags(p, "require this token for Enrol, Delete and Compact")
+    p.add_argument("--node-tls-ca", default=os.environ.get(ENV_TLS_CA),
+                   help=f"talk TLS to query nodes, verified with this CA; --tls-cert/--tls-key are the client "
+                        f"certificate when nodes require mutual TLS (env {ENV_TLS_CA})")
+    p.add_argument("--node-auth-token-file",
+                   help=f"token sent to query nodes (env {ENV_NODE_AUTH_TOKEN}; default: this server's own token)")
     p.set_defaults(handler=_coordinator)
 
     p = subparsers.add_parser("search", help="search a photo through a coordinator")
@@ -133,4 +158,5 @@ def register(subparsers) -> None:
     p.add_argument("-k", type=int, default=10, help="results (1..1000)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--timeout", type=float, default=10.0)
+    add_client_flags(p)
     p.set_defaults(handler=_search)

@@ -17,11 +17,17 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from facepq.errors import ConfigError
-from query_node.merge import Hit, merge_node_results
+from facepq.errors import FacepqError
+from query_node.merge import Hit, merge_shard_lists
 
 log = logging.getLogger(__name__)
 
 RETRY_CODES = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "NOT_FOUND", "CANCELLED", "UNKNOWN", "INTERNAL")
+MAX_VERSION_ROUNDS = 3
+
+
+class VersionConflict(FacepqError):
+    """The index moved to new versions faster than one search could gather all shards at one version."""
 
 
 @dataclass
@@ -42,10 +48,17 @@ class Coordinator:
         registry: RedisRegistry or StaticRegistry (`.nodes() -> list[NodeRecord]`).
         shard_count: shards of the index (every one must be covered for a complete answer).
         topology_ttl: seconds a registry listing is reused before asking again.
+        tls: query_node.security.ClientTls for the node channels (None = plaintext).
+        node_token: sent as `authorization: Bearer` on every node call (nodes run with a token).
     """
 
-    def __init__(self, registry, shard_count: int, topology_ttl: float = 0.5, max_message_bytes: int = 16 << 20):
+    def __init__(self, registry, shard_count: int, topology_ttl: float = 0.5, max_message_bytes: int = 16 << 20,
+                 tls=None, node_token: str | None = None):
+        from query_node.security import bearer_metadata
+
         self.registry = registry
+        self.tls = tls  # query_node.security.ClientTls for node channels, or None (plaintext)
+        self.node_metadata = bearer_metadata(node_token)
         self.shard_count = shard_count
         self.topology_ttl = topology_ttl
         self.max_message_bytes = max_message_bytes
@@ -62,16 +75,16 @@ class Coordinator:
             return list(self._nodes)
 
     def _stub(self, address: str):
-        import grpc
-
         from facepq_proto.facepq.v1 import facepq_pb2_grpc
+        from query_node.security import make_channel
 
         with self._lock:
             if address not in self._channels:
                 opts = [("grpc.max_receive_message_length", self.max_message_bytes),
                         ("grpc.max_send_message_length", self.max_message_bytes)]
-                self._channels[address] = facepq_pb2_grpc.QueryNodeStub(grpc.insecure_channel(address, options=opts))
-            return self._channels[address]
+                channel = make_channel(address, self.tls, opts)
+                self._channels[address] = (channel, facepq_pb2_grpc.QueryNodeStub(channel))
+            return self._channels[address][1]
 
     def replicas(self) -> dict[int, list]:
         """shard -> healthy nodes serving it (rotated per call to spread load)."""
@@ -88,8 +101,23 @@ class Coordinator:
                 out[s] = lst[r:] + lst[:r]
         return out
 
-    def search_tables(self, lookup_tables: np.ndarray, k: int, timeout: float = 5.0) -> FanOutResult:
-        """Exact global top-k for float32 [Q, M, K] tables across every shard."""
+    def search_tables(self, lookup_tables: np.ndarray, k: int, timeout: float = 5.0,
+                      min_version: int | None = None) -> FanOutResult:
+        """Exact global top-k for float32 [Q, M, K] tables across every shard, all from ONE index version.
+
+        Args:
+            lookup_tables: float32 [Q, M, K].
+            k: hits per query.
+            timeout: seconds for the whole fan-out (every retry included).
+            min_version: the oldest committed version acceptable (e.g. the index's current version
+                when the search started): a replica answering from an older one is treated as
+                failed, so a face deleted before the search began is never returned.
+        Returns:
+            FanOutResult; shards no replica answered (at the agreed version) are `missing_shards`.
+        Raises:
+            VersionConflict: the index moved more than MAX_VERSION_ROUNDS times during the search.
+            grpc.RpcError: a node refused the request itself (INVALID_ARGUMENT, UNAUTHENTICATED, ...).
+        """
         import grpc
 
         from facepq_proto.facepq.v1 import facepq_pb2
@@ -100,8 +128,9 @@ class Coordinator:
         candidates = self.replicas()
         tried: dict[int, set] = {s: set() for s in candidates}
         pending = set(range(self.shard_count))
-        answers: list[list[list[Hit]]] = []
-        version = ""
+        answers: dict[int, tuple[int, list[list[Hit]]]] = {}  # shard -> (version, hits per query)
+        target = str(min_version) if min_version else ""
+        rounds = 0
         while pending:
             plan: dict[str, list[int]] = {}
             for s in sorted(pending):
@@ -115,8 +144,9 @@ class Coordinator:
             for address, shards in plan.items():
                 for s in shards:
                     tried[s].add(address)
-                req = facepq_pb2.NodeSearchRequest(tables=tables, top_k=k, shards=shards)
-                calls[address] = self._pool.submit(self._stub(address).Search, req, timeout=remaining)
+                req = facepq_pb2.NodeSearchRequest(tables=tables, top_k=k, shards=shards, index_version=target)
+                calls[address] = self._pool.submit(self._stub(address).Search, req, timeout=remaining,
+                                                   metadata=self.node_metadata)
             for address, fut in calls.items():
                 try:
                     reply = fut.result()
@@ -126,17 +156,40 @@ class Coordinator:
                     if code not in RETRY_CODES:
                         raise
                     continue
-                pending -= set(reply.shards_searched)
-                version = version or reply.index_version
-                answers.append([[Hit(h.face_id, h.person, h.source, h.score, h.shard) for h in r.hits]
-                                for r in reply.results])
-        hits = [merge_node_results([a[i] for a in answers], k) for i in range(q)]
+                version = int(reply.index_version or 0)
+                if min_version and version < min_version:
+                    log.warning("node %s answered from version %d, older than the required %d; asking another "
+                                "replica", address, version, min_version)
+                    continue
+                for s in reply.shards_searched:
+                    answers[s] = (version, [[h for h in r.hits if h.shard == s] for r in reply.results])
+                    pending.discard(s)
+            # All shards must come from one version: realign stragglers to the newest one seen.
+            versions = {v for v, _ in answers.values()}
+            if len(versions) > 1:
+                rounds += 1
+                if rounds > MAX_VERSION_ROUNDS:
+                    raise VersionConflict(f"the index changed {rounds} times during one search; retry")
+                newest = max(versions)
+                target = str(newest)
+                for s in [s for s, (v, _) in answers.items() if v != newest]:
+                    del answers[s]
+                    pending.add(s)
+                    tried[s] = set()  # the same replica can answer the new version after loading it
+        version = str(next(iter({v for v, _ in answers.values()}), "")) if answers else ""
+        hits = []
+        for i in range(q):
+            per_shard = [[Hit(h.face_id, h.person, h.source, h.score, h.shard) for h in answers[s][1][i]]
+                         for s in sorted(answers)]
+            hits.append(merge_shard_lists(per_shard, k))
         return FanOutResult(hits=hits, missing_shards=sorted(pending), index_version=version)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
-        for stub in self._channels.values():
-            pass  # channels close with the process; grpc closes idle channels itself
+        with self._lock:
+            channels, self._channels = list(self._channels.values()), {}
+        for channel, _ in channels:
+            channel.close()
 
 
 def embedding_tables(encoder, values) -> np.ndarray:

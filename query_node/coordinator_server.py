@@ -6,6 +6,12 @@ Status codes:
 * FAILED_PRECONDITION: the photo decoded but "no face found" in it (Search); an Enrol
   where no photo had a usable face.
 * NOT_FOUND: Delete of an unknown person / face ids.
+* UNAUTHENTICATED: Enrol/Delete/Compact (and Search/Status with --auth-search) without a
+  valid `authorization: Bearer <token>` when the coordinator runs with a token.
+* ABORTED: the index changed versions too often during one search (retry); UNAVAILABLE:
+  another writer held the commit lock too long (retry).
+* Every search answers from ONE committed version, at least the one current when it
+  started: a face deleted (and acknowledged) before a search began never appears in it.
 * RESOURCE_EXHAUSTED: a request above MAX_MESSAGE_BYTES (gRPC's own check).
 * A search with shards that no replica answered is NOT an error: complete=false and
   missing_shards name them.
@@ -18,7 +24,7 @@ from concurrent import futures
 
 import numpy as np
 
-from facepq.errors import ConfigError, DataError
+from facepq.errors import ConfigError, DataError, FacepqError
 from query_node.node_server import MAX_MESSAGE_BYTES, MAX_TOP_K
 
 log = logging.getLogger(__name__)
@@ -33,10 +39,25 @@ def _servicer_class():
     from facepq_proto.facepq.v1 import facepq_pb2, facepq_pb2_grpc
     from query_node.coordinator import embedding_tables, photo_features
 
+    from indexer.errors import IndexLockTimeout
+    from indexer.store import IndexStore
+    from query_node.coordinator import VersionConflict
+
+    def abort_for(context, exc: FacepqError):
+        """Map an error from the index layer to the status a client can act on."""
+        if isinstance(exc, IndexLockTimeout):
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        if isinstance(exc, DataError):
+            context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        if isinstance(exc, ConfigError):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+
     class CoordinatorServicer(facepq_pb2_grpc.CoordinatorServicer):
         def __init__(self, coordinator, encoder, index_uri, redis_url, search_timeout):
             self.coordinator, self.encoder = coordinator, encoder
             self.index_uri, self.redis_url, self.search_timeout = index_uri, redis_url, search_timeout
+            self.store = IndexStore(index_uri)
 
         def Search(self, request, context):
             t0 = time.perf_counter()
@@ -63,7 +84,14 @@ def _servicer_class():
                 tables = np.asarray(self.encoder.lookup_tables(feats[:1]), dtype=np.float32)
             remaining = context.time_remaining()
             timeout = self.search_timeout if remaining is None else max(0.0, min(remaining - 0.05, self.search_timeout))
-            result = self.coordinator.search_tables(tables, k, timeout=timeout)
+            try:
+                # The version current now is the oldest this search may see (deletes acknowledged before it).
+                required = self.store.current_version()
+                result = self.coordinator.search_tables(tables, k, timeout=timeout, min_version=required)
+            except VersionConflict as exc:
+                context.abort(grpc.StatusCode.ABORTED, str(exc))
+            except FacepqError as exc:
+                context.abort(grpc.StatusCode.UNAVAILABLE, f"cannot read the index version: {exc}")
             reply = facepq_pb2.SearchResponse(complete=result.complete, missing_shards=result.missing_shards,
                                               index_version=result.index_version)
             reply.hits.extend(facepq_pb2.Hit(face_id=h.face_id, person=h.person, source=h.source, score=h.score,
@@ -89,9 +117,12 @@ def _servicer_class():
                               f"no usable face in any photo ({'; '.join(skipped_msgs)})")
             codes = self.encoder.encode(feats)
             ids = np.array([face_id_for_photo(bytes(contents[i])) for i in kept], dtype=np.uint64)
-            writer = IndexWriter(self.index_uri, ModelMeta.from_encoder(self.encoder), redis_url=self.redis_url)
-            writer.add(ids, [request.person] * len(kept), [sources[i] for i in kept], codes)
-            version = writer.commit(f"enrol {request.person!r} ({len(kept)} faces)")
+            try:
+                writer = IndexWriter(self.index_uri, ModelMeta.from_encoder(self.encoder), redis_url=self.redis_url)
+                writer.add(ids, [request.person] * len(kept), [sources[i] for i in kept], codes)
+                version = writer.commit(f"enrol {request.person!r} ({len(kept)} faces)")
+            except FacepqError as exc:
+                abort_for(context, exc)
             return facepq_pb2.EnrolResponse(face_ids=ids.tolist(), skipped=skipped_msgs,
                                             index_version=str(version or ""))
 
@@ -109,9 +140,24 @@ def _servicer_class():
                 else:
                     version, n = delete_faces(IndexStore(self.index_uri), face_ids=list(request.face_ids.ids),
                                               redis_url=self.redis_url)
-            except DataError as exc:
-                context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+            except FacepqError as exc:
+                abort_for(context, exc)
             return facepq_pb2.DeleteResponse(deleted=n, index_version=str(version))
+
+        def Compact(self, request, context):
+            from indexer.commit import compact
+
+            grace = request.grace_seconds if request.HasField("grace_seconds") else 3600.0
+            if not grace >= 0 or grace == float("inf"):
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"grace_seconds must be a finite number >= 0, "
+                              f"got {grace}")
+            try:
+                stats = compact(IndexStore(self.index_uri), redis_url=self.redis_url, grace_seconds=grace)
+            except FacepqError as exc:
+                abort_for(context, exc)
+            return facepq_pb2.CompactResponse(index_version=str(stats.version or ""), rows_removed=stats.rows_removed,
+                                              segments_rewritten=stats.segments_rewritten,
+                                              files_deleted=stats.files_deleted, bytes_freed=stats.bytes_freed)
 
         def Status(self, request, context):
             replicas = self.coordinator.replicas()
@@ -136,7 +182,8 @@ class CoordinatorServer:
     """
 
     def __init__(self, model_path, index_uri, redis_url=None, nodes=None, host="127.0.0.1", port=0,
-                 search_timeout=5.0, workers=8):
+                 search_timeout=5.0, workers=8, tls=None, auth_tokens=(), auth_search=False, node_tls=None,
+                 node_token=None):
         from indexer.store import IndexStore
         from opqn_model.api import FaceEncoder
         from query_node.coordinator import Coordinator
@@ -149,8 +196,9 @@ class CoordinatorServer:
         if manifest.model.fingerprint != self.encoder.fingerprint:
             raise ConfigError(f"the index at {index_uri} holds codes of model {manifest.model.fingerprint}, "
                               f"but {model_path} is model {self.encoder.fingerprint}; use the index's model")
-        registry = RedisRegistry(redis_url) if redis_url else StaticRegistry(nodes)
-        self.coordinator = Coordinator(registry, manifest.shard_count)
+        registry = RedisRegistry(redis_url) if redis_url else StaticRegistry(nodes, tls=node_tls, token=node_token)
+        self.coordinator = Coordinator(registry, manifest.shard_count, tls=node_tls, node_token=node_token)
+        self.tls, self.auth_tokens, self.auth_search = tls, list(auth_tokens), auth_search
         self.index_uri, self.redis_url = index_uri, redis_url
         self.host, self.requested_port, self.workers, self.search_timeout = host, port, workers, search_timeout
         self.server = self.health = self.port = None
@@ -168,10 +216,14 @@ class CoordinatorServer:
 
         options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=self.workers), options=options)
-        self.port = self.server.add_insecure_port(f"{self.host}:{self.requested_port}")
-        if not self.port:
-            raise ConfigError(f"cannot listen on {self.host}:{self.requested_port} (port in use or bad address)")
+        from query_node.security import add_port, interceptors
+
+        protected = {f"/{SERVICE_NAME}/{m}" for m in ("Enrol", "Delete", "Compact")}
+        if self.auth_search:
+            protected |= {f"/{SERVICE_NAME}/Search", f"/{SERVICE_NAME}/Status"}
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=self.workers), options=options,
+                                  interceptors=interceptors(self.auth_tokens, protected))
+        self.port = add_port(self.server, self.host, self.requested_port, self.tls)
         servicer = _servicer_class()(self.coordinator, self.encoder, self.index_uri, self.redis_url,
                                      self.search_timeout)
         facepq_pb2_grpc.add_CoordinatorServicer_to_server(servicer, self.server)

@@ -8,6 +8,13 @@ Status codes (the message always says what to change):
 * UNAVAILABLE: a requested shard is NOT_SERVING here (corrupt segment); the coordinator
   retries another replica.
 * RESOURCE_EXHAUSTED: a request above MAX_MESSAGE_BYTES (gRPC's own check).
+* UNAUTHENTICATED: the node runs with a token (query_node.security) and the call had none
+  or a wrong one; a node's token protects Search and Status (its only callers are
+  coordinators, which forward their node token).
+
+Versions: a request naming `index_version` is answered from that committed version
+when the node holds it, loading the current version first when the name is newer than
+its view (see LiveIndex.view_at); the reply says which version answered.
 
 Health (grpc.health.v1): "" and "facepq.v1.QueryNode" are SERVING while any shard
 serves; "facepq.shard.<n>" per shard. Graceful stop flips everything to NOT_SERVING
@@ -93,7 +100,8 @@ def _servicer_class():
         def Search(self, request, context):
             import grpc
 
-            view = self.live.view  # one view for the whole request, even if a reload swaps it
+            # One view for the whole request, even if a reload swaps it meanwhile.
+            view = self.live.view_at(request.index_version) if request.index_version else self.live.view
             try:
                 tables, k, shards = validate_search(request.tables, request.top_k, request.shards, view)
             except RequestError as exc:
@@ -135,13 +143,15 @@ class NodeServer:
         workers: gRPC worker threads (the scan releases the GIL, so they run in parallel).
     """
 
-    def __init__(self, index_uri, shards, host="127.0.0.1", port=0, node_id=None, poll_seconds=0.5, workers=4):
+    def __init__(self, index_uri, shards, host="127.0.0.1", port=0, node_id=None, poll_seconds=0.5, workers=4,
+                 tls=None, auth_tokens=()):
         from query_node.scan import warmup
 
         warmup()  # compile (or load cached) kernels before the first query, not during it
         self.live = LiveIndex(index_uri, shards, poll_seconds=poll_seconds, on_change=self._on_change)
         self.host, self.requested_port, self.workers = host, port, workers
         self.node_id = node_id
+        self.tls, self.auth_tokens = tls, list(auth_tokens)
         self.server = None
         self.health = None
         self.port = None
@@ -178,12 +188,12 @@ class NodeServer:
 
         options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=self.workers), options=options)
-        self.port = self.server.add_insecure_port(f"{self.host}:{self.requested_port}")
-        if not self.port:
-            from facepq.errors import ConfigError
+        from query_node.security import add_port, interceptors
 
-            raise ConfigError(f"cannot listen on {self.host}:{self.requested_port} (port in use or bad address)")
+        protected = {f"/{SERVICE_NAME}/Search", f"/{SERVICE_NAME}/Status"}
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=self.workers), options=options,
+                                  interceptors=interceptors(self.auth_tokens, protected))
+        self.port = add_port(self.server, self.host, self.requested_port, self.tls)
         self.node_id = self.node_id or self.address
         servicer = _servicer_class()(self.live, self.node_id, self.address)
         facepq_pb2_grpc.add_QueryNodeServicer_to_server(servicer, self.server)

@@ -7,6 +7,11 @@ re-registers as soon as it is back; the coordinator keeps the last topology it s
 
 Static mode (no Redis): `StaticRegistry(addresses)` asks each node's Status RPC
 for its shards and version.
+
+Redis URLs may carry a password or an ACL user (`redis://user:password@host:6379/0`)
+and use TLS (`rediss://host:6380/0?ssl_ca_certs=/ca.pem` plus, for client
+certificates, `&ssl_certfile=...&ssl_keyfile=...`); redis-py reads all of these from
+the URL. Logs show URLs with the credentials masked.
 """
 from __future__ import annotations
 
@@ -45,6 +50,14 @@ class NodeRecord:
                    healthy=bool(d.get("healthy", True)), updated=float(d.get("updated", 0.0)))
 
 
+def redact(url: str) -> str:
+    """`url` with any user:password part replaced by *** (for logs and errors)."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+    return url
+
+
 def _client(url: str):
     import redis
 
@@ -75,11 +88,11 @@ class Heartbeat:
             self._redis.set(KEY_PREFIX + record.node_id, record.to_json(), px=int(self.ttl * 1000))
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             if self.connected:
-                log.warning("registry %s unreachable (%s); will keep retrying", self.url, exc)
+                log.warning("registry %s unreachable (%s); will keep retrying", redact(self.url), exc)
             self.connected = False
             return False
         if not self.connected:
-            log.info("registered node %s at %s in %s", record.node_id, record.address, self.url)
+            log.info("registered node %s at %s in %s", record.node_id, record.address, redact(self.url))
         self.connected = True
         return True
 
@@ -123,7 +136,7 @@ class RedisRegistry:
             values = self._redis.mget(keys) if keys else []
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             if self.reachable:
-                log.warning("registry %s unreachable (%s); using the last known %d nodes", self.url, exc,
+                log.warning("registry %s unreachable (%s); using the last known %d nodes", redact(self.url), exc,
                             len(self._last))
             self.reachable = False
             return list(self._last)
@@ -143,22 +156,26 @@ class RedisRegistry:
 class StaticRegistry:
     """A fixed list of node addresses; shards and versions come from each node's Status RPC."""
 
-    def __init__(self, addresses: list[str], timeout: float = 2.0):
+    def __init__(self, addresses: list[str], timeout: float = 2.0, tls=None, token: str | None = None):
+        from query_node.security import bearer_metadata
+
         self.addresses = list(addresses)
         self.timeout = timeout
+        self.tls, self.metadata = tls, bearer_metadata(token)
         self._last: dict[str, NodeRecord] = {}
 
     def nodes(self) -> list[NodeRecord]:
         import grpc
 
         from facepq_proto.facepq.v1 import facepq_pb2, facepq_pb2_grpc
+        from query_node.security import make_channel
 
         out = []
         for addr in self.addresses:
             try:
-                with grpc.insecure_channel(addr) as channel:
+                with make_channel(addr, self.tls) as channel:
                     st = facepq_pb2_grpc.QueryNodeStub(channel).Status(facepq_pb2.NodeStatusRequest(),
-                                                                     timeout=self.timeout)
+                                                                     timeout=self.timeout, metadata=self.metadata)
                 shards = [s.shard for s in st.shards if s.state == facepq_pb2.SHARD_SERVING]
                 rec = NodeRecord(node_id=st.node_id or addr, address=addr, shards=shards,
                                  index_version=st.index_version)

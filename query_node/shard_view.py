@@ -10,12 +10,25 @@ recorded: it is never scanned, so it never returns wrong scores.
 CURRENT pointer; a new version builds a new view (reusing the already verified,
 immutable segments of the old one) and swaps a single reference. Queries that
 started on the old view finish on it; its memory maps close when the last
-reference goes away.
+reference goes away. The last few views stay addressable by version
+(`view_at`), so a coordinator can ask every shard for the same committed
+version while a reload is under way (no torn reads across nodes).
+
+Segments are immutable, so a served file that changes on disk is corruption
+(a disk fault, an operator's mistake). Every poll the watcher stats each served
+segment (size, mtime, inode: cheap) and re-verifies the sha256 of any that
+changed; a failing one turns its shard NOT_SERVING at once, so the memory map
+of a file altered in place never feeds scores to a query for longer than one
+poll. (A file truncated in place while mapped can still fault a query that
+touches the lost pages in that window; writers never do that: they write new
+files and rename.)
 """
 from __future__ import annotations
 
 import logging
+import os
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -82,7 +95,8 @@ class IndexView:
         return [merge_shard_lists([res[q] for res in per_shard], k) for q in range(tables.shape[0])]
 
 
-def load_view(store, shard_ids: list[int], previous: IndexView | None = None, verify: bool = True) -> IndexView:
+def load_view(store, shard_ids: list[int], previous: IndexView | None = None, verify: bool = True,
+              manifest=None, recheck: frozenset = frozenset()) -> IndexView:
     """Open the current manifest's segments of `shard_ids`.
 
     Args:
@@ -90,13 +104,15 @@ def load_view(store, shard_ids: list[int], previous: IndexView | None = None, ve
         shard_ids: shards this node serves; each must exist in the index.
         previous: a view whose already verified segments (same id) are reused.
         verify: check every newly opened segment's size and sha256.
+        manifest: the manifest to open (default: the current one).
+        recheck: segment ids never reused from `previous` (their files changed on disk).
     Raises:
         IndexFormatError: no index / unreadable manifest. ConfigError: a shard outside the index.
     """
     from indexer.errors import SegmentCorrupt
     from indexer.segment import open_segment
 
-    manifest = store.load_manifest()
+    manifest = manifest if manifest is not None else store.load_manifest()
     bad = [s for s in shard_ids if s < 0 or s >= manifest.shard_count]
     if bad:
         raise ConfigError(f"shard(s) {bad} do not exist: the index at {store.uri} has {manifest.shard_count} "
@@ -104,7 +120,7 @@ def load_view(store, shard_ids: list[int], previous: IndexView | None = None, ve
     reuse = {}
     if previous is not None:
         for data in previous.shards.values():
-            reuse.update({seg.ref.id: seg for seg in data.segments})
+            reuse.update({seg.ref.id: seg for seg in data.segments if seg.ref.id not in recheck})
     shards = {}
     for shard in shard_ids:
         state = manifest.shards[shard]
@@ -113,7 +129,7 @@ def load_view(store, shard_ids: list[int], previous: IndexView | None = None, ve
             for ref in state.segments:
                 seg = reuse.get(ref.id)
                 if seg is None or seg.ref.sha256 != ref.sha256:
-                    seg = open_segment(store, ref, verify=verify, model=manifest.model)
+                    seg = open_segment(store, ref, verify=verify or ref.id in recheck, model=manifest.model)
                 data.segments.append(seg)
         except SegmentCorrupt as exc:
             log.error("shard %d NOT_SERVING at version %d: %s", shard, manifest.version, exc)
@@ -133,14 +149,29 @@ def load_view(store, shard_ids: list[int], previous: IndexView | None = None, ve
     return IndexView(manifest, shards)
 
 
+RECENT_VIEWS = 3  # views kept addressable by version (each holds only mmaps, shared with its successor)
+
+
+def _file_stamp(path: str | None):
+    """(size, mtime_ns, inode) of a local file; None when it cannot be stat'ed (gone) or is remote."""
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
 class LiveIndex:
     """The current IndexView of an index, kept up to date by a polling watcher thread.
 
     Args:
         index_uri: path or URI of the index.
         shard_ids: shards to serve.
-        poll_seconds: how often CURRENT is read.
+        poll_seconds: how often CURRENT is read and the served segment files are stat'ed.
         on_change: called with the new view after every swap (health, registry).
+        verify: check each newly opened segment's sha256.
     """
 
     def __init__(self, index_uri, shard_ids: list[int], poll_seconds: float = 0.5, on_change=None, verify=True):
@@ -153,7 +184,11 @@ class LiveIndex:
         self.poll_seconds = poll_seconds
         self.on_change = on_change
         self.verify = verify
+        self._reload_lock = threading.Lock()  # the watcher and on-demand loads never build views at once
+        self._recent: OrderedDict[str, IndexView] = OrderedDict()
+        self._stamps: dict[str, tuple] = {}  # segment id -> file stamp when it was verified
         self._view = load_view(self.store, self.shard_ids, verify=verify)
+        self._remember(self._view)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.last_error = ""
@@ -163,22 +198,85 @@ class LiveIndex:
         """The current view; hold on to it for the whole query (it never changes under you)."""
         return self._view
 
-    def reload_if_changed(self) -> bool:
-        """Build and swap in a new view when CURRENT moved; True when it did."""
-        current = self.store.current_version()
-        if current is None or str(current) == self._view.version:
-            return False
-        new = load_view(self.store, self.shard_ids, previous=self._view, verify=self.verify)
+    def _remember(self, view: IndexView) -> None:
+        self._recent[view.version] = view
+        self._recent.move_to_end(view.version)
+        while len(self._recent) > RECENT_VIEWS:
+            self._recent.popitem(last=False)
+        for data in view.shards.values():
+            for seg in data.segments:
+                if seg.ref.id not in self._stamps:
+                    self._stamps[seg.ref.id] = _file_stamp(self.store.local_path(seg.ref.path))
+        live = {seg.ref.id for v in self._recent.values() for d in v.shards.values() for seg in d.segments}
+        for sid in [s for s in self._stamps if s not in live]:
+            del self._stamps[sid]
+
+    def _swap(self, new: IndexView) -> None:
         old, self._view = self._view, new  # one reference assignment: atomic for readers
-        log.info("index version %s -> %s", old.version, new.version)
+        self._remember(new)
+        if old.version != new.version:
+            log.info("index version %s -> %s", old.version, new.version)
         if self.on_change:
             self.on_change(new)
-        return True
+
+    def reload_if_changed(self) -> bool:
+        """Build and swap in a new view when CURRENT moved; True when it did."""
+        with self._reload_lock:
+            current = self.store.current_version()
+            if current is None or str(current) == self._view.version:
+                return False
+            self._swap(load_view(self.store, self.shard_ids, previous=self._view, verify=self.verify))
+            return True
+
+    def view_at(self, version: str) -> IndexView:
+        """The view of committed `version` if this node holds it; when `version` is newer than the current
+        view, the index's current version is loaded first. Otherwise (an old version no longer kept, or a
+        newer one that cannot be loaded) the current view: callers compare `.version`."""
+        view = self._view
+        if not version or version == view.version:
+            return view
+        kept = self._recent.get(version)
+        if kept is not None:
+            return kept
+        if version.isdigit() and view.version.isdigit() and int(version) > int(view.version):
+            try:
+                self.reload_if_changed()
+            except (FacepqError, OSError) as exc:
+                log.warning("cannot load version %s on demand (serving %s): %s", version, view.version, exc)
+            return self._recent.get(version, self._view)
+        return view
+
+    def check_segments(self) -> list[str]:
+        """Re-verify served segments whose files changed on disk; returns the ids found changed.
+
+        A changed segment is reopened with its checksum checked; when that fails its shard
+        becomes NOT_SERVING in a new view of the same version (swapped in at once).
+        """
+        view = self._view
+        changed = []
+        for data in view.shards.values():
+            for seg in data.segments:
+                stamp = _file_stamp(self.store.local_path(seg.ref.path))
+                if self.store.is_local and stamp != self._stamps.get(seg.ref.id):
+                    changed.append(seg.ref.id)
+        if not changed:
+            return []
+        log.error("segment file(s) %s changed on disk while served; re-verifying their checksums", changed)
+        with self._reload_lock:
+            new = load_view(self.store, self.shard_ids, previous=view, verify=self.verify,
+                            manifest=view.manifest, recheck=frozenset(changed))
+            for sid in changed:
+                self._stamps.pop(sid, None)
+            # The version did not change, so older views of it must not be served either.
+            self._recent.pop(new.version, None)
+            self._swap(new)
+        return changed
 
     def _watch(self) -> None:
         while not self._stop.wait(self.poll_seconds):
             try:
                 self.reload_if_changed()
+                self.check_segments()
                 self.last_error = ""
             except FacepqError as exc:  # keep serving the old view; retry next poll
                 if str(exc) != self.last_error:
