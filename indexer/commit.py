@@ -109,7 +109,7 @@ def _publish(store: IndexStore, manifest: Manifest) -> int:
 
 def commit_segments(store: IndexStore, new_refs_by_shard: dict[int, list[SegmentRef]], model_meta: ModelMeta,
                     shard_count: int, message: str, redis_url: str | None = None, base_version: int | None = None,
-                    lock_timeout: float = 60.0) -> int:
+                    lock_timeout: float = 60.0, verify_new: bool = True) -> int:
     """Add written segments to the index in one new version (creating the index on first commit).
 
     Args:
@@ -117,6 +117,8 @@ def commit_segments(store: IndexStore, new_refs_by_shard: dict[int, list[Segment
         base_version: the version the writer deduplicated against (None: it did not). Rows whose face id
             became live in a version committed after it are dropped (the segment is rewritten), so two
             concurrent ingests of the same photos never duplicate a face.
+        verify_new: re-check the sha256 of the new segments. Only a caller that hashed the bytes while
+            writing them in this process (IndexWriter) passes False; size and schema are always checked.
     Returns:
         The new version.
     Raises:
@@ -141,12 +143,13 @@ def commit_segments(store: IndexStore, new_refs_by_shard: dict[int, list[Segment
         for shard, refs in sorted(new_refs_by_shard.items()):
             if not 0 <= shard < new.shard_count:
                 raise ConfigError(f"shard {shard} out of range for an index of {new.shard_count} shards")
-            added += _add_to_shard(store, new, shard, refs, known, model_meta)
+            added += _add_to_shard(store, new, shard, refs, known, model_meta, verify_new)
         new.message = f"{message} (+{added} faces)" if message else f"+{added} faces"
         return _publish(store, new)
 
 
-def _add_to_shard(store, new: Manifest, shard: int, refs: list[SegmentRef], known: set[str], model) -> int:
+def _add_to_shard(store, new: Manifest, shard: int, refs: list[SegmentRef], known: set[str], model,
+                  verify_new: bool) -> int:
     state = new.shards[shard]
     unseen = [s for s in state.segments if s.id not in known]
     present = shard_face_ids(store, unseen)
@@ -154,7 +157,7 @@ def _add_to_shard(store, new: Manifest, shard: int, refs: list[SegmentRef], know
     revived: list[np.ndarray] = []
     added = 0
     for ref in refs:
-        ids = open_segment(store, ref, verify=True, model=model).face_ids  # never reference an unchecked file
+        ids = open_segment(store, ref, verify=verify_new, model=model).face_ids  # never reference an unchecked file
         dup = isin_sorted(ids, live)
         if dup.any():
             log.info("segment %s: %d faces were committed meanwhile by another writer; dropping them",

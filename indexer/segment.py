@@ -198,9 +198,9 @@ def open_segment(store_or_path: IndexStore | str, ref: SegmentRef, verify: bool 
         raise SegmentCorrupt(f"{where} is missing") from exc
     except OSError as exc:
         raise SegmentCorrupt(f"{where} cannot be read: {exc}") from exc
+    if buf.size != ref.bytes:  # free to check, and catches truncation even without the hash
+        raise SegmentCorrupt(f"{where} has {buf.size} bytes, manifest says {ref.bytes} (truncated or replaced)")
     if verify:
-        if buf.size != ref.bytes:
-            raise SegmentCorrupt(f"{where} has {buf.size} bytes, manifest says {ref.bytes} (truncated or replaced)")
         digest = hashlib.sha256(memoryview(buf)).hexdigest()
         if digest != ref.sha256:
             raise SegmentCorrupt(f"{where} fails its sha256 check (file altered or corrupt); refusing to serve it")
