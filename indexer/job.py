@@ -51,10 +51,13 @@ class IngestSummary:
     skipped: dict = field(default_factory=dict)
     converted: dict = field(default_factory=dict)
     seconds: float = 0.0
+    startup_seconds: float = 0.0  # pipeline start -> first encoded batch (actor start, model load)
+    steady_rate: float = 0.0      # faces/s after the first batch (what more actors speed up)
 
     def summary_lines(self) -> list[str]:
         rate = self.faces_encoded / self.seconds if self.seconds > 0 else 0.0
-        lines = [f"ingest into {self.index_uri}: {self.inputs} inputs in {self.seconds:.1f} s ({rate:.0f} faces/s)",
+        lines = [f"ingest into {self.index_uri}: {self.inputs} inputs in {self.seconds:.1f} s ({rate:.0f} faces/s; "
+                 f"{self.steady_rate:.0f} faces/s after {self.startup_seconds:.1f} s of start-up)",
                  f"  faces encoded: {self.faces_encoded}",
                  f"  faces added: {self.faces_added}",
                  f"  duplicates skipped (already in the index): {self.duplicates_skipped}"]
@@ -71,8 +74,8 @@ class IngestSummary:
         return lines
 
 
-def load_model_info(model_path: str) -> tuple[ModelMeta, dict]:
-    """(ModelMeta, face-pipeline settings) of a checkpoint, without building the model."""
+def load_model_info(model_path: str) -> tuple[ModelMeta, dict, int | None]:
+    """(ModelMeta, face-pipeline settings, embedding dim or None) of a checkpoint, without building the model."""
     from opqn_model.checkpoint import load_checkpoint
 
     payload = load_checkpoint(model_path)
@@ -83,7 +86,10 @@ def load_model_info(model_path: str) -> tuple[ModelMeta, dict]:
         from opqn_model.api import FaceEncoder
 
         pipeline = FaceEncoder.load(model_path).pipeline.to_dict()
-    return meta, pipeline
+    # The head's first linear layer takes the trunk's embeddings: its input width is their dimension.
+    weight = payload["head"].get("projection.2.weight")
+    dim = int(weight.shape[1]) if weight is not None and weight.ndim == 2 else None
+    return meta, pipeline, dim
 
 
 def init_ray(ray_address: str | None = None) -> bool:
@@ -218,11 +224,11 @@ def run_ingest(model_path: str, gallery: str, index_uri: str, shards: int | None
         raise ConfigError(f"batch size must be >= 1, got {batch_size}")
     t0 = time.monotonic()
     model_path = str(pathlib.Path(model_path).resolve())
-    meta, pipeline = load_model_info(model_path)
+    meta, pipeline, embedding_dim = load_model_info(model_path)
     # Open the writer first: a model/index mismatch fails before any encoding.
     writer = IndexWriter(index_uri, meta, shard_count=shards, redis_url=redis_url, segment_rows=segment_rows)
     previous = writer.base_version
-    inputs = list_inputs(gallery, embedding_dim=_embedding_dim(model_path))
+    inputs = list_inputs(gallery, embedding_dim=embedding_dim)
     log.info("ingest %s (%d %s) into %s with model %s", gallery, inputs.count, inputs.kind, writer.store.uri,
              meta.fingerprint)
     summary = IngestSummary(index_uri=writer.store.uri, version=previous, previous_version=previous,
@@ -243,13 +249,6 @@ def run_ingest(model_path: str, gallery: str, index_uri: str, shards: int | None
     summary.shards_written = sorted(writer.stats.shards_written)
     summary.seconds = time.monotonic() - t0
     return summary
-
-
-def _embedding_dim(model_path: str) -> int | None:
-    from opqn_model.checkpoint import load_checkpoint
-
-    weight = load_checkpoint(model_path)["head"].get("projection.2.weight")
-    return int(weight.shape[1]) if weight is not None and weight.ndim == 2 else None
 
 
 def _run_pipeline(inputs: _Inputs, model_path: str, pipeline: dict, writer: IndexWriter, summary: IngestSummary,
@@ -285,6 +284,7 @@ def _run_pipeline(inputs: _Inputs, model_path: str, pipeline: dict, writer: Inde
     skips = SkipCounter()
     bar = tqdm(total=inputs.count, unit="face", desc="ingest", disable=not progress, smoothing=0.1)
     done, last_log, t_start = 0, 0.0, time.monotonic()
+    t_first = first_n = None
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             n = len(batch["face_id"])
@@ -305,6 +305,8 @@ def _run_pipeline(inputs: _Inputs, model_path: str, pipeline: dict, writer: Inde
             done += n
             bar.update(n)
             now = time.monotonic()
+            if t_first is None:
+                t_first, first_n = now, n
             if now - last_log >= PROGRESS_EVERY_S or done == inputs.count:
                 last_log = now
                 rate = done / max(now - t_start, 1e-9)
@@ -314,6 +316,10 @@ def _run_pipeline(inputs: _Inputs, model_path: str, pipeline: dict, writer: Inde
         raise _translate_ray_error(exc) from exc
     finally:
         bar.close()
+    if t_first is not None:
+        summary.startup_seconds = t_first - t_start
+        steady = time.monotonic() - t_first
+        summary.steady_rate = (done - first_n) / steady if steady > 0 else 0.0
     summary.skipped, summary.converted = dict(skips.skipped), dict(skips.converted)
 
 

@@ -51,14 +51,19 @@ class IndexStore:
 
     Args:
         uri: a local path (relative or absolute) or a URI `pyarrow.fs.FileSystem.from_uri` understands.
+        filesystem: use this pyarrow FileSystem, with `uri` as the root path inside it (e.g. an
+            S3FileSystem with custom credentials/endpoint). Anything but a LocalFileSystem is treated
+            as an object store: write-once puts, no memory-mapping, a Redis commit lock.
     """
 
-    def __init__(self, uri: str | os.PathLike):
+    def __init__(self, uri: str | os.PathLike, filesystem: pafs.FileSystem | None = None):
         uri = os.fspath(uri)
         if not uri:
             raise IndexFormatError("index path is empty")
         self.uri = uri
-        if "://" not in uri:
+        if filesystem is not None:
+            self.fs, self.root = filesystem, uri.rstrip("/")
+        elif "://" not in uri:
             self.fs: pafs.FileSystem = pafs.LocalFileSystem()
             self.root = os.path.abspath(uri)
         else:

@@ -60,6 +60,9 @@ class IndexWriter:
         if segment_rows < 1:
             raise ConfigError(f"segment_rows must be >= 1, got {segment_rows}")
         self.segment_rows = segment_rows
+        if not self.store.is_local and not redis_url:
+            raise ConfigError(f"{self.store.uri} is on an object store, which has no file lock: pass a Redis URL "
+                              f"(--redis) so concurrent commits are serialised")
         self.base_version = self.store.current_version()
         if self.base_version is None:
             self.shard_count = int(shard_count or DEFAULT_SHARDS)

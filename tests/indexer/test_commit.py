@@ -243,3 +243,26 @@ def test_redis_lock_serialises_commits_and_is_released(tmp_path, meta, rows, red
     redis_server.stop()
     with pytest.raises(ConfigError, match="cannot take the commit lock in Redis"):
         delete_faces(store, person="person_02", redis_url=redis_server.url, lock_timeout=1)
+
+
+def test_object_store_code_path_round_trips_with_a_redis_lock(tmp_path, meta, rows, redis_server):
+    """A non-local pyarrow filesystem (a SubTreeFileSystem stands in for S3/GCS): one-put writes, segments
+    read into memory instead of mmap, the Redis lock mandatory."""
+    import pyarrow.fs as pafs
+
+    ids, persons, sources, codes = rows
+    fs = pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())
+    store = IndexStore("bucket/idx", filesystem=fs)
+    assert not store.is_local and store.local_path("CURRENT") is None
+    with pytest.raises(ConfigError, match="Redis URL"):
+        IndexWriter(store, meta)
+    w = IndexWriter(store, meta, redis_url=redis_server.url, segment_rows=200)
+    w.add(ids, persons, sources, codes)
+    assert w.commit("remote") == 1
+    assert (tmp_path / "bucket/idx/CURRENT").read_text() == "1\n"
+    view = open_segment(store, store.load_manifest().segments[0], model=meta)
+    assert view.rows > 0 and view.codes.shape[1] == 8
+    assert delete_faces(store, person="person_05", redis_url=redis_server.url) == (2, 50)
+    stats = compact(store, redis_url=redis_server.url, grace_seconds=0)
+    assert stats.rows_removed == 50 and stats.files_deleted > 0
+    assert index_info(store, verify=True)["faces"] == len(ids) - 50

@@ -173,9 +173,12 @@ def test_two_concurrent_ingest_processes_both_commit(ray_local, trained_model, s
 
     other = write_faces(tmp_path / "other", 5, 4, size=40, seed=11)
     index = tmp_path / "idx"
-    procs = [subprocess.Popen(_ingest_cmd(trained_model, g, index, ray_local, "--batch-size", "8"),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(), text=True)
-             for g in (synthetic_gallery, other)]
+    # One joins Ray through --ray-address, the other through $RAY_ADDRESS (as under `ray job submit`).
+    cmd_a = _ingest_cmd(trained_model, synthetic_gallery, index, ray_local, "--batch-size", "8")
+    cmd_b = _ingest_cmd(trained_model, other, index, ray_local, "--batch-size", "8")
+    cmd_b = cmd_b[:cmd_b.index("--ray-address")] + cmd_b[cmd_b.index("--ray-address") + 2:]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+             for cmd, env in ((cmd_a, _env()), (cmd_b, dict(_env(), RAY_ADDRESS=ray_local)))]
     outs = []
     for p in procs:
         try:
