@@ -120,18 +120,40 @@ class Heartbeat:
 
 
 class RedisRegistry:
-    """The coordinator's view of live nodes in Redis (last known topology when Redis is down)."""
+    """The coordinator's view of live nodes in Redis (last known topology when Redis is down).
 
-    def __init__(self, url: str):
+    Args:
+        url: Redis URL.
+        restart_grace: seconds after Redis comes back (reachable again, or a new server run id:
+            restarted, possibly empty) during which nodes of the last known topology are kept
+            alongside the listed ones, so searches do not lose every shard while the nodes
+            re-announce themselves (they do within a third of their TTL). Nodes that really
+            died answer UNAVAILABLE and the coordinator asks another replica.
+    """
+
+    def __init__(self, url: str, restart_grace: float = DEFAULT_TTL):
         self.url = url
+        self.restart_grace = restart_grace
         self._redis = _client(url)
         self._last: list[NodeRecord] = []
         self.reachable = False
+        self._ever_reached = False
+        self._run_id = None
+        self._grace_until = 0.0
+
+    def _run_id_now(self):
+        import redis
+
+        try:
+            return self._redis.info("server").get("run_id")
+        except redis.ResponseError:  # an ACL user without INFO: rely on reachability alone
+            return None
 
     def nodes(self) -> list[NodeRecord]:
         import redis
 
         try:
+            run_id = self._run_id_now()
             keys = list(self._redis.scan_iter(match=KEY_PREFIX + "*", count=500))
             values = self._redis.mget(keys) if keys else []
         except (redis.ConnectionError, redis.TimeoutError) as exc:
@@ -140,7 +162,13 @@ class RedisRegistry:
                             len(self._last))
             self.reachable = False
             return list(self._last)
-        self.reachable = True
+        back = self._ever_reached and (not self.reachable or (run_id and self._run_id and run_id != self._run_id))
+        if back:
+            log.info("registry %s is back; keeping the last known %d nodes for %g s while nodes re-register",
+                     redact(self.url), len(self._last), self.restart_grace)
+            self._grace_until = time.monotonic() + self.restart_grace
+        self.reachable, self._ever_reached = True, True
+        self._run_id = run_id or self._run_id
         records = []
         for v in values:
             if v is None:  # expired between SCAN and MGET
@@ -149,6 +177,9 @@ class RedisRegistry:
                 records.append(NodeRecord.from_json(v))
             except (ValueError, KeyError, TypeError):
                 log.warning("ignoring a malformed registry entry: %r", v[:200])
+        if time.monotonic() < self._grace_until:
+            listed = {r.node_id for r in records}
+            records += [r for r in self._last if r.node_id not in listed]
         self._last = sorted(records, key=lambda r: r.node_id)
         return list(self._last)
 
