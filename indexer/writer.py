@@ -104,11 +104,11 @@ class IndexWriter:
             return 0
         # One stable argsort serves both checks: duplicates within the batch are neighbours in
         # sorted order, and each shard's candidates come out sorted for the binary search.
-        order = np.argsort(ids, kind="stable")
+        order = np.argsort(ids)  # quicksort: 2x a stable sort; first occurrences are recovered below
         sorted_ids = ids[order]
-        first = np.ones(n, dtype=bool)
-        first[1:] = sorted_ids[1:] != sorted_ids[:-1]
-        order, sorted_ids = order[first], sorted_ids[first]
+        starts = np.flatnonzero(np.concatenate(([True], sorted_ids[1:] != sorted_ids[:-1])))
+        if starts.size < n:
+            order, sorted_ids = np.minimum.reduceat(order, starts), sorted_ids[starts]
         shard_of = (sorted_ids % np.uint64(self.shard_count)).astype(np.int64)
         new = 0
         for shard in range(self.shard_count):

@@ -47,6 +47,13 @@ def test_writer_shards_by_face_id_and_reingest_adds_nothing(tmp_path, meta, rows
     assert half.add(both, ["a"] * 14, ["s"] * 14, np.zeros((14, 8), np.uint8)) == 2
     assert half.commit("two new") == 2
     assert sorted(_all_live_ids(store).tolist()) == sorted(ids.tolist() + [5, 6])
+    # Of rows repeating one face id within a batch, the first is kept.
+    last = IndexWriter(tmp_path / "idx", meta)
+    assert last.add(np.array([9, 8, 9], np.uint64), ["first", "x", "second"], ["s"] * 3, np.zeros((3, 8), np.uint8)) == 2
+    last.commit("first wins")
+    names = {open_segment(store, r).person_at(i) for r in store.load_manifest().segments
+             for i in np.flatnonzero(open_segment(store, r).face_ids == 9)}
+    assert names == {"first"}
 
 
 def test_uncommitted_files_are_ignored_by_readers_then_garbage_collected(tmp_path, meta, rows):
