@@ -23,7 +23,7 @@ import os
 import pathlib
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -198,26 +198,34 @@ class EnrolResult:
     person: str
     face_ids: list
     index_version: str
-    rank: int | None  # rank of the person among the hits of their held-out photo; None = not found in time
-    seconds: float  # from the Enrol call until the search found them (or gave up)
-    hits: list = field(default_factory=list)
+    rank: int | None  # best rank of the person's faces for their held-out photo; None = never visible
+    searched: int  # faces the search returned (all of them while the index is under FIND_K)
+    seconds: float  # from the Enrol call until a search saw them (or gave up)
+
+
+FIND_K = 1000  # the coordinator's maximum top_k: the demo's whole index, so visibility does not depend on rank
 
 
 def enrol_and_find(client: CoordinatorClient, data: DemoData, timeout: float = 20.0) -> EnrolResult:
-    """Enrol `data.enrol_person` with all but one photo; search the held-out photo until they appear."""
+    """Enrol `data.enrol_person` with all but one photo; search the held-out photo until they appear.
+
+    The search asks for FIND_K hits, so "appears" means "the nodes serve the new faces"
+    (hot reload), and `rank` then says how well the model ranks them.
+    """
     photos = [(pathlib.Path(r.path).read_bytes(), os.path.relpath(r.path, data.root)) for r in data.enrol_photos]
     query = pathlib.Path(data.enrol_query.path).read_bytes()
     t0 = time.monotonic()
     reply = client.enrol(data.enrol_person, photos)
-    hits, rank = [], None
+    rank, searched = None, 0
     while time.monotonic() - t0 < timeout:
-        result, _ = client.search(query)
-        hits = list(result.hits)
-        rank = next((i + 1 for i, h in enumerate(hits) if h.person == data.enrol_person), None)
+        result, _ = client.search(query, k=FIND_K)
+        searched = len(result.hits)
+        rank = next((i + 1 for i, h in enumerate(result.hits) if h.person == data.enrol_person), None)
         if rank is not None:
             break
         time.sleep(0.2)  # nodes poll the index every 0.5 s
-    return EnrolResult(data.enrol_person, list(reply.face_ids), reply.index_version, rank, time.monotonic() - t0, hits)
+    return EnrolResult(data.enrol_person, list(reply.face_ids), reply.index_version, rank, searched,
+                       time.monotonic() - t0)
 
 
 @dataclass

@@ -150,12 +150,13 @@ def _build(args, workdir: pathlib.Path, settings, t_start: float) -> dict:
     pieces["client"] = client
     enrol = demo.enrol_and_find(client, data)
     pieces["enrol"] = enrol
+    _say(f"      enrolled {len(enrol.face_ids)} faces, index version {enrol.index_version}")
     if enrol.rank is None:
-        _say(f"      enrolled {len(enrol.face_ids)} faces (index version {enrol.index_version}); another photo "
-             f"of {enrol.person} did NOT find them in the top {demo.SEARCH_K} within {enrol.seconds:.0f} s")
+        _say(f"      another photo of {enrol.person}: NOT served within {enrol.seconds:.0f} s "
+             f"(see {workdir / 'logs'})")
     else:
-        _say(f"      enrolled {len(enrol.face_ids)} faces (index version {enrol.index_version}); another photo "
-             f"of {enrol.person} finds them at rank {enrol.rank}, {enrol.seconds:.1f} s after enrolling")
+        _say(f"      another photo of {enrol.person} finds them {enrol.seconds:.1f} s after enrolling (hot reload): "
+             f"best match at rank {enrol.rank} of {enrol.searched} faces")
     return pieces
 
 

@@ -1,0 +1,150 @@
+"""`facepq demo --small`, `facepq up` / `facepq down`, and Ctrl-C: real subprocesses, real Ray/Redis/gRPC.
+
+The three tests share one workdir, so the model trained by the first is reused (cached) by the
+others. Leftovers are checked by the pids the launcher recorded (redis-server rewrites its
+command line, so /proc cmdlines alone would miss it) and by scanning /proc for the workdir.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from facepq.launcher import process_start_time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> pathlib.Path:
+    return tmp_path_factory.mktemp("demo")
+
+
+def facepq(*args) -> list[str]:
+    return [sys.executable, "-m", "facepq.cli", *args]
+
+
+def env() -> dict:
+    return dict(os.environ, PYTHONUNBUFFERED="1", RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+
+
+def processes_mentioning(text: str) -> list[str]:
+    found = []
+    for entry in pathlib.Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline and process_start_time(int(entry.name)) is not None:
+            found.append(f"{entry.name}: {cmdline[:200]}")
+    return found
+
+
+def assert_nothing_left(workdir: pathlib.Path, timeout: float = 15.0) -> None:
+    state = json.loads((workdir / "cluster.json").read_text())
+    assert {p["name"] for p in state["processes"]} >= {"node-0", "node-1", "coordinator"}
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = [f"{p['name']} pid {p['pid']}" for p in state["processes"]
+                 if process_start_time(p["pid"]) == p["start_time"]]
+        strays = processes_mentioning(str(workdir))
+        if not alive and not strays:
+            break
+        assert time.monotonic() < deadline, f"left running: {alive} {strays}"
+        time.sleep(0.2)
+    assert state["stopped"] is True or not alive
+
+
+class Background:
+    """A facepq command in its own session, output to a file, killed (group) if the test fails."""
+
+    def __init__(self, args, log: pathlib.Path):
+        self.log = log
+        self._out = open(log, "w")
+        self.proc = subprocess.Popen(args, cwd=REPO, env=env(), stdout=self._out, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_for(self, pattern: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not re.search(pattern, self.text()):
+            assert self.proc.poll() is None, f"exited with {self.proc.returncode}:\n{self.text()[-4000:]}"
+            assert time.monotonic() < deadline, f"no {pattern!r} within {timeout} s:\n{self.text()[-4000:]}"
+            time.sleep(0.2)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+        self._out.close()
+
+
+def test_demo_small_runs_every_step_reports_metrics_and_leaves_nothing(workdir):
+    out = subprocess.run(facepq("demo", "--small", "--workdir", str(workdir), "--no-progress"), cwd=REPO, env=env(),
+                         capture_output=True, text=True, timeout=360)
+    text = out.stdout
+    assert out.returncode == 0, f"exit {out.returncode}\n{text[-3000:]}\n{out.stderr[-3000:]}"
+    for step in range(1, 7):
+        assert f"[{step}/6]" in text
+    assert re.search(r"query person\s+rank\s+hit person\s+score\s+shard", text)
+    rows = re.findall(r"^\s+(?:synth_\d+)?\s+[123]\s+synth_\d+\s+-?\d+\.\d+\s+[01]\b", text, re.M)
+    assert len(rows) >= 3, text
+    assert re.search(r"mAP codes .*:\s+[01]\.\d{4}$", text, re.M)
+    assert re.search(r"mAP float .*:\s+[01]\.\d{4}$", text, re.M)
+    assert re.search(r"p50 \d+\.\d ms, p99 \d+\.\d ms", text)
+    assert re.search(r"finds them [\d.]+ s after enrolling .*rank \d+ of \d+ faces", text), text
+    assert "reusing" not in text  # the first run trains
+    assert (workdir / "model" / "model.pt").is_file() and (workdir / "model" / "demo-key.json").is_file()
+    assert_nothing_left(workdir)
+
+
+def test_up_serves_until_down_and_down_is_safe_twice(workdir):
+    up = Background(facepq("up", "--small", "--workdir", str(workdir), "--no-progress"), workdir / "up.log")
+    try:
+        up.wait_for(r"facepq up: serving; coordinator \S+", timeout=300)
+        assert "reusing" in up.text()  # the model trained by the demo test is cached
+        state = json.loads((workdir / "up.json").read_text())
+        assert state["pid"] == up.proc.pid and state["coordinator"]
+        photo = next((workdir / "faces").glob("synth_*/000.png"))
+        search = subprocess.run(facepq("search", str(photo), "--coordinator", state["coordinator"], "--json"),
+                                cwd=REPO, env=env(), capture_output=True, text=True, timeout=60)
+        assert search.returncode == 0, search.stderr
+        assert json.loads(search.stdout)["complete"] is True
+
+        down = subprocess.run(facepq("down", "--workdir", str(workdir)), cwd=REPO, env=env(), capture_output=True,
+                              text=True, timeout=120)
+        assert down.returncode == 0, down.stderr
+        assert up.proc.wait(60) == 0
+        assert not (workdir / "up.json").exists()
+        assert_nothing_left(workdir)
+        again = subprocess.run(facepq("down", "--workdir", str(workdir)), cwd=REPO, env=env(), capture_output=True,
+                               text=True, timeout=60)
+        assert again.returncode == 0 and "nothing running" in again.stdout
+    finally:
+        up.close()
+
+
+def test_sigint_while_serving_stops_every_process(workdir):
+    (workdir / "cluster.json").unlink(missing_ok=True)
+    demo = Background(facepq("demo", "--small", "--workdir", str(workdir), "--no-progress"), workdir / "sigint.log")
+    try:
+        demo.wait_for(r"\[5/6\]", timeout=300)  # Redis, nodes and coordinator are up
+        demo.proc.send_signal(signal.SIGINT)
+        assert demo.proc.wait(60) == 130
+        assert "interrupted" in demo.text()
+        assert_nothing_left(workdir)
+    finally:
+        demo.close()
