@@ -78,6 +78,7 @@ class Heartbeat:
         self._thread: threading.Thread | None = None
         self._redis = _client(url)
         self.connected = False
+        self._warned = False
 
     def beat(self) -> bool:
         """Write the record once; False (logged once per outage) when Redis is unreachable."""
@@ -86,9 +87,10 @@ class Heartbeat:
         record = self.record_fn()
         try:
             self._redis.set(KEY_PREFIX + record.node_id, record.to_json(), px=int(self.ttl * 1000))
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            if self.connected:
+        except redis.RedisError as exc:  # down, wrong password, or an ACL user without rights on the key
+            if self.connected or not self._warned:
                 log.warning("registry %s unreachable (%s); will keep retrying", redact(self.url), exc)
+                self._warned = True
             self.connected = False
             return False
         if not self.connected:
@@ -156,7 +158,7 @@ class RedisRegistry:
             run_id = self._run_id_now()
             keys = list(self._redis.scan_iter(match=KEY_PREFIX + "*", count=500))
             values = self._redis.mget(keys) if keys else []
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
+        except redis.RedisError as exc:  # down, or credentials refused: keep serving the last topology
             if self.reachable:
                 log.warning("registry %s unreachable (%s); using the last known %d nodes", redact(self.url), exc,
                             len(self._last))
