@@ -166,6 +166,10 @@ def list_inputs(gallery: str, embedding_dim: int | None = None) -> _Inputs:
             if missing:
                 raise DataError(f"{path}: an embeddings Parquet file needs columns embedding, person, source "
                                 f"(missing {', '.join(missing)})")
+            first = pq.ParquetFile(path).read_row_group(0, columns=["embedding"]) if \
+                pq.ParquetFile(path).metadata.num_row_groups else None
+            if first is not None and first.num_rows:
+                _check_dim(len(first.column("embedding")[0]), embedding_dim, path)
             meta = pq.ParquetFile(path).metadata
             items, start = [], 0
             for g in range(meta.num_row_groups):
@@ -324,12 +328,27 @@ def _run_pipeline(inputs: _Inputs, model_path: str, pipeline: dict, writer: Inde
 
 
 def _translate_ray_error(exc: Exception) -> Exception:
-    """A FacepqError raised inside a Ray task/actor (e.g. CheckpointError) comes back as itself."""
-    from facepq.errors import FacepqError
+    """The FacepqError raised inside a Ray task/actor (e.g. CheckpointError), as a one-line error here.
 
-    cause = getattr(exc, "cause", None)
-    while cause is not None:
-        if isinstance(cause, FacepqError):
+    Ray Data wraps errors of a UDF in UserCodeException without the original object, so
+    the error is recovered from the remote traceback text when the cause chain lacks it.
+    """
+    import re
+
+    from facepq import errors
+
+    cause = exc
+    for _ in range(10):
+        if cause is None:
+            break
+        if isinstance(cause, errors.FacepqError):
             return cause
         cause = getattr(cause, "cause", None) or cause.__cause__
-    return DataError(f"the ingest pipeline failed in a Ray worker: {exc}")
+    found = re.findall(r"facepq\.errors\.(\w+): (.+)", str(exc))
+    if found:
+        name, message = found[-1]
+        cls = getattr(errors, name, None)
+        if isinstance(cls, type) and issubclass(cls, errors.FacepqError) and cls is not errors.BadImage:
+            return cls(f"in a Ray worker: {message.strip()}")
+    first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+    return DataError(f"the ingest pipeline failed in a Ray worker: {first}")

@@ -127,6 +127,22 @@ def test_ingest_with_another_model_is_refused_naming_both(ray_local, trained_mod
     assert IndexStore(index).current_version() == 1
 
 
+def test_errors_inside_ray_workers_come_back_as_one_clear_error(ray_local, trained_model, tmp_path):
+    from facepq.errors import ConfigError, DataError
+
+    emb = np.ones((6, _encoder(trained_model).embedding_dim), np.float32)
+    emb[3, 1] = np.nan  # the head refuses it inside the encoder actor
+    np.save(tmp_path / "nan.npy", emb)
+    (tmp_path / "nan.csv").write_text("person\n" + "a\n" * 6)
+    with pytest.raises(ConfigError, match="in a Ray worker: embeddings contain NaN"):
+        run_ingest(str(trained_model), str(tmp_path / "nan.npy"), str(tmp_path / "idx"), progress=False)
+    assert not IndexStore(tmp_path / "idx").exists()
+    np.save(tmp_path / "short.npy", emb[:, :10])
+    (tmp_path / "short.csv").write_text("person\n" + "a\n" * 6)
+    with pytest.raises(DataError, match="10-d embeddings"):  # caught before any Ray work
+        run_ingest(str(trained_model), str(tmp_path / "short.npy"), str(tmp_path / "idx"), progress=False)
+
+
 def _ingest_cmd(model, gallery, index, address, *extra):
     return [sys.executable, "-m", "facepq.cli", "ingest", "--model", str(model), "--gallery", str(gallery),
             "--index", str(index), "--ray-address", address, "--no-progress", *extra]
