@@ -14,13 +14,15 @@ commit drops faces another writer committed in between.
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 
 from facepq.errors import ConfigError
-from indexer.commit import _check_compatible, commit_segments, isin_sorted, shard_face_ids
+from indexer.commit import (_check_compatible, commit_segments, isin_sorted, segment_face_ids, shard_face_ids,
+                            sorted_unique)
 from indexer.manifest import ModelMeta, SegmentRef
 from indexer.segment import write_segment
 from indexer.store import IndexStore
@@ -63,7 +65,8 @@ class IndexWriter:
         if not self.store.is_local and not redis_url:
             raise ConfigError(f"{self.store.uri} is on an object store, which has no file lock: pass a Redis URL "
                               f"(--redis) so concurrent commits are serialised")
-        self.base_version = self.store.current_version()
+        self._lock = threading.RLock()  # one writer may serve concurrent Enrol RPCs
+        self.base_version = self.store.current_version()  # the version `_seen` describes
         if self.base_version is None:
             self.shard_count = int(shard_count or DEFAULT_SHARDS)
             if self.shard_count < 1:
@@ -73,19 +76,46 @@ class IndexWriter:
             manifest = self.store.load_manifest(self.base_version)
             _check_compatible(manifest, model_meta, shard_count, self.store.uri)
             self.shard_count = manifest.shard_count
-            # Tombstoned faces count as absent: adding one again enrols it again.
-            self._seen = []
-            for st in manifest.shards:
-                present = shard_face_ids(self.store, st.segments)
-                dead = np.array(sorted(st.tombstones), dtype=np.uint64)
-                self._seen.append(present[~isin_sorted(present, dead)])
+            self._seen = self._live_ids(manifest)
+        # The version `_seen` described when the oldest uncommitted row was accepted: the commit
+        # re-checks everything committed by others since then.
+        self._pending_base: int | None = None
         self._buffers: list[list[tuple]] = [[] for _ in range(self.shard_count)]
         self._buffered_rows = [0] * self.shard_count
         self._refs: dict[int, list[SegmentRef]] = {}
         self.stats = WriterStats()
 
+    def _live_ids(self, manifest) -> list[np.ndarray]:
+        # Tombstoned faces count as absent: adding one again enrols it again.
+        out = []
+        for st in manifest.shards:
+            present = shard_face_ids(self.store, st.segments)
+            dead = np.array(sorted(st.tombstones), dtype=np.uint64)
+            out.append(present[~isin_sorted(present, dead)])
+        return out
+
+    def _sync(self) -> None:
+        """Another writer committed (or deleted, or compacted): rebuild the dedup set from the new version."""
+        current = self.store.current_version()
+        if current == self.base_version:
+            return
+        manifest = self.store.load_manifest(current)
+        _check_compatible(manifest, self.model, self.shard_count, self.store.uri)
+        seen = self._live_ids(manifest)
+        for shard in range(self.shard_count):  # rows of ours not yet committed stay "seen"
+            pending = [p[0] for p in self._buffers[shard]]
+            pending += [segment_face_ids(self.store, r) for r in self._refs.get(shard, [])]
+            if pending:
+                seen[shard] = sorted_unique(np.concatenate([seen[shard]] + pending))
+        self._seen, self.base_version = seen, current
+        log.debug("writer for %s now deduplicates against version %s", self.store.uri, current)
+
     # ------------------------------------------------------------------
     def add(self, face_ids, persons, sources, codes) -> int:
+        with self._lock:
+            return self._add(face_ids, persons, sources, codes)
+
+    def _add(self, face_ids, persons, sources, codes) -> int:
         """Buffer faces; returns how many were new (not duplicates).
 
         Args:
@@ -102,6 +132,7 @@ class IndexWriter:
         persons, sources = _strings(persons, n, "persons"), _strings(sources, n, "sources")
         if n == 0:
             return 0
+        self._sync()
         # One stable argsort serves both checks: duplicates within the batch are neighbours in
         # sorted order, and each shard's candidates come out sorted for the binary search.
         order = np.argsort(ids)  # quicksort: 2x a stable sort; first occurrences are recovered below
@@ -123,6 +154,8 @@ class IndexWriter:
             idx = pa.array(sel)
             self._buffers[shard].append((ids[sel], persons.take(idx), sources.take(idx), codes[sel]))
             self._buffered_rows[shard] += sel.size
+            if self._pending_base is None:
+                self._pending_base = self.base_version
             new += sel.size
             if self._buffered_rows[shard] >= self.segment_rows:
                 self._flush(shard)
@@ -161,19 +194,21 @@ class IndexWriter:
             The new version, or the current version unchanged (None for a still-empty index) when
             there was nothing new to commit.
         """
-        for shard in range(self.shard_count):
-            self._flush(shard)
-        if not self._refs:
-            log.info("nothing new to commit to %s", self.store.uri)
-            return self.store.current_version()
-        # The segments were hashed as this process wrote them: the commit checks size and schema only.
-        version = commit_segments(self.store, self._refs, self.model, self.shard_count, message,
-                                  redis_url=self.redis_url, base_version=self.base_version, verify_new=False)
-        self._refs = {}
-        # Only when no other writer committed in between does our dedup set describe `version` exactly.
-        if self.store.load_manifest(version).parent_version == self.base_version:
-            self.base_version = version
-        return version
+        with self._lock:
+            for shard in range(self.shard_count):
+                self._flush(shard)
+            if not self._refs:
+                log.info("nothing new to commit to %s", self.store.uri)
+                return self.store.current_version()
+            # The segments were hashed as this process wrote them: the commit checks size and schema only.
+            version = commit_segments(self.store, self._refs, self.model, self.shard_count, message,
+                                      redis_url=self.redis_url, base_version=self._pending_base, verify_new=False)
+            self._refs, self._pending_base = {}, None
+            # Only when no other writer committed in between does our dedup set describe `version` exactly;
+            # otherwise the next add rebuilds it.
+            if self.store.load_manifest(version).parent_version == self.base_version:
+                self.base_version = version
+            return version
 
 
 def _strings(values, n: int, what: str) -> pa.Array:

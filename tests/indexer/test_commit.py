@@ -273,3 +273,47 @@ def test_object_store_code_path_round_trips_with_a_redis_lock(tmp_path, meta, ro
     stats = compact(store, redis_url=redis_server.url, grace_seconds=0)
     assert stats.rows_removed == 50 and stats.files_deleted > 0
     assert index_info(store, verify=True)["faces"] == len(ids) - 50
+
+
+def test_a_long_lived_writer_follows_other_writers_deletes_and_compactions(tmp_path, meta, rows):
+    """The coordinator's Enrol path keeps one writer open across many commits."""
+    ids, persons, sources, codes = rows
+    store = IndexStore(tmp_path / "idx")
+    enrol = IndexWriter(store, meta)
+    enrol.add(ids[:100], persons[:100], sources[:100], codes[:100])
+    assert enrol.commit("enrol 1") == 1
+    other = IndexWriter(store, meta)
+    other.add(ids[100:200], persons[100:200], sources[100:200], codes[100:200])
+    assert other.commit("bulk") == 2
+    assert enrol.add(ids[150:250], persons[150:250], sources[150:250], codes[150:250]) == 50  # sees the bulk rows
+    assert enrol.commit("enrol 2") == 3
+    assert delete_faces(store, face_ids=ids[:10])[0] == 4
+    compact(store, grace_seconds=0)
+    assert enrol.add(ids[:10], ["again"] * 10, sources[:10], codes[:10]) == 10  # deleted: enrols again
+    assert enrol.commit("enrol 3") == 6
+    live = _all_live_ids(store)
+    assert len(live) == len(np.unique(live)) == 250
+
+
+def test_one_writer_shared_by_threads(tmp_path, meta, rows):
+    ids, persons, sources, codes = rows
+    store = IndexStore(tmp_path / "idx")
+    writer = IndexWriter(store, meta, segment_rows=16)
+    errors = []
+
+    def enrol(k):
+        try:
+            for j in range(k * 50, (k + 1) * 50, 10):
+                writer.add(ids[j:j + 10], persons[j:j + 10], sources[j:j + 10], codes[j:j + 10])
+                writer.commit(f"t{k}")
+        except Exception as exc:  # noqa: BLE001 - any failure is the finding
+            errors.append(exc)
+
+    threads = [threading.Thread(target=enrol, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    live = _all_live_ids(store)
+    assert len(live) == len(np.unique(live)) == 200
