@@ -1,12 +1,14 @@
 """The commit lock: one writer at a time turns the current manifest into the next.
 
-Local indexes use an `fcntl` lock on `<index>/_lock` (released by the kernel
-when the holder dies, so a SIGKILLed ingest never wedges the index). When a
-Redis URL is given (required for object stores, where no file lock exists)
-the lock is a Redis key set with `SET key token NX PX ttl`; a watchdog thread
-extends the TTL while the holder works and the release deletes the key only if
-it still holds our token, so a holder that stalled past its TTL can never
-release someone else's lock. Every wait has a timeout.
+Local indexes always use an `fcntl` lock on `<index>/_lock` (released by the
+kernel when the holder dies, so a SIGKILLed ingest never wedges the index),
+whether or not a Redis URL is given, so writers configured differently still
+exclude each other. When a Redis URL is given (required for object stores,
+where no file lock exists) a Redis lock is taken first: a key set with
+`SET key token NX PX ttl`; a watchdog thread extends the TTL while the holder
+works and the release deletes the key only if it still holds our token, so a
+holder that stalled past its TTL can never release someone else's lock.
+Every wait has a timeout.
 """
 from __future__ import annotations
 
@@ -41,7 +43,14 @@ def commit_lock(store: IndexStore, redis_url: str | None = None, timeout: float 
         redis_url: use a Redis lock (redis://host:port/db) instead of the local file lock.
         timeout: seconds to wait for the lock before raising IndexLockTimeout.
     """
-    if redis_url:
+    if redis_url and store.is_local:
+        # Both, always in this order: a writer given a Redis URL (the coordinator) and one without
+        # (a CLI ingest) still exclude each other through the file lock.
+        deadline = time.monotonic() + timeout
+        with _redis_lock(store, redis_url, timeout):
+            with _file_lock(store, max(0.0, deadline - time.monotonic())):
+                yield
+    elif redis_url:
         with _redis_lock(store, redis_url, timeout):
             yield
     elif store.is_local:

@@ -241,6 +241,12 @@ def test_redis_lock_serialises_commits_and_is_released(tmp_path, meta, rows, red
             with commit_lock(store, redis_url=redis_server.url, timeout=0.3):
                 pass
     assert not client.exists(key)
+    # A writer with Redis and one without (a CLI ingest beside the coordinator) still exclude each other.
+    with commit_lock(store):
+        with pytest.raises(IndexLockTimeout, match="commit lock"):
+            with commit_lock(store, redis_url=redis_server.url, timeout=0.3):
+                pass
+    assert not client.exists(key)
     w = IndexWriter(store, meta, redis_url=redis_server.url)
     w.add(ids, persons, sources, codes)
     assert w.commit("via redis") == 1
