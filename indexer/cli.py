@@ -23,6 +23,9 @@ def register(subparsers) -> None:
     p.add_argument("--actors", type=int, default=None, help="encoder actors (default: CPUs, at most 8)")
     p.add_argument("--batch-size", type=int, default=64, help="photos per encoder call (default 64)")
     p.add_argument("--segment-rows", type=int, default=None, help="rows per segment file (default 1,000,000)")
+    p.add_argument("--read-cpus", type=float, default=None,
+                   help="CPUs per photo read/align task; default 0.5 fuses reading into the encoder actors "
+                        "(best on one machine); e.g. 1 keeps reads as tasks over all CPUs of a cluster")
     p.add_argument("--redis", default=None, help="redis://host:port/db for the commit lock (object stores)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=_ingest)
@@ -58,7 +61,8 @@ def _ingest(args: argparse.Namespace) -> int:
 
     summary = run_ingest(args.model, args.gallery, args.index, shards=args.shards, ray_address=args.ray_address,
                          actors=args.actors, batch_size=args.batch_size, redis_url=args.redis,
-                         progress=not args.no_progress, segment_rows=args.segment_rows or DEFAULT_SEGMENT_ROWS)
+                         progress=not args.no_progress, segment_rows=args.segment_rows or DEFAULT_SEGMENT_ROWS,
+                         read_cpus=args.read_cpus)
     print("\n".join(summary.summary_lines()))
     return 0
 

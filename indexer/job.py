@@ -32,6 +32,8 @@ from indexer.writer import DEFAULT_SEGMENT_ROWS, IndexWriter
 log = logging.getLogger(__name__)
 
 EMBEDDING_CHUNK_ROWS = 32_768
+# Fractional: two 1-CPU actors on a 2-CPU machine left nothing for the read tasks and hung.
+ACTOR_CPUS = 0.5
 PROGRESS_EVERY_S = 2.0
 
 
@@ -210,7 +212,7 @@ def _check_dim(found: int, expected: int | None, path) -> None:
 def run_ingest(model_path: str, gallery: str, index_uri: str, shards: int | None = None,
                ray_address: str | None = None, actors: int | None = None, batch_size: int = 64,
                redis_url: str | None = None, progress: bool = True,
-               segment_rows: int = DEFAULT_SEGMENT_ROWS) -> IngestSummary:
+               segment_rows: int = DEFAULT_SEGMENT_ROWS, read_cpus: float | None = None) -> IngestSummary:
     """Encode a gallery with the model at `model_path` and commit it to the index at `index_uri`.
 
     Args:
@@ -220,12 +222,17 @@ def run_ingest(model_path: str, gallery: str, index_uri: str, shards: int | None
         batch_size: photos (or embedding rows) per encoder call.
         redis_url: Redis commit lock, for object-store indexes or many concurrent writers.
         segment_rows: rows per segment file.
+        read_cpus: CPUs per read/align task. Default: the actors' 0.5, so Ray Data fuses reading into
+            the encoder actors (least data movement; best on one machine). Any other value keeps the
+            reads as separate tasks that spread over every CPU of a cluster (e.g. 1 with GPU actors).
     Raises:
         DataError / ConfigError / CheckpointError / IndexFormatError for unusable inputs, a model that
         does not match the index, or a Ray cluster that cannot be reached.
     """
     if batch_size < 1:
         raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+    if read_cpus is not None and not 0 < read_cpus <= 64:
+        raise ConfigError(f"read CPUs per task must be in (0, 64], got {read_cpus}")
     t0 = time.monotonic()
     model_path = str(pathlib.Path(model_path).resolve())
     meta, pipeline, embedding_dim = load_model_info(model_path)
@@ -239,7 +246,8 @@ def run_ingest(model_path: str, gallery: str, index_uri: str, shards: int | None
                             inputs=inputs.count)
     started = init_ray(ray_address)
     try:
-        _run_pipeline(inputs, model_path, pipeline, writer, summary, actors, batch_size, progress, gallery)
+        _run_pipeline(inputs, model_path, pipeline, writer, summary, actors, batch_size, progress, gallery,
+                      ACTOR_CPUS if read_cpus is None else read_cpus)
         message = f"ingest {gallery} (model {meta.fingerprint})"
         summary.version = writer.commit(message)
     finally:
@@ -256,7 +264,7 @@ def run_ingest(model_path: str, gallery: str, index_uri: str, shards: int | None
 
 
 def _run_pipeline(inputs: _Inputs, model_path: str, pipeline: dict, writer: IndexWriter, summary: IngestSummary,
-                  actors: int | None, batch_size: int, progress: bool, gallery: str) -> None:
+                  actors: int | None, batch_size: int, progress: bool, gallery: str, read_cpus: float) -> None:
     import ray
     from tqdm import tqdm
 
@@ -272,15 +280,14 @@ def _run_pipeline(inputs: _Inputs, model_path: str, pipeline: dict, writer: Inde
         blocks = max(actors, -(-len(inputs.items) // batch_size))  # every actor gets work, even on small inputs
         ds = ray.data.from_items(inputs.items, override_num_blocks=min(blocks, 200, len(inputs.items)))
         ds = ds.map_batches(read_and_align, fn_kwargs={"pipeline": pipeline}, batch_size=batch_size,
-                            batch_format="numpy", num_cpus=0.5)
+                            batch_format="numpy", num_cpus=read_cpus)
     else:
         ds = ray.data.from_items(inputs.items, override_num_blocks=len(inputs.items))
         ds = ds.map_batches(read_embedding_chunk, fn_kwargs={"path": str(pathlib.Path(gallery).resolve()),
                                                              "kind": inputs.kind},
-                            batch_size=1, batch_format="numpy", num_cpus=0.5)
-    # Fractional CPUs: actors sit idle while reads run; whole CPUs per actor deadlocked small machines.
+                            batch_size=1, batch_format="numpy", num_cpus=read_cpus)
     ds = ds.map_batches(EncoderActor, fn_constructor_kwargs={"model_path": model_path},
-                        compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=0.5,
+                        compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=ACTOR_CPUS,
                         batch_size=batch_size if inputs.kind == "photos" else max(batch_size, 4096),
                         batch_format="numpy")
     from opqn_model.datasets import SkipCounter

@@ -176,7 +176,8 @@ def test_sigkill_mid_ingest_keeps_the_previous_version_and_rerun_completes(
     assert store.current_version() == 1
     assert index_info(index, verify=True)["faces"] == 72
 
-    done = run_ingest(str(trained_model), str(big_gallery), str(index), batch_size=32, progress=False)
+    # read_cpus other than the actors' keeps reading in separate Ray tasks (the cluster layout).
+    done = run_ingest(str(trained_model), str(big_gallery), str(index), batch_size=32, progress=False, read_cpus=0.25)
     assert done.version == 2 and done.faces_added == 320
     ids = _live_ids(index)
     assert len(ids) == len(np.unique(ids)) == 72 + 320
