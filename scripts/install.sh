@@ -16,12 +16,12 @@ PIP="$VENV/bin/python -m pip"
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   echo "[install] torch==2.13.0 (CPU build)"
   $PIP install -q --upgrade pip
-  $PIP install -q "torch==2.13.0"
+  $PIP install -q "torch==2.13.0" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 fi
 stamp="$VENV/.facepq-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "[install] facepq and its dependencies"
-  $PIP install -q -e ".[dev]"
+  $PIP install -q -e ".[dev]" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
   touch "$stamp"
 fi
 # gRPC stubs are generated from proto/ (never committed); regenerate when the .proto changes.

@@ -26,6 +26,12 @@ def test_head_shapes(head):
     assert head.lookup_tables(torch.randn(3, 128)).shape == (3, 4, 64)
 
 
+def test_lookup_table_is_the_log_of_the_assignment_probabilities(head):
+    x = torch.randn(6, 128)
+    torch.testing.assert_close(head.lookup_tables(x).exp(), head.assignment_probabilities(x))
+    torch.testing.assert_close(head.assignment_probabilities(x).sum(-1), torch.ones(6, 4))
+
+
 def test_code_is_argmax_of_the_lookup_table(head):
     x = torch.randn(20, 128)
     codes = head.encode(x).long()
@@ -38,7 +44,7 @@ def test_lut_score_equals_inner_product_of_soft_quantized_query_with_codewords(h
     q = torch.randn(5, 128)
     gallery = torch.randn(30, 128)
     codes = head.encode(gallery).long()  # [G, M]
-    luts = head.lookup_tables(q)  # [Q, M, K]
+    luts = head.assignment_probabilities(q)  # [Q, M, K]
     lut_score = torch.stack([luts[:, m, codes[:, m]] for m in range(4)]).sum(0)  # [Q, G]
     s = head(q)["s"]  # [Q, M, d] = C_m p_m(q)
     codewords = head.codebooks[torch.arange(4)[None, :], :, codes]  # [G, M, d]
