@@ -154,7 +154,11 @@ def main_args(args) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="facepq bench scan", description=__doc__.splitlines()[0])
     add_arguments(parser)
-    sys.exit(main_args(parser.parse_args()))
+    return main_args(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,10 +1,13 @@
-"""`facepq bench <what>`: benchmarks that print ratios against a reference measured in the same run.
+"""`facepq bench <name> [args...]`: benchmarks that print ratios against a reference measured in the same run.
 
-Each benchmark lives in bench/<name>_bench.py beside the package (source checkout) and
-exposes `add_arguments(parser)` and `main_args(args)`. To add one, append to BENCHES.
+Each benchmark is a script bench/<file> beside the package (a source checkout) with a
+`main(argv) -> int`; the arguments after the name are passed through unparsed, so
+`facepq --help` never imports a benchmark (or numpy). `facepq bench <name> --help`
+shows that benchmark's own options. To add one, append to BENCHES.
 """
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import pathlib
 import sys
@@ -15,6 +18,8 @@ BENCH_DIR = pathlib.Path(__file__).resolve().parent.parent / "bench"
 # name -> (file in bench/, help)
 BENCHES = {
     "scan": ("scan_bench.py", "scan kernel vs FAISS IndexPQ / IndexPQFastScan (one thread, same codes)"),
+    "quality": ("model_quality.py", "OPQN codes vs FAISS OPQ+PQ vs float embeddings, unseen identities"),
+    "ingest": ("ingest_bench.py", "encode throughput 1 vs 2 actors, writer codes/s, 1M-embedding ingest"),
 }
 
 
@@ -33,14 +38,14 @@ def _load(filename: str):
 
 
 def _run(args) -> int:
-    return _load(BENCHES[args.bench][0]).main_args(args)
+    return int(_load(BENCHES[args.bench][0]).main(args.bench_args) or 0)
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("bench", help="benchmarks (ratios against references measured in the same run)")
-    sub = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
-    for name, (filename, help_text) in BENCHES.items():
-        b = sub.add_parser(name, help=help_text)
-        if (BENCH_DIR / filename).is_file():
-            _load(filename).add_arguments(b)
-        b.set_defaults(handler=_run)
+    p = subparsers.add_parser("bench", help="benchmarks (ratios against references measured in the same run)",
+                              description="Benchmarks; options after the name go to that benchmark "
+                                          "(`facepq bench scan --help`).")
+    p.add_argument("bench", choices=sorted(BENCHES), metavar="NAME",
+                   help="; ".join(f"{n}: {h}" for n, (_, h) in BENCHES.items()))
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for the benchmark")
+    p.set_defaults(handler=_run)
