@@ -15,7 +15,6 @@ import os
 import pathlib
 import shutil
 import signal
-import sys
 import time
 
 UP_FILE = "up.json"
@@ -85,13 +84,14 @@ def _quiet_logging(verbose: bool) -> None:
         logging.getLogger("opqn_model.train").setLevel(logging.INFO)
 
 
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 @contextlib.contextmanager
 def _sigterm_as_interrupt():
     """SIGTERM behaves like Ctrl-C, so `finally` blocks stop the cluster."""
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         yield
     finally:
@@ -109,8 +109,12 @@ def _signals_ignored():
             signal.signal(s, h)
 
 
-def _build(args, workdir: pathlib.Path, settings, t_start: float) -> dict:
-    """Steps 1-5: data, model, index, cluster, enrolment. Returns the pieces (the cluster is started)."""
+def _build(args, workdir: pathlib.Path, settings, pieces: dict) -> None:
+    """Steps 1-5: data, model, index, cluster, enrolment, filling `pieces` as they exist.
+
+    `pieces` is filled step by step (not returned at the end) so that an interruption at any
+    point leaves the caller holding every process started so far.
+    """
     from facepq import demo
     from facepq.launcher import LocalCluster
 
@@ -130,6 +134,7 @@ def _build(args, workdir: pathlib.Path, settings, t_start: float) -> dict:
 
     _say(f"[3/6] index: Ray ingest of {len(data.gallery)} gallery photos into {settings.shards} shards")
     ingest = demo.ingest_gallery(workdir, model, data, settings, progress)
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # ray.init replaced it with its own
     _say(f"      {ingest.faces_added} faces in {ingest.seconds:.1f} s, index version {ingest.version}")
 
     use_redis = not args.no_redis and shutil.which("redis-server") is not None
@@ -137,7 +142,7 @@ def _build(args, workdir: pathlib.Path, settings, t_start: float) -> dict:
     _say(f"[4/6] serving: {'redis-server registry' if use_redis else 'static node list (no redis-server)'}, "
          f"{nodes} query nodes, {settings.replicas} replica(s) per shard, 1 coordinator")
     cluster = LocalCluster(workdir, workdir / "index", model, settings.shards, settings.replicas, redis=use_redis)
-    pieces = {"data": data, "model": model, "cluster": cluster, "settings": settings}
+    pieces.update(data=data, model=model, cluster=cluster, settings=settings)
     cluster.start()
     for proc in cluster.processes:
         shards = ""
@@ -149,7 +154,6 @@ def _build(args, workdir: pathlib.Path, settings, t_start: float) -> dict:
     client = demo.CoordinatorClient(cluster.coordinator_address)
     pieces["client"] = client
     enrol = demo.enrol_and_find(client, data)
-    pieces["enrol"] = enrol
     _say(f"      enrolled {len(enrol.face_ids)} faces, index version {enrol.index_version}")
     if enrol.rank is None:
         _say(f"      another photo of {enrol.person}: NOT served within {enrol.seconds:.0f} s "
@@ -157,10 +161,9 @@ def _build(args, workdir: pathlib.Path, settings, t_start: float) -> dict:
     else:
         _say(f"      another photo of {enrol.person} finds them {enrol.seconds:.1f} s after enrolling (hot reload): "
              f"best match at rank {enrol.rank} of {enrol.searched} faces")
-    return pieces
 
 
-def _report(args, workdir, pieces, t_start: float) -> None:
+def _report(args, workdir, pieces) -> None:
     from facepq import demo
 
     data, client, settings = pieces["data"], pieces["client"], pieces["settings"]
@@ -179,8 +182,8 @@ def _report(args, workdir, pieces, t_start: float) -> None:
     _say(f"search latency over {len(run.latencies_ms)} searches (photo in, top-{demo.SEARCH_K} out, client side): "
          f"p50 {run.percentile(50):.1f} ms, p99 {run.percentile(99):.1f} ms "
          f"(coordinator's own time p50 {run.percentile(50, True):.1f} ms, p99 {run.percentile(99, True):.1f} ms)")
-    _say(f"unseen-identity mAP@all, {metrics['n_queries'] if 'n_queries' in metrics else len(run.queries)} queries "
-         f"vs gallery of {metrics['n_gallery']} ({metrics['bits']}-bit codes, {metrics['M']}x{metrics['K']}):")
+    _say(f"unseen-identity mAP@all (offline, same photos), {metrics['n_queries']} queries vs gallery of "
+         f"{metrics['n_gallery']} ({metrics['bits']}-bit codes, {metrics['M']}x{metrics['K']}):")
     _say(f"  mAP codes (OPQN, asymmetric lookup tables): {metrics['map']:.4f}")
     _say(f"  mAP float (trunk embeddings, cosine):       {metrics['map_float']:.4f}")
     _say(f"  codes / float: {metrics['map_ratio_vs_float']:.3f}; P@1 offline {metrics['p_at_1']:.3f}, "
@@ -215,8 +218,8 @@ def _demo(args) -> int:
     atexit.register(_stop, pieces)  # also when something outside the try exits the interpreter
     with _sigterm_as_interrupt():
         try:
-            pieces.update(_build(args, workdir, settings, t_start))
-            _report(args, workdir, pieces, t_start)
+            _build(args, workdir, settings, pieces)
+            _report(args, workdir, pieces)
         finally:
             _stop(pieces)
     _say(f"stopped all processes; demo took {time.monotonic() - t_start:.0f} s")
@@ -238,7 +241,6 @@ def _up(args) -> int:
     from facepq.launcher import process_start_time
 
     _quiet_logging(getattr(args, "verbose", False))
-    t_start = time.monotonic()
     workdir, settings = _workdir(args), _settings(args)
     previous = _read_up(workdir)
     if previous and process_start_time(previous.get("pid", 0)) == previous.get("start_time"):
@@ -249,7 +251,7 @@ def _up(args) -> int:
     up_path = workdir / UP_FILE
     with _sigterm_as_interrupt():
         try:
-            pieces.update(_build(args, workdir, settings, t_start))
+            _build(args, workdir, settings, pieces)
             cluster = pieces["cluster"]
             state = dict(cluster.state(), pid=os.getpid(), start_time=process_start_time(os.getpid()))
             tmp = up_path.with_suffix(".tmp")
@@ -288,7 +290,7 @@ def _down(args) -> int:
     pid, start_time = state.get("pid", 0), state.get("start_time")
     if pid and process_start_time(pid) is not None and process_start_time(pid) == start_time:
         os.kill(pid, signal.SIGTERM)  # `up` stops its own processes in order
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60  # it stops its processes first (bounded: SIGKILL after 10 s)
         while process_start_time(pid) is not None and time.monotonic() < deadline:
             time.sleep(0.1)
         stopped += 1
