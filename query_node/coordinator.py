@@ -200,7 +200,15 @@ def embedding_tables(encoder, values) -> np.ndarray:
                           f"(trunk {encoder.trunk_name}), got {emb.shape[0] if emb.ndim == 1 else emb.shape}")
     if not np.isfinite(emb).all():
         raise ConfigError("embedding contains NaN or infinite values")
-    return np.asarray(encoder.lookup_tables(emb[None]), dtype=np.float32)
+    # Tables depend on each sub-vector's direction only, so scaling the whole embedding changes nothing,
+    # except that squares of values near float32's limit overflow in the normalisation (NaN tables).
+    peak = float(np.abs(emb).max(initial=0.0))
+    if peak > 1e15:
+        emb = (emb.astype(np.float64) / peak).astype(np.float32)
+    tables = np.asarray(encoder.lookup_tables(emb[None]), dtype=np.float32)
+    if not np.isfinite(tables).all():
+        raise ConfigError("this embedding gives a lookup table with NaN/inf values; send a usable embedding")
+    return tables
 
 
 def photo_features(encoder, contents: list[bytes]) -> tuple[np.ndarray, list[int], dict[int, str]]:

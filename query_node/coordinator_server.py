@@ -2,7 +2,9 @@
 
 Status codes:
 * INVALID_ARGUMENT: no query, top_k outside 0..1000 (0 = default 10), an embedding of
-  the wrong length or with NaN/inf, a photo that is not a decodable image.
+  the wrong length or with NaN/inf, a photo that is not a decodable image; an Enrol
+  person name that is empty, longer than 256 characters or not printable; a Delete
+  with an empty face id list; a Compact with a negative or non-finite grace.
 * FAILED_PRECONDITION: the photo decoded but "no face found" in it (Search); an Enrol
   where no photo had a usable face.
 * NOT_FOUND: Delete of an unknown person / face ids.
@@ -30,6 +32,7 @@ from query_node.node_server import MAX_MESSAGE_BYTES, MAX_TOP_K
 log = logging.getLogger(__name__)
 
 DEFAULT_TOP_K = 10
+MAX_PERSON_CHARS = 256
 SERVICE_NAME = "facepq.v1.Coordinator"
 
 
@@ -90,6 +93,11 @@ def _servicer_class():
                 result = self.coordinator.search_tables(tables, k, timeout=timeout, min_version=required)
             except VersionConflict as exc:
                 context.abort(grpc.StatusCode.ABORTED, str(exc))
+            except grpc.RpcError as exc:  # a node refused the request itself: a coordinator/node mismatch
+                code = exc.code().name if exc.code() else "UNKNOWN"
+                log.error("a query node refused a search: %s %s", code, exc.details())
+                context.abort(grpc.StatusCode.INTERNAL, f"a query node refused the search ({code}: {exc.details()}); "
+                              f"check that nodes and coordinator serve the same index and share the node token")
             except FacepqError as exc:
                 context.abort(grpc.StatusCode.UNAVAILABLE, f"cannot read the index version: {exc}")
             reply = facepq_pb2.SearchResponse(complete=result.complete, missing_shards=result.missing_shards,
@@ -106,6 +114,9 @@ def _servicer_class():
 
             if not request.person.strip():
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, "person must be a non-empty name")
+            if len(request.person) > MAX_PERSON_CHARS or not request.person.isprintable():
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"person must be at most {MAX_PERSON_CHARS} printable "
+                              f"characters (no control characters or newlines)")
             if not request.photos:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, "send at least one photo to enrol")
             contents = [p.content for p in request.photos]
@@ -133,6 +144,8 @@ def _servicer_class():
             target = request.WhichOneof("target")
             if target is None:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, "send a person or face_ids to delete")
+            if target == "face_ids" and not request.face_ids.ids:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "face_ids is empty: send at least one face id")
             try:
                 if target == "person":
                     version, n = delete_faces(IndexStore(self.index_uri), person=request.person,

@@ -238,7 +238,8 @@ class LiveIndex:
         kept = self._recent.get(version)
         if kept is not None:
             return kept
-        if version.isdigit() and view.version.isdigit() and int(version) > int(view.version):
+        # isascii: str.isdigit() accepts digits such as '²' that int() refuses.
+        if version.isascii() and version.isdigit() and int(version) > int(view.version):
             try:
                 self.reload_if_changed()
             except (FacepqError, OSError) as exc:
