@@ -68,9 +68,20 @@ def trained_model(work_dir, synthetic_gallery) -> pathlib.Path:
 
 
 @pytest.fixture(scope="session")
-def other_model(work_dir, synthetic_gallery) -> pathlib.Path:
-    """A second real checkpoint (other seed, so other weights and fingerprint)."""
-    return _train(work_dir / "model_b", synthetic_gallery, seed=1)
+def other_model(work_dir, trained_model) -> pathlib.Path:
+    """A second real checkpoint: the first with its head's weights changed (so another fingerprint),
+    saved through the checkpoint writer (cheaper than training another)."""
+    import torch
+
+    from opqn_model.checkpoint import load_checkpoint, save_checkpoint
+
+    payload = load_checkpoint(trained_model)
+    head = {k: v.clone() for k, v in payload["head"].items()}
+    with torch.no_grad():
+        head["projection.2.weight"] += 0.01
+    path = work_dir / "model_b.pt"
+    save_checkpoint(path, payload["model_config"], head, payload["trunk_state"])
+    return path
 
 
 @pytest.fixture(scope="module")
