@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 from facepq.errors import ConfigError, DataError, IndexFormatError
 from indexer.lock import commit_lock
 from indexer.manifest import Manifest, ModelMeta, SegmentRef
-from indexer.segment import _column_view, open_segment, write_segment
+from indexer.segment import column_view, open_segment, write_segment
 from indexer.store import IndexStore
 
 log = logging.getLogger(__name__)
@@ -86,8 +86,8 @@ def rewrite_without(store: IndexStore, ref: SegmentRef, drop_ids, model: ModelMe
     if not keep.any():
         return None
     kept = view.batch.filter(keep)
-    codes = _column_view(kept.column(3), np.uint8, model.code_bytes)
-    return write_segment(store, shard_of_path(ref), _column_view(kept.column(0), np.uint64, 1), kept.column(1),
+    codes = column_view(kept.column(3), np.uint8, model.code_bytes)
+    return write_segment(store, shard_of_path(ref), column_view(kept.column(0), np.uint64, 1), kept.column(1),
                          kept.column(2), codes, model)
 
 

@@ -165,7 +165,7 @@ class SegmentView:
         return ~np.isin(self.face_ids, dead)
 
 
-def _column_view(col: pa.Array, dtype, width: int) -> np.ndarray:
+def column_view(col: pa.Array, dtype, width: int) -> np.ndarray:
     """Zero-copy numpy view of a fixed-width column's data buffer, honouring the array offset."""
     buf = col.buffers()[1]
     itemsize = np.dtype(dtype).itemsize * width
@@ -235,6 +235,6 @@ def _view(batch: pa.RecordBatch, ref: SegmentRef, where: str, model: ModelMeta |
     ids_col, code_col = batch.column(0), batch.column(3)
     if ids_col.null_count or code_col.null_count:
         raise SegmentCorrupt(f"{where} has null face ids or codes")
-    return SegmentView(ref=ref, batch=batch, face_ids=_column_view(ids_col, np.uint64, 1),
-                       codes=_column_view(code_col, np.uint8, code_bytes), persons=batch.column(1),
+    return SegmentView(ref=ref, batch=batch, face_ids=column_view(ids_col, np.uint64, 1),
+                       codes=column_view(code_col, np.uint8, code_bytes), persons=batch.column(1),
                        sources=batch.column(2), fingerprint=meta.get("facepq.model_fingerprint", ""))

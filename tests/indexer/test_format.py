@@ -42,11 +42,11 @@ def test_open_segment_honours_a_sliced_column_offset(tmp_path, meta, rows):
     store = IndexStore(tmp_path / "idx")
     ref = write_segment(store, 0, ids, persons, sources, codes, meta)
     view = open_segment(store, ref)
-    from indexer.segment import _column_view
+    from indexer.segment import column_view
 
     sliced = view.batch.slice(100, 50)
-    np.testing.assert_array_equal(_column_view(sliced.column(3), np.uint8, 8), codes[100:150])
-    np.testing.assert_array_equal(_column_view(sliced.column(0), np.uint64, 1), ids[100:150])
+    np.testing.assert_array_equal(column_view(sliced.column(3), np.uint8, 8), codes[100:150])
+    np.testing.assert_array_equal(column_view(sliced.column(0), np.uint64, 1), ids[100:150])
 
 
 def test_checksum_detects_truncation_and_a_flipped_byte(tmp_path, meta, rows):
