@@ -1,0 +1,48 @@
+"""A tiny bounded run of bench/load_bench.py: correctness only (no errors, no incomplete answers, file
+descriptors not growing across hot reloads). Throughput and latency go to the benchmark report, never here."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+import threading
+
+import pytest
+
+from tests.query_node.helpers import REPO_ROOT
+
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture(scope="module")
+def load_bench():
+    path = REPO_ROOT / "bench" / "load_bench.py"
+    spec = importlib.util.spec_from_file_location("facepq_bench_load_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bounded_load_and_hot_reload_soak(load_bench, gallery, index):
+    cluster = load_bench.start_cluster(str(gallery["model"]), str(index))
+    try:
+        res = load_bench.coordinator_load(cluster, gallery["enc"].embedding_dim, clients=3, seconds=3)
+        assert res.requests > 0 and res.errors == 0 and res.incomplete == 0, res.error_codes
+        assert len(res.latencies_ms) == res.requests
+
+        # Hot reloads while 2 clients keep searching: no search fails, no fd leak in the nodes.
+        during = {}
+        t = threading.Thread(target=lambda: during.update(
+            r=load_bench.coordinator_load(cluster, gallery["enc"].embedding_dim, clients=2, seconds=6)))
+        t.start()
+        soak = load_bench.soak(cluster, reloads=16)
+        t.join(60)
+        r = during["r"]
+        assert r.requests > 0 and r.errors == 0 and r.incomplete == 0, r.error_codes
+        assert soak.versions == list(range(soak.versions[0], soak.versions[0] + 16))
+        for pid, fds in soak.fds.items():
+            # after a few reloads the node holds a bounded set of views: the count must plateau
+            assert max(fds[4:]) - min(fds[4:]) <= 4, (pid, fds)
+            assert all(x > 0 for x in soak.rss_kb[pid])
+    finally:
+        cluster.close()
