@@ -51,7 +51,7 @@ def processes_mentioning(text: str) -> list[str]:
     return found
 
 
-def assert_nothing_left(workdir: pathlib.Path, timeout: float = 15.0) -> None:
+def assert_nothing_left(workdir: pathlib.Path, timeout: float = 15.0, orderly: bool = True) -> None:
     state = json.loads((workdir / "cluster.json").read_text())
     assert {p["name"] for p in state["processes"]} >= {"node-0", "node-1", "coordinator"}
     deadline = time.monotonic() + timeout
@@ -63,7 +63,8 @@ def assert_nothing_left(workdir: pathlib.Path, timeout: float = 15.0) -> None:
             break
         assert time.monotonic() < deadline, f"left running: {alive} {strays}"
         time.sleep(0.2)
-    assert state["stopped"] is True or not alive
+    if orderly:  # the launcher itself stopped them (not only the kernel's parent-death signal)
+        assert json.loads((workdir / "cluster.json").read_text())["stopped"] is True
 
 
 class Background:
@@ -146,5 +147,18 @@ def test_sigint_while_serving_stops_every_process(workdir):
         assert demo.proc.wait(60) == 130
         assert "interrupted" in demo.text()
         assert_nothing_left(workdir)
+    finally:
+        demo.close()
+
+
+def test_sigkill_of_the_demo_still_leaves_no_orphans(workdir):
+    """No chance to clean up: the children's parent-death signal (PR_SET_PDEATHSIG) stops them."""
+    (workdir / "cluster.json").unlink(missing_ok=True)
+    demo = Background(facepq("demo", "--small", "--workdir", str(workdir), "--no-progress"), workdir / "sigkill.log")
+    try:
+        demo.wait_for(r"\[5/6\]", timeout=300)
+        demo.proc.kill()
+        demo.proc.wait(30)
+        assert_nothing_left(workdir, timeout=30, orderly=False)
     finally:
         demo.close()
