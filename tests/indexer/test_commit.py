@@ -323,3 +323,21 @@ def test_one_writer_shared_by_threads(tmp_path, meta, rows):
     assert not errors
     live = _all_live_ids(store)
     assert len(live) == len(np.unique(live)) == 200
+
+
+def test_gc_keeps_the_last_manifests_and_every_file_they_need(tmp_path, meta, rows):
+    ids, persons, sources, codes = rows
+    store = IndexStore(tmp_path / "idx")
+    for k in range(5):
+        w = IndexWriter(store, meta)
+        w.add(ids[k * 100:(k + 1) * 100], persons[k * 100:(k + 1) * 100], sources[k * 100:(k + 1) * 100],
+              codes[k * 100:(k + 1) * 100])
+        w.commit(f"v{k + 1}")
+    stats = compact(store, grace_seconds=3600, keep_manifests=2)
+    assert stats.manifests_deleted == 3 and stats.files_deleted == 0  # every segment is still current
+    assert sorted(os.listdir(os.path.join(store.root, "manifests"))) == ["00000004.json", "00000005.json"]
+    for v in (4, 5):
+        for ref in store.load_manifest(v).segments:
+            open_segment(store, ref)
+    with pytest.raises(IndexFormatError, match="version 3"):
+        store.load_manifest(3)
