@@ -52,6 +52,7 @@ class IngestSummary:
     shards_written: list = field(default_factory=list)
     skipped: dict = field(default_factory=dict)
     converted: dict = field(default_factory=dict)
+    examples: dict = field(default_factory=dict)  # reason -> a few photo paths
     seconds: float = 0.0
     startup_seconds: float = 0.0  # pipeline start -> first encoded batch (actor start, model load)
     steady_rate: float = 0.0      # faces/s after the first batch (what more actors speed up)
@@ -63,9 +64,10 @@ class IngestSummary:
                  f"  faces encoded: {self.faces_encoded}",
                  f"  faces added: {self.faces_added}",
                  f"  duplicates skipped (already in the index): {self.duplicates_skipped}"]
-        skipped = sum(self.skipped.values())
-        lines.append(f"  photos skipped: {skipped}" + ("" if not skipped else " (" + ", ".join(
-            f"{k}: {v}" for k, v in sorted(self.skipped.items(), key=lambda kv: -kv[1])) + ")"))
+        lines.append(f"  photos skipped: {sum(self.skipped.values())}")
+        for reason, count in sorted(self.skipped.items(), key=lambda kv: (-kv[1], kv[0])):
+            examples = self.examples.get(reason, [])
+            lines.append(f"    {reason}: {count}" + (f" (e.g. {', '.join(examples)})" if examples else ""))
         if self.converted:
             lines.append("  photos converted: " + ", ".join(f"{k}: {v}" for k, v in sorted(self.converted.items())))
         lines.append(f"  segments written: {self.segments_written} in shards {self.shards_written or '-'}")
@@ -332,6 +334,7 @@ def _run_pipeline(inputs: _Inputs, model_path: str, pipeline: dict, writer: Inde
         steady = time.monotonic() - t_first
         summary.steady_rate = (done - first_n) / steady if steady > 0 else 0.0
     summary.skipped, summary.converted = dict(skips.skipped), dict(skips.converted)
+    summary.examples = {k: list(v) for k, v in skips.examples.items() if k in skips.skipped}
 
 
 def _translate_ray_error(exc: Exception) -> Exception:

@@ -73,7 +73,8 @@ def test_ingest_photos_twice_gives_the_same_faces(ray_local, trained_model, synt
     first = run_ingest(str(trained_model), str(gallery), str(index), batch_size=16, actors=2, progress=False)
     assert (first.version, first.previous_version, first.faces_encoded, first.faces_added) == (1, None, 72, 72)
     assert sum(first.skipped.values()) == 1
-    assert "photos skipped: 1" in "\n".join(first.summary_lines())
+    text = "\n".join(first.summary_lines())
+    assert "photos skipped: 1" in text and "broken.png" in text  # the reason, with the photo as an example
     info = index_info(index, verify=True)
     assert (info["faces"], info["people"], info["shard_count"]) == (72, 12, 4)
 
