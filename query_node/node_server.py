@@ -147,8 +147,9 @@ class NodeServer:
                  tls=None, auth_tokens=()):
         from query_node.scan import warmup
 
-        warmup()  # compile (or load cached) kernels before the first query, not during it
+        # Open the index first: a bad index or shard list fails in a second, not after the kernels load.
         self.live = LiveIndex(index_uri, shards, poll_seconds=poll_seconds, on_change=self._on_change)
+        warmup()  # compile (or load cached) kernels before the first query, not during it
         self.host, self.requested_port, self.workers = host, port, workers
         self.node_id = node_id
         self.tls, self.auth_tokens = tls, list(auth_tokens)
