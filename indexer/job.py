@@ -268,16 +268,26 @@ def run_ingest(model_path: str, gallery: str, index_uri: str, shards: int | None
 def _run_pipeline(inputs: _Inputs, model_path: str, pipeline: dict, writer: IndexWriter, summary: IngestSummary,
                   actors: int | None, batch_size: int, progress: bool, gallery: str, read_cpus: float) -> None:
     import ray
-    from tqdm import tqdm
-
-    from indexer.encode_actor import EncoderActor, read_and_align, read_embedding_chunk
 
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     actors = int(actors) if actors else min(cpus, 8)
     if actors < 1:
         raise ConfigError(f"actors must be >= 1, got {actors}")
     ctx = ray.data.DataContext.get_current()
+    bars_were = ctx.enable_progress_bars
     ctx.enable_progress_bars = False  # we report progress ourselves, in faces
+    try:
+        _stream(ray, build_dataset(ray, inputs, pipeline, model_path, actors, batch_size, gallery, read_cpus),
+                inputs, writer, summary, progress)
+    finally:
+        ctx.enable_progress_bars = bars_were
+
+
+def build_dataset(ray, inputs: _Inputs, pipeline: dict, model_path: str, actors: int, batch_size: int, gallery: str,
+           read_cpus: float):
+    """The Ray Data pipeline: inputs -> read stage -> encoder actor pool (lazy; nothing runs yet)."""
+    from indexer.encode_actor import EncoderActor, read_and_align, read_embedding_chunk
+
     if inputs.kind == "photos":
         blocks = max(actors, -(-len(inputs.items) // batch_size))  # every actor gets work, even on small inputs
         ds = ray.data.from_items(inputs.items, override_num_blocks=min(blocks, 200, len(inputs.items)))
@@ -292,6 +302,13 @@ def _run_pipeline(inputs: _Inputs, model_path: str, pipeline: dict, writer: Inde
                         compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=ACTOR_CPUS,
                         batch_size=batch_size if inputs.kind == "photos" else max(batch_size, 4096),
                         batch_format="numpy")
+    return ds
+
+
+def _stream(ray, ds, inputs: _Inputs, writer: IndexWriter, summary: IngestSummary, progress: bool) -> None:
+    """Pull encoded batches into the writer, counting skips and reporting progress."""
+    from tqdm import tqdm
+
     from opqn_model.datasets import SkipCounter
 
     skips = SkipCounter()
