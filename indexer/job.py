@@ -4,11 +4,8 @@
                ─► map_batches(EncoderActor, ActorPoolStrategy(size=actors))                  checkpoint loaded once per actor
                ─► iter_batches in the driver ─► IndexWriter.add ─► IndexWriter.commit         one new version
 
-Inputs: a photo folder `<root>/<person>/<photo>` or a .csv/.parquet list with `path`,
-`person` (opqn_model.datasets.list_photos); or embeddings of the model's trunk:
-`X.npy` (float32 [N, E]) with a sidecar `X.csv`/`X.parquet` holding `person`
-(and optionally `source`) per row, or a Parquet file with columns `embedding`
-(list<float>), `person`, `source`.
+Inputs (indexer.inputs): a photo folder or .csv/.parquet photo list, or embeddings
+of the model's trunk (.npy + sidecar, or Parquet with an `embedding` column).
 
 Ray: connects to `ray_address`, else to the cluster in $RAY_ADDRESS (as under
 `ray job submit -- facepq ingest ...`), else starts a local Ray on this machine's CPUs.
@@ -26,12 +23,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from facepq.errors import ConfigError, DataError
+from indexer.inputs import Inputs, list_inputs
 from indexer.manifest import ModelMeta
 from indexer.writer import DEFAULT_SEGMENT_ROWS, IndexWriter
 
 log = logging.getLogger(__name__)
 
-EMBEDDING_CHUNK_ROWS = 32_768
 # Fractional: two 1-CPU actors on a 2-CPU machine left nothing for the read tasks and hung.
 ACTOR_CPUS = 0.5
 PROGRESS_EVERY_S = 2.0
@@ -116,100 +113,6 @@ def init_ray(ray_address: str | None = None) -> bool:
     return True
 
 
-# ---- inputs ------------------------------------------------------------------------------------
-@dataclass
-class _Inputs:
-    kind: str  # 'photos' | 'npy' | 'parquet'
-    items: list[dict]
-    count: int
-    persons: object = None  # embeddings: pyarrow string array [N], indexed by row
-    sources: object = None
-
-
-def _embedding_sidecar(path: pathlib.Path) -> pathlib.Path:
-    for suffix in (".csv", ".parquet"):
-        candidate = path.with_suffix(suffix)
-        if candidate.is_file():
-            return candidate
-    raise DataError(f"embeddings file {path} needs a sidecar {path.with_suffix('.csv')} or "
-                    f"{path.with_suffix('.parquet')} with a 'person' column (one row per embedding)")
-
-
-def list_inputs(gallery: str, embedding_dim: int | None = None) -> _Inputs:
-    """Work items of the gallery (photos, .npy embeddings + sidecar, or Parquet embeddings)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    path = pathlib.Path(gallery)
-    if path.suffix.lower() == ".npy":
-        if not path.is_file():
-            raise DataError(f"embeddings file {path} does not exist")
-        try:
-            emb = np.load(path, mmap_mode="r")
-        except (ValueError, OSError) as exc:
-            raise DataError(f"cannot read embeddings {path}: {exc}") from exc
-        if emb.ndim != 2 or emb.dtype != np.float32:
-            raise DataError(f"{path} must hold float32 [N, E] embeddings, got {emb.dtype} {list(emb.shape)}")
-        sidecar = _embedding_sidecar(path)
-        table = pq.read_table(sidecar) if sidecar.suffix == ".parquet" else _read_csv_table(sidecar)
-        if "person" not in table.column_names or table.num_rows != emb.shape[0]:
-            raise DataError(f"{sidecar} must have a 'person' column and {emb.shape[0]} rows "
-                            f"(has {table.num_rows} rows, columns {table.column_names})")
-        n = emb.shape[0]
-        sources = (table.column("source").cast(pa.string()) if "source" in table.column_names
-                   else pa.array([f"{path.name}#{i}" for i in range(n)], type=pa.string()))
-        sources = sources.combine_chunks() if isinstance(sources, pa.ChunkedArray) else sources
-        items = [{"start": s, "stop": min(n, s + EMBEDDING_CHUNK_ROWS), "row_group": 0,
-                  "sources": sources[s:s + EMBEDDING_CHUNK_ROWS].to_pylist()} for s in range(0, n, EMBEDDING_CHUNK_ROWS)]
-        _check_dim(emb.shape[1], embedding_dim, path)
-        return _Inputs("npy", items, n, _strings(table.column("person")), sources)
-    if path.suffix.lower() == ".parquet" and path.is_file():
-        schema = pq.read_schema(path)
-        if "embedding" in schema.names:
-            missing = [c for c in ("person", "source") if c not in schema.names]
-            if missing:
-                raise DataError(f"{path}: an embeddings Parquet file needs columns embedding, person, source "
-                                f"(missing {', '.join(missing)})")
-            first = pq.ParquetFile(path).read_row_group(0, columns=["embedding"]) if \
-                pq.ParquetFile(path).metadata.num_row_groups else None
-            if first is not None and first.num_rows:
-                _check_dim(len(first.column("embedding")[0]), embedding_dim, path)
-            meta = pq.ParquetFile(path).metadata
-            items, start = [], 0
-            for g in range(meta.num_row_groups):
-                rows = meta.row_group(g).num_rows
-                items.append({"start": start, "stop": start + rows, "row_group": g, "sources": []})
-                start += rows
-            table = pq.read_table(path, columns=["person", "source"])
-            return _Inputs("parquet", items, start, _strings(table.column("person")), _strings(table.column("source")))
-    from opqn_model.datasets import list_photos
-
-    records = list_photos(gallery)
-    return _Inputs("photos", [{"path": r.path, "person": r.person} for r in records], len(records))
-
-
-def _read_csv_table(path: pathlib.Path):
-    import pyarrow.csv as pacsv
-
-    try:
-        return pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(
-            column_types={"person": "string", "source": "string"}))
-    except Exception as exc:  # noqa: BLE001 - pyarrow raises several kinds for a bad CSV
-        raise DataError(f"cannot read {path}: {exc}") from exc
-
-
-def _strings(column):
-    import pyarrow as pa
-
-    column = column.cast(pa.string())
-    return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-
-
-def _check_dim(found: int, expected: int | None, path) -> None:
-    if expected is not None and found != expected:
-        raise DataError(f"{path} holds {found}-d embeddings; this model's trunk gives {expected}-d")
-
-
 # ---- the job -----------------------------------------------------------------------------------
 def run_ingest(model_path: str, gallery: str, index_uri: str, shards: int | None = None,
                ray_address: str | None = None, actors: int | None = None, batch_size: int = 64,
@@ -265,7 +168,7 @@ def run_ingest(model_path: str, gallery: str, index_uri: str, shards: int | None
     return summary
 
 
-def _run_pipeline(inputs: _Inputs, model_path: str, pipeline: dict, writer: IndexWriter, summary: IngestSummary,
+def _run_pipeline(inputs: Inputs, model_path: str, pipeline: dict, writer: IndexWriter, summary: IngestSummary,
                   actors: int | None, batch_size: int, progress: bool, gallery: str, read_cpus: float) -> None:
     import ray
 
@@ -283,7 +186,7 @@ def _run_pipeline(inputs: _Inputs, model_path: str, pipeline: dict, writer: Inde
         ctx.enable_progress_bars = bars_were
 
 
-def build_dataset(ray, inputs: _Inputs, pipeline: dict, model_path: str, actors: int, batch_size: int, gallery: str,
+def build_dataset(ray, inputs: Inputs, pipeline: dict, model_path: str, actors: int, batch_size: int, gallery: str,
            read_cpus: float):
     """The Ray Data pipeline: inputs -> read stage -> encoder actor pool (lazy; nothing runs yet)."""
     from indexer.encode_actor import EncoderActor, read_and_align, read_embedding_chunk
@@ -305,7 +208,7 @@ def build_dataset(ray, inputs: _Inputs, pipeline: dict, model_path: str, actors:
     return ds
 
 
-def _stream(ray, ds, inputs: _Inputs, writer: IndexWriter, summary: IngestSummary, progress: bool) -> None:
+def _stream(ray, ds, inputs: Inputs, writer: IndexWriter, summary: IngestSummary, progress: bool) -> None:
     """Pull encoded batches into the writer, counting skips and reporting progress."""
     from tqdm import tqdm
 
