@@ -40,7 +40,7 @@ def _node(args) -> int:
 
     tls, tokens = server_security(args)
     server = NodeServer(args.index, args.shards, host=args.host, port=args.port, node_id=args.node_id,
-                        poll_seconds=args.poll, tls=tls, auth_tokens=tokens).start()
+                        poll_seconds=args.poll, tls=tls, auth_tokens=tokens, view_grace=args.view_grace).start()
     heartbeat = None
     try:
         if args.redis:
@@ -133,6 +133,8 @@ def register(subparsers) -> None:
     p.add_argument("--node-id", help="name in the registry (default host:port)")
     p.add_argument("--ttl", type=float, default=5.0, help="registry heartbeat TTL in seconds")
     p.add_argument("--poll", type=float, default=0.5, help="seconds between checks for a new index version")
+    p.add_argument("--view-grace", type=float, default=10.0,
+                   help="seconds a replaced index version stays answerable for searches in flight (default 10)")
     add_server_flags(p, "require this token (from coordinators) for Search and Status")
     p.set_defaults(handler=_node)
 

@@ -144,11 +144,12 @@ class NodeServer:
     """
 
     def __init__(self, index_uri, shards, host="127.0.0.1", port=0, node_id=None, poll_seconds=0.5, workers=4,
-                 tls=None, auth_tokens=()):
+                 tls=None, auth_tokens=(), view_grace=None):
         from query_node.scan import warmup
 
         # Open the index first: a bad index or shard list fails in a second, not after the kernels load.
-        self.live = LiveIndex(index_uri, shards, poll_seconds=poll_seconds, on_change=self._on_change)
+        extra = {} if view_grace is None else {"view_grace": view_grace}
+        self.live = LiveIndex(index_uri, shards, poll_seconds=poll_seconds, on_change=self._on_change, **extra)
         warmup()  # compile (or load cached) kernels before the first query, not during it
         self.host, self.requested_port, self.workers = host, port, workers
         self.node_id = node_id

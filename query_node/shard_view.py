@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -150,6 +151,9 @@ def load_view(store, shard_ids: list[int], previous: IndexView | None = None, ve
 
 
 RECENT_VIEWS = 3  # views kept addressable by version (each holds only mmaps, shared with its successor)
+# A superseded view is kept this long at most: enough for searches in flight to align their versions,
+# short enough that the pages of files deleted by `compact` (a deleted person's rows) are unmapped soon.
+VIEW_GRACE_SECONDS = 10.0
 
 
 def _file_stamp(path: str | None):
@@ -172,9 +176,11 @@ class LiveIndex:
         poll_seconds: how often CURRENT is read and the served segment files are stat'ed.
         on_change: called with the new view after every swap (health, registry).
         verify: check each newly opened segment's sha256.
+        view_grace: seconds a superseded view stays addressable (`view_at`) before it is dropped.
     """
 
-    def __init__(self, index_uri, shard_ids: list[int], poll_seconds: float = 0.5, on_change=None, verify=True):
+    def __init__(self, index_uri, shard_ids: list[int], poll_seconds: float = 0.5, on_change=None, verify=True,
+                 view_grace: float = VIEW_GRACE_SECONDS):
         from indexer.store import IndexStore
 
         self.store = IndexStore(index_uri)
@@ -184,6 +190,8 @@ class LiveIndex:
         self.poll_seconds = poll_seconds
         self.on_change = on_change
         self.verify = verify
+        self.view_grace = view_grace
+        self._superseded: dict[str, float] = {}  # version -> monotonic time it stopped being current
         self._reload_lock = threading.Lock()  # the watcher and on-demand loads never build views at once
         self._recent: OrderedDict[str, IndexView] = OrderedDict()
         self._stamps: dict[str, tuple] = {}  # segment id -> file stamp when it was verified
@@ -199,14 +207,27 @@ class LiveIndex:
         return self._view
 
     def _remember(self, view: IndexView) -> None:
+        now = time.monotonic()
+        for version in self._recent:
+            if version != view.version:
+                self._superseded.setdefault(version, now)
+        self._superseded.pop(view.version, None)
         self._recent[view.version] = view
         self._recent.move_to_end(view.version)
         while len(self._recent) > RECENT_VIEWS:
-            self._recent.popitem(last=False)
+            self._superseded.pop(self._recent.popitem(last=False)[0], None)
         for data in view.shards.values():
             for seg in data.segments:
                 if seg.ref.id not in self._stamps:
                     self._stamps[seg.ref.id] = _file_stamp(self.store.local_path(seg.ref.path))
+        self._forget_expired(now)
+
+    def _forget_expired(self, now: float) -> None:
+        """Drop superseded views older than view_grace (their memory maps close with them)."""
+        for version, since in list(self._superseded.items()):
+            if now - since >= self.view_grace:
+                self._recent.pop(version, None)
+                del self._superseded[version]
         live = {seg.ref.id for v in self._recent.values() for d in v.shards.values() for seg in d.segments}
         for sid in [s for s in self._stamps if s not in live]:
             del self._stamps[sid]
@@ -278,6 +299,8 @@ class LiveIndex:
             try:
                 self.reload_if_changed()
                 self.check_segments()
+                with self._reload_lock:
+                    self._forget_expired(time.monotonic())
                 self.last_error = ""
             except FacepqError as exc:  # keep serving the old view; retry next poll
                 if str(exc) != self.last_error:

@@ -241,7 +241,8 @@ def test_index_holds_codes_only_and_compact_after_delete_leaves_no_trace(gallery
     from indexer.segment import open_segment
     from query_node.coordinator import photo_features
 
-    coord = procs.coordinator(gallery["model"], index, "--nodes", procs.node(index, [0, 1]).address)
+    node = procs.node(index, [0, 1], "--view-grace", "0.5")
+    coord = procs.coordinator(gallery["model"], index, "--nodes", node.address)
     stub = facepq_pb2_grpc.CoordinatorStub(grpc.insecure_channel(coord.address))
     person = gallery["enrol_people"][1]
     paths = gallery["photos"][person]
@@ -279,3 +280,16 @@ def test_index_holds_codes_only_and_compact_after_delete_leaves_no_trace(gallery
     # Searches keep working on the compacted version.
     res = stub.Search(embedding_request(gallery, top_k=1000), timeout=30)
     assert res.complete and person not in {h.person for h in res.hits} and len(res.hits) == gallery["faces"]
+    assert res.index_version == stats.index_version
+
+    # The deleted files' pages are not kept alive by memory maps either (node or coordinator).
+    shards_dir = str(index / "shards")
+
+    def deleted_maps():
+        return [line for proc in (node, coord) for line in open(f"/proc/{proc.pid}/maps")
+                if shards_dir in line and "(deleted)" in line]
+
+    deadline = time.monotonic() + 15
+    while deleted_maps() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not deleted_maps(), deleted_maps()[:3]
