@@ -62,6 +62,9 @@ def _settings(args):
     for name in ("bits", "epochs", "people", "photos", "width", "shards", "replicas", "seed"):
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))
+    from facepq.launcher import assign_shards
+
+    assign_shards(settings.shards, settings.shards, settings.replicas)  # refuse a bad layout before any work
     return settings
 
 

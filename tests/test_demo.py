@@ -140,9 +140,12 @@ def test_up_serves_until_down_and_down_is_safe_twice(workdir):
 
 def test_sigint_while_serving_stops_every_process(workdir):
     (workdir / "cluster.json").unlink(missing_ok=True)
-    demo = Background(facepq("demo", "--small", "--workdir", str(workdir), "--no-progress"), workdir / "sigint.log")
+    # --replicas 2: each node serves both shards (the replicated layout)
+    demo = Background(facepq("demo", "--small", "--replicas", "2", "--workdir", str(workdir), "--no-progress"),
+                      workdir / "sigint.log")
     try:
         demo.wait_for(r"\[5/6\]", timeout=300)  # Redis, nodes and coordinator are up
+        assert re.search(r"node-0 .* shards \[0, 1\]", demo.text()) and re.search(r"node-1 .* shards \[0, 1\]", demo.text())
         demo.proc.send_signal(signal.SIGINT)
         assert demo.proc.wait(60) == 130
         assert "interrupted" in demo.text()
@@ -154,9 +157,12 @@ def test_sigint_while_serving_stops_every_process(workdir):
 def test_sigkill_of_the_demo_still_leaves_no_orphans(workdir):
     """No chance to clean up: the children's parent-death signal (PR_SET_PDEATHSIG) stops them."""
     (workdir / "cluster.json").unlink(missing_ok=True)
-    demo = Background(facepq("demo", "--small", "--workdir", str(workdir), "--no-progress"), workdir / "sigkill.log")
+    # --no-redis: the static registry (coordinator --nodes), the launcher's other path
+    demo = Background(facepq("demo", "--small", "--no-redis", "--workdir", str(workdir), "--no-progress"),
+                      workdir / "sigkill.log")
     try:
         demo.wait_for(r"\[5/6\]", timeout=300)
+        assert "static node list" in demo.text()
         demo.proc.kill()
         demo.proc.wait(30)
         assert_nothing_left(workdir, timeout=30, orderly=False)
