@@ -141,22 +141,22 @@ class HeadCodec:
             raise ConfigError(f"embeddings must be float32 [N, {self.embedding_dim}], got {list(features.shape)}")
         if not np.isfinite(features).all():
             raise ConfigError("embeddings contain NaN or infinite values")
-        return torch.from_numpy(np.ascontiguousarray(features))
+        return torch.from_numpy(np.ascontiguousarray(features)).to(self.head.codebooks.device)
 
     def encode(self, features: np.ndarray) -> np.ndarray:
         """Embeddings [N, E] -> stored codes uint8 [N, code_bytes]."""
         if len(features) == 0:
             return np.zeros((0, self.code_spec.code_bytes), np.uint8)
         with torch.inference_mode():
-            sub = self.head.encode(self._embeddings(features)).numpy()
+            sub = self.head.encode(self._embeddings(features)).cpu().numpy()
         return pack_codes(sub, self.code_spec)
 
     def lookup_tables(self, features: np.ndarray) -> np.ndarray:
         """Embeddings [N, E] -> query lookup tables float32 [N, M, K]."""
         with torch.inference_mode():
-            return self.head.lookup_tables(self._embeddings(features)).numpy()
+            return self.head.lookup_tables(self._embeddings(features)).cpu().numpy()
 
     def float_features(self, features: np.ndarray) -> np.ndarray:
         """Embeddings [N, E] -> the head's float features [N, M*d] (per-subspace normalised)."""
         with torch.inference_mode():
-            return self.head.float_features(self._embeddings(features)).numpy()
+            return self.head.float_features(self._embeddings(features)).cpu().numpy()

@@ -34,6 +34,7 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (GPU when visible), cpu or cuda (default %(default)s)")
     p.add_argument("--test-people", type=float, default=0.25, help="share of people held out (unseen protocol)")
     p.add_argument("--resume", help="continue from a last.pt checkpoint")
     p.add_argument("--synthetic-people", type=int, default=200)
@@ -79,7 +80,7 @@ def run_train(args) -> int:
                                input_size=args.input_size, trunk_width=args.width, pipeline=pipeline)
     model_config.code_spec()  # refuse an invalid code before loading any data
     train_config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                               test_people=args.test_people)
+                               test_people=args.test_people, device=args.device)
     summary = train(data, args.out, model_config, train_config, resume=args.resume, progress=not args.no_progress)
     print(f"trained {summary['epochs']} epochs on {summary['train_photos']} photos of {summary['train_people']} people "
           f"in {summary['seconds']:.0f}s; best validation code mAP {summary['best_val_map']:.4f}")

@@ -75,6 +75,8 @@ class TrainConfig:
         test_people: fraction of people held out of training for the unseen protocol.
         queries_per_person: photos per training person held out as seen-protocol queries.
         val_people: fraction of training people used to pick the best checkpoint (unseen mAP).
+        device: 'auto' (a GPU when one is visible), 'cpu' or 'cuda[:n]'. The same code
+            path trains on either; checkpoints are device-independent.
     """
 
     epochs: int = 20
@@ -90,7 +92,15 @@ class TrainConfig:
     queries_per_person: int = 1
     val_people: float = 0.1
     log_every: int = 20
-    workers: int = 0
+    device: str = "auto"
+
+    def resolved_device(self) -> str:
+        """'auto' -> 'cuda' when a GPU is visible, else 'cpu'."""
+        import torch
+
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
 
     def resolved_scale(self, input_size: int) -> float:
         if self.scale is not None:

@@ -92,7 +92,7 @@ def _validation_map(head, trunk, code_spec, val_inputs, val_labels, seed) -> flo
 
 def _augment(batch: torch.Tensor) -> torch.Tensor:
     """Random horizontal flip of uint8 crops [B, 3, S, S] (faces are left-right symmetric)."""
-    flip = torch.rand(batch.shape[0]) < 0.5
+    flip = torch.rand(batch.shape[0], device=batch.device) < 0.5
     batch = batch.clone()
     batch[flip] = batch[flip].flip(-1)
     return batch
@@ -137,13 +137,16 @@ def train(data, out_dir, model_config: ModelConfig, train_config: TrainConfig, r
     for line in skips.summary_lines():
         log.info("skipped while loading training photos: %s", line)
 
-    head = OPQNHead(trunk.feature_dim, spec.M, spec.K, model_config.sub_dim, model_config.dropout)
+    device = torch.device(train_config.resolved_device())
+    head = OPQNHead(trunk.feature_dim, spec.M, spec.K, model_config.sub_dim, model_config.dropout).to(device)
     criterion = OPQNLoss(spec.M, model_config.sub_dim, len(people), train_config.margin,
-                         train_config.resolved_scale(model_config.input_size), train_config.entropy_weight)
+                         train_config.resolved_scale(model_config.input_size), train_config.entropy_weight).to(device)
     params = list(head.parameters()) + list(criterion.parameters())
     trainable_trunk = isinstance(trunk, torch.nn.Module) and getattr(trunk, "trainable", False)
     if trainable_trunk:
+        trunk.to(device)
         params += list(trunk.parameters())
+    log.info("training on %s", device)
     optimizer = torch.optim.SGD(params, lr=train_config.lr, momentum=train_config.momentum,
                                 weight_decay=train_config.weight_decay)
     n = len(labels)
@@ -194,9 +197,9 @@ def train(data, out_dir, model_config: ModelConfig, train_config: TrainConfig, r
             idx = perm[b * train_config.batch_size:(b + 1) * train_config.batch_size]
             if len(idx) < 2:
                 continue
-            x = inputs_t[idx]
+            x = inputs_t[idx].to(device, non_blocking=True)
             feats = trunk(_augment(x)) if trainable_trunk else x
-            parts = criterion(head(feats), labels[idx])
+            parts = criterion(head(feats), labels[idx].to(device))
             optimizer.zero_grad(set_to_none=True)
             parts["loss"].backward()
             optimizer.step()

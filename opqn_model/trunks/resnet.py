@@ -70,11 +70,12 @@ class SphereResNet(nn.Module):
         """Inference on aligned crops uint8 [N, S, S, 3] -> float32 [N, feature_dim]."""
         was_training = self.training
         self.eval()
+        device = next(self.parameters()).device
         out = []
         try:
             for i in range(0, len(crops), batch_size):
                 batch = torch.from_numpy(np.ascontiguousarray(crops[i:i + batch_size])).permute(0, 3, 1, 2)
-                out.append(self(batch).float().numpy())
+                out.append(self(batch.to(device)).float().cpu().numpy())
         finally:
             self.train(was_training)
         return np.concatenate(out) if out else np.zeros((0, self.feature_dim), np.float32)

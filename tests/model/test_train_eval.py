@@ -24,7 +24,7 @@ def trained(tmp_path_factory):
     data = write_faces(root / "faces", 30, 6, size=64, seed=1)
     cfg = ModelConfig(trunk="resnet20", bits=32, input_size=32, trunk_width=16,
                       pipeline=FacePipeline(size=32, mode="none").to_dict())
-    summary = train(data, root / "run", cfg, TrainConfig(epochs=6, batch_size=32, seed=0), progress=False)
+    summary = train(data, root / "run", cfg, TrainConfig(epochs=8, batch_size=16, seed=0), progress=False)
     return root, data, summary
 
 
@@ -39,22 +39,22 @@ def test_training_writes_last_best_and_model_checkpoints(trained):
     for name in ("last.pt", "best.pt", "model.pt"):
         assert (root / "run" / name).is_file()
     last = load_checkpoint(root / "run" / "last.pt")
-    assert last["epoch"] == 6 and "optimizer" in last and last["trunk"] == "resnet20"
+    assert last["epoch"] == 8 and "optimizer" in last and last["trunk"] == "resnet20"
     assert load_checkpoint(summary["model"])["fingerprint"] == summary["fingerprint"]
 
 
 def test_resume_continues_from_last_epoch(trained, tmp_path):
     root, data, _ = trained
     last = load_checkpoint(root / "run" / "last.pt")
-    # ask for 7 epochs in total: resuming trains exactly one more
+    # ask for 9 epochs in total: resuming trains exactly one more
     import shutil
     shutil.copy(root / "run" / "last.pt", tmp_path / "last.pt")
     ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
-    ckpt["train_config"]["epochs"] = 7
+    ckpt["train_config"]["epochs"] = 9
     torch.save(ckpt, tmp_path / "last.pt")
     summary = train(data, tmp_path / "resumed", ModelConfig(), TrainConfig(), resume=str(tmp_path / "last.pt"),
                     progress=False)
-    assert [h["epoch"] for h in summary["history"]] == [7]
+    assert [h["epoch"] for h in summary["history"]] == [9]
     assert load_checkpoint(tmp_path / "resumed" / "last.pt")["step"] > last["step"]
 
 
