@@ -157,9 +157,9 @@ class Coordinator:
                         raise
                     continue
                 version = int(reply.index_version or 0)
-                if min_version and version < min_version:
-                    log.warning("node %s answered from version %d, older than the required %d; asking another "
-                                "replica", address, version, min_version)
+                if target and version < int(target):  # it could not load the version asked for
+                    log.warning("node %s answered from version %d, older than the required %s; asking another "
+                                "replica", address, version, target)
                     continue
                 for s in reply.shards_searched:
                     answers[s] = (version, [[h for h in r.hits if h.shard == s] for r in reply.results])

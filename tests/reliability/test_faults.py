@@ -327,3 +327,37 @@ def test_enrol_and_delete_racing_searches_never_tear_or_resurrect(gallery, index
             if kind == "enrol" and t >= t_ack:
                 assert v >= ver
     assert len(versions_seen) >= 3, f"the searches saw only versions {versions_seen}"
+
+
+def test_answers_never_mix_versions_a_lagging_shard_is_reported_missing(tmp_path, procs):
+    """Node A can only reach version 1 of shard 0, node B serves shard 1 at version 2 (two copies of an index,
+    e.g. a replica whose storage lags): the answer is version 2 with shard 0 missing, never a mix."""
+    from indexer.writer import IndexWriter
+    from query_node.coordinator import Coordinator
+    from query_node.registry import StaticRegistry
+    from tests.query_node.helpers import build_index, dyadic_lut
+
+    old = tmp_path / "old"
+    meta, _, _ = build_index(old, rows=400, shard_count=2)
+    new = tmp_path / "new"
+    shutil.copytree(old, new)
+    lut = dyadic_lut(np.random.default_rng(3), 8, 256)
+    w = IndexWriter(str(new), meta)
+    w.add(np.array([2, 3], np.uint64), ["newcomer"] * 2, ["enrol"] * 2, np.argmax(lut, axis=1).astype(np.uint8)[None]
+          .repeat(2, axis=0))
+    assert w.commit("enrol newcomer") == 2
+    a = procs.node(old, [0])
+    b = procs.node(new, [1])
+    coord = Coordinator(StaticRegistry([a.address, b.address]), shard_count=2)
+    try:
+        res = coord.search_tables(lut[None], 5)
+        assert res.index_version == "2" and res.missing_shards == [0] and not res.complete
+        assert {h.shard for h in res.hits[0]} == {1} and res.hits[0][0].face_id == 3
+        c = procs.node(new, [0])
+        coord.registry.addresses.append(c.address)
+        coord.topology_ttl = 0
+        res = coord.search_tables(lut[None], 5, min_version=2)
+        assert res.complete and res.index_version == "2"
+        assert [h.face_id for h in res.hits[0][:2]] == [2, 3]
+    finally:
+        coord.close()
