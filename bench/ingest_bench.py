@@ -18,6 +18,7 @@ import logging
 import os
 import pathlib
 import shutil
+import sys
 import tempfile
 import time
 
@@ -149,14 +150,14 @@ def bench_embeddings(model, work: pathlib.Path, n: int) -> None:
           f"{info['segments']} segments: {dt:.1f} s wall = {n / dt:.0f} faces/s (Ray already running)")
 
 
-def main() -> None:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model")
     parser.add_argument("--photos", type=int, default=800)
     parser.add_argument("--embeddings", type=int, default=1_000_000)
     parser.add_argument("--workdir")
     parser.add_argument("--skip", nargs="*", default=[], choices=["actors", "writer", "embeddings"])
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     work = pathlib.Path(args.workdir or tempfile.mkdtemp(prefix="facepq-ingest-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -179,7 +180,8 @@ def main() -> None:
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

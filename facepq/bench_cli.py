@@ -20,6 +20,7 @@ BENCHES = {
     "scan": ("scan_bench.py", "scan kernel vs FAISS IndexPQ / IndexPQFastScan (one thread, same codes)"),
     "quality": ("model_quality.py", "OPQN codes vs FAISS OPQ+PQ vs float embeddings, unseen identities"),
     "ingest": ("ingest_bench.py", "encode throughput 1 vs 2 actors, writer codes/s, 1M-embedding ingest"),
+    "load": ("load_bench.py", "N clients x T s through the coordinator vs nodes direct; hot-reload soak of RSS/fds"),
 }
 
 

@@ -39,12 +39,12 @@ SEARCH_K = 10
 class DemoSettings:
     """Everything that shapes a demo run (`--small` swaps in `SMALL`)."""
 
-    people: int = 80
-    photos: int = 8
-    epochs: int = 8
+    people: int = 160
+    photos: int = 10
+    epochs: int = 10
     width: int = 32
     bits: int = 64
-    batch_size: int = 64
+    batch_size: int = 128
     unseen_fraction: float = 0.25
     shards: int = 2
     replicas: int = 1

@@ -27,9 +27,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--small", action="store_true", default=os.environ.get("FACEPQ_DEMO_SMALL") == "1",
                    help="a CI-sized run: fewer people, photos and epochs (also FACEPQ_DEMO_SMALL=1)")
     p.add_argument("--bits", type=int, help="code length in bits (default 64)")
-    p.add_argument("--epochs", type=int, help="training epochs (default 8; 3 with --small)")
-    p.add_argument("--people", type=int, help="synthetic people (default 80; 30 with --small)")
-    p.add_argument("--photos", type=int, help="synthetic photos per person (default 8; 6 with --small)")
+    p.add_argument("--epochs", type=int, help="training epochs (default 10; 3 with --small)")
+    p.add_argument("--people", type=int, help="synthetic people (default 160; 30 with --small)")
+    p.add_argument("--photos", type=int, help="synthetic photos per person (default 10; 6 with --small)")
     p.add_argument("--width", type=int, help="resnet20 channels (default 32; 16 with --small)")
     p.add_argument("--shards", type=int, help="index shards (default 2)")
     p.add_argument("--replicas", type=int, help="query nodes serving each shard (default 1; 2 = each node "

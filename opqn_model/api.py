@@ -28,6 +28,8 @@ from opqn_model.trunks import create_trunk
 
 log = logging.getLogger(__name__)
 
+MAX_EMBEDDING_VALUE = 1e6
+
 
 def build_trunk(config: ModelConfig):
     return create_trunk(config.trunk, input_size=config.input_size if config.trunk != "dlib" else None,
@@ -141,6 +143,11 @@ class HeadCodec:
             raise ConfigError(f"embeddings must be float32 [N, {self.embedding_dim}], got {list(features.shape)}")
         if not np.isfinite(features).all():
             raise ConfigError("embeddings contain NaN or infinite values")
+        # Values this large are not embeddings of any trunk here; they would overflow in
+        # the head's normalisation into NaN tables or arbitrary codes.
+        if features.size and np.abs(features).max() > MAX_EMBEDDING_VALUE:
+            raise ConfigError(f"embedding values must lie within +-{MAX_EMBEDDING_VALUE:g} "
+                              f"(largest here {np.abs(features).max():.3g}); is this the right file?")
         return torch.from_numpy(np.ascontiguousarray(features)).to(self.head.codebooks.device)
 
     def encode(self, features: np.ndarray) -> np.ndarray:
