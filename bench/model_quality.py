@@ -42,8 +42,9 @@ def faiss_opq_pq_scores(train: np.ndarray, queries: np.ndarray, gallery: np.ndar
 
     d = train.shape[1]
     m = bits // 8
-    opq = faiss.OPQMatrix(d, m)
-    pq = faiss.IndexPQ(d, m, 8)
+    d_out = d - d % m  # PQ needs M | d: OPQ's rotation also projects to the nearest multiple
+    opq = faiss.OPQMatrix(d, m, d_out)
+    pq = faiss.IndexPQ(d_out, m, 8)
     index = faiss.IndexPreTransform(opq, pq)
     index.train(prep(train))
     index.add(prep(gallery))

@@ -116,8 +116,10 @@ def test_eval_cli_prints_json_with_required_keys(tiny_model, protocol):
     for key in ("map", "map_float", "p_at_1", "bits", "n_queries", "n_gallery"):
         assert key in result
     assert result["bits"] == 32 and result["n_queries"] > 0 and 0 <= result["map"] <= 1
-    # above chance: with ~6 people in the gallery a random ranking gives mAP well under 0.5
-    assert result["map"] > 0.3
+    # a random ranking gives mAP of about 1 / people (the share of relevant photos); the
+    # tiny 2-epoch model must clearly beat that with codes and with float features
+    chance = 1.0 / result["n_people"]
+    assert result["map"] > 1.5 * chance and result["map_float"] > 1.5 * chance, (result, chance)
 
 
 def test_cli_errors_are_one_line_not_a_traceback(tmp_path):
