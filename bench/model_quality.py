@@ -121,7 +121,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="facepq bench quality", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True)
     ap.add_argument("--bits", type=int, nargs="+", default=[32, 48, 64])
-    ap.add_argument("--epochs", type=int, default=40)
+    ap.add_argument("--epochs", type=int, default=4,
+                    help="head training epochs (default 4: longer runs overfit the training people)")
     ap.add_argument("--test-people", type=float, default=0.3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--codewords", "-K", type=int, help="K for every code length (default: largest that fits)")

@@ -41,7 +41,7 @@ class DemoSettings:
 
     people: int = 160
     photos: int = 10
-    epochs: int = 10
+    epochs: int = 24
     width: int = 32
     bits: int = 64
     batch_size: int = 128

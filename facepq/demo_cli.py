@@ -27,7 +27,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--small", action="store_true", default=os.environ.get("FACEPQ_DEMO_SMALL") == "1",
                    help="a CI-sized run: fewer people, photos and epochs (also FACEPQ_DEMO_SMALL=1)")
     p.add_argument("--bits", type=int, help="code length in bits (default 64)")
-    p.add_argument("--epochs", type=int, help="training epochs (default 10; 3 with --small)")
+    p.add_argument("--epochs", type=int, help="training epochs (default 24; 3 with --small)")
     p.add_argument("--people", type=int, help="synthetic people (default 160; 30 with --small)")
     p.add_argument("--photos", type=int, help="synthetic photos per person (default 10; 6 with --small)")
     p.add_argument("--width", type=int, help="resnet20 channels (default 32; 16 with --small)")

@@ -30,7 +30,8 @@ def register(sub) -> None:
                    "(photos are already face crops); default dlib, none for synthetic faces")
     p.add_argument("--no-face", choices=["skip", "centre-crop"], default="skip",
                    help="photos where no face is found: skip (counted) or use a centre crop")
-    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--epochs", type=int, help="default 20 for resnet20; 4 for a frozen trunk (dlib), whose head "
+                   "overfits the training people with longer training (see README)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
@@ -79,7 +80,8 @@ def run_train(args) -> int:
     model_config = ModelConfig(trunk=args.trunk, bits=args.bits, M=args.M, K=args.K, sub_dim=args.sub_dim,
                                input_size=args.input_size, trunk_width=args.width, pipeline=pipeline)
     model_config.code_spec()  # refuse an invalid code before loading any data
-    train_config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+    epochs = args.epochs or (4 if args.trunk == "dlib" else 20)
+    train_config = TrainConfig(epochs=epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                                test_people=args.test_people, device=args.device)
     summary = train(data, args.out, model_config, train_config, resume=args.resume, progress=not args.no_progress)
     print(f"trained {summary['epochs']} epochs on {summary['train_photos']} photos of {summary['train_people']} people "
