@@ -75,23 +75,28 @@ def bench_pipeline_overlap() -> None:
           f"(2.0x = actors fully concurrent; CPU-independent reference)")
 
 
-def bench_actors(model, work: pathlib.Path, photos: int) -> None:
+def bench_actors(model, work: pathlib.Path, photos: int) -> dict:
+    """Encode with 1 and 2 actors; returns {actors: {photos, wall_s, startup_s, steady_rate}} (also printed)."""
     from indexer.job import run_ingest
     from opqn_model.synthetic import write_faces
 
     gallery = write_faces(work / "bench_faces", max(1, photos // 10), 10, size=64, seed=9)
     run_ingest(str(model), str(gallery), str(work / "warm.idx"), actors=2, batch_size=32, progress=False)  # warm
-    rates = {}
+    rates, out = {}, {}
     for actors in (1, 2):
         index = work / f"actors{actors}.idx"
         t = time.perf_counter()
         s = run_ingest(str(model), str(gallery), str(index), actors=actors, batch_size=32, progress=False)
         dt = time.perf_counter() - t
         rates[actors] = s.steady_rate
+        out[actors] = {"photos": s.faces_encoded, "wall_s": dt, "startup_s": s.startup_seconds,
+                       "steady_rate": s.steady_rate}
         print(f"encode pipeline, {actors} actor(s): {s.faces_encoded} photos in {dt:.1f} s wall "
               f"({s.startup_seconds:.1f} s to the first batch), steady {s.steady_rate:.0f} photos/s")
-    print(f"encode scaling 2 actors / 1 actor (steady state): {rates[2] / rates[1]:.2f}x (target >= 1.7x on 2 cores); "
+    scaling = rates[2] / rates[1] if rates[1] else float("nan")  # no steady rate when all fit in one batch
+    print(f"encode scaling 2 actors / 1 actor (steady state): {scaling:.2f}x (target >= 1.7x on 2 cores); "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    return out
 
 
 def bench_writer(work: pathlib.Path, n: int = 2_000_000) -> None:

@@ -23,6 +23,8 @@ import time
 import numpy as np
 
 log = logging.getLogger("bench.model_quality")
+# OPQ alternation rounds (FAISS default 50); a CI-sized report lowers it, OPQ being the slow part there
+OPQ_ITERATIONS = 50
 
 
 def faiss_opq_pq_scores(train: np.ndarray, queries: np.ndarray, gallery: np.ndarray, bits: int,
@@ -44,6 +46,7 @@ def faiss_opq_pq_scores(train: np.ndarray, queries: np.ndarray, gallery: np.ndar
     m = bits // 8
     d_out = d - d % m  # PQ needs M | d: OPQ's rotation also projects to the nearest multiple
     opq = faiss.OPQMatrix(d, m, d_out)
+    opq.niter = OPQ_ITERATIONS
     pq = faiss.IndexPQ(d_out, m, 8)
     index = faiss.IndexPreTransform(opq, pq)
     index.train(prep(train))
@@ -54,53 +57,80 @@ def faiss_opq_pq_scores(train: np.ndarray, queries: np.ndarray, gallery: np.ndar
     return scores
 
 
+def _score_rows(enc, bits, train_emb, q_emb, q_lab, g_emb, g_lab, t1) -> dict:
+    from opqn_model.evaluate import cosine_scores, evaluate_embeddings
+    from opqn_model.metrics import retrieval_metrics
+
+    float_map = retrieval_metrics(cosine_scores(q_emb, g_emb), q_lab, g_lab)["map"]
+    res = evaluate_embeddings(enc, q_emb, q_lab, g_emb, g_lab)
+    faiss_map = retrieval_metrics(faiss_opq_pq_scores(train_emb, q_emb, g_emb, bits), q_lab, g_lab)["map"]
+    faiss_raw = retrieval_metrics(faiss_opq_pq_scores(train_emb, q_emb, g_emb, bits, centre=False),
+                                  q_lab, g_lab)["map"]
+    log.info("%d bits: OPQN %.4f  FAISS OPQ+PQ %.4f  float %.4f", bits, res["map"], faiss_map, float_map)
+    return {"bits": bits, "M": res["M"], "K": res["K"], "map_float": float_map, "map_opqn": res["map"],
+            "p_at_1_opqn": res["p_at_1"], "map_faiss_opq_pq": faiss_map, "map_faiss_opq_pq_uncentred": faiss_raw,
+            "opqn_vs_float": res["map"] / float_map, "faiss_vs_float": faiss_map / float_map,
+            "train_seconds": time.monotonic() - t1}
+
+
 def run(data: str, bits_list, epochs: int, test_people: float, seed: int, out_dir: pathlib.Path,
-        K: int | None = None, sub_dim: int | None = None) -> dict:
+        K: int | None = None, sub_dim: int | None = None, trunk: str = "dlib",
+        model_options: dict | None = None) -> dict:
+    """Train and evaluate one model per code length; returns the split sizes and one row per length.
+
+    With the frozen `dlib` trunk the embeddings are computed once (cached) and shared by every
+    length. A trainable trunk (e.g. `resnet20`, options such as input_size/trunk_width/pipeline in
+    `model_options`) is trained end to end per length, so the float reference and FAISS use that
+    length's own trained trunk features.
+    """
     from opqn_model.api import FaceEncoder
     from opqn_model.config import ModelConfig, TrainConfig
     from opqn_model.datasets import list_photos, split_people, split_photos_per_person
-    from opqn_model.evaluate import cosine_scores, evaluate_embeddings
     from opqn_model.feature_cache import FeatureCache, embed_records
-    from opqn_model.metrics import retrieval_metrics
     from opqn_model.trunks import create_trunk
     from opqn_model.train import train
 
     records = list_photos(data)
     train_recs, unseen_recs = split_people(records, test_people, seed)
-    trunk = create_trunk("dlib")
-    pipeline = trunk.default_pipeline()
-    t0 = time.monotonic()
-    cache = FeatureCache()
-    train_emb, train_kept, _ = embed_records(train_recs, trunk, pipeline, cache)
-    unseen_emb, unseen_kept, skips = embed_records(unseen_recs, trunk, pipeline, cache)
-    log.info("embedded %d + %d photos in %.0fs", len(train_kept), len(unseen_kept), time.monotonic() - t0)
-    gallery_recs, query_recs = split_photos_per_person(unseen_kept, 1, seed)
-    index_of = {r.path: i for i, r in enumerate(unseen_kept)}
-    qi = np.array([index_of[r.path] for r in query_recs])
-    gi = np.array([index_of[r.path] for r in gallery_recs])
-    q_lab = [r.person for r in query_recs]
-    g_lab = [r.person for r in gallery_recs]
-    q_emb, g_emb = unseen_emb[qi], unseen_emb[gi]
-    float_map = retrieval_metrics(cosine_scores(q_emb, g_emb), q_lab, g_lab)["map"]
+    frozen = trunk == "dlib"
+    if frozen:
+        trunk_obj = create_trunk("dlib")
+        pipeline = trunk_obj.default_pipeline()
+        t0 = time.monotonic()
+        cache = FeatureCache()
+        train_emb, train_kept, _ = embed_records(train_recs, trunk_obj, pipeline, cache)
+        unseen_emb, unseen_kept, skips = embed_records(unseen_recs, trunk_obj, pipeline, cache)
+        log.info("embedded %d + %d photos in %.0fs", len(train_kept), len(unseen_kept), time.monotonic() - t0)
     rows = []
+    split = None
     for bits in bits_list:
-        cfg = ModelConfig(trunk="dlib", bits=bits, K=K, sub_dim=sub_dim)
+        cfg = ModelConfig(trunk=trunk, bits=bits, K=K, sub_dim=sub_dim, **(model_options or {}))
         t1 = time.monotonic()
-        summary = train(data, out_dir / f"dlib-{bits}-{K or 'auto'}", cfg,
-                        TrainConfig(epochs=epochs, batch_size=256, lr=0.1, seed=seed, test_people=0.0,
-                                    queries_per_person=0),
+        summary = train(data, out_dir / f"{trunk}-{bits}-{K or 'auto'}", cfg,
+                        TrainConfig(epochs=epochs, batch_size=256 if frozen else 8, lr=0.1 if frozen else 0.01, seed=seed,
+                                    test_people=0.0, queries_per_person=0,
+                                    # a trained trunk on a few synthetic people: keep them all for training
+                                    **({} if frozen else {"val_people": 0.0})),
                         records=train_recs, progress=False)
         enc = FaceEncoder.load(summary["model"])
-        res = evaluate_embeddings(enc, q_emb, q_lab, g_emb, g_lab)
-        faiss_map = retrieval_metrics(faiss_opq_pq_scores(train_emb, q_emb, g_emb, bits), q_lab, g_lab)["map"]
-        faiss_raw = retrieval_metrics(faiss_opq_pq_scores(train_emb, q_emb, g_emb, bits, centre=False),
-                                      q_lab, g_lab)["map"]
-        rows.append({"bits": bits, "M": res["M"], "K": res["K"], "map_float": float_map, "map_opqn": res["map"],
-                     "p_at_1_opqn": res["p_at_1"], "map_faiss_opq_pq": faiss_map, "map_faiss_opq_pq_uncentred": faiss_raw,
-                     "opqn_vs_float": res["map"] / float_map, "faiss_vs_float": faiss_map / float_map,
-                     "train_seconds": time.monotonic() - t1})
-        log.info("%d bits: OPQN %.4f  FAISS OPQ+PQ %.4f  float %.4f", bits, res["map"], faiss_map, float_map)
-    return {"data": str(data), "train_people": len({r.person for r in train_kept}),
+        if not frozen:  # this length's own trained trunk; no cache (weights differ per run)
+            train_emb, train_kept, _ = embed_records(train_recs, enc.trunk, enc.pipeline, None, progress=False)
+            unseen_emb, unseen_kept, skips = embed_records(unseen_recs, enc.trunk, enc.pipeline, None,
+                                                           progress=False)
+            if not (np.isfinite(train_emb).all() and np.isfinite(unseen_emb).all()):
+                from facepq.errors import DataError
+
+                raise DataError(f"the {trunk} trunk trained for {epochs} epochs gives non-finite features")
+        gallery_recs, query_recs = split_photos_per_person(unseen_kept, 1, seed)
+        index_of = {r.path: i for i, r in enumerate(unseen_kept)}
+        qi = np.array([index_of[r.path] for r in query_recs])
+        gi = np.array([index_of[r.path] for r in gallery_recs])
+        q_lab = [r.person for r in query_recs]
+        g_lab = [r.person for r in gallery_recs]
+        split = (qi, gi, q_lab, g_lab)
+        rows.append(_score_rows(enc, bits, train_emb, unseen_emb[qi], q_lab, unseen_emb[gi], g_lab, t1))
+    qi, gi, q_lab, g_lab = split
+    return {"data": str(data), "trunk": trunk, "train_people": len({r.person for r in train_kept}),
             "unseen_people": len(set(q_lab) | set(g_lab)), "n_queries": len(qi), "n_gallery": len(gi),
             "train_photos": len(train_kept), "skipped": skips.skipped, "rows": rows}
 

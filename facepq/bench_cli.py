@@ -21,6 +21,7 @@ BENCHES = {
     "quality": ("model_quality.py", "OPQN codes vs FAISS OPQ+PQ vs float embeddings, unseen identities"),
     "ingest": ("ingest_bench.py", "encode throughput 1 vs 2 actors, writer codes/s, 1M-embedding ingest"),
     "load": ("load_bench.py", "N clients x T s through the coordinator vs nodes direct; hot-reload soak of RSS/fds"),
+    "report": ("report.py", "all of the above, measured once, as DIR/report.md with PNG plots (--small: CI-sized)"),
 }
 
 
