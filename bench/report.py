@@ -146,7 +146,7 @@ def section_quality(out: pathlib.Path, work: pathlib.Path, data: str | None, sma
     mq.OPQ_ITERATIONS = 4 if small else 50
     if data:
         source = f"real photos `{data}` (dlib trunk, frozen; features cached)"
-        bits, epochs = ([32], 10) if small else ([32, 48, 64], 40)
+        bits, epochs = ([32], 4) if small else ([32, 48, 64], 4)
         result = mq.run(data, bits, epochs, 0.3, 0, work / "quality")
     else:
         from opqn_model.synthetic import write_faces
