@@ -1,7 +1,6 @@
 """`facepq train` and `facepq eval`."""
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math

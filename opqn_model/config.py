@@ -91,7 +91,6 @@ class TrainConfig:
     test_people: float = 0.25
     queries_per_person: int = 1
     val_people: float = 0.1
-    log_every: int = 20
     device: str = "auto"
 
     def resolved_device(self) -> str:

@@ -23,7 +23,6 @@ first, so load balancers and the coordinator stop sending before the port closes
 from __future__ import annotations
 
 import logging
-import math
 import threading
 from concurrent import futures
 

@@ -61,7 +61,6 @@ def test_distributed_topk_is_exact_and_survives_a_killed_replica(index):
 def test_redis_registry_heartbeat_expiry_and_hot_reload_after_enrolment(index, redis_server):
     import redis
 
-    from indexer.manifest import ModelMeta
     from indexer.store import IndexStore
     from indexer.writer import IndexWriter
 

@@ -4,7 +4,6 @@ import shutil
 import subprocess
 
 import grpc
-import numpy as np
 import pytest
 
 from facepq_proto.facepq.v1 import facepq_pb2, facepq_pb2_grpc

@@ -2,7 +2,6 @@
 message, and the servers stay up through all of them (table-driven + hypothesis fuzzing)."""
 from __future__ import annotations
 
-import io
 import json
 import math
 from concurrent import futures
