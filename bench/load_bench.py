@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
-import queue
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -29,51 +27,19 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from facepq.server_process import ServerProcess
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
 # ---------------------------------------------------------------- processes
 
 
-class Server:
+class Server(ServerProcess):
     """A `facepq node|coordinator` process; `.address` once it printed 'listening on'."""
 
     def __init__(self, args, timeout=120):
-        self.proc = subprocess.Popen([sys.executable, "-m", "facepq.cli", *map(str, args)], cwd=REPO,
-                                     env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True)
-        lines: queue.Queue = queue.Queue()
-        self.output: list[str] = []
-
-        def pump():
-            for line in self.proc.stdout:
-                self.output.append(line)
-                lines.put(line)
-
-        threading.Thread(target=pump, daemon=True).start()
-        deadline = time.monotonic() + timeout
-        self.address = None
-        while time.monotonic() < deadline and self.address is None:
-            try:
-                line = lines.get(timeout=0.2)
-            except queue.Empty:
-                if self.proc.poll() is not None:
-                    break
-                continue
-            if "listening on " in line:
-                self.address = line.rsplit("listening on ", 1)[1].strip()
-        if self.address is None:
-            self.kill()
-            raise RuntimeError(f"{args[0]} did not start: {''.join(self.output)[-2000:]}")
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
+        super().__init__(args, timeout=timeout)
 
 
 @dataclass

@@ -1,18 +1,9 @@
 """Helpers for query_node tests: small random-code indexes and real server subprocesses."""
 from __future__ import annotations
 
-import os
-import pathlib
-import queue
-import signal
-import subprocess
-import sys
-import threading
-import time
-
 import numpy as np
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+from facepq.server_process import REPO_ROOT, ServerProcess  # noqa: F401 (REPO_ROOT re-exported)
 
 
 def build_index(path, rows=3000, shard_count=3, M=8, K=256, seed=0, segments_per_shard=2):
@@ -33,49 +24,11 @@ def build_index(path, rows=3000, shard_count=3, M=8, K=256, seed=0, segments_per
     return meta, ids, codes
 
 
-class Proc:
-    """A `facepq ...` subprocess that printed its 'listening on ADDR' line."""
+class Proc(ServerProcess):
+    """A `facepq ...` subprocess that printed its 'listening on ADDR' line (see facepq.server_process)."""
 
     def __init__(self, args, timeout=60):
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen([sys.executable, "-m", "facepq.cli", *args], cwd=REPO_ROOT, env=env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.lines: queue.Queue = queue.Queue()
-        self.output: list[str] = []
-        threading.Thread(target=self._pump, daemon=True).start()
-        deadline = time.monotonic() + timeout
-        self.address = None
-        while time.monotonic() < deadline:
-            try:
-                line = self.lines.get(timeout=0.2)
-            except queue.Empty:
-                if self.proc.poll() is not None:
-                    break
-                continue
-            if "listening on " in line:
-                self.address = line.rsplit("listening on ", 1)[1].strip()
-                return
-        self.kill()
-        raise RuntimeError(f"{args[0]} did not start: {''.join(self.output)[-3000:]}")
-
-    def _pump(self):
-        for line in self.proc.stdout:
-            self.output.append(line)
-            self.lines.put(line)
-
-    def terminate(self, timeout=10) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                return self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        return self.proc.wait(5)
-
-    def kill(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(5)
+        super().__init__(args, timeout=timeout)
 
 
 def node(index, shards, *extra):

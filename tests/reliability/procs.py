@@ -2,79 +2,13 @@
 from __future__ import annotations
 
 import os
-import queue
-import signal
 import subprocess
 import sys
-import threading
-import time
 
-from tests.query_node.helpers import REPO_ROOT
+from facepq.server_process import REPO_ROOT, ServerProcess, StartFailed  # noqa: F401 (re-exported)
 
 
-class Proc:
-    """A `facepq ...` subprocess that printed its 'listening on ADDR' line (or failed to start)."""
-
-    def __init__(self, args, env=None, timeout=90):
-        self.args = list(args)
-        full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-        self.proc = subprocess.Popen([sys.executable, "-m", "facepq.cli", *self.args], cwd=REPO_ROOT, env=full_env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.lines: queue.Queue = queue.Queue()
-        self.output: list[str] = []
-        threading.Thread(target=self._pump, daemon=True).start()
-        self.address = None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = self.lines.get(timeout=0.2)
-            except queue.Empty:
-                if self.proc.poll() is not None:
-                    break
-                continue
-            if "listening on " in line:
-                self.address = line.rsplit("listening on ", 1)[1].strip()
-                return
-        time.sleep(0.2)  # let the pump collect the last lines of a failed start
-        self.kill()
-        raise StartFailed(self.proc.returncode, "".join(self.output))
-
-    def _pump(self):
-        for line in self.proc.stdout:
-            self.output.append(line)
-            self.lines.put(line)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def text(self) -> str:
-        return "".join(self.output)
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def sigkill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    kill = sigkill
-
-    def terminate(self, timeout=10) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                return self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        return self.proc.wait(5)
-
-
-class StartFailed(RuntimeError):
-    def __init__(self, returncode, output):
-        self.returncode, self.output = returncode, output
-        super().__init__(f"exit {returncode}: {output[-3000:]}")
+Proc = ServerProcess
 
 
 class Procs:
