@@ -86,7 +86,7 @@ def load_model_info(model_path: str) -> tuple[ModelMeta, dict, int | None]:
     if not pipeline:  # checkpoints without stored settings: the trunk's default pipeline
         from opqn_model.api import FaceEncoder
 
-        pipeline = FaceEncoder.load(model_path).pipeline.to_dict()
+        pipeline = FaceEncoder.from_checkpoint(payload).pipeline.to_dict()
     # The head's first linear layer takes the trunk's embeddings: its input width is their dimension.
     weight = payload["head"].get("projection.2.weight")
     dim = int(weight.shape[1]) if weight is not None and weight.ndim == 2 else None

@@ -60,11 +60,11 @@ class FaceEncoder:
         self.config = config
         self.head = head.eval()
         self.codec = HeadCodec(self.head, CodeSpec(config.M, config.K))
+        self.code_spec = self.codec.code_spec
         self.trunk = trunk
         if isinstance(trunk, torch.nn.Module):
             trunk.eval()
         self.fingerprint = fingerprint
-        self.code_spec = CodeSpec(config.M, config.K)
         self.trunk_name = config.trunk
         self.input_size = trunk.input_size
         self.embedding_dim = trunk.feature_dim
@@ -72,14 +72,18 @@ class FaceEncoder:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "FaceEncoder":
-        payload = load_checkpoint(path)
+        return cls.from_checkpoint(load_checkpoint(path))
+
+    @classmethod
+    def from_checkpoint(cls, payload: dict) -> "FaceEncoder":
+        """Build from an already validated `load_checkpoint` payload (no second read of the file)."""
         config: ModelConfig = payload["model_config"]
         trunk = build_trunk(config)
         if payload["trunk_state"]:
             trunk.load_state_dict(payload["trunk_state"])
         head = OPQNHead(trunk.feature_dim, config.M, config.K, config.sub_dim, config.dropout)
         head.load_state_dict(payload["head"])
-        log.debug("loaded %s: trunk=%s bits=%d (%dx%d) fingerprint=%s", path, config.trunk, config.bits,
+        log.debug("loaded model: trunk=%s bits=%d (%dx%d) fingerprint=%s", config.trunk, config.bits,
                   config.M, config.K, payload["fingerprint"])
         return cls(config, head, trunk, payload["fingerprint"])
 

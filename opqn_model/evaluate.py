@@ -99,8 +99,9 @@ def evaluate_checkpoint(model_path, data, protocol: str = "unseen", queries_per_
     from opqn_model.datasets import list_photos
     from opqn_model.training_data import embeddings_of, model_inputs
 
-    split = load_checkpoint(model_path).get("split") or {}
-    encoder = FaceEncoder.load(model_path)
+    payload = load_checkpoint(model_path)
+    split = payload.get("split") or {}
+    encoder = FaceEncoder.from_checkpoint(payload)
     queries, gallery = protocol_records(list_photos(data), split, protocol, queries_per_person, seed)
     with torch.inference_mode():
         q_in, q_kept, q_skips = model_inputs(queries, encoder.trunk, encoder.pipeline, progress)
@@ -109,5 +110,5 @@ def evaluate_checkpoint(model_path, data, protocol: str = "unseen", queries_per_
     result = evaluate_embeddings(encoder, q_emb, [r.person for r in q_kept], g_emb, [r.person for r in g_kept])
     result.update({"protocol": protocol, "trunk": encoder.trunk_name, "fingerprint": encoder.fingerprint,
                    "n_people": len({r.person for r in q_kept} | {r.person for r in g_kept}),
-                   "skipped": {**q_skips.skipped, **{k: v + q_skips.skipped.get(k, 0) for k, v in g_skips.skipped.items()}}})
+                   "skipped": q_skips.merge(g_skips).skipped})
     return result

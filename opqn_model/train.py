@@ -132,7 +132,7 @@ def train(data, out_dir, model_config: ModelConfig, train_config: TrainConfig, r
     inputs, kept, skips = model_inputs(split.train, trunk, pipeline, progress)
     labels_map = {p: i for i, p in enumerate(people)}
     labels = torch.tensor([labels_map[r.person] for r in kept], dtype=torch.long)
-    val_inputs, val_kept, val_skips = model_inputs(split.val, trunk, pipeline, progress) if split.val else ([], [], None)
+    val_inputs, val_kept, _ = model_inputs(split.val, trunk, pipeline, progress) if split.val else ([], [], None)
     val_labels = [r.person for r in val_kept]
     for line in skips.summary_lines():
         log.info("skipped while loading training photos: %s", line)
