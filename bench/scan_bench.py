@@ -120,7 +120,10 @@ def run(sizes: list[int], k: int = 100, queries: int = 3, repeats: int = 3, seed
     numba.set_num_threads(1)
     faiss.omp_set_num_threads(1)
     rng = np.random.default_rng(seed)
-    log(f"scan benchmark: one thread, top-{k}, {queries} queries x best of {repeats}")
+    from query_node import fastscan
+
+    log(f"scan benchmark: one thread, top-{k}, {queries} queries x best of {repeats}; "
+        f"4-bit kernel: {fastscan.status()}")
     rows = []
     for n in sizes:
         for name, m, nbits, kind in CONFIGS:

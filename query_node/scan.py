@@ -14,7 +14,11 @@ Why the kernel looks the way it does (measured, see ARCHITECTURE.md):
   shifting;
 * 4-bit codes (two sub-codes per byte) use "pair tables": subspaces (2j, 2j+1)
   are merged into one 256-entry table indexed by the whole byte, so packed codes
-  run through the same byte kernel with half the lookups.
+  run through the same byte kernel with half the lookups;
+* where a C compiler and AVX2 exist, 4-bit codes go to the native kernel instead
+  (`query_node.fastscan`): 7-bit quantized 16-entry tables looked up 32 rows per
+  vpshufb prune rows that cannot reach the k-th best, and the rest are re-scored
+  with the same pair tables in the same order, so results are bit-identical.
 
 Scores are summed in float32 in byte order (subspace order for 8-bit codes,
 pair order for 4-bit codes), so they can differ from the reference by float
@@ -29,9 +33,12 @@ exact top-k of the live rows.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numba
 import numpy as np
+
+from query_node import fastscan
 
 log = logging.getLogger(__name__)
 
@@ -160,24 +167,36 @@ def byte_tables(lookup_tables: np.ndarray, packed: bool, code_bytes: int) -> np.
     if luts.ndim != 3:
         raise ValueError(f"lookup tables must be [Q, M, K], got shape {luts.shape}")
     nq, m, kk = luts.shape
-    out = np.zeros((nq, code_bytes, 256), dtype=np.float32)
     if not packed:
         if m != code_bytes or kk > 256:
             raise ValueError(f"8-bit codes of {code_bytes} bytes need tables [Q, {code_bytes}, K<=256], got {luts.shape}")
+        out = np.zeros((nq, code_bytes, 256), dtype=np.float32)
         out[:, :, :kk] = luts
         return out.reshape(nq, code_bytes * 256)
     if kk > 16 or (m + 1) // 2 != code_bytes:
         raise ValueError(f"packed codes of {code_bytes} bytes need tables [Q, {2 * code_bytes - 1} or "
                          f"{2 * code_bytes}, K<=16], got {luts.shape}")
-    byte = np.arange(256)
-    lo, hi = byte & 0x0F, byte >> 4
-    valid_lo, valid_hi = lo < kk, hi < kk
-    for j in range(code_bytes):
-        part = np.where(valid_lo, luts[:, 2 * j, np.minimum(lo, kk - 1)], 0).astype(np.float32)
-        if 2 * j + 1 < m:
-            part = part + np.where(valid_hi, luts[:, 2 * j + 1, np.minimum(hi, kk - 1)], 0).astype(np.float32)
-        out[:, j, :] = part
+    nib = fastscan.nibble_values(luts)
+    # byte value = high * 16 + low  ->  table[hi, lo] = lut[2j, lo] + lut[2j+1, hi] (float32)
+    out = nib[:, :, 0, None, :] + nib[:, :, 1, :, None]
     return out.reshape(nq, code_bytes * 256)
+
+
+@dataclass(frozen=True)
+class ScanTables:
+    """What a scan needs for one batch of queries."""
+
+    byte: np.ndarray                           # float32 [Q, code_bytes * 256] exact byte tables
+    nibble: fastscan.NibbleTables | None = None  # packed codes on the native kernel
+
+
+def scan_tables(lookup_tables: np.ndarray, packed: bool, code_bytes: int) -> ScanTables:
+    """Per-query lookup tables float32 [Q, M, K] -> the tables the fastest available kernel takes."""
+    byte = byte_tables(lookup_tables, packed, code_bytes)
+    nibble = None
+    if packed and fastscan.available():
+        nibble = fastscan.nibble_tables(fastscan.nibble_values(lookup_tables))
+    return ScanTables(byte, nibble)
 
 
 class TopKHeap:
@@ -195,13 +214,16 @@ class TopKHeap:
         self.rows = np.full((queries, k), _EMPTY_ROW, dtype=np.int64)
         self.rows_scanned = 0
 
-    def scan(self, codes: np.ndarray, tables: np.ndarray, skip_mask: np.ndarray | None = None,
+    def scan(self, codes: np.ndarray, tables: np.ndarray | ScanTables, skip_mask: np.ndarray | None = None,
              block: int = 4096) -> None:
-        """Scan one segment's codes uint8 [N, B] with byte tables float32 [Q, B*256].
+        """Scan one segment's codes uint8 [N, B] with `ScanTables` or byte tables float32 [Q, B*256].
 
         Rows of this segment are numbered from `rows_scanned` (the rows of the segments
         scanned before), so ties are broken across segments by scan order.
         """
+        nibble = None
+        if isinstance(tables, ScanTables):
+            tables, nibble = tables.byte, tables.nibble
         if codes.ndim != 2 or codes.dtype != np.uint8 or not codes.flags.c_contiguous:
             raise ValueError(f"codes must be C-contiguous uint8 [N, B], got {codes.dtype} {codes.shape}")
         if tables.shape != (self.scores.shape[0], codes.shape[1] * 256) or tables.dtype != np.float32:
@@ -214,7 +236,10 @@ class TopKHeap:
             skip, has_skip = np.ascontiguousarray(skip_mask, dtype=np.bool_), True
             if skip.shape != (n,):
                 raise ValueError(f"skip_mask must be bool [{n}], got {skip.shape}")
-        if n:
+        if n and nibble is not None:
+            fastscan.scan_into(codes, np.ascontiguousarray(tables), nibble, skip, has_skip,
+                               self.rows_scanned, self.scores, self.rows)
+        elif n:
             _scan_into(codes, np.ascontiguousarray(tables), skip, has_skip,
                        self.rows_scanned, self.scores, self.rows, block)
         self.rows_scanned += n
@@ -246,8 +271,8 @@ def scan_topk_batch(codes: np.ndarray, lookup_tables: np.ndarray, k: int, packed
     codes = np.ascontiguousarray(codes, dtype=np.uint8)
     if codes.ndim != 2:
         raise ValueError(f"codes must be uint8 [N, code_bytes], got shape {codes.shape}")
-    tables = byte_tables(lookup_tables, packed, codes.shape[1])
-    heap = TopKHeap(tables.shape[0], k)
+    tables = scan_tables(lookup_tables, packed, codes.shape[1])
+    heap = TopKHeap(tables.byte.shape[0], k)
     heap.scan(codes, tables, skip_mask)
     return heap.result()
 
@@ -280,4 +305,4 @@ def warmup() -> None:
             for mask in (None, np.zeros(64, dtype=np.bool_)):
                 heap = TopKHeap(2, 5)
                 heap.scan(c, tables, mask)
-    log.debug("scan kernels ready")
+    log.info("scan kernels ready; 4-bit codes scan with %s", fastscan.status())

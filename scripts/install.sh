@@ -36,6 +36,14 @@ if ! command -v redis-server >/dev/null 2>&1; then
     echo "[install] redis-server not found and cannot be installed here; Redis tests will fail" >&2
   fi
 fi
+# The AVX2 4-bit scan kernel (query_node/fastscan4.c) needs a C compiler; without one
+# 4-bit codes scan with the slower numba kernel (same results).
+if ! command -v gcc >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "[install] gcc (apt) for the native scan kernel"
+  apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc libc6-dev >/dev/null
+fi
+"$VENV/bin/python" -c "from query_node import fastscan; print('[install] 4-bit scan kernel:', fastscan.status())"
 if [ -f clients/node/package.json ] && command -v npm >/dev/null 2>&1 && [ ! -d clients/node/node_modules ]; then
   echo "[install] npm packages for the Node.js client"
   (cd clients/node && npm install --silent --no-audit --no-fund >/dev/null)

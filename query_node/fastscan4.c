@@ -1,0 +1,230 @@
+/*
+ * Exact top-k scan of packed 4-bit PQ codes with quantized SIMD lookup tables (AVX2).
+ *
+ * Compiled on first use by query_node/native.py (gcc -O3 -mavx2, no fast-math) and
+ * called through ctypes, which releases the GIL for the call.
+ *
+ * Why: a float table lookup per sub-code tops out near one gather per byte; with
+ * 16-entry tables quantized to 7 bits, one vpshufb looks up 32 codes at once (the
+ * FAISS "fast scan" idea). Quantized scores are only bounds, so this kernel stays
+ * exact: a row whose quantized score cannot reach the current k-th best exact score
+ * is dropped, every other row is re-scored with the float pair tables, in the same
+ * byte order as the numba kernel (query_node/scan.py), and offered to the same
+ * (score desc, row asc) heap. Results are bit-identical to the numba kernel.
+ *
+ * Layout: codes are row-major [n, width] bytes (the index's on-disk layout, read
+ * through a memory map); byte b of a row holds sub-code 2b in its low nibble and
+ * 2b+1 in its high nibble. Blocks of 32 rows are transposed in registers to one
+ * 32-byte vector per byte column, so no second, transposed copy of the codes is
+ * kept in memory.
+ *
+ * Bound used for pruning (per query; see native.py for how the tables are made):
+ *   exact(row) = base + delta * (Q(row) + F), 0 <= F < terms (+ float rounding),
+ * so a row can reach threshold T only if Q(row) > floor((T - base) / delta) - terms - slack.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define EMPTY_ROW INT64_MAX
+
+int fs4_supported(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2");
+}
+
+static inline int worse(float sa, int64_t ra, float sb, int64_t rb) {
+    return sa < sb || (sa == sb && ra > rb);
+}
+
+/* Put (s, r) at the root of the min-heap (hs, hr) of size k and sift it down. */
+static void replace_root(float *hs, int64_t *hr, int k, float s, int64_t r) {
+    int pos = 0;
+    for (;;) {
+        int child = 2 * pos + 1;
+        if (child >= k) break;
+        int right = child + 1;
+        if (right < k && worse(hs[right], hr[right], hs[child], hr[child])) child = right;
+        if (worse(hs[child], hr[child], s, r)) {
+            hs[pos] = hs[child];
+            hr[pos] = hr[child];
+            pos = child;
+        } else {
+            break;
+        }
+    }
+    hs[pos] = s;
+    hr[pos] = r;
+}
+
+typedef struct {
+    const float *pair;      /* [width * 256] exact byte tables of this query */
+    const uint8_t *nib;     /* [width8][2][32] quantized nibble tables, each lane-duplicated */
+    double base, delta;
+    int terms;              /* quantized terms summed per row, plus the rounding slack */
+    float *hs;
+    int64_t *hr;
+    int k;
+    int16_t thr;            /* a row is a candidate when its quantized score > thr */
+} query_t;
+
+static inline float exact_score(const float *pair, const uint8_t *row, int width) {
+    float s = 0.0f;
+    for (int b = 0; b < width; b++) s += pair[(size_t)b * 256 + row[b]];
+    return s;
+}
+
+static void update_threshold(query_t *q) {
+    if (q->hr[0] == EMPTY_ROW) {   /* heap not full: every row is a candidate */
+        q->thr = -1;
+        return;
+    }
+    double t = floor(((double)q->hs[0] - q->base) / q->delta) - q->terms;
+    if (t < -1) t = -1;
+    if (t > 32767) t = 32767;
+    q->thr = (int16_t)t;
+}
+
+static inline void offer(query_t *q, const uint8_t *codes, int width, int64_t i, const uint8_t *skip,
+                         int has_skip, int64_t row_offset) {
+    float s = exact_score(q->pair, codes + (size_t)i * width, width);
+    int64_t r = row_offset + i;
+    if (s >= q->hs[0] && worse(q->hs[0], q->hr[0], s, r) && !(has_skip && skip[i])) {
+        replace_root(q->hs, q->hr, q->k, s, r);
+        update_threshold(q);
+    }
+}
+
+static inline uint64_t load64(const uint8_t *p) {
+    uint64_t v;
+    memcpy(&v, p, 8);
+    return v;
+}
+
+/*
+ * Transpose bytes [8g, 8g+8) of 32 rows (row stride `stride`, rows at `src`) into
+ * out[0..7]: out[c] holds byte column 8g+c of the 32 rows. Within out[c], 16-bit
+ * element e (lane L = e / 8, t = e % 8) holds rows 4t+2L (low byte) and 4t+2L+1 (high).
+ */
+static inline void transpose32x8(const uint8_t *src, size_t stride, int g, __m256i *out) {
+    const __m256i pairs = _mm256_setr_epi8(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15,
+                                           0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
+    __m256i y[8];
+    for (int t = 0; t < 8; t++) {
+        __m256i v;
+        if (stride == 8) {
+            v = _mm256_loadu_si256((const __m256i *)(src + 32 * t));
+        } else {
+            const uint8_t *p = src + (size_t)(4 * t) * stride + 8 * g;
+            v = _mm256_set_epi64x((long long)load64(p + 3 * stride), (long long)load64(p + 2 * stride),
+                                  (long long)load64(p + stride), (long long)load64(p));
+        }
+        /* lane: row a bytes 0..7, row b bytes 0..7 -> (a0 b0)(a1 b1)...(a7 b7) */
+        y[t] = _mm256_shuffle_epi8(v, pairs);
+    }
+    /* 8x8 transpose of 16-bit elements within each 128-bit lane */
+    __m256i a0 = _mm256_unpacklo_epi16(y[0], y[1]), a1 = _mm256_unpackhi_epi16(y[0], y[1]);
+    __m256i a2 = _mm256_unpacklo_epi16(y[2], y[3]), a3 = _mm256_unpackhi_epi16(y[2], y[3]);
+    __m256i a4 = _mm256_unpacklo_epi16(y[4], y[5]), a5 = _mm256_unpackhi_epi16(y[4], y[5]);
+    __m256i a6 = _mm256_unpacklo_epi16(y[6], y[7]), a7 = _mm256_unpackhi_epi16(y[6], y[7]);
+    __m256i b0 = _mm256_unpacklo_epi32(a0, a2), b1 = _mm256_unpackhi_epi32(a0, a2);
+    __m256i b2 = _mm256_unpacklo_epi32(a1, a3), b3 = _mm256_unpackhi_epi32(a1, a3);
+    __m256i b4 = _mm256_unpacklo_epi32(a4, a6), b5 = _mm256_unpackhi_epi32(a4, a6);
+    __m256i b6 = _mm256_unpacklo_epi32(a5, a7), b7 = _mm256_unpackhi_epi32(a5, a7);
+    out[0] = _mm256_unpacklo_epi64(b0, b4);
+    out[1] = _mm256_unpackhi_epi64(b0, b4);
+    out[2] = _mm256_unpacklo_epi64(b1, b5);
+    out[3] = _mm256_unpackhi_epi64(b1, b5);
+    out[4] = _mm256_unpacklo_epi64(b2, b6);
+    out[5] = _mm256_unpackhi_epi64(b2, b6);
+    out[6] = _mm256_unpacklo_epi64(b3, b7);
+    out[7] = _mm256_unpackhi_epi64(b3, b7);
+}
+
+#define MAX_WIDTH8 64
+
+/*
+ * Scan codes [n, width] for nq queries, updating each query's heap in place.
+ *
+ * pair:   float32 [nq, width * 256] exact byte tables (query_node.scan.byte_tables)
+ * nib:    uint8 [nq, width8, 2, 32] quantized nibble tables, width8 = width rounded up to 8
+ * base, delta: float64 [nq]; terms: int32 [nq] (quantized terms + slack)
+ * skip:   uint8 [n] tombstones (read only for rows entering a heap) when has_skip
+ * heap_s, heap_r: float32 / int64 [nq, k] min-heaps (root = k-th best), updated in place
+ * Returns 0, -1 for a width this kernel does not handle, -2 when out of memory.
+ */
+int fs4_scan(const uint8_t *codes, int64_t n, int32_t width, int32_t nq, const float *pair,
+             const uint8_t *nib, const double *base, const double *delta, const int32_t *terms,
+             const uint8_t *skip, int32_t has_skip, int64_t row_offset, float *heap_s, int64_t *heap_r,
+             int32_t k) {
+    int width8 = (width + 7) / 8 * 8;
+    if (width < 1 || width8 > MAX_WIDTH8 || nq < 1 || k < 1) return -1;
+    query_t *qs = malloc(sizeof(query_t) * (size_t)nq);
+    if (!qs) return -2;
+    for (int q = 0; q < nq; q++) {
+        qs[q].pair = pair + (size_t)q * width * 256;
+        qs[q].nib = nib + (size_t)q * width8 * 64;
+        qs[q].base = base[q];
+        qs[q].delta = delta[q];
+        qs[q].terms = terms[q];
+        qs[q].hs = heap_s + (size_t)q * k;
+        qs[q].hr = heap_r + (size_t)q * k;
+        qs[q].k = k;
+        update_threshold(&qs[q]);
+    }
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    __m256i cols[MAX_WIDTH8];
+    uint8_t padded[32 * MAX_WIDTH8];
+    int64_t full = n / 32 * 32;
+    for (int64_t start = 0; start < full; start += 32) {
+        const uint8_t *block = codes + (size_t)start * width;
+        const uint8_t *src = block;
+        size_t stride = (size_t)width;
+        if (width % 8) {   /* pad rows to whole 8-byte groups; padding bytes are 0, their tables 0 */
+            memset(padded, 0, (size_t)32 * width8);
+            for (int r = 0; r < 32; r++) memcpy(padded + (size_t)r * width8, block + (size_t)r * width, width);
+            src = padded;
+            stride = (size_t)width8;
+        }
+        for (int g = 0; g < width8 / 8; g++) transpose32x8(src, stride, g, cols + 8 * g);
+        for (int q = 0; q < nq; q++) {
+            query_t *qq = &qs[q];
+            __m256i acc0 = _mm256_setzero_si256(), acc1 = _mm256_setzero_si256();
+            for (int c = 0; c < width8; c++) {
+                const __m256i tlo = _mm256_loadu_si256((const __m256i *)(qq->nib + (size_t)c * 64));
+                const __m256i thi = _mm256_loadu_si256((const __m256i *)(qq->nib + (size_t)c * 64 + 32));
+                __m256i v = cols[c];
+                __m256i lo = _mm256_and_si256(v, low4);
+                __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+                /* each table entry <= 127, so the pair sum fits a byte */
+                __m256i r = _mm256_add_epi8(_mm256_shuffle_epi8(tlo, lo), _mm256_shuffle_epi8(thi, hi));
+                /* 16-bit sums of the even (low byte) and odd (high byte) rows */
+                acc0 = _mm256_add_epi16(acc0, r);
+                acc1 = _mm256_add_epi16(acc1, _mm256_srli_epi16(r, 8));
+            }
+            __m256i even = _mm256_sub_epi16(acc0, _mm256_slli_epi16(acc1, 8));
+            __m256i thr = _mm256_set1_epi16(qq->thr);
+            uint32_t me = (uint32_t)_mm256_movemask_epi8(_mm256_cmpgt_epi16(even, thr));
+            uint32_t mo = (uint32_t)_mm256_movemask_epi8(_mm256_cmpgt_epi16(acc1, thr));
+            /* two mask bits per 16-bit element: keep one */
+            me &= 0x55555555u;
+            mo &= 0x55555555u;
+            while (me | mo) {
+                uint32_t m = me | mo;
+                int bit = __builtin_ctz(m);
+                int e = bit / 2;
+                int64_t row = start + 4 * (e & 7) + 2 * (e >> 3);
+                if (me & (1u << bit)) offer(qq, codes, width, row, skip, has_skip, row_offset);
+                if (mo & (1u << bit)) offer(qq, codes, width, row + 1, skip, has_skip, row_offset);
+                me &= ~(1u << bit);
+                mo &= ~(1u << bit);
+            }
+        }
+    }
+    for (int64_t i = full; i < n; i++)
+        for (int q = 0; q < nq; q++) offer(&qs[q], codes, width, i, skip, has_skip, row_offset);
+    free(qs);
+    return 0;
+}
