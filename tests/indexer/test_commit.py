@@ -202,6 +202,36 @@ def test_concurrent_writers_commit_both_without_duplicates(tmp_path, meta, rows)
     assert len(live) == len(np.unique(live)) == len(ids)
 
 
+@pytest.mark.parametrize("segment_rows", [40, 100_000])  # segments written during add / only at commit
+def test_repeats_across_adds_keep_the_first_row_and_every_column_stays_aligned(tmp_path, meta, rows, segment_rows):
+    ids, persons, sources, codes = rows
+    store = IndexStore(tmp_path / "idx")
+    w = IndexWriter(store, meta, segment_rows=segment_rows)
+    w.add(ids[:300], persons[:300], sources[:300], codes[:300])
+    # Rows 200..299 again under other names and codes, plus a repeat within the batch.
+    again = np.concatenate([ids[200:400], ids[350:360]])
+    w.add(again, ["second"] * 210, [f"s{i}" for i in range(210)], np.full((210, 8), 7, np.uint8))
+    other = IndexWriter(store, meta)  # commits rows ours still buffers
+    other.add(ids[380:450], ["other"] * 70, sources[380:450], codes[380:450])
+    assert other.commit("other") == 1
+    assert w.commit("mine") == 2
+    assert (w.stats.rows_added, w.stats.duplicates_skipped) == (380, 130)
+    manifest = store.load_manifest()
+    by_id = {}
+    for shard, state in enumerate(manifest.shards):
+        for ref in state.segments:
+            seg = open_segment(store, ref, model=manifest.model)
+            assert ref.rows <= segment_rows and np.all(seg.face_ids % np.uint64(4) == shard)
+            for i, fid in enumerate(seg.face_ids.tolist()):
+                assert fid not in by_id
+                by_id[fid] = (seg.person_at(i), seg.source_at(i), seg.codes[i].tolist())
+    assert len(by_id) == 450
+    for i in range(450):  # the first row given for a face wins, with its own person, source and code
+        want = (persons[i], sources[i], codes[i].tolist()) if i < 300 else \
+            ("other", sources[i], codes[i].tolist()) if i >= 380 else ("second", f"s{i - 200}", [7] * 8)
+        assert by_id[int(ids[i])] == want
+
+
 def test_file_lock_times_out_with_a_clear_error(tmp_path, meta):
     store = IndexStore(tmp_path / "idx")
     held, release = threading.Event(), threading.Event()
