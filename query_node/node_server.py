@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent import futures
 
 import numpy as np
 
-from query_node.shard_view import IndexView, LiveIndex
+from query_node.shard_view import IndexView, LiveIndex, ScanStats
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,29 @@ def shard_service_name(shard: int) -> str:
     return f"facepq.shard.{shard}"
 
 
+def table_values(table_msg, i: int = 0) -> np.ndarray:
+    """The float32 values of one LookupTable message, from `values` or `values_f32le` (never both).
+
+    Raises:
+        RequestError INVALID_ARGUMENT: both forms set, or bytes that are not whole float32 values.
+    """
+    raw = table_msg.values_f32le
+    if raw:
+        if len(table_msg.values):
+            raise RequestError("INVALID_ARGUMENT", f"table {i} sets both values and values_f32le; send one")
+        if len(raw) % 4:
+            raise RequestError("INVALID_ARGUMENT", f"table {i}: values_f32le holds {len(raw)} bytes, not a "
+                               f"whole number of float32 values (4 bytes each)")
+        return np.frombuffer(raw, dtype="<f4")
+    return np.asarray(table_msg.values, dtype=np.float32)
+
+
+def table_message(pb, table: np.ndarray):
+    """float32 [M, K] -> a LookupTable message carrying the values as little-endian bytes (`values_f32le`)."""
+    t = np.ascontiguousarray(table, dtype="<f4")
+    return pb.LookupTable(m=t.shape[0], k=t.shape[1], values_f32le=t.tobytes())
+
+
 def validate_search(tables_msg, top_k: int, shards_msg, view: IndexView) -> tuple[np.ndarray, int, list[int]]:
     """Check a NodeSearchRequest against the served view.
 
@@ -67,11 +91,11 @@ def validate_search(tables_msg, top_k: int, shards_msg, view: IndexView) -> tupl
         raise RequestError("INVALID_ARGUMENT", f"top_k must be in 1..{MAX_TOP_K}, got {top_k}")
     tables = np.empty((len(tables_msg), m, kk), dtype=np.float32)
     for i, t in enumerate(tables_msg):
-        if (t.m, t.k) != (m, kk) or len(t.values) != m * kk:
+        values = table_values(t, i)
+        if (t.m, t.k) != (m, kk) or values.size != m * kk:
             raise RequestError("INVALID_ARGUMENT",
-                               f"table {i} has shape [{t.m}, {t.k}] with {len(t.values)} values; this index "
+                               f"table {i} has shape [{t.m}, {t.k}] with {values.size} values; this index "
                                f"(model {view.model.fingerprint[:12]}) needs [M={m}, K={kk}] = {m * kk} values")
-        values = np.asarray(t.values, dtype=np.float32)
         if not np.isfinite(values).all():
             raise RequestError("INVALID_ARGUMENT", f"table {i} contains NaN or infinite values")
         tables[i] = values.reshape(m, kk)
@@ -99,19 +123,23 @@ def _servicer_class():
         def Search(self, request, context):
             import grpc
 
+            t0 = time.perf_counter()
             # One view for the whole request, even if a reload swaps it meanwhile.
             view = self.live.view_at(request.index_version) if request.index_version else self.live.view
             try:
                 tables, k, shards = validate_search(request.tables, request.top_k, request.shards, view)
             except RequestError as exc:
                 context.abort(getattr(grpc.StatusCode, exc.code_name), str(exc))
-            results = view.search(tables, k, shards)
+            stats = ScanStats()
+            results = view.search(tables, k, shards, stats)
             with self._lock:
                 self.queries_served += len(results)
-            reply = facepq_pb2.NodeSearchResponse(shards_searched=shards, index_version=view.version)
+            reply = facepq_pb2.NodeSearchResponse(shards_searched=shards, index_version=view.version,
+                                                  scan_ms=stats.scan_seconds * 1e3)
             for hits in results:
                 reply.results.add(hits=[facepq_pb2.Hit(face_id=h.face_id, person=h.person, source=h.source,
                                                        score=h.score, shard=h.shard) for h in hits])
+            reply.took_ms = (time.perf_counter() - t0) * 1e3
             return reply
 
         def Status(self, request, context):

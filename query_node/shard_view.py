@@ -54,27 +54,43 @@ class ShardData:
     serving: bool = True
     reason: str = ""
 
-    def search(self, tables: np.ndarray, k: int) -> list[list[Hit]]:
-        """Top-k of this shard for byte tables float32 [Q, B*256]; one best-first list per query."""
+    def search(self, tables: np.ndarray, k: int, stats: ScanStats | None = None) -> list[list[Hit]]:
+        """Top-k of this shard for byte tables float32 [Q, B*256]; one best-first list per query.
+
+        `stats` (optional) accumulates the seconds spent in the scan kernel and the rows scanned.
+        """
         heap = TopKHeap(tables.shape[0], k)
         offsets = []
+        t0 = time.perf_counter()
         for seg, skip in zip(self.segments, self.skips):
             offsets.append(heap.rows_scanned)
             heap.scan(seg.codes, tables, skip)
+        if stats is not None:
+            stats.scan_seconds += time.perf_counter() - t0
+            stats.rows += heap.rows_scanned
         scores, rows = heap.result()
         starts = np.asarray(offsets, dtype=np.int64)
+        # One searchsorted for every hit of every query, not one per hit.
+        seg_of = np.searchsorted(starts, rows, side="right") - 1
         out = []
         for q in range(scores.shape[0]):
             hits = []
-            for score, row in zip(scores[q], rows[q]):
+            for score, row, s in zip(scores[q].tolist(), rows[q].tolist(), seg_of[q].tolist()):
                 if row < 0:
                     break
-                s = int(np.searchsorted(starts, row, side="right")) - 1
-                seg, local = self.segments[s], int(row - starts[s])
+                seg, local = self.segments[s], row - offsets[s]
                 hits.append(Hit(face_id=int(seg.face_ids[local]), person=seg.person_at(local),
-                                source=seg.source_at(local), score=float(score), shard=self.shard))
+                                source=seg.source_at(local), score=score, shard=self.shard))
             out.append(hits)
         return out
+
+
+@dataclass
+class ScanStats:
+    """What one search cost inside a node: kernel seconds (all shards, all queries) and rows scanned."""
+
+    scan_seconds: float = 0.0
+    rows: int = 0
 
 
 class IndexView:
@@ -89,10 +105,14 @@ class IndexView:
     def serving_shards(self) -> list[int]:
         return sorted(s for s, d in self.shards.items() if d.serving)
 
-    def search(self, lookup_tables: np.ndarray, k: int, shards: list[int]) -> list[list[Hit]]:
-        """Exact top-k over `shards` (all serving) for float32 [Q, M, K] tables; one list per query."""
+    def search(self, lookup_tables: np.ndarray, k: int, shards: list[int],
+               stats: ScanStats | None = None) -> list[list[Hit]]:
+        """Exact top-k over `shards` (all serving) for float32 [Q, M, K] tables; one list per query.
+
+        `stats` (optional) accumulates the kernel's seconds and rows over the shards scanned.
+        """
         tables = byte_tables(lookup_tables, self.model.packed, self.model.code_bytes)
-        per_shard = [self.shards[s].search(tables, k) for s in shards]
+        per_shard = [self.shards[s].search(tables, k, stats) for s in shards]
         return [merge_shard_lists([res[q] for res in per_shard], k) for q in range(tables.shape[0])]
 
 
