@@ -64,6 +64,9 @@ def _node(args) -> int:
 def _coordinator(args) -> int:
     import os
 
+    import torch
+
+    from facepq.errors import ConfigError
     from query_node.coordinator_server import CoordinatorServer
     from query_node.security import ENV_NODE_AUTH_TOKEN, ClientTls, load_tokens, server_security
 
@@ -73,6 +76,12 @@ def _coordinator(args) -> int:
     node_tokens = load_tokens(args.node_auth_token_file, os.environ.get(ENV_NODE_AUTH_TOKEN))
     node_token = node_tokens[0] if node_tokens else (tokens[0] if tokens else None)
     nodes = [a.strip() for a in args.nodes.split(",") if a.strip()] if args.nodes else None
+    if args.torch_threads < 1:
+        raise ConfigError(f"--torch-threads must be >= 1, got {args.torch_threads}")
+    # A search's model work (embedding -> lookup table) is microseconds of arithmetic; more OpenMP
+    # threads only add workers that spin after every op, taking cores from the nodes' scans on a
+    # shared machine. Photo searches and enrolments run the trunk and may want more.
+    torch.set_num_threads(args.torch_threads)
     server = CoordinatorServer(args.model, args.index, redis_url=args.redis, nodes=nodes, host=args.host,
                                port=args.port, tls=tls, auth_tokens=tokens, auth_search=args.auth_search,
                                node_tls=node_tls, node_token=node_token).start()
@@ -152,6 +161,8 @@ def register(subparsers) -> None:
                         f"certificate when nodes require mutual TLS (env {ENV_TLS_CA})")
     p.add_argument("--node-auth-token-file",
                    help=f"token sent to query nodes (env {ENV_NODE_AUTH_TOKEN}; default: this server's own token)")
+    p.add_argument("--torch-threads", type=int, default=1,
+                   help="threads for the model (1 suits embedding searches; raise it for photo-heavy load)")
     p.set_defaults(handler=_coordinator)
 
     p = subparsers.add_parser("search", help="search a photo through a coordinator")

@@ -1,7 +1,8 @@
 """The coordinator: query -> lookup table -> one replica per shard -> exact merge.
 
 A search asks ONE healthy replica of every shard (shards grouped per node, nodes
-called in parallel with the remaining deadline). A node that fails with
+called in parallel with the remaining deadline: all but one asynchronously, the
+last one on the calling thread, which saves a thread hand-off). A node that fails with
 UNAVAILABLE / DEADLINE_EXCEEDED / NOT_FOUND (it restarted with other shards) has
 its shards re-asked from another replica. Shards that no replica answered are
 reported: `complete=False` plus `missing_shards`, never a silent partial answer.
@@ -11,14 +12,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from concurrent import futures
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from facepq.errors import ConfigError
 from facepq.errors import FacepqError
-from query_node.merge import Hit, merge_shard_lists
+from query_node.merge import Hit, merge_node_replies
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +36,26 @@ class FanOutResult:
     hits: list[list[Hit]]                 # one best-first list per query
     missing_shards: list[int] = field(default_factory=list)
     index_version: str = ""
+    node_scan_ms: float = 0.0             # the slowest answering node's reported kernel time
 
     @property
     def complete(self) -> bool:
         return not self.missing_shards
+
+
+class _Done:
+    """A finished call with the `.result()` of a grpc future: the reply, or the RpcError raised again."""
+
+    def __init__(self, call, *args, **kwargs):
+        try:
+            self.reply, self.error = call(*args, **kwargs), None
+        except Exception as exc:  # noqa: BLE001 (re-raised by result(), as a grpc future does)
+            self.reply, self.error = None, exc
+
+    def result(self):
+        if self.error is not None:
+            raise self.error
+        return self.reply
 
 
 class Coordinator:
@@ -64,15 +81,39 @@ class Coordinator:
         self.max_message_bytes = max_message_bytes
         self._channels: dict = {}
         self._lock = threading.Lock()
-        self._nodes, self._nodes_at = [], 0.0
-        self._pool = futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="facepq-fanout")
+        self._nodes, self._nodes_at = None, 0.0
+        self._refresh_lock = threading.Lock()  # one registry listing at a time
+        self._stop = threading.Event()
+        self._refresher: threading.Thread | None = None
         self._rr = 0
 
     def nodes(self):
+        """The registry's nodes, at most `topology_ttl` seconds old.
+
+        A background thread re-lists every topology_ttl / 2 seconds, so a search finds a fresh
+        listing instead of paying for one (a static registry lists by calling every node's Status,
+        a Redis one by a round trip: milliseconds on one search in every topology_ttl). A listing
+        older than the TTL (the first one, a lagging refresher, a TTL of 0) is made on this thread.
+        """
         with self._lock:
-            if time.monotonic() - self._nodes_at > self.topology_ttl:
-                self._nodes, self._nodes_at = self.registry.nodes(), time.monotonic()
-            return list(self._nodes)
+            nodes, age = self._nodes, time.monotonic() - self._nodes_at
+        if nodes is None or age > self.topology_ttl:
+            nodes = self._refresh()
+        if self._refresher is None and not self._stop.is_set():
+            with self._lock:
+                if self._refresher is None:
+                    # A weak reference: a coordinator dropped without close() still stops its thread.
+                    self._refresher = threading.Thread(target=_refresh_loop, args=(weakref.ref(self), self._stop),
+                                                       name="facepq-topology", daemon=True)
+                    self._refresher.start()
+        return list(nodes)
+
+    def _refresh(self):
+        with self._refresh_lock:
+            nodes = self.registry.nodes()
+            with self._lock:
+                self._nodes, self._nodes_at = nodes, time.monotonic()
+        return nodes
 
     def _stub(self, address: str):
         from facepq_proto.facepq.v1 import facepq_pb2_grpc
@@ -121,14 +162,17 @@ class Coordinator:
         import grpc
 
         from facepq_proto.facepq.v1 import facepq_pb2
+        from query_node.node_server import table_message
 
         deadline = time.monotonic() + timeout
-        q, m, kk = lookup_tables.shape
-        tables = [facepq_pb2.LookupTable(m=m, k=kk, values=t.reshape(-1).tolist()) for t in lookup_tables]
+        q = lookup_tables.shape[0]
+        tables = [table_message(facepq_pb2, t) for t in lookup_tables]
         candidates = self.replicas()
         tried: dict[int, set] = {s: set() for s in candidates}
         pending = set(range(self.shard_count))
-        answers: dict[int, tuple[int, list[list[Hit]]]] = {}  # shard -> (version, hits per query)
+        # One entry per node reply: (version, shards it answered, its results, its scan_ms). All shards of
+        # one reply share its version, so realigning versions drops whole replies.
+        answers: list[tuple[int, list[int], list, float]] = []
         target = str(min_version) if min_version else ""
         rounds = 0
         while pending:
@@ -141,12 +185,16 @@ class Coordinator:
             if not plan or remaining <= 0:
                 break
             calls = {}
+            last = list(plan)[-1]
             for address, shards in plan.items():
                 for s in shards:
                     tried[s].add(address)
                 req = facepq_pb2.NodeSearchRequest(tables=tables, top_k=k, shards=shards, index_version=target)
-                calls[address] = self._pool.submit(self._stub(address).Search, req, timeout=remaining,
-                                                   metadata=self.node_metadata)
+                search = self._stub(address).Search
+                if address == last:  # every other call is in flight: wait for this one on this thread
+                    calls[address] = _Done(search, req, timeout=remaining, metadata=self.node_metadata)
+                else:
+                    calls[address] = search.future(req, timeout=remaining, metadata=self.node_metadata)
             for address, fut in calls.items():
                 try:
                     reply = fut.result()
@@ -161,39 +209,62 @@ class Coordinator:
                     log.warning("node %s answered from version %d, older than the required %s; asking another "
                                 "replica", address, version, target)
                     continue
-                for s in reply.shards_searched:
-                    answers[s] = (version, [[h for h in r.hits if h.shard == s] for r in reply.results])
-                    pending.discard(s)
+                fresh = [s for s in reply.shards_searched if s in pending]
+                answers.append((version, fresh, list(reply.results), reply.scan_ms))
+                pending.difference_update(fresh)
             # All shards must come from one version: realign stragglers to the newest one seen.
-            versions = {v for v, _ in answers.values()}
+            versions = {a[0] for a in answers}
             if len(versions) > 1:
                 rounds += 1
                 if rounds > MAX_VERSION_ROUNDS:
                     raise VersionConflict(f"the index changed {rounds} times during one search; retry")
                 newest = max(versions)
                 target = str(newest)
-                for s in [s for s, (v, _) in answers.items() if v != newest]:
-                    del answers[s]
-                    pending.add(s)
-                    tried[s] = set()  # the same replica can answer the new version after loading it
-        version = str(next(iter({v for v, _ in answers.values()}), "")) if answers else ""
-        hits = []
-        for i in range(q):
-            per_shard = [[Hit(h.face_id, h.person, h.source, h.score, h.shard) for h in answers[s][1][i]]
-                         for s in sorted(answers)]
-            hits.append(merge_shard_lists(per_shard, k))
-        return FanOutResult(hits=hits, missing_shards=sorted(pending), index_version=version)
+                for v, shards, _, _ in answers:
+                    if v != newest:
+                        pending.update(shards)
+                        for s in shards:
+                            tried[s] = set()  # the same replica can answer the new version after loading it
+                answers = [a for a in answers if a[0] == newest]
+        version = str(answers[0][0]) if answers else ""
+        hits = [merge_node_replies([(shards, results[i].hits) for _, shards, results, _ in answers], k)
+                for i in range(q)]
+        return FanOutResult(hits=hits, missing_shards=sorted(pending), index_version=version,
+                            node_scan_ms=max((a[3] for a in answers), default=0.0))
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._stop.set()
         with self._lock:
             channels, self._channels = list(self._channels.values()), {}
         for channel, _ in channels:
             channel.close()
 
 
-def embedding_tables(encoder, values) -> np.ndarray:
-    """Embedding floats -> lookup tables float32 [1, M, K]; ConfigError for a bad length or NaN/inf."""
+def _refresh_loop(ref, stop: threading.Event) -> None:
+    """Re-list a coordinator's nodes every topology_ttl / 2 s until it is closed or garbage-collected."""
+    while True:
+        coordinator = ref()
+        period = 0.5 if coordinator is None or coordinator.topology_ttl <= 0 else coordinator.topology_ttl / 2
+        del coordinator
+        if stop.wait(period):
+            return
+        coordinator = ref()
+        if coordinator is None:
+            return
+        if coordinator.topology_ttl > 0:
+            try:
+                coordinator._refresh()
+            except Exception as exc:  # noqa: BLE001 (keep the last listing; a search re-lists when it is too old)
+                log.warning("cannot list the query nodes (keeping the last listing): %s", exc)
+        del coordinator
+
+
+def embedding_tables(encoder, values, builder=None) -> np.ndarray:
+    """Embedding floats -> lookup tables float32 [1, M, K]; ConfigError for a bad length or NaN/inf.
+
+    `builder` (a query_node.table_builder.TableBuilder of `encoder`) computes the tables without
+    torch; default: `encoder.lookup_tables`.
+    """
     emb = np.asarray(values, dtype=np.float32)
     if emb.ndim != 1 or emb.shape[0] != encoder.embedding_dim:
         raise ConfigError(f"embedding must have {encoder.embedding_dim} values for this model "
@@ -205,7 +276,7 @@ def embedding_tables(encoder, values) -> np.ndarray:
     peak = float(np.abs(emb).max(initial=0.0))
     if peak > 1e15:
         emb = (emb.astype(np.float64) / peak).astype(np.float32)
-    tables = np.asarray(encoder.lookup_tables(emb[None]), dtype=np.float32)
+    tables = np.asarray((builder or encoder.lookup_tables)(emb[None]), dtype=np.float32)
     if not np.isfinite(tables).all():
         raise ConfigError("this embedding gives a lookup table with NaN/inf values; send a usable embedding")
     return tables

@@ -58,7 +58,10 @@ def _servicer_class():
 
     class CoordinatorServicer(facepq_pb2_grpc.CoordinatorServicer):
         def __init__(self, coordinator, encoder, index_uri, redis_url, search_timeout):
+            from query_node.table_builder import TableBuilder
+
             self.coordinator, self.encoder = coordinator, encoder
+            self.tables = TableBuilder(encoder)  # embedding -> lookup table without torch's per-op cost
             self.index_uri, self.redis_url, self.search_timeout = index_uri, redis_url, search_timeout
             self.store = IndexStore(index_uri)
 
@@ -72,7 +75,7 @@ def _servicer_class():
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, "send a photo (bytes) or an embedding")
             if kind == "embedding":
                 try:
-                    tables = embedding_tables(self.encoder, request.embedding.values)
+                    tables = embedding_tables(self.encoder, request.embedding.values, self.tables)
                 except ConfigError as exc:
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             else:
@@ -84,7 +87,7 @@ def _servicer_class():
                                       "no face found in the photo; send a photo with a visible, frontal face")
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the photo cannot be used: {reason} "
                                   f"(send JPEG/PNG/PGM bytes of a face photo)")
-                tables = np.asarray(self.encoder.lookup_tables(feats[:1]), dtype=np.float32)
+                tables = self.tables(feats[:1])
             remaining = context.time_remaining()
             timeout = self.search_timeout if remaining is None else max(0.0, min(remaining - 0.05, self.search_timeout))
             try:
@@ -101,7 +104,7 @@ def _servicer_class():
             except FacepqError as exc:
                 context.abort(grpc.StatusCode.UNAVAILABLE, f"cannot read the index version: {exc}")
             reply = facepq_pb2.SearchResponse(complete=result.complete, missing_shards=result.missing_shards,
-                                              index_version=result.index_version)
+                                              index_version=result.index_version, node_scan_ms=result.node_scan_ms)
             reply.hits.extend(facepq_pb2.Hit(face_id=h.face_id, person=h.person, source=h.source, score=h.score,
                                              shard=h.shard) for h in result.hits[0])
             reply.took_ms = (time.perf_counter() - t0) * 1e3

@@ -61,3 +61,28 @@ def merge_node_results(node_lists: Iterable[list[Hit]], k: int) -> list[Hit]:
         for shard, group in split_by_shard(hits).items():
             per_shard.setdefault(shard, group)
     return merge_shard_lists(per_shard.values(), k)
+
+
+def merge_node_replies(replies: Iterable[tuple[Iterable[int], list]], k: int) -> list[Hit]:
+    """Merge node replies straight into the global top-k, without splitting them by shard first.
+
+    Args:
+        replies: (shards, hits) per node: `hits` is that node's best-first list over `shards`, in the
+            global order (a node merges its own shards with `merge_shard_lists`); any object with
+            face_id, person, source, score and shard works (e.g. a protobuf Hit). Hits of a shard not
+            in `shards` are dropped: that shard's hits come from another reply (a shard counted twice
+            would repeat its hits); the global top-k stays exact because every hit of it is in the
+            top-k of any reply's shard set that contains it.
+        k: how many to keep (>= 0).
+    Returns:
+        up to k `Hit`s in the global order; only these k are converted.
+
+    Within one node's list the hits of one shard keep that shard's order, so ordering by (score desc,
+    shard asc, position in the node's list) is the same order `merge_shard_lists` gives.
+    """
+    keyed = []
+    for shards, hits in replies:
+        allowed = set(shards)
+        keyed.append([(-h.score, h.shard, pos, h) for pos, h in enumerate(hits) if h.shard in allowed])
+    merged = heapq.merge(*keyed, key=lambda t: t[:3])
+    return [Hit(h.face_id, h.person, h.source, h.score, h.shard) for *_, h in itertools.islice(merged, k)]

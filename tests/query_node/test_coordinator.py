@@ -55,6 +55,7 @@ def test_photo_search_finds_the_same_photo_first_and_is_complete(cluster):
     photo = cluster["gallery"][5]
     reply = cluster["stub"].Search(facepq_pb2.SearchRequest(photo=photo.read_bytes(), top_k=50), timeout=30)
     assert reply.complete and len(reply.hits) == 50
+    assert 0 < reply.node_scan_ms < reply.took_ms  # the nodes' kernel time is part of the coordinator's
     assert_best(reply.hits, str(photo))
     assert [h.score for h in reply.hits] == sorted((h.score for h in reply.hits), reverse=True)
 
