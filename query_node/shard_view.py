@@ -36,7 +36,7 @@ import numpy as np
 
 from facepq.errors import ConfigError, FacepqError
 from query_node.merge import Hit, merge_shard_lists
-from query_node.scan import TopKHeap, byte_tables
+from query_node.scan import ScanTables, TopKHeap, scan_tables
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +54,12 @@ class ShardData:
     serving: bool = True
     reason: str = ""
 
-    def search(self, tables: np.ndarray, k: int, stats: ScanStats | None = None) -> list[list[Hit]]:
-        """Top-k of this shard for byte tables float32 [Q, B*256]; one best-first list per query.
+    def search(self, tables: ScanTables, k: int, stats: ScanStats | None = None) -> list[list[Hit]]:
+        """Top-k of this shard for `query_node.scan.ScanTables`; one best-first list per query.
 
         `stats` (optional) accumulates the seconds spent in the scan kernel and the rows scanned.
         """
-        heap = TopKHeap(tables.shape[0], k)
+        heap = TopKHeap(tables.byte.shape[0], k)
         offsets = []
         t0 = time.perf_counter()
         for seg, skip in zip(self.segments, self.skips):
@@ -111,9 +111,9 @@ class IndexView:
 
         `stats` (optional) accumulates the kernel's seconds and rows over the shards scanned.
         """
-        tables = byte_tables(lookup_tables, self.model.packed, self.model.code_bytes)
+        tables = scan_tables(lookup_tables, self.model.packed, self.model.code_bytes)
         per_shard = [self.shards[s].search(tables, k, stats) for s in shards]
-        return [merge_shard_lists([res[q] for res in per_shard], k) for q in range(tables.shape[0])]
+        return [merge_shard_lists([res[q] for res in per_shard], k) for q in range(tables.byte.shape[0])]
 
 
 def load_view(store, shard_ids: list[int], previous: IndexView | None = None, verify: bool = True,
