@@ -31,6 +31,13 @@ log = logging.getLogger(__name__)
 
 # Fractional: two 1-CPU actors on a 2-CPU machine left nothing for the read tasks and hung.
 ACTOR_CPUS = 0.5
+# torch intra-op threads per encoder actor: its CPU share (at least 1). Set explicitly, not left to
+# OMP_NUM_THREADS, which Ray only sets when the user has not: two 2-thread actors on 2 cores
+# contend instead of adding up.
+ACTOR_THREADS = max(1, int(ACTOR_CPUS))
+# Longest wait for the whole encoder pool to start (worker start, torch import, checkpoint load)
+# before any photo is read; a pool the cluster cannot place fails with a clear error, not a hang.
+ACTOR_START_TIMEOUT_S = 300
 PROGRESS_EVERY_S = 2.0
 
 
@@ -51,8 +58,8 @@ class IngestSummary:
     converted: dict = field(default_factory=dict)
     examples: dict = field(default_factory=dict)  # reason -> a few photo paths
     seconds: float = 0.0
-    startup_seconds: float = 0.0  # pipeline start -> first encoded batch (actor start, model load)
-    steady_rate: float = 0.0      # faces/s after the first batch (what more actors speed up)
+    startup_seconds: float = 0.0  # pipeline start -> every actor's first batch (actor start, model load)
+    steady_rate: float = 0.0      # faces/s once every actor delivered a batch (what more actors speed up)
 
     def summary_lines(self) -> list[str]:
         rate = self.faces_encoded / self.seconds if self.seconds > 0 else 0.0
@@ -117,7 +124,8 @@ def init_ray(ray_address: str | None = None) -> bool:
 def run_ingest(model_path: str, gallery: str, index_uri: str, shards: int | None = None,
                ray_address: str | None = None, actors: int | None = None, batch_size: int = 64,
                redis_url: str | None = None, progress: bool = True,
-               segment_rows: int = DEFAULT_SEGMENT_ROWS, read_cpus: float | None = None) -> IngestSummary:
+               segment_rows: int = DEFAULT_SEGMENT_ROWS, read_cpus: float | None = None,
+               actor_start_timeout: float = ACTOR_START_TIMEOUT_S) -> IngestSummary:
     """Encode a gallery with the model at `model_path` and commit it to the index at `index_uri`.
 
     Args:
@@ -130,12 +138,15 @@ def run_ingest(model_path: str, gallery: str, index_uri: str, shards: int | None
         read_cpus: CPUs per read/align task. Default: the actors' 0.5, so Ray Data fuses reading into
             the encoder actors (least data movement; best on one machine). Any other value keeps the
             reads as separate tasks that spread over every CPU of a cluster (e.g. 1 with GPU actors).
+        actor_start_timeout: seconds to wait for every encoder actor to start before any input is read.
     Raises:
         DataError / ConfigError / CheckpointError / IndexFormatError for unusable inputs, a model that
         does not match the index, or a Ray cluster that cannot be reached.
     """
     if batch_size < 1:
         raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+    if actor_start_timeout <= 0:
+        raise ConfigError(f"actor start timeout must be > 0 s, got {actor_start_timeout}")
     if read_cpus is not None and not 0 < read_cpus <= 64:
         raise ConfigError(f"read CPUs per task must be in (0, 64], got {read_cpus}")
     t0 = time.monotonic()
@@ -152,7 +163,7 @@ def run_ingest(model_path: str, gallery: str, index_uri: str, shards: int | None
     started = init_ray(ray_address)
     try:
         _run_pipeline(inputs, model_path, pipeline, writer, summary, actors, batch_size, progress, gallery,
-                      ACTOR_CPUS if read_cpus is None else read_cpus)
+                      ACTOR_CPUS if read_cpus is None else read_cpus, actor_start_timeout)
         message = f"ingest {gallery} (model {meta.fingerprint})"
         summary.version = writer.commit(message)
     finally:
@@ -169,7 +180,8 @@ def run_ingest(model_path: str, gallery: str, index_uri: str, shards: int | None
 
 
 def _run_pipeline(inputs: Inputs, model_path: str, pipeline: dict, writer: IndexWriter, summary: IngestSummary,
-                  actors: int | None, batch_size: int, progress: bool, gallery: str, read_cpus: float) -> None:
+                  actors: int | None, batch_size: int, progress: bool, gallery: str, read_cpus: float,
+                  actor_start_timeout: float) -> None:
     import ray
 
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
@@ -177,13 +189,17 @@ def _run_pipeline(inputs: Inputs, model_path: str, pipeline: dict, writer: Index
     if actors < 1:
         raise ConfigError(f"actors must be >= 1, got {actors}")
     ctx = ray.data.DataContext.get_current()
-    bars_were = ctx.enable_progress_bars
+    saved = ctx.enable_progress_bars, ctx.wait_for_min_actors_s
     ctx.enable_progress_bars = False  # we report progress ourselves, in faces
+    # Start the whole encoder pool before streaming (Ray Data's default starts actors in the
+    # background and waits for them forever): the first actor up no longer races the others'
+    # start-up for the CPUs, and the steady rate is that of the whole pool.
+    ctx.wait_for_min_actors_s = actor_start_timeout
     try:
         _stream(ray, build_dataset(ray, inputs, pipeline, model_path, actors, batch_size, gallery, read_cpus),
-                inputs, writer, summary, progress)
+                inputs, writer, summary, progress, actors, actor_start_timeout)
     finally:
-        ctx.enable_progress_bars = bars_were
+        ctx.enable_progress_bars, ctx.wait_for_min_actors_s = saved
 
 
 def build_dataset(ray, inputs: Inputs, pipeline: dict, model_path: str, actors: int, batch_size: int, gallery: str,
@@ -201,22 +217,27 @@ def build_dataset(ray, inputs: Inputs, pipeline: dict, model_path: str, actors: 
         ds = ds.map_batches(read_embedding_chunk, fn_kwargs={"path": str(pathlib.Path(gallery).resolve()),
                                                              "kind": inputs.kind},
                             batch_size=1, batch_format="numpy", num_cpus=read_cpus)
-    ds = ds.map_batches(EncoderActor, fn_constructor_kwargs={"model_path": model_path},
+    ds = ds.map_batches(EncoderActor, fn_constructor_kwargs={"model_path": model_path, "threads": ACTOR_THREADS},
                         compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=ACTOR_CPUS,
                         batch_size=batch_size if inputs.kind == "photos" else max(batch_size, 4096),
                         batch_format="numpy")
     return ds
 
 
-def _stream(ray, ds, inputs: Inputs, writer: IndexWriter, summary: IngestSummary, progress: bool) -> None:
-    """Pull encoded batches into the writer, counting skips and reporting progress."""
+def _stream(ray, ds, inputs: Inputs, writer: IndexWriter, summary: IngestSummary, progress: bool,
+            actors: int = 1, actor_start_timeout: float = ACTOR_START_TIMEOUT_S) -> None:
+    """Pull encoded batches into the writer, counting skips and reporting progress.
+
+    The steady rate counts from the `actors`-th batch on: each actor's first batch lands at about the
+    same time, so counting those would credit a larger pool with work done before the clock started.
+    """
     from tqdm import tqdm
 
     from opqn_model.datasets import SkipCounter
 
     skips = SkipCounter()
     bar = tqdm(total=inputs.count, unit="face", desc="ingest", disable=not progress, smoothing=0.1)
-    done, last_log, t_start = 0, 0.0, time.monotonic()
+    done, batches, last_log, t_start = 0, 0, 0.0, time.monotonic()
     t_first = first_n = None
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -238,13 +259,18 @@ def _stream(ray, ds, inputs: Inputs, writer: IndexWriter, summary: IngestSummary
             done += n
             bar.update(n)
             now = time.monotonic()
-            if t_first is None:
-                t_first, first_n = now, n
+            batches += 1
+            if t_first is None and batches >= actors:
+                t_first, first_n = now, done
             if now - last_log >= PROGRESS_EVERY_S or done == inputs.count:
                 last_log = now
                 rate = done / max(now - t_start, 1e-9)
                 eta = (inputs.count - done) / rate if rate > 0 else float("inf")
                 log.info("ingest progress: %d/%d inputs (%.0f/s, ETA %.0f s)", done, inputs.count, rate, eta)
+    except ray.exceptions.GetTimeoutError as exc:
+        raise ConfigError(f"the {actors} encoder actors ({ACTOR_CPUS} CPU each) did not all start within "
+                          f"{actor_start_timeout:g} s: the Ray cluster may lack the CPUs for them (use fewer "
+                          f"--actors) or loading the model is failing; see the Ray worker logs") from exc
     except ray.exceptions.RayError as exc:
         raise _translate_ray_error(exc) from exc
     finally:
