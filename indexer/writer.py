@@ -27,8 +27,14 @@ import numpy as np
 import pyarrow as pa
 
 from facepq.errors import ConfigError
-from indexer.commit import (_check_compatible, commit_segments, isin_sorted, segment_face_ids, shard_face_ids,
-                            sorted_unique)
+from indexer.commit import (
+    _check_compatible,
+    commit_segments,
+    isin_sorted,
+    segment_face_ids,
+    shard_face_ids,
+    sorted_unique,
+)
 from indexer.manifest import ModelMeta, SegmentRef
 from indexer.segment import write_segment
 from indexer.store import IndexStore
@@ -264,7 +270,8 @@ class IndexWriter:
             keep[order[drop_sorted]] = False
             dropped = int((~keep).sum())
             rows = np.flatnonzero(keep)
-            ids, codes, persons, sources = ids[rows], np.take(codes, rows, axis=0), persons.take(rows), sources.take(rows)
+            ids, codes = ids[rows], np.take(codes, rows, axis=0)
+            persons, sources = persons.take(rows), sources.take(rows)
             sorted_ids = sorted_ids[~drop_sorted]
         refs = []
         for start in range(0, ids.shape[0], self.segment_rows):
