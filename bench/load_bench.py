@@ -10,8 +10,19 @@ number of live segments stays constant) while the nodes keep serving; after each
 reload the nodes' resident memory (VmRSS) and open file descriptors are read from
 /proc. A leak shows as growth from the first reloads to the last.
 
+Overhead (--overhead N): N sequential searches by one client, each measured three ways
+in the same run: (a) the bare kernel, in this process, over the same shards the nodes
+serve (single thread, as a node scans; the slower node's half per query, since the two
+nodes scan in parallel), (b) end to end through the coordinator over gRPC, (c) straight
+to both nodes with precomputed tables. Overhead = p50(b) - p50(a). The nodes' and the
+coordinator's own reports (node scan_ms, node took_ms, coordinator took_ms) are printed
+alongside, and every node's resident memory against the code bytes it serves and
+against the RSS of a node serving a tiny index (the runtime baseline).
+
 Run: python bench/load_bench.py --model model.pt [--rows 200000] [--clients 8] [--seconds 20] [--reloads 50]
-(the index is random codes with the model's fingerprint, built in a temporary folder unless --index is given)
+     [--overhead 300]
+(the index is random codes with the model's fingerprint, built in a temporary folder unless --index is given;
+an --index path that does not exist yet is built there and kept, to be reused by later runs)
 """
 from __future__ import annotations
 
@@ -23,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -86,6 +98,14 @@ def build_random_index(model: str, path: str, rows: int, shards: int = 2, seed: 
     w = IndexWriter(path, meta, shard_count=shards)
     w.add(ids, [f"person{i % 1000}" for i in range(rows)], [f"row{i}" for i in range(rows)], codes)
     w.commit(f"load bench: {rows} random codes")
+
+
+def _table_msg(pb, table: np.ndarray):
+    """A LookupTable as the coordinator sends it: packed float32 bytes where the proto has them."""
+    t = np.ascontiguousarray(table, dtype="<f4")
+    if "values_f32le" in pb.LookupTable.DESCRIPTOR.fields_by_name:
+        return pb.LookupTable(m=t.shape[0], k=t.shape[1], values_f32le=t.tobytes())
+    return pb.LookupTable(m=t.shape[0], k=t.shape[1], values=t.reshape(-1).tolist())
 
 
 # ---------------------------------------------------------------- load
@@ -179,7 +199,7 @@ def node_load(cluster: Cluster, model: str, clients: int, seconds: float, top_k:
     rng = np.random.default_rng(7)
     tables = np.asarray(enc.lookup_tables(rng.standard_normal((64, enc.embedding_dim)).astype(np.float32)),
                         np.float32)
-    msgs = [facepq_pb2.LookupTable(m=t.shape[0], k=t.shape[1], values=t.reshape(-1).tolist()) for t in tables]
+    msgs = [_table_msg(facepq_pb2, t) for t in tables]
     stubs = [facepq_pb2_grpc.QueryNodeStub(grpc.insecure_channel(n.address)) for n in cluster.nodes]
 
     def call(req):
@@ -188,6 +208,197 @@ def node_load(cluster: Cluster, model: str, clients: int, seconds: float, top_k:
 
     return run_load(call, clients, seconds,
                     lambda r: facepq_pb2.NodeSearchRequest(tables=[msgs[int(r.integers(len(msgs)))]], top_k=top_k))
+
+
+# ---------------------------------------------------------------- overhead over the bare kernel
+
+
+def load_avg() -> str:
+    return "load average " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def _pcts(xs) -> tuple[float, float]:
+    a = np.asarray(xs, dtype=np.float64)
+    return (float(np.percentile(a, 50)), float(np.percentile(a, 99))) if a.size else (float("nan"),) * 2
+
+
+@dataclass
+class OverheadResult:
+    """Per request (same query, same order), in ms."""
+
+    kernel_ms: list = field(default_factory=list)        # (a) in-process kernel, slower node's shards
+    parallel_ms: list = field(default_factory=list)      # (a') both nodes' shards at once on 2 threads, wall
+    node_search_ms: list = field(default_factory=list)   # in-process IndexView.search (kernel + hit lookup + merge)
+    coord_ms: list = field(default_factory=list)         # (b) client-side latency through the coordinator
+    coord_took_ms: list = field(default_factory=list)    # the coordinator's own reported time
+    coord_node_scan_ms: list = field(default_factory=list)  # slowest node's reported scan_ms, via the coordinator
+    direct_ms: list = field(default_factory=list)        # (c) client-side latency straight to both nodes
+    direct_scan_ms: list = field(default_factory=list)   # slowest node's reported scan_ms, direct
+    direct_took_ms: list = field(default_factory=list)   # slowest node's reported handler time, direct
+    incomplete: int = 0
+
+
+def _node_shards(cluster: Cluster) -> list[list[int]]:
+    import grpc
+
+    from facepq_proto.facepq.v1 import facepq_pb2, facepq_pb2_grpc
+
+    out = []
+    for n in cluster.nodes:
+        with grpc.insecure_channel(n.address) as ch:
+            st = facepq_pb2_grpc.QueryNodeStub(ch).Status(facepq_pb2.NodeStatusRequest(), timeout=10)
+        out.append([s.shard for s in st.shards])
+    return out
+
+
+def kernel_ms(view, shards: list[int], tables: np.ndarray, k: int) -> float:
+    """ms of the bare scan kernel over `shards` of `view`: one TopKHeap per shard, as ShardData.search."""
+    from query_node.scan import TopKHeap
+
+    t0 = time.perf_counter()
+    for s in shards:
+        data = view.shards[s]
+        heap = TopKHeap(tables.shape[0], k)
+        for seg, skip in zip(data.segments, data.skips):
+            heap.scan(seg.codes, tables, skip)
+    return (time.perf_counter() - t0) * 1e3
+
+
+def overhead_run(cluster: Cluster, model: str, requests: int, top_k: int = 10, warmup: int = 10) -> OverheadResult:
+    """`requests` sequential searches, each timed as (a) bare kernel in-process, (b) coordinator, (c) nodes direct."""
+    import grpc
+
+    from facepq_proto.facepq.v1 import facepq_pb2, facepq_pb2_grpc
+    from indexer.store import IndexStore
+    from opqn_model.api import FaceEncoder
+    from query_node.scan import byte_tables
+    from query_node.shard_view import load_view
+
+    enc = FaceEncoder.load(model)
+    store = IndexStore(cluster.index)
+    parts = _node_shards(cluster)
+    view = load_view(store, sorted({s for p in parts for s in p}), verify=False)  # the nodes verified them
+    coord = facepq_pb2_grpc.CoordinatorStub(grpc.insecure_channel(cluster.coordinator.address))
+    nodes = [facepq_pb2_grpc.QueryNodeStub(grpc.insecure_channel(n.address)) for n in cluster.nodes]
+    rng = np.random.default_rng(11)
+    embs = rng.standard_normal((warmup + requests, enc.embedding_dim)).astype(np.float32)
+    # Tables computed up front (what the coordinator computes per query), so no torch work, and none of
+    # its OpenMP threads spinning afterwards, shares the cores with the timed scans.
+    all_luts = np.asarray(enc.lookup_tables(embs), np.float32)
+    out = OverheadResult()
+    pool = ThreadPoolExecutor(max(1, len(parts)))
+    for i in range(warmup + requests):
+        emb, luts = embs[i], all_luts[i:i + 1]
+        tables = byte_tables(luts, view.model.packed, view.model.code_bytes)
+        a = max(kernel_ms(view, p, tables, top_k) for p in parts)
+        # The nodes scan at the same time, competing for cores and memory bandwidth: the same two scans on
+        # two threads of this process (the kernel releases the GIL) are the bare reference for that.
+        t0 = time.perf_counter()
+        list(pool.map(kernel_ms, [view] * len(parts), parts, [tables] * len(parts), [top_k] * len(parts)))
+        a_par = (time.perf_counter() - t0) * 1e3
+        full = 0.0
+        for p in parts:
+            t0 = time.perf_counter()
+            view.search(luts, top_k, p)
+            full = max(full, (time.perf_counter() - t0) * 1e3)
+        req = facepq_pb2.SearchRequest(embedding=facepq_pb2.Embedding(values=emb.tolist()), top_k=top_k)
+        t0 = time.perf_counter()
+        reply = coord.Search(req, timeout=30)
+        b = (time.perf_counter() - t0) * 1e3
+        nreq = facepq_pb2.NodeSearchRequest(tables=[_table_msg(facepq_pb2, luts[0])], top_k=top_k)
+        t0 = time.perf_counter()
+        replies = [f.result() for f in [s.Search.future(nreq, timeout=30) for s in nodes]]
+        c = (time.perf_counter() - t0) * 1e3
+        if i < warmup:
+            continue
+        out.kernel_ms.append(a)
+        out.parallel_ms.append(a_par)
+        out.node_search_ms.append(full)
+        out.coord_ms.append(b)
+        out.coord_took_ms.append(reply.took_ms)
+        out.coord_node_scan_ms.append(getattr(reply, "node_scan_ms", float("nan")))
+        out.incomplete += not reply.complete
+        out.direct_ms.append(c)
+        out.direct_scan_ms.append(max(getattr(r, "scan_ms", float("nan")) for r in replies))
+        out.direct_took_ms.append(max(getattr(r, "took_ms", float("nan")) for r in replies))
+    pool.shutdown()
+    return out
+
+
+def node_memory(cluster: Cluster) -> list[tuple[int, int, int]]:
+    """(pid, RSS KiB, code bytes served) per node."""
+    import grpc
+
+    from facepq_proto.facepq.v1 import facepq_pb2, facepq_pb2_grpc
+
+    out = []
+    for n in cluster.nodes:
+        with grpc.insecure_channel(n.address) as ch:
+            st = facepq_pb2_grpc.QueryNodeStub(ch).Status(facepq_pb2.NodeStatusRequest(), timeout=10)
+        out.append((n.pid, proc_usage(n.pid)[0], sum(s.code_bytes for s in st.shards)))
+    return out
+
+
+def baseline_node_rss(model: str, tmp: str, searches: int = 20) -> int:
+    """RSS (KiB) of a node serving a 1000-row index after a few searches: the runtime's own share."""
+    import grpc
+
+    from facepq_proto.facepq.v1 import facepq_pb2, facepq_pb2_grpc
+    from opqn_model.api import FaceEncoder
+
+    index = os.path.join(tmp, "baseline-idx")
+    if not os.path.exists(index):
+        build_random_index(model, index, 1000, shards=1)
+    n = Server(["node", "--index", index, "--shards", "0"])
+    try:
+        enc = FaceEncoder.load(model)
+        luts = np.asarray(enc.lookup_tables(np.ones((1, enc.embedding_dim), np.float32)), np.float32)
+        with grpc.insecure_channel(n.address) as ch:
+            stub = facepq_pb2_grpc.QueryNodeStub(ch)
+            for _ in range(searches):
+                stub.Search(facepq_pb2.NodeSearchRequest(tables=[_table_msg(facepq_pb2, luts[0])], top_k=10),
+                            timeout=30)
+        return proc_usage(n.pid)[0]
+    finally:
+        n.kill()
+
+
+def print_overhead(r: OverheadResult, before, after, baseline_kb: int, top_k: int) -> None:
+    rows = [("(a) bare kernel in-process, slower node", r.kernel_ms),
+            ("(a') bare kernel, both nodes' shards at once", r.parallel_ms),
+            ("    + hit lookup + merge (IndexView.search)", r.node_search_ms),
+            ("    node-reported scan_ms (direct calls)", r.direct_scan_ms),
+            ("    node-reported handler took_ms (direct)", r.direct_took_ms),
+            ("(c) nodes direct over gRPC, client side", r.direct_ms),
+            ("    node scan_ms reported via coordinator", r.coord_node_scan_ms),
+            ("    coordinator-reported took_ms", r.coord_took_ms),
+            ("(b) through the coordinator, client side", r.coord_ms)]
+    print(f"{len(r.kernel_ms)} sequential searches, one client, top-{top_k}; {load_avg()}")
+    print(f"{'what':46s} {'p50 ms':>8} {'p99 ms':>8}")
+    for name, xs in rows:
+        p50, p99 = _pcts(xs)
+        print(f"{name:46s} {p50:>8.2f} {p99:>8.2f}")
+    a50, b50, c50 = _pcts(r.kernel_ms)[0], _pcts(r.coord_ms)[0], _pcts(r.direct_ms)[0]
+    ap50 = _pcts(r.parallel_ms)[0]
+    per_req = _pcts(np.asarray(r.coord_ms) - np.asarray(r.kernel_ms))[0]
+    print(f"overhead over the bare kernel: p50(b) - p50(a) = {b50 - a50:.2f} ms (median of per-request "
+          f"differences {per_req:.2f} ms); of which nodes' own gRPC: p50(c) - p50(a) = {c50 - a50:.2f} ms, "
+          f"coordinator: p50(b) - p50(c) = {b50 - c50:.2f} ms; incomplete answers: {r.incomplete}")
+    print(f"overhead over the bare kernel run as the cluster runs it (both halves at once): p50(b) - p50(a') = "
+          f"{b50 - ap50:.2f} ms (median of per-request differences "
+          f"{_pcts(np.asarray(r.coord_ms) - np.asarray(r.parallel_ms))[0]:.2f} ms)")
+    # On a shared machine the two nodes' scans compete for the cores with each other and with other work,
+    # so the kernel inside the cluster runs slower than alone; the node's own report of the same request
+    # separates that from what the coordinator and the transport add.
+    in_situ = _pcts(np.asarray(r.coord_ms) - np.asarray(r.coord_node_scan_ms))
+    direct = _pcts(np.asarray(r.direct_ms) - np.asarray(r.direct_scan_ms))
+    print(f"over the nodes' own kernel time in the same request (slowest node's scan_ms): through the coordinator "
+          f"p50 {in_situ[0]:.2f} / p99 {in_situ[1]:.2f} ms; nodes direct p50 {direct[0]:.2f} / p99 {direct[1]:.2f} ms")
+    print(f"runtime baseline: a node serving 1000 rows, after 20 searches: RSS {baseline_kb / 1024:.1f} MiB")
+    for (pid, rss0, _), (_, rss, code) in zip(before, after):
+        extra = (rss - baseline_kb) * 1024
+        print(f"node pid {pid}: RSS {rss0 / 1024:.1f} MiB before the searches, {rss / 1024:.1f} MiB after, for "
+              f"{code / 2**20:.1f} MiB of codes: (RSS - baseline) = {extra / max(code, 1):.2f} x code bytes")
 
 
 # ---------------------------------------------------------------- soak
@@ -262,12 +473,15 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(prog="facepq bench load", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="trained checkpoint (.pt)")
-    ap.add_argument("--index", help="existing index of this model (default: random codes in a temporary folder)")
+    ap.add_argument("--index", help="index of this model (default: random codes in a temporary folder); a path "
+                                    "that does not exist yet gets --rows random codes and is kept")
     ap.add_argument("--rows", type=int, default=200_000, help="rows of the random index")
     ap.add_argument("--clients", type=int, default=8)
-    ap.add_argument("--seconds", type=float, default=20.0)
+    ap.add_argument("--seconds", type=float, default=20.0, help="seconds per load run (0 = no load runs)")
     ap.add_argument("--top-k", type=int, default=10)
     ap.add_argument("--reloads", type=int, default=50, help="hot reloads in the soak (0 = no soak)")
+    ap.add_argument("--overhead", type=int, default=0, metavar="N",
+                    help="N sequential searches timed as bare kernel / nodes direct / coordinator (0 = skip)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     from opqn_model.api import FaceEncoder
@@ -275,21 +489,29 @@ def main(argv=None) -> int:
     dim = FaceEncoder.load(args.model).embedding_dim
     with tempfile.TemporaryDirectory(prefix="facepq-load-") as tmp:
         index = args.index or os.path.join(tmp, "idx")
-        if not args.index:
-            print(f"building a random index of {args.rows} rows ...", flush=True)
+        if not os.path.exists(index):
+            print(f"building a random index of {args.rows} rows in {index} ...", flush=True)
+            t0 = time.monotonic()
             build_random_index(args.model, index, args.rows)
+            print(f"built in {time.monotonic() - t0:.0f} s", flush=True)
         cluster = start_cluster(args.model, index)
         try:
-            print(f"machine: {os.cpu_count()} CPUs; cluster: 2 nodes + coordinator on loopback; index {index}")
-            ref = node_load(cluster, args.model, args.clients, args.seconds, args.top_k)
-            res = coordinator_load(cluster, dim, args.clients, args.seconds, args.top_k)
-            print(f"{'path':32s} {'clients':>7} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} "
-                  f"{'incomplete':>10}")
-            for name, r in (("nodes direct (reference)", ref), ("coordinator (embedding)", res)):
-                print(f"{name:32s} {args.clients:>7} {r.qps:>9.1f} {r.pct(50):>8.2f} {r.pct(99):>8.2f} "
-                      f"{r.errors:>7} {r.incomplete:>10}" + (f"  {r.error_codes}" if r.error_codes else ""))
-            if ref.qps:
-                print(f"coordinator throughput = {res.qps / ref.qps:.2f} x the nodes-direct reference")
+            print(f"machine: {os.cpu_count()} CPUs; cluster: 2 nodes + coordinator on loopback; index {index}; "
+                  f"{load_avg()}")
+            if args.overhead:
+                before = node_memory(cluster)
+                r = overhead_run(cluster, args.model, args.overhead, args.top_k)
+                print_overhead(r, before, node_memory(cluster), baseline_node_rss(args.model, tmp), args.top_k)
+            if args.seconds > 0:
+                ref = node_load(cluster, args.model, args.clients, args.seconds, args.top_k)
+                res = coordinator_load(cluster, dim, args.clients, args.seconds, args.top_k)
+                print(f"{'path':32s} {'clients':>7} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} "
+                      f"{'incomplete':>10}  ({load_avg()})")
+                for name, r in (("nodes direct (reference)", ref), ("coordinator (embedding)", res)):
+                    print(f"{name:32s} {args.clients:>7} {r.qps:>9.1f} {r.pct(50):>8.2f} {r.pct(99):>8.2f} "
+                          f"{r.errors:>7} {r.incomplete:>10}" + (f"  {r.error_codes}" if r.error_codes else ""))
+                if ref.qps:
+                    print(f"coordinator throughput = {res.qps / ref.qps:.2f} x the nodes-direct reference")
             if args.reloads:
                 s = soak(cluster, args.reloads)
                 for n in cluster.nodes:

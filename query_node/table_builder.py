@@ -4,10 +4,12 @@ The OPQN head's query path (opqn_model.head.OPQNHead.lookup_tables) in eval mode
 BatchNorm -> Linear -> BatchNorm (dropout is off), per-subspace L2 normalisation,
 logits sqrt(d) * x̂_m A_m and a log-softmax. The three affine layers fold into one
 matrix and bias, so a query costs one [E] x [E, M*d] product, M small products and
-a log-softmax: measured on the 2-vCPU machine with the demo model (E=512, M=8,
-d=K=256), 0.18 ms p50 / 0.34 ms p90 against 0.69 / 5.2 ms for the same maths
-through torch with one thread (torch's per-op overhead, and with more threads its
-OpenMP workers spinning on cores the query nodes need).
+a log-softmax, all in numpy loops that use no thread pool. Measured on the 2-vCPU
+machine with the demo model (E=512, M=8, d=K=256) under other jobs' load:
+0.6 ms p50 and no CPU used between queries, against 0.7 ms p50 / 5.2 ms p90
+through torch with one thread (per-op overhead), while with more threads torch's
+OpenMP workers, and numpy's OpenBLAS ones if the product went through BLAS, keep
+spinning after each query on the cores the query nodes scan with.
 
 The folded maths is checked against the head at construction on a few random
 embeddings; a head of another shape, or a mismatch, keeps the torch path (logged).
@@ -52,7 +54,9 @@ class TableBuilder:
         self.folded = True
 
     def _tables(self, embeddings: np.ndarray) -> np.ndarray:
-        z = (embeddings @ self.weight.T + self.bias).reshape(-1, self.M, self.d)
+        # einsum (no optimize) runs its own loops, not BLAS: numpy's OpenBLAS threads busy-wait after
+        # every call, which measured as ~25 ms of a core burned per query, taken from the query nodes.
+        z = (np.einsum("ne,oe->no", embeddings, self.weight) + self.bias).reshape(-1, self.M, self.d)
         # float64 norms: squares of large projections overflow float32 (the head's F.normalize, eps 1e-12).
         norms = np.sqrt(np.square(z, dtype=np.float64).sum(-1, keepdims=True))
         z = (z / np.maximum(norms, 1e-12)).astype(np.float32)
