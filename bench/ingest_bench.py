@@ -54,13 +54,15 @@ class _SleepyActor:
         return batch
 
 
-def _steady_rate(ds) -> float:
+def _steady_rate(ds, actors: int) -> float:
+    """Rows/s from the `actors`-th batch on (each actor's first batch lands at about the same time),
+    as `indexer.job` counts it."""
     t = first = None
     n = 0
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        if t is None:
-            t, first = time.perf_counter(), len(next(iter(batch.values())))
+    for batches, batch in enumerate(ds.iter_batches(batch_size=None, batch_format="numpy"), start=1):
         n += len(next(iter(batch.values())))
+        if t is None and batches >= actors:
+            t, first = time.perf_counter(), n
     return (n - first) / (time.perf_counter() - t)
 
 
@@ -75,33 +77,44 @@ def bench_pipeline_overlap() -> None:
         ds = ds.map_batches(lambda b: b, batch_size=32, batch_format="numpy", num_cpus=ACTOR_CPUS)
         ds = ds.map_batches(_SleepyActor, compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=ACTOR_CPUS,
                             batch_size=32, batch_format="numpy")
-        rates[actors] = _steady_rate(ds)
+        rates[actors] = _steady_rate(ds, actors)
     print(f"pipeline overlap with a sleep-bound stand-in actor: 2 actors / 1 actor = {rates[2] / rates[1]:.2f}x "
           f"(2.0x = actors fully concurrent; CPU-independent reference)")
 
 
-def bench_actors(model, work: pathlib.Path, photos: int) -> dict:
-    """Encode with 1 and 2 actors; returns {actors: {photos, wall_s, startup_s, steady_rate}} (also printed)."""
+def bench_actors(model, work: pathlib.Path, photos: int, rounds: int = 2) -> dict:
+    """Encode with 1 and 2 actors, in the order 1, 2, 2, 1, ... (`rounds` runs each: drift in the load
+    of a shared machine then weighs on both alike).
+
+    Returns {actors: {photos, wall_s, startup_s, steady_rate}} (means over the runs; also printed).
+    """
     from indexer.job import run_ingest
     from opqn_model.synthetic import write_faces
 
     gallery = write_faces(work / "bench_faces", max(1, photos // 10), 10, size=64, seed=9)
     run_ingest(str(model), str(gallery), str(work / "warm.idx"), actors=2, batch_size=32, progress=False)  # warm
-    rates, out = {}, {}
-    for actors in (1, 2):
-        index = work / f"actors{actors}.idx"
-        t = time.perf_counter()
-        s = run_ingest(str(model), str(gallery), str(index), actors=actors, batch_size=32, progress=False)
-        dt = time.perf_counter() - t
-        rates[actors] = s.steady_rate
-        out[actors] = {"photos": s.faces_encoded, "wall_s": dt, "startup_s": s.startup_seconds,
-                       "steady_rate": s.steady_rate}
-        print(f"encode pipeline, {actors} actor(s): {s.faces_encoded} photos in {dt:.1f} s wall "
-              f"({s.startup_seconds:.1f} s to the first batch), steady {s.steady_rate:.0f} photos/s")
-    scaling = rates[2] / rates[1] if rates[1] else float("nan")  # no steady rate when all fit in one batch
+    runs: dict[int, list[dict]] = {1: [], 2: []}
+    for r in range(rounds):
+        for actors in ((1, 2) if r % 2 == 0 else (2, 1)):
+            index = work / f"actors{actors}-{r}.idx"
+            t = time.perf_counter()
+            s = run_ingest(str(model), str(gallery), str(index), actors=actors, batch_size=32, progress=False)
+            dt = time.perf_counter() - t
+            shutil.rmtree(index, ignore_errors=True)
+            runs[actors].append({"photos": s.faces_encoded, "wall_s": dt, "startup_s": s.startup_seconds,
+                                 "steady_rate": s.steady_rate})
+            print(f"encode pipeline, {actors} actor(s): {s.faces_encoded} photos in {dt:.1f} s wall "
+                  f"({s.startup_seconds:.1f} s until every actor delivered a batch), steady {s.steady_rate:.0f} "
+                  f"photos/s; load average {os.getloadavg()[0]:.1f}")
+    out = {a: {"photos": rs[0]["photos"], **{k: float(np.mean([run[k] for run in rs]))
+                                             for k in ("wall_s", "startup_s", "steady_rate")}}
+           for a, rs in runs.items()}
+    # no steady rate when every photo fits in the first batches
+    scaling = out[2]["steady_rate"] / out[1]["steady_rate"] if out[1]["steady_rate"] else float("nan")
     wall = out[1]["wall_s"] / out[2]["wall_s"]
-    print(f"encode scaling 2 actors / 1 actor (steady state): {scaling:.2f}x (target >= 1.7x on 2 cores); "
-          f"end to end incl. start-up: {wall:.2f}x; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    print(f"encode scaling 2 actors / 1 actor (steady state, mean of {rounds} runs each): {scaling:.2f}x "
+          f"(target >= 1.7x on 2 cores); end to end incl. start-up: {wall:.2f}x; "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     return out
 
 
