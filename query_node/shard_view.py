@@ -41,6 +41,35 @@ from query_node.scan import ScanTables, TopKHeap, scan_tables
 log = logging.getLogger(__name__)
 
 
+_MADV_RANDOM = 1
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def advise_random_access(seg) -> None:
+    """Tell the kernel that a segment's metadata (face_id, person, source) is read at random rows.
+
+    A search reads these columns only at its k hits, but a page fault on a file mapping maps the
+    pages around it too (fault-around, 64 KiB) and triggers readahead: measured on a node serving
+    5M rows (38 MiB of codes), 600 searches left 233 MiB of the segment files resident, almost all
+    of it metadata. MADV_RANDOM turns both off for these ranges, so a hit costs the pages it reads.
+    The code column keeps the default: it is scanned front to back. Best effort: Linux only.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return
+    ranges = [(int(seg.face_ids.ctypes.data), int(seg.face_ids.nbytes))]
+    for column in (seg.persons, seg.sources):
+        ranges += [(b.address, b.size) for b in column.buffers() if b is not None]
+    for address, size in ranges:
+        start = address - address % _PAGE
+        length = address + size - start
+        if length > 0:
+            libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), _MADV_RANDOM)
+
+
 @dataclass
 class ShardData:
     """One served shard at one version."""
@@ -151,6 +180,7 @@ def load_view(store, shard_ids: list[int], previous: IndexView | None = None, ve
                 seg = reuse.get(ref.id)
                 if seg is None or seg.ref.sha256 != ref.sha256:
                     seg = open_segment(store, ref, verify=verify or ref.id in recheck, model=manifest.model)
+                    advise_random_access(seg)
                 data.segments.append(seg)
         except SegmentCorrupt as exc:
             log.error("shard %d NOT_SERVING at version %d: %s", shard, manifest.version, exc)
