@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from facepq.errors import ConfigError
 from opqn_model.codebooks import resolve_code_spec
 from opqn_model.codes import CodeSpec
 
@@ -77,6 +78,12 @@ class TrainConfig:
         val_people: fraction of training people used to pick the best checkpoint (unseen mAP).
         device: 'auto' (a GPU when one is visible), 'cpu' or 'cuda[:n]'. The same code
             path trains on either; checkpoints are device-independent.
+        head_init: 'data' starts the head of a frozen trunk as an OPQ + spherical k-means
+            quantizer of the training embeddings (head_init.py; LFW unseen mAP at 64 bits
+            0.85 -> 0.94 on validation people); 'random' is the paper's start. A trainable
+            trunk always starts random (its features do not exist before training).
+        opq_iterations: OPQ alternations of the data init (30: 10 gave 0.910, 30 0.937,
+            50 0.928 on validation at 64 bits; the k-means seed matters as much beyond 30).
     """
 
     epochs: int = 20
@@ -92,6 +99,8 @@ class TrainConfig:
     queries_per_person: int = 1
     val_people: float = 0.1
     device: str = "auto"
+    head_init: str = "data"
+    opq_iterations: int = 30
 
     def resolved_device(self) -> str:
         """'auto' -> 'cuda' when a GPU is visible, else 'cpu'."""
@@ -100,6 +109,10 @@ class TrainConfig:
         if self.device == "auto":
             return "cuda" if torch.cuda.is_available() else "cpu"
         return self.device
+
+    def __post_init__(self):
+        if self.head_init not in ("data", "random"):
+            raise ConfigError(f"head_init must be 'data' or 'random', got {self.head_init!r}")
 
     def resolved_scale(self, input_size: int) -> float:
         if self.scale is not None:

@@ -36,7 +36,8 @@ class OPQNHead(nn.Module):
         K: codewords per codebook (K <= d).
         d: dims per subspace; the projection outputs M * d.
         dropout: dropout probability inside the projection.
-        assignment_init_scale: A_m starts as this times C_m.
+        assignment_init_scale: A_m starts as this times C_m. For a frozen trunk, training
+            replaces this start by a product quantizer of the data (head_init.py).
     """
 
     def __init__(self, in_dim: int, M: int, K: int, d: int, dropout: float = 0.2, assignment_init_scale: float = 4.0):
@@ -87,15 +88,26 @@ class OPQNHead(nn.Module):
 
     @torch.no_grad()
     def lookup_tables(self, features: torch.Tensor) -> torch.Tensor:
-        """Query tables LUT[m, k] = log P[m, k], float32 [N, M, K]; score = sum_m LUT[m, c_m], higher is better.
+        """Query tables LUT[m, k] = w_m log P[m, k], float32 [N, M, K]; score = sum_m LUT[m, c_m], higher is better.
 
         The paper sums the probabilities P[m, c_m]. Once training has made P peaked
         (low entropy is what the loss asks for) that sum saturates into a count of
         matching sub-codes; the sum of log-probabilities is the log-likelihood of the
         whole code under the query's (independent per subspace) assignment and ranks
         better: unseen-identity mAP on LFW, dlib trunk, 64 bits (16x16): 0.69 -> 0.78.
+
+        w_m = |x_m| / mean_m' |x_m'| weighs subspace m by the length of the query's own
+        sub-vector: ranking by sum_m w_m log P[m, c_m] is ranking by sum_m x_m . A_m[:, c_m],
+        the inner product of the unnormalised query with the code's codewords, so a
+        subspace where the query carries little signal counts little. For a head whose
+        final batch norm equalises sub-vector lengths w_m ~ 1 (no change: 0.845 either
+        way); for the data-initialised head (head_init.py) it lifts validation mAP at
+        64 bits from 0.927 to 0.937 (LFW, dlib, 3 folds of training people).
         """
-        return F.log_softmax(self.assignment_logits(self.project(features)), dim=-1).float()
+        x = self.project(features)
+        norms = x.norm(dim=-1, keepdim=True)
+        weights = norms / norms.mean(dim=1, keepdim=True).clamp_min(1e-12)
+        return (F.log_softmax(self.assignment_logits(x), dim=-1) * weights).float()
 
     @torch.no_grad()
     def float_features(self, features: torch.Tensor) -> torch.Tensor:

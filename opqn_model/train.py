@@ -30,6 +30,7 @@ from opqn_model.checkpoint import load_checkpoint, save_checkpoint
 from opqn_model.config import ModelConfig, TrainConfig
 from opqn_model.evaluate import evaluate_embeddings
 from opqn_model.head import OPQNHead
+from opqn_model.head_init import init_head_from_features
 from opqn_model.losses import OPQNLoss
 from opqn_model.training_data import embeddings_of, model_inputs
 
@@ -146,6 +147,15 @@ def train(data, out_dir, model_config: ModelConfig, train_config: TrainConfig, r
     if trainable_trunk:
         trunk.to(device)
         params += list(trunk.parameters())
+    # A frozen trunk's embeddings exist before training: start the head as their product
+    # quantizer (see head_init.py for why and the numbers); a resumed run keeps its weights.
+    data_init = train_config.head_init == "data" and not trainable_trunk and not resumed
+    if data_init and len(labels) < spec.K:
+        log.warning("%d training photos are too few to initialise %d codewords from data: random head init",
+                    len(labels), spec.K)
+        data_init = False
+    if data_init:
+        init_head_from_features(head, embeddings_of(inputs, trunk), train_config.opq_iterations, train_config.seed)
     log.info("training on %s", device)
     optimizer = torch.optim.SGD(params, lr=train_config.lr, momentum=train_config.momentum,
                                 weight_decay=train_config.weight_decay)
@@ -185,6 +195,14 @@ def train(data, out_dir, model_config: ModelConfig, train_config: TrainConfig, r
         return save_checkpoint(path, model_config, head.state_dict(),
                                trunk.state_dict() if trainable_trunk else {}, **extra)
 
+    if data_init:
+        # epoch 0 competes for best.pt: on LFW the OPQN loss rarely improves on the data init
+        val_map = _validation_map(head, trunk, spec, val_inputs, val_labels, train_config.seed)
+        history.append({"epoch": 0, "loss": float("nan"), "val_map": val_map})
+        log.info("epoch 0 (data init) val code mAP %.4f", val_map)
+        best_map = -1.0 if math.isnan(val_map) else val_map
+        save(out_dir / "last.pt", 0, history[-1], resumable=True)
+        save(out_dir / "best.pt", 0, history[-1], resumable=False)
     head.train()
     if trainable_trunk:
         trunk.train()

@@ -26,9 +26,13 @@ def test_head_shapes(head):
     assert head.lookup_tables(torch.randn(3, 128)).shape == (3, 4, 64)
 
 
-def test_lookup_table_is_the_log_of_the_assignment_probabilities(head):
+def test_lookup_table_is_the_log_of_the_assignment_probabilities_per_subspace_weight(head):
+    """LUT[m] = w_m log P[m]: exp(LUT[m] / w_m) gives back the probabilities (weights in test_head_init.py)."""
     x = torch.randn(6, 128)
-    torch.testing.assert_close(head.lookup_tables(x).exp(), head.assignment_probabilities(x))
+    lut = head.lookup_tables(x)
+    ratio = lut / torch.log(head.assignment_probabilities(x))  # w_m, the same for every k of a subspace
+    torch.testing.assert_close(ratio, ratio[..., :1].expand_as(ratio), atol=1e-4, rtol=1e-4)
+    assert (ratio > 0).all()
     torch.testing.assert_close(head.assignment_probabilities(x).sum(-1), torch.ones(6, 4))
 
 
