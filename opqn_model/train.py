@@ -2,7 +2,9 @@
 
 Data split (seeded, stored in the checkpoint so `facepq eval` reuses it):
 - `test_people` of the people are held out entirely (unseen protocol);
-- of the rest, `val_people` pick the best checkpoint by unseen-identity code mAP;
+- of the rest, `val_people` pick the best checkpoint by unseen-identity code mAP
+  (epoch 0 is the data init of a frozen trunk's head; when it wins, model.pt is that
+  init fitted again with the validation people included);
 - of the remaining training people, `queries_per_person` photos each are held out
   as seen-protocol queries; everything else trains.
 
@@ -242,9 +244,21 @@ def train(data, out_dir, model_config: ModelConfig, train_config: TrainConfig, r
         if improved:
             save(out_dir / "best.pt", epoch + 1, history[-1], resumable=False)
     best = load_checkpoint(out_dir / "best.pt") if (out_dir / "best.pt").exists() else load_checkpoint(out_dir / "last.pt")
-    fingerprint = save_checkpoint(out_dir / "model.pt", best["model_config"], best["head"], best["trunk_state"],
+    head_state = best["head"]
+    refit = data_init and best["epoch"] == 0 and len(val_inputs) > 0
+    if refit:
+        # Validation chose the data init; fit it again on the validation people too (the
+        # seen-protocol queries stay out). More people give better codewords: on 3 folds of
+        # LFW training people, 64 bits, 90% -> 100% of them lifts unseen mAP 0.924 -> 0.933.
+        # best_map stays the score of the init fitted without them.
+        init_head_from_features(head, np.concatenate([embeddings_of(inputs, trunk), embeddings_of(val_inputs, trunk)]),
+                                train_config.opq_iterations, train_config.seed)
+        head_state = head.state_dict()
+        log.info("data init chosen on validation: refitted on the %d training + %d validation photos",
+                 len(inputs), len(val_inputs))
+    fingerprint = save_checkpoint(out_dir / "model.pt", best["model_config"], head_state, best["trunk_state"],
                                   **common, epoch=best["epoch"], step=best["step"], best_map=best.get("best_map"),
-                                  metrics=best.get("metrics"))
+                                  metrics=best.get("metrics"), refit_with_val_people=refit)
     return {"model": str(out_dir / "model.pt"), "fingerprint": fingerprint, "epochs": train_config.epochs,
             "train_photos": n, "train_people": len(people), "best_val_map": best_map, "history": history,
-            "skipped": skips.skipped, "seconds": time.monotonic() - t_start}
+            "skipped": skips.skipped, "refit_with_val_people": refit, "seconds": time.monotonic() - t_start}

@@ -139,9 +139,10 @@ class PixelProjection:
         return (thumb - thumb.mean(1, keepdims=True)) @ self.matrix
 
 
-@pytest.mark.parametrize("head_init", ["data", "random"])
+@pytest.mark.parametrize("head_init, epochs", [("data", 2), ("data", 0), ("random", 2)])
 def test_training_a_frozen_trunk_starts_from_the_data_init_and_validates_it_as_epoch_0(tmp_path, monkeypatch,
-                                                                                     head_init):
+                                                                                     head_init, epochs):
+    """epochs=0 keeps the init for sure, so the refit with the validation people always runs there."""
     from opqn_model.checkpoint import load_checkpoint
     from opqn_model.face_pipeline import FacePipeline
     from opqn_model.synthetic import write_faces
@@ -157,14 +158,19 @@ def test_training_a_frozen_trunk_starts_from_the_data_init_and_validates_it_as_e
     cfg = ModelConfig(trunk="pixel_projection", bits=16, K=16, input_size=32,
                       pipeline=FacePipeline(size=32, mode="none").to_dict())
     summary = train(data, tmp_path / "run", cfg,
-                    TrainConfig(epochs=2, batch_size=32, seed=0, head_init=head_init, opq_iterations=3),
+                    TrainConfig(epochs=epochs, batch_size=32, seed=0, head_init=head_init, opq_iterations=3),
                     progress=False)
-    epochs = [h["epoch"] for h in summary["history"]]
-    head = load_checkpoint(tmp_path / "run" / "model.pt")["head"]
+    trained = [h["epoch"] for h in summary["history"]]
+    model = load_checkpoint(tmp_path / "run" / "model.pt")
+    head = model["head"]
     if head_init == "data":
-        assert epochs == [0, 1, 2] and np.isfinite(summary["history"][0]["val_map"])
+        assert trained == list(range(epochs + 1)) and np.isfinite(summary["history"][0]["val_map"])
         assert summary["best_val_map"] >= summary["history"][0]["val_map"]
-        if load_checkpoint(tmp_path / "run" / "model.pt")["epoch"] == 0:  # the init won: chunk layout intact
+        assert summary["refit_with_val_people"] == (model["epoch"] == 0) == model["refit_with_val_people"]
+        assert model["epoch"] == 0 or epochs > 0
+        if model["epoch"] == 0:  # the init won: refitted with the validation people, chunk layout intact
             assert head["projection.2.weight"].view(4, 32, 24)[:, 6:].abs().max() == 0
+            best = load_checkpoint(tmp_path / "run" / "best.pt")["head"]
+            assert not torch.equal(head["assignment"], best["assignment"])
     else:
-        assert epochs == [1, 2]
+        assert trained == [1, 2] and not summary["refit_with_val_people"]
