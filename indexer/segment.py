@@ -6,16 +6,24 @@ the file: `open_segment` memory-maps the file and hands out a zero-copy
 `uint8 [rows, code_bytes]` view for the scan kernels. The sha256 of the file is
 computed while it is written and recorded in the manifest; `open_segment`
 re-checks it (and the size, schema and row count) before anything is served.
+
+The metadata columns (face_id, person, source) of a local segment are read with
+positional reads (`SegmentView.hit_metadata`, `SegmentView.tombstone_mask`), never
+through the map: a mapped page once touched stays in the process's resident set,
+so a query node that looked hits up through the map grew towards the whole file.
 """
 from __future__ import annotations
 
 import hashlib
+import io
+import logging
 import mmap
 import os
-import io
+import struct
 import time
 import uuid
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -25,9 +33,12 @@ from indexer.errors import SegmentCorrupt
 from indexer.manifest import ModelMeta, SegmentRef
 from indexer.store import SHARD_DIR, IndexStore
 
+log = logging.getLogger(__name__)
+
 __all__ = ["SegmentCorrupt", "SegmentView", "write_segment", "open_segment", "segment_schema", "segment_path"]
 
 COLUMNS = ("face_id", "person", "source", "code")
+_TWO_INT32 = struct.Struct("<ii")  # a string's start and end in its column's data (Arrow offsets, little-endian)
 
 
 def segment_schema(model: ModelMeta) -> pa.Schema:
@@ -139,6 +150,10 @@ class SegmentView:
         codes: uint8 [rows, code_bytes], zero-copy view of the code column.
         persons, sources: pyarrow string arrays [rows].
         fingerprint: model fingerprint from the file's schema metadata.
+
+    `face_ids`, `persons` and `sources` read through the map: every page they touch stays
+    resident in this process. Long-lived readers (a query node) use `hit_metadata` and
+    `tombstone_mask`, which read a local file with positional reads instead.
     """
 
     ref: SegmentRef
@@ -148,6 +163,7 @@ class SegmentView:
     persons: pa.Array
     sources: pa.Array
     fingerprint: str
+    reader: "MetadataReader | None" = field(default=None, repr=False, compare=False)
 
     @property
     def rows(self) -> int:
@@ -159,12 +175,134 @@ class SegmentView:
     def source_at(self, i: int) -> str:
         return self.sources[int(i)].as_py()
 
+    def hit_metadata(self, rows) -> tuple[np.ndarray, list[str], list[str]]:
+        """(face_ids uint64 [n], persons [n], sources [n]) of the given rows, without touching the map.
+
+        Args:
+            rows: int [n], row numbers in this segment (any order, repeats allowed).
+        Raises:
+            IndexError: a row outside 0..rows-1.
+            SegmentCorrupt: the file no longer holds what was verified (truncated or altered in place).
+        """
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if rows.size and (int(rows.min()) < 0 or int(rows.max()) >= self.rows):
+            raise IndexError(f"rows out of range 0..{self.rows - 1} in segment {self.ref.path}")
+        if self.reader is None:  # a remote store's segment lives in memory already
+            return (self.face_ids[rows].copy(), self.persons.take(pa.array(rows)).to_pylist(),
+                    self.sources.take(pa.array(rows)).to_pylist())
+        return self.reader.read(rows)
+
+    def tombstone_mask(self, tombstones, chunk_rows: int = 1 << 20) -> np.ndarray:
+        """bool [rows]: True for rows whose face_id is in `tombstones` (a set or array of ints).
+
+        A local file's face ids are read in chunks of `chunk_rows` with positional reads:
+        through the map the whole column (8 bytes a row, as much as the codes of a 64-bit
+        model) would stay resident for as long as the segment is served.
+        """
+        dead = (np.asarray(tombstones, dtype=np.uint64) if isinstance(tombstones, np.ndarray)
+                else np.fromiter((int(t) for t in tombstones), dtype=np.uint64, count=len(tombstones)))
+        dead = np.unique(dead)
+        if not dead.size:
+            return np.zeros(self.rows, dtype=bool)
+        if self.reader is None:
+            return _isin_sorted(self.face_ids, dead)
+        out = np.empty(self.rows, dtype=bool)
+        for lo in range(0, self.rows, chunk_rows):
+            hi = min(lo + chunk_rows, self.rows)
+            out[lo:hi] = _isin_sorted(self.reader.face_id_range(lo, hi), dead)
+        return out
+
     def live_mask(self, tombstones) -> np.ndarray:
         """bool [rows]: False for rows whose face_id is in `tombstones` (a set or array of ints)."""
-        if not len(tombstones):
-            return np.ones(self.rows, dtype=bool)
-        dead = np.fromiter((int(t) for t in tombstones), dtype=np.uint64, count=len(tombstones))
-        return ~np.isin(self.face_ids, dead)
+        return ~self.tombstone_mask(tombstones)
+
+
+def _isin_sorted(values: np.ndarray, sorted_arr: np.ndarray) -> np.ndarray:
+    pos = np.minimum(np.searchsorted(sorted_arr, values), sorted_arr.size - 1)
+    return sorted_arr[pos] == values
+
+
+class MetadataReader:
+    """Positional reads (os.pread) of a local segment's face_id, person and source columns.
+
+    The file offset of each column buffer is its Arrow buffer's address minus the map's
+    base address (the batch is a zero-copy view of the map), checked to lie inside the
+    file. The descriptor is the one the map was made from, so both always see the same
+    file even if a writer renames another one over its path; it closes with this object.
+
+    Args:
+        fd: an open, read-only descriptor of the segment file (owned from now on).
+        base: address of the map of the whole file; size: its length in bytes.
+        batch: the segment's record batch, read from that map.
+        where: names the segment in error messages.
+    Raises:
+        ValueError: a column buffer is not inside the map (the reader cannot be used).
+    """
+
+    def __init__(self, fd: int, base: int, size: int, batch: pa.RecordBatch, where: str):
+        self.fd, self.where = fd, where
+        n = batch.num_rows
+        ids, persons, sources = batch.column(0), batch.column(1), batch.column(2)
+        self._ids = _file_offset(ids.buffers()[1], base, size, 8 * (ids.offset + n)) + 8 * ids.offset
+        self._strings = [self._string_column(col, base, size) for col in (persons, sources)]
+        self._closer = weakref.finalize(self, os.close, fd)
+
+    @staticmethod
+    def _string_column(col: pa.Array, base: int, size: int) -> tuple[int, int, int]:
+        """(file offset of the column's first int32 offset, file offset of its data, data length)."""
+        offsets, data = col.buffers()[1], col.buffers()[2]
+        first = _file_offset(offsets, base, size, 4 * (col.offset + len(col) + 1)) + 4 * col.offset
+        data_len = data.size if data is not None else 0
+        data_at = _file_offset(data, base, size, data_len) if data is not None else 0
+        return first, data_at, data_len
+
+    def close(self) -> None:
+        self._closer()
+
+    def _pread(self, n: int, offset: int) -> bytes:
+        got = os.pread(self.fd, n, offset)
+        if len(got) != n:
+            raise SegmentCorrupt(f"{self.where} was truncated while served (short read at byte {offset})")
+        return got
+
+    def face_id_range(self, lo: int, hi: int) -> np.ndarray:
+        """uint64 [hi - lo]: the face ids of rows lo..hi-1 (a fresh array, not the map)."""
+        out = np.empty(hi - lo, dtype=np.uint64)
+        offset, want = self._ids + 8 * lo, out.nbytes
+        got = os.preadv(self.fd, [out], offset) if hasattr(os, "preadv") else None
+        if got is None:
+            out[:] = np.frombuffer(self._pread(want, offset), dtype=np.uint64)
+        elif got != want:
+            raise SegmentCorrupt(f"{self.where} was truncated while served (short read at byte {offset})")
+        return out
+
+    def _string_at(self, column: int, row: int) -> str:
+        first, data_at, data_len = self._strings[column]
+        start, end = _TWO_INT32.unpack(self._pread(8, first + 4 * row))
+        if not 0 <= start <= end <= data_len:
+            raise SegmentCorrupt(f"{self.where} has a bad string offset at row {row} (altered in place?)")
+        try:
+            return self._pread(end - start, data_at + start).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise SegmentCorrupt(f"{self.where} has invalid UTF-8 at row {row} (altered in place?)") from exc
+
+    def read(self, rows: np.ndarray) -> tuple[np.ndarray, list[str], list[str]]:
+        """(face_ids uint64 [n], persons [n], sources [n]) of in-range int64 `rows`."""
+        ids = np.empty(rows.size, dtype=np.uint64)
+        persons, sources = [], []
+        for j, row in enumerate(rows.tolist()):
+            ids[j] = int.from_bytes(self._pread(8, self._ids + 8 * row), "little")
+            persons.append(self._string_at(0, row))
+            sources.append(self._string_at(1, row))
+        return ids, persons, sources
+
+
+def _file_offset(buf: pa.Buffer, base: int, size: int, need: int) -> int:
+    """Offset in the file of a buffer of the mapped batch; it must hold `need` bytes inside the file."""
+    offset = buf.address - base
+    if offset < 0 or buf.size < need or offset + buf.size > size:
+        raise ValueError(f"buffer at {buf.address:#x}+{buf.size} is not inside the map at {base:#x}+{size}")
+    return offset
 
 
 def column_view(col: pa.Array, dtype, width: int) -> np.ndarray:
@@ -190,15 +328,29 @@ def open_segment(store_or_path: IndexStore | str, ref: SegmentRef, verify: bool 
     store = store_or_path if isinstance(store_or_path, IndexStore) else IndexStore(store_or_path)
     where = f"segment {ref.path} of {store.uri}"
     local = store.local_path(ref.path)
+    fd = None
     try:
         if local is not None:
-            buf = _map_file(local)
+            fd, buf = _map_file(local)
         else:
             buf = pa.py_buffer(store.read_bytes(ref.path))
     except (FileNotFoundError, IndexFormatError) as exc:
         raise SegmentCorrupt(f"{where} is missing") from exc
     except OSError as exc:
         raise SegmentCorrupt(f"{where} cannot be read: {exc}") from exc
+    try:
+        view = _open_mapped(buf, local, ref, where, verify, model)
+        if fd is not None:
+            view.reader = _reader(fd, buf, view.batch, where)
+            fd = None  # the reader owns it now
+        return view
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _open_mapped(buf: pa.Buffer, local: str | None, ref: SegmentRef, where: str, verify: bool,
+                 model: ModelMeta | None) -> SegmentView:
     if buf.size != ref.bytes:  # free to check, and catches truncation even without the hash
         raise SegmentCorrupt(f"{where} has {buf.size} bytes, manifest says {ref.bytes} (truncated or replaced)")
     if verify:
@@ -218,18 +370,32 @@ def open_segment(store_or_path: IndexStore | str, ref: SegmentRef, verify: bool 
     return _view(batch, ref, where, model)
 
 
-def _map_file(path: str) -> pa.Buffer:
-    """Read-only memory map of a whole file as an Arrow buffer (zero copy).
+def _reader(fd: int, buf: pa.Buffer, batch: pa.RecordBatch, where: str) -> MetadataReader | None:
+    """A MetadataReader over `fd`, or None (closing fd) when the batch is not a view of the map."""
+    try:
+        return MetadataReader(fd, buf.address, buf.size, batch, where)
+    except ValueError as exc:  # Arrow copied a buffer (not expected for files we write): read via the arrays
+        log.warning("%s: metadata is read through the map (%s)", where, exc)
+        os.close(fd)
+        return None
+
+
+def _map_file(path: str) -> tuple[int, pa.Buffer]:
+    """(read-only descriptor, read-only memory map of the whole file as an Arrow buffer, zero copy).
 
     Python's mmap rather than `pa.memory_map`: Arrow's memory-mapped reads advise the
     kernel WILLNEED over the range read, which pages in the whole segment (ids, names,
     sources) at open; with a plain map only the pages a query touches become resident.
+    The descriptor stays open for positional reads of the same file (MetadataReader).
     """
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size == 0:
-            return pa.py_buffer(b"")
-        return pa.py_buffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if os.fstat(fd).st_size == 0:
+            return fd, pa.py_buffer(b"")
+        return fd, pa.py_buffer(mmap.mmap(fd, 0, access=mmap.ACCESS_READ))
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _sha256_file(path: str, chunk: int = 1 << 20) -> str:

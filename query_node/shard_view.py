@@ -42,32 +42,43 @@ log = logging.getLogger(__name__)
 
 
 _MADV_RANDOM = 1
+_MADV_DONTNEED = 4
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 def advise_random_access(seg) -> None:
-    """Tell the kernel that a segment's metadata (face_id, person, source) is read at random rows.
+    """Keep a segment's metadata (face_id, person, source) out of the map's resident pages.
 
-    A search reads these columns only at its k hits, but a page fault on a file mapping maps the
-    pages around it too (fault-around, 64 KiB) and triggers readahead: measured on a node serving
-    5M rows (38 MiB of codes), 600 searches left 233 MiB of the segment files resident, almost all
-    of it metadata. MADV_RANDOM turns both off for these ranges, so a hit costs the pages it reads.
-    The code column keeps the default: it is scanned front to back. Best effort: Linux only.
+    A node reads these columns with positional reads (SegmentView.hit_metadata, tombstone_mask),
+    never through the map, so no search faults them in. Two things still could:
+    - a fault next to them: the kernel maps the already cached pages around a faulting one too
+      (fault-around, a 64 KiB window, MADV_RANDOM or not), but only within the fault's VMA. The
+      whole pages holding only metadata get their own VMA (MADV_RANDOM, which also turns readahead
+      off for any other reader of the arrays), so a scan of the first codes maps no metadata.
+    - opening the file, before that split: Arrow reads the record batch header from the page the
+      face ids start on, and fault-around maps up to 15 pages of face ids with it. MADV_DONTNEED
+      unmaps them again (the page cache keeps them; a later access faults a page back in).
+    Only for a segment mapped from a local file (`seg.reader` set: its metadata buffers are checked
+    to lie in the map): DONTNEED on the heap copy of a remote segment would zero it. The code
+    column keeps the default advice: it is scanned front to back. Best effort: Linux only.
     """
+    if getattr(seg, "reader", None) is None:
+        return
     try:
         import ctypes
 
         libc = ctypes.CDLL(None, use_errno=True)
     except OSError:
         return
-    ranges = [(int(seg.face_ids.ctypes.data), int(seg.face_ids.nbytes))]
-    for column in (seg.persons, seg.sources):
-        ranges += [(b.address, b.size) for b in column.buffers() if b is not None]
-    for address, size in ranges:
-        start = address - address % _PAGE
-        length = address + size - start
-        if length > 0:
-            libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), _MADV_RANDOM)
+    # The metadata buffers are adjacent in the file (column order, padding between), codes after them.
+    bufs = [seg.batch.column(0).buffers()[1]] + [b for column in (seg.persons, seg.sources)
+                                                 for b in column.buffers() if b is not None]
+    lo, hi = min(b.address for b in bufs), max(b.address + b.size for b in bufs)
+    inner_lo, inner_hi = -(-lo // _PAGE) * _PAGE, hi // _PAGE * _PAGE
+    if inner_hi > inner_lo:
+        libc.madvise(ctypes.c_void_p(inner_lo), ctypes.c_size_t(inner_hi - inner_lo), _MADV_RANDOM)
+    outer_lo, outer_hi = lo // _PAGE * _PAGE, -(-hi // _PAGE) * _PAGE
+    libc.madvise(ctypes.c_void_p(outer_lo), ctypes.c_size_t(outer_hi - outer_lo), _MADV_DONTNEED)
 
 
 @dataclass
@@ -101,17 +112,33 @@ class ShardData:
         starts = np.asarray(offsets, dtype=np.int64)
         # One searchsorted for every hit of every query, not one per hit.
         seg_of = np.searchsorted(starts, rows, side="right") - 1
+        meta = self._hit_metadata(rows, seg_of, offsets)
         out = []
         for q in range(scores.shape[0]):
             hits = []
             for score, row, s in zip(scores[q].tolist(), rows[q].tolist(), seg_of[q].tolist()):
                 if row < 0:
                     break
-                seg, local = self.segments[s], row - offsets[s]
-                hits.append(Hit(face_id=int(seg.face_ids[local]), person=seg.person_at(local),
-                                source=seg.source_at(local), score=score, shard=self.shard))
+                face_id, person, source = meta[s][row - offsets[s]]
+                hits.append(Hit(face_id=face_id, person=person, source=source, score=score, shard=self.shard))
             out.append(hits)
         return out
+
+    def _hit_metadata(self, rows: np.ndarray, seg_of: np.ndarray, offsets: list[int]) -> dict:
+        """{segment index: {local row: (face_id, person, source)}} for every hit (rows >= 0) of every query.
+
+        Read with SegmentView.hit_metadata (positional reads of a local file), not through the
+        segment's map: mapped pages once touched stay resident, so looking hits up through the
+        map made a node's RSS grow with traffic towards the whole file (measured 1.3 x the code
+        bytes after 310 searches on 5M rows, and growing).
+        """
+        found = rows >= 0
+        meta = {}
+        for s in np.unique(seg_of[found]).tolist():
+            local = np.unique(rows[found & (seg_of == s)] - offsets[s])
+            ids, persons, sources = self.segments[s].hit_metadata(local)
+            meta[s] = dict(zip(local.tolist(), zip(ids.tolist(), persons, sources)))
+        return meta
 
 
 @dataclass
@@ -189,7 +216,12 @@ def load_view(store, shard_ids: list[int], previous: IndexView | None = None, ve
         tomb = np.fromiter(state.tombstones, dtype=np.uint64, count=len(state.tombstones))
         for seg in data.segments:
             if tomb.size:
-                skip = np.isin(seg.face_ids, tomb)
+                # tombstone_mask reads the face ids with positional reads in chunks rather than
+                # np.isin over seg.face_ids (the map), which would leave the whole column resident
+                # for as long as the segment is served. Not madvise(DONTNEED) after the fact: the
+                # whole column would still be resident at once while the masks are computed (a
+                # peak of 8 bytes a row per segment), and madvise is Linux-only best effort.
+                skip = seg.tombstone_mask(tomb)
                 data.skips.append(skip if skip.any() else None)
             else:
                 data.skips.append(None)
