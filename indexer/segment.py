@@ -39,6 +39,7 @@ __all__ = ["SegmentCorrupt", "SegmentView", "write_segment", "open_segment", "se
 
 COLUMNS = ("face_id", "person", "source", "code")
 _TWO_INT32 = struct.Struct("<ii")  # a string's start and end in its column's data (Arrow offsets, little-endian)
+_UINT64 = struct.Struct("<Q")  # a face id
 
 
 def segment_schema(model: ModelMeta) -> pa.Schema:
@@ -276,25 +277,32 @@ class MetadataReader:
             raise SegmentCorrupt(f"{self.where} was truncated while served (short read at byte {offset})")
         return out
 
-    def _string_at(self, column: int, row: int) -> str:
-        first, data_at, data_len = self._strings[column]
-        start, end = _TWO_INT32.unpack(self._pread(8, first + 4 * row))
-        if not 0 <= start <= end <= data_len:
-            raise SegmentCorrupt(f"{self.where} has a bad string offset at row {row} (altered in place?)")
-        try:
-            return self._pread(end - start, data_at + start).decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise SegmentCorrupt(f"{self.where} has invalid UTF-8 at row {row} (altered in place?)") from exc
-
     def read(self, rows: np.ndarray) -> tuple[np.ndarray, list[str], list[str]]:
-        """(face_ids uint64 [n], persons [n], sources [n]) of in-range int64 `rows`."""
-        ids = np.empty(rows.size, dtype=np.uint64)
-        persons, sources = [], []
-        for j, row in enumerate(rows.tolist()):
-            ids[j] = int.from_bytes(self._pread(8, self._ids + 8 * row), "little")
-            persons.append(self._string_at(0, row))
-            sources.append(self._string_at(1, row))
-        return ids, persons, sources
+        """(face_ids uint64 [n], persons [n], sources [n]) of in-range int64 `rows`.
+
+        Five reads a row (id, two offset pairs, two strings): ~1 us each from the page cache.
+        """
+        pread, fd, unpack, unpack_id = os.pread, self.fd, _TWO_INT32.unpack, _UINT64.unpack
+        (p_first, p_at, p_len), (s_first, s_at, s_len) = self._strings
+        ids, persons, sources = [], [], []
+        try:
+            for row in rows.tolist():
+                ids.append(unpack_id(pread(fd, 8, self._ids + 8 * row))[0])
+                p_start, p_end = unpack(pread(fd, 8, p_first + 4 * row))
+                s_start, s_end = unpack(pread(fd, 8, s_first + 4 * row))
+                if not (0 <= p_start <= p_end <= p_len and 0 <= s_start <= s_end <= s_len):
+                    raise SegmentCorrupt(f"{self.where} has a bad string offset at row {row} (altered in place?)")
+                person = pread(fd, p_end - p_start, p_at + p_start)
+                source = pread(fd, s_end - s_start, s_at + s_start)
+                if len(person) != p_end - p_start or len(source) != s_end - s_start:
+                    raise struct.error("short read")
+                persons.append(person.decode("utf-8"))
+                sources.append(source.decode("utf-8"))
+        except struct.error as exc:  # a short read of an id, an offset pair or a string: the file shrank
+            raise SegmentCorrupt(f"{self.where} was truncated while served (short read)") from exc
+        except UnicodeDecodeError as exc:
+            raise SegmentCorrupt(f"{self.where} has invalid UTF-8 (altered in place?)") from exc
+        return np.array(ids, dtype=np.uint64), persons, sources
 
 
 def _file_offset(buf: pa.Buffer, base: int, size: int, need: int) -> int:
