@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from facepq.errors import CheckpointError, DataError
+from facepq.errors import CheckpointError, ConfigError, DataError
 from opqn_model.api import HeadCodec
 from opqn_model.checkpoint import load_checkpoint, save_checkpoint
 from opqn_model.config import ModelConfig, TrainConfig
@@ -156,6 +156,9 @@ def train(data, out_dir, model_config: ModelConfig, train_config: TrainConfig, r
         log.warning("%d training photos are too few to initialise %d codewords from data: random head init",
                     len(labels), spec.K)
         data_init = False
+    if train_config.epochs < (0 if data_init else 1):
+        raise ConfigError(f"epochs={train_config.epochs} trains nothing: 0 epochs keep a frozen trunk's data-initialised "
+                          "head (head_init='data'); anything else needs at least 1")
     if data_init:
         init_head_from_features(head, embeddings_of(inputs, trunk), train_config.opq_iterations, train_config.seed)
     log.info("training on %s", device)

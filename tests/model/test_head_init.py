@@ -174,3 +174,15 @@ def test_training_a_frozen_trunk_starts_from_the_data_init_and_validates_it_as_e
             assert not torch.equal(head["assignment"], best["assignment"])
     else:
         assert trained == [1, 2] and not summary["refit_with_val_people"]
+
+
+def test_zero_epochs_without_the_data_init_is_refused(tmp_path):
+    from opqn_model.face_pipeline import FacePipeline
+    from opqn_model.synthetic import write_faces
+    from opqn_model.train import train
+
+    data = write_faces(tmp_path / "faces", 8, 3, size=64, seed=3)
+    cfg = ModelConfig(trunk="resnet20", bits=16, K=16, input_size=32, trunk_width=8,
+                      pipeline=FacePipeline(size=32, mode="none").to_dict())
+    with pytest.raises(ConfigError, match="epochs=0 trains nothing"):
+        train(data, tmp_path / "run", cfg, TrainConfig(epochs=0), progress=False)
