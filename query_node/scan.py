@@ -15,10 +15,15 @@ Why the kernel looks the way it does (measured, see ARCHITECTURE.md):
 * 4-bit codes (two sub-codes per byte) use "pair tables": subspaces (2j, 2j+1)
   are merged into one 256-entry table indexed by the whole byte, so packed codes
   run through the same byte kernel with half the lookups;
-* where a C compiler and AVX2 exist, 4-bit codes go to the native kernel instead
-  (`query_node.fastscan`): 7-bit quantized 16-entry tables looked up 32 rows per
-  vpshufb prune rows that cannot reach the k-th best, and the rest are re-scored
-  with the same pair tables in the same order, so results are bit-identical.
+* where a C compiler and AVX2 exist, the native kernels run instead
+  (`query_node.fastscan`): for 4-bit codes 7-bit quantized 16-entry tables looked
+  up 32 rows per vpshufb prune rows that cannot reach the k-th best, and the rest
+  are re-scored with the same pair tables in the same order; for 8-byte codes a
+  fused scalar score-and-compare loop (measured ~10% faster than these two numba
+  loops: 8 lookups are load-bound, so vectorising them gains nothing, and the
+  second pass costs; at 16 bytes a row's serial chain of adds makes the scalar loop
+  latency-bound and the vectorised numba loop wins). Results are bit-identical to
+  the numba kernels here, which stay as the fallback and the reference.
 
 Scores are summed in float32 in byte order (subspace order for 8-bit codes,
 pair order for 4-bit codes), so they can differ from the reference by float
@@ -205,14 +210,17 @@ class TopKHeap:
     Args:
         queries: number of queries Q.
         k: heap size (>= 1).
+        native: None uses the native kernels when they are available (`query_node.fastscan`),
+            False the numba kernels (the reference the native ones are tested against).
     """
 
-    def __init__(self, queries: int, k: int):
+    def __init__(self, queries: int, k: int, native: bool | None = None):
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         self.scores = np.full((queries, k), -np.inf, dtype=np.float32)
         self.rows = np.full((queries, k), _EMPTY_ROW, dtype=np.int64)
         self.rows_scanned = 0
+        self.native = fastscan.available() if native is None else native
 
     def scan(self, codes: np.ndarray, tables: np.ndarray | ScanTables, skip_mask: np.ndarray | None = None,
              block: int = 4096) -> None:
@@ -236,9 +244,12 @@ class TopKHeap:
             skip, has_skip = np.ascontiguousarray(skip_mask, dtype=np.bool_), True
             if skip.shape != (n,):
                 raise ValueError(f"skip_mask must be bool [{n}], got {skip.shape}")
-        if n and nibble is not None:
+        if n and self.native and nibble is not None:
             fastscan.scan_into(codes, np.ascontiguousarray(tables), nibble, skip, has_skip,
                                self.rows_scanned, self.scores, self.rows)
+        elif n and self.native and codes.shape[1] == fastscan.FUSED_WIDTH:
+            fastscan.scan8_into(codes, np.ascontiguousarray(tables), skip, has_skip,
+                                self.rows_scanned, self.scores, self.rows)
         elif n:
             _scan_into(codes, np.ascontiguousarray(tables), skip, has_skip,
                        self.rows_scanned, self.scores, self.rows, block)

@@ -1,8 +1,8 @@
-"""The native 4-bit kernel (query_node/fastscan4.c) returns exactly what the numba kernel returns.
+"""The native kernels (query_node/fastscan4.c) return exactly what the numba kernels return.
 
-Both kernels fill the same (score desc, row asc) heap and sum the same float32 pair
-tables in the same order, so scores and rows must be identical, not merely close:
-the quantized tables only decide which rows get re-scored, and a pruning bound that
+Both fill the same (score desc, row asc) heap and sum the same float32 byte tables in
+the same order, so scores and rows must be identical, not merely close. For 4-bit
+codes the quantized tables only decide which rows get re-scored: a pruning bound that
 were too tight would show up here as a missing row.
 """
 import os
@@ -46,7 +46,7 @@ def scan_both(codes_list, luts, k, skips):
     native_tables = scan_tables(luts, True, packed_bytes)
     assert native_tables.nibble is not None
     float_tables = byte_tables(luts, True, packed_bytes)
-    native, numba_heap = TopKHeap(len(luts), k), TopKHeap(len(luts), k)
+    native, numba_heap = TopKHeap(len(luts), k, native=True), TopKHeap(len(luts), k, native=False)
     for codes, skip in zip(codes_list, skips):
         native.scan(codes, native_tables, skip)
         numba_heap.scan(codes, float_tables, skip)
@@ -105,6 +105,30 @@ def test_equal_tables_every_row_ties():
     np.testing.assert_array_equal(nr, [np.arange(10)])
     np.testing.assert_array_equal(fr, nr)
     np.testing.assert_array_equal(ns, fs)
+
+
+@pytest.mark.parametrize("width", [1, 3, 8, 16, 24])
+def test_native_byte_table_kernel_matches_numba(width):
+    """pq8_scan on any width (nodes use it for 8-byte codes: see fastscan.FUSED_WIDTH)."""
+    rng = np.random.default_rng(100 + width)
+    for trial in range(20):
+        nq, k = int(rng.integers(1, 4)), int(rng.integers(1, 150))
+        if trial % 2:
+            tables = (rng.integers(0, 16, size=(nq, width * 256)) / 8).astype(np.float32)  # ties
+        else:
+            tables = rng.standard_normal((nq, width * 256)).astype(np.float32)
+        native, numba_heap = TopKHeap(nq, k, native=True), TopKHeap(nq, k, native=False)
+        for _ in range(int(rng.integers(1, 3))):
+            n = int(rng.integers(0, 9000))
+            codes = rng.integers(0, 256, size=(n, width), dtype=np.uint8)
+            skip = rng.random(n) < 0.3 if rng.integers(0, 2) else None
+            mask = np.zeros(1, np.bool_) if skip is None else skip
+            fastscan.scan8_into(codes, tables, mask, skip is not None, native.rows_scanned, native.scores, native.rows)
+            native.rows_scanned += n
+            numba_heap.scan(codes, tables, skip)
+        (ns, nr), (fs, fr) = native.result(), numba_heap.result()
+        np.testing.assert_array_equal(nr, fr)
+        np.testing.assert_array_equal(ns, fs)
 
 
 def test_tables_the_kernel_cannot_take_fall_back_to_float_scan():
