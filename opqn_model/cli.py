@@ -29,8 +29,13 @@ def register(sub) -> None:
                    "(photos are already face crops); default dlib, none for synthetic faces")
     p.add_argument("--no-face", choices=["skip", "centre-crop"], default="skip",
                    help="photos where no face is found: skip (counted) or use a centre crop")
-    p.add_argument("--epochs", type=int, help="default 20 for resnet20; 4 for a frozen trunk (dlib), whose head "
-                   "overfits the training people with longer training (see README)")
+    p.add_argument("--epochs", type=int, help="default 20 for resnet20; 0 for a frozen trunk (dlib): its head starts "
+                   "as a product quantizer of the training embeddings and, with a few hundred training people, "
+                   "the OPQN loss after that lowers unseen-people mAP (see README)")
+    p.add_argument("--head-init", choices=["data", "random"], default="data",
+                   help="frozen trunks: start the head as OPQ + spherical k-means of the training embeddings "
+                   "(data) or at random (random, the paper's start; needs --epochs >= 1)")
+    p.add_argument("--opq-iterations", type=int, default=30, help="OPQ alternations of the data start")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
@@ -79,9 +84,10 @@ def run_train(args) -> int:
     model_config = ModelConfig(trunk=args.trunk, bits=args.bits, M=args.M, K=args.K, sub_dim=args.sub_dim,
                                input_size=args.input_size, trunk_width=args.width, pipeline=pipeline)
     model_config.code_spec()  # refuse an invalid code before loading any data
-    epochs = args.epochs or (4 if args.trunk == "dlib" else 20)
+    epochs = args.epochs if args.epochs is not None else (0 if args.trunk == "dlib" else 20)
     train_config = TrainConfig(epochs=epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                               test_people=args.test_people, device=args.device)
+                               test_people=args.test_people, device=args.device, head_init=args.head_init,
+                               opq_iterations=args.opq_iterations)
     summary = train(data, args.out, model_config, train_config, resume=args.resume, progress=not args.no_progress)
     print(f"trained {summary['epochs']} epochs on {summary['train_photos']} photos of {summary['train_people']} people "
           f"in {summary['seconds']:.0f}s; best validation code mAP {summary['best_val_map']:.4f}")

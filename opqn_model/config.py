@@ -113,6 +113,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.head_init not in ("data", "random"):
             raise ConfigError(f"head_init must be 'data' or 'random', got {self.head_init!r}")
+        if self.opq_iterations < 1:
+            raise ConfigError(f"opq_iterations must be >= 1, got {self.opq_iterations}")
 
     def resolved_scale(self, input_size: int) -> float:
         if self.scale is not None:

@@ -11,12 +11,12 @@ through torch with one thread (per-op overhead), while with more threads torch's
 OpenMP workers, and numpy's OpenBLAS ones if the product went through BLAS, keep
 spinning after each query on the cores the query nodes scan with.
 
-Two variants of the table are known: plain log-probabilities, and log-probabilities
-weighted per subspace by w_m = |x_m| / mean_m' |x_m'| (the query's own sub-vector
-lengths). The one that reproduces the head's tables on a few random embeddings at
-construction is used; a head of another shape, or no match, keeps the torch path
-(logged), so a change to the head's maths can cost speed but never correctness.
-Tables agree with the head's to float32 rounding (about 1e-5).
+The table is the head's: log-probabilities weighted per subspace by
+w_m = |x_m| / mean_m' |x_m'| (the query's own sub-vector lengths; see
+OPQNHead.lookup_tables, the one definition). At construction the folded path must
+reproduce the head's own tables on a few random embeddings; a head of another shape,
+or any mismatch, keeps the torch path (logged), so a change to the head's maths can
+cost speed but never correctness. Tables agree to float32 rounding (about 1e-5).
 """
 from __future__ import annotations
 
@@ -38,12 +38,11 @@ class TableBuilder:
             and `lookup_tables`).
     Attributes:
         folded: True when the numpy path is in use, False when it fell back to the encoder's torch path.
-        weighted: the numpy path weighs subspaces by the query's sub-vector lengths (see module doc).
     """
 
     def __init__(self, encoder):
         self.encoder = encoder
-        self.folded = self.weighted = False
+        self.folded = False
         head = getattr(getattr(encoder, "codec", encoder), "head", None)
         try:
             self.weight, self.bias, self.assignment, self.M, self.d = _fold(head)
@@ -52,15 +51,11 @@ class TableBuilder:
             return
         probe = np.random.default_rng(0).standard_normal((4, self.weight.shape[1])).astype(np.float32)
         want = np.asarray(encoder.lookup_tables(probe), np.float32)
-        diffs = []
-        for weighted in (False, True):
-            self.weighted = weighted
-            diffs.append(float(np.abs(self._tables(probe) - want).max()))
-            if diffs[-1] <= MATCH_TOLERANCE:
-                self.folded = True
-                return
-        log.warning("folded lookup tables differ from the model's by %s (plain, length-weighted); using the "
-                    "model's torch path", ", ".join(f"{d:.3g}" for d in diffs))
+        diff = float(np.abs(self._tables(probe) - want).max())
+        if diff <= MATCH_TOLERANCE:
+            self.folded = True
+        else:
+            log.warning("folded lookup tables differ from the model's by %.3g; using the model's torch path", diff)
 
     def _tables(self, embeddings: np.ndarray) -> np.ndarray:
         # einsum (no optimize) runs its own loops, not BLAS: numpy's OpenBLAS threads busy-wait after
@@ -72,8 +67,7 @@ class TableBuilder:
         logits = np.einsum("nmd,mdk->nmk", z, self.assignment)
         logits -= logits.max(-1, keepdims=True)
         tables = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-        if self.weighted:
-            tables *= (norms / np.maximum(norms.mean(axis=1, keepdims=True), 1e-12)).astype(np.float32)
+        tables *= (norms / np.maximum(norms.mean(axis=1, keepdims=True), 1e-12)).astype(np.float32)
         return tables.astype(np.float32)
 
     def __call__(self, embeddings: np.ndarray) -> np.ndarray:
