@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from facepq.errors import ConfigError, DataError, IndexFormatError
+from indexer.face_id import isin_sorted
 from indexer.lock import commit_lock
 from indexer.manifest import Manifest, ModelMeta, SegmentRef
 from indexer.segment import column_view, open_segment, write_segment
@@ -39,15 +40,6 @@ def sorted_unique(values: np.ndarray) -> np.ndarray:
     if s.size < 2:
         return s
     return s[np.concatenate(([True], s[1:] != s[:-1]))]
-
-
-def isin_sorted(values: np.ndarray, sorted_arr: np.ndarray) -> np.ndarray:
-    """bool mask: which `values` are in `sorted_arr` (ascending), by binary search."""
-    values = np.asarray(values, dtype=np.uint64)
-    if sorted_arr.size == 0:
-        return np.zeros(values.shape, dtype=bool)
-    pos = np.minimum(np.searchsorted(sorted_arr, values), sorted_arr.size - 1)
-    return sorted_arr[pos] == values
 
 
 def _isin_runs(values: np.ndarray, runs: list[np.ndarray]) -> np.ndarray:

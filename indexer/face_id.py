@@ -44,3 +44,12 @@ def face_ids_for_embeddings(embeddings: np.ndarray, sources) -> np.ndarray:
     for i, src in enumerate(sources):
         out[i] = face_id_for_embedding(emb[i].tobytes(), src)
     return out
+
+
+def isin_sorted(values: np.ndarray, sorted_arr: np.ndarray) -> np.ndarray:
+    """bool mask: which `values` are in `sorted_arr` (ascending uint64 face ids), by binary search."""
+    values = np.asarray(values, dtype=np.uint64)
+    if sorted_arr.size == 0:
+        return np.zeros(values.shape, dtype=bool)
+    pos = np.minimum(np.searchsorted(sorted_arr, values), sorted_arr.size - 1)
+    return sorted_arr[pos] == values
