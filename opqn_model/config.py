@@ -108,6 +108,9 @@ class TrainConfig:
 
         if self.device == "auto":
             return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"device {self.device!r} asked for, but torch sees no CUDA GPU "
+                              f"(torch {torch.__version__}); use --device cpu or auto")
         return self.device
 
     def __post_init__(self):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from facepq.errors import CheckpointError
+from facepq.errors import CheckpointError, ConfigError
 from opqn_model.api import FaceEncoder
 from opqn_model.checkpoint import load_checkpoint, save_checkpoint
 from opqn_model.config import ModelConfig, TrainConfig
@@ -129,3 +129,35 @@ def test_cli_errors_are_one_line_not_a_traceback(tmp_path):
     out = subprocess.run([sys.executable, "-m", "facepq.cli", "train", "--bits", "64", "-K", "64",
                           "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "Valid (M x K)" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_resnet20_trains_and_encodes_at_112_pixels(tmp_path):
+    """The paper's 112x112 input: the same code path as 32x32 (on a GPU only the device differs)."""
+    from opqn_model.api import FaceEncoder
+    from opqn_model.synthetic import write_faces
+
+    data = write_faces(tmp_path / "faces", 6, 4, size=112, seed=2)
+    cfg = ModelConfig(trunk="resnet20", bits=32, input_size=112, trunk_width=8,
+                      pipeline=FacePipeline(size=112, mode="none").to_dict())
+    # enough steps (6 x 3) for the batch norms' running statistics to settle: after one or two
+    # steps the eval-mode trunk is far off scale (its residual stages have no normalisation after
+    # the sum) and its embeddings are refused as out of range
+    summary = train(data, tmp_path / "run", cfg,
+                    TrainConfig(epochs=3, batch_size=4, test_people=0.0, val_people=0.0, queries_per_person=0,
+                                device="cpu"), progress=False)
+    assert len(summary["history"]) == 3 and np.isfinite(summary["history"][-1]["loss"])
+    enc = FaceEncoder.load(summary["model"])
+    photos = generate_faces(2, 1, size=112, seed=3)[0]
+    crops, kept, skipped = enc.prepare_photos(list(photos))
+    assert crops.shape == (2, 112, 112, 3) and kept == [0, 1] and not skipped
+    codes = enc.encode(enc.trunk_features(crops))
+    assert codes.shape == (2, 4) and codes.dtype == np.uint8
+
+
+def test_asking_for_a_gpu_that_is_not_there_is_a_clear_error():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is visible here: the error case cannot happen")
+    with pytest.raises(ConfigError, match="no CUDA GPU"):
+        TrainConfig(device="cuda").resolved_device()
