@@ -73,8 +73,11 @@ class Background:
     def __init__(self, args, log: pathlib.Path):
         self.log = log
         self._out = open(log, "w")
+        # SIGINT back to its default in the child: a test run started in the background (`cmd &`)
+        # inherits SIGINT ignored, and Python then never turns Ctrl-C into KeyboardInterrupt
         self.proc = subprocess.Popen(args, cwd=REPO, env=env(), stdout=self._out, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+                                     start_new_session=True,
+                                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
     def text(self) -> str:
         return self.log.read_text(errors="replace")
