@@ -41,28 +41,6 @@ def merge_shard_lists(shard_lists: Iterable[list[Hit]], k: int) -> list[Hit]:
     return [t[3] for t in itertools.islice(merged, k)]
 
 
-def split_by_shard(hits: Iterable[Hit]) -> dict[int, list[Hit]]:
-    """Group a best-first hit list by shard, keeping each shard's relative order."""
-    groups: dict[int, list[Hit]] = {}
-    for h in hits:
-        groups.setdefault(h.shard, []).append(h)
-    return groups
-
-
-def merge_node_results(node_lists: Iterable[list[Hit]], k: int) -> list[Hit]:
-    """Merge node answers (each a best-first mix of that node's shards) into the global top-k.
-
-    A node's list keeps each of its shards' own order, so splitting it by shard gives
-    per-shard lists for `merge_shard_lists`. A shard answered by two nodes (should not
-    happen: the coordinator asks one replica per shard) keeps only the first answer.
-    """
-    per_shard: dict[int, list[Hit]] = {}
-    for hits in node_lists:
-        for shard, group in split_by_shard(hits).items():
-            per_shard.setdefault(shard, group)
-    return merge_shard_lists(per_shard.values(), k)
-
-
 def merge_node_replies(replies: Iterable[tuple[Iterable[int], list]], k: int) -> list[Hit]:
     """Merge node replies straight into the global top-k, without splitting them by shard first.
 

@@ -1,7 +1,7 @@
 """The k-way merge of per-shard lists is the exact global top-k in the documented order."""
 import random
 
-from query_node.merge import Hit, merge_node_replies, merge_node_results, merge_shard_lists
+from query_node.merge import Hit, merge_node_replies, merge_shard_lists
 
 
 def _shard_lists(seed, shards=4, per=30):
@@ -22,14 +22,6 @@ def test_merge_equals_sorting_everything():
         expected = sorted((h for lst in lists for h in lst), key=lambda h: (-h.score, h.shard, h.face_id))
         for k in (1, 7, 50, 200):
             assert merge_shard_lists([lst[:k] for lst in lists], k) == expected[:k]
-
-
-def test_node_results_mixing_shards_merge_exactly():
-    lists = _shard_lists(99)
-    expected = merge_shard_lists(lists, 25)
-    node_a = merge_shard_lists([lists[0], lists[2]], 25)  # a node serving shards 0 and 2
-    node_b = merge_shard_lists([lists[1], lists[3]], 25)
-    assert merge_node_results([node_b, node_a], 25) == expected
 
 
 def test_empty_inputs():
