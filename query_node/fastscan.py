@@ -182,16 +182,12 @@ def scan_into(codes: np.ndarray, byte_tables: np.ndarray, tables: NibbleTables, 
         skip: bool [N] tombstones, read only when has_skip.
         heap_s, heap_r: C-contiguous float32 / int64 [Q, k] heaps, updated in place.
     """
-    lib = _load()
-    if lib is None:
-        raise NativeBuildError(_why_not)
     n, width = codes.shape
-    rc = lib.fs4_scan(codes.ctypes.data, n, width, heap_s.shape[0], byte_tables.ctypes.data,
+    rc = _native().fs4_scan(codes.ctypes.data, n, width, heap_s.shape[0], byte_tables.ctypes.data,
                       tables.nib.ctypes.data, tables.base.ctypes.data, tables.delta.ctypes.data,
                       tables.terms.ctypes.data, skip.ctypes.data, int(has_skip), row_offset,
                       heap_s.ctypes.data, heap_r.ctypes.data, heap_s.shape[1])
-    if rc != 0:
-        raise NativeBuildError(f"fs4_scan returned {rc} for codes {codes.shape}")
+    _check(rc, "fs4_scan", codes)
 
 
 def scan8_into(codes: np.ndarray, byte_tables: np.ndarray, skip: np.ndarray, has_skip: bool, row_offset: int,
@@ -200,11 +196,19 @@ def scan8_into(codes: np.ndarray, byte_tables: np.ndarray, skip: np.ndarray, has
 
     Args as `scan_into`, without the nibble tables.
     """
+    n, width = codes.shape
+    rc = _native().pq8_scan(codes.ctypes.data, n, width, heap_s.shape[0], byte_tables.ctypes.data, skip.ctypes.data,
+                      int(has_skip), row_offset, heap_s.ctypes.data, heap_r.ctypes.data, heap_s.shape[1])
+    _check(rc, "pq8_scan", codes)
+
+
+def _native():
     lib = _load()
     if lib is None:
         raise NativeBuildError(_why_not)
-    n, width = codes.shape
-    rc = lib.pq8_scan(codes.ctypes.data, n, width, heap_s.shape[0], byte_tables.ctypes.data, skip.ctypes.data,
-                      int(has_skip), row_offset, heap_s.ctypes.data, heap_r.ctypes.data, heap_s.shape[1])
+    return lib
+
+
+def _check(rc: int, kernel: str, codes: np.ndarray) -> None:
     if rc != 0:
-        raise NativeBuildError(f"pq8_scan returned {rc} for codes {codes.shape}")
+        raise NativeBuildError(f"{kernel} returned {rc} for codes {codes.shape}")

@@ -168,9 +168,7 @@ def byte_tables(lookup_tables: np.ndarray, packed: bool, code_bytes: int) -> np.
     For packed 4-bit codes byte j holds sub-codes (2j low nibble, 2j+1 high nibble), so
     its table is lut[2j, lo] + lut[2j+1, hi]; with odd M the last byte has no high subspace.
     """
-    luts = np.asarray(lookup_tables, dtype=np.float32)
-    if luts.ndim != 3:
-        raise ValueError(f"lookup tables must be [Q, M, K], got shape {luts.shape}")
+    luts = _as_tables(lookup_tables)
     nq, m, kk = luts.shape
     if not packed:
         if m != code_bytes or kk > 256:
@@ -178,13 +176,32 @@ def byte_tables(lookup_tables: np.ndarray, packed: bool, code_bytes: int) -> np.
         out = np.zeros((nq, code_bytes, 256), dtype=np.float32)
         out[:, :, :kk] = luts
         return out.reshape(nq, code_bytes * 256)
+    return _pair_tables(_packed_nibble_values(luts, code_bytes))
+
+
+def _as_tables(lookup_tables) -> np.ndarray:
+    luts = np.asarray(lookup_tables, dtype=np.float32)
+    if luts.ndim != 3:
+        raise ValueError(f"lookup tables must be [Q, M, K], got shape {luts.shape}")
+    return luts
+
+
+def _packed_nibble_values(luts: np.ndarray, code_bytes: int) -> np.ndarray:
+    """Checked float32 [Q, M, K<=16] tables of packed codes -> nibble values [Q, code_bytes, 2, 16]."""
+    nq, m, kk = luts.shape
     if kk > 16 or (m + 1) // 2 != code_bytes:
         raise ValueError(f"packed codes of {code_bytes} bytes need tables [Q, {2 * code_bytes - 1} or "
                          f"{2 * code_bytes}, K<=16], got {luts.shape}")
-    nib = fastscan.nibble_values(luts)
-    # byte value = high * 16 + low  ->  table[hi, lo] = lut[2j, lo] + lut[2j+1, hi] (float32)
+    return fastscan.nibble_values(luts)
+
+
+def _pair_tables(nib: np.ndarray) -> np.ndarray:
+    """Nibble values [Q, B, 2, 16] -> pair tables float32 [Q, B * 256].
+
+    byte value = high * 16 + low  ->  table[hi, lo] = lut[2j, lo] + lut[2j+1, hi] (float32)
+    """
     out = nib[:, :, 0, None, :] + nib[:, :, 1, :, None]
-    return out.reshape(nq, code_bytes * 256)
+    return out.reshape(nib.shape[0], nib.shape[1] * 256)
 
 
 @dataclass(frozen=True)
@@ -197,11 +214,10 @@ class ScanTables:
 
 def scan_tables(lookup_tables: np.ndarray, packed: bool, code_bytes: int) -> ScanTables:
     """Per-query lookup tables float32 [Q, M, K] -> the tables the fastest available kernel takes."""
-    byte = byte_tables(lookup_tables, packed, code_bytes)
-    nibble = None
-    if packed and fastscan.available():
-        nibble = fastscan.nibble_tables(fastscan.nibble_values(lookup_tables))
-    return ScanTables(byte, nibble)
+    if not packed:
+        return ScanTables(byte_tables(lookup_tables, packed, code_bytes))
+    nib = _packed_nibble_values(_as_tables(lookup_tables), code_bytes)  # one pass serves the float and the quantized tables
+    return ScanTables(_pair_tables(nib), fastscan.nibble_tables(nib) if fastscan.available() else None)
 
 
 class TopKHeap:
@@ -244,15 +260,13 @@ class TopKHeap:
             skip, has_skip = np.ascontiguousarray(skip_mask, dtype=np.bool_), True
             if skip.shape != (n,):
                 raise ValueError(f"skip_mask must be bool [{n}], got {skip.shape}")
+        tables = np.ascontiguousarray(tables)
         if n and self.native and nibble is not None:
-            fastscan.scan_into(codes, np.ascontiguousarray(tables), nibble, skip, has_skip,
-                               self.rows_scanned, self.scores, self.rows)
+            fastscan.scan_into(codes, tables, nibble, skip, has_skip, self.rows_scanned, self.scores, self.rows)
         elif n and self.native and codes.shape[1] == fastscan.FUSED_WIDTH:
-            fastscan.scan8_into(codes, np.ascontiguousarray(tables), skip, has_skip,
-                                self.rows_scanned, self.scores, self.rows)
+            fastscan.scan8_into(codes, tables, skip, has_skip, self.rows_scanned, self.scores, self.rows)
         elif n:
-            _scan_into(codes, np.ascontiguousarray(tables), skip, has_skip,
-                       self.rows_scanned, self.scores, self.rows, block)
+            _scan_into(codes, tables, skip, has_skip, self.rows_scanned, self.scores, self.rows, block)
         self.rows_scanned += n
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
