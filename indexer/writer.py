@@ -198,7 +198,7 @@ class IndexWriter:
     def _fresh_mask(self, ids: np.ndarray) -> np.ndarray | None:
         """bool [n]: first occurrences of ids not in `_seen`; None when that is every row (the usual case)."""
         s = np.sort(ids)  # sorted queries make the binary searches below cache-friendly (10x)
-        repeated = s.size > 1 and bool((s[1:] == s[:-1]).any())
+        repeated = _has_repeats(s)
         known = []
         if any(seen.size for seen in self._seen):
             s_shard = _shard_of(s, self.shard_count)
@@ -211,9 +211,8 @@ class IndexWriter:
             return None
         keep = np.ones(ids.shape[0], dtype=bool)
         if repeated:  # of rows sharing an id, keep the first
-            order = np.argsort(ids, kind="stable")
-            ordered = ids[order]
-            keep[order[1:][ordered[1:] == ordered[:-1]]] = False
+            order, _, later = _later_repeats(ids)
+            keep[order[later]] = False
         if known.size:
             keep &= ~isin_sorted(ids, known)
         return keep
@@ -254,16 +253,13 @@ class IndexWriter:
         persons = pa.concat_arrays([b.persons[lo:hi] for b, lo, hi in parts])
         sources = pa.concat_arrays([b.sources[lo:hi] for b, lo, hi in parts])
         sorted_ids = np.sort(ids)
-        repeated = sorted_ids.size > 1 and bool((sorted_ids[1:] == sorted_ids[:-1]).any())
+        repeated = _has_repeats(sorted_ids)
         known = isin_sorted(sorted_ids, self._seen[shard]) if self._seen[shard].size else None
         dropped = 0
         if repeated or (known is not None and known.any()):
             # Rows repeating an id of an earlier add (the first is kept), or committed by another
             # writer since they were added (the commit would drop them; dropping here is cheaper).
-            order = np.argsort(ids, kind="stable")
-            sorted_ids = ids[order]
-            drop_sorted = np.zeros(ids.size, dtype=bool)
-            drop_sorted[1:] = sorted_ids[1:] == sorted_ids[:-1]
+            order, sorted_ids, drop_sorted = _later_repeats(ids)
             if known is not None:
                 drop_sorted |= known
             keep = np.ones(ids.size, dtype=bool)
@@ -312,6 +308,20 @@ class IndexWriter:
             if self.store.load_manifest(version).parent_version == self.base_version:
                 self.base_version = version
             return version
+
+
+def _has_repeats(sorted_ids: np.ndarray) -> bool:
+    return sorted_ids.size > 1 and bool((sorted_ids[1:] == sorted_ids[:-1]).any())
+
+
+def _later_repeats(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(stable argsort of ids, the sorted ids, bool in sorted order: True where an id repeats the one
+    before). `order[mask]` are the rows repeating an earlier row of the same id: the first one stays."""
+    order = np.argsort(ids, kind="stable")
+    ordered = ids[order]
+    later = np.zeros(ids.size, dtype=bool)
+    later[1:] = ordered[1:] == ordered[:-1]
+    return order, ordered, later
 
 
 def _shard_of(ids: np.ndarray, shard_count: int) -> np.ndarray:
