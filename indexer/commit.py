@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from facepq.errors import ConfigError, DataError, IndexFormatError
-from indexer.face_id import isin_sorted
+from indexer.face_id import as_id_array, isin_sorted
 from indexer.lock import commit_lock
 from indexer.manifest import Manifest, ModelMeta, SegmentRef
 from indexer.segment import column_view, open_segment, write_segment
@@ -67,13 +67,6 @@ def shard_face_ids(store: IndexStore, refs: list[SegmentRef]) -> np.ndarray:
     return sorted_unique(np.concatenate([segment_face_ids(store, r) for r in refs]))
 
 
-def _as_id_array(ids) -> np.ndarray:
-    if isinstance(ids, np.ndarray):
-        return ids.astype(np.uint64, copy=False)
-    ids = list(ids)
-    return np.fromiter((int(i) for i in ids), dtype=np.uint64, count=len(ids)) if ids else _EMPTY
-
-
 def shard_of_path(ref: SegmentRef) -> int:
     return int(ref.path.split("/")[1])
 
@@ -85,7 +78,7 @@ def rewrite_without(store: IndexStore, ref: SegmentRef, drop_ids, model: ModelMe
     (readers of older versions may still use it); garbage collection removes it later.
     """
     view = open_segment(store, ref, verify=True, model=model)
-    keep = ~np.isin(view.face_ids, _as_id_array(drop_ids))
+    keep = ~np.isin(view.face_ids, as_id_array(drop_ids))
     if keep.all():
         return ref
     if not keep.any():
@@ -162,7 +155,7 @@ def _add_to_shard(store, new: Manifest, shard: int, refs: list[SegmentRef], know
     state = new.shards[shard]
     unseen = [s for s in state.segments if s.id not in known]
     present = shard_face_ids(store, unseen)
-    live = present[~isin_sorted(present, sorted_unique(_as_id_array(state.tombstones)))]
+    live = present[~isin_sorted(present, sorted_unique(as_id_array(state.tombstones)))]
     # Sorted runs of the ids live so far: merging each new segment into one sorted array would
     # re-sort the whole shard per segment (most of a large commit's CPU time).
     live_runs = [live] if live.size else []
@@ -180,7 +173,7 @@ def _add_to_shard(store, new: Manifest, shard: int, refs: list[SegmentRef], know
                 continue
             ref, ids = kept_ref, segment_face_ids(store, kept_ref)
         if state.tombstones:
-            revived.append(ids[np.isin(ids, _as_id_array(state.tombstones))])
+            revived.append(ids[np.isin(ids, as_id_array(state.tombstones))])
         if i + 1 < len(refs):  # the last segment's ids are checked against nothing after it
             live_runs.append(np.sort(ids))
         added += ref.rows
@@ -220,7 +213,7 @@ def delete_faces(store: IndexStore, person: str | None = None, face_ids=None, re
                                 f"(names are case-sensitive; see `facepq index info`)")
             what = f"person {person!r}"
         else:
-            found = _present_face_ids(store, old, _as_id_array(face_ids))
+            found = _present_face_ids(store, old, as_id_array(face_ids))
             what = f"{len(found)} face ids"
         for fid in found:
             new.shards[fid % new.shard_count].tombstones.add(fid)
@@ -247,7 +240,7 @@ def _present_face_ids(store: IndexStore, manifest: Manifest, ids: np.ndarray) ->
         mine = ids[ids % np.uint64(manifest.shard_count) == shard]
         if mine.size:
             present = shard_face_ids(store, state.segments)
-            live = present[~isin_sorted(present, sorted_unique(_as_id_array(state.tombstones)))]
+            live = present[~isin_sorted(present, sorted_unique(as_id_array(state.tombstones)))]
             missing.extend(int(i) for i in mine[~isin_sorted(mine, live)])
     if missing:
         shown = ", ".join(str(i) for i in missing[:5]) + (" ..." if len(missing) > 5 else "")
@@ -286,7 +279,7 @@ def compact(store: IndexStore, redis_url: str | None = None, grace_seconds: floa
             for state in new.shards:
                 if not state.tombstones:
                     continue
-                dead = _as_id_array(state.tombstones)
+                dead = as_id_array(state.tombstones)
                 kept = []
                 for ref in state.segments:
                     out = rewrite_without(store, ref, dead, new.model)

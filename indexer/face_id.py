@@ -53,3 +53,11 @@ def isin_sorted(values: np.ndarray, sorted_arr: np.ndarray) -> np.ndarray:
         return np.zeros(values.shape, dtype=bool)
     pos = np.minimum(np.searchsorted(sorted_arr, values), sorted_arr.size - 1)
     return sorted_arr[pos] == values
+
+
+def as_id_array(ids) -> np.ndarray:
+    """Face ids (a set, list or array of ints) -> uint64 array (no copy when already uint64)."""
+    if isinstance(ids, np.ndarray):
+        return ids.astype(np.uint64, copy=False)
+    ids = list(ids)
+    return np.fromiter((int(i) for i in ids), dtype=np.uint64, count=len(ids))

@@ -28,7 +28,7 @@ import pyarrow as pa
 
 from facepq.errors import IndexFormatError
 from indexer.errors import SegmentCorrupt
-from indexer.face_id import isin_sorted
+from indexer.face_id import as_id_array, isin_sorted
 from indexer.manifest import ModelMeta, SegmentRef
 from indexer.segment_reader import MetadataReader
 from indexer.store import SHARD_DIR, IndexStore
@@ -198,9 +198,7 @@ class SegmentView:
         through the map the whole column (8 bytes a row, as much as the codes of a 64-bit
         model) would stay resident for as long as the segment is served.
         """
-        dead = (np.asarray(tombstones, dtype=np.uint64) if isinstance(tombstones, np.ndarray)
-                else np.fromiter((int(t) for t in tombstones), dtype=np.uint64, count=len(tombstones)))
-        dead = np.unique(dead)
+        dead = np.unique(as_id_array(tombstones))
         if not dead.size:
             return np.zeros(self.rows, dtype=bool)
         if self.reader is None:
