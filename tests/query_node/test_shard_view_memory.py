@@ -175,14 +175,49 @@ def test_hit_metadata_reads_the_same_rows_as_the_arrays_local_and_remote(tmp_pat
     for store, pread in ((local, True), (remote, False)):
         seg = open_segment(store, ref, model=meta)
         assert (seg.reader is not None) == pread
-        got_ids, got_persons, got_sources = seg.hit_metadata(rows)
-        assert got_ids.dtype == np.uint64
-        np.testing.assert_array_equal(got_ids, ids[rows])
-        assert got_persons == [persons[r] for r in rows] and got_sources == [sources[r] for r in rows]
+        for some in (rows, rows[:1], rows[:0]):
+            got_ids, got_persons, got_sources = seg.hit_metadata(some)
+            assert got_ids.dtype == np.uint64
+            np.testing.assert_array_equal(got_ids, ids[some])
+            assert got_persons == [persons[r] for r in some] and got_sources == [sources[r] for r in some]
         np.testing.assert_array_equal(seg.tombstone_mask(ids[rows], chunk_rows=777), np.isin(ids, ids[rows]))
         assert not seg.tombstone_mask(set()).any()
         with pytest.raises(IndexError):
             seg.hit_metadata([n])
+
+
+def _page_cached_fraction(path: str) -> float:
+    """Fraction of a file's pages in the page cache: mincore over a fresh map that touches none of them."""
+    import ctypes
+    import mmap
+
+    size = os.path.getsize(path)
+    pages = -(-size // _PAGE)
+    libc = ctypes.CDLL(None, use_errno=True)
+    vec = (ctypes.c_ubyte * pages)()
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        view = np.frombuffer(m, dtype=np.uint8)
+        rc = libc.mincore(ctypes.c_void_p(view.ctypes.data), ctypes.c_size_t(size), vec)
+        del view
+    assert rc == 0, os.strerror(ctypes.get_errno())
+    return sum(b & 1 for b in vec) / pages
+
+
+def test_a_verified_segment_stays_in_the_page_cache_for_hit_lookups(tmp_path):
+    """Opening a segment reads it whole for its checksum; those pages stay in the page cache (not in the
+    node's memory), so hit lookups (positional reads) do not each wait for the disk."""
+    from indexer.store import IndexStore
+    from query_node.shard_view import load_view
+
+    path = tmp_path / "idx"
+    build_index(path, rows=300_000, shard_count=1, segments_per_shard=1)
+    store = IndexStore(str(path))
+    seg_path = store.local_path(store.load_manifest().shards[0].segments[0].path)
+    with open(seg_path, "rb") as f:
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # as after a reboot
+    assert _page_cached_fraction(seg_path) < 0.5
+    load_view(store, [0], verify=True)
+    assert _page_cached_fraction(seg_path) > 0.95
 
 
 def test_a_segment_truncated_in_place_while_served_fails_hit_lookups_with_segment_corrupt(tmp_path):
@@ -198,6 +233,25 @@ def test_a_segment_truncated_in_place_while_served_fails_hit_lookups_with_segmen
     os.truncate(store.local_path(seg.ref.path), 64)  # an operator's mistake: writers rename new files in
     with pytest.raises(SegmentCorrupt, match="truncated"):
         seg.hit_metadata([seg.rows - 1])
+
+
+def test_a_string_offset_altered_in_place_fails_hit_lookups_with_segment_corrupt(tmp_path):
+    """Each string's offsets are checked against its column before the string is read."""
+    from indexer.errors import SegmentCorrupt
+    from indexer.store import IndexStore
+    from query_node.shard_view import load_view
+
+    path = tmp_path / "idx"
+    build_index(path, rows=2000, shard_count=1, segments_per_shard=1)
+    store = IndexStore(str(path))
+    seg = load_view(store, [0]).shards[0].segments[0]
+    first, _, data_len = seg.reader._strings[0]  # the person column: row 5's end offset
+    with open(store.local_path(seg.ref.path), "r+b") as f:
+        f.seek(first + 4 * 6)
+        f.write(np.int32(data_len + 1).tobytes())
+    seg.hit_metadata([4])  # the rows around it still read
+    with pytest.raises(SegmentCorrupt, match="bad string offset"):
+        seg.hit_metadata([5])
 
 
 def _smaps_rss(pid: int, path: str) -> tuple[int, int]:
