@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -86,6 +87,10 @@ class Coordinator:
         self._stop = threading.Event()
         self._refresher: threading.Thread | None = None
         self._rr = 0
+        # Node calls other than a search's last run as blocking calls on these threads, not as grpc
+        # futures: a future on an idle channel starts a new thread per call (grpc's channel spin
+        # thread), which cost 0.5 ms before the next node was asked and delayed the reply by 0.8 ms.
+        self._calls = ThreadPoolExecutor(max_workers=64, thread_name_prefix="facepq-node-call")
 
     def nodes(self):
         """The registry's nodes, at most `topology_ttl` seconds old.
@@ -194,7 +199,7 @@ class Coordinator:
                 if address == last:  # every other call is in flight: wait for this one on this thread
                     calls[address] = _Done(search, req, timeout=remaining, metadata=self.node_metadata)
                 else:
-                    calls[address] = search.future(req, timeout=remaining, metadata=self.node_metadata)
+                    calls[address] = self._calls.submit(search, req, timeout=remaining, metadata=self.node_metadata)
             for address, fut in calls.items():
                 try:
                     reply = fut.result()
@@ -238,6 +243,7 @@ class Coordinator:
             channels, self._channels = list(self._channels.values()), {}
         for channel, _ in channels:
             channel.close()
+        self._calls.shutdown(wait=False)
 
 
 def _refresh_loop(ref, stop: threading.Event) -> None:
