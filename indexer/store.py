@@ -103,9 +103,19 @@ class IndexStore:
 
     def current_version(self) -> int | None:
         """The committed version `CURRENT` points at, or None when no index exists here yet."""
-        if not self.exists():
+        if self.is_local:
+            # One open and read (~10 us), not a file-info call plus a stream (~60 us): the
+            # coordinator reads this on every search. CURRENT is replaced by rename, never rewritten.
+            try:
+                with open(self.full_path(CURRENT), "rb") as f:
+                    raw = f.read()
+            except FileNotFoundError:
+                return None
+        elif not self.exists():
             return None
-        text = self.read_bytes(CURRENT).decode("ascii", "replace").strip()
+        else:
+            raw = self.read_bytes(CURRENT)
+        text = raw.decode("ascii", "replace").strip()
         if not text.isdigit() or int(text) < 1:
             raise IndexFormatError(f"{self.uri}/CURRENT is corrupt (contains {text[:40]!r}, expected a version number)")
         return int(text)
