@@ -17,7 +17,9 @@ nodes scan in parallel), (b) end to end through the coordinator over gRPC, (c) s
 to both nodes with precomputed tables. Overhead = p50(b) - p50(a). The nodes' and the
 coordinator's own reports (node scan_ms, node took_ms, coordinator took_ms) are printed
 alongside, and every node's resident memory against the code bytes it serves and
-against the RSS of a node serving a tiny index (the runtime baseline).
+against the RSS of a node serving a tiny index (the runtime baseline). The same run then
+measures Python gRPC's own floor in the same shape (bench/grpc_floor.py): what no change
+inside facepq can remove on this machine.
 
 Run: python bench/load_bench.py --model model.pt [--rows 200000] [--clients 8] [--seconds 20] [--reloads 50]
      [--overhead 300]
@@ -201,13 +203,21 @@ def node_load(cluster: Cluster, model: str, clients: int, seconds: float, top_k:
                         np.float32)
     msgs = [_table_msg(facepq_pb2, t) for t in tables]
     stubs = [facepq_pb2_grpc.QueryNodeStub(grpc.insecure_channel(n.address)) for n in cluster.nodes]
+    pool = ThreadPoolExecutor(4 * clients)
 
     def call(req):
-        futures = [s.Search.future(req, timeout=30) for s in stubs]
-        return [f.result() for f in futures][-1]
+        return call_all_nodes(stubs, req, pool)[-1]
 
     return run_load(call, clients, seconds,
                     lambda r: facepq_pb2.NodeSearchRequest(tables=[msgs[int(r.integers(len(msgs)))]], top_k=top_k))
+
+
+def call_all_nodes(stubs, req, pool: ThreadPoolExecutor) -> list:
+    """Search on every node at once the way the coordinator calls them: all but the last as blocking
+    calls on pool threads, the last on this thread (grpc futures would start a thread per call)."""
+    futures = [pool.submit(s.Search, req, timeout=30) for s in stubs[:-1]]
+    last = stubs[-1].Search(req, timeout=30)
+    return [f.result() for f in futures] + [last]
 
 
 # ---------------------------------------------------------------- overhead over the bare kernel
@@ -307,7 +317,7 @@ def overhead_run(cluster: Cluster, model: str, requests: int, top_k: int = 10, w
         b = (time.perf_counter() - t0) * 1e3
         nreq = facepq_pb2.NodeSearchRequest(tables=[_table_msg(facepq_pb2, luts[0])], top_k=top_k)
         t0 = time.perf_counter()
-        replies = [f.result() for f in [s.Search.future(nreq, timeout=30) for s in nodes]]
+        replies = call_all_nodes(nodes, nreq, pool)
         c = (time.perf_counter() - t0) * 1e3
         if i < warmup:
             continue
@@ -363,7 +373,15 @@ def baseline_node_rss(model: str, tmp: str, searches: int = 20) -> int:
         n.kill()
 
 
-def print_overhead(r: OverheadResult, before, after, baseline_kb: int, top_k: int) -> None:
+def grpc_floor(r: OverheadResult, requests: int) -> dict:
+    """bench/grpc_floor.py in the cluster's shape, its backends busy for the nodes' median kernel time."""
+    from facepq.bench_cli import _load
+
+    work = float(np.nanmedian(np.asarray(r.coord_node_scan_ms, dtype=np.float64)))
+    return _load("grpc_floor.py").measure_floor(work if np.isfinite(work) else 1.0, requests)
+
+
+def print_overhead(r: OverheadResult, before, after, baseline_kb: int, top_k: int, floor: dict | None = None) -> None:
     rows = [("(a) bare kernel in-process, slower node", r.kernel_ms),
             ("(a') bare kernel, both nodes' shards at once", r.parallel_ms),
             ("    + hit lookup + merge (IndexView.search)", r.node_search_ms),
@@ -394,6 +412,13 @@ def print_overhead(r: OverheadResult, before, after, baseline_kb: int, top_k: in
     direct = _pcts(np.asarray(r.direct_ms) - np.asarray(r.direct_scan_ms))
     print(f"over the nodes' own kernel time in the same request (slowest node's scan_ms): through the coordinator "
           f"p50 {in_situ[0]:.2f} / p99 {in_situ[1]:.2f} ms; nodes direct p50 {direct[0]:.2f} / p99 {direct[1]:.2f} ms")
+    if floor:
+        # What Python gRPC costs in the same shape with facepq's work taken out: no change inside facepq
+        # can bring its overhead below this on this machine.
+        print(f"Python gRPC floor, same shape (client -> relay -> 2 backends each busy {floor['work_ms']:.2f} ms with "
+              f"the GIL released, 8 KiB requests, no facepq work): p50 {floor['floor_ms']:.2f} ms over the busy time; "
+              f"facepq's own share of its {in_situ[0]:.2f} ms: {in_situ[0] - floor['floor_ms']:.2f} ms (table, "
+              f"hit lookups, protobuf, merge)")
     print(f"runtime baseline: a node serving 1000 rows, after 20 searches: RSS {baseline_kb / 1024:.1f} MiB")
     for (pid, rss0, _), (_, rss, code) in zip(before, after):
         extra = (rss - baseline_kb) * 1024
@@ -501,7 +526,9 @@ def main(argv=None) -> int:
             if args.overhead:
                 before = node_memory(cluster)
                 r = overhead_run(cluster, args.model, args.overhead, args.top_k)
-                print_overhead(r, before, node_memory(cluster), baseline_node_rss(args.model, tmp), args.top_k)
+                after = node_memory(cluster)
+                floor = grpc_floor(r, args.overhead)
+                print_overhead(r, before, after, baseline_node_rss(args.model, tmp), args.top_k, floor)
             if args.seconds > 0:
                 ref = node_load(cluster, args.model, args.clients, args.seconds, args.top_k)
                 res = coordinator_load(cluster, dim, args.clients, args.seconds, args.top_k)

@@ -46,3 +46,16 @@ def test_bounded_load_and_hot_reload_soak(load_bench, gallery, index):
             assert all(x > 0 for x in soak.rss_kb[pid])
     finally:
         cluster.close()
+
+
+def test_grpc_floor_times_a_relay_over_two_busy_backends():
+    """bench/grpc_floor.py (the load benchmark's reference for what Python gRPC costs) really starts its three
+    processes and separates the backends' busy time from the latency around it."""
+    path = REPO_ROOT / "bench" / "grpc_floor.py"
+    spec = importlib.util.spec_from_file_location("facepq_bench_grpc_floor", path)
+    floor = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(floor)
+    r = floor.measure_floor(work_ms=3.0, requests=40, warmup=5)
+    assert 1.0 < r["work_ms"] < 30.0          # the backends burned about what they were asked to
+    assert r["relay_ms"] > r["work_ms"]
+    assert 0.0 < r["floor_ms"] < r["relay_ms"]
