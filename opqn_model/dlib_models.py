@@ -11,12 +11,12 @@ pipeline, the dlib trunk) hold no dlib object and call these getters instead.
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.util
 import logging
 import os
 import threading
 
+from facepq.digest import sha256_file
 from facepq.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -50,11 +50,7 @@ def model_path(filename: str) -> str:
 @functools.lru_cache(maxsize=None)
 def model_sha256(filename: str) -> str:
     """Hex sha256 of a model file: part of feature-cache keys, so new weights never reuse old features."""
-    digest = hashlib.sha256()
-    with open(model_path(filename), "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return sha256_file(model_path(filename))
 
 
 def _dlib():
