@@ -72,6 +72,14 @@ def serve_backend(port: int, work_ms: float) -> None:
     _server(handle, port)
 
 
+def fan_out(calls, request, pool: ThreadPoolExecutor, timeout: float = 30) -> list:
+    """Every call at once, as the coordinator makes its node calls: all but the last as blocking calls
+    on pool threads, the last on this thread (a grpc future would start a thread per call)."""
+    futures = [pool.submit(call, request, timeout=timeout) for call in calls[:-1]]
+    last = calls[-1](request, timeout=timeout)
+    return [f.result() for f in futures] + [last]
+
+
 def serve_relay(port: int, backends: list[str]) -> None:
     import grpc
 
@@ -79,8 +87,7 @@ def serve_relay(port: int, backends: list[str]) -> None:
     pool = ThreadPoolExecutor(max_workers=16)
 
     def handle(request: bytes, context) -> bytes:
-        futures = [pool.submit(call, request, timeout=30) for call in calls[:-1]]
-        replies = [calls[-1](request, timeout=30)] + [f.result() for f in futures]
+        replies = fan_out(calls, request, pool)
         slowest = max(struct.unpack_from("<d", r)[0] for r in replies)
         return struct.pack("<d", slowest) + replies[0][8:]
     _server(handle, port)

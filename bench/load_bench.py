@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from facepq.bench_cli import _load  # sibling benchmark modules, loaded by file
 from facepq.server_process import ServerProcess
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -100,14 +101,6 @@ def build_random_index(model: str, path: str, rows: int, shards: int = 2, seed: 
     w = IndexWriter(path, meta, shard_count=shards)
     w.add(ids, [f"person{i % 1000}" for i in range(rows)], [f"row{i}" for i in range(rows)], codes)
     w.commit(f"load bench: {rows} random codes")
-
-
-def _table_msg(pb, table: np.ndarray):
-    """A LookupTable as the coordinator sends it: packed float32 bytes where the proto has them."""
-    t = np.ascontiguousarray(table, dtype="<f4")
-    if "values_f32le" in pb.LookupTable.DESCRIPTOR.fields_by_name:
-        return pb.LookupTable(m=t.shape[0], k=t.shape[1], values_f32le=t.tobytes())
-    return pb.LookupTable(m=t.shape[0], k=t.shape[1], values=t.reshape(-1).tolist())
 
 
 # ---------------------------------------------------------------- load
@@ -196,28 +189,22 @@ def node_load(cluster: Cluster, model: str, clients: int, seconds: float, top_k:
 
     from facepq_proto.facepq.v1 import facepq_pb2, facepq_pb2_grpc
     from opqn_model.api import FaceEncoder
+    from query_node.node_server import table_message
 
     enc = FaceEncoder.load(model)
     rng = np.random.default_rng(7)
     tables = np.asarray(enc.lookup_tables(rng.standard_normal((64, enc.embedding_dim)).astype(np.float32)),
                         np.float32)
-    msgs = [_table_msg(facepq_pb2, t) for t in tables]
+    msgs = [table_message(facepq_pb2, t) for t in tables]
     stubs = [facepq_pb2_grpc.QueryNodeStub(grpc.insecure_channel(n.address)) for n in cluster.nodes]
-    pool = ThreadPoolExecutor(4 * clients)
-
-    def call(req):
-        return call_all_nodes(stubs, req, pool)[-1]
-
-    return run_load(call, clients, seconds,
-                    lambda r: facepq_pb2.NodeSearchRequest(tables=[msgs[int(r.integers(len(msgs)))]], top_k=top_k))
+    with ThreadPoolExecutor(clients) as pool:  # one call of each request leaves the client's thread
+        return run_load(lambda req: call_all_nodes(stubs, req, pool)[-1], clients, seconds,
+                        lambda r: facepq_pb2.NodeSearchRequest(tables=[msgs[int(r.integers(len(msgs)))]], top_k=top_k))
 
 
 def call_all_nodes(stubs, req, pool: ThreadPoolExecutor) -> list:
-    """Search on every node at once the way the coordinator calls them: all but the last as blocking
-    calls on pool threads, the last on this thread (grpc futures would start a thread per call)."""
-    futures = [pool.submit(s.Search, req, timeout=30) for s in stubs[:-1]]
-    last = stubs[-1].Search(req, timeout=30)
-    return [f.result() for f in futures] + [last]
+    """Search on every node at once, the way the coordinator calls them (grpc_floor.fan_out)."""
+    return _load("grpc_floor.py").fan_out([s.Search for s in stubs], req, pool)
 
 
 # ---------------------------------------------------------------- overhead over the bare kernel
@@ -281,6 +268,7 @@ def overhead_run(cluster: Cluster, model: str, requests: int, top_k: int = 10, w
     from facepq_proto.facepq.v1 import facepq_pb2, facepq_pb2_grpc
     from indexer.store import IndexStore
     from opqn_model.api import FaceEncoder
+    from query_node.node_server import table_message
     from query_node.scan import byte_tables
     from query_node.shard_view import load_view
 
@@ -315,7 +303,7 @@ def overhead_run(cluster: Cluster, model: str, requests: int, top_k: int = 10, w
         t0 = time.perf_counter()
         reply = coord.Search(req, timeout=30)
         b = (time.perf_counter() - t0) * 1e3
-        nreq = facepq_pb2.NodeSearchRequest(tables=[_table_msg(facepq_pb2, luts[0])], top_k=top_k)
+        nreq = facepq_pb2.NodeSearchRequest(tables=[table_message(facepq_pb2, luts[0])], top_k=top_k)
         t0 = time.perf_counter()
         replies = call_all_nodes(nodes, nreq, pool)
         c = (time.perf_counter() - t0) * 1e3
@@ -355,6 +343,7 @@ def baseline_node_rss(model: str, tmp: str, searches: int = 20) -> int:
 
     from facepq_proto.facepq.v1 import facepq_pb2, facepq_pb2_grpc
     from opqn_model.api import FaceEncoder
+    from query_node.node_server import table_message
 
     index = os.path.join(tmp, "baseline-idx")
     if not os.path.exists(index):
@@ -366,7 +355,7 @@ def baseline_node_rss(model: str, tmp: str, searches: int = 20) -> int:
         with grpc.insecure_channel(n.address) as ch:
             stub = facepq_pb2_grpc.QueryNodeStub(ch)
             for _ in range(searches):
-                stub.Search(facepq_pb2.NodeSearchRequest(tables=[_table_msg(facepq_pb2, luts[0])], top_k=10),
+                stub.Search(facepq_pb2.NodeSearchRequest(tables=[table_message(facepq_pb2, luts[0])], top_k=10),
                             timeout=30)
         return proc_usage(n.pid)[0]
     finally:
@@ -375,8 +364,6 @@ def baseline_node_rss(model: str, tmp: str, searches: int = 20) -> int:
 
 def grpc_floor(r: OverheadResult, requests: int) -> dict:
     """bench/grpc_floor.py in the cluster's shape, its backends busy for the nodes' median kernel time."""
-    from facepq.bench_cli import _load
-
     work = float(np.nanmedian(np.asarray(r.coord_node_scan_ms, dtype=np.float64)))
     return _load("grpc_floor.py").measure_floor(work if np.isfinite(work) else 1.0, requests)
 

@@ -80,6 +80,15 @@ def _figure():
     return plt
 
 
+def _save(fig, path: pathlib.Path) -> None:
+    """Lay out, write (72 dpi PNG) and close a report figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=72)
+    plt.close(fig)
+
+
 # ---------------------------------------------------------------- scan
 
 
@@ -119,9 +128,7 @@ def section_scan(out: pathlib.Path, sizes: list[int], queries: int, repeats: int
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     np.atleast_1d(axes)[0].set_ylabel("codes/s (1 thread)")
-    fig.tight_layout()
-    fig.savefig(out / "scan_throughput.png", dpi=72)
-    plt.close(fig)
+    _save(fig, out / "scan_throughput.png")
     lines = ["## 1. Scan throughput", "",
              f"One thread, top-100, best of {repeats} per query, {queries} queries; random codes loaded into "
              "FAISS and into our kernel (same lookup tables). Memory read bound: a single-thread numpy sum over "
@@ -173,9 +180,7 @@ def section_quality(out: pathlib.Path, work: pathlib.Path, data: str | None, sma
     ax.set_ylim(0, 1.02)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "quality_map.png", dpi=72)
-    plt.close(fig)
+    _save(fig, out / "quality_map.png")
     lines = ["## 2. Retrieval quality (mAP) vs bits", "",
              f"Data: {source}. Unseen identities: {result['n_queries']} queries against a gallery of "
              f"{result['n_gallery']} photos of {result['unseen_people']} people; trained on "
@@ -224,9 +229,7 @@ def section_latency(out: pathlib.Path, work: pathlib.Path, model: pathlib.Path, 
     ax.set_ylabel("latency (ms)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "latency.png", dpi=72)
-    plt.close(fig)
+    _save(fig, out / "latency.png")
     lines = ["## 3. End-to-end gRPC latency", "",
              f"A real cluster on loopback: 2 query nodes (shard halves) + a coordinator, index of {rows:,} random "
              f"codes ({model.name}). Each client searches back to back for {seconds:g} s. Coordinator: search by "
