@@ -72,10 +72,9 @@ def bench_pipeline_overlap() -> None:
 
     from indexer.job import ACTOR_CPUS
 
-    if __name__ != "__main__":
-        # `facepq bench ingest` loads this file under a module name Ray's workers cannot
-        # import: send _SleepyActor's code with it rather than a reference to the module.
-        cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    # `bench` is not an installed package, so Ray's workers may not import this module:
+    # send _SleepyActor's code with it rather than a reference to the module.
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
     rates = {}
     for actors in (1, 2):
@@ -128,9 +127,9 @@ def bench_writer(work: pathlib.Path, n: int = 2_000_000, repeats: int = 3) -> di
     """Returns {"codes_per_s": median, "runs": [codes/s of each run]} (also printed)."""
     import pyarrow as pa
 
+    from facepq_core.codes import CodeSpec
     from indexer.manifest import ModelMeta
     from indexer.writer import IndexWriter
-    from opqn_model.codes import CodeSpec
 
     meta = ModelMeta.from_code_spec(CodeSpec(8, 256), "bench000bench000", "resnet20")
     rng = np.random.default_rng(0)

@@ -41,8 +41,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from facepq.bench_cli import _load  # sibling benchmark modules, loaded by file
-from facepq.server_process import ServerProcess
+from bench import grpc_floor as floor_bench
+from bench.harness import ServerProcess
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -203,8 +203,8 @@ def node_load(cluster: Cluster, model: str, clients: int, seconds: float, top_k:
 
 
 def call_all_nodes(stubs, req, pool: ThreadPoolExecutor) -> list:
-    """Search on every node at once, the way the coordinator calls them (grpc_floor.fan_out)."""
-    return _load("grpc_floor.py").fan_out([s.Search for s in stubs], req, pool)
+    """Search on every node at once, the way the coordinator calls them (floor_bench.fan_out)."""
+    return floor_bench.fan_out([s.Search for s in stubs], req, pool)
 
 
 # ---------------------------------------------------------------- overhead over the bare kernel
@@ -365,7 +365,7 @@ def baseline_node_rss(model: str, tmp: str, searches: int = 20) -> int:
 def grpc_floor(r: OverheadResult, requests: int) -> dict:
     """bench/grpc_floor.py in the cluster's shape, its backends busy for the nodes' median kernel time."""
     work = float(np.nanmedian(np.asarray(r.coord_node_scan_ms, dtype=np.float64)))
-    return _load("grpc_floor.py").measure_floor(work if np.isfinite(work) else 1.0, requests)
+    return floor_bench.measure_floor(work if np.isfinite(work) else 1.0, requests)
 
 
 def print_overhead(r: OverheadResult, before, after, baseline_kb: int, top_k: int, floor: dict | None = None) -> None:

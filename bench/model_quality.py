@@ -90,8 +90,8 @@ def run(data: str, bits_list, epochs: int, test_people: float, seed: int, out_di
     from opqn_model.config import ModelConfig, TrainConfig
     from opqn_model.datasets import list_photos, split_people, split_photos_per_person
     from opqn_model.feature_cache import FeatureCache, embed_records
-    from opqn_model.trunks import create_trunk
     from opqn_model.train import train
+    from opqn_model.trunks import create_trunk
 
     records = list_photos(data)
     train_recs, unseen_recs = split_people(records, test_people, seed)
@@ -122,7 +122,7 @@ def run(data: str, bits_list, epochs: int, test_people: float, seed: int, out_di
             unseen_emb, unseen_kept, skips = embed_records(unseen_recs, enc.trunk, enc.pipeline, None,
                                                            progress=False)
             if not (np.isfinite(train_emb).all() and np.isfinite(unseen_emb).all()):
-                from facepq.errors import DataError
+                from facepq_core.errors import DataError
 
                 raise DataError(f"the {trunk} trunk trained for {epochs} epochs gives non-finite features")
         gallery_recs, query_recs = split_photos_per_person(unseen_kept, 1, seed)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import logging
 import os
 import pathlib
@@ -29,13 +30,6 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 BENCH_DIR = pathlib.Path(__file__).resolve().parent
 SECTIONS = ("scan", "quality", "latency", "ingest")
 log = logging.getLogger("bench.report")
-
-
-def _bench(name: str):
-    """A sibling benchmark module, loaded the way `facepq bench` loads it (one copy per process)."""
-    from facepq.bench_cli import _load
-
-    return _load(name)
 
 
 # ---------------------------------------------------------------- machine
@@ -109,7 +103,7 @@ def read_bound(nbytes: int, repeats: int = 3) -> float:
 
 
 def section_scan(out: pathlib.Path, sizes: list[int], queries: int, repeats: int) -> list[str]:
-    scan = _bench("scan_bench.py")
+    scan = importlib.import_module("bench.scan_bench")
     rows = scan.run(sizes, k=100, queries=queries, repeats=repeats, log=log.info)
     code_bytes = {name: m * nbits // 8 for name, m, nbits, _ in scan.CONFIGS}
     bound = {(n, b): n / read_bound(n * b) for n in sizes for b in set(code_bytes.values())}
@@ -149,7 +143,7 @@ def section_scan(out: pathlib.Path, sizes: list[int], queries: int, repeats: int
 
 
 def section_quality(out: pathlib.Path, work: pathlib.Path, data: str | None, small: bool) -> list[str]:
-    mq = _bench("model_quality.py")
+    mq = importlib.import_module("bench.model_quality")
     mq.OPQ_ITERATIONS = 4 if small else 50
     if data:
         source = f"real photos `{data}` (dlib trunk, frozen; features cached)"
@@ -200,7 +194,7 @@ def section_quality(out: pathlib.Path, work: pathlib.Path, data: str | None, sma
 
 def section_latency(out: pathlib.Path, work: pathlib.Path, model: pathlib.Path, rows: int, clients: list[int],
                     seconds: float) -> list[str]:
-    lb = _bench("load_bench.py")
+    lb = importlib.import_module("bench.load_bench")
     from opqn_model.api import FaceEncoder
 
     dim = FaceEncoder.load(model).embedding_dim
@@ -255,7 +249,7 @@ def section_ingest(work: pathlib.Path, model: pathlib.Path, photos: int) -> list
 
     import ray
 
-    ib = _bench("ingest_bench.py")
+    ib = importlib.import_module("bench.ingest_bench")
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     try:
         with contextlib.redirect_stdout(io.StringIO()) as printed:  # keep its CLI lines out of our output
@@ -300,7 +294,7 @@ def build_report(out: pathlib.Path, small: bool, data: str | None, skip: set[str
         def need_model():
             nonlocal model
             if model is None:  # resnet20 width 32 on 64x64 crops, trained 1 epoch on synthetic faces
-                model = _bench("ingest_bench.py").tiny_model(work / "tiny")
+                model = importlib.import_module("bench.ingest_bench").tiny_model(work / "tiny")
             return model
 
         plan = {
@@ -330,7 +324,7 @@ def build_report(out: pathlib.Path, small: bool, data: str | None, skip: set[str
 
 
 def main(argv=None) -> int:
-    from facepq.errors import ConfigError
+    from facepq_core.errors import ConfigError
 
     ap = argparse.ArgumentParser(prog="facepq bench report", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -5,7 +5,7 @@ METRIC_INNER_PRODUCT, 8-bit; IndexPQFastScan built from the 4-bit IndexPQ) and
 scanned by `query_node.scan`. The lookup table given to our kernel is FAISS's own
 inner-product table (<q_m, centroid_{m,k}>), so both rank by the same scores and
 the overlap of the two top-k lists measures agreement; our kernel is additionally
-checked against the numpy reference (`opqn_model.codes.score_codes`, exact top-k).
+checked against the numpy reference (`facepq_core.codes.score_codes`, exact top-k).
 
 Targets (ARCHITECTURE.md): 8-bit >= 2x FAISS IndexPQ throughput; 4-bit within 1.5x
 of FastScan (which is approximate: 8-bit-quantized tables).
@@ -55,7 +55,7 @@ def _best_ms(fn, repeats: int) -> float:
 
 def _reference_topk(codes, lut, spec, k, chunk=1 << 20):
     """Exact top-k by the numpy reference, chunked to bound memory; ties -> lower row."""
-    from opqn_model.codes import score_codes
+    from facepq_core.codes import score_codes
 
     scores = np.concatenate([score_codes(lut, codes[s:s + chunk], spec) for s in range(0, len(codes), chunk)])
     cand = np.argpartition(-scores, k - 1)[:k]
@@ -68,7 +68,7 @@ def _reference_topk(codes, lut, spec, k, chunk=1 << 20):
 def run_config(name, m, nbits, kind, n, k, queries, repeats, rng, log=print) -> Row:
     import faiss
 
-    from opqn_model.codes import CodeSpec
+    from facepq_core.codes import CodeSpec
     from query_node.scan import scan_topk
 
     spec = CodeSpec(M=m, K=2 ** nbits)
@@ -77,7 +77,7 @@ def run_config(name, m, nbits, kind, n, k, queries, repeats, rng, log=print) -> 
     pq_index = faiss.IndexPQ(d, m, nbits, faiss.METRIC_INNER_PRODUCT)
     pq_index.train(rng.standard_normal((max(256 * 40, 2 ** nbits * 40), d)).astype(np.float32))
     sub = rng.integers(0, spec.K, size=(n, m), dtype=np.uint8)
-    from opqn_model.codes import pack_codes
+    from facepq_core.codes import pack_codes
 
     codes = pack_codes(sub, spec)  # FAISS packs 4-bit codes low nibble first, like ours
     del sub
@@ -145,7 +145,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def main_args(args) -> int:
-    from facepq.errors import ConfigError
+    from facepq_core.errors import ConfigError
 
     try:
         sizes = [int(s.replace("_", "")) for s in str(args.sizes).split(",") if s.strip()]

@@ -1,46 +1,43 @@
 """`facepq bench <name> [args...]`: benchmarks that print ratios against a reference measured in the same run.
 
-Each benchmark is a script bench/<file> beside the package (a source checkout) with a
-`main(argv) -> int`; the arguments after the name are passed through unparsed, so
-`facepq --help` never imports a benchmark (or numpy). `facepq bench <name> --help`
-shows that benchmark's own options. To add one, append to BENCHES.
+Each benchmark is a module of the `bench` package beside this one in a source checkout
+(it is not installed with facepq) with a `main(argv) -> int`; the arguments after the
+name are passed through unparsed, so `facepq --help` never imports a benchmark (or
+numpy). `facepq bench <name> --help` shows that benchmark's own options. To add one,
+append to BENCHES.
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import pathlib
 import sys
 
-from facepq.errors import ConfigError
+from facepq_core.errors import ConfigError
 
-BENCH_DIR = pathlib.Path(__file__).resolve().parent.parent / "bench"
-# name -> (file in bench/, help)
+SOURCE_ROOT = pathlib.Path(__file__).resolve().parent.parent
+# name -> (module in bench/, help)
 BENCHES = {
-    "scan": ("scan_bench.py", "scan kernel vs FAISS IndexPQ / IndexPQFastScan (one thread, same codes)"),
-    "quality": ("model_quality.py", "OPQN codes vs FAISS OPQ+PQ vs float embeddings, unseen identities"),
-    "ingest": ("ingest_bench.py", "encode throughput 1 vs 2 actors, writer codes/s, 1M-embedding ingest"),
-    "load": ("load_bench.py", "N clients x T s through the coordinator vs nodes direct; hot-reload soak of RSS/fds"),
-    "report": ("report.py", "all of the above, measured once, as DIR/report.md with PNG plots (--small: CI-sized)"),
+    "scan": ("scan_bench", "scan kernel vs FAISS IndexPQ / IndexPQFastScan (one thread, same codes)"),
+    "quality": ("model_quality", "OPQN codes vs FAISS OPQ+PQ vs float embeddings, unseen identities"),
+    "ingest": ("ingest_bench", "encode throughput 1 vs 2 actors, writer codes/s, 1M-embedding ingest"),
+    "load": ("load_bench", "N clients x T s through the coordinator vs nodes direct; hot-reload soak of RSS/fds"),
+    "report": ("report", "all of the above, measured once, as DIR/report.md with PNG plots (--small: CI-sized)"),
 }
 
 
-def _load(filename: str):
-    path = BENCH_DIR / filename
-    if not path.is_file():
-        raise ConfigError(f"benchmark file {path} not found: benchmarks run from a source checkout of facepq")
-    name = f"facepq_bench_{path.stem}"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
+def bench_module(module: str):
+    """Import `bench.<module>` from the source checkout this facepq runs from."""
+    if not (SOURCE_ROOT / "bench" / f"{module}.py").is_file():
+        raise ConfigError(f"benchmark bench/{module}.py not found under {SOURCE_ROOT}: benchmarks run from a "
+                          f"source checkout of facepq")
+    if str(SOURCE_ROOT) not in sys.path:
+        sys.path.insert(0, str(SOURCE_ROOT))
+    return importlib.import_module(f"bench.{module}")
 
 
 def _run(args) -> int:
-    return int(_load(BENCHES[args.bench][0]).main(args.bench_args) or 0)
+    return int(bench_module(BENCHES[args.bench][0]).main(args.bench_args) or 0)
 
 
 def register(subparsers) -> None:

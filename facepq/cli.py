@@ -12,7 +12,7 @@ import logging
 import sys
 
 from facepq import __version__
-from facepq.errors import FacepqError
+from facepq_core.errors import FacepqError
 
 # (module, what it adds) — order is the order of `facepq --help`.
 COMPONENT_CLIS = [

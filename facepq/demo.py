@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from facepq.errors import DataError
+from facepq_core.errors import DataError
 
 log = logging.getLogger(__name__)
 

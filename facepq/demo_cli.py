@@ -62,7 +62,7 @@ def _settings(args):
     for name in ("bits", "epochs", "people", "photos", "width", "shards", "replicas", "seed"):
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))
-    from facepq.launcher import assign_shards
+    from query_node.placement import assign_shards
 
     assign_shards(settings.shards, settings.shards, settings.replicas)  # refuse a bad layout before any work
     return settings
@@ -240,8 +240,8 @@ def _read_up(workdir: pathlib.Path) -> dict | None:
 def _up(args) -> int:
     import atexit
 
-    from facepq.errors import ConfigError
     from facepq.launcher import process_start_time
+    from facepq_core.errors import ConfigError
 
     _quiet_logging(getattr(args, "verbose", False))
     workdir, settings = _workdir(args), _settings(args)
@@ -280,9 +280,8 @@ def _up(args) -> int:
 
 
 def _down(args) -> int:
-    from facepq.launcher import process_start_time, stop_processes
-
     from facepq.demo import DEFAULT_WORKDIR
+    from facepq.launcher import process_start_time, stop_processes
 
     workdir = pathlib.Path(args.workdir) if args.workdir else DEFAULT_WORKDIR
     state = _read_up(workdir)

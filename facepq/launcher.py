@@ -11,12 +11,8 @@ orphans. Servers listen on port 0 and print `facepq <what> listening on
 HOST:PORT` when ready; the launcher reads that line from the log, then waits
 for gRPC health SERVING (and for the coordinator to see every shard covered).
 
-Shard placement (the same formula as the Kubernetes StatefulSet in deploy/k8s):
-the S x R replica slots s*R + r (shard s, copy r < R) are dealt round-robin over
-the N nodes, so node i serves shard s when (i - s*R) mod N < R. Every shard is on
-R distinct nodes (R <= N), every node gets floor or ceil of S*R/N shards, none is
-empty while N <= S*R. With N = S and R = 1 node i serves shard i; with R = N every
-node serves every shard.
+Shards are placed on nodes by `query_node.placement.assign_shards` (the formula the
+Kubernetes StatefulSet in deploy/k8s uses too).
 
 `<workdir>/cluster.json` records the processes (pid, start time, address) of
 the last start; `stopped` is set once they are gone.
@@ -35,7 +31,8 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-from facepq.errors import ConfigError, FacepqError
+from facepq_core.errors import ConfigError, FacepqError
+from query_node.placement import assign_shards
 
 log = logging.getLogger(__name__)
 
@@ -45,25 +42,6 @@ STOP_GRACE = 10.0
 
 class LaunchError(FacepqError):
     """A process of the local cluster did not start (the message names it and quotes its log)."""
-
-
-def assign_shards(shard_count: int, nodes: int, replicas: int = 1) -> list[list[int]]:
-    """Shards served by each node: node i serves shard s when (i - s * replicas) mod nodes < replicas.
-
-    Returns
-    -------
-    list of `nodes` sorted shard lists; every shard is on exactly `replicas` distinct nodes and
-    the nodes' shard counts differ by at most one.
-    """
-    if shard_count < 1 or nodes < 1:
-        raise ConfigError(f"need at least one shard and one node, got {shard_count} shards, {nodes} nodes")
-    if not 1 <= replicas <= nodes:
-        raise ConfigError(f"replicas must be between 1 and the node count ({nodes}), got {replicas}")
-    out = [[s for s in range(shard_count) if (i - s * replicas) % nodes < replicas] for i in range(nodes)]
-    if any(not shards for shards in out):
-        raise ConfigError(f"{nodes} nodes x {replicas} replicas over {shard_count} shards leaves a node without "
-                          f"shards; use at most {shard_count * replicas} nodes")
-    return out
 
 
 def process_start_time(pid: int) -> int | None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow.compute as pc
 
-from facepq.errors import ConfigError, DataError, IndexFormatError
+from facepq_core.errors import ConfigError, DataError, IndexFormatError
 from indexer.face_id import as_id_array, isin_sorted
 from indexer.lock import commit_lock
 from indexer.manifest import Manifest, ModelMeta, SegmentRef

@@ -31,7 +31,7 @@ def read_and_align(batch: dict[str, np.ndarray], pipeline: dict) -> dict[str, np
         {"face_id": uint64 [n], "person": str [n], "source": str [n], "skip": str [n] ('' = ok),
          "note": str [n] (conversion applied, '' = none), "crop": uint8 [n, S, S, 3] (zeros when skipped)}.
     """
-    from facepq.errors import BadImage, NoFaceFound
+    from facepq_core.errors import BadImage, NoFaceFound
     from opqn_model.face_pipeline import FacePipeline
     from opqn_model.images import load_image_with_note, read_bytes
 

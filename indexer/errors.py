@@ -1,5 +1,5 @@
-"""Errors of the index layer (subclasses of facepq.errors, so the CLI prints them as one line)."""
-from facepq.errors import FacepqError, IndexFormatError
+"""Errors of the index layer (subclasses of facepq_core.errors, so the CLI prints them as one line)."""
+from facepq_core.errors import FacepqError, IndexFormatError
 
 
 class SegmentCorrupt(IndexFormatError):

@@ -19,7 +19,7 @@ import logging
 import re
 import time
 
-from facepq.errors import IndexFormatError
+from facepq_core.errors import IndexFormatError
 from indexer.store import MANIFEST_DIR, SHARD_DIR, IndexStore, manifest_path
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from facepq.errors import DataError
+from facepq_core.errors import DataError
 
 EMBEDDING_CHUNK_ROWS = 32_768
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from facepq.errors import ConfigError, DataError
+from facepq_core.errors import ConfigError, DataError
 from indexer.inputs import Inputs, list_inputs
 from indexer.manifest import ModelMeta
 from indexer.writer import DEFAULT_SEGMENT_ROWS, IndexWriter
@@ -291,7 +291,7 @@ def _translate_ray_error(exc: Exception) -> Exception:
     """
     import re
 
-    from facepq import errors
+    from facepq_core import errors
 
     cause = exc
     for _ in range(10):

@@ -21,7 +21,7 @@ import time
 import uuid
 from typing import Iterator
 
-from facepq.errors import ConfigError
+from facepq_core.errors import ConfigError
 from indexer.errors import IndexLockTimeout
 from indexer.store import LOCK_FILE, IndexStore
 

@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from facepq.errors import IndexFormatError
+from facepq_core.errors import IndexFormatError
 
 FORMAT_VERSION = 1
 _SEGMENT_ID = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._-]{0,127}$")
@@ -58,7 +58,7 @@ class ModelMeta:
     Args:
         fingerprint: hex id of the model's codebooks + head weights + config.
         trunk: trunk registry name ('dlib', 'resnet20', ...).
-        M, K, bits, code_bytes, packed: the code layout (`opqn_model.codes.CodeSpec`).
+        M, K, bits, code_bytes, packed: the code layout (`facepq_core.codes.CodeSpec`).
     """
 
     fingerprint: str
@@ -71,7 +71,7 @@ class ModelMeta:
 
     @classmethod
     def from_code_spec(cls, spec, fingerprint: str, trunk: str) -> "ModelMeta":
-        """Build from an `opqn_model.codes.CodeSpec` plus the model's fingerprint and trunk name."""
+        """Build from an `facepq_core.codes.CodeSpec` plus the model's fingerprint and trunk name."""
         return cls(fingerprint=str(fingerprint), trunk=str(trunk), M=spec.M, K=spec.K, bits=spec.bits,
                    code_bytes=spec.code_bytes, packed=spec.packed)
 
@@ -81,7 +81,7 @@ class ModelMeta:
         return cls.from_code_spec(encoder.code_spec, encoder.fingerprint, encoder.trunk_name)
 
     def code_spec(self):
-        from opqn_model.codes import CodeSpec
+        from facepq_core.codes import CodeSpec
 
         return CodeSpec(M=self.M, K=self.K)
 

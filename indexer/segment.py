@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from facepq.digest import sha256_file
-from facepq.errors import IndexFormatError
+from facepq_core.digest import sha256_file
+from facepq_core.errors import IndexFormatError
 from indexer.errors import SegmentCorrupt
 from indexer.face_id import as_id_array, isin_sorted
 from indexer.manifest import ModelMeta, SegmentRef

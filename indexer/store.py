@@ -21,7 +21,7 @@ from typing import Iterator
 
 import pyarrow.fs as pafs
 
-from facepq.errors import IndexFormatError
+from facepq_core.errors import IndexFormatError
 from indexer.manifest import Manifest, check_relative_path
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from facepq.errors import ConfigError
+from facepq_core.errors import ConfigError
 from indexer.commit import (
     _check_compatible,
     commit_segments,

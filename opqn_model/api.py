@@ -19,9 +19,9 @@ import os
 import numpy as np
 import torch
 
-from facepq.errors import BadImage, ConfigError, NoFaceFound
+from facepq_core.codes import CodeSpec, pack_codes
+from facepq_core.errors import BadImage, ConfigError, NoFaceFound
 from opqn_model.checkpoint import load_checkpoint
-from opqn_model.codes import CodeSpec, pack_codes
 from opqn_model.config import ModelConfig
 from opqn_model.head import OPQNHead
 from opqn_model.trunks import create_trunk

@@ -24,7 +24,7 @@ import tempfile
 
 import torch
 
-from facepq.errors import CheckpointError, ConfigError
+from facepq_core.errors import CheckpointError, ConfigError
 from opqn_model.codebooks import codebook_fingerprint, orthonormal_codebooks
 from opqn_model.config import ModelConfig
 

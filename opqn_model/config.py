@@ -8,9 +8,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from facepq.errors import ConfigError
-from opqn_model.codebooks import resolve_code_spec
-from opqn_model.codes import CodeSpec
+from facepq_core.codes import CodeSpec, resolve_code_spec
+from facepq_core.errors import ConfigError
 
 
 @dataclass

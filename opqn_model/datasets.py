@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from facepq.errors import ConfigError, DataError
+from facepq_core.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ import logging
 import os
 import threading
 
-from facepq.digest import sha256_file
-from facepq.errors import ConfigError
+from facepq_core.digest import sha256_file
+from facepq_core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ import os
 
 import numpy as np
 
-from opqn_model.codes import unpack_codes
+from facepq_core.codes import unpack_codes
 from opqn_model.metrics import retrieval_metrics
 
 
@@ -65,7 +65,7 @@ def protocol_records(records, split: dict, protocol: str, queries_per_person: in
     seen: training people; queries are the photos held out of training (stored split),
     the gallery their other photos.
     """
-    from facepq.errors import DataError
+    from facepq_core.errors import DataError
     from opqn_model.datasets import split_photos_per_person
 
     trained = set(split.get("train_people", [])) | set(split.get("val_people", []))

@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image
 
-from facepq.errors import ConfigError, NoFaceFound
+from facepq_core.errors import ConfigError, NoFaceFound
 from opqn_model import dlib_models
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from facepq.errors import BadImage, FacepqError, NoFaceFound
+from facepq_core.errors import BadImage, FacepqError, NoFaceFound
 from opqn_model.datasets import SkipCounter
 from opqn_model.images import load_image_with_note, read_bytes
 

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from facepq.errors import DataError
+from facepq_core.errors import DataError
 
 log = logging.getLogger(__name__)
 

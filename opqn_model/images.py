@@ -1,6 +1,6 @@
 """Photo input: decode any photo a user is likely to have into uint8 RGB, or say why not.
 
-Every decode problem becomes `facepq.errors.BadImage(reason, detail)` with a short
+Every decode problem becomes `facepq_core.errors.BadImage(reason, detail)` with a short
 `reason` key that run summaries count (see `opqn_model.datasets.SkipCounter`):
 
     unreadable     the file is missing or cannot be read (permissions, a folder)
@@ -31,7 +31,7 @@ import os
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from facepq.errors import BadImage
+from facepq_core.errors import BadImage
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ import shutil
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from facepq.errors import DataError
+from facepq_core.errors import DataError
 
 log = logging.getLogger(__name__)
 

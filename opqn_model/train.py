@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from facepq.errors import CheckpointError, ConfigError, DataError
+from facepq_core.errors import CheckpointError, ConfigError, DataError
 from opqn_model.api import HeadCodec
 from opqn_model.checkpoint import load_checkpoint, save_checkpoint
 from opqn_model.config import ModelConfig, TrainConfig

@@ -9,7 +9,7 @@ import logging
 import numpy as np
 from tqdm import tqdm
 
-from facepq.errors import BadImage, DataError, NoFaceFound
+from facepq_core.errors import BadImage, DataError, NoFaceFound
 
 log = logging.getLogger(__name__)
 

@@ -66,7 +66,7 @@ def _coordinator(args) -> int:
 
     import torch
 
-    from facepq.errors import ConfigError
+    from facepq_core.errors import ConfigError
     from query_node.coordinator_server import CoordinatorServer
     from query_node.security import ENV_NODE_AUTH_TOKEN, ClientTls, load_tokens, server_security
 
@@ -96,7 +96,7 @@ def _coordinator(args) -> int:
 def _search(args) -> int:
     import grpc
 
-    from facepq.errors import ConfigError, DataError
+    from facepq_core.errors import ConfigError, DataError
     from facepq_proto.facepq.v1 import facepq_pb2, facepq_pb2_grpc
     from query_node.security import bearer_metadata, client_security, make_channel
 

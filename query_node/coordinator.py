@@ -18,8 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from facepq.errors import ConfigError
-from facepq.errors import FacepqError
+from facepq_core.errors import ConfigError, FacepqError
 from query_node.merge import Hit, merge_node_replies
 
 log = logging.getLogger(__name__)
@@ -293,7 +292,7 @@ def photo_features(encoder, contents: list[bytes]) -> tuple[np.ndarray, list[int
 
     Undecodable bytes are skipped with their BadImage reason, photos without a face with 'no_face'.
     """
-    from facepq.errors import BadImage
+    from facepq_core.errors import BadImage
     from opqn_model.images import load_image
 
     images, idx, skipped = [], [], {}

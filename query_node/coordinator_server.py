@@ -26,7 +26,7 @@ from concurrent import futures
 
 import numpy as np
 
-from facepq.errors import ConfigError, DataError, FacepqError
+from facepq_core.errors import ConfigError, DataError, FacepqError
 from query_node.node_server import MAX_MESSAGE_BYTES, MAX_TOP_K
 
 log = logging.getLogger(__name__)
@@ -40,11 +40,9 @@ def _servicer_class():
     import grpc
 
     from facepq_proto.facepq.v1 import facepq_pb2, facepq_pb2_grpc
-    from query_node.coordinator import embedding_tables, photo_features
-
     from indexer.errors import IndexLockTimeout
     from indexer.store import IndexStore
-    from query_node.coordinator import VersionConflict
+    from query_node.coordinator import VersionConflict, embedding_tables, photo_features
 
     def abort_for(context, exc: FacepqError):
         """Map an error from the index layer to the status a client can act on."""

@@ -1,7 +1,7 @@
 """Lookup-table scan kernels: exact asymmetric PQ scores with a top-k heap kept in the loop.
 
 score(query, row) = sum_m lookup_table[m, c_m(row)], higher is better
-(`opqn_model.codes.score_codes` is the slow reference these kernels agree with).
+(`facepq_core.codes.score_codes` is the slow reference these kernels agree with).
 
 Why the kernel looks the way it does (measured, see ARCHITECTURE.md):
 * selecting the top-k after scoring all N rows costs as much as the scan itself,
@@ -284,7 +284,7 @@ def scan_topk_batch(codes: np.ndarray, lookup_tables: np.ndarray, k: int, packed
     """Exact top-k of several queries in one pass over the codes.
 
     Args:
-        codes: uint8 [N, code_bytes] stored codes (layout of `opqn_model.codes`).
+        codes: uint8 [N, code_bytes] stored codes (layout of `facepq_core.codes`).
         lookup_tables: float32 [Q, M, K].
         k: results per query (>= 1).
         packed: True for 4-bit codes (two sub-codes per byte).

@@ -26,7 +26,7 @@ import os
 import socket
 from dataclasses import dataclass
 
-from facepq.errors import ConfigError
+from facepq_core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from facepq.errors import ConfigError, FacepqError
+from facepq_core.errors import ConfigError, FacepqError
 from query_node.merge import Hit, merge_shard_lists
 from query_node.scan import ScanTables, TopKHeap, scan_tables
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib
 from typing import Callable
 
-from facepq.errors import ConfigError
+from facepq_core.errors import ConfigError
 
 _TRUNK_BUILDERS: dict[str, Callable] = {}
 _UNAVAILABLE: dict[str, str] = {}

@@ -8,8 +8,9 @@ import sys
 
 import pytest
 
-from facepq.errors import ConfigError
-from facepq.launcher import LaunchError, LocalCluster, assign_shards, process_start_time
+from facepq.launcher import LaunchError, LocalCluster, process_start_time
+from facepq_core.errors import ConfigError
+from query_node.placement import assign_shards
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -50,7 +51,8 @@ def test_a_node_that_cannot_start_is_named_with_its_log_and_nothing_is_left(tmp_
 
 
 def test_health_probe_reports_serving_then_failure(tmp_path):
-    from tests.query_node.helpers import build_index, node
+    from tests.support.index import build_index
+    from tests.support.processes import node
 
     build_index(tmp_path / "idx", rows=200, shard_count=1)
     n = node(tmp_path / "idx", [0])

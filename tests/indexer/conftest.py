@@ -7,8 +7,8 @@ import pathlib
 import numpy as np
 import pytest
 
+from facepq_core.codes import CodeSpec
 from indexer.manifest import ModelMeta
-from opqn_model.codes import CodeSpec
 
 
 @pytest.fixture

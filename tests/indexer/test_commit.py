@@ -8,7 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from facepq.errors import ConfigError, DataError, IndexFormatError
+from facepq_core.errors import ConfigError, DataError, IndexFormatError
 from indexer.commit import commit_lock, commit_segments, compact, delete_faces
 from indexer.errors import IndexLockTimeout
 from indexer.info import index_info

@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from facepq.errors import IndexFormatError
+from facepq_core.errors import IndexFormatError
 from indexer.errors import SegmentCorrupt
 from indexer.manifest import FORMAT_VERSION, Manifest
 from indexer.segment import open_segment, write_segment

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from facepq.cli import main as facepq_main
-from facepq.errors import IndexFormatError
+from facepq_core.errors import IndexFormatError
 from indexer.encode_actor import EncoderActor, read_and_align
 from indexer.info import index_info
 from indexer.job import run_ingest
@@ -128,7 +128,7 @@ def test_ingest_with_another_model_is_refused_naming_both(ray_local, trained_mod
 
 
 def test_errors_inside_ray_workers_come_back_as_one_clear_error(ray_local, trained_model, tmp_path):
-    from facepq.errors import ConfigError, DataError
+    from facepq_core.errors import ConfigError, DataError
 
     emb = np.ones((6, _encoder(trained_model).embedding_dim), np.float32)
     emb[3, 1] = np.nan  # the head refuses it inside the encoder actor
@@ -145,7 +145,7 @@ def test_errors_inside_ray_workers_come_back_as_one_clear_error(ray_local, train
 
 def test_an_encoder_pool_the_cluster_cannot_place_fails_clearly_instead_of_waiting(ray_local, trained_model,
                                                                                     synthetic_gallery, tmp_path):
-    from facepq.errors import ConfigError
+    from facepq_core.errors import ConfigError
 
     actors = 2 * os.cpu_count() + 1  # the local Ray holds 2 actors of 0.5 CPU per CPU: one never starts
     with pytest.raises(ConfigError, match=f"{actors} encoder actors .* did not all start within 3 s"):

@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from facepq.errors import ConfigError
-from opqn_model.codebooks import STANDARD_BITS, dct_basis, orthonormal_codebooks, resolve_code_spec
-from opqn_model.codes import CodeSpec, pack_codes, score_codes, unpack_codes
+from facepq_core.codes import STANDARD_BITS, CodeSpec, pack_codes, resolve_code_spec, score_codes, unpack_codes
+from facepq_core.errors import ConfigError
+from opqn_model.codebooks import dct_basis, orthonormal_codebooks
 
 
 @pytest.mark.parametrize("d", [4, 16, 64, 256])

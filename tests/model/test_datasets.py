@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from facepq.errors import ConfigError, DataError
+from facepq_core.errors import ConfigError, DataError
 from opqn_model.datasets import PhotoRecord, SkipCounter, list_photos, split_people, split_photos_per_person
 
 

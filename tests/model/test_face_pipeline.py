@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from facepq.errors import ConfigError, NoFaceFound
+from facepq_core.errors import ConfigError, NoFaceFound
 from opqn_model.face_pipeline import FacePipeline, centre_crop, order_boxes
 from opqn_model.images import load_image
 

@@ -83,7 +83,7 @@ def test_other_pipeline_settings_miss_the_cache(gallery, tmp_path):
 
 
 def test_pipeline_size_must_match_the_trunk(gallery, tmp_path):
-    from facepq.errors import FacepqError
+    from facepq_core.errors import FacepqError
 
     with pytest.raises(FacepqError, match="32 px"):
         embed_records(gallery, ColourStatsTrunk(), FacePipeline(size=64, mode="none"), None, progress=False)

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
+from facepq_core.codes import CodeSpec, unpack_codes
 from opqn_model.api import HeadCodec
-from opqn_model.codes import CodeSpec, unpack_codes
 from opqn_model.head import OPQNHead
 from opqn_model.losses import OPQNLoss
 
@@ -64,7 +64,7 @@ def test_codec_packs_4bit_codes_and_validates_input():
     stored = codec.encode(emb)
     assert stored.shape == (7, 3)
     np.testing.assert_array_equal(unpack_codes(stored, codec.code_spec), head.encode(torch.from_numpy(emb)).numpy())
-    from facepq.errors import ConfigError
+    from facepq_core.errors import ConfigError
     with pytest.raises(ConfigError, match="float32 \\[N, 16\\]"):
         codec.encode(emb[:, :8])
     bad = emb.copy()

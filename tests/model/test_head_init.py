@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from facepq.errors import ConfigError, DataError
-from opqn_model.codes import CodeSpec, pack_codes
+from facepq_core.codes import CodeSpec, pack_codes
+from facepq_core.errors import ConfigError, DataError
 from opqn_model.config import ModelConfig, TrainConfig
 from opqn_model.evaluate import cosine_scores, lut_scores
 from opqn_model.head import OPQNHead

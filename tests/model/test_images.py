@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from facepq.errors import BadImage
+from facepq_core.errors import BadImage
 from opqn_model.images import MIN_SIDE, load_image, load_image_with_note
 
 
@@ -117,7 +117,7 @@ def test_file_without_read_permission_is_unreadable(tmp_path):
         pytest.fail("running as root needs setpriv (util-linux) to drop CAP_DAC_OVERRIDE for this test")
     path = _write(tmp_path, "secret.png", _encode(_photo(), "PNG"))
     os.chmod(path, 0)
-    code = ("import sys\nfrom facepq.errors import BadImage\nfrom opqn_model.images import load_image\n"
+    code = ("import sys\nfrom facepq_core.errors import BadImage\nfrom opqn_model.images import load_image\n"
             "try:\n    load_image(sys.argv[1])\nexcept BadImage as e:\n    print(e.reason)\n")
     out = subprocess.run(["setpriv", "--bounding-set=-dac_override,-dac_read_search", sys.executable, "-c", code,
                           str(path)], capture_output=True, text=True, timeout=60)

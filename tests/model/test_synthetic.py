@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from facepq.errors import DataError
+from facepq_core.errors import DataError
 from opqn_model.datasets import list_photos
 from opqn_model.images import load_image
 from opqn_model.synthetic import MARKER, generate_faces, identity_check, write_faces

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from facepq.errors import CheckpointError, ConfigError
+from facepq_core.errors import CheckpointError, ConfigError
 from opqn_model.api import FaceEncoder
 from opqn_model.checkpoint import load_checkpoint, save_checkpoint
 from opqn_model.config import ModelConfig, TrainConfig

@@ -8,7 +8,8 @@ import pytest
 from facepq_proto.facepq.v1 import facepq_pb2, facepq_pb2_grpc
 from query_node.coordinator import Coordinator
 from query_node.registry import KEY_PREFIX, RedisRegistry, StaticRegistry
-from tests.query_node.helpers import brute_force, build_index, dyadic_lut, node
+from tests.support.index import brute_force, build_index, dyadic_lut
+from tests.support.processes import node
 
 pytestmark = pytest.mark.timeout(180)
 

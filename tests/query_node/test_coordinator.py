@@ -7,7 +7,7 @@ import grpc
 import pytest
 
 from facepq_proto.facepq.v1 import facepq_pb2, facepq_pb2_grpc
-from tests.query_node.helpers import REPO_ROOT, Proc, node
+from tests.support.processes import REPO_ROOT, Proc, node
 
 pytestmark = pytest.mark.timeout(240)
 

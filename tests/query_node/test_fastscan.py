@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 
-from opqn_model.codes import CodeSpec, pack_codes
+from facepq_core.codes import CodeSpec, pack_codes
 from query_node import fastscan
 from query_node.scan import TopKHeap, byte_tables, scan_tables
 

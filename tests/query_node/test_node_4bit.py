@@ -10,7 +10,8 @@ from indexer.store import IndexStore
 from query_node.coordinator import Coordinator
 from query_node.registry import StaticRegistry
 from query_node.shard_view import load_view
-from tests.query_node.helpers import brute_force, build_index, dyadic_lut, node
+from tests.support.index import brute_force, build_index, dyadic_lut
+from tests.support.processes import node
 
 pytestmark = pytest.mark.timeout(180)
 

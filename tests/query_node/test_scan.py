@@ -1,10 +1,10 @@
-"""Scan kernels agree exactly with the reference scorer (opqn_model.codes.score_codes)."""
+"""Scan kernels agree exactly with the reference scorer (facepq_core.codes.score_codes)."""
 import numpy as np
 import pytest
 
-from opqn_model.codes import CodeSpec, pack_codes, score_codes
+from facepq_core.codes import CodeSpec, pack_codes, score_codes
 from query_node.scan import TopKHeap, byte_tables, scan_topk, scan_topk_batch
-from tests.query_node.helpers import dyadic_lut
+from tests.support.index import dyadic_lut
 
 
 def reference_topk(lut, codes, spec, k, skip=None):

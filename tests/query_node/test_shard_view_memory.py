@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.query_node.helpers import build_index
+from tests.support.index import build_index
 
 pytestmark = [pytest.mark.skipif(not sys.platform.startswith("linux"), reason="residency is read from /proc"),
               pytest.mark.timeout(180)]
@@ -156,10 +156,10 @@ def test_hit_metadata_reads_the_same_rows_as_the_arrays_local_and_remote(tmp_pat
     agree with what was written, names outside ASCII included, in any row order with repeats."""
     import pyarrow.fs as pafs
 
+    from facepq_core.codes import CodeSpec
     from indexer.manifest import ModelMeta
     from indexer.segment import open_segment, write_segment
     from indexer.store import IndexStore
-    from opqn_model.codes import CodeSpec
 
     meta = ModelMeta.from_code_spec(CodeSpec(8, 256), fingerprint="f" * 16, trunk="test")
     n = 5000
@@ -277,7 +277,7 @@ def test_a_node_process_keeps_codes_resident_and_metadata_not_after_many_searche
     from indexer.store import IndexStore
     from query_node.coordinator import Coordinator
     from query_node.registry import StaticRegistry
-    from tests.query_node.helpers import node
+    from tests.support.processes import node
 
     path, ids = big_index
     store = IndexStore(str(path))

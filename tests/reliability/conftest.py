@@ -10,10 +10,9 @@ import ipaddress
 import pathlib
 import shutil
 
-import numpy as np
 import pytest
 
-from tests.reliability.procs import Procs
+from tests.support.processes import Procs
 
 
 @pytest.fixture
@@ -63,13 +62,6 @@ def index(gallery, tmp_path):
     dst = tmp_path / "idx"
     shutil.copytree(gallery["template"], dst)
     return dst
-
-
-def embedding_request(gallery, top_k=10, which=0):
-    from facepq_proto.facepq.v1 import facepq_pb2
-
-    values = list(gallery["embeddings"].values())[which]
-    return facepq_pb2.SearchRequest(embedding=facepq_pb2.Embedding(values=np.asarray(values).tolist()), top_k=top_k)
 
 
 # ---------------------------------------------------------------- certificates

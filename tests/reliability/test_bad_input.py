@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from facepq_proto.facepq.v1 import facepq_pb2 as pb
 from facepq_proto.facepq.v1 import facepq_pb2_grpc
 from indexer.store import IndexStore
-from tests.reliability.procs import Procs, run_cli
+from tests.support.processes import Procs, run_cli
 
 pytestmark = pytest.mark.timeout(240)
 

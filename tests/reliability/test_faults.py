@@ -18,7 +18,7 @@ import pytest
 
 from facepq_proto.facepq.v1 import facepq_pb2, facepq_pb2_grpc
 from indexer.store import IndexStore
-from tests.reliability.conftest import embedding_request
+from tests.support.requests import embedding_request
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -236,8 +236,9 @@ def test_coordinator_sigkill_mid_enrolment_loses_nothing_and_a_rerun_has_no_dupl
     person = gallery["enrol_people"][0]
     photos = [facepq_pb2.Photo(content=p.read_bytes(), source=str(p)) for p in gallery["photos"][person]]
     # Many copies under distinct bytes make the enrolment long enough to be caught writing.
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     extra = []
     for i, p in enumerate(gallery["photos"][person] * 12):
@@ -335,7 +336,7 @@ def test_answers_never_mix_versions_a_lagging_shard_is_reported_missing(tmp_path
     from indexer.writer import IndexWriter
     from query_node.coordinator import Coordinator
     from query_node.registry import StaticRegistry
-    from tests.query_node.helpers import build_index, dyadic_lut
+    from tests.support.index import build_index, dyadic_lut
 
     old = tmp_path / "old"
     meta, _, _ = build_index(old, rows=400, shard_count=2)

@@ -2,28 +2,18 @@
 descriptors not growing across hot reloads). Throughput and latency go to the benchmark report, never here."""
 from __future__ import annotations
 
-import importlib.util
-import sys
 import threading
 
 import pytest
 
-from tests.query_node.helpers import REPO_ROOT
+from bench import grpc_floor
 
 pytestmark = pytest.mark.timeout(240)
 
 
-@pytest.fixture(scope="module")
-def load_bench():
-    path = REPO_ROOT / "bench" / "load_bench.py"
-    spec = importlib.util.spec_from_file_location("facepq_bench_load_bench", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+def test_bounded_load_and_hot_reload_soak(gallery, index):
+    from bench import load_bench
 
-
-def test_bounded_load_and_hot_reload_soak(load_bench, gallery, index):
     cluster = load_bench.start_cluster(str(gallery["model"]), str(index))
     try:
         res = load_bench.coordinator_load(cluster, gallery["enc"].embedding_dim, clients=3, seconds=3)
@@ -51,11 +41,7 @@ def test_bounded_load_and_hot_reload_soak(load_bench, gallery, index):
 def test_grpc_floor_times_a_relay_over_two_busy_backends():
     """bench/grpc_floor.py (the load benchmark's reference for what Python gRPC costs) really starts its three
     processes and separates the backends' busy time from the latency around it."""
-    path = REPO_ROOT / "bench" / "grpc_floor.py"
-    spec = importlib.util.spec_from_file_location("facepq_bench_grpc_floor", path)
-    floor = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(floor)
-    r = floor.measure_floor(work_ms=3.0, requests=40, warmup=5)
+    r = grpc_floor.measure_floor(work_ms=3.0, requests=40, warmup=5)
     assert 1.0 < r["work_ms"] < 30.0          # the backends burned about what they were asked to
     assert r["relay_ms"] > r["work_ms"]
     assert 0.0 < r["floor_ms"] < r["relay_ms"]

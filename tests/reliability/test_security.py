@@ -16,9 +16,8 @@ import pytest
 from facepq_proto.facepq.v1 import facepq_pb2, facepq_pb2_grpc
 from indexer.store import IndexStore
 from query_node import security
-from tests.query_node.helpers import REPO_ROOT
-from tests.reliability.conftest import embedding_request
-from tests.reliability.procs import run_cli
+from tests.support.processes import REPO_ROOT, run_cli
+from tests.support.requests import embedding_request
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -133,7 +132,7 @@ def test_token_checks_and_plaintext_warning(tmp_path, caplog):
         assert not security.token_matches(header, [ADMIN_TOKEN]), header
     empty = tmp_path / "empty"
     empty.write_text("# nothing\n\n")
-    from facepq.errors import ConfigError
+    from facepq_core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="holds no token"):
         security.load_tokens(str(empty))

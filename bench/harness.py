@@ -1,8 +1,8 @@
 """A `facepq` server (node, coordinator) run as a child process, ready once it says where it listens.
 
-Used by the tests and the benchmarks that start real servers on loopback; the
-long-running launcher (`facepq.launcher`) adds process groups and log files on top
-of the same idea.
+Used by the tests and the benchmarks that start real servers on loopback (it is not
+part of the installed package); the long-running launcher (`facepq.launcher`) adds
+process groups and log files on top of the same idea.
 """
 from __future__ import annotations
 

@@ -1,16 +1,14 @@
-"""Helpers for query_node tests: small random-code indexes and real server subprocesses."""
+"""Test indexes: small random-code indexes written by the real IndexWriter, and a brute-force reference."""
 from __future__ import annotations
 
 import numpy as np
-
-from facepq.server_process import REPO_ROOT, ServerProcess  # noqa: F401 (REPO_ROOT re-exported)
 
 
 def build_index(path, rows=3000, shard_count=3, M=8, K=256, seed=0, segments_per_shard=2):
     """An index of random codes written by the real IndexWriter; returns (ModelMeta, face_ids, codes)."""
     from indexer.manifest import ModelMeta
     from indexer.writer import IndexWriter
-    from opqn_model.codes import CodeSpec, pack_codes
+    from facepq_core.codes import CodeSpec, pack_codes
 
     spec = CodeSpec(M, K)
     meta = ModelMeta.from_code_spec(spec, fingerprint="f" * 16, trunk="test")
@@ -24,22 +22,11 @@ def build_index(path, rows=3000, shard_count=3, M=8, K=256, seed=0, segments_per
     return meta, ids, codes
 
 
-class Proc(ServerProcess):
-    """A `facepq ...` subprocess that printed its 'listening on ADDR' line (see facepq.server_process)."""
-
-    def __init__(self, args, timeout=60):
-        super().__init__(args, timeout=timeout)
-
-
-def node(index, shards, *extra):
-    return Proc(["node", "--index", str(index), "--shards", ",".join(map(str, shards)), "--port", "0", *extra])
-
-
 def brute_force(index_path, lut, k):
-    """Reference: score every live row of every shard with opqn_model.codes.score_codes, global order."""
+    """Reference: score every live row of every shard with facepq_core.codes.score_codes, global order."""
     from indexer.segment import open_segment
     from indexer.store import IndexStore
-    from opqn_model.codes import score_codes
+    from facepq_core.codes import score_codes
 
     store = IndexStore(str(index_path))
     man = store.load_manifest()

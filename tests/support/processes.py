@@ -1,14 +1,17 @@
-"""Real `facepq` server processes for the reliability tests (with extra environment and a kill-all)."""
+"""Real `facepq` server processes for the tests (bench.harness), a kill-all per test, and CLI runs."""
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
 
-from facepq.server_process import REPO_ROOT, ServerProcess, StartFailed  # noqa: F401 (re-exported)
-
+from bench.harness import REPO_ROOT, ServerProcess, StartFailed  # noqa: F401 (re-exported)
 
 Proc = ServerProcess
+
+
+def node(index, shards, *extra):
+    return Proc(["node", "--index", str(index), "--shards", ",".join(map(str, shards)), "--port", "0", *extra])
 
 
 class Procs:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from facepq.errors import ConfigError
+from facepq_core.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,50 @@ class CodeSpec:
 
     def to_dict(self) -> dict:
         return {"M": self.M, "K": self.K, "bits": self.bits, "code_bytes": self.code_bytes, "packed": self.packed}
+
+
+# Code lengths the project documents and tests; any M * log2(K) that fits is accepted.
+STANDARD_BITS = (16, 24, 32, 36, 48, 64)
+
+
+def valid_code_specs(bits: int, sub_dim: int | None = None) -> list[CodeSpec]:
+    """Every (M, K) with M * log2(K) == bits, K a power of two in [2, min(sub_dim, 256)]."""
+    specs = []
+    for log_k in range(1, 9):
+        K = 1 << log_k
+        if bits % log_k or (sub_dim is not None and K > sub_dim):
+            continue
+        specs.append(CodeSpec(bits // log_k, K))
+    return specs
+
+
+def resolve_code_spec(bits: int, M: int | None = None, K: int | None = None, sub_dim: int | None = None) -> CodeSpec:
+    """Pick (M, K) for a code of `bits` bits.
+
+    Without M/K the largest K is taken (K=256 when bits is a multiple of 8: one byte
+    per subspace and the fewest table lookups per code; 36 bits gives 6 x 64).
+    Pass K=16 for 4-bit codes (two per byte, the fastest scan). `sub_dim` (d) bounds
+    K <= d. An impossible request raises ConfigError naming the valid choices.
+    """
+    if bits < 1:
+        raise ConfigError(f"bits must be positive, got {bits}")
+    candidates = valid_code_specs(bits, sub_dim)
+    if M is not None:
+        candidates = [s for s in candidates if s.M == M]
+    if K is not None:
+        candidates = [s for s in candidates if s.K == K]
+    if not candidates:
+        wanted = f"{bits} bits" + (f" with M={M}" if M else "") + (f" with K={K}" if K else "")
+        wanted += f" and sub-vectors of d={sub_dim}" if sub_dim else ""
+        options = "; ".join(
+            f"{b} bits: " + ", ".join(f"{s.M}x{s.K}" for s in valid_code_specs(b, sub_dim) if s.K >= 4)
+            for b in STANDARD_BITS
+        )
+        raise ConfigError(
+            f"no valid code for {wanted}: bits must equal M*log2(K) with K a power of two and "
+            f"2 <= K <= min(d, 256). Valid (M x K): {options}"
+        )
+    return max(candidates, key=lambda s: s.K)
 
 
 def pack_codes(codes: np.ndarray, spec: CodeSpec) -> np.ndarray:
