@@ -193,7 +193,7 @@ def node_load(cluster: Cluster, model: str, clients: int, seconds: float, top_k:
 
     enc = FaceEncoder.load(model)
     rng = np.random.default_rng(7)
-    tables = np.asarray(enc.lookup_tables(rng.standard_normal((64, enc.embedding_dim)).astype(np.float32)),
+    tables = np.asarray(enc.codec.query_tables(rng.standard_normal((64, enc.embedding_dim)).astype(np.float32)),
                         np.float32)
     msgs = [table_message(facepq_pb2, t) for t in tables]
     stubs = [facepq_pb2_grpc.QueryNodeStub(grpc.insecure_channel(n.address)) for n in cluster.nodes]
@@ -282,7 +282,7 @@ def overhead_run(cluster: Cluster, model: str, requests: int, top_k: int = 10, w
     embs = rng.standard_normal((warmup + requests, enc.embedding_dim)).astype(np.float32)
     # Tables computed up front (what the coordinator computes per query), so no torch work, and none of
     # its OpenMP threads spinning afterwards, shares the cores with the timed scans.
-    all_luts = np.asarray(enc.lookup_tables(embs), np.float32)
+    all_luts = np.asarray(enc.codec.query_tables(embs), np.float32)
     out = OverheadResult()
     pool = ThreadPoolExecutor(max(1, len(parts)))
     for i in range(warmup + requests):
@@ -351,7 +351,7 @@ def baseline_node_rss(model: str, tmp: str, searches: int = 20) -> int:
     n = Server(["node", "--index", index, "--shards", "0"])
     try:
         enc = FaceEncoder.load(model)
-        luts = np.asarray(enc.lookup_tables(np.ones((1, enc.embedding_dim), np.float32)), np.float32)
+        luts = np.asarray(enc.codec.query_tables(np.ones((1, enc.embedding_dim), np.float32)), np.float32)
         with grpc.insecure_channel(n.address) as ch:
             stub = facepq_pb2_grpc.QueryNodeStub(ch)
             for _ in range(searches):

@@ -124,15 +124,24 @@ def unpack_codes(stored: np.ndarray, spec: CodeSpec) -> np.ndarray:
     return np.ascontiguousarray(out[:, : spec.M])
 
 
-def score_codes(lookup_table: np.ndarray, stored: np.ndarray, spec: CodeSpec) -> np.ndarray:
-    """Reference (slow, exact) asymmetric score: sum_m P[m, c_m] for every code.
+def score_codes(lookup_tables: np.ndarray, stored: np.ndarray, spec: CodeSpec) -> np.ndarray:
+    """Reference (slow, exact) score of every code: sum_m table[m, c_m], in subspace order.
 
     Args:
-        lookup_table: float32 [M, K].
+        lookup_tables: float32 [M, K] (one query) or [Q, M, K].
         stored: uint8 [N, code_bytes].
     Returns:
-        float32 [N] scores, higher is better. The compiled kernels must agree with this.
+        float32 [N] (one query) or [Q, N] scores, higher is better. The query nodes' kernels
+        agree with this (bit for bit when the table values are exactly representable sums).
     """
     sub = unpack_codes(stored, spec).astype(np.intp)
-    lut = np.asarray(lookup_table, dtype=np.float32)
-    return lut[np.arange(spec.M)[None, :], sub].sum(axis=1, dtype=np.float32)
+    tables = np.asarray(lookup_tables, dtype=np.float32)
+    single = tables.ndim == 2
+    tables = tables[None] if single else tables
+    if tables.ndim != 3 or tables.shape[1:] != (spec.M, spec.K):
+        raise ValueError(f"lookup tables must be [Q, {spec.M}, {spec.K}] or [{spec.M}, {spec.K}], "
+                         f"got {np.shape(lookup_tables)}")
+    scores = np.zeros((tables.shape[0], sub.shape[0]), np.float32)
+    for m in range(spec.M):
+        scores += tables[:, m, :][:, sub[:, m]]
+    return scores[0] if single else scores

@@ -118,7 +118,7 @@ class EncoderActor:
         if threads:
             torch.set_num_threads(threads)
         self.encoder = FaceEncoder.load(model_path)
-        self.code_bytes = self.encoder.code_spec.code_bytes
+        self.code_bytes = self.encoder.codec.spec.code_bytes
         log.debug("encoder actor pid %d loaded %s", os.getpid(), model_path)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -131,12 +131,12 @@ class EncoderActor:
         out = {k: v for k, v in batch.items() if k not in ("crop", "embedding")}
         with torch.inference_mode():
             if "embedding" in batch:
-                out["code"] = self.encoder.encode(np.asarray(batch["embedding"], dtype=np.float32))
+                out["code"] = self.encoder.codec.encode(np.asarray(batch["embedding"], dtype=np.float32))
                 return out
             crops = batch["crop"]
             ok = np.array([not s for s in batch["skip"]], dtype=bool)
             codes = np.zeros((len(ok), self.code_bytes), dtype=np.uint8)
             if ok.any():
-                codes[ok] = self.encoder.encode(self.encoder.trunk_features(np.ascontiguousarray(crops[ok])))
+                codes[ok] = self.encoder.codec.encode(self.encoder.trunk_features(np.ascontiguousarray(crops[ok])))
             out["code"] = codes
         return out

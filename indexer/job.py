@@ -82,22 +82,21 @@ class IngestSummary:
         return lines
 
 
-def load_model_info(model_path: str) -> tuple[ModelMeta, dict, int | None]:
-    """(ModelMeta, face-pipeline settings, embedding dim or None) of a checkpoint, without building the model."""
+def load_model_info(model_path: str) -> tuple[ModelMeta, dict, int]:
+    """(ModelMeta, face-pipeline settings, embedding dim) of a checkpoint, without building its trunk."""
     from opqn_model.checkpoint import load_checkpoint
+    from opqn_model.methods import get_method
 
     payload = load_checkpoint(model_path)
     config = payload["model_config"]
-    meta = ModelMeta.from_code_spec(config.code_spec(), payload["fingerprint"], config.trunk)
+    codec = get_method(payload["method"]).codec(payload)
+    meta = ModelMeta.from_code_spec(codec.spec, payload["fingerprint"], config.trunk, codec.name)
     pipeline = dict(config.pipeline or {})
     if not pipeline:  # checkpoints without stored settings: the trunk's default pipeline
         from opqn_model.api import FaceEncoder
 
         pipeline = FaceEncoder.from_checkpoint(payload).pipeline.to_dict()
-    # The head's first linear layer takes the trunk's embeddings: its input width is their dimension.
-    weight = payload["head"].get("projection.2.weight")
-    dim = int(weight.shape[1]) if weight is not None and weight.ndim == 2 else None
-    return meta, pipeline, dim
+    return meta, pipeline, codec.embedding_dim
 
 
 def init_ray(ray_address: str | None = None) -> bool:
@@ -300,7 +299,7 @@ def _translate_ray_error(exc: Exception) -> Exception:
         if isinstance(cause, errors.FacepqError):
             return cause
         cause = getattr(cause, "cause", None) or cause.__cause__
-    found = re.findall(r"facepq\.errors\.(\w+): (.+)", str(exc))
+    found = re.findall(r"facepq_core\.errors\.(\w+): (.+)", str(exc))
     if found:
         name, message = found[-1]
         cls = getattr(errors, name, None)

@@ -17,9 +17,10 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from facepq_core.errors import IndexFormatError
+from facepq_core.errors import FacepqError, IndexFormatError
 
-FORMAT_VERSION = 1
+# 2: the model section names its codec (and no longer stores `packed`, derived from K).
+FORMAT_VERSION = 2
 _SEGMENT_ID = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._-]{0,127}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -56,9 +57,11 @@ class ModelMeta:
     """The model an index's codes were made with; every commit must match it.
 
     Args:
-        fingerprint: hex id of the model's codebooks + head weights + config.
+        fingerprint: hex id of the model (config + weights; see opqn_model.checkpoint).
         trunk: trunk registry name ('dlib', 'resnet20', ...).
-        M, K, bits, code_bytes, packed: the code layout (`facepq_core.codes.CodeSpec`).
+        M, K, bits, code_bytes: the code layout (`facepq_core.codes.CodeSpec`; nibble-packed when K <= 16).
+        codec: the registered code type (`facepq_core.codecs`): what the codes mean and which scan
+            kernel family serves them. Manifests of format 1 predate codecs: their codes are 'opqn'.
     """
 
     fingerprint: str
@@ -67,45 +70,59 @@ class ModelMeta:
     K: int
     bits: int
     code_bytes: int
-    packed: bool
+    codec: str = "opqn"
 
     @classmethod
-    def from_code_spec(cls, spec, fingerprint: str, trunk: str) -> "ModelMeta":
-        """Build from an `facepq_core.codes.CodeSpec` plus the model's fingerprint and trunk name."""
+    def from_code_spec(cls, spec, fingerprint: str, trunk: str, codec: str = "opqn") -> "ModelMeta":
+        """Build from an `facepq_core.codes.CodeSpec` plus the model's fingerprint, trunk and codec names."""
         return cls(fingerprint=str(fingerprint), trunk=str(trunk), M=spec.M, K=spec.K, bits=spec.bits,
-                   code_bytes=spec.code_bytes, packed=spec.packed)
+                   code_bytes=spec.code_bytes, codec=str(codec))
 
     @classmethod
     def from_encoder(cls, encoder) -> "ModelMeta":
         """Build from a loaded `opqn_model.api.FaceEncoder`."""
-        return cls.from_code_spec(encoder.code_spec, encoder.fingerprint, encoder.trunk_name)
+        return cls.from_code_spec(encoder.codec.spec, encoder.fingerprint, encoder.trunk_name, encoder.codec.name)
 
     def code_spec(self):
         from facepq_core.codes import CodeSpec
 
         return CodeSpec(M=self.M, K=self.K)
 
+    @property
+    def packed(self) -> bool:
+        """Two sub-codes per byte (K <= 16): derived from the layout, never stored."""
+        return self.code_spec().packed
+
     def to_dict(self) -> dict:
-        return {"fingerprint": self.fingerprint, "trunk": self.trunk, "M": self.M, "K": self.K,
-                "bits": self.bits, "code_bytes": self.code_bytes, "packed": self.packed}
+        return {"fingerprint": self.fingerprint, "trunk": self.trunk, "codec": self.codec, "M": self.M, "K": self.K,
+                "bits": self.bits, "code_bytes": self.code_bytes}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelMeta":
         try:
-            return cls(fingerprint=str(d["fingerprint"]), trunk=str(d["trunk"]), M=int(d["M"]), K=int(d["K"]),
-                       bits=int(d["bits"]), code_bytes=int(d["code_bytes"]), packed=bool(d["packed"]))
+            meta = cls(fingerprint=str(d["fingerprint"]), trunk=str(d["trunk"]), M=int(d["M"]), K=int(d["K"]),
+                       bits=int(d["bits"]), code_bytes=int(d["code_bytes"]), codec=str(d.get("codec", "opqn")))
         except (KeyError, TypeError, ValueError) as exc:
             raise IndexFormatError(f"manifest 'model' section is incomplete or malformed: {exc!r}") from exc
+        try:
+            spec = meta.code_spec()
+        except FacepqError as exc:
+            raise IndexFormatError(f"manifest 'model' section has an impossible code layout: {exc}") from exc
+        if (spec.bits, spec.code_bytes) != (meta.bits, meta.code_bytes):
+            raise IndexFormatError(f"manifest 'model' section: M={meta.M}, K={meta.K} give {spec.bits} bits in "
+                                   f"{spec.code_bytes} bytes, not {meta.bits} in {meta.code_bytes}")
+        return meta
 
     def mismatch(self, other: "ModelMeta") -> str | None:
         """None when `other` makes codes compatible with this index, else a sentence naming both models."""
         if self.fingerprint != other.fingerprint:
-            return (f"the index holds codes of model {self.fingerprint} (trunk {self.trunk}, M={self.M}, K={self.K}) "
-                    f"but this model is {other.fingerprint} (trunk {other.trunk}, M={other.M}, K={other.K}); "
-                    f"codes of different models cannot be mixed: use the index's model or a new index")
-        if (self.M, self.K, self.code_bytes, self.packed) != (other.M, other.K, other.code_bytes, other.packed):
-            return (f"code shape differs: index M={self.M} K={self.K} code_bytes={self.code_bytes}, "
-                    f"model M={other.M} K={other.K} code_bytes={other.code_bytes}")
+            return (f"the index holds codes of model {self.fingerprint} (trunk {self.trunk}, codec {self.codec}, "
+                    f"M={self.M}, K={self.K}) but this model is {other.fingerprint} (trunk {other.trunk}, codec "
+                    f"{other.codec}, M={other.M}, K={other.K}); codes of different models cannot be mixed: use the "
+                    f"index's model or a new index")
+        if (self.codec, self.M, self.K, self.code_bytes) != (other.codec, other.M, other.K, other.code_bytes):
+            return (f"code shape differs: index codec {self.codec} M={self.M} K={self.K} code_bytes={self.code_bytes}, "
+                    f"model codec {other.codec} M={other.M} K={other.K} code_bytes={other.code_bytes}")
         return None
 
 

@@ -47,8 +47,8 @@ def segment_schema(model: ModelMeta) -> pa.Schema:
         [pa.field("face_id", pa.uint64(), nullable=False), pa.field("person", pa.string(), nullable=False),
          pa.field("source", pa.string(), nullable=False),
          pa.field("code", pa.binary(model.code_bytes), nullable=False)],
-        metadata={"facepq.model_fingerprint": model.fingerprint, "facepq.M": str(model.M),
-                  "facepq.K": str(model.K), "facepq.code_bytes": str(model.code_bytes)},
+        metadata={"facepq.model_fingerprint": model.fingerprint, "facepq.codec": model.codec,
+                  "facepq.M": str(model.M), "facepq.K": str(model.K), "facepq.code_bytes": str(model.code_bytes)},
     )
 
 

@@ -1,18 +1,25 @@
 """Checkpoint format: resumable training state plus everything inference needs.
 
 A checkpoint is one torch file holding named keys:
-    format            CHECKPOINT_FORMAT
+    format            CHECKPOINT_FORMAT ("facepq-opqn/1" files, written before methods existed,
+                      are read as method 'opqn')
+    method            training method (opqn_model.methods): says how the file becomes a codec
+    codec             the codec it produces (facepq_core.codecs), e.g. 'opqn', 'binary'
     model_config      ModelConfig.to_dict() (resolved: M, K, d filled in)
     train_config      TrainConfig.to_dict()
     trunk             trunk registry name (also in model_config)
-    head, trunk_state state dicts (trunk_state is empty for frozen trunks)
-    codebook_fingerprint  sha256 of the fixed codebooks the config implies
-    fingerprint       sha256 of config + codebooks + weights: the model's identity,
-                      stored in every index so codes of different models never mix
+    head, trunk_state state dicts of the trained torch parts ({} where there is none)
+    codec_state       for methods whose codec is not a function of `head` (e.g. itq): the
+                      codec's own arrays (as tensors) and scalars
+    fingerprint       sha256 of config + weights (+ method and codec_state where present):
+                      the model's identity, stored in every index so codes of different
+                      models never mix
+    method proofs     e.g. opqn's codebook_fingerprint (checked by the method's `verify`)
     epoch, step, best_map, optimizer, scheduler, loss, split, metrics (training only)
 
-Loading recomputes both fingerprints and refuses a file whose weights, config or
-codebooks do not match what it claims.
+Loading recomputes the fingerprint, lets the method check its own proofs, and refuses a
+file whose weights, config or codebooks do not match what it claims. `--model` may name
+the file or the folder `facepq train --out` wrote (its model.pt).
 """
 from __future__ import annotations
 
@@ -20,98 +27,121 @@ import hashlib
 import json
 import os
 import pathlib
-import tempfile
 
+import numpy as np
 import torch
 
+from facepq_core.atomic import atomic_write
 from facepq_core.errors import CheckpointError, ConfigError
-from opqn_model.codebooks import codebook_fingerprint, orthonormal_codebooks
 from opqn_model.config import ModelConfig
 
-CHECKPOINT_FORMAT = "facepq-opqn/1"
+CHECKPOINT_FORMAT = "facepq-model/2"
+LEGACY_FORMATS = ("facepq-opqn/1",)   # read as method 'opqn'
+MODEL_FILE = "model.pt"               # what `facepq train --out DIR` writes for inference
 
 
 def _state_digest(h, state: dict) -> None:
     for name in sorted(state):
-        tensor = state[name]
+        value = state[name]
         h.update(name.encode())
-        if isinstance(tensor, torch.Tensor):
-            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        if isinstance(value, torch.Tensor):
+            h.update(value.detach().cpu().contiguous().numpy().tobytes())
+        elif isinstance(value, (int, float, str, bool)):
+            h.update(repr(value).encode())
 
 
-def model_fingerprint(model_config: ModelConfig, head_state: dict, trunk_state: dict) -> str:
-    """Identity of a model: equal fingerprints give equal codes for equal inputs."""
+def model_fingerprint(model_config: ModelConfig, head_state: dict, trunk_state: dict, method: str = "opqn",
+                      codec_state: dict | None = None) -> str:
+    """Identity of a model: equal fingerprints give equal codes for equal inputs.
+
+    An opqn model's codec is a function of its head, so its fingerprint covers config + head +
+    trunk (as it always has: indexes written before methods existed keep matching); other
+    methods add their name and codec state.
+    """
     h = hashlib.sha256()
     h.update(json.dumps(model_config.to_dict(), sort_keys=True).encode())
     _state_digest(h, head_state)
     _state_digest(h, trunk_state)
+    if method != "opqn" or codec_state:
+        h.update(f"method={method}".encode())
+        _state_digest(h, codec_state or {})
     return h.hexdigest()[:16]
 
 
-def expected_codebook_fingerprint(model_config: ModelConfig) -> str:
-    cfg = model_config.resolved()
-    return codebook_fingerprint(orthonormal_codebooks(cfg.M, cfg.K, cfg.sub_dim))
+def tensor_state(state: dict) -> dict:
+    """A codec's state with numpy arrays as tensors (what `torch.load(weights_only=True)` reads back)."""
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v for k, v in state.items()}
+
+
+def resolve_model_path(path: str | os.PathLike) -> pathlib.Path:
+    """A checkpoint file, or the folder `facepq train --out` wrote (then its model.pt)."""
+    path = pathlib.Path(path)
+    if path.is_dir():
+        if (path / MODEL_FILE).is_file():
+            return path / MODEL_FILE
+        raise CheckpointError(f"{path} is a folder without a {MODEL_FILE} (train one with `facepq train --out {path}`)")
+    return path
 
 
 def save_checkpoint(path: str | os.PathLike, model_config: ModelConfig, head_state: dict, trunk_state: dict,
-                    **extra) -> str:
-    """Write atomically (temp file + rename) and return the model fingerprint."""
+                    method: str = "opqn", codec_state: dict | None = None, **extra) -> str:
+    """Write atomically (temp file, fsync, rename, directory fsync) and return the model fingerprint."""
+    from opqn_model.methods import get_method
+
     model_config = model_config.resolved()
-    fingerprint = model_fingerprint(model_config, head_state, trunk_state)
+    codec_state = tensor_state(codec_state) if codec_state else None
+    fingerprint = model_fingerprint(model_config, head_state, trunk_state, method, codec_state)
     payload = {
         "format": CHECKPOINT_FORMAT,
+        "method": method,
+        "codec": get_method(method).codec_name,
         "model_config": model_config.to_dict(),
         "trunk": model_config.trunk,
         "head": head_state,
         "trunk_state": trunk_state,
-        "codebook_fingerprint": expected_codebook_fingerprint(model_config),
         "fingerprint": fingerprint,
+        **get_method(method).proofs(model_config),
+        **({"codec_state": codec_state} if codec_state else {}),
         **extra,
     }
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_write(path) as f:
+        torch.save(payload, f)
     return fingerprint
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Read and validate a checkpoint; raises CheckpointError with what is wrong."""
-    path = pathlib.Path(path)
+    """Read and validate a checkpoint (file or `facepq train --out` folder); raises CheckpointError with what is wrong.
+
+    The returned payload has `model_config` as a resolved ModelConfig and `method` filled in.
+    """
+    from opqn_model.methods import get_method
+
+    path = resolve_model_path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist (train one with `facepq train`)")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many kinds for a damaged file
         raise CheckpointError(f"{path} is not a readable facepq checkpoint ({type(exc).__name__}: {exc})") from None
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
-        raise CheckpointError(f"{path} is not a facepq checkpoint of format {CHECKPOINT_FORMAT} (found {found!r})")
+    fmt = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+    if fmt != CHECKPOINT_FORMAT and fmt not in LEGACY_FORMATS:
+        raise CheckpointError(f"{path} is not a facepq checkpoint of format {CHECKPOINT_FORMAT} (found {fmt!r})")
+    if fmt in LEGACY_FORMATS:
+        payload["method"] = "opqn"
     try:
         model_config = ModelConfig.from_dict(payload["model_config"]).resolved()
+        method = get_method(str(payload.get("method")))
     except (KeyError, TypeError, ConfigError) as exc:
-        raise CheckpointError(f"{path} has an invalid model config: {exc}") from None
+        raise CheckpointError(f"{path} has an invalid model config or method: {exc}") from None
     if model_config.trunk != payload.get("trunk"):
         raise CheckpointError(f"{path}: trunk {payload.get('trunk')!r} does not match its config ({model_config.trunk!r})")
-    books = expected_codebook_fingerprint(model_config)
-    stored_books = payload["head"].get("codebooks")
-    if payload.get("codebook_fingerprint") != books or stored_books is None or \
-            codebook_fingerprint(stored_books.numpy()) != books:
-        raise CheckpointError(
-            f"{path}: codebooks do not match the construction for M={model_config.M}, K={model_config.K}, "
-            f"d={model_config.sub_dim} (file edited, or written by an incompatible facepq)")
-    fingerprint = model_fingerprint(model_config, payload["head"], payload["trunk_state"])
+    method.verify(payload, model_config, path)
+    fingerprint = model_fingerprint(model_config, payload["head"], payload["trunk_state"], method.name,
+                                    payload.get("codec_state"))
     if fingerprint != payload.get("fingerprint"):
         raise CheckpointError(
             f"{path}: model fingerprint mismatch (stored {payload.get('fingerprint')}, weights give {fingerprint}); "
             "the file was modified or damaged")
     payload["model_config"] = model_config
+    payload["codec"] = method.codec_name
     return payload

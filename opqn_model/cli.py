@@ -13,34 +13,24 @@ DEFAULT_WORKDIR = pathlib.Path(".facepq")
 
 
 def register(sub) -> None:
-    p = sub.add_parser("train", help="train an OPQN model (trunk + orthonormal PQ head)",
-                       description="Train an OPQN model. Without --data it trains on generated synthetic faces.")
+    from opqn_model.config import ModelConfig, TrainConfig
+    from opqn_model.config_flags import add_config_flags
+    from opqn_model.methods import method_names
+
+    p = sub.add_parser("train", help="train a model (trunk + code head: OPQN, or ITQ binary codes)",
+                       description="Train a model. Without --data it trains on generated synthetic faces. "
+                                   "Every option's default comes from opqn_model.config (ModelConfig, TrainConfig).")
     p.add_argument("--data", help="folder of <person>/<photo> or a CSV/Parquet list (path, person); "
                                   "default: generated synthetic faces")
     p.add_argument("--out", default=str(DEFAULT_WORKDIR / "model"), help="checkpoint folder (default %(default)s)")
-    p.add_argument("--trunk", default="resnet20", help="resnet20 (trained from scratch) or dlib (pretrained, frozen)")
-    p.add_argument("--bits", type=int, default=64, help="code length in bits (default %(default)s)")
-    p.add_argument("--codebooks", "-M", dest="M", type=int, help="subspaces M (default: derived from --bits)")
-    p.add_argument("--codewords", "-K", dest="K", type=int, help="codewords per subspace K (default: largest that fits)")
-    p.add_argument("--sub-dim", type=int, help="dims per subspace d (default max(K, 32))")
-    p.add_argument("--input-size", type=int, default=32, help="face crop side for resnet20: 32 or 112")
-    p.add_argument("--width", type=int, default=64, help="resnet20 first-stage channels (paper 64)")
+    add_config_flags(p, ModelConfig, names={"M": ["--codebooks", "-M"], "K": ["--codewords", "-K"],
+                                            "trunk_width": ["--width"]},
+                     extra_help={"trunk": "Known: resnet20, dlib."})
+    add_config_flags(p, TrainConfig, extra_help={"method": f"Known: {', '.join(method_names())}."})
     p.add_argument("--align", choices=["dlib", "none"], help="face alignment: dlib (detect + 5 landmarks) or none "
                    "(photos are already face crops); default dlib, none for synthetic faces")
     p.add_argument("--no-face", choices=["skip", "centre-crop"], default="skip",
                    help="photos where no face is found: skip (counted) or use a centre crop")
-    p.add_argument("--epochs", type=int, help="default 20 for resnet20; 0 for a frozen trunk (dlib): its head starts "
-                   "as a product quantizer of the training embeddings and, with a few hundred training people, "
-                   "the OPQN loss after that lowers unseen-people mAP (see README)")
-    p.add_argument("--head-init", choices=["data", "random"], default="data",
-                   help="frozen trunks: start the head as OPQ + spherical k-means of the training embeddings "
-                   "(data) or at random (random, the paper's start; needs --epochs >= 1)")
-    p.add_argument("--opq-iterations", type=int, default=30, help="OPQ alternations of the data start")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto (GPU when visible), cpu or cuda (default %(default)s)")
-    p.add_argument("--test-people", type=float, default=0.25, help="share of people held out (unseen protocol)")
     p.add_argument("--resume", help="continue from a last.pt checkpoint")
     p.add_argument("--synthetic-people", type=int, default=200)
     p.add_argument("--synthetic-photos", type=int, default=12)
@@ -49,7 +39,7 @@ def register(sub) -> None:
 
     e = sub.add_parser("eval", help="mAP@all, P@k, R@10 of codes vs float features",
                        description="Evaluate a checkpoint on the seen or unseen identity protocol.")
-    e.add_argument("--model", required=True, help="checkpoint (model.pt)")
+    e.add_argument("--model", required=True, help="checkpoint (model.pt, or the folder `facepq train --out` wrote)")
     e.add_argument("--data", required=True, help="folder of <person>/<photo> or a CSV/Parquet list")
     e.add_argument("--protocol", choices=["seen", "unseen"], default="unseen")
     e.add_argument("--queries-per-person", type=int, default=1)
@@ -67,27 +57,22 @@ def synthetic_data(root: pathlib.Path, people: int, photos: int, size: int, seed
 
 def run_train(args) -> int:
     from opqn_model.config import ModelConfig, TrainConfig
-    from opqn_model.face_pipeline import FacePipeline
+    from opqn_model.config_flags import config_from_flags
+    from opqn_model.api import build_pipeline, build_trunk
     from opqn_model.train import train
 
+    model_config = config_from_flags(ModelConfig, args)
+    train_config = config_from_flags(TrainConfig, args)
     data, align = args.data, args.align
     if data is None:
         data = synthetic_data(DEFAULT_WORKDIR / f"synthetic-{args.synthetic_people}x{args.synthetic_photos}",
-                              args.synthetic_people, args.synthetic_photos, size=max(64, args.input_size))
+                              args.synthetic_people, args.synthetic_photos, size=max(64, model_config.input_size))
         align = align or "none"
         log.info("training on generated synthetic faces in %s", data)
-    pipeline = {}
-    if args.trunk != "dlib":
-        pipeline = FacePipeline(size=args.input_size, mode=align or "dlib", on_no_face=args.no_face).to_dict()
-    elif align == "none" or args.no_face != "skip":
-        pipeline = FacePipeline(size=150, mode=align or "dlib", padding=0.25, on_no_face=args.no_face).to_dict()
-    model_config = ModelConfig(trunk=args.trunk, bits=args.bits, M=args.M, K=args.K, sub_dim=args.sub_dim,
-                               input_size=args.input_size, trunk_width=args.width, pipeline=pipeline)
     model_config.code_spec()  # refuse an invalid code before loading any data
-    epochs = args.epochs if args.epochs is not None else (0 if args.trunk == "dlib" else 20)
-    train_config = TrainConfig(epochs=epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                               test_people=args.test_people, device=args.device, head_init=args.head_init,
-                               opq_iterations=args.opq_iterations)
+    if align or args.no_face != "skip":  # else train() takes the trunk's default alignment
+        model_config.pipeline = build_pipeline(model_config, build_trunk(model_config), mode=align,
+                                               on_no_face=args.no_face).to_dict()
     summary = train(data, args.out, model_config, train_config, resume=args.resume, progress=not args.no_progress)
     print(f"trained {summary['epochs']} epochs on {summary['train_photos']} photos of {summary['train_people']} people "
           f"in {summary['seconds']:.0f}s; best validation code mAP {summary['best_val_map']:.4f}")

@@ -70,8 +70,17 @@ class TrainConfig:
     """Optimisation settings (paper: SGD lr 0.1, momentum 0.9, wd 5e-4, batch 256).
 
     Args:
-        margin, scale: CosFace additive margin and scale (paper: 0.5; 20 at 32x32, 40 at 112x112).
+        method: training method (opqn_model.methods): 'opqn' (the OPQN head) or 'itq' (binary
+            codes of a frozen trunk's embedding, Hamming distance).
+        epochs: passes over the training photos; None = 20 for a trainable trunk, 0 for a frozen
+            one (opqn: its head starts as a product quantizer of the training embeddings and, with
+            a few hundred training people, the OPQN loss after that lowers unseen-people mAP;
+            see README).
+        batch_size: photos per training step.
+        lr, momentum, weight_decay: SGD settings (cosine schedule after a warm-up of at most one epoch).
+        margin, scale: CosFace additive margin and scale (paper: 0.5; scale None = 20 at 32x32, 40 at 112x112).
         entropy_weight: mu, weight of the mean soft-assignment entropy.
+        seed: seeds the split, the initialisation and the batch order.
         test_people: fraction of people held out of training for the unseen protocol.
         queries_per_person: photos per training person held out as seen-protocol queries.
         val_people: fraction of training people used to pick the best checkpoint (unseen mAP).
@@ -83,9 +92,11 @@ class TrainConfig:
             trunk always starts random (its features do not exist before training).
         opq_iterations: OPQ alternations of the data init (30: 10 gave 0.910, 30 0.937,
             50 0.928 on validation at 64 bits; the k-means seed matters as much beyond 30).
+        itq_iterations: rotation updates of method itq (Gong & Lazebnik use 50).
     """
 
-    epochs: int = 20
+    method: str = "opqn"
+    epochs: int | None = None
     batch_size: int = 256
     lr: float = 0.1
     momentum: float = 0.9
@@ -100,6 +111,13 @@ class TrainConfig:
     device: str = "auto"
     head_init: str = "data"
     opq_iterations: int = 30
+    itq_iterations: int = 50
+
+    def resolved_epochs(self, frozen_trunk: bool) -> int:
+        """`epochs`, or its default for this kind of trunk (see Args)."""
+        if self.epochs is not None:
+            return self.epochs
+        return 0 if frozen_trunk else 20
 
     def resolved_device(self) -> str:
         """'auto' -> 'cuda' when a GPU is visible, else 'cpu'."""

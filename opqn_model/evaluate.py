@@ -9,10 +9,11 @@ Protocols (queries / gallery):
   (stored in the checkpoint's split); the gallery is their training photos.
 
 Each protocol is scored three ways on the same queries and gallery:
-- `map` / `p_at_k` ...: OPQN codes, asymmetric: query lookup table vs gallery codes;
+- `map` / `p_at_k` ...: the model's codes: query lookup tables vs gallery codes, as served;
 - `map_float`: the trunk's float embeddings, cosine similarity (the reference a
   quantizer is judged against);
-- `map_float_head`: the head's float sub-vectors before quantization.
+- `map_float_head`: the codec's float counterpart before quantization (opqn: the head's
+  normalised sub-vectors; binary: the projection whose signs are the bits).
 """
 from __future__ import annotations
 
@@ -20,17 +21,8 @@ import os
 
 import numpy as np
 
-from facepq_core.codes import unpack_codes
+from facepq_core.codes import score_codes
 from opqn_model.metrics import retrieval_metrics
-
-
-def lut_scores(lookup_tables: np.ndarray, stored_codes: np.ndarray, code_spec) -> np.ndarray:
-    """Asymmetric scores [Q, G] = sum_m LUT[q, m, c_m(g)]."""
-    sub = unpack_codes(stored_codes, code_spec)
-    scores = np.zeros((lookup_tables.shape[0], sub.shape[0]), np.float32)
-    for m in range(code_spec.M):
-        scores += lookup_tables[:, m, :][:, sub[:, m]]
-    return scores
 
 
 def cosine_scores(queries: np.ndarray, gallery: np.ndarray) -> np.ndarray:
@@ -39,18 +31,23 @@ def cosine_scores(queries: np.ndarray, gallery: np.ndarray) -> np.ndarray:
     return q @ g.T
 
 
-def evaluate_embeddings(encoder, q_emb: np.ndarray, q_labels, g_emb: np.ndarray, g_labels) -> dict:
-    """Codes vs float on given trunk embeddings. `encoder` is a FaceEncoder (or anything with its head API)."""
-    codes = encoder.encode(g_emb)
-    luts = encoder.lookup_tables(q_emb)
-    result = retrieval_metrics(lut_scores(luts, codes, encoder.code_spec), q_labels, g_labels)
+def evaluate_embeddings(codec, q_emb: np.ndarray, q_labels, g_emb: np.ndarray, g_labels) -> dict:
+    """Codes vs float on given trunk embeddings; `codec` is a facepq_core.codecs.Codec (e.g. FaceEncoder.codec).
+
+    Codes are scored exactly as the query nodes score them (facepq_core.codes.score_codes, the
+    kernels' reference): the query's lookup tables against the gallery's stored codes.
+    """
+    codes = codec.encode(g_emb)
+    tables = codec.query_tables(q_emb)
+    result = retrieval_metrics(score_codes(tables, codes, codec.spec), q_labels, g_labels)
     float_trunk = retrieval_metrics(cosine_scores(q_emb, g_emb), q_labels, g_labels)
-    float_head = retrieval_metrics(
-        cosine_scores(encoder.float_features(q_emb), encoder.float_features(g_emb)), q_labels, g_labels)
+    q_float, g_float = codec.float_features(q_emb), codec.float_features(g_emb)
+    float_head = retrieval_metrics(cosine_scores(q_float, g_float), q_labels, g_labels) if q_float is not None \
+        else {"map": float("nan")}
     result.update({
         "map_float": float_trunk["map"], "p_at_1_float": float_trunk["p_at_1"],
-        "map_float_head": float_head["map"],
-        "bits": encoder.code_spec.bits, "M": encoder.code_spec.M, "K": encoder.code_spec.K,
+        "map_float_head": float_head["map"], "codec": codec.name,
+        "bits": codec.spec.bits, "M": codec.spec.M, "K": codec.spec.K,
         "n_gallery": int(len(g_labels)),
     })
     result["map_ratio_vs_float"] = result["map"] / result["map_float"] if result["map_float"] else float("nan")
@@ -107,8 +104,8 @@ def evaluate_checkpoint(model_path, data, protocol: str = "unseen", queries_per_
         q_in, q_kept, q_skips = model_inputs(queries, encoder.trunk, encoder.pipeline, progress)
         g_in, g_kept, g_skips = model_inputs(gallery, encoder.trunk, encoder.pipeline, progress)
         q_emb, g_emb = embeddings_of(q_in, encoder.trunk), embeddings_of(g_in, encoder.trunk)
-    result = evaluate_embeddings(encoder, q_emb, [r.person for r in q_kept], g_emb, [r.person for r in g_kept])
-    result.update({"protocol": protocol, "trunk": encoder.trunk_name, "fingerprint": encoder.fingerprint,
+    result = evaluate_embeddings(encoder.codec, q_emb, [r.person for r in q_kept], g_emb, [r.person for r in g_kept])
+    result.update({"protocol": protocol, "method": encoder.method, "trunk": encoder.trunk_name, "fingerprint": encoder.fingerprint,
                    "n_people": len({r.person for r in q_kept} | {r.person for r in g_kept}),
                    "skipped": q_skips.merge(g_skips).skipped})
     return result

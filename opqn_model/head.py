@@ -7,6 +7,10 @@ For a trunk feature f, the head projects x = BN(FC(Dropout(BN(f)))) in R^{M d},
 splits it into M sub-vectors x_m, and soft-assigns each to the K fixed codewords
 of C_m: p_m = softmax(x̂_m A_m), s_m = C_m p_m.
 
+This module is the training side (torch, gradients). Codes and query tables of a
+trained head come from `export_codec()`, a numpy codec (facepq_core.codecs.opqn) that
+serving, ingest and evaluation share: one implementation of the eval-mode formulas.
+
 One deliberate difference from the official code: the soft assignment uses the
 L2-normalised sub-vector x̂_m during training as well, scaled by sqrt(d)
 (the official code uses the raw, batch-normalised x_m there, whose norm is about
@@ -24,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from facepq_core.codecs.opqn import OPQNCodec
 from opqn_model.codebooks import orthonormal_codebooks
 
 
@@ -57,6 +62,15 @@ class OPQNHead(nn.Module):
         # ~0.1: the softmax starts uniform and short runs never leave it.
         self.assignment = nn.Parameter(self.codebooks.clone() * assignment_init_scale)  # A_m, learned
 
+    @classmethod
+    def from_state_dict(cls, state: dict, model_config) -> "OPQNHead":
+        """A head with the weights of `state` (a saved `state_dict()`) and the shape `model_config` resolves."""
+        spec = model_config.code_spec()
+        in_dim = int(state["projection.2.weight"].shape[1])  # the linear layer's input: the trunk embedding
+        head = cls(in_dim, spec.M, spec.K, model_config.sub_dim, model_config.dropout)
+        head.load_state_dict(state)
+        return head
+
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """features [N, in_dim] -> sub-vectors x [N, M, d] (not normalised)."""
         return self.projection(features).view(-1, self.M, self.d)
@@ -76,40 +90,45 @@ class OPQNHead(nn.Module):
         s = torch.einsum("mdk,nmk->nmd", self.codebooks, p)
         return {"x": x, "p": p, "s": s}
 
-    @torch.no_grad()
-    def encode(self, features: torch.Tensor) -> torch.Tensor:
-        """Gallery codes c_m = argmax_k (x̂_m A_m)_k, uint8 [N, M]."""
-        return self.assignment_logits(self.project(features)).argmax(dim=-1).to(torch.uint8)
+    # The projection's layers by role. The state-dict keys (projection.0 ... projection.3) are the
+    # checkpoint format, so the Sequential stays; only this class knows which index is which.
+    @property
+    def input_norm(self) -> nn.BatchNorm1d:
+        return self.projection[0]
+
+    @property
+    def linear(self) -> nn.Linear:
+        return self.projection[2]
+
+    @property
+    def output_norm(self) -> nn.BatchNorm1d:
+        return self.projection[3]
+
+    @property
+    def in_dim(self) -> int:
+        return self.linear.in_features
 
     @torch.no_grad()
-    def assignment_probabilities(self, features: torch.Tensor) -> torch.Tensor:
-        """P[m, k] = softmax(sqrt(d) q̂_m A_m)_k, float32 [N, M, K] (the paper's query table)."""
-        return F.softmax(self.assignment_logits(self.project(features)), dim=-1).float()
+    def export_codec(self) -> OPQNCodec:
+        """The eval-mode head as a numpy codec (`facepq_core.codecs.opqn`): the one implementation of
+        codes and query tables that serving, ingest and evaluation use.
 
-    @torch.no_grad()
-    def lookup_tables(self, features: torch.Tensor) -> torch.Tensor:
-        """Query tables LUT[m, k] = w_m log P[m, k], float32 [N, M, K]; score = sum_m LUT[m, c_m], higher is better.
-
-        The paper sums the probabilities P[m, c_m]. Once training has made P peaked
-        (low entropy is what the loss asks for) that sum saturates into a count of
-        matching sub-codes; the sum of log-probabilities is the log-likelihood of the
-        whole code under the query's (independent per subspace) assignment and ranks
-        better: unseen-identity mAP on LFW, dlib trunk, 64 bits (16x16): 0.69 -> 0.78.
-
-        w_m = |x_m| / mean_m' |x_m'| weighs subspace m by the length of the query's own
-        sub-vector: ranking by sum_m w_m log P[m, c_m] is ranking by sum_m x_m . A_m[:, c_m],
-        the inner product of the unnormalised query with the code's codewords, so a
-        subspace where the query carries little signal counts little. For a head whose
-        final batch norm equalises sub-vector lengths w_m ~ 1 (no change: 0.845 either
-        way); for the data-initialised head (head_init.py) it lifts validation mAP at
-        64 bits from 0.927 to 0.937 (LFW, dlib, 3 folds of training people).
+        In eval mode dropout is off and each batch norm is an affine map with its running
+        statistics, so BN -> Linear -> BN folds into one matrix and bias (computed in float64,
+        stored as float32); the assignment vectors are stored times sqrt(d).
         """
-        x = self.project(features)
-        norms = x.norm(dim=-1, keepdim=True)
-        weights = norms / norms.mean(dim=1, keepdim=True).clamp_min(1e-12)
-        return (F.log_softmax(self.assignment_logits(x), dim=-1) * weights).float()
+        def affine(bn: nn.BatchNorm1d):
+            var = bn.running_var.double() + bn.eps
+            scale = bn.weight.double() / torch.sqrt(var) if bn.affine else 1.0 / torch.sqrt(var)
+            shift = (bn.bias.double() if bn.affine else 0.0) - bn.running_mean.double() * scale
+            return scale, shift
 
-    @torch.no_grad()
-    def float_features(self, features: torch.Tensor) -> torch.Tensor:
-        """Per-subspace normalised sub-vectors flattened, [N, M*d]: the float counterpart of the codes."""
-        return F.normalize(self.project(features), dim=-1).flatten(1)
+        s1, t1 = affine(self.input_norm)
+        s2, t2 = affine(self.output_norm)
+        w = self.linear.weight.double()
+        b = self.linear.bias.double() if self.linear.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
+        weight = (w * s1[None, :]) * s2[:, None]
+        bias = (w @ t1 + b) * s2 + t2
+        assignment = self.assignment.double() * self.logit_scale
+        return OPQNCodec(weight.float().cpu().numpy(), bias.float().cpu().numpy(),
+                         assignment.float().cpu().numpy(), self.M, self.K, self.d)

@@ -88,22 +88,27 @@ def init_head_from_features(head, features: np.ndarray, opq_iterations: int = 30
 
     Parameters
     ----------
-    head : OPQNHead with projection BN -> dropout -> Linear -> BN.
-    features : float32 [N, in_dim] training embeddings of the frozen trunk; N >= K.
+    head : OPQNHead.
+    features : float32 [N, in_dim] training embeddings of the frozen trunk. With fewer than K
+        of them (a small gallery) min(N, K) codewords are fitted per subspace and the others
+        repeat them: a repeated codeword never changes a code's score (log-softmax only
+        shifts every entry of a subspace's table by the same amount), so small galleries
+        train with the default code shape instead of failing.
     opq_iterations : OPQ alternations (0 keeps the random rotation).
     seed : seeds the rotation and the k-means.
     """
     M, K, d = head.M, head.K, head.d
     x = torch.as_tensor(np.asarray(features, dtype=np.float32))
     n, dim = x.shape
-    if n < K:
-        raise DataError(f"initialising {K} codewords per subspace needs at least {K} training photos, got {n}")
+    if n < 2:
+        raise DataError(f"initialising a head from data needs at least 2 training photos, got {n}")
+    fitted = min(K, n)
     c = dim // M
     if c < 1 or c > d:
         raise DataError(f"cannot split {dim}-d embeddings into {M} chunks of at most d={d} dims")
     mean = x.mean(0)
-    rot = opq_rotation(F.normalize(x - mean, dim=1), M, c, K, opq_iterations, seed)
-    bn0, linear, bn1 = head.projection[0], head.projection[2], head.projection[3]
+    rot = opq_rotation(F.normalize(x - mean, dim=1), M, c, fitted, opq_iterations, seed)
+    bn0, linear, bn1 = head.input_norm, head.linear, head.output_norm
     var0 = x.var(0, unbiased=False)
     bn0.running_mean.copy_(mean)
     bn0.running_var.copy_(var0)
@@ -122,8 +127,13 @@ def init_head_from_features(head, features: np.ndarray, opq_iterations: int = 30
     bn1.bias.zero_()
     assignment = torch.zeros(M, d, K)
     chunks = y.view(n, M, d)[:, :, :c]
+    repeat = torch.arange(K) % fitted  # codeword k >= fitted repeats codeword k mod fitted
     for m in range(M):
-        assignment[m, :c] = kmeans(F.normalize(chunks[:, m], dim=1), K, iters=25, seed=seed + m, spherical=True).T
+        centroids = kmeans(F.normalize(chunks[:, m], dim=1), fitted, iters=25, seed=seed + m, spherical=True)
+        assignment[m, :c] = centroids[repeat].T
     head.assignment.copy_(assignment)
+    if fitted < K:
+        log.info("small gallery: %d training embeddings fit %d of the %d codewords per subspace; the others "
+                 "repeat them", n, fitted, K)
     log.info("head initialised from %d embeddings: OPQ rotation (%d iterations), %d x %d spherical k-means "
-             "codewords on %d-d chunks", n, opq_iterations, M, K, c)
+             "codewords on %d-d chunks", n, opq_iterations, M, fitted, c)

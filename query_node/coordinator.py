@@ -264,27 +264,17 @@ def _refresh_loop(ref, stop: threading.Event) -> None:
         del coordinator
 
 
-def embedding_tables(encoder, values, builder=None) -> np.ndarray:
-    """Embedding floats -> lookup tables float32 [1, M, K]; ConfigError for a bad length or NaN/inf.
+def embedding_tables(codec, values) -> np.ndarray:
+    """Embedding floats -> lookup tables float32 [1, M, K] of `codec` (a facepq_core.codecs.Codec).
 
-    `builder` (a query_node.table_builder.TableBuilder of `encoder`) computes the tables without
-    torch; default: `encoder.lookup_tables`.
+    ConfigError for a wrong length, NaN/inf or values beyond the one embedding policy
+    (facepq_core.codecs.check_embeddings), and for an embedding whose tables are not finite.
     """
     emb = np.asarray(values, dtype=np.float32)
-    if emb.ndim != 1 or emb.shape[0] != encoder.embedding_dim:
-        raise ConfigError(f"embedding must have {encoder.embedding_dim} values for this model "
-                          f"(trunk {encoder.trunk_name}), got {emb.shape[0] if emb.ndim == 1 else emb.shape}")
-    if not np.isfinite(emb).all():
-        raise ConfigError("embedding contains NaN or infinite values")
-    # Tables depend on each sub-vector's direction only, so scaling the whole embedding changes nothing,
-    # except that squares of values near float32's limit overflow in the normalisation (NaN tables).
-    peak = float(np.abs(emb).max(initial=0.0))
-    if peak > 1e15:
-        emb = (emb.astype(np.float64) / peak).astype(np.float32)
-    tables = np.asarray((builder or encoder.lookup_tables)(emb[None]), dtype=np.float32)
-    if not np.isfinite(tables).all():
-        raise ConfigError("this embedding gives a lookup table with NaN/inf values; send a usable embedding")
-    return tables
+    if emb.ndim != 1 or emb.shape[0] != codec.embedding_dim:
+        raise ConfigError(f"embedding must have {codec.embedding_dim} values for this model, "
+                          f"got {emb.shape[0] if emb.ndim == 1 else emb.shape}")
+    return codec.query_tables(emb[None])
 
 
 def photo_features(encoder, contents: list[bytes]) -> tuple[np.ndarray, list[int], dict[int, str]]:

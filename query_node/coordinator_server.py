@@ -56,10 +56,7 @@ def _servicer_class():
 
     class CoordinatorServicer(facepq_pb2_grpc.CoordinatorServicer):
         def __init__(self, coordinator, encoder, index_uri, redis_url, search_timeout):
-            from query_node.table_builder import TableBuilder
-
             self.coordinator, self.encoder = coordinator, encoder
-            self.tables = TableBuilder(encoder)  # embedding -> lookup table without torch's per-op cost
             self.index_uri, self.redis_url, self.search_timeout = index_uri, redis_url, search_timeout
             self.store = IndexStore(index_uri)
 
@@ -73,7 +70,7 @@ def _servicer_class():
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, "send a photo (bytes) or an embedding")
             if kind == "embedding":
                 try:
-                    tables = embedding_tables(self.encoder, request.embedding.values, self.tables)
+                    tables = embedding_tables(self.encoder.codec, request.embedding.values)
                 except ConfigError as exc:
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             else:
@@ -85,7 +82,7 @@ def _servicer_class():
                                       "no face found in the photo; send a photo with a visible, frontal face")
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the photo cannot be used: {reason} "
                                   f"(send JPEG/PNG/PGM bytes of a face photo)")
-                tables = self.tables(feats[:1])
+                tables = self.encoder.codec.query_tables(feats[:1])
             remaining = context.time_remaining()
             timeout = self.search_timeout if remaining is None else max(0.0, min(remaining - 0.05, self.search_timeout))
             try:
@@ -127,7 +124,7 @@ def _servicer_class():
             if not kept:
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                               f"no usable face in any photo ({'; '.join(skipped_msgs)})")
-            codes = self.encoder.encode(feats)
+            codes = self.encoder.codec.encode(feats)
             ids = np.array([face_id_for_photo(bytes(contents[i])) for i in kept], dtype=np.uint64)
             try:
                 writer = IndexWriter(self.index_uri, ModelMeta.from_encoder(self.encoder), redis_url=self.redis_url)

@@ -147,7 +147,7 @@ def _servicer_class():
             model = view.model
             reply = facepq_pb2.NodeStatusResponse(
                 node_id=self.node_id, address=self.address, index_version=view.version, m=model.M, k=model.K,
-                code_bytes=model.code_bytes, packed=model.packed, model_fingerprint=model.fingerprint,
+                code_bytes=model.code_bytes, codec=model.codec, model_fingerprint=model.fingerprint,
                 shard_count=view.manifest.shard_count, queries_served=self.queries_served)
             for s in sorted(view.shards):
                 d = view.shards[s]

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from facepq_core.errors import ConfigError, FacepqError
+from facepq_core.errors import ConfigError, FacepqError, IndexFormatError
 from query_node.merge import Hit, merge_shard_lists
 from query_node.scan import ScanTables, TopKHeap, scan_tables
 
@@ -155,8 +155,14 @@ class IndexView:
     """The served shards of one index version (immutable once built)."""
 
     def __init__(self, manifest, shards: dict[int, ShardData]):
+        from facepq_core.codecs import codec_class
+
         self.manifest = manifest
         self.model = manifest.model
+        try:  # the scan kernel family of the index's codec; an unknown codec is never scanned
+            self.kernel = codec_class(manifest.model.codec).kernel
+        except ConfigError as exc:
+            raise IndexFormatError(f"cannot serve this index: {exc}") from None
         self.version = str(manifest.version)
         self.shards = shards
 

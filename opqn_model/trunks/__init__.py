@@ -46,7 +46,10 @@ def list_trunks() -> list[str]:
 
 
 def create_trunk(name: str, **kwargs):
-    """Build the trunk `name`. Raises ConfigError naming the known trunks for an unknown name."""
+    """Build the trunk `name`. Raises ConfigError naming the known trunks for an unknown name.
+
+    `None` values are dropped so the builder's own defaults win.
+    """
     _load_all()
     if name not in _TRUNK_BUILDERS and name in _UNAVAILABLE:
         raise ConfigError(f"trunk {name!r} cannot be loaded here: {_UNAVAILABLE[name]}")
@@ -54,3 +57,21 @@ def create_trunk(name: str, **kwargs):
         raise ConfigError(f"unknown trunk {name!r}; known trunks: {', '.join(sorted(_TRUNK_BUILDERS))}")
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     return _TRUNK_BUILDERS[name](**kwargs)
+
+
+def trunk_options(name: str, **options) -> dict:
+    """The `options` (e.g. a ModelConfig's input_size and width) that trunk `name`'s builder takes.
+
+    A frozen trunk has a fixed input and no width: the model config's values for those
+    apply to trainable trunks only, so they are left out here instead of refused.
+    """
+    import inspect
+
+    _load_all()
+    builder = _TRUNK_BUILDERS.get(name)
+    if builder is None:
+        return options
+    params = inspect.signature(builder).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return options
+    return {k: v for k, v in options.items() if k in params}

@@ -58,8 +58,8 @@ def test_read_and_encode_stages_on_plain_batches(trained_model, synthetic_galler
     assert list(aligned["skip"]) == ["", "", "", "not_an_image"]
     assert aligned["crop"].shape == (4, 32, 32, 3) and len(set(aligned["face_id"][:3])) == 3
     out = EncoderActor(str(trained_model))(aligned)
-    assert "crop" not in out and out["code"].shape == (4, enc.code_spec.code_bytes)
-    expected = enc.encode(enc.trunk_features(aligned["crop"][:3]))
+    assert "crop" not in out and out["code"].shape == (4, enc.codec.spec.code_bytes)
+    expected = enc.codec.encode(enc.trunk_features(aligned["crop"][:3]))
     np.testing.assert_array_equal(out["code"][:3], expected)
     assert not out["code"][3].any()
 
@@ -85,7 +85,7 @@ def test_ingest_photos_twice_gives_the_same_faces(ray_local, trained_model, synt
     photo = sorted((gallery / "synth_00004").glob("*.png"))[2]
     from opqn_model.images import load_image
 
-    expected = enc.encode(enc.trunk_features(enc.pipeline(load_image(photo))[None]))[0].tobytes()
+    expected = enc.codec.encode(enc.trunk_features(enc.pipeline(load_image(photo))[None]))[0].tobytes()
     assert _codes_by_source(index)[str(photo)] == expected
 
 
@@ -99,7 +99,7 @@ def test_ingest_of_embedding_files(ray_local, trained_model, tmp_path):
     s = run_ingest(str(trained_model), str(tmp_path / "emb.npy"), str(index), shards=3, progress=False)
     assert (s.faces_added, s.version) == (300, 1)
     codes = _codes_by_source(index)
-    expected = enc.encode(emb)
+    expected = enc.codec.encode(emb)
     assert all(codes[f"emb.npy#{i}"] == expected[i].tobytes() for i in range(300))
     assert index_info(index)["people"] == 7 and IndexStore(index).load_manifest().shard_count == 3
 

@@ -4,10 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from facepq_core.codes import CodeSpec, pack_codes
+from facepq_core.codes import score_codes, unpack_codes
 from facepq_core.errors import ConfigError, DataError
 from opqn_model.config import ModelConfig, TrainConfig
-from opqn_model.evaluate import cosine_scores, lut_scores
+from opqn_model.evaluate import cosine_scores
 from opqn_model.head import OPQNHead
 from opqn_model.head_init import init_head_from_features, kmeans
 from opqn_model.metrics import mean_average_precision
@@ -22,11 +22,9 @@ def identities(people: int, photos: int, dim: int = 32, noise: float = 0.6, seed
 
 
 def code_map(head, queries, q_lab, gallery, g_lab):
-    spec = CodeSpec(head.M, head.K)
-    with torch.no_grad():
-        luts = head.lookup_tables(torch.from_numpy(queries)).numpy()
-        codes = pack_codes(head.encode(torch.from_numpy(gallery)).numpy(), spec)
-    return mean_average_precision(lut_scores(luts, codes, spec), q_lab, g_lab)
+    codec = head.export_codec()
+    return mean_average_precision(score_codes(codec.query_tables(queries), codec.encode(gallery), codec.spec),
+                                  q_lab, g_lab)
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +56,8 @@ def test_initialised_head_preserves_inner_products_of_centred_embeddings(data, i
 def test_initialised_codes_use_every_codeword_and_pick_the_nearest_centroid(data, initialised):
     with torch.no_grad():
         x = F.normalize(initialised.project(torch.from_numpy(data[0])), dim=-1)
-        codes = initialised.encode(torch.from_numpy(data[0])).long()
+    codec = initialised.export_codec()
+    codes = torch.from_numpy(unpack_codes(codec.encode(data[0]), codec.spec)).long()
     for m in range(4):
         assert len(torch.unique(codes[:, m])) == 16
         cosines = x[:, m] @ F.normalize(initialised.assignment[m], dim=0)
@@ -84,30 +83,45 @@ def test_kmeans_finds_separated_clusters():
     np.testing.assert_allclose(np.sort(found, axis=0), np.sort(centres, axis=0), atol=0.1)
 
 
-def test_init_refuses_fewer_photos_than_codewords():
+def test_a_small_gallery_fits_as_many_codewords_as_photos_and_repeats_them():
+    """Fewer training photos than K: min(N, K) codewords are fitted, the others repeat them, and codes keep
+    identity (the ORL-sized case of `facepq train --trunk dlib` on 40 people)."""
+    train, labels = identities(6, 2, seed=3)  # 12 photos, K = 16
     head = OPQNHead(in_dim=32, M=4, K=16, d=32)
-    with pytest.raises(DataError, match="at least 16 training photos"):
-        init_head_from_features(head, np.zeros((10, 32), np.float32))
+    init_head_from_features(head, train, opq_iterations=3, seed=0)
+    head.eval()
+    A = head.assignment
+    torch.testing.assert_close(A[:, :, 12:], A[:, :, :4])  # codeword 12 + j repeats codeword j
+    codec = head.export_codec()
+    codes = unpack_codes(codec.encode(train), codec.spec)
+    assert codes.max() < 12  # a repeat never wins the argmax over its original
+    first = np.r_[True, labels[1:] != labels[:-1]]
+    assert code_map(head, train[first], labels[first], train[~first], labels[~first]) > 0.9
+    with pytest.raises(DataError, match="at least 2 training photos"):
+        init_head_from_features(head, train[:1])
 
 
 def test_lookup_tables_are_log_probabilities_weighted_by_the_query_sub_vector_length(initialised):
     q = torch.randn(6, 32) + 2.0
     with torch.no_grad():
         x = initialised.project(q)
+        probabilities = initialised(q)["p"]
     lengths = x.norm(dim=-1)
     weights = lengths / lengths.mean(1, keepdim=True)
-    expected = torch.log(initialised.assignment_probabilities(q)) * weights[..., None]
-    torch.testing.assert_close(initialised.lookup_tables(q), expected, atol=1e-4, rtol=1e-4)
+    expected = torch.log(probabilities) * weights[..., None]
+    np.testing.assert_allclose(initialised.export_codec().query_tables(q.numpy()), expected.numpy(), atol=1e-4,
+                               rtol=1e-4)
     assert weights.std() > 0.01  # the chunks of the data-initialised head do differ in length
 
 
 def test_weighted_scores_rank_like_the_inner_product_of_the_raw_query_with_the_codewords(data, initialised):
     """sum_m w_m log P[m, c_m] = a * sum_m x_m . A_m[:, c_m] + b, a > 0: the same ranking."""
     q, g = torch.from_numpy(data[1][:5]), torch.from_numpy(data[3])
+    codec = initialised.export_codec()
+    codes = torch.from_numpy(unpack_codes(codec.encode(g.numpy()), codec.spec)).long()
+    luts = torch.from_numpy(codec.query_tables(q.numpy()))
     with torch.no_grad():
-        codes = initialised.encode(g).long()
         x = initialised.project(q)
-        luts = initialised.lookup_tables(q)
     A = initialised.assignment
     raw = torch.stack([x[:, m] @ A[m][:, codes[:, m]] for m in range(4)]).sum(0)  # [Q, G]
     table = torch.stack([luts[:, m, codes[:, m]] for m in range(4)]).sum(0)

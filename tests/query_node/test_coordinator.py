@@ -29,7 +29,7 @@ def cluster(tiny_model, tmp_path_factory):
     index = tmp_path_factory.mktemp("coord") / "idx"
     w = IndexWriter(str(index), ModelMeta.from_encoder(enc), shard_count=2)
     w.add([face_id_for_photo(contents[i]) for i in kept], [gallery[i].parent.name for i in kept],
-          [str(gallery[i]) for i in kept], enc.encode(feats))
+          [str(gallery[i]) for i in kept], enc.codec.encode(feats))
     w.commit("gallery")
     nodes = [node(index, [0, 1], "--poll", "0.2"), node(index, [1, 0], "--poll", "0.2")]
     coord = None

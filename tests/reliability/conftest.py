@@ -49,7 +49,7 @@ def gallery(tiny_model, tmp_path_factory):
     template = tmp_path_factory.mktemp("reliability") / "template"
     w = IndexWriter(str(template), ModelMeta.from_encoder(enc), shard_count=2, segment_rows=40)
     w.add([face_id_for_photo(contents[i]) for i in kept], [gallery_photos[i].parent.name for i in kept],
-          [str(gallery_photos[i]) for i in kept], enc.encode(feats))
+          [str(gallery_photos[i]) for i in kept], enc.codec.encode(feats))
     w.commit("gallery")
     embeddings = {str(gallery_photos[i]): feats[j] for j, i in enumerate(kept)}
     return dict(template=template, enc=enc, photos=photos, enrol_people=held_out, embeddings=embeddings,

@@ -35,7 +35,7 @@ def cluster(gallery, tmp_path_factory):
                        coord.address, options=[("grpc.max_send_message_length", 64 << 20)])),
                    node_stub=facepq_pb2_grpc.QueryNodeStub(grpc.insecure_channel(
                        node.address, options=[("grpc.max_send_message_length", 64 << 20)])),
-                   faces=gallery["faces"], dim=gallery["enc"].embedding_dim, M=gallery["enc"].code_spec.M, K=gallery["enc"].code_spec.K)
+                   faces=gallery["faces"], dim=gallery["enc"].embedding_dim, M=gallery["enc"].codec.spec.M, K=gallery["enc"].codec.spec.K)
     finally:
         procs.kill_all()
 

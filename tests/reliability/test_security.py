@@ -93,7 +93,7 @@ def test_tls_mutual_tls_and_tokens_end_to_end(gallery, index, procs, certs, tmp_
     assert len(enrolled.face_ids) == 2 and int(enrolled.index_version) == before[0] + 1
 
     # Nodes: TLS without a client certificate fails the handshake; a certificate without the token is refused.
-    lut = np.zeros((gallery["enc"].code_spec.M, gallery["enc"].code_spec.K), np.float32)
+    lut = np.zeros((gallery["enc"].codec.spec.M, gallery["enc"].codec.spec.K), np.float32)
     node_req = facepq_pb2.NodeSearchRequest(tables=[facepq_pb2.LookupTable(
         m=lut.shape[0], k=lut.shape[1], values=lut.reshape(-1).tolist())], top_k=3)
     no_cert = facepq_pb2_grpc.QueryNodeStub(_tls_channel(n1.address, certs))
