@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from facepq_core.errors import ConfigError, DataError, IndexFormatError
+from facepq_core.routing import shard_of
 from indexer.face_id import as_id_array, isin_sorted
 from indexer.lock import commit_lock
 from indexer.manifest import Manifest, ModelMeta, SegmentRef
@@ -215,8 +216,10 @@ def delete_faces(store: IndexStore, person: str | None = None, face_ids=None, re
         else:
             found = _present_face_ids(store, old, as_id_array(face_ids))
             what = f"{len(found)} face ids"
-        for fid in found:
-            new.shards[fid % new.shard_count].tombstones.add(fid)
+        found = np.asarray(found, dtype=np.uint64)
+        shards = shard_of(found, new.shard_count)
+        for shard in np.unique(shards):
+            new.shards[int(shard)].tombstones.update(found[shards == shard].tolist())
         new.message = f"delete {what} ({len(found)} faces)"
         return _publish(store, new), len(found)
 
@@ -235,9 +238,10 @@ def _present_face_ids(store: IndexStore, manifest: Manifest, ids: np.ndarray) ->
     if ids.size == 0:
         raise DataError("no face ids given; nothing deleted")
     ids = np.unique(ids)
+    shards = shard_of(ids, manifest.shard_count)
     missing: list[int] = []
     for shard, state in enumerate(manifest.shards):
-        mine = ids[ids % np.uint64(manifest.shard_count) == shard]
+        mine = ids[shards == shard]
         if mine.size:
             present = shard_face_ids(store, state.segments)
             live = present[~isin_sorted(present, sorted_unique(as_id_array(state.tombstones)))]

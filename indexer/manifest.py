@@ -197,9 +197,6 @@ class Manifest:
     def bytes(self) -> int:
         return sum(sh.bytes for sh in self.shards)
 
-    def shard_of(self, face_id: int) -> int:
-        return int(face_id) % self.shard_count
-
     # ---- (de)serialisation -----------------------------------------------
     def to_dict(self) -> dict:
         return {

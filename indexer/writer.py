@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 
 from facepq_core.errors import ConfigError
+from facepq_core.routing import shard_of
 from indexer.commit import (
     _check_compatible,
     commit_segments,
@@ -176,13 +177,13 @@ class IndexWriter:
         # shard keeps the input order), then gather every column once in that order: one call per
         # column (Arrow's per-call overhead is 4x a 25k-row string take), and the copy is ours, so the
         # caller may reuse its arrays. Each shard's rows are then a zero-copy slice.
-        shard_of = _shard_of(taken, self.shard_count)
-        order = np.argsort(shard_of, kind="stable")
+        row_shards = shard_of(taken, self.shard_count)
+        order = np.argsort(row_shards, kind="stable")
         if rows is not None:
             order = rows[order]
         batch = _Batch(np.take(ids, order), persons.take(order), sources.take(order),
                        np.take(codes, order, axis=0))  # not codes[order]: 2-D fancy indexing is 8x slower
-        bounds = np.concatenate(([0], np.cumsum(np.bincount(shard_of, minlength=self.shard_count))))
+        bounds = np.concatenate(([0], np.cumsum(np.bincount(row_shards, minlength=self.shard_count))))
         full = []
         for shard in range(self.shard_count):
             lo, hi = int(bounds[shard]), int(bounds[shard + 1])
@@ -201,7 +202,7 @@ class IndexWriter:
         repeated = _has_repeats(s)
         known = []
         if any(seen.size for seen in self._seen):
-            s_shard = _shard_of(s, self.shard_count)
+            s_shard = shard_of(s, self.shard_count)
             for shard, seen in enumerate(self._seen):
                 if seen.size:
                     cand = s[s_shard == shard]
@@ -322,15 +323,6 @@ def _later_repeats(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     later = np.zeros(ids.size, dtype=bool)
     later[1:] = ordered[1:] == ordered[:-1]
     return order, ordered, later
-
-
-def _shard_of(ids: np.ndarray, shard_count: int) -> np.ndarray:
-    """Shard of each face id (`face_id % shard_count`) as the smallest int type, for the radix sort."""
-    if shard_count & (shard_count - 1) == 0:  # a power of two: a mask, 6x cheaper than uint64 modulo
-        shard = ids & np.uint64(shard_count - 1)
-    else:
-        shard = ids % np.uint64(shard_count)
-    return shard.astype(np.uint8 if shard_count <= 256 else np.uint16 if shard_count <= 65536 else np.int64)
 
 
 def _strings(values, n: int, what: str) -> pa.Array:
