@@ -28,14 +28,9 @@ import pyarrow as pa
 
 from facepq_core.errors import ConfigError
 from facepq_core.routing import shard_of
-from indexer.commit import (
-    _check_compatible,
-    commit_segments,
-    isin_sorted,
-    segment_face_ids,
-    shard_face_ids,
-    sorted_unique,
-)
+from indexer.commit import commit_segments
+from indexer.face_id import isin_sorted
+from indexer.live import segment_face_ids, shard_live_ids, sorted_unique
 from indexer.manifest import ModelMeta, SegmentRef
 from indexer.segment import write_segment
 from indexer.store import IndexStore
@@ -100,7 +95,7 @@ class IndexWriter:
             self._seen = [np.empty(0, dtype=np.uint64) for _ in range(self.shard_count)]
         else:
             manifest = self.store.load_manifest(self.base_version)
-            _check_compatible(manifest, model_meta, shard_count, self.store.uri)
+            manifest.check_compatible(model_meta, shard_count, self.store.uri)
             self.shard_count = manifest.shard_count
             self._seen = self._live_ids(manifest)
         # `_seen[s]`: sorted ids live in shard s of `base_version` plus those in segments this writer
@@ -115,12 +110,7 @@ class IndexWriter:
 
     def _live_ids(self, manifest) -> list[np.ndarray]:
         # Tombstoned faces count as absent: adding one again enrols it again.
-        out = []
-        for st in manifest.shards:
-            present = shard_face_ids(self.store, st.segments)
-            dead = np.array(sorted(st.tombstones), dtype=np.uint64)
-            out.append(present[~isin_sorted(present, dead)])
-        return out
+        return [shard_live_ids(self.store, state) for state in manifest.shards]
 
     def _sync(self) -> None:
         """Another writer committed (or deleted, or compacted): rebuild the dedup set from the new version."""
@@ -128,7 +118,7 @@ class IndexWriter:
         if current == self.base_version:
             return
         manifest = self.store.load_manifest(current)
-        _check_compatible(manifest, self.model, self.shard_count, self.store.uri)
+        manifest.check_compatible(self.model, self.shard_count, self.store.uri)
         seen = self._live_ids(manifest)
         for shard, refs in self._refs.items():  # segments of ours not yet committed stay "seen"
             if refs:
