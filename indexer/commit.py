@@ -17,10 +17,17 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow.compute as pc
 
 from facepq_core.errors import ConfigError, DataError, IndexFormatError
+from facepq_core.routing import shard_of
 from indexer.face_id import as_id_array, isin_sorted
+from indexer.live import (
+    person_live_ids,
+    segment_face_ids,
+    shard_live_ids,
+    sorted_unique,
+    tombstone_ids,
+)
 from indexer.lock import commit_lock
 from indexer.manifest import Manifest, ModelMeta, SegmentRef
 from indexer.segment import column_view, open_segment, write_segment
@@ -28,18 +35,9 @@ from indexer.store import IndexStore
 
 log = logging.getLogger(__name__)
 
-__all__ = ["commit_lock", "commit_segments", "delete_faces", "compact", "CompactStats", "segment_face_ids",
-           "shard_face_ids", "rewrite_without", "isin_sorted", "sorted_unique"]
+__all__ = ["commit_segments", "delete_faces", "compact", "CompactStats", "rewrite_without"]
 
 _EMPTY = np.empty(0, dtype=np.uint64)
-
-
-def sorted_unique(values: np.ndarray) -> np.ndarray:
-    """Sorted unique uint64 values (sort-based: numpy's hash-based unique is slow on random 64-bit ids)."""
-    s = np.sort(np.asarray(values, dtype=np.uint64))
-    if s.size < 2:
-        return s
-    return s[np.concatenate(([True], s[1:] != s[:-1]))]
 
 
 def _isin_runs(values: np.ndarray, runs: list[np.ndarray]) -> np.ndarray:
@@ -55,18 +53,6 @@ def _isin_runs(values: np.ndarray, runs: list[np.ndarray]) -> np.ndarray:
     return found
 
 
-def segment_face_ids(store: IndexStore, ref: SegmentRef) -> np.ndarray:
-    """uint64 [rows]: the face_id column of one segment (a memory-mapped read of that column only)."""
-    return open_segment(store, ref, verify=False).face_ids
-
-
-def shard_face_ids(store: IndexStore, refs: list[SegmentRef]) -> np.ndarray:
-    """Sorted unique uint64 face ids present in `refs` (tombstoned ones included)."""
-    if not refs:
-        return _EMPTY
-    return sorted_unique(np.concatenate([segment_face_ids(store, r) for r in refs]))
-
-
 def shard_of_path(ref: SegmentRef) -> int:
     return int(ref.path.split("/")[1])
 
@@ -78,7 +64,7 @@ def rewrite_without(store: IndexStore, ref: SegmentRef, drop_ids, model: ModelMe
     (readers of older versions may still use it); garbage collection removes it later.
     """
     view = open_segment(store, ref, verify=True, model=model)
-    keep = ~np.isin(view.face_ids, as_id_array(drop_ids))
+    keep = ~isin_sorted(view.face_ids, sorted_unique(as_id_array(drop_ids)))
     if keep.all():
         return ref
     if not keep.any():
@@ -87,15 +73,6 @@ def rewrite_without(store: IndexStore, ref: SegmentRef, drop_ids, model: ModelMe
     codes = column_view(kept.column(3), np.uint8, model.code_bytes)
     return write_segment(store, shard_of_path(ref), column_view(kept.column(0), np.uint64, 1), kept.column(1),
                          kept.column(2), codes, model)
-
-
-def _check_compatible(manifest: Manifest, model: ModelMeta, shard_count: int | None, uri: str) -> None:
-    problem = manifest.model.mismatch(model)
-    if problem:
-        raise IndexFormatError(f"refusing to commit into {uri}: {problem}")
-    if shard_count is not None and shard_count != manifest.shard_count:
-        raise ConfigError(f"{uri} has {manifest.shard_count} shards (fixed when it was created); "
-                          f"got shard count {shard_count}")
 
 
 def _publish(store: IndexStore, manifest: Manifest) -> int:
@@ -131,7 +108,7 @@ def commit_segments(store: IndexStore, new_refs_by_shard: dict[int, list[Segment
             old = Manifest.empty(model_meta, shard_count)
         else:
             old = store.load_manifest(current)
-            _check_compatible(old, model_meta, shard_count, store.uri)
+            old.check_compatible(model_meta, shard_count, store.uri)
         new = old.successor(message)
         known: set[str] = set()
         if base_version and current and base_version <= current:
@@ -153,9 +130,8 @@ def commit_segments(store: IndexStore, new_refs_by_shard: dict[int, list[Segment
 def _add_to_shard(store, new: Manifest, shard: int, refs: list[SegmentRef], known: set[str], model,
                   verify_new: bool) -> int:
     state = new.shards[shard]
-    unseen = [s for s in state.segments if s.id not in known]
-    present = shard_face_ids(store, unseen)
-    live = present[~isin_sorted(present, sorted_unique(as_id_array(state.tombstones)))]
+    dead = tombstone_ids(state)
+    live = shard_live_ids(store, state, [s for s in state.segments if s.id not in known])
     # Sorted runs of the ids live so far: merging each new segment into one sorted array would
     # re-sort the whole shard per segment (most of a large commit's CPU time).
     live_runs = [live] if live.size else []
@@ -172,8 +148,8 @@ def _add_to_shard(store, new: Manifest, shard: int, refs: list[SegmentRef], know
             if kept_ref is None:
                 continue
             ref, ids = kept_ref, segment_face_ids(store, kept_ref)
-        if state.tombstones:
-            revived.append(ids[np.isin(ids, as_id_array(state.tombstones))])
+        if dead.size:
+            revived.append(ids[isin_sorted(ids, dead)])
         if i + 1 < len(refs):  # the last segment's ids are checked against nothing after it
             live_runs.append(np.sort(ids))
         added += ref.rows
@@ -187,7 +163,7 @@ def _add_to_shard(store, new: Manifest, shard: int, refs: list[SegmentRef], know
         for seg in state.segments:
             segments.append(seg if seg.id in new_ids else rewrite_without(store, seg, back, model))
         state.segments = [s for s in segments if s is not None]
-        state.tombstones -= {int(i) for i in back}
+        state.tombstones -= set(back.tolist())
     return added
 
 
@@ -207,45 +183,36 @@ def delete_faces(store: IndexStore, person: str | None = None, face_ids=None, re
         old = store.load_manifest()
         new = old.successor("")
         if person is not None:
-            found = _person_face_ids(store, old, person)
-            if not found:
+            found = person_live_ids(store, old, person)
+            if not found.size:
                 raise DataError(f"no live faces of person {person!r} in {store.uri}; nothing deleted "
                                 f"(names are case-sensitive; see `facepq index info`)")
             what = f"person {person!r}"
         else:
             found = _present_face_ids(store, old, as_id_array(face_ids))
             what = f"{len(found)} face ids"
-        for fid in found:
-            new.shards[fid % new.shard_count].tombstones.add(fid)
+        shards = shard_of(found, new.shard_count)
+        for shard in np.unique(shards):
+            new.shards[int(shard)].tombstones.update(found[shards == shard].tolist())
         new.message = f"delete {what} ({len(found)} faces)"
         return _publish(store, new), len(found)
 
 
-def _person_face_ids(store: IndexStore, manifest: Manifest, person: str) -> list[int]:
-    out: list[int] = []
-    for state in manifest.shards:
-        for ref in state.segments:
-            view = open_segment(store, ref, verify=False, model=manifest.model)
-            mask = pc.equal(view.persons, person).to_numpy(zero_copy_only=False)
-            out.extend(int(i) for i in view.face_ids[mask] if int(i) not in state.tombstones)
-    return out
-
-
-def _present_face_ids(store: IndexStore, manifest: Manifest, ids: np.ndarray) -> list[int]:
+def _present_face_ids(store: IndexStore, manifest: Manifest, ids: np.ndarray) -> np.ndarray:
+    """Sorted unique `ids`, after checking that every one is live (else DataError, nothing deleted)."""
     if ids.size == 0:
         raise DataError("no face ids given; nothing deleted")
-    ids = np.unique(ids)
+    ids = sorted_unique(ids)
+    shards = shard_of(ids, manifest.shard_count)
     missing: list[int] = []
     for shard, state in enumerate(manifest.shards):
-        mine = ids[ids % np.uint64(manifest.shard_count) == shard]
+        mine = ids[shards == shard]
         if mine.size:
-            present = shard_face_ids(store, state.segments)
-            live = present[~isin_sorted(present, sorted_unique(as_id_array(state.tombstones)))]
-            missing.extend(int(i) for i in mine[~isin_sorted(mine, live)])
+            missing.extend(mine[~isin_sorted(mine, shard_live_ids(store, state))].tolist())
     if missing:
         shown = ", ".join(str(i) for i in missing[:5]) + (" ..." if len(missing) > 5 else "")
         raise DataError(f"{len(missing)} of the face ids are not live in {store.uri}: {shown}; nothing deleted")
-    return [int(i) for i in ids]
+    return ids
 
 
 @dataclass
@@ -279,7 +246,7 @@ def compact(store: IndexStore, redis_url: str | None = None, grace_seconds: floa
             for state in new.shards:
                 if not state.tombstones:
                     continue
-                dead = as_id_array(state.tombstones)
+                dead = tombstone_ids(state)
                 kept = []
                 for ref in state.segments:
                     out = rewrite_without(store, ref, dead, new.model)

@@ -1,10 +1,10 @@
 """Summary of an index: what `facepq index info` prints (and tests read)."""
 from __future__ import annotations
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from indexer.live import segment_live_mask, tombstone_ids
 from indexer.segment import open_segment
 from indexer.store import IndexStore
 
@@ -22,12 +22,12 @@ def index_info(index_uri, verify: bool = False) -> dict:
     people: set[str] = set()
     shards = []
     for i, state in enumerate(manifest.shards):
-        dead = np.array(sorted(state.tombstones), dtype=np.uint64)
+        dead = tombstone_ids(state)
         for ref in state.segments:
             view = open_segment(store, ref, verify=verify, model=manifest.model)
             persons = view.persons
             if dead.size:
-                persons = persons.filter(pa.array(~np.isin(view.face_ids, dead)))
+                persons = persons.filter(pa.array(segment_live_mask(view, dead)))
             people.update(pc.unique(persons).to_pylist())
         shards.append({"shard": i, "faces": state.rows - len(state.tombstones), "rows": state.rows,
                        "segments": len(state.segments), "tombstones": len(state.tombstones), "bytes": state.bytes})

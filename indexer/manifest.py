@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from facepq_core.errors import FacepqError, IndexFormatError
+from facepq_core.errors import ConfigError, FacepqError, IndexFormatError
 
 # 2: the model section names its codec (and no longer stores `packed`, derived from K).
 FORMAT_VERSION = 2
@@ -214,8 +214,19 @@ class Manifest:
     def bytes(self) -> int:
         return sum(sh.bytes for sh in self.shards)
 
-    def shard_of(self, face_id: int) -> int:
-        return int(face_id) % self.shard_count
+    def check_compatible(self, model: ModelMeta, shard_count: int | None, uri: str) -> None:
+        """Refuse codes of `model`, sharded `shard_count` ways (None: the index's count), for this index.
+
+        Raises:
+            IndexFormatError: another model or code shape (`ModelMeta.mismatch`).
+            ConfigError: another shard count (fixed when the index was created).
+        """
+        problem = self.model.mismatch(model)
+        if problem:
+            raise IndexFormatError(f"refusing to commit into {uri}: {problem}")
+        if shard_count is not None and shard_count != self.shard_count:
+            raise ConfigError(f"{uri} has {self.shard_count} shards (fixed when it was created); "
+                              f"got shard count {shard_count}")
 
     # ---- (de)serialisation -----------------------------------------------
     def to_dict(self) -> dict:

@@ -27,14 +27,10 @@ import numpy as np
 import pyarrow as pa
 
 from facepq_core.errors import ConfigError
-from indexer.commit import (
-    _check_compatible,
-    commit_segments,
-    isin_sorted,
-    segment_face_ids,
-    shard_face_ids,
-    sorted_unique,
-)
+from facepq_core.routing import shard_of
+from indexer.commit import commit_segments
+from indexer.face_id import isin_sorted
+from indexer.live import segment_face_ids, shard_live_ids, sorted_unique
 from indexer.manifest import ModelMeta, SegmentRef
 from indexer.segment import write_segment
 from indexer.store import IndexStore
@@ -99,7 +95,7 @@ class IndexWriter:
             self._seen = [np.empty(0, dtype=np.uint64) for _ in range(self.shard_count)]
         else:
             manifest = self.store.load_manifest(self.base_version)
-            _check_compatible(manifest, model_meta, shard_count, self.store.uri)
+            manifest.check_compatible(model_meta, shard_count, self.store.uri)
             self.shard_count = manifest.shard_count
             self._seen = self._live_ids(manifest)
         # `_seen[s]`: sorted ids live in shard s of `base_version` plus those in segments this writer
@@ -114,12 +110,7 @@ class IndexWriter:
 
     def _live_ids(self, manifest) -> list[np.ndarray]:
         # Tombstoned faces count as absent: adding one again enrols it again.
-        out = []
-        for st in manifest.shards:
-            present = shard_face_ids(self.store, st.segments)
-            dead = np.array(sorted(st.tombstones), dtype=np.uint64)
-            out.append(present[~isin_sorted(present, dead)])
-        return out
+        return [shard_live_ids(self.store, state) for state in manifest.shards]
 
     def _sync(self) -> None:
         """Another writer committed (or deleted, or compacted): rebuild the dedup set from the new version."""
@@ -127,7 +118,7 @@ class IndexWriter:
         if current == self.base_version:
             return
         manifest = self.store.load_manifest(current)
-        _check_compatible(manifest, self.model, self.shard_count, self.store.uri)
+        manifest.check_compatible(self.model, self.shard_count, self.store.uri)
         seen = self._live_ids(manifest)
         for shard, refs in self._refs.items():  # segments of ours not yet committed stay "seen"
             if refs:
@@ -176,13 +167,13 @@ class IndexWriter:
         # shard keeps the input order), then gather every column once in that order: one call per
         # column (Arrow's per-call overhead is 4x a 25k-row string take), and the copy is ours, so the
         # caller may reuse its arrays. Each shard's rows are then a zero-copy slice.
-        shard_of = _shard_of(taken, self.shard_count)
-        order = np.argsort(shard_of, kind="stable")
+        row_shards = shard_of(taken, self.shard_count)
+        order = np.argsort(row_shards, kind="stable")
         if rows is not None:
             order = rows[order]
         batch = _Batch(np.take(ids, order), persons.take(order), sources.take(order),
                        np.take(codes, order, axis=0))  # not codes[order]: 2-D fancy indexing is 8x slower
-        bounds = np.concatenate(([0], np.cumsum(np.bincount(shard_of, minlength=self.shard_count))))
+        bounds = np.concatenate(([0], np.cumsum(np.bincount(row_shards, minlength=self.shard_count))))
         full = []
         for shard in range(self.shard_count):
             lo, hi = int(bounds[shard]), int(bounds[shard + 1])
@@ -201,7 +192,7 @@ class IndexWriter:
         repeated = _has_repeats(s)
         known = []
         if any(seen.size for seen in self._seen):
-            s_shard = _shard_of(s, self.shard_count)
+            s_shard = shard_of(s, self.shard_count)
             for shard, seen in enumerate(self._seen):
                 if seen.size:
                     cand = s[s_shard == shard]
@@ -322,15 +313,6 @@ def _later_repeats(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     later = np.zeros(ids.size, dtype=bool)
     later[1:] = ordered[1:] == ordered[:-1]
     return order, ordered, later
-
-
-def _shard_of(ids: np.ndarray, shard_count: int) -> np.ndarray:
-    """Shard of each face id (`face_id % shard_count`) as the smallest int type, for the radix sort."""
-    if shard_count & (shard_count - 1) == 0:  # a power of two: a mask, 6x cheaper than uint64 modulo
-        shard = ids & np.uint64(shard_count - 1)
-    else:
-        shard = ids % np.uint64(shard_count)
-    return shard.astype(np.uint8 if shard_count <= 256 else np.uint16 if shard_count <= 65536 else np.int64)
 
 
 def _strings(values, n: int, what: str) -> pa.Array:

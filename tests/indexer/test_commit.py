@@ -9,20 +9,14 @@ import numpy as np
 import pytest
 
 from facepq_core.errors import ConfigError, DataError, IndexFormatError
-from indexer.commit import commit_lock, commit_segments, compact, delete_faces
+from indexer.commit import commit_segments, compact, delete_faces
 from indexer.errors import IndexLockTimeout
 from indexer.info import index_info
+from indexer.lock import commit_lock
 from indexer.segment import open_segment, write_segment
 from indexer.store import IndexStore
 from indexer.writer import IndexWriter
-
-
-def _all_live_ids(store: IndexStore) -> np.ndarray:
-    manifest = store.load_manifest()
-    ids = [open_segment(store, ref, model=manifest.model).face_ids for ref in manifest.segments]
-    ids = np.concatenate(ids) if ids else np.empty(0, np.uint64)
-    dead = np.array(sorted(t for sh in manifest.shards for t in sh.tombstones), dtype=np.uint64)
-    return ids[~np.isin(ids, dead)]
+from tests.support.index import live_row_ids
 
 
 def test_writer_shards_by_face_id_and_reingest_adds_nothing(tmp_path, meta, rows):
@@ -46,7 +40,7 @@ def test_writer_shards_by_face_id_and_reingest_adds_nothing(tmp_path, meta, rows
     both = np.concatenate([ids[:10], extra, extra])  # duplicates within one batch too
     assert half.add(both, ["a"] * 14, ["s"] * 14, np.zeros((14, 8), np.uint8)) == 2
     assert half.commit("two new") == 2
-    assert sorted(_all_live_ids(store).tolist()) == sorted(ids.tolist() + [5, 6])
+    assert sorted(live_row_ids(store).tolist()) == sorted(ids.tolist() + [5, 6])
     # Of rows repeating one face id within a batch, the first is kept.
     last = IndexWriter(tmp_path / "idx", meta)
     assert last.add(np.array([9, 8, 9], np.uint64), ["first", "x", "second"], ["s"] * 3, np.zeros((3, 8), np.uint8)) == 2
@@ -71,7 +65,7 @@ def test_uncommitted_files_are_ignored_by_readers_then_garbage_collected(tmp_pat
         f.write(b"half a segment")
     assert store.current_version() == 1
     assert store.load_manifest().live_faces == 100
-    assert not np.isin(ids[200:300], _all_live_ids(store)).any()
+    assert not np.isin(ids[200:300], live_row_ids(store)).any()
 
     stats = compact(store, grace_seconds=3600)  # too young: a running job's files are safe
     assert os.path.exists(store.local_path(orphan.path))
@@ -151,7 +145,7 @@ def test_delete_then_compact_removes_the_person_from_every_live_file(tmp_path, m
     version, n = delete_faces(store, person=victim)
     assert (version, n) == (2, int(mask.sum()))
     assert index_info(store)["faces"] == len(ids) - n and index_info(store)["people"] == 9
-    assert not np.isin(ids[mask], _all_live_ids(store)).any()
+    assert not np.isin(ids[mask], live_row_ids(store)).any()
     with pytest.raises(DataError, match="no live faces"):
         delete_faces(store, person=victim)
 
@@ -186,7 +180,7 @@ def test_deleting_face_ids_and_enrolling_them_again(tmp_path, meta, rows):
     assert w.commit("re-enrol") == 3
     manifest = store.load_manifest()
     assert manifest.tombstone_count == 0 and manifest.live_faces == len(ids)
-    live = _all_live_ids(store)
+    live = live_row_ids(store)
     assert len(live) == len(np.unique(live)) == len(ids)
     assert index_info(store)["people"] == 11
 
@@ -198,7 +192,7 @@ def test_concurrent_writers_commit_both_without_duplicates(tmp_path, meta, rows)
     a.add(ids[:300], persons[:300], sources[:300], codes[:300])
     b.add(ids[200:], persons[200:], sources[200:], codes[200:])  # 100 faces overlap
     assert a.commit("a") == 1 and b.commit("b") == 2
-    live = _all_live_ids(store)
+    live = live_row_ids(store)
     assert len(live) == len(np.unique(live)) == len(ids)
 
 
@@ -327,7 +321,7 @@ def test_a_long_lived_writer_follows_other_writers_deletes_and_compactions(tmp_p
     compact(store, grace_seconds=0)
     assert enrol.add(ids[:10], ["again"] * 10, sources[:10], codes[:10]) == 10  # deleted: enrols again
     assert enrol.commit("enrol 3") == 6
-    live = _all_live_ids(store)
+    live = live_row_ids(store)
     assert len(live) == len(np.unique(live)) == 250
 
 
@@ -351,7 +345,7 @@ def test_one_writer_shared_by_threads(tmp_path, meta, rows):
     for t in threads:
         t.join(60)
     assert not errors
-    live = _all_live_ids(store)
+    live = live_row_ids(store)
     assert len(live) == len(np.unique(live)) == 200
 
 

@@ -20,16 +20,9 @@ from indexer.info import index_info
 from indexer.job import run_ingest
 from indexer.segment import open_segment
 from indexer.store import IndexStore
+from tests.support.index import live_row_ids
 
 pytestmark = pytest.mark.slow
-
-
-def _live_ids(index) -> np.ndarray:
-    store = IndexStore(index)
-    manifest = store.load_manifest()
-    ids = np.concatenate([open_segment(store, r, model=manifest.model).face_ids for r in manifest.segments])
-    dead = [t for sh in manifest.shards for t in sh.tombstones]
-    return ids[~np.isin(ids, np.array(dead, dtype=np.uint64))]
 
 
 def _codes_by_source(index) -> dict[str, bytes]:
@@ -190,7 +183,7 @@ def test_sigkill_mid_ingest_keeps_the_previous_version_and_rerun_completes(
     # read_cpus other than the actors' keeps reading in separate Ray tasks (the cluster layout).
     done = run_ingest(str(trained_model), str(big_gallery), str(index), batch_size=32, progress=False, read_cpus=0.25)
     assert done.version == 2 and done.faces_added == 320
-    ids = _live_ids(index)
+    ids = live_row_ids(index)
     assert len(ids) == len(np.unique(ids)) == 72 + 320
 
 
@@ -216,7 +209,7 @@ def test_two_concurrent_ingest_processes_both_commit(ray_local, trained_model, s
     assert store.current_version() == 2
     messages = {store.load_manifest(v).message for v in (1, 2)}
     assert any(str(synthetic_gallery) in m for m in messages) and any(str(other) in m for m in messages)
-    ids = _live_ids(index)
+    ids = live_row_ids(index)
     assert len(ids) == len(np.unique(ids)) == 72 + 20
 
 

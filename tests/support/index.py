@@ -22,6 +22,24 @@ def build_index(path, rows=3000, shard_count=3, M=8, K=256, seed=0, segments_per
     return meta, ids, codes
 
 
+def live_row_ids(index) -> np.ndarray:
+    """uint64: the face id of every live row of the current version, repeats KEPT (so a test can
+    assert there are none). Liveness is `indexer.live`'s, the one definition; segments are verified."""
+    from indexer.live import segment_live_mask, tombstone_ids
+    from indexer.segment import open_segment
+    from indexer.store import IndexStore
+
+    store = index if isinstance(index, IndexStore) else IndexStore(str(index))
+    manifest = store.load_manifest()
+    out = [np.empty(0, np.uint64)]
+    for state in manifest.shards:
+        dead = tombstone_ids(state)
+        for ref in state.segments:
+            seg = open_segment(store, ref, model=manifest.model)
+            out.append(seg.face_ids[segment_live_mask(seg, dead)])
+    return np.concatenate(out)
+
+
 def brute_force(index_path, lut, k):
     """Reference: score every live row of every shard with facepq_core.codes.score_codes, global order."""
     from indexer.segment import open_segment
