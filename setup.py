@@ -10,7 +10,9 @@ from setuptools import Extension, setup
 
 # Never -ffast-math, and no FMA contraction, so float sums round exactly like the numba
 # kernels; no -mavx2: the AVX2 functions carry target attributes and are picked at import.
-FLAGS = [] if sys.platform == "win32" else ["-O3", "-std=gnu11", "-ffp-contract=off"]
+# -fno-wrapv undoes the -fwrapv of Python's own CFLAGS (which CPython's code relies on; this
+# code does not): with it the 4-bit kernel measured ~5% slower.
+FLAGS = [] if sys.platform == "win32" else ["-O3", "-std=gnu11", "-ffp-contract=off", "-fno-wrapv"]
 
 setup(
     ext_modules=[

@@ -23,7 +23,6 @@ static const char *fs4_isa, *pq8_isa;
 
 #if FASTSCAN_X86
 static int cpu_has_avx2(void) { return __builtin_cpu_supports("avx2"); }
-static int cpu_is_x86_64(void) { return 1; }
 
 static const struct {
     const char *isa;
@@ -38,7 +37,7 @@ static const struct {
     int (*runs_here)(void);
     pq8_scan_fn fn;
 } PQ8_VARIANTS[] = {
-    {"x86-64", cpu_is_x86_64, pq8_scan_x86_64},
+    {"avx2", cpu_has_avx2, pq8_scan_avx2},
 };
 
 /* Set impl_out and isa_out to the first of `variants` that runs on this CPU. */

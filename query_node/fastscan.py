@@ -55,10 +55,10 @@ def _load():
     else:
         if module.kernels["fs4_scan"] is not None:
             return module, ""
-        if module.kernels["pq8_scan"] is None:
-            why = f"the native kernels are built for x86-64 only, this is {platform.machine()}"
-        else:
+        if platform.machine().lower() in ("x86_64", "amd64"):
             why = "this CPU has no AVX2"
+        else:
+            why = f"the native kernels are x86-64 only, this is {platform.machine()}"
     log.warning("native scan kernels unavailable (%s); using the numba kernels", why)
     return None, why
 

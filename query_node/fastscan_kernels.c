@@ -1,6 +1,6 @@
 /*
  * Native scan kernels: exact top-k of packed 4-bit PQ codes with quantized SIMD lookup
- * tables (AVX2, fs4_scan_avx2), and of 8-bit codes with float tables (pq8_scan_x86_64, at the end).
+ * tables (fs4_scan_avx2), and of 8-bit codes with float tables (pq8_scan_avx2, at the end).
  *
  * Built at install time into the extension module query_node._fastscan (setup.py; the
  * Python side is _fastscan.c and query_node/fastscan.py). The file is compiled without
@@ -255,13 +255,13 @@ static inline void offer_scored(query_t *q, float s, int64_t i, const uint8_t *s
  * gathers score no faster than scalar loads here (measured: 2.0-2.2 ms per 1M rows
  * either way), while a separate selection pass over the scores cost another ~0.4 ms;
  * the threshold branch is almost never taken once the heap is full.
- * Scores are summed in byte order from 0.0f, exactly like the numba kernel. Plain C but for
- * the 8-byte row loads, which read bytes in order on little-endian x86-64 only.
+ * Scores are summed in byte order from 0.0f, exactly like the numba kernel. Scalar C, but
+ * compiled for AVX2 (VEX encoding) it measured ~5% faster than for baseline x86-64, and
+ * facepq uses the native kernels only where fs4_scan runs, i.e. with AVX2.
  */
-NO_TREE_VECTORIZE
-int pq8_scan_x86_64(const uint8_t *codes, int64_t n, int32_t width, int32_t nq, const float *tables,
-                    const uint8_t *skip, int32_t has_skip, int64_t row_offset, float *heap_s,
-                    int64_t *heap_r, int32_t k) {
+NO_TREE_VECTORIZE AVX2 int pq8_scan_avx2(const uint8_t *codes, int64_t n, int32_t width, int32_t nq,
+                                         const float *tables, const uint8_t *skip, int32_t has_skip,
+                                         int64_t row_offset, float *heap_s, int64_t *heap_r, int32_t k) {
     if (width < 1 || nq < 1 || k < 1) return SCAN_BAD_ARGS;
     query_t *qs = malloc(sizeof(query_t) * (size_t)nq);
     if (!qs) return SCAN_NO_MEMORY;

@@ -53,9 +53,9 @@ int fs4_scan_avx2(const uint8_t *codes, int64_t n, int32_t width, int32_t nq, co
                   const uint8_t *nib, const double *base, const double *delta, const int32_t *terms,
                   const uint8_t *skip, int32_t has_skip, int64_t row_offset, float *heap_s, int64_t *heap_r,
                   int32_t k);
-int pq8_scan_x86_64(const uint8_t *codes, int64_t n, int32_t width, int32_t nq, const float *tables,
-                    const uint8_t *skip, int32_t has_skip, int64_t row_offset, float *heap_s, int64_t *heap_r,
-                    int32_t k);
+int pq8_scan_avx2(const uint8_t *codes, int64_t n, int32_t width, int32_t nq, const float *tables,
+                  const uint8_t *skip, int32_t has_skip, int64_t row_offset, float *heap_s, int64_t *heap_r,
+                  int32_t k);
 #endif
 
 #endif
