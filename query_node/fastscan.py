@@ -5,119 +5,73 @@
 * any byte tables (8-bit codes, or 4-bit pair tables): one fused scalar loop that
   scores a row and compares it with the heap's threshold (no second selection pass).
 
-`fastscan4.c` is compiled on first use with the system C compiler (gcc -O3 -mavx2,
-never -ffast-math, so float sums round exactly like the numba kernel), cached under
-~/.cache/facepq/native (or $FACEPQ_NATIVE_DIR) keyed by the source, and called through ctypes
-(which releases the GIL). `scripts/install.sh` builds it once so the first query of
-a node does not pay for the compile.
+The kernels (`fastscan_kernels.c`) are built by `pip install` into the extension module
+`query_node._fastscan` (setup.py; -O3, never -ffast-math, so float sums round exactly like
+the numba kernels). One binary runs on any x86-64 CPU: the module picks each kernel's
+best variant for this CPU at import. Calls pass numpy arrays as buffers (read-only memory
+maps included) and release the GIL while the kernel runs.
 
-When there is no compiler, no AVX2, or FACEPQ_NATIVE=0, `available()` is False and
-`query_node.scan` keeps using its numba kernels: same results, slower (4-bit codes ~3-4x).
-`status()` says which kernel runs and why.
+When the module was not built (no C compiler at install time), the CPU has no AVX2, or
+FACEPQ_NATIVE=0, `available()` is False and `query_node.scan` keeps using its numba
+kernels: same results, slower (4-bit codes ~3-4x). `status()` says which kernel runs and why.
 """
 from __future__ import annotations
 
-import ctypes
-import hashlib
+import functools
+import importlib
 import logging
 import os
-import pathlib
 import platform
-import shutil
-import subprocess
-import threading
 from dataclasses import dataclass
 
 import numpy as np
 
 log = logging.getLogger(__name__)
 
-SOURCE = pathlib.Path(__file__).with_name("fastscan4.c")
-CFLAGS = ("-O3", "-mavx2", "-std=gnu11", "-shared", "-fPIC")
 # pq8_scan is used for 8-byte codes only: at 16 bytes a row's serial chain of 16 float adds
 # makes the scalar loop latency-bound (5.7 vs 5.4 ms per 1M rows for numba's vectorised loop).
 FUSED_WIDTH = 8
 MAX_CODE_BYTES = 64          # the kernel keeps one block's transposed columns on the stack
 QUANT_LEVELS = 127           # 7-bit entries: a byte's two nibble values still fit in a byte
-
-_lock = threading.Lock()
-_lib = None
-_why_not = "not loaded yet"
+_UINT8, _BOOL, _INT32, _INT64, _FLOAT32, _FLOAT64 = map(np.dtype, (np.uint8, np.bool_, np.int32, np.int64,
+                                                                   np.float32, np.float64))
 
 
-class NativeBuildError(RuntimeError):
-    """The native kernel could not be built or loaded (the numba kernel is used instead)."""
+class NativeUnavailableError(RuntimeError):
+    """A native kernel was called where it does not run (`status()` says why)."""
 
 
-def cache_dir() -> pathlib.Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(pathlib.Path.home() / ".cache")
-    return pathlib.Path(os.environ.get("FACEPQ_NATIVE_DIR") or pathlib.Path(base) / "facepq" / "native")
-
-
-def build() -> pathlib.Path:
-    """Compile fastscan4.c into the cache (once per source version); returns the library path."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        raise NativeBuildError(f"the AVX2 kernel needs x86-64, this is {platform.machine()}")
-    # keyed by source and flags, not the compiler, so an image can ship the built library
-    # and drop the compiler (deploy/Dockerfile)
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:16]
-    out = cache_dir() / f"fastscan4-{key}.so"
-    if out.exists():
-        return out
-    cc = shutil.which(os.environ.get("CC", "gcc"))
-    if cc is None:
-        raise NativeBuildError("no C compiler (gcc) on PATH")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
-    try:
-        proc = subprocess.run([cc, *CFLAGS, "-o", str(tmp), str(SOURCE), "-lm"],
-                              capture_output=True, text=True, timeout=120)
-        if proc.returncode != 0:
-            raise NativeBuildError(f"{cc} failed: {proc.stderr.strip()[-500:]}")
-        os.replace(tmp, out)   # atomic: several node processes may build at once
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise NativeBuildError(f"compiling {SOURCE.name} failed: {exc}") from exc
-    finally:
-        tmp.unlink(missing_ok=True)
-    log.info("built %s", out)
-    return out
-
-
+@functools.cache
 def _load():
-    global _lib, _why_not
-    with _lock:
-        if _lib is not None or _why_not != "not loaded yet":
-            return _lib
-        if os.environ.get("FACEPQ_NATIVE", "1") == "0":
-            _why_not = "disabled by FACEPQ_NATIVE=0"
-            return None
-        try:
-            lib = ctypes.CDLL(str(build()))
-            if not lib.fs4_supported():
-                raise NativeBuildError("this CPU has no AVX2")
-        except (NativeBuildError, OSError) as exc:
-            _why_not = str(exc)
-            log.warning("native 4-bit scan kernel unavailable (%s); using the numba kernel", exc)
-            return None
-        p = ctypes.c_void_p
-        lib.fs4_scan.restype = ctypes.c_int
-        lib.fs4_scan.argtypes = [p, ctypes.c_int64, ctypes.c_int32, ctypes.c_int32, p, p, p, p, p, p,
-                                 ctypes.c_int32, ctypes.c_int64, p, p, ctypes.c_int32]
-        lib.pq8_scan.restype = ctypes.c_int
-        lib.pq8_scan.argtypes = [p, ctypes.c_int64, ctypes.c_int32, ctypes.c_int32, p, p, ctypes.c_int32,
-                                 ctypes.c_int64, p, p, ctypes.c_int32]
-        _lib, _why_not = lib, ""
-        return _lib
+    """(the extension module, '') when its 4-bit kernel runs here, else (None, why not)."""
+    if os.environ.get("FACEPQ_NATIVE", "1") == "0":
+        return None, "disabled by FACEPQ_NATIVE=0"
+    try:
+        module = importlib.import_module("query_node._fastscan")
+    except ModuleNotFoundError:
+        why = "the extension query_node._fastscan is not built (`pip install .` builds it with a C compiler)"
+    except ImportError as exc:
+        why = f"the extension query_node._fastscan does not load: {exc}"
+    else:
+        if module.kernels["fs4_scan"] is not None:
+            return module, ""
+        if platform.machine().lower() in ("x86_64", "amd64"):
+            why = "this CPU has no AVX2"
+        else:
+            why = f"the native kernels are x86-64 only, this is {platform.machine()}"
+    log.warning("native scan kernels unavailable (%s); using the numba kernels", why)
+    return None, why
 
 
 def available() -> bool:
-    """True when the native kernel is built and this CPU runs it."""
-    return _load() is not None
+    """True when the extension is built and this CPU runs its kernels."""
+    return _load()[0] is not None
 
 
 def status() -> str:
-    """'avx2' or 'numba (<why the native kernel is not used>)'."""
-    return "avx2" if available() else f"numba ({_why_not})"
+    """The 4-bit kernel's instruction set ('avx2'), or 'numba (<why the native kernel is not used>)'."""
+    native, why = _load()
+    return native.kernels["fs4_scan"] if native is not None else f"numba ({why})"
 
 
 @dataclass(frozen=True)
@@ -180,35 +134,46 @@ def scan_into(codes: np.ndarray, byte_tables: np.ndarray, tables: NibbleTables, 
         byte_tables: float32 [Q, B*256] exact pair tables.
         tables: the same queries' `NibbleTables`.
         skip: bool [N] tombstones, read only when has_skip.
-        heap_s, heap_r: C-contiguous float32 / int64 [Q, k] heaps, updated in place.
+        heap_s, heap_r: C-contiguous, writable float32 / int64 [Q, k] heaps, updated in place.
+    Raises:
+        ValueError: an array's dtype, layout or size does not fit the others (the
+            extension checks every size, so a wrong argument never reads past a buffer).
     """
-    n, width = codes.shape
-    rc = _native().fs4_scan(codes.ctypes.data, n, width, heap_s.shape[0], byte_tables.ctypes.data,
-                      tables.nib.ctypes.data, tables.base.ctypes.data, tables.delta.ctypes.data,
-                      tables.terms.ctypes.data, skip.ctypes.data, int(has_skip), row_offset,
-                      heap_s.ctypes.data, heap_r.ctypes.data, heap_s.shape[1])
-    _check(rc, "fs4_scan", codes)
+    _check_arrays(codes, byte_tables, skip, has_skip, heap_s, heap_r, ("nib", tables.nib, _UINT8),
+                  ("base", tables.base, _FLOAT64), ("delta", tables.delta, _FLOAT64), ("terms", tables.terms, _INT32))
+    _native().fs4_scan(codes, codes.shape[1], byte_tables, tables.nib, tables.base, tables.delta, tables.terms,
+                       skip, has_skip, row_offset, heap_s, heap_r, heap_s.shape[-1])
 
 
 def scan8_into(codes: np.ndarray, byte_tables: np.ndarray, skip: np.ndarray, has_skip: bool, row_offset: int,
                heap_s: np.ndarray, heap_r: np.ndarray) -> None:
     """Native twin of `query_node.scan._scan_into` for any byte tables (same heap, same results).
 
-    Args as `scan_into`, without the nibble tables.
+    Args and errors as `scan_into`, without the nibble tables.
     """
-    n, width = codes.shape
-    rc = _native().pq8_scan(codes.ctypes.data, n, width, heap_s.shape[0], byte_tables.ctypes.data, skip.ctypes.data,
-                      int(has_skip), row_offset, heap_s.ctypes.data, heap_r.ctypes.data, heap_s.shape[1])
-    _check(rc, "pq8_scan", codes)
+    _check_arrays(codes, byte_tables, skip, has_skip, heap_s, heap_r)
+    _native().pq8_scan(codes, codes.shape[1], byte_tables, skip, has_skip, row_offset, heap_s, heap_r,
+                       heap_s.shape[-1])
 
 
 def _native():
-    lib = _load()
-    if lib is None:
-        raise NativeBuildError(_why_not)
-    return lib
+    native, why = _load()
+    if native is None:
+        raise NativeUnavailableError(why)
+    return native
 
 
-def _check(rc: int, kernel: str, codes: np.ndarray) -> None:
-    if rc != 0:
-        raise NativeBuildError(f"{kernel} returned {rc} for codes {codes.shape}")
+def _check_arrays(codes, byte_tables, skip, has_skip, heap_s, heap_r, *more: tuple[str, np.ndarray, np.dtype]):
+    """Dtypes, C order and writable heaps; the extension sees bytes only and checks their sizes."""
+    if codes.ndim != 2:
+        raise ValueError(f"codes must be uint8 [N, B], got shape {codes.shape}")
+    if not (heap_s.flags.writeable and heap_r.flags.writeable):
+        raise ValueError("heap_s and heap_r are updated in place: they must be writable")
+    arrays = (("codes", codes, _UINT8), ("byte_tables", byte_tables, _FLOAT32), ("heap_s", heap_s, _FLOAT32),
+              ("heap_r", heap_r, _INT64), *more)
+    if has_skip:
+        arrays += (("skip", skip, _UINT8 if skip.dtype == _UINT8 else _BOOL),)
+    for name, array, dtype in arrays:
+        if array.dtype != dtype or not array.flags.c_contiguous:
+            layout = "" if array.flags.c_contiguous else ", not C-contiguous"
+            raise ValueError(f"{name} must be a C-contiguous {dtype} array, got {array.dtype}{layout}")

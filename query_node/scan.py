@@ -15,7 +15,7 @@ Why the kernel looks the way it does (measured, see ARCHITECTURE.md):
 * 4-bit codes (two sub-codes per byte) use "pair tables": subspaces (2j, 2j+1)
   are merged into one 256-entry table indexed by the whole byte, so packed codes
   run through the same byte kernel with half the lookups;
-* where a C compiler and AVX2 exist, the native kernels run instead
+* where the extension is built and AVX2 exists, the native kernels run instead
   (`query_node.fastscan`): for 4-bit codes 7-bit quantized 16-entry tables looked
   up 32 rows per vpshufb prune rows that cannot reach the k-th best, and the rest
   are re-scored with the same pair tables in the same order; for 8-byte codes a

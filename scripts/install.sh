@@ -18,8 +18,25 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   $PIP install -q --upgrade pip
   $PIP install -q "torch==2.13.0" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 fi
+# Installing facepq compiles the scan kernels' extension module (query_node._fastscan), so
+# the C compiler comes first; without one 4-bit codes scan with the slower numba kernel
+# (same results).
+if ! command -v gcc >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "[install] gcc (apt) for the native scan kernels"
+  apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc libc6-dev >/dev/null
+fi
+# Reinstall when the metadata or the kernels' C sources change: an editable install
+# rebuilds the extension in place only then.
 stamp="$VENV/.facepq-installed"
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+needs_install() {
+  [ -f "$stamp" ] || return 0
+  for f in pyproject.toml setup.py query_node/*.c query_node/*.h; do
+    [ "$f" -nt "$stamp" ] && return 0
+  done
+  return 1
+}
+if needs_install; then
   echo "[install] facepq and its dependencies"
   $PIP install -q -e ".[dev]" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
   touch "$stamp"
@@ -35,13 +52,6 @@ if ! command -v redis-server >/dev/null 2>&1; then
   else
     echo "[install] redis-server not found and cannot be installed here; Redis tests will fail" >&2
   fi
-fi
-# The AVX2 4-bit scan kernel (query_node/fastscan4.c) needs a C compiler; without one
-# 4-bit codes scan with the slower numba kernel (same results).
-if ! command -v gcc >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-  echo "[install] gcc (apt) for the native scan kernel"
-  apt-get update -qq >/dev/null
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc libc6-dev >/dev/null
 fi
 "$VENV/bin/python" -c "from query_node import fastscan; print('[install] 4-bit scan kernel:', fastscan.status())"
 if [ -f clients/node/package.json ] && command -v npm >/dev/null 2>&1 && [ ! -d clients/node/node_modules ]; then

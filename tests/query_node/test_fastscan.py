@@ -1,14 +1,15 @@
-"""The native kernels (query_node/fastscan4.c) return exactly what the numba kernels return.
+"""The native kernels (query_node._fastscan) return exactly what the numba kernels return.
 
 Both fill the same (score desc, row asc) heap and sum the same float32 byte tables in
 the same order, so scores and rows must be identical, not merely close. For 4-bit
 codes the quantized tables only decide which rows get re-scored: a pruning bound that
 were too tight would show up here as a missing row.
 """
+import importlib
+import importlib.machinery
 import os
 import pathlib
 import platform
-import shutil
 import subprocess
 import sys
 
@@ -24,20 +25,28 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 def _why_no_native() -> str | None:
     if platform.machine().lower() not in ("x86_64", "amd64"):
-        return f"the native kernel is x86-64 only (this is {platform.machine()})"
-    if shutil.which(os.environ.get("CC", "gcc")) is None:
-        return "no C compiler on PATH: 4-bit codes scan with the numba kernel"
+        return f"the native kernels are x86-64 only (this is {platform.machine()})"
     if "avx2" not in pathlib.Path("/proc/cpuinfo").read_text():
         return "this CPU has no AVX2: 4-bit codes scan with the numba kernel"
+    try:
+        importlib.import_module("query_node._fastscan")
+    except ImportError as exc:
+        return (f"query_node._fastscan is not built ({exc}): `pip install -e .` or "
+                "`python setup.py build_ext --inplace` builds it")
     return None
 
 
 pytestmark = pytest.mark.skipif(_why_no_native() is not None, reason=str(_why_no_native()))
 
 
-def test_native_kernel_builds_and_runs_here():
+def test_the_extension_module_is_what_runs_here():
+    from query_node import _fastscan
+
     assert fastscan.available(), fastscan.status()
     assert fastscan.status() == "avx2"
+    assert _fastscan.kernels == {"fs4_scan": "avx2", "pq8_scan": "avx2"}
+    assert _fastscan.__file__.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
+    assert _fastscan.FS4_MAX_CODE_BYTES == fastscan.MAX_CODE_BYTES
 
 
 def scan_both(codes_list, luts, k, skips):
@@ -149,11 +158,83 @@ def test_disabled_by_environment_variable_uses_numba():
     assert out.stdout.strip() == "numba (disabled by FACEPQ_NATIVE=0)"
 
 
-def test_build_is_cached_and_rebuilt_in_a_fresh_cache_dir(tmp_path):
-    code = ("from query_node import fastscan; p = fastscan.build(); "
-            "print(p.parent, fastscan.build() == p, p.exists())")
-    env = {**os.environ, "FACEPQ_NATIVE_DIR": str(tmp_path / "native")}
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == [str(tmp_path / "native"), "True", "True"]
+_SCAN_BOTH_WIDTHS = """
+import sys
+import numpy as np
+from facepq_core.codes import CodeSpec, pack_codes
+from query_node import fastscan
+from query_node.scan import scan_topk_batch
+
+rng = np.random.default_rng(7)
+skip = rng.random(5000) < 0.1
+codes4 = pack_codes(rng.integers(0, 16, size=(5000, 16), dtype=np.uint8), CodeSpec(16, 16))
+luts4 = rng.standard_normal((3, 16, 16)).astype(np.float32)
+codes8 = rng.integers(0, 256, size=(5000, 8), dtype=np.uint8)
+luts8 = rng.standard_normal((3, 8, 256)).astype(np.float32)
+s4, r4 = scan_topk_batch(codes4, luts4, 50, packed=True, skip_mask=skip)
+s8, r8 = scan_topk_batch(codes8, luts8, 50, packed=False, skip_mask=skip)
+np.savez(sys.argv[1], s4=s4, r4=r4, s8=s8, r8=r8)
+print(fastscan.status())
+"""
+
+
+def test_numba_path_under_facepq_native_0_gives_identical_results(tmp_path):
+    """The same script in two processes: the extension's kernels here, numba with FACEPQ_NATIVE=0."""
+    results = {}
+    for native in ("1", "0"):
+        out_file = tmp_path / f"native{native}.npz"
+        env = {**os.environ, "FACEPQ_NATIVE": native}
+        out = subprocess.run([sys.executable, "-c", _SCAN_BOTH_WIDTHS, str(out_file)], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=300, check=False)
+        assert out.returncode == 0, out.stderr
+        results[native] = (out.stdout.strip(), dict(np.load(out_file)))
+    assert results["1"][0] == "avx2"
+    assert results["0"][0] == "numba (disabled by FACEPQ_NATIVE=0)"
+    for key in ("s4", "r4", "s8", "r8"):
+        np.testing.assert_array_equal(results["1"][1][key], results["0"][1][key], err_msg=key)
+
+
+def _scan8_args(n=100, width=8, nq=2, k=5):
+    rng = np.random.default_rng(0)
+    return {"codes": rng.integers(0, 256, size=(n, width), dtype=np.uint8),
+            "byte_tables": rng.standard_normal((nq, width * 256)).astype(np.float32),
+            "skip": np.zeros(n, np.bool_), "has_skip": True, "row_offset": 0,
+            "heap_s": np.full((nq, k), -np.inf, np.float32), "heap_r": np.full((nq, k), np.iinfo(np.int64).max)}
+
+
+@pytest.mark.parametrize("change, error", [
+    ({"byte_tables": np.zeros((2, 8 * 256), np.float64)}, r"byte_tables must be a .* float32 array, got float64"),
+    ({"byte_tables": np.zeros((3, 8 * 256), np.float32)}, r"pq8_scan: byte tables .* 24576 bytes, expected 16384"),
+    ({"heap_r": np.zeros((2, 4), np.int64)}, r"pq8_scan: heap rows .* holds 64 bytes, expected 80"),
+    ({"skip": np.zeros(99, np.bool_)}, r"pq8_scan: skip mask .* holds 99 bytes, expected 100"),
+    ({"skip": np.zeros(100, np.float32)}, r"skip must be a C-contiguous bool array, got float32"),
+    ({"codes": np.zeros((100, 8), np.int8)}, r"codes must be a C-contiguous uint8 array, got int8"),
+    ({"codes": np.zeros(800, np.uint8)}, r"codes must be uint8 \[N, B\], got shape \(800,\)"),
+    ({"codes": np.zeros((100, 16), np.uint8)[:, ::2]}, r"codes must be .* got uint8, not C-contiguous"),
+])
+def test_bad_arguments_raise_clear_errors_instead_of_reading_past_a_buffer(change, error):
+    args = {**_scan8_args(), **change}
+    with pytest.raises(ValueError, match=error):
+        fastscan.scan8_into(**args)
+
+
+def test_heaps_must_be_writable_and_codes_may_be_read_only():
+    args = _scan8_args()
+    args["codes"].flags.writeable = False   # a memory-mapped segment: scanned in place
+    fastscan.scan8_into(**args)
+    assert (args["heap_r"] < 100).all()
+    args["heap_s"].flags.writeable = False
+    with pytest.raises(ValueError, match="heap_s and heap_r are updated in place: they must be writable"):
+        fastscan.scan8_into(**args)
+
+
+def test_4bit_kernel_checks_its_nibble_tables_against_the_heaps():
+    luts = np.zeros((2, 16, 16), np.float32)
+    tables = scan_tables(luts, True, 8)
+    args = _scan8_args()
+    fastscan.scan_into(args["codes"], tables.byte, tables.nibble, args["skip"], True, 0, args["heap_s"],
+                       args["heap_r"])
+    one_query = fastscan.nibble_tables(fastscan.nibble_values(luts[:1]))
+    with pytest.raises(ValueError, match=r"fs4_scan: nibble tables .* holds 512 bytes, expected 1024"):
+        fastscan.scan_into(args["codes"], tables.byte, one_query, args["skip"], True, 0, args["heap_s"],
+                           args["heap_r"])

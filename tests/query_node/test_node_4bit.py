@@ -1,7 +1,7 @@
 """A real query node serving 4-bit codes (two sub-codes per byte) answers exactly like brute force.
 
-On x86-64 with a C compiler the node scans packed codes with the native AVX2 kernel
-(query_node/fastscan4.c); this checks that path end to end over gRPC, with tombstones.
+On an x86-64 CPU with AVX2 the node scans packed codes with the native kernel (the
+extension query_node._fastscan); this checks that path end to end over gRPC, with tombstones.
 """
 import numpy as np
 import pytest

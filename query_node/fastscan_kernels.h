@@ -1,0 +1,61 @@
+/*
+ * Native scan kernels (fastscan_kernels.c) as the extension module query_node._fastscan
+ * (_fastscan.c) calls them: exact top-k of PQ codes, each query's min-heap updated in place.
+ *
+ * A kernel may have one variant per instruction set, named <kernel>_<isa>, each compiled
+ * with __attribute__((target(...))) rather than a -m flag for the whole file, so one
+ * binary loads on any x86-64 CPU; _fastscan.c lists a kernel's variants best first and
+ * picks the first this CPU runs. On other machines (or compilers) no variant is compiled
+ * and facepq scans with its numba kernels.
+ */
+#ifndef FASTSCAN_KERNELS_H
+#define FASTSCAN_KERNELS_H
+
+#include <stdint.h>
+
+#ifndef FASTSCAN_X86   /* -DFASTSCAN_X86=0 builds the module without kernels, as on other machines */
+#if defined(__x86_64__) && defined(__GNUC__)   /* gcc and clang: target attributes, __builtin_cpu_supports */
+#define FASTSCAN_X86 1
+#else
+#define FASTSCAN_X86 0
+#endif
+#endif
+
+#define FS4_MAX_CODE_BYTES 64   /* fs4_scan keeps one block's transposed byte columns on the stack */
+
+/* Return codes of every kernel. */
+#define SCAN_OK 0
+#define SCAN_BAD_ARGS (-1)      /* a width, query count or k the kernel does not handle */
+#define SCAN_NO_MEMORY (-2)
+
+/*
+ * 4-bit codes: scan codes [n, width] (byte b holds sub-code 2b in its low nibble, 2b+1 in
+ * its high nibble) for nq queries.
+ *
+ * pair:   float32 [nq, width * 256] exact byte tables (query_node.scan.byte_tables)
+ * nib:    uint8 [nq, width8, 2, 32] quantized nibble tables, width8 = width rounded up to 8
+ * base, delta: float64 [nq]; terms: int32 [nq] (quantized terms + slack)
+ * skip:   uint8 [n] tombstones (read only for rows entering a heap) when has_skip
+ * heap_s, heap_r: float32 / int64 [nq, k] min-heaps (root = k-th best), updated in place
+ */
+typedef int (*fs4_scan_fn)(const uint8_t *codes, int64_t n, int32_t width, int32_t nq, const float *pair,
+                           const uint8_t *nib, const double *base, const double *delta, const int32_t *terms,
+                           const uint8_t *skip, int32_t has_skip, int64_t row_offset, float *heap_s,
+                           int64_t *heap_r, int32_t k);
+
+/* Any byte tables (8-bit codes, or 4-bit pair tables): arguments as fs4_scan's, without the nibble tables. */
+typedef int (*pq8_scan_fn)(const uint8_t *codes, int64_t n, int32_t width, int32_t nq, const float *tables,
+                           const uint8_t *skip, int32_t has_skip, int64_t row_offset, float *heap_s,
+                           int64_t *heap_r, int32_t k);
+
+#if FASTSCAN_X86
+int fs4_scan_avx2(const uint8_t *codes, int64_t n, int32_t width, int32_t nq, const float *pair,
+                  const uint8_t *nib, const double *base, const double *delta, const int32_t *terms,
+                  const uint8_t *skip, int32_t has_skip, int64_t row_offset, float *heap_s, int64_t *heap_r,
+                  int32_t k);
+int pq8_scan_avx2(const uint8_t *codes, int64_t n, int32_t width, int32_t nq, const float *tables,
+                  const uint8_t *skip, int32_t has_skip, int64_t row_offset, float *heap_s, int64_t *heap_r,
+                  int32_t k);
+#endif
+
+#endif
