@@ -1,4 +1,4 @@
-"""The query node's gRPC server: a thin servicer over LiveIndex (shard_view) + scan + merge.
+"""The query node's gRPC server: a thin servicer over LiveIndex (live_index) + scan + merge.
 
 Status codes (the message always says what to change):
 * INVALID_ARGUMENT: no tables, a table whose shape is not the index's [M, K] or whose
@@ -29,7 +29,9 @@ from concurrent import futures
 
 import numpy as np
 
-from query_node.shard_view import IndexView, LiveIndex, ScanStats
+from query_node.index_view import IndexView
+from query_node.live_index import LiveIndex
+from query_node.shard_search import ScanStats
 
 log = logging.getLogger(__name__)
 
