@@ -166,7 +166,7 @@ class Coordinator:
         import grpc
 
         from facepq_proto.facepq.v1 import facepq_pb2
-        from query_node.node_server import table_message
+        from query_node.wire import table_message
 
         deadline = time.monotonic() + timeout
         q = lookup_tables.shape[0]

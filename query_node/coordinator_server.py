@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent import futures
 
 import numpy as np
 
 from facepq_core.errors import ConfigError, DataError, FacepqError
-from query_node.node_server import MAX_MESSAGE_BYTES, MAX_TOP_K
+from query_node.wire import MAX_TOP_K
 
 log = logging.getLogger(__name__)
 
@@ -215,45 +214,26 @@ class CoordinatorServer:
         self.tls, self.auth_tokens, self.auth_search = tls, list(auth_tokens), auth_search
         self.index_uri, self.redis_url = index_uri, redis_url
         self.host, self.requested_port, self.workers, self.search_timeout = host, port, workers, search_timeout
-        self.server = self.health = self.port = None
+        self.grpc_server = self.port = None
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
     def start(self) -> "CoordinatorServer":
-        import grpc
-        from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-        from grpc_reflection.v1alpha import reflection
+        from facepq_proto.facepq.v1 import facepq_pb2_grpc
+        from query_node.grpc_server import GrpcServer
 
-        from facepq_proto.facepq.v1 import facepq_pb2, facepq_pb2_grpc
-
-        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
-        from query_node.security import add_port, interceptors
-
-        protected = {f"/{SERVICE_NAME}/{m}" for m in ("Enrol", "Delete", "Compact")}
-        if self.auth_search:
-            protected |= {f"/{SERVICE_NAME}/Search", f"/{SERVICE_NAME}/Status"}
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=self.workers), options=options,
-                                  interceptors=interceptors(self.auth_tokens, protected))
-        self.port = add_port(self.server, self.host, self.requested_port, self.tls)
+        protected = ["Enrol", "Delete", "Compact"] + (["Search", "Status"] if self.auth_search else [])
+        self.grpc_server = GrpcServer(SERVICE_NAME, self.host, self.requested_port, self.workers, tls=self.tls,
+                                      auth_tokens=self.auth_tokens, protected_methods=protected)
         servicer = _servicer_class()(self.coordinator, self.encoder, self.index_uri, self.redis_url,
                                      self.search_timeout)
-        facepq_pb2_grpc.add_CoordinatorServicer_to_server(servicer, self.server)
-        self.health = health.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection((facepq_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name,
-                                             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                                             reflection.SERVICE_NAME), self.server)
-        for name in ("", SERVICE_NAME):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        self.server.start()
+        self.grpc_server.start(lambda server: facepq_pb2_grpc.add_CoordinatorServicer_to_server(servicer, server))
+        self.port = self.grpc_server.port
         return self
 
     def stop(self, grace: float = 2.0) -> None:
-        if self.health is not None:
-            self.health.enter_graceful_shutdown()
-        if self.server is not None:
-            self.server.stop(grace).wait(grace + 1)
+        if self.grpc_server is not None:
+            self.grpc_server.stop(grace)
         self.coordinator.close()
