@@ -38,10 +38,11 @@ SERVICE_NAME = "facepq.v1.Coordinator"
 def _servicer_class():
     import grpc
 
+    from facepq_core.errors import NodeRefused, VersionConflict
     from facepq_proto.facepq.v1 import facepq_pb2, facepq_pb2_grpc
     from indexer.errors import IndexLockTimeout
     from indexer.store import IndexStore
-    from query_node.coordinator import VersionConflict, embedding_tables, photo_features
+    from query_node.coordinator import embedding_tables, photo_features
 
     def abort_for(context, exc: FacepqError):
         """Map an error from the index layer to the status a client can act on."""
@@ -93,11 +94,8 @@ def _servicer_class():
                 result = self.coordinator.search_tables(tables, k, timeout=timeout, min_version=required)
             except VersionConflict as exc:
                 context.abort(grpc.StatusCode.ABORTED, str(exc))
-            except grpc.RpcError as exc:  # a node refused the request itself: a coordinator/node mismatch
-                code = exc.code().name if exc.code() else "UNKNOWN"
-                log.error("a query node refused a search: %s %s", code, exc.details())
-                context.abort(grpc.StatusCode.INTERNAL, f"a query node refused the search ({code}: {exc.details()}); "
-                              f"check that nodes and coordinator serve the same index and share the node token")
+            except NodeRefused as exc:  # a node refused the request itself: a coordinator/node mismatch
+                context.abort(grpc.StatusCode.INTERNAL, str(exc))
             except FacepqError as exc:
                 context.abort(grpc.StatusCode.UNAVAILABLE, f"cannot read the index version: {exc}")
             reply = facepq_pb2.SearchResponse(complete=result.complete, missing_shards=result.missing_shards,
