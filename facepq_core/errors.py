@@ -39,7 +39,7 @@ class IndexFormatError(FacepqError):
 
 
 class NoFaceFound(FacepqError):
-    """The photo decoded but the face detector found no face in it."""
+    """The photo decoded but the face detector found no face in it (for several photos: none gave a usable face)."""
 
     status = "FAILED_PRECONDITION"
 
