@@ -168,7 +168,7 @@ class SegmentView:
     sources: pa.Array
     fingerprint: str
     reader: "MetadataReader | None" = field(default=None, repr=False, compare=False)
-    file_map: "mmap.mmap | None" = field(default=None, repr=False, compare=False)  # a local file's map, if any
+    file_map: mmap.mmap | None = field(default=None, repr=False, compare=False)  # a local file's map, if any
     map_address: int = field(default=0, repr=False, compare=False)  # where that map starts in memory
 
     @property

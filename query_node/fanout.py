@@ -23,8 +23,8 @@ Rules:
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
 
 from facepq_core.errors import NodeRefused, VersionConflict
 from query_node.merge import Hit, merge_node_replies

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from concurrent import futures
-from typing import Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -70,7 +70,7 @@ class GrpcServer:
         return f"{self.host}:{self.port}"
 
     def start(self, add_servicer: Callable[[grpc.Server], None],
-              initial_health: Callable[[health.HealthServicer], None] | None = None) -> "GrpcServer":
+              initial_health: Callable[[health.HealthServicer], None] | None = None) -> GrpcServer:
         """Create, bind, register, report health, start.
 
         Args:

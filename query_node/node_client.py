@@ -10,7 +10,8 @@ real one: one cached channel per node, TLS and the node token when configured.
 from __future__ import annotations
 
 import threading
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import grpc
 import numpy as np

@@ -61,7 +61,7 @@ def cluster(tmp_path):
     clients = FakeNodeClients(nodes={"a": LiveNode(path, [0]), "b": LiveNode(path, [1])})
     coord = Coordinator(FakeRegistry([record("a", [0]), record("b", [1])]), 2, node_clients=clients)
     service = CoordinatorService(coord, FakeModel(meta), str(path))
-    yield dict(service=service, clients=clients, path=path, ids=ids, coord=coord)
+    yield {"service": service, "clients": clients, "path": path, "ids": ids, "coord": coord}
     coord.close()
 
 
@@ -138,11 +138,11 @@ def test_a_refused_enrolment_commits_nothing(cluster, person, photos, error, mes
 
 def test_a_refused_delete_says_why_and_commits_nothing(cluster):
     service = cluster["service"]
-    cases = [(dict(), InvalidRequest, "send a person or face_ids"),
-             (dict(face_ids=[]), InvalidRequest, "face_ids is empty"),
-             (dict(person="p1", face_ids=[1]), InvalidRequest, "not both"),
-             (dict(person="nobody-by-this-name"), NotFound, "no live faces of person 'nobody-by-this-name'"),
-             (dict(face_ids=[1, 2, 3]), NotFound, "not live")]
+    cases = [({}, InvalidRequest, "send a person or face_ids"),
+             ({"face_ids": []}, InvalidRequest, "face_ids is empty"),
+             ({"person": "p1", "face_ids": [1]}, InvalidRequest, "not both"),
+             ({"person": "nobody-by-this-name"}, NotFound, "no live faces of person 'nobody-by-this-name'"),
+             ({"face_ids": [1, 2, 3]}, NotFound, "not live")]
     for kwargs, error, message in cases:
         with pytest.raises(error, match=message) as err:
             service.delete(**kwargs)
