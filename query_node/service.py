@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from facepq_core.errors import DataError, FacepqError, InvalidRequest, NoFaceFound, NotFound, Unavailable
+from query_node.fanout import replicas_by_shard
 from query_node.merge import Hit
 from query_node.wire import MAX_TOP_K
 
@@ -231,8 +232,6 @@ class CoordinatorService:
     # ---- status ------------------------------------------------------------------------------
     def status(self) -> StatusResult:
         """The nodes as the registry lists them, shards no healthy node serves, the model's fingerprint."""
-        from query_node.fanout import replicas_by_shard
-
         nodes = self.coordinator.nodes()
         replicas = replicas_by_shard(nodes, self.coordinator.shard_count)
         return StatusResult(shard_count=self.coordinator.shard_count, model_fingerprint=self.model.fingerprint,
