@@ -189,7 +189,7 @@ def node_load(cluster: Cluster, model: str, clients: int, seconds: float, top_k:
 
     from facepq_proto.facepq.v1 import facepq_pb2, facepq_pb2_grpc
     from opqn_model.api import FaceEncoder
-    from query_node.node_server import table_message
+    from query_node.wire import table_message
 
     enc = FaceEncoder.load(model)
     rng = np.random.default_rng(7)
@@ -268,9 +268,9 @@ def overhead_run(cluster: Cluster, model: str, requests: int, top_k: int = 10, w
     from facepq_proto.facepq.v1 import facepq_pb2, facepq_pb2_grpc
     from indexer.store import IndexStore
     from opqn_model.api import FaceEncoder
-    from query_node.node_server import table_message
+    from query_node.index_view import load_view
     from query_node.scan import byte_tables
-    from query_node.shard_view import load_view
+    from query_node.wire import table_message
 
     enc = FaceEncoder.load(model)
     store = IndexStore(cluster.index)
@@ -343,7 +343,7 @@ def baseline_node_rss(model: str, tmp: str, searches: int = 20) -> int:
 
     from facepq_proto.facepq.v1 import facepq_pb2, facepq_pb2_grpc
     from opqn_model.api import FaceEncoder
-    from query_node.node_server import table_message
+    from query_node.wire import table_message
 
     index = os.path.join(tmp, "baseline-idx")
     if not os.path.exists(index):

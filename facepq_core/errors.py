@@ -1,7 +1,11 @@
-"""Errors a user can act on.
+"""Errors a user can act on, and the one table of what each means to a caller.
 
 Library code raises these (never prints); the CLI turns them into one line on
-stderr and a non-zero exit code, and the gRPC servicers into a status code.
+stderr and a non-zero exit code (`exit_code`), and a service edge into a status
+(`status`). A status is the name of a google.rpc canonical code (`INVALID_ARGUMENT`,
+`NOT_FOUND`, ...): the gRPC servers answer `grpc.StatusCode[status]`, an HTTP
+gateway answers `HTTP_STATUS[status]`. So a new error class chooses its status
+here, once, and every transport maps it the same way.
 """
 
 
@@ -9,10 +13,17 @@ class FacepqError(Exception):
     """Base class: the message is written for a person and says what to do."""
 
     exit_code = 2
+    status = "FAILED_PRECONDITION"
 
 
 class ConfigError(FacepqError):
     """An invalid option or combination of options (bits, codebooks, paths)."""
+
+    status = "INVALID_ARGUMENT"
+
+
+class InvalidRequest(ConfigError):
+    """A request that cannot be served as sent (no query, a value out of range); the message says what to send."""
 
 
 class CheckpointError(FacepqError):
@@ -28,12 +39,63 @@ class IndexFormatError(FacepqError):
 
 
 class NoFaceFound(FacepqError):
-    """The photo decoded but the face detector found no face in it."""
+    """The photo decoded but the face detector found no face in it (for several photos: none gave a usable face)."""
+
+    status = "FAILED_PRECONDITION"
 
 
 class BadImage(FacepqError):
     """A file that is not a usable image. `reason` is a short key counted in run summaries."""
 
+    status = "INVALID_ARGUMENT"
+
     def __init__(self, reason: str, detail: str = ""):
         self.reason = reason
         super().__init__(f"{reason}: {detail}" if detail else reason)
+
+
+class NotFound(FacepqError):
+    """What a request names is not there: a person or face ids with no live face, a shard a node does not serve."""
+
+    status = "NOT_FOUND"
+
+
+class Unavailable(FacepqError):
+    """Something the request needs is down or busy right now (the index version unreadable, the commit lock held
+    too long, a shard NOT_SERVING on this node); the same request can succeed later or elsewhere."""
+
+    status = "UNAVAILABLE"
+
+
+class VersionConflict(FacepqError):
+    """The index moved to new versions faster than one search could gather all shards at one version."""
+
+    status = "ABORTED"
+
+
+class NodeRefused(FacepqError):
+    """A query node refused a request the coordinator built (not a node being down): the two disagree on the
+    index or the node token. Nothing the caller sent can fix it, so it is an internal error to them."""
+
+    status = "INTERNAL"
+
+
+# google.rpc.Code -> HTTP status, as google.rpc's code.proto documents the mapping.
+HTTP_STATUS = {
+    "INVALID_ARGUMENT": 400,
+    "FAILED_PRECONDITION": 400,
+    "OUT_OF_RANGE": 400,
+    "UNAUTHENTICATED": 401,
+    "PERMISSION_DENIED": 403,
+    "NOT_FOUND": 404,
+    "ABORTED": 409,
+    "ALREADY_EXISTS": 409,
+    "RESOURCE_EXHAUSTED": 429,
+    "CANCELLED": 499,
+    "UNKNOWN": 500,
+    "INTERNAL": 500,
+    "DATA_LOSS": 500,
+    "UNIMPLEMENTED": 501,
+    "UNAVAILABLE": 503,
+    "DEADLINE_EXCEEDED": 504,
+}

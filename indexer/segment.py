@@ -11,6 +11,8 @@ The metadata columns (face_id, person, source) of a local segment are read with
 positional reads (`SegmentView.hit_metadata`, `SegmentView.tombstone_mask`), never
 through the map: a mapped page once touched stays in the process's resident set,
 so a query node that looked hits up through the map grew towards the whole file.
+A long-lived reader also advises the kernel to keep those pages out of the map
+(`SegmentView.advise_random_access`).
 """
 from __future__ import annotations
 
@@ -35,6 +37,8 @@ from indexer.segment_reader import MetadataReader
 from indexer.store import SHARD_DIR, IndexStore
 
 log = logging.getLogger(__name__)
+
+_PAGE = mmap.PAGESIZE
 
 __all__ = ["SegmentCorrupt", "SegmentView", "write_segment", "open_segment", "segment_schema", "segment_path"]
 
@@ -164,6 +168,8 @@ class SegmentView:
     sources: pa.Array
     fingerprint: str
     reader: "MetadataReader | None" = field(default=None, repr=False, compare=False)
+    file_map: mmap.mmap | None = field(default=None, repr=False, compare=False)  # a local file's map, if any
+    map_address: int = field(default=0, repr=False, compare=False)  # where that map starts in memory
 
     @property
     def rows(self) -> int:
@@ -214,6 +220,40 @@ class SegmentView:
         """bool [rows]: False for rows whose face_id is in `tombstones` (a set or array of ints)."""
         return ~self.tombstone_mask(tombstones)
 
+    def advise_random_access(self) -> None:
+        """Keep this segment's metadata (face_id, person, source) out of the map's resident pages.
+
+        A long-lived reader (a query node) reads these columns with positional reads
+        (hit_metadata, tombstone_mask), never through the map, so no search faults them in.
+        Two things still could:
+        - a fault next to them: the kernel maps the already cached pages around a faulting one too
+          (fault-around, a 64 KiB window, MADV_RANDOM or not), but only within the fault's VMA. The
+          whole pages holding only metadata get their own VMA (MADV_RANDOM, which also turns readahead
+          off for any other reader of the arrays), so a scan of the first codes maps no metadata.
+        - opening the file, before that split: Arrow reads the record batch header from the page the
+          face ids start on, and fault-around maps up to 15 pages of face ids with it. MADV_DONTNEED
+          unmaps them again (the page cache keeps them; a later access faults a page back in).
+        Only for a segment mapped from a local file with a positional reader (its metadata buffers
+        were checked to lie in the map): DONTNEED on the heap copy of a remote segment would zero it.
+        The code column keeps the default advice: it is scanned front to back. Best effort: a
+        platform without madvise, or a kernel that refuses it, leaves the map as it is.
+        """
+        if self.reader is None or self.file_map is None or not hasattr(self.file_map, "madvise"):
+            return
+        # The metadata buffers are adjacent in the file (column order, padding between), codes after them.
+        bufs = [self.batch.column(0).buffers()[1]] + [b for column in (self.persons, self.sources)
+                                                      for b in column.buffers() if b is not None]
+        lo = min(b.address for b in bufs) - self.map_address
+        hi = max(b.address + b.size for b in bufs) - self.map_address
+        inner_lo, inner_hi = -(-lo // _PAGE) * _PAGE, hi // _PAGE * _PAGE
+        outer_lo, outer_hi = lo // _PAGE * _PAGE, -(-hi // _PAGE) * _PAGE
+        try:
+            if inner_hi > inner_lo:
+                self.file_map.madvise(mmap.MADV_RANDOM, inner_lo, inner_hi - inner_lo)
+            self.file_map.madvise(mmap.MADV_DONTNEED, outer_lo, outer_hi - outer_lo)
+        except (AttributeError, OSError) as exc:  # no such advice here (not Linux), or the kernel refused
+            log.debug("%s: no page-cache advice (%s)", self.ref.path, exc)
+
 
 def column_view(col: pa.Array, dtype, width: int) -> np.ndarray:
     """Zero-copy numpy view of a fixed-width column's data buffer, honouring the array offset."""
@@ -238,10 +278,10 @@ def open_segment(store_or_path: IndexStore | str, ref: SegmentRef, verify: bool 
     store = store_or_path if isinstance(store_or_path, IndexStore) else IndexStore(store_or_path)
     where = f"segment {ref.path} of {store.uri}"
     local = store.local_path(ref.path)
-    fd = None
+    fd = mapped = None
     try:
         if local is not None:
-            fd, buf = _map_file(local)
+            fd, mapped, buf = _map_file(local)
         else:
             buf = pa.py_buffer(store.read_bytes(ref.path))
     except (FileNotFoundError, IndexFormatError) as exc:
@@ -251,6 +291,7 @@ def open_segment(store_or_path: IndexStore | str, ref: SegmentRef, verify: bool 
     try:
         view = _open_mapped(buf, local, ref, where, verify, model)
         if fd is not None:
+            view.file_map, view.map_address = mapped, buf.address
             view.reader = _reader(fd, buf, view.batch, where)
             fd = None  # the reader owns it now
         return view
@@ -292,19 +333,22 @@ def _reader(fd: int, buf: pa.Buffer, batch: pa.RecordBatch, where: str) -> Metad
         return None
 
 
-def _map_file(path: str) -> tuple[int, pa.Buffer]:
-    """(read-only descriptor, read-only memory map of the whole file as an Arrow buffer, zero copy).
+def _map_file(path: str) -> tuple[int, mmap.mmap | None, pa.Buffer]:
+    """(read-only descriptor, read-only memory map of the whole file, that map as an Arrow buffer, zero copy).
 
     Python's mmap rather than `pa.memory_map`: Arrow's memory-mapped reads advise the
     kernel WILLNEED over the range read, which pages in the whole segment (ids, names,
     sources) at open; with a plain map only the pages a query touches become resident.
-    The descriptor stays open for positional reads of the same file (MetadataReader).
+    The map itself is kept for page advice (SegmentView.advise_random_access); the
+    descriptor stays open for positional reads of the same file (MetadataReader).
+    An empty file has no map (None).
     """
     fd = os.open(path, os.O_RDONLY)
     try:
         if os.fstat(fd).st_size == 0:
-            return fd, pa.py_buffer(b"")
-        return fd, pa.py_buffer(mmap.mmap(fd, 0, access=mmap.ACCESS_READ))
+            return fd, None, pa.py_buffer(b"")
+        mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+        return fd, mapped, pa.py_buffer(mapped)
     except BaseException:
         os.close(fd)
         raise

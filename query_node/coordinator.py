@@ -1,11 +1,13 @@
-"""The coordinator: query -> lookup table -> one replica per shard -> exact merge.
+"""The coordinator: lookup tables -> one replica per shard -> exact merge, over the node registry.
 
 A search asks ONE healthy replica of every shard (shards grouped per node, nodes
-called in parallel with the remaining deadline: all but one asynchronously, the
-last one on the calling thread, which saves a thread hand-off). A node that fails with
-UNAVAILABLE / DEADLINE_EXCEEDED / NOT_FOUND (it restarted with other shards) has
-its shards re-asked from another replica. Shards that no replica answered are
-reported: `complete=False` plus `missing_shards`, never a silent partial answer.
+called in parallel with the remaining deadline: all but one on a thread pool, the
+last one on the calling thread, which saves a thread hand-off). Which replica to ask,
+which failures to retry elsewhere and how versions are realigned is decided by
+query_node.fanout.FanOut (pure, unit-tested); this module makes the calls, through
+a query_node.node_client.NodeClients (gRPC in production, fakes in tests). Shards
+that no replica answered are reported: `complete=False` plus `missing_shards`, never
+a silent partial answer.
 """
 from __future__ import annotations
 
@@ -14,42 +16,23 @@ import threading
 import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 import numpy as np
 
-from facepq_core.errors import ConfigError, FacepqError
-from query_node.merge import Hit, merge_node_replies
+from facepq_core.errors import ConfigError
+from query_node.fanout import FanOut, FanOutResult, NodeCallError, replicas_by_shard
+from query_node.wire import MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
 
-RETRY_CODES = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "NOT_FOUND", "CANCELLED", "UNKNOWN", "INTERNAL")
-MAX_VERSION_ROUNDS = 3
-
-
-class VersionConflict(FacepqError):
-    """The index moved to new versions faster than one search could gather all shards at one version."""
-
-
-@dataclass
-class FanOutResult:
-    hits: list[list[Hit]]                 # one best-first list per query
-    missing_shards: list[int] = field(default_factory=list)
-    index_version: str = ""
-    node_scan_ms: float = 0.0             # the slowest answering node's reported kernel time
-
-    @property
-    def complete(self) -> bool:
-        return not self.missing_shards
-
 
 class _Done:
-    """A finished call with the `.result()` of a grpc future: the reply, or the RpcError raised again."""
+    """A finished call with the `.result()` of a future: the reply, or the exception raised again."""
 
     def __init__(self, call, *args, **kwargs):
         try:
             self.reply, self.error = call(*args, **kwargs), None
-        except Exception as exc:  # noqa: BLE001 (re-raised by result(), as a grpc future does)
+        except Exception as exc:  # noqa: BLE001 (re-raised by result(), as a future does)
             self.reply, self.error = None, exc
 
     def result(self):
@@ -67,19 +50,21 @@ class Coordinator:
         topology_ttl: seconds a registry listing is reused before asking again.
         tls: query_node.security.ClientTls for the node channels (None = plaintext).
         node_token: sent as `authorization: Bearer` on every node call (nodes run with a token).
+        node_clients: how nodes are called (query_node.node_client.NodeClients); default: gRPC with
+            `tls`, `node_token` and `max_message_bytes`.
     """
 
-    def __init__(self, registry, shard_count: int, topology_ttl: float = 0.5, max_message_bytes: int = 16 << 20,
-                 tls=None, node_token: str | None = None):
-        from query_node.security import bearer_metadata
+    def __init__(self, registry, shard_count: int, topology_ttl: float = 0.5,
+                 max_message_bytes: int = MAX_MESSAGE_BYTES, tls=None, node_token: str | None = None,
+                 node_clients=None):
+        if node_clients is None:
+            from query_node.node_client import GrpcNodeClients
 
+            node_clients = GrpcNodeClients(tls=tls, node_token=node_token, max_message_bytes=max_message_bytes)
         self.registry = registry
-        self.tls = tls  # query_node.security.ClientTls for node channels, or None (plaintext)
-        self.node_metadata = bearer_metadata(node_token)
+        self.node_clients = node_clients
         self.shard_count = shard_count
         self.topology_ttl = topology_ttl
-        self.max_message_bytes = max_message_bytes
-        self._channels: dict = {}
         self._lock = threading.Lock()
         self._nodes, self._nodes_at = None, 0.0
         self._refresh_lock = threading.Lock()  # one registry listing at a time
@@ -119,32 +104,10 @@ class Coordinator:
                 self._nodes, self._nodes_at = nodes, time.monotonic()
         return nodes
 
-    def _stub(self, address: str):
-        from facepq_proto.facepq.v1 import facepq_pb2_grpc
-        from query_node.security import make_channel
-
-        with self._lock:
-            if address not in self._channels:
-                opts = [("grpc.max_receive_message_length", self.max_message_bytes),
-                        ("grpc.max_send_message_length", self.max_message_bytes)]
-                channel = make_channel(address, self.tls, opts)
-                self._channels[address] = (channel, facepq_pb2_grpc.QueryNodeStub(channel))
-            return self._channels[address][1]
-
     def replicas(self) -> dict[int, list]:
         """shard -> healthy nodes serving it (rotated per call to spread load)."""
-        nodes = [n for n in self.nodes() if n.healthy]
         self._rr += 1
-        out: dict[int, list] = {s: [] for s in range(self.shard_count)}
-        for n in nodes:
-            for s in n.shards:
-                if s in out:
-                    out[s].append(n)
-        for s, lst in out.items():
-            if lst:
-                r = self._rr % len(lst)
-                out[s] = lst[r:] + lst[:r]
-        return out
+        return replicas_by_shard(self.nodes(), self.shard_count, self._rr)
 
     def search_tables(self, lookup_tables: np.ndarray, k: int, timeout: float = 5.0,
                       min_version: int | None = None) -> FanOutResult:
@@ -161,87 +124,38 @@ class Coordinator:
             FanOutResult; shards no replica answered (at the agreed version) are `missing_shards`.
         Raises:
             VersionConflict: the index moved more than MAX_VERSION_ROUNDS times during the search.
-            grpc.RpcError: a node refused the request itself (INVALID_ARGUMENT, UNAUTHENTICATED, ...).
+            NodeRefused: a node refused the request itself (INVALID_ARGUMENT, UNAUTHENTICATED, ...).
         """
-        import grpc
-
-        from facepq_proto.facepq.v1 import facepq_pb2
-        from query_node.node_server import table_message
-
         deadline = time.monotonic() + timeout
-        q = lookup_tables.shape[0]
-        tables = [table_message(facepq_pb2, t) for t in lookup_tables]
-        candidates = self.replicas()
-        tried: dict[int, set] = {s: set() for s in candidates}
-        pending = set(range(self.shard_count))
-        # One entry per node reply: (version, shards it answered, its results, its scan_ms). All shards of
-        # one reply share its version, so realigning versions drops whole replies.
-        answers: list[tuple[int, list[int], list, float]] = []
-        target = str(min_version) if min_version else ""
-        rounds = 0
-        while pending:
-            plan: dict[str, list[int]] = {}
-            for s in sorted(pending):
-                choice = next((n for n in candidates[s] if n.address not in tried[s]), None)
-                if choice is not None:
-                    plan.setdefault(choice.address, []).append(s)
+        tables = self.node_clients.prepare(lookup_tables)
+        fan = FanOut({s: [n.address for n in nodes] for s, nodes in self.replicas().items()}, self.shard_count,
+                     min_version)
+        while True:
+            plan = fan.next_round()
             remaining = deadline - time.monotonic()
             if not plan or remaining <= 0:
                 break
             calls = {}
             last = list(plan)[-1]
             for address, shards in plan.items():
-                for s in shards:
-                    tried[s].add(address)
-                req = facepq_pb2.NodeSearchRequest(tables=tables, top_k=k, shards=shards, index_version=target)
-                search = self._stub(address).Search
+                args = (address, tables, k, shards, fan.target, remaining)
                 if address == last:  # every other call is in flight: wait for this one on this thread
-                    calls[address] = _Done(search, req, timeout=remaining, metadata=self.node_metadata)
+                    calls[address] = _Done(self.node_clients.search, *args)
                 else:
-                    calls[address] = self._calls.submit(search, req, timeout=remaining, metadata=self.node_metadata)
-            for address, fut in calls.items():
+                    calls[address] = self._calls.submit(self.node_clients.search, *args)
+            for address, call in calls.items():
                 try:
-                    reply = fut.result()
-                except grpc.RpcError as exc:
-                    code = exc.code().name if exc.code() else "UNKNOWN"
-                    log.warning("node %s failed for shards %s: %s %s", address, plan[address], code, exc.details())
-                    if code not in RETRY_CODES:
-                        raise
+                    reply = call.result()
+                except NodeCallError as exc:
+                    fan.failed(address, exc)  # raises NodeRefused when retrying elsewhere cannot help
                     continue
-                version = int(reply.index_version or 0)
-                if target and version < int(target):  # it could not load the version asked for
-                    log.warning("node %s answered from version %d, older than the required %s; asking another "
-                                "replica", address, version, target)
-                    continue
-                fresh = [s for s in reply.shards_searched if s in pending]
-                answers.append((version, fresh, list(reply.results), reply.scan_ms))
-                pending.difference_update(fresh)
-            # All shards must come from one version: realign stragglers to the newest one seen.
-            versions = {a[0] for a in answers}
-            if len(versions) > 1:
-                rounds += 1
-                if rounds > MAX_VERSION_ROUNDS:
-                    raise VersionConflict(f"the index changed {rounds} times during one search; retry")
-                newest = max(versions)
-                target = str(newest)
-                for v, shards, _, _ in answers:
-                    if v != newest:
-                        pending.update(shards)
-                        for s in shards:
-                            tried[s] = set()  # the same replica can answer the new version after loading it
-                answers = [a for a in answers if a[0] == newest]
-        version = str(answers[0][0]) if answers else ""
-        hits = [merge_node_replies([(shards, results[i].hits) for _, shards, results, _ in answers], k)
-                for i in range(q)]
-        return FanOutResult(hits=hits, missing_shards=sorted(pending), index_version=version,
-                            node_scan_ms=max((a[3] for a in answers), default=0.0))
+                fan.answered(address, reply)
+            fan.end_round()  # all shards must come from one version: realign stragglers to the newest
+        return fan.result(lookup_tables.shape[0], k)
 
     def close(self) -> None:
         self._stop.set()
-        with self._lock:
-            channels, self._channels = list(self._channels.values()), {}
-        for channel, _ in channels:
-            channel.close()
+        self.node_clients.close()
         self._calls.shutdown(wait=False)
 
 

@@ -1,4 +1,4 @@
-"""The coordinator's gRPC server: Search / Enrol / Delete / Status over `Coordinator`.
+"""The coordinator's gRPC server: a thin servicer over query_node.service.CoordinatorService.
 
 Status codes:
 * INVALID_ARGUMENT: no query, top_k outside 0..1000 (0 = default 10), an embedding of
@@ -15,177 +15,84 @@ Status codes:
 * Every search answers from ONE committed version, at least the one current when it
   started: a face deleted (and acknowledged) before a search began never appears in it.
 * RESOURCE_EXHAUSTED: a request above MAX_MESSAGE_BYTES (gRPC's own check).
+* INTERNAL: a query node refused the search itself (coordinator and nodes disagree on the
+  index or the node token).
 * A search with shards that no replica answered is NOT an error: complete=false and
   missing_shards name them.
+The service raises facepq_core.errors; each class names its code, and
+query_node.grpc_server.status_on_error answers it: the servicer aborts nothing itself.
 """
 from __future__ import annotations
 
 import logging
 import time
-from concurrent import futures
 
-import numpy as np
-
-from facepq_core.errors import ConfigError, DataError, FacepqError
-from query_node.node_server import MAX_MESSAGE_BYTES, MAX_TOP_K
+from facepq_core.errors import ConfigError
+from facepq_proto.facepq.v1 import facepq_pb2, facepq_pb2_grpc
+from query_node.grpc_server import GrpcServer, status_on_error
+from query_node.service import CoordinatorService, Photo, SearchOptions
+from query_node.wire import hit_messages
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TOP_K = 10
-MAX_PERSON_CHARS = 256
 SERVICE_NAME = "facepq.v1.Coordinator"
 
 
-def _servicer_class():
-    import grpc
+class CoordinatorServicer(facepq_pb2_grpc.CoordinatorServicer):
+    """Each RPC: read the request, call the CoordinatorService, build the reply."""
 
-    from facepq_proto.facepq.v1 import facepq_pb2, facepq_pb2_grpc
-    from indexer.errors import IndexLockTimeout
-    from indexer.store import IndexStore
-    from query_node.coordinator import VersionConflict, embedding_tables, photo_features
+    def __init__(self, service: CoordinatorService):
+        self.service = service
 
-    def abort_for(context, exc: FacepqError):
-        """Map an error from the index layer to the status a client can act on."""
-        if isinstance(exc, IndexLockTimeout):
-            context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-        if isinstance(exc, DataError):
-            context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
-        if isinstance(exc, ConfigError):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+    def Search(self, request, context):
+        t0 = time.perf_counter()
+        kind = request.WhichOneof("query")
+        query = request.photo if kind == "photo" else request.embedding.values if kind == "embedding" else None
+        with status_on_error(context):
+            result = self.service.search(query, request.top_k, SearchOptions(context.time_remaining()))
+        reply = facepq_pb2.SearchResponse(complete=result.complete, missing_shards=result.missing_shards,
+                                          index_version=result.index_version, node_scan_ms=result.node_scan_ms)
+        reply.hits.extend(hit_messages(facepq_pb2, result.hits))
+        reply.took_ms = (time.perf_counter() - t0) * 1e3
+        return reply
 
-    class CoordinatorServicer(facepq_pb2_grpc.CoordinatorServicer):
-        def __init__(self, coordinator, encoder, index_uri, redis_url, search_timeout):
-            self.coordinator, self.encoder = coordinator, encoder
-            self.index_uri, self.redis_url, self.search_timeout = index_uri, redis_url, search_timeout
-            self.store = IndexStore(index_uri)
+    def Enrol(self, request, context):
+        photos = [Photo(content=p.content, source=p.source) for p in request.photos]
+        with status_on_error(context):
+            result = self.service.enrol(request.person, photos)
+        return facepq_pb2.EnrolResponse(face_ids=result.face_ids, skipped=result.skipped,
+                                        index_version=result.index_version)
 
-        def Search(self, request, context):
-            t0 = time.perf_counter()
-            k = request.top_k or DEFAULT_TOP_K
-            if not 1 <= k <= MAX_TOP_K:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"top_k must be in 1..{MAX_TOP_K}, got {k}")
-            kind = request.WhichOneof("query")
-            if kind is None:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "send a photo (bytes) or an embedding")
-            if kind == "embedding":
-                try:
-                    tables = embedding_tables(self.encoder.codec, request.embedding.values)
-                except ConfigError as exc:
-                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+    def Delete(self, request, context):
+        target = request.WhichOneof("target")
+        with status_on_error(context):
+            if target == "face_ids":
+                result = self.service.delete(face_ids=list(request.face_ids.ids))
             else:
-                feats, kept, skipped = photo_features(self.encoder, [request.photo])
-                if not kept:
-                    reason = skipped.get(0, "unknown")
-                    if reason == "no_face":
-                        context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                      "no face found in the photo; send a photo with a visible, frontal face")
-                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the photo cannot be used: {reason} "
-                                  f"(send JPEG/PNG/PGM bytes of a face photo)")
-                tables = self.encoder.codec.query_tables(feats[:1])
-            remaining = context.time_remaining()
-            timeout = self.search_timeout if remaining is None else max(0.0, min(remaining - 0.05, self.search_timeout))
-            try:
-                # The version current now is the oldest this search may see (deletes acknowledged before it).
-                required = self.store.current_version()
-                result = self.coordinator.search_tables(tables, k, timeout=timeout, min_version=required)
-            except VersionConflict as exc:
-                context.abort(grpc.StatusCode.ABORTED, str(exc))
-            except grpc.RpcError as exc:  # a node refused the request itself: a coordinator/node mismatch
-                code = exc.code().name if exc.code() else "UNKNOWN"
-                log.error("a query node refused a search: %s %s", code, exc.details())
-                context.abort(grpc.StatusCode.INTERNAL, f"a query node refused the search ({code}: {exc.details()}); "
-                              f"check that nodes and coordinator serve the same index and share the node token")
-            except FacepqError as exc:
-                context.abort(grpc.StatusCode.UNAVAILABLE, f"cannot read the index version: {exc}")
-            reply = facepq_pb2.SearchResponse(complete=result.complete, missing_shards=result.missing_shards,
-                                              index_version=result.index_version, node_scan_ms=result.node_scan_ms)
-            reply.hits.extend(facepq_pb2.Hit(face_id=h.face_id, person=h.person, source=h.source, score=h.score,
-                                             shard=h.shard) for h in result.hits[0])
-            reply.took_ms = (time.perf_counter() - t0) * 1e3
-            return reply
+                result = self.service.delete(person=request.person if target == "person" else None)
+        return facepq_pb2.DeleteResponse(deleted=result.deleted, index_version=result.index_version)
 
-        def Enrol(self, request, context):
-            from indexer.face_id import face_id_for_photo
-            from indexer.manifest import ModelMeta
-            from indexer.writer import IndexWriter
+    def Compact(self, request, context):
+        grace = request.grace_seconds if request.HasField("grace_seconds") else None
+        with status_on_error(context):
+            result = self.service.compact(grace)
+        return facepq_pb2.CompactResponse(index_version=result.index_version, rows_removed=result.rows_removed,
+                                          segments_rewritten=result.segments_rewritten,
+                                          files_deleted=result.files_deleted, bytes_freed=result.bytes_freed)
 
-            if not request.person.strip():
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "person must be a non-empty name")
-            if len(request.person) > MAX_PERSON_CHARS or not request.person.isprintable():
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"person must be at most {MAX_PERSON_CHARS} printable "
-                              f"characters (no control characters or newlines)")
-            if not request.photos:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "send at least one photo to enrol")
-            contents = [p.content for p in request.photos]
-            sources = [p.source or f"enrol:{request.person}:{i}" for i, p in enumerate(request.photos)]
-            feats, kept, skipped = photo_features(self.encoder, contents)
-            skipped_msgs = [f"{sources[i]}: {r}" for i, r in sorted(skipped.items())]
-            if not kept:
-                context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                              f"no usable face in any photo ({'; '.join(skipped_msgs)})")
-            codes = self.encoder.codec.encode(feats)
-            ids = np.array([face_id_for_photo(bytes(contents[i])) for i in kept], dtype=np.uint64)
-            try:
-                writer = IndexWriter(self.index_uri, ModelMeta.from_encoder(self.encoder), redis_url=self.redis_url)
-                writer.add(ids, [request.person] * len(kept), [sources[i] for i in kept], codes)
-                version = writer.commit(f"enrol {request.person!r} ({len(kept)} faces)")
-            except FacepqError as exc:
-                abort_for(context, exc)
-            return facepq_pb2.EnrolResponse(face_ids=ids.tolist(), skipped=skipped_msgs,
-                                            index_version=str(version or ""))
-
-        def Delete(self, request, context):
-            from indexer.commit import delete_faces
-            from indexer.store import IndexStore
-
-            target = request.WhichOneof("target")
-            if target is None:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "send a person or face_ids to delete")
-            if target == "face_ids" and not request.face_ids.ids:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "face_ids is empty: send at least one face id")
-            try:
-                if target == "person":
-                    version, n = delete_faces(IndexStore(self.index_uri), person=request.person,
-                                              redis_url=self.redis_url)
-                else:
-                    version, n = delete_faces(IndexStore(self.index_uri), face_ids=list(request.face_ids.ids),
-                                              redis_url=self.redis_url)
-            except FacepqError as exc:
-                abort_for(context, exc)
-            return facepq_pb2.DeleteResponse(deleted=n, index_version=str(version))
-
-        def Compact(self, request, context):
-            from indexer.commit import compact
-
-            grace = request.grace_seconds if request.HasField("grace_seconds") else 3600.0
-            if not grace >= 0 or grace == float("inf"):
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"grace_seconds must be a finite number >= 0, "
-                              f"got {grace}")
-            try:
-                stats = compact(IndexStore(self.index_uri), redis_url=self.redis_url, grace_seconds=grace)
-            except FacepqError as exc:
-                abort_for(context, exc)
-            return facepq_pb2.CompactResponse(index_version=str(stats.version or ""), rows_removed=stats.rows_removed,
-                                              segments_rewritten=stats.segments_rewritten,
-                                              files_deleted=stats.files_deleted, bytes_freed=stats.bytes_freed)
-
-        def Status(self, request, context):
-            replicas = self.coordinator.replicas()
-            reply = facepq_pb2.StatusResponse(shard_count=self.coordinator.shard_count,
-                                              model_fingerprint=self.encoder.fingerprint,
-                                              uncovered_shards=[s for s, r in replicas.items() if not r])
-            for n in self.coordinator.nodes():
-                reply.nodes.add(node_id=n.node_id, address=n.address, shards=n.shards,
-                                index_version=n.index_version, healthy=n.healthy)
-                reply.index_version = reply.index_version or n.index_version
-            return reply
-
-    return CoordinatorServicer
+    def Status(self, request, context):
+        status = self.service.status()
+        reply = facepq_pb2.StatusResponse(shard_count=status.shard_count, model_fingerprint=status.model_fingerprint,
+                                          uncovered_shards=status.uncovered_shards,
+                                          index_version=status.index_version)
+        for n in status.nodes:
+            reply.nodes.add(node_id=n.node_id, address=n.address, shards=n.shards, index_version=n.index_version,
+                            healthy=n.healthy)
+        return reply
 
 
 class CoordinatorServer:
-    """A running coordinator: model + registry + gRPC server with health and reflection.
+    """A running coordinator: model + registry + service + gRPC server with health and reflection.
 
     Args:
         model_path: trained checkpoint (FaceEncoder.load).  index_uri: the index (for Enrol/Delete and shard count).
@@ -198,6 +105,7 @@ class CoordinatorServer:
         from indexer.store import IndexStore
         from opqn_model.api import FaceEncoder
         from query_node.coordinator import Coordinator
+        from query_node.face_model import FaceModel
         from query_node.registry import RedisRegistry, StaticRegistry
 
         if bool(redis_url) == bool(nodes):
@@ -209,48 +117,25 @@ class CoordinatorServer:
                               f"but {model_path} is model {self.encoder.fingerprint}; use the index's model")
         registry = RedisRegistry(redis_url) if redis_url else StaticRegistry(nodes, tls=node_tls, token=node_token)
         self.coordinator = Coordinator(registry, manifest.shard_count, tls=node_tls, node_token=node_token)
-        self.tls, self.auth_tokens, self.auth_search = tls, list(auth_tokens), auth_search
-        self.index_uri, self.redis_url = index_uri, redis_url
-        self.host, self.requested_port, self.workers, self.search_timeout = host, port, workers, search_timeout
-        self.server = self.health = self.port = None
+        self.service = CoordinatorService(self.coordinator, FaceModel(self.encoder), index_uri, redis_url=redis_url,
+                                          search_timeout=search_timeout)
+        protected = ["Enrol", "Delete", "Compact"] + (["Search", "Status"] if auth_search else [])
+        self.grpc_server = GrpcServer(SERVICE_NAME, host, port, workers, tls=tls, auth_tokens=auth_tokens,
+                                      protected_methods=protected)
+
+    @property
+    def port(self) -> int | None:
+        return self.grpc_server.port
 
     @property
     def address(self) -> str:
-        return f"{self.host}:{self.port}"
+        return self.grpc_server.address
 
     def start(self) -> "CoordinatorServer":
-        import grpc
-        from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-        from grpc_reflection.v1alpha import reflection
-
-        from facepq_proto.facepq.v1 import facepq_pb2, facepq_pb2_grpc
-
-        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
-        from query_node.security import add_port, interceptors
-
-        protected = {f"/{SERVICE_NAME}/{m}" for m in ("Enrol", "Delete", "Compact")}
-        if self.auth_search:
-            protected |= {f"/{SERVICE_NAME}/Search", f"/{SERVICE_NAME}/Status"}
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=self.workers), options=options,
-                                  interceptors=interceptors(self.auth_tokens, protected))
-        self.port = add_port(self.server, self.host, self.requested_port, self.tls)
-        servicer = _servicer_class()(self.coordinator, self.encoder, self.index_uri, self.redis_url,
-                                     self.search_timeout)
-        facepq_pb2_grpc.add_CoordinatorServicer_to_server(servicer, self.server)
-        self.health = health.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection((facepq_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name,
-                                             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                                             reflection.SERVICE_NAME), self.server)
-        for name in ("", SERVICE_NAME):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        self.server.start()
+        servicer = CoordinatorServicer(self.service)
+        self.grpc_server.start(lambda server: facepq_pb2_grpc.add_CoordinatorServicer_to_server(servicer, server))
         return self
 
     def stop(self, grace: float = 2.0) -> None:
-        if self.health is not None:
-            self.health.enter_graceful_shutdown()
-        if self.server is not None:
-            self.server.stop(grace).wait(grace + 1)
+        self.grpc_server.stop(grace)
         self.coordinator.close()

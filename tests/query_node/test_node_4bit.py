@@ -8,8 +8,8 @@ import pytest
 
 from indexer.store import IndexStore
 from query_node.coordinator import Coordinator
+from query_node.index_view import load_view
 from query_node.registry import StaticRegistry
-from query_node.shard_view import load_view
 from tests.support.index import brute_force, build_index, dyadic_lut
 from tests.support.processes import node
 

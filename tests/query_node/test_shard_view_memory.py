@@ -33,7 +33,7 @@ def _segment_vmas(paths):
 
 def test_metadata_is_advised_random_and_codes_keep_readahead(tmp_path):
     from indexer.store import IndexStore
-    from query_node.shard_view import load_view
+    from query_node.index_view import load_view
 
     index = tmp_path / "idx"
     build_index(index, rows=60_000, shard_count=1, segments_per_shard=1)  # ~0.5 MB of codes, more metadata
@@ -103,7 +103,7 @@ def test_hit_lookups_leave_no_metadata_pages_resident(big_index):
     """300 searches whose top-100 hits land on ~27k different rows: the codes are resident (the scan
     reads them), but not one whole page of face ids, names or sources is mapped into the process."""
     from indexer.store import IndexStore
-    from query_node.shard_view import load_view
+    from query_node.index_view import load_view
 
     path, ids = big_index
     view = load_view(IndexStore(str(path)), [0])
@@ -129,7 +129,7 @@ def test_hit_lookups_leave_no_metadata_pages_resident(big_index):
 def test_tombstone_masks_are_computed_without_mapping_the_face_id_column(tmp_path):
     from indexer.commit import delete_faces
     from indexer.store import IndexStore
-    from query_node.shard_view import load_view
+    from query_node.index_view import load_view
 
     path = tmp_path / "idx"
     _, ids, _ = build_index(path, rows=60_000, shard_count=1, segments_per_shard=1)
@@ -207,7 +207,7 @@ def test_a_verified_segment_stays_in_the_page_cache_for_hit_lookups(tmp_path):
     """Opening a segment reads it whole for its checksum; those pages stay in the page cache (not in the
     node's memory), so hit lookups (positional reads) do not each wait for the disk."""
     from indexer.store import IndexStore
-    from query_node.shard_view import load_view
+    from query_node.index_view import load_view
 
     path = tmp_path / "idx"
     build_index(path, rows=300_000, shard_count=1, segments_per_shard=1)
@@ -223,7 +223,7 @@ def test_a_verified_segment_stays_in_the_page_cache_for_hit_lookups(tmp_path):
 def test_a_segment_truncated_in_place_while_served_fails_hit_lookups_with_segment_corrupt(tmp_path):
     from indexer.errors import SegmentCorrupt
     from indexer.store import IndexStore
-    from query_node.shard_view import load_view
+    from query_node.index_view import load_view
 
     path = tmp_path / "idx"
     build_index(path, rows=20_000, shard_count=1, segments_per_shard=1)
@@ -239,7 +239,7 @@ def test_a_string_offset_altered_in_place_fails_hit_lookups_with_segment_corrupt
     """Each string's offsets are checked against its column before the string is read."""
     from indexer.errors import SegmentCorrupt
     from indexer.store import IndexStore
-    from query_node.shard_view import load_view
+    from query_node.index_view import load_view
 
     path = tmp_path / "idx"
     build_index(path, rows=2000, shard_count=1, segments_per_shard=1)

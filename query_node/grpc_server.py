@@ -1,0 +1,107 @@
+"""The one serve() shape of facepq's gRPC servers, and the one place an error becomes a status code.
+
+Both the query node and the coordinator start the same way: a server with the message
+size limits and the token interceptor, the port (TLS or not), the servicer, health and
+reflection, start. Stopping flips health to NOT_SERVING first, so load balancers and
+coordinators stop sending before the port closes, then lets calls in flight finish.
+
+Errors: servicers raise nothing of their own; a `facepq_core.errors.FacepqError` from
+the logic they call is answered with `grpc.StatusCode[exc.status]` and the error's
+message (`status_on_error`). The status of each error is chosen once, on its class.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from facepq_core.errors import FacepqError
+from query_node.security import add_port, interceptors
+from query_node.wire import MESSAGE_OPTIONS
+
+log = logging.getLogger(__name__)
+
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def status_code(exc: FacepqError) -> grpc.StatusCode:
+    """The gRPC status for an error: the one its class names (facepq_core.errors)."""
+    return grpc.StatusCode[exc.status]
+
+
+@contextlib.contextmanager
+def status_on_error(context):
+    """Answer a FacepqError raised in the block with its status code and message (context.abort)."""
+    try:
+        yield
+    except FacepqError as exc:
+        context.abort(status_code(exc), str(exc))
+
+
+class GrpcServer:
+    """A gRPC server serving one facepq service plus health and reflection.
+
+    Args:
+        service_name: full name of the service, e.g. "facepq.v1.QueryNode" (health and reflection use it).
+        host, port: where to listen (port 0 = any free port; see `.port` after start()).
+        workers: threads answering calls.
+        tls: query_node.security.ServerTls, or None for plaintext.
+        auth_tokens: when given, calls to `protected_methods` need `authorization: Bearer <token>`.
+        protected_methods: method names of the service (e.g. "Search") the tokens protect.
+    """
+
+    def __init__(self, service_name: str, host: str = "127.0.0.1", port: int = 0, workers: int = 4, tls=None,
+                 auth_tokens=(), protected_methods=()):
+        self.service_name = service_name
+        self.host, self.requested_port, self.workers = host, port, workers
+        self.tls, self.auth_tokens = tls, list(auth_tokens)
+        self.protected = {f"/{service_name}/{m}" for m in protected_methods}
+        self.server = self.health = self.port = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def start(self, add_servicer: Callable[[grpc.Server], None],
+              initial_health: Callable[[health.HealthServicer], None] | None = None) -> GrpcServer:
+        """Create, bind, register, report health, start.
+
+        Args:
+            add_servicer: registers the service's servicer on the server; called once the port is bound,
+                so it can read `.port` / `.address`.
+            initial_health: sets the health statuses before the first call can arrive; default: the
+                server ("") and the service SERVING.
+        """
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=self.workers), options=MESSAGE_OPTIONS,
+                                  interceptors=interceptors(self.auth_tokens, self.protected))
+        self.port = add_port(self.server, self.host, self.requested_port, self.tls)
+        add_servicer(self.server)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection((self.service_name, HEALTH_SERVICE, reflection.SERVICE_NAME),
+                                            self.server)
+        if initial_health is not None:
+            initial_health(self.health)
+        else:
+            for name in ("", self.service_name):
+                self.health.set(name, SERVING)
+        self.server.start()
+        return self
+
+    def begin_shutdown(self) -> None:
+        """Health NOT_SERVING for everything (and frozen there): callers stop sending new calls."""
+        if self.health is not None:
+            self.health.enter_graceful_shutdown()
+
+    def stop(self, grace: float = 2.0) -> None:
+        """begin_shutdown(), then let calls in flight finish for up to `grace` seconds and close the port."""
+        self.begin_shutdown()
+        if self.server is not None:
+            self.server.stop(grace).wait(grace + 1)

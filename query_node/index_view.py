@@ -1,0 +1,115 @@
+"""A query node's view of its shards at one index version: open, verify, mask tombstones.
+
+`load_view` memory-maps every segment of the served shards (zero-copy: the code
+matrix is the file's pages, so resident memory is about the bytes scanned),
+verifies each segment's sha256 once, advises the kernel to keep the metadata
+columns out of the map, and turns tombstones into per-segment skip masks. A shard
+whose segment is missing or corrupt is NOT_SERVING with the reason recorded.
+A view is immutable once built; query_node.live_index swaps whole views.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from facepq_core.errors import ConfigError, IndexFormatError
+from query_node.merge import Hit, merge_shard_lists
+from query_node.scan import scan_tables
+from query_node.shard_search import ScanStats, ShardData
+
+log = logging.getLogger(__name__)
+
+
+class IndexView:
+    """The served shards of one index version (immutable once built)."""
+
+    def __init__(self, manifest, shards: dict[int, ShardData]):
+        from facepq_core.codecs import codec_class
+
+        self.manifest = manifest
+        self.model = manifest.model
+        try:  # the scan kernel family of the index's codec; an index of an unknown codec is never scanned
+            self.kernel = codec_class(manifest.model.codec).kernel
+        except ConfigError as exc:
+            raise IndexFormatError(f"cannot serve this index: {exc}") from None
+        self.version = str(manifest.version)
+        self.shards = shards
+
+    def serving_shards(self) -> list[int]:
+        return sorted(s for s, d in self.shards.items() if d.serving)
+
+    def search(self, lookup_tables: np.ndarray, k: int, shards: list[int],
+               stats: ScanStats | None = None) -> list[list[Hit]]:
+        """Exact top-k over `shards` (all serving) for float32 [Q, M, K] tables; one list per query.
+
+        `stats` (optional) accumulates the kernel's seconds and rows over the shards scanned.
+        """
+        tables = scan_tables(lookup_tables, self.model.packed, self.model.code_bytes)
+        per_shard = [self.shards[s].search(tables, k, stats) for s in shards]
+        return [merge_shard_lists([res[q] for res in per_shard], k) for q in range(tables.byte.shape[0])]
+
+
+def load_view(store, shard_ids: list[int], previous: IndexView | None = None, verify: bool = True,
+              manifest=None, recheck: frozenset = frozenset()) -> IndexView:
+    """Open the current manifest's segments of `shard_ids`.
+
+    Args:
+        store: indexer.store.IndexStore.
+        shard_ids: shards this node serves; each must exist in the index.
+        previous: a view whose already verified segments (same id) are reused.
+        verify: check every newly opened segment's size and sha256.
+        manifest: the manifest to open (default: the current one).
+        recheck: segment ids never reused from `previous` (their files changed on disk).
+    Raises:
+        IndexFormatError: no index / unreadable manifest. ConfigError: a shard outside the index.
+    """
+    from indexer.errors import SegmentCorrupt
+    from indexer.segment import open_segment
+
+    manifest = manifest if manifest is not None else store.load_manifest()
+    bad = [s for s in shard_ids if s < 0 or s >= manifest.shard_count]
+    if bad:
+        raise ConfigError(f"shard(s) {bad} do not exist: the index at {store.uri} has {manifest.shard_count} "
+                          f"shards (0..{manifest.shard_count - 1})")
+    reuse = {}
+    if previous is not None:
+        for data in previous.shards.values():
+            reuse.update({seg.ref.id: seg for seg in data.segments if seg.ref.id not in recheck})
+    shards = {}
+    for shard in shard_ids:
+        state = manifest.shards[shard]
+        data = ShardData(shard=shard)
+        try:
+            for ref in state.segments:
+                seg = reuse.get(ref.id)
+                if seg is None or seg.ref.sha256 != ref.sha256:
+                    seg = open_segment(store, ref, verify=verify or ref.id in recheck, model=manifest.model)
+                    seg.advise_random_access()
+                data.segments.append(seg)
+        except SegmentCorrupt as exc:
+            log.error("shard %d NOT_SERVING at version %d: %s", shard, manifest.version, exc)
+            shards[shard] = ShardData(shard=shard, serving=False, reason=str(exc))
+            continue
+        _mask_tombstones(data, state.tombstones)
+        shards[shard] = data
+    return IndexView(manifest, shards)
+
+
+def _mask_tombstones(data: ShardData, tombstones) -> None:
+    """Fill data.skips (one mask or None per segment) and the shard's row counts."""
+    tomb = np.fromiter(tombstones, dtype=np.uint64, count=len(tombstones))
+    for seg in data.segments:
+        if tomb.size:
+            # tombstone_mask reads the face ids with positional reads in chunks rather than
+            # np.isin over seg.face_ids (the map), which would leave the whole column resident
+            # for as long as the segment is served. Not madvise(DONTNEED) after the fact: the
+            # whole column would still be resident at once while the masks are computed (a
+            # peak of 8 bytes a row per segment), and madvise is Linux-only best effort.
+            skip = seg.tombstone_mask(tomb)
+            data.skips.append(skip if skip.any() else None)
+        else:
+            data.skips.append(None)
+        data.rows += seg.rows
+        data.code_bytes += seg.codes.nbytes
+    data.live_rows = data.rows - sum(int(s.sum()) for s in data.skips if s is not None)

@@ -1,0 +1,81 @@
+"""The coordinator's calls to query nodes over gRPC, behind the small interface the fan-out uses.
+
+`NodeClients` is what query_node.coordinator.Coordinator needs from a transport:
+`prepare(lookup_tables)` once per search (the tables in wire form, reused by every
+node call of that search), `search(address, prepared, k, shards, index_version,
+timeout) -> fanout.NodeReply` or `fanout.NodeCallError`, and `close()`. Tests drive
+the coordinator with fake clients that answer from memory; `GrpcNodeClients` is the
+real one: one cached channel per node, TLS and the node token when configured.
+"""
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Protocol
+
+import grpc
+import numpy as np
+
+from facepq_proto.facepq.v1 import facepq_pb2, facepq_pb2_grpc
+from query_node.fanout import NodeCallError, NodeReply
+from query_node.security import bearer_metadata, make_channel
+from query_node.wire import MAX_MESSAGE_BYTES, table_message
+
+
+class NodeClients(Protocol):
+    def prepare(self, lookup_tables: np.ndarray) -> object:
+        """float32 [Q, M, K] -> what `search` sends (built once per search)."""
+
+    def search(self, address: str, tables: object, k: int, shards: Sequence[int], index_version: str,
+               timeout: float) -> NodeReply:
+        """Ask one node for its top-k over `shards`; raises NodeCallError when the call fails."""
+
+    def close(self) -> None:
+        ...
+
+
+class GrpcNodeClients:
+    """NodeClients over gRPC.
+
+    Args:
+        tls: query_node.security.ClientTls for the node channels (None = plaintext).
+        node_token: sent as `authorization: Bearer` on every call (nodes running with a token need it).
+        max_message_bytes: send/receive limit of the channels.
+    """
+
+    def __init__(self, tls=None, node_token: str | None = None, max_message_bytes: int = MAX_MESSAGE_BYTES):
+        self.tls = tls
+        self.metadata = bearer_metadata(node_token)
+        self.max_message_bytes = max_message_bytes
+        self._channels: dict = {}
+        self._lock = threading.Lock()
+
+    def _stub(self, address: str):
+        with self._lock:
+            if address not in self._channels:
+                opts = [("grpc.max_receive_message_length", self.max_message_bytes),
+                        ("grpc.max_send_message_length", self.max_message_bytes)]
+                channel = make_channel(address, self.tls, opts)
+                self._channels[address] = (channel, facepq_pb2_grpc.QueryNodeStub(channel))
+            return self._channels[address][1]
+
+    def prepare(self, lookup_tables: np.ndarray) -> list:
+        return [table_message(facepq_pb2, t) for t in lookup_tables]
+
+    def search(self, address: str, tables: list, k: int, shards: Sequence[int], index_version: str,
+               timeout: float) -> NodeReply:
+        request = facepq_pb2.NodeSearchRequest(tables=tables, top_k=k, shards=shards, index_version=index_version)
+        try:
+            reply = self._stub(address).Search(request, timeout=timeout, metadata=self.metadata)
+        except grpc.RpcError as exc:
+            code = exc.code().name if exc.code() else "UNKNOWN"
+            raise NodeCallError(code, exc.details()) from exc
+        # The hits stay messages: the merge converts only the k it keeps.
+        return NodeReply(version=int(reply.index_version or 0), shards=list(reply.shards_searched),
+                         results=[r.hits for r in reply.results], scan_ms=reply.scan_ms)
+
+    def close(self) -> None:
+        with self._lock:
+            channels, self._channels = list(self._channels.values()), {}
+        for channel, _ in channels:
+            channel.close()
