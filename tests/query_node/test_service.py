@@ -289,11 +289,15 @@ class _FaceEncoder:
 
     embedding_dim, trunk_name, fingerprint = 4, "fake", "f" * 16
 
+    class codec:  # noqa: N801 - stands in for a facepq_core.codecs.Codec: tables = zeros
+        embedding_dim = 4
+
+        @staticmethod
+        def query_tables(embeddings):
+            return np.zeros((len(embeddings), 2, 4), np.float32)
+
     def prepare_photos(self, images):
         return np.zeros((0, 8, 8, 3), np.uint8), [], {i: "no_face" for i in range(len(images))}
-
-    def lookup_tables(self, embeddings):
-        return np.zeros((len(embeddings), 2, 4), np.float32)
 
 
 def test_face_model_tells_a_photo_without_a_face_from_one_that_is_not_an_image():
