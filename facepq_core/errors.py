@@ -38,14 +38,22 @@ class IndexFormatError(FacepqError):
     """An index on disk that is missing, corrupt, or of another model/format."""
 
 
-class NoFaceFound(FacepqError):
+class PhotoSkipped(FacepqError):
+    """A photo that gives no usable face. `reason` is the short key run summaries count, Enrol reports per
+    photo and the ingest job writes in its `skip` column ('no_face', 'truncated', 'not_an_image', ...)."""
+
+    reason = "unusable"
+
+
+class NoFaceFound(PhotoSkipped):
     """The photo decoded but the face detector found no face in it (for several photos: none gave a usable face)."""
 
     status = "FAILED_PRECONDITION"
+    reason = "no_face"
 
 
-class BadImage(FacepqError):
-    """A file that is not a usable image. `reason` is a short key counted in run summaries."""
+class BadImage(PhotoSkipped):
+    """A file that is not a usable image."""
 
     status = "INVALID_ARGUMENT"
 

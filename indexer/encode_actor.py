@@ -31,9 +31,10 @@ def read_and_align(batch: dict[str, np.ndarray], pipeline: dict) -> dict[str, np
         {"face_id": uint64 [n], "person": str [n], "source": str [n], "skip": str [n] ('' = ok),
          "note": str [n] (conversion applied, '' = none), "crop": uint8 [n, S, S, 3] (zeros when skipped)}.
     """
-    from facepq_core.errors import BadImage, NoFaceFound
+    from facepq_core.errors import PhotoSkipped
     from opqn_model.face_pipeline import FacePipeline
-    from opqn_model.images import load_image_with_note, read_bytes
+    from opqn_model.images import read_bytes
+    from opqn_model.photos import align_photo
 
     face_pipeline = FacePipeline.from_dict(pipeline)
     paths = [str(p) for p in batch["path"]]
@@ -45,12 +46,9 @@ def read_and_align(batch: dict[str, np.ndarray], pipeline: dict) -> dict[str, np
         try:
             content, _ = read_bytes(path)
             face_ids[i] = face_id_for_photo(content, 0)
-            image, note = load_image_with_note(content)
+            crops[i], note = align_photo(content, face_pipeline)
             notes[i] = note or ""
-            crops[i] = face_pipeline(image)
-        except NoFaceFound:
-            skips[i] = "no_face"
-        except BadImage as exc:
+        except PhotoSkipped as exc:
             skips[i] = exc.reason
         except Exception as exc:  # noqa: BLE001 - a photo the decoders choke on must not kill the job
             log.warning("skipping %s: %s: %s", path, type(exc).__name__, exc)

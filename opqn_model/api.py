@@ -1,7 +1,7 @@
 """Inference API of a trained model.
 
     enc = FaceEncoder.load("model.pt")         # or the folder `facepq train --out` wrote
-    crops, kept, skipped = enc.prepare_photos([rgb_uint8_image, ...])   # face pipeline
+    crops, kept, skipped = enc.prepare_photos([photo_path_or_bytes, ...])   # face pipeline
     feats = enc.trunk_features(crops)          # float32 [N, enc.embedding_dim]
     codes = enc.codec.encode(feats)            # uint8 [N, enc.codec.spec.code_bytes]
     tables = enc.codec.query_tables(feats)     # float32 [N, M, K]; score = sum_m tables[m, c_m], higher is better
@@ -20,7 +20,7 @@ import os
 import numpy as np
 import torch
 
-from facepq_core.errors import BadImage, ConfigError, NoFaceFound
+from facepq_core.errors import ConfigError
 from opqn_model.checkpoint import load_checkpoint
 from opqn_model.config import ModelConfig
 from opqn_model.trunks import create_trunk, trunk_options
@@ -94,23 +94,15 @@ class FaceEncoder:
         return {"fingerprint": self.fingerprint, "trunk": self.trunk_name, **self.codec.describe()}
 
     # ---- photos -> trunk inputs -> trunk features ----------------------------------------------
-    def prepare_photos(self, images: list[np.ndarray]) -> tuple[np.ndarray, list[int], dict[int, str]]:
-        """Align each RGB uint8 photo with the face pipeline.
+    def prepare_photos(self, images) -> tuple[np.ndarray, list[int], dict[int, str]]:
+        """Align each photo (RGB uint8 array, path or file bytes) with the model's face pipeline.
 
-        Returns (crops uint8 [n_ok, S, S, 3], indices of the photos kept, {index: skip reason}).
+        Returns (crops uint8 [n_ok, S, S, 3], positions of the photos kept, {position: skip reason}).
         """
-        crops, kept, skipped = [], [], {}
-        for i, image in enumerate(images):
-            try:
-                crops.append(self.pipeline(image))
-                kept.append(i)
-            except NoFaceFound:
-                skipped[i] = "no_face"
-            except BadImage as exc:
-                skipped[i] = exc.reason
-        size = self.pipeline.size
-        batch = np.stack(crops) if crops else np.zeros((0, size, size, 3), np.uint8)
-        return batch, kept, skipped
+        from opqn_model.photos import align_photos
+
+        aligned = align_photos(images, self.pipeline)
+        return aligned.crops, aligned.kept, aligned.skipped
 
     def trunk_features(self, crops: np.ndarray) -> np.ndarray:
         """Aligned crops uint8 [N, S, S, 3] -> embeddings float32 [N, embedding_dim]."""

@@ -56,9 +56,9 @@ def synthetic_data(root: pathlib.Path, people: int, photos: int, size: int, seed
 
 
 def run_train(args) -> int:
+    from opqn_model.api import build_pipeline, build_trunk
     from opqn_model.config import ModelConfig, TrainConfig
     from opqn_model.config_flags import config_from_flags
-    from opqn_model.api import build_pipeline, build_trunk
     from opqn_model.train import train
 
     model_config = config_from_flags(ModelConfig, args)

@@ -23,9 +23,10 @@ import time
 
 import numpy as np
 
-from facepq_core.errors import BadImage, FacepqError, NoFaceFound
+from facepq_core.errors import BadImage, FacepqError, PhotoSkipped
 from opqn_model.datasets import SkipCounter
-from opqn_model.images import load_image_with_note, read_bytes
+from opqn_model.images import read_bytes
+from opqn_model.photos import align_photo
 
 log = logging.getLogger(__name__)
 
@@ -182,13 +183,11 @@ def embed_records(records, trunk, pipeline, cache: FeatureCache | None = None, p
                     skipped.add(value, record.path)
                 continue
             try:
-                image, note = load_image_with_note(data)
-                crop = pipeline(image)
-            except (BadImage, NoFaceFound) as exc:
-                reason = exc.reason if isinstance(exc, BadImage) else "no_face"
-                skipped.add(reason, record.path)
+                crop, note = align_photo(data, pipeline)
+            except PhotoSkipped as exc:
+                skipped.add(exc.reason, record.path)
                 if cache is not None:
-                    cache.put_many(key, [(sha, None, reason, None)])
+                    cache.put_many(key, [(sha, None, exc.reason, None)])
                 continue
             skipped.add_note(note, record.path)
             pending.append((i, sha, crop, note))

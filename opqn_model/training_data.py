@@ -7,9 +7,8 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-from tqdm import tqdm
 
-from facepq_core.errors import BadImage, DataError, NoFaceFound
+from facepq_core.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -19,24 +18,11 @@ def load_crops(records, pipeline, progress: bool = True):
 
     Returns (crops uint8 [n_ok, S, S, 3], kept records, SkipCounter).
     """
-    from opqn_model.datasets import SkipCounter
-    from opqn_model.images import load_image_with_note
+    from opqn_model.photos import align_photos
 
-    skips = SkipCounter()
-    crops, kept = [], []
-    for rec in tqdm(records, desc="align", unit="photo", disable=not progress, leave=False):
-        try:
-            image, note = load_image_with_note(rec.path)
-            crops.append(pipeline(image))
-            kept.append(rec)
-            if note:
-                skips.add_note(note, rec.path)
-        except NoFaceFound:
-            skips.add("no_face", rec.path)
-        except BadImage as exc:
-            skips.add(exc.reason, rec.path)
-    size = pipeline.size
-    return (np.stack(crops) if crops else np.zeros((0, size, size, 3), np.uint8)), kept, skips
+    paths = [rec.path for rec in records]
+    aligned = align_photos(paths, pipeline, progress=progress)
+    return aligned.crops, [records[i] for i in aligned.kept], aligned.counter(paths)
 
 
 def model_inputs(records, trunk, pipeline, progress: bool = True):

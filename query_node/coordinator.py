@@ -192,21 +192,10 @@ def embedding_tables(codec, values) -> np.ndarray:
 
 
 def photo_features(encoder, contents: list[bytes]) -> tuple[np.ndarray, list[int], dict[int, str]]:
-    """Encoded photos -> (trunk features float32 [n_ok, E], indices kept, {index: reason skipped}).
+    """Encoded photos -> (trunk features float32 [n_ok, E], positions kept, {position: reason skipped}).
 
-    Undecodable bytes are skipped with their BadImage reason, photos without a face with 'no_face'.
+    Reasons are those of facepq_core.errors.PhotoSkipped ('no_face', 'not_an_image', ...).
     """
-    from facepq_core.errors import BadImage
-    from opqn_model.images import load_image
-
-    images, idx, skipped = [], [], {}
-    for i, content in enumerate(contents):
-        try:
-            images.append(load_image(bytes(content)))
-            idx.append(i)
-        except BadImage as exc:
-            skipped[i] = exc.reason
-    crops, kept, skip2 = encoder.prepare_photos(images)
-    skipped.update({idx[j]: reason for j, reason in skip2.items()})
-    feats = encoder.trunk_features(crops) if len(kept) else np.zeros((0, encoder.embedding_dim), np.float32)
-    return feats, [idx[j] for j in kept], skipped
+    crops, kept, skipped = encoder.prepare_photos([bytes(c) for c in contents])
+    feats = encoder.trunk_features(crops) if kept else np.zeros((0, encoder.embedding_dim), np.float32)
+    return feats, kept, skipped

@@ -53,7 +53,7 @@ class FaceModel:
         feats, kept, skipped = photo_features(self.encoder, [query])
         if not kept:
             reason = skipped.get(0, "unknown")
-            if reason == "no_face":
+            if reason == NoFaceFound.reason:
                 raise NoFaceFound("no face found in the photo; send a photo with a visible, frontal face")
             raise InvalidRequest(f"the photo cannot be used: {reason} (send JPEG/PNG/PGM bytes of a face photo)")
         return self.codec.query_tables(feats[:1])

@@ -18,7 +18,6 @@ import pytest
 from tests.support.processes import Procs, run_cli
 
 
-
 @pytest.fixture(scope="session")
 def feature_cache(tmp_path_factory) -> pathlib.Path:
     root = tmp_path_factory.mktemp("feature_cache")

@@ -7,7 +7,6 @@ codewords as there are photos and repeats them (opqn_model/head_init.py).
 """
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from tests.end_to_end.conftest import Cluster, ingest_embeddings, train_cli

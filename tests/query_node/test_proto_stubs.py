@@ -1,9 +1,9 @@
 """The generated Python stubs match proto/facepq/v1/facepq.proto (regenerate: python -m facepq_proto.build --force)."""
 import pathlib
 
-from grpc_tools import protoc
 import grpc_tools
 from google.protobuf import descriptor_pb2
+from grpc_tools import protoc
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 

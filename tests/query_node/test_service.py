@@ -277,7 +277,8 @@ def test_the_status_of_each_kind_of_refusal():
     assert {cls.__name__: cls.status for cls in _error_classes() if cls.__module__ == "facepq_core.errors"} == {
         "FacepqError": "FAILED_PRECONDITION", "ConfigError": "INVALID_ARGUMENT", "InvalidRequest": "INVALID_ARGUMENT",
         "CheckpointError": "FAILED_PRECONDITION", "DataError": "FAILED_PRECONDITION",
-        "IndexFormatError": "FAILED_PRECONDITION", "NoFaceFound": "FAILED_PRECONDITION", "BadImage": "INVALID_ARGUMENT",
+        "IndexFormatError": "FAILED_PRECONDITION", "PhotoSkipped": "FAILED_PRECONDITION",
+        "NoFaceFound": "FAILED_PRECONDITION", "BadImage": "INVALID_ARGUMENT",
         "NotFound": "NOT_FOUND", "Unavailable": "UNAVAILABLE", "VersionConflict": "ABORTED", "NodeRefused": "INTERNAL"}
 
 
@@ -296,8 +297,17 @@ class _FaceEncoder:
         def query_tables(embeddings):
             return np.zeros((len(embeddings), 2, 4), np.float32)
 
+    class pipeline:  # noqa: N801 - a face pipeline that finds no face in any decodable photo
+        size = 8
+
+        def __call__(self, image):
+            raise NoFaceFound("no face")
+
     def prepare_photos(self, images):
-        return np.zeros((0, 8, 8, 3), np.uint8), [], {i: "no_face" for i in range(len(images))}
+        from opqn_model.photos import align_photos
+
+        aligned = align_photos(images, self.pipeline())  # real decoding: not-an-image is told apart
+        return aligned.crops, aligned.kept, aligned.skipped
 
 
 def test_face_model_tells_a_photo_without_a_face_from_one_that_is_not_an_image():

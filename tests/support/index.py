@@ -6,9 +6,9 @@ import numpy as np
 
 def build_index(path, rows=3000, shard_count=3, M=8, K=256, seed=0, segments_per_shard=2):
     """An index of random codes written by the real IndexWriter; returns (ModelMeta, face_ids, codes)."""
+    from facepq_core.codes import CodeSpec, pack_codes
     from indexer.manifest import ModelMeta
     from indexer.writer import IndexWriter
-    from facepq_core.codes import CodeSpec, pack_codes
 
     spec = CodeSpec(M, K)
     meta = ModelMeta.from_code_spec(spec, fingerprint="f" * 16, trunk="test")
@@ -42,9 +42,9 @@ def live_row_ids(index) -> np.ndarray:
 
 def brute_force(index_path, lut, k):
     """Reference: score every live row of every shard with facepq_core.codes.score_codes, global order."""
+    from facepq_core.codes import score_codes
     from indexer.segment import open_segment
     from indexer.store import IndexStore
-    from facepq_core.codes import score_codes
 
     store = IndexStore(str(index_path))
     man = store.load_manifest()
