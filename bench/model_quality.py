@@ -1,4 +1,4 @@
-"""OPQN codes vs FAISS OPQ+PQ vs float features, unseen identities, one run.
+"""OPQN codes vs ITQ binary codes vs FAISS OPQ+PQ vs float features, unseen identities, one run.
 
     python bench/model_quality.py --data ../shared/data/lfw5 [--bits 32 48 64] [--json out.json]
 
@@ -8,7 +8,9 @@ the training people only (started from the data init of head_init.py; the
 checkpoint kept is the best of epochs 0..N on validation people drawn from the
 training people, column `epoch`); FAISS OPQ (OPQMatrix) + k-means PQ is trained on the
 same embeddings with the same number of bits and searched with asymmetric
-distances. Evaluation: each unseen person with >= 2 photos gives one query
+distances; ITQ (method `itq`, codec `binary`: Hamming distance through the nodes' table
+kernel) is fitted on the same embeddings with the same number of bits. Evaluation: each
+unseen person with >= 2 photos gives one query
 photo; the gallery is every other photo of the unseen people. Scores are ranked
 over the whole gallery (mAP@all). The float reference is cosine similarity on
 the same trunk's embeddings.
@@ -61,18 +63,24 @@ def faiss_opq_pq_scores(train: np.ndarray, queries: np.ndarray, gallery: np.ndar
 
 def _score_rows(enc, bits, train_emb, q_emb, q_lab, g_emb, g_lab, t1) -> dict:
     from opqn_model.evaluate import cosine_scores, evaluate_embeddings
+    from opqn_model.methods.itq import fit_itq
     from opqn_model.metrics import retrieval_metrics
 
     float_map = retrieval_metrics(cosine_scores(q_emb, g_emb), q_lab, g_lab)["map"]
-    res = evaluate_embeddings(enc, q_emb, q_lab, g_emb, g_lab)
+    res = evaluate_embeddings(enc.codec, q_emb, q_lab, g_emb, g_lab)
+    # ITQ on the same training embeddings (all training people, as the OPQN head is refitted on them)
+    itq = evaluate_embeddings(fit_itq(train_emb, bits), q_emb, q_lab, g_emb, g_lab) if bits <= train_emb.shape[1] \
+        else {"map": float("nan"), "p_at_1": float("nan")}
     faiss_map = retrieval_metrics(faiss_opq_pq_scores(train_emb, q_emb, g_emb, bits), q_lab, g_lab)["map"]
     faiss_raw = retrieval_metrics(faiss_opq_pq_scores(train_emb, q_emb, g_emb, bits, centre=False),
                                   q_lab, g_lab)["map"]
-    log.info("%d bits: OPQN %.4f  FAISS OPQ+PQ %.4f  float %.4f", bits, res["map"], faiss_map, float_map)
+    log.info("%d bits: OPQN %.4f  ITQ %.4f  FAISS OPQ+PQ %.4f  float %.4f", bits, res["map"], itq["map"], faiss_map,
+             float_map)
     return {"bits": bits, "M": res["M"], "K": res["K"], "map_float": float_map, "map_opqn": res["map"],
-            "p_at_1_opqn": res["p_at_1"], "map_faiss_opq_pq": faiss_map, "map_faiss_opq_pq_uncentred": faiss_raw,
-            "opqn_vs_float": res["map"] / float_map, "faiss_vs_float": faiss_map / float_map,
-            "train_seconds": time.monotonic() - t1}
+            "p_at_1_opqn": res["p_at_1"], "map_itq": itq["map"], "p_at_1_itq": itq["p_at_1"],
+            "map_faiss_opq_pq": faiss_map, "map_faiss_opq_pq_uncentred": faiss_raw,
+            "opqn_vs_float": res["map"] / float_map, "itq_vs_float": itq["map"] / float_map,
+            "faiss_vs_float": faiss_map / float_map, "train_seconds": time.monotonic() - t1}
 
 
 def run(data: str, bits_list, epochs: int, test_people: float, seed: int, out_dir: pathlib.Path,
@@ -85,19 +93,18 @@ def run(data: str, bits_list, epochs: int, test_people: float, seed: int, out_di
     `model_options`) is trained end to end per length, so the float reference and FAISS use that
     length's own trained trunk features.
     """
-    from opqn_model.api import FaceEncoder
+    from opqn_model.api import FaceEncoder, build_trunk
     from opqn_model.checkpoint import load_checkpoint
     from opqn_model.config import ModelConfig, TrainConfig
     from opqn_model.datasets import list_photos, split_people, split_photos_per_person
     from opqn_model.feature_cache import FeatureCache, embed_records
     from opqn_model.train import train
-    from opqn_model.trunks import create_trunk
 
     records = list_photos(data)
     train_recs, unseen_recs = split_people(records, test_people, seed)
-    frozen = trunk == "dlib"
+    trunk_obj = build_trunk(ModelConfig(trunk=trunk, **(model_options or {})))
+    frozen = not getattr(trunk_obj, "trainable", False)
     if frozen:
-        trunk_obj = create_trunk("dlib")
         pipeline = trunk_obj.default_pipeline()
         t0 = time.monotonic()
         cache = FeatureCache()
@@ -144,12 +151,12 @@ def print_table(result: dict) -> None:
     print(f"unseen identities: {result['n_queries']} queries, gallery {result['n_gallery']} photos of "
           f"{result['unseen_people']} people; trained on {result['train_photos']} photos of "
           f"{result['train_people']} other people")
-    print(f"{'bits':>4} {'code':>8} {'float mAP':>9} {'OPQN mAP':>9} {'x float':>7} {'FAISS OPQ+PQ':>12} "
-          f"{'x float':>7} {'FAISS, not centred':>18} {'epoch':>5}")
+    print(f"{'bits':>4} {'code':>8} {'float mAP':>9} {'OPQN mAP':>9} {'x float':>7} {'ITQ (Hamming)':>13} "
+          f"{'x float':>7} {'FAISS OPQ+PQ':>12} {'x float':>7} {'FAISS, not centred':>18} {'epoch':>5}")
     for r in result["rows"]:
         print(f"{r['bits']:>4} {str(r['M']) + 'x' + str(r['K']):>8} {r['map_float']:9.4f} {r['map_opqn']:9.4f} "
-              f"{r['opqn_vs_float']:7.3f} {r['map_faiss_opq_pq']:12.4f} {r['faiss_vs_float']:7.3f} "
-              f"{r['map_faiss_opq_pq_uncentred']:18.4f} {r.get('epoch', ''):>5}")
+              f"{r['opqn_vs_float']:7.3f} {r['map_itq']:13.4f} {r['itq_vs_float']:7.3f} {r['map_faiss_opq_pq']:12.4f} "
+              f"{r['faiss_vs_float']:7.3f} {r['map_faiss_opq_pq_uncentred']:18.4f} {r.get('epoch', ''):>5}")
 
 
 def main(argv=None) -> int:

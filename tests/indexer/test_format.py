@@ -119,6 +119,51 @@ def test_manifest_pointing_outside_the_index_is_refused(tmp_path, meta, rows, ba
         store.load_manifest()
 
 
+def test_a_format_1_manifest_is_read_as_opqn_codes_and_the_next_commit_writes_format_2(tmp_path, meta, rows):
+    """Indexes written before codecs existed: `packed` in the model section, no `codec`."""
+    from indexer.writer import IndexWriter
+
+    store = IndexStore(tmp_path / "idx")
+    d = _manifest_with(store, meta, rows).to_dict()
+    d["format_version"] = 1
+    model = d["model"]
+    del model["codec"]
+    model["packed"] = False
+    store.write_bytes("manifests/00000001.json", json.dumps(d).encode())
+    store.set_current(1)
+    loaded = store.load_manifest()
+    assert loaded.format_version == 1 and loaded.model.codec == "opqn" and loaded.model == meta
+    ids, persons, sources, codes = rows
+    writer = IndexWriter(store, meta)
+    writer.add(ids[:3] + np.uint64(1), persons[:3], sources[:3], codes[:3])
+    version = writer.commit("after the upgrade")
+    on_disk = json.loads(store.read_bytes(f"manifests/{version:08d}.json"))
+    assert on_disk["format_version"] == FORMAT_VERSION == 2
+    assert on_disk["model"]["codec"] == "opqn" and "packed" not in on_disk["model"]
+
+
+def test_a_model_section_whose_layout_does_not_add_up_is_refused(tmp_path, meta, rows):
+    store = IndexStore(tmp_path / "idx")
+    d = _manifest_with(store, meta, rows).to_dict()
+    d["model"]["code_bytes"] = 4  # M=8, K=256 store 8 bytes
+    store.write_bytes("manifests/00000001.json", json.dumps(d).encode())
+    store.set_current(1)
+    with pytest.raises(IndexFormatError, match="8 bytes"):
+        store.load_manifest()
+
+
+def test_a_node_refuses_an_index_of_a_codec_it_does_not_know(tmp_path, meta, rows):
+    from query_node.index_view import load_view
+
+    store = IndexStore(tmp_path / "idx")
+    d = _manifest_with(store, meta, rows).to_dict()
+    d["model"]["codec"] = "from-the-future"
+    store.write_bytes("manifests/00000001.json", json.dumps(d).encode())
+    store.set_current(1)
+    with pytest.raises(IndexFormatError, match="unknown codec 'from-the-future'"):
+        load_view(store, [0, 1])
+
+
 def test_newer_format_version_is_refused_with_upgrade_hint(tmp_path, meta, rows):
     store = IndexStore(tmp_path / "idx")
     d = _manifest_with(store, meta, rows).to_dict()
