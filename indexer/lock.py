@@ -22,6 +22,7 @@ import uuid
 from typing import Iterator
 
 from facepq_core.errors import ConfigError
+from facepq_core.redact import redact_url
 from indexer.errors import IndexLockTimeout
 from indexer.store import LOCK_FILE, IndexStore
 
@@ -106,7 +107,7 @@ def _redis_lock(store: IndexStore, redis_url: str, timeout: float) -> Iterator[N
                                        f"than {timeout:g} s; retry when it has finished")
             time.sleep(_POLL_S)
     except redis.exceptions.RedisError as exc:
-        raise ConfigError(f"cannot take the commit lock in Redis at {_redact(redis_url)}: {exc}") from exc
+        raise ConfigError(f"cannot take the commit lock in Redis at {redact_url(redis_url)}: {exc}") from exc
     stop = threading.Event()
     lost = threading.Event()
 
@@ -135,9 +136,3 @@ def _redis_lock(store: IndexStore, redis_url: str, timeout: float) -> Iterator[N
                         _REDIS_TTL_MS // 1000, exc)
         client.close()
 
-
-def _redact(url: str) -> str:
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return url

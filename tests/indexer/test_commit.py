@@ -288,6 +288,21 @@ def test_redis_lock_serialises_commits_and_is_released(tmp_path, meta, rows, red
         delete_faces(store, person="person_02", redis_url=redis_server.url, lock_timeout=1)
 
 
+def test_an_unreachable_redis_is_named_without_any_part_of_its_password(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"redis://app:p@ss@127.0.0.1:{port}/0"
+    with pytest.raises(ConfigError, match="cannot take the commit lock in Redis") as info:
+        with commit_lock(IndexStore(tmp_path / "idx"), redis_url=url, timeout=1):
+            pass
+    message = str(info.value)
+    assert f"redis://***@127.0.0.1:{port}/0" in message
+    assert "ss@" not in message and "p@" not in message
+
+
 def test_object_store_code_path_round_trips_with_a_redis_lock(tmp_path, meta, rows, redis_server):
     """A non-local pyarrow filesystem (a SubTreeFileSystem stands in for S3/GCS): one-put writes, segments
     read into memory instead of mmap, the Redis lock mandatory."""
