@@ -20,10 +20,10 @@ import hashlib
 import json
 import os
 import pathlib
-import tempfile
 
 import torch
 
+from facepq_core.atomic import atomic_writer
 from facepq_core.errors import CheckpointError, ConfigError
 from opqn_model.codebooks import codebook_fingerprint, orthonormal_codebooks
 from opqn_model.config import ModelConfig
@@ -55,7 +55,7 @@ def expected_codebook_fingerprint(model_config: ModelConfig) -> str:
 
 def save_checkpoint(path: str | os.PathLike, model_config: ModelConfig, head_state: dict, trunk_state: dict,
                     **extra) -> str:
-    """Write atomically (temp file + rename) and return the model fingerprint."""
+    """Write durably and atomically (`facepq_core.atomic`) and return the model fingerprint."""
     model_config = model_config.resolved()
     fingerprint = model_fingerprint(model_config, head_state, trunk_state)
     payload = {
@@ -68,18 +68,8 @@ def save_checkpoint(path: str | os.PathLike, model_config: ModelConfig, head_sta
         "fingerprint": fingerprint,
         **extra,
     }
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_writer(path) as f:
+        torch.save(payload, f)
     return fingerprint
 
 
