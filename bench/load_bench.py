@@ -7,8 +7,8 @@ lookup tables (no model, no fan-out), so the ratio shows what the coordinator co
 
 Soak: K hot reloads (each a real commit that deletes and re-enrols a face, so the
 number of live segments stays constant) while the nodes keep serving; after each
-reload the nodes' resident memory (VmRSS) and open file descriptors are read from
-/proc. A leak shows as growth from the first reloads to the last.
+reload the nodes' resident memory (RSS) and open file descriptors are read with
+psutil. A leak shows as growth from the first reloads to the last.
 
 Overhead (--overhead N): N sequential searches by one client, each measured three ways
 in the same run: (a) the bare kernel, in this process, over the same shards the nodes
@@ -417,13 +417,11 @@ def print_overhead(r: OverheadResult, before, after, baseline_kb: int, top_k: in
 
 
 def proc_usage(pid: int) -> tuple[int, int]:
-    """(resident memory in KiB, open file descriptors) of a process, from /proc."""
-    rss = 0
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                rss = int(line.split()[1])
-    return rss, len(os.listdir(f"/proc/{pid}/fd"))
+    """(resident memory in KiB, open file descriptors) of a process (psutil)."""
+    import psutil
+
+    proc = psutil.Process(pid)
+    return proc.memory_info().rss // 1024, proc.num_fds()
 
 
 @dataclass
