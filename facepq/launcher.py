@@ -110,7 +110,7 @@ class ManagedProcess:
     args: list
     log_path: str
     pid: int = 0
-    start_time: int | None = None
+    start_time: float | None = None
     address: str = ""
 
     def to_dict(self) -> dict:
