@@ -50,18 +50,14 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 # ---------------------------------------------------------------- processes
 
 
-class Server(ServerProcess):
-    """A `facepq node|coordinator` process; `.address` once it printed 'listening on'."""
-
-    def __init__(self, args, timeout=120):
-        super().__init__(args, timeout=timeout)
+SERVER_START_TIMEOUT = 120  # seconds: a big index loads before the node prints 'listening on'
 
 
 @dataclass
 class Cluster:
     index: str
-    nodes: list[Server]
-    coordinator: Server
+    nodes: list[ServerProcess]
+    coordinator: ServerProcess
 
     def close(self) -> None:
         for s in [self.coordinator, *self.nodes]:
@@ -77,9 +73,10 @@ def start_cluster(model: str, index: str, poll: float = 0.2) -> Cluster:
     nodes = []
     try:
         for part in halves:
-            nodes.append(Server(["node", "--index", index, "--shards", ",".join(map(str, part)), "--poll", poll]))
-        coord = Server(["coordinator", "--model", model, "--index", index, "--nodes",
-                        ",".join(n.address for n in nodes)])
+            nodes.append(ServerProcess(["node", "--index", index, "--shards", ",".join(map(str, part)), "--poll", poll],
+                                       timeout=SERVER_START_TIMEOUT))
+        coord = ServerProcess(["coordinator", "--model", model, "--index", index, "--nodes",
+                               ",".join(n.address for n in nodes)], timeout=SERVER_START_TIMEOUT)
     except BaseException:
         for n in nodes:
             n.kill()
@@ -348,7 +345,7 @@ def baseline_node_rss(model: str, tmp: str, searches: int = 20) -> int:
     index = os.path.join(tmp, "baseline-idx")
     if not os.path.exists(index):
         build_random_index(model, index, 1000, shards=1)
-    n = Server(["node", "--index", index, "--shards", "0"])
+    n = ServerProcess(["node", "--index", index, "--shards", "0"], timeout=SERVER_START_TIMEOUT)
     try:
         enc = FaceEncoder.load(model)
         luts = np.asarray(enc.lookup_tables(np.ones((1, enc.embedding_dim), np.float32)), np.float32)
