@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import struct
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -94,15 +93,14 @@ def serve_relay(port: int, backends: list[str]) -> None:
 
 
 def _start(args: list[str]):
-    proc = subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    seen = []
-    for line in proc.stdout:  # warnings may come first; EOF when the process died
-        if "listening on " in line:
-            return proc, line.rsplit("listening on ", 1)[1].strip()
-        seen.append(line)
-    proc.kill()
-    raise RuntimeError(f"grpc floor {args[0]} did not start: {''.join(seen)[-2000:]}")
+    """This file run as a `backend` or `relay` server (bench.harness); returns (process, address)."""
+    from bench.harness import ServerProcess, StartFailed  # here: this file also runs as a script
+
+    try:
+        proc = ServerProcess(args, program=[sys.executable, __file__])
+    except StartFailed as exc:
+        raise RuntimeError(f"grpc floor {args[0]} did not start: {exc.output[-2000:]}") from None
+    return proc, proc.address
 
 
 def measure_floor(work_ms: float, requests: int = 300, warmup: int = 20) -> dict:
@@ -133,7 +131,6 @@ def measure_floor(work_ms: float, requests: int = 300, warmup: int = 20) -> dict
     finally:
         for proc in procs:
             proc.kill()
-            proc.wait()
 
 
 def main(argv=None) -> int:

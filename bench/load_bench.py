@@ -7,8 +7,8 @@ lookup tables (no model, no fan-out), so the ratio shows what the coordinator co
 
 Soak: K hot reloads (each a real commit that deletes and re-enrols a face, so the
 number of live segments stays constant) while the nodes keep serving; after each
-reload the nodes' resident memory (VmRSS) and open file descriptors are read from
-/proc. A leak shows as growth from the first reloads to the last.
+reload the nodes' resident memory (RSS) and open file descriptors are read with
+psutil. A leak shows as growth from the first reloads to the last.
 
 Overhead (--overhead N): N sequential searches by one client, each measured three ways
 in the same run: (a) the bare kernel, in this process, over the same shards the nodes
@@ -50,18 +50,14 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 # ---------------------------------------------------------------- processes
 
 
-class Server(ServerProcess):
-    """A `facepq node|coordinator` process; `.address` once it printed 'listening on'."""
-
-    def __init__(self, args, timeout=120):
-        super().__init__(args, timeout=timeout)
+SERVER_START_TIMEOUT = 120  # seconds: a big index loads before the node prints 'listening on'
 
 
 @dataclass
 class Cluster:
     index: str
-    nodes: list[Server]
-    coordinator: Server
+    nodes: list[ServerProcess]
+    coordinator: ServerProcess
 
     def close(self) -> None:
         for s in [self.coordinator, *self.nodes]:
@@ -77,9 +73,10 @@ def start_cluster(model: str, index: str, poll: float = 0.2) -> Cluster:
     nodes = []
     try:
         for part in halves:
-            nodes.append(Server(["node", "--index", index, "--shards", ",".join(map(str, part)), "--poll", poll]))
-        coord = Server(["coordinator", "--model", model, "--index", index, "--nodes",
-                        ",".join(n.address for n in nodes)])
+            nodes.append(ServerProcess(["node", "--index", index, "--shards", ",".join(map(str, part)), "--poll", poll],
+                                       timeout=SERVER_START_TIMEOUT))
+        coord = ServerProcess(["coordinator", "--model", model, "--index", index, "--nodes",
+                               ",".join(n.address for n in nodes)], timeout=SERVER_START_TIMEOUT)
     except BaseException:
         for n in nodes:
             n.kill()
@@ -348,7 +345,7 @@ def baseline_node_rss(model: str, tmp: str, searches: int = 20) -> int:
     index = os.path.join(tmp, "baseline-idx")
     if not os.path.exists(index):
         build_random_index(model, index, 1000, shards=1)
-    n = Server(["node", "--index", index, "--shards", "0"])
+    n = ServerProcess(["node", "--index", index, "--shards", "0"], timeout=SERVER_START_TIMEOUT)
     try:
         enc = FaceEncoder.load(model)
         luts = np.asarray(enc.codec.query_tables(np.ones((1, enc.embedding_dim), np.float32)), np.float32)
@@ -417,13 +414,11 @@ def print_overhead(r: OverheadResult, before, after, baseline_kb: int, top_k: in
 
 
 def proc_usage(pid: int) -> tuple[int, int]:
-    """(resident memory in KiB, open file descriptors) of a process, from /proc."""
-    rss = 0
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                rss = int(line.split()[1])
-    return rss, len(os.listdir(f"/proc/{pid}/fd"))
+    """(resident memory in KiB, open file descriptors) of a process (psutil)."""
+    import psutil
+
+    proc = psutil.Process(pid)
+    return proc.memory_info().rss // 1024, proc.num_fds()
 
 
 @dataclass

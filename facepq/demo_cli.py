@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import os
 import pathlib
 import shutil
 import signal
 import time
-
-UP_FILE = "up.json"
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -230,36 +227,26 @@ def _demo(args) -> int:
 
 
 # ---- up / down --------------------------------------------------------------------------------------
-def _read_up(workdir: pathlib.Path) -> dict | None:
-    try:
-        return json.loads((workdir / UP_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-
-
+# `up` is the launcher of its cluster: the launcher's state file (cluster.json) records it, and `down`
+# reads that file (facepq.launcher.running_state / stop_recorded). There is no second state file.
 def _up(args) -> int:
     import atexit
 
-    from facepq.launcher import process_start_time
+    from facepq.launcher import running_state
     from facepq_core.errors import ConfigError
 
     _quiet_logging(getattr(args, "verbose", False))
     workdir, settings = _workdir(args), _settings(args)
-    previous = _read_up(workdir)
-    if previous and process_start_time(previous.get("pid", 0)) == previous.get("start_time"):
+    previous = running_state(workdir)
+    if previous:
         raise ConfigError(f"facepq up is already running in {workdir} (pid {previous['pid']}, coordinator "
                           f"{previous.get('coordinator')}); run `facepq down --workdir {workdir}` first")
     pieces: dict = {}
     atexit.register(_stop, pieces)
-    up_path = workdir / UP_FILE
     with _sigterm_as_interrupt():
         try:
             _build(args, workdir, settings, pieces)
             cluster = pieces["cluster"]
-            state = dict(cluster.state(), pid=os.getpid(), start_time=process_start_time(os.getpid()))
-            tmp = up_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(state, indent=1))
-            os.replace(tmp, up_path)
             _say(f"facepq up: serving; coordinator {cluster.coordinator_address}")
             _say(f"  search: facepq search PHOTO --coordinator {cluster.coordinator_address}")
             _say(f"  stop:   Ctrl-C, or facepq down --workdir {workdir}")
@@ -273,32 +260,17 @@ def _up(args) -> int:
             _say("facepq up: stopping")
             return 0
         finally:
-            _stop(pieces)
-            mine = _read_up(workdir)
-            if mine and mine.get("pid") == os.getpid():
-                up_path.unlink(missing_ok=True)
+            _stop(pieces)  # the launcher records the cluster as stopped
 
 
 def _down(args) -> int:
     from facepq.demo import DEFAULT_WORKDIR
-    from facepq.launcher import process_start_time, stop_processes
+    from facepq.launcher import STATE_FILE, stop_recorded
 
     workdir = pathlib.Path(args.workdir) if args.workdir else DEFAULT_WORKDIR
-    state = _read_up(workdir)
-    if state is None:
-        print(f"facepq down: nothing running in {workdir} (no {UP_FILE})")
+    stopped = stop_recorded(workdir)
+    if stopped is None:
+        print(f"facepq down: nothing running in {workdir} (no running cluster in {STATE_FILE})")
         return 0
-    stopped = 0
-    pid, start_time = state.get("pid", 0), state.get("start_time")
-    if pid and process_start_time(pid) is not None and process_start_time(pid) == start_time:
-        os.kill(pid, signal.SIGTERM)  # `up` stops its own processes in order
-        deadline = time.monotonic() + 60  # it stops its processes first (bounded: SIGKILL after 10 s)
-        while process_start_time(pid) is not None and time.monotonic() < deadline:
-            time.sleep(0.1)
-        stopped += 1
-    # whatever is still there (an `up` killed with SIGKILL, or one that did not stop in time)
-    left = [(p["pid"], p.get("start_time")) for p in state.get("processes", [])]
-    stopped += stop_processes(left + ([(pid, start_time)] if pid else []))
-    (workdir / UP_FILE).unlink(missing_ok=True)
     print(f"facepq down: stopped {stopped} process(es) of {workdir}")
     return 0

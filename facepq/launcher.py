@@ -14,8 +14,13 @@ for gRPC health SERVING (and for the coordinator to see every shard covered).
 Shards are placed on nodes by `query_node.placement.assign_shards` (the formula the
 Kubernetes StatefulSet in deploy/k8s uses too).
 
-`<workdir>/cluster.json` records the processes (pid, start time, address) of
-the last start; `stopped` is set once they are gone.
+`<workdir>/cluster.json` is the local cluster's one state file, written only
+here: the launcher process and every child (pid, start time, address) of the
+last start, and `stopped` once they are gone. `facepq up` refuses to start
+while it records a running cluster; `facepq down` stops what it records
+(`stop_recorded`). Process facts (start times, waits) come from psutil; the
+parent-death signal is set through libc's prctl with ctypes, since neither the
+standard library nor psutil can set it.
 """
 from __future__ import annotations
 
@@ -31,6 +36,9 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
+import psutil
+
+from facepq_core.atomic import write_bytes_atomic
 from facepq_core.errors import ConfigError, FacepqError
 from query_node.placement import assign_shards
 
@@ -38,23 +46,40 @@ log = logging.getLogger(__name__)
 
 START_TIMEOUT = 180.0  # a node compiles its scan kernels on first start: slow on a busy 2-core machine
 STOP_GRACE = 10.0
+STATE_FILE = "cluster.json"
+LAUNCHER_STOP_WAIT = 60.0  # `facepq down` gives the launcher this long to stop its processes in order
+_SAME_START_S = 1.0
 
 
 class LaunchError(FacepqError):
     """A process of the local cluster did not start (the message names it and quotes its log)."""
 
 
-def process_start_time(pid: int) -> int | None:
-    """Kernel start time of a process (clock ticks since boot), None when it is gone; guards against pid reuse."""
+def process_start_time(pid: int) -> float | None:
+    """Creation time of a process (epoch seconds, psutil), None when it is gone or a zombie.
+
+    Recorded next to a pid, it tells that process from a later one given the same pid.
+    """
+    if pid <= 0:
+        return None
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read().decode(errors="replace")
-    except OSError:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:  # already dead, only not yet reaped
+            return None
+        return proc.create_time()
+    except psutil.Error:
         return None
-    fields = stat[stat.rfind(")") + 2:].split()
-    if fields and fields[0] == "Z":  # a zombie is already dead, only not yet reaped
-        return None
-    return int(fields[19]) if len(fields) > 19 else None
+
+
+def same_process(pid: int, start_time: float | None) -> bool:
+    """Whether `pid` is still the process that had `start_time` (any live one when `start_time` is None).
+
+    psutil derives creation times from the boot time, which a clock step can move by a second,
+    so times read by two processes (`facepq up` and `facepq down`) are compared to within one:
+    a recycled pid would have to belong to a process created in that same second.
+    """
+    now = process_start_time(pid)
+    return now is not None and (start_time is None or abs(now - start_time) < _SAME_START_S)
 
 
 def _libc_prctl():
@@ -85,7 +110,7 @@ class ManagedProcess:
     args: list
     log_path: str
     pid: int = 0
-    start_time: int | None = None
+    start_time: float | None = None
     address: str = ""
 
     def to_dict(self) -> dict:
@@ -96,35 +121,61 @@ def stop_processes(procs, grace: float = STOP_GRACE) -> int:
     """SIGTERM the process groups led by `procs` ((pid, start_time) pairs), SIGKILL what is left after `grace` s.
 
     A pid whose start time differs (recycled) is left alone. Works for processes that are
-    not our children (`facepq down`): it waits by polling /proc, reaping our own children.
-    Returns how many processes were signalled.
+    not our children (`facepq down`); our own children are reaped. Returns how many
+    processes were signalled.
     """
-    live = [(pid, st) for pid, st in procs if pid and process_start_time(pid) is not None
-            and (st is None or process_start_time(pid) == st)]
+    live = [proc for proc in (_process(pid, st) for pid, st in procs) if proc is not None]
     signalled = len(live)
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        for pid, _ in live:
-            try:
-                if os.getpgid(pid) == pid:  # a launched child leads its own group: reach its children too
-                    os.killpg(pid, sig)
-                else:
-                    os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + wait
-        while live and time.monotonic() < deadline:
-            for pid, _ in live:
-                try:
-                    os.waitpid(pid, os.WNOHANG)
-                except ChildProcessError:
-                    pass
-            live = [(pid, st) for pid, st in live if process_start_time(pid) is not None]
-            if live:
-                time.sleep(0.05)
+        for proc in live:
+            _signal_group(proc, sig)
+        live = _wait_gone(live, wait)
         if not live:
             break
-        log.warning("pids %s did not stop after %s", [pid for pid, _ in live], sig.name)
+        log.warning("pids %s did not stop after %s", [proc.pid for proc in live], sig.name)
     return signalled
+
+
+def _process(pid: int, start_time: float | None) -> psutil.Process | None:
+    if not pid or not same_process(pid, start_time):
+        return None
+    try:
+        return psutil.Process(pid)
+    except psutil.Error:
+        return None
+
+
+def _signal_group(proc: psutil.Process, sig: int) -> None:
+    try:
+        if os.getpgid(proc.pid) == proc.pid:  # a launched child leads its own group: reach its children too
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)  # psutil refuses a recycled pid
+    except (ProcessLookupError, psutil.NoSuchProcess):
+        pass
+
+
+def _wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """`psutil.wait_procs`, counting zombies as gone; returns the processes still alive after `timeout` s.
+
+    psutil waits for a process that is not our child until it disappears, and a zombie
+    stays until its own parent reaps it (`facepq down` waits for `facepq up`, whose parent
+    may be a shell that reaps only later), so the wait goes in short rounds.
+    """
+    deadline = time.monotonic() + timeout
+    while procs:
+        _, procs = psutil.wait_procs(procs, timeout=max(0.0, min(0.25, deadline - time.monotonic())))
+        procs = [proc for proc in procs if _alive(proc)]
+        if time.monotonic() >= deadline:
+            break
+    return procs
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 class LocalCluster:
@@ -310,15 +361,64 @@ class LocalCluster:
         return f"; last lines of {proc.log_path}:\n  " + "\n  ".join(text) if text else f" ({proc.log_path} is empty)"
 
     def state(self) -> dict:
+        """What `cluster.json` records: addresses, every child, and as `pid`/`start_time` the launcher
+        (the process holding this LocalCluster, which `facepq down` asks to stop the rest)."""
         return {"workdir": str(self.workdir), "index": self.index, "model": self.model, "redis": self.redis_url,
                 "coordinator": self.coordinator_address, "assignment": self.assignment,
+                "pid": os.getpid(), "start_time": process_start_time(os.getpid()),
                 "processes": [p.to_dict() for p in self.processes]}
 
     def _write_state(self, stopped: bool) -> None:
-        path = self.workdir / "cluster.json"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(dict(self.state(), stopped=stopped), indent=1))
-        os.replace(tmp, path)
+        _write_state_file(self.workdir, dict(self.state(), stopped=stopped))
+
+
+# ---- the state file, read and stopped from other processes (`facepq up`, `facepq down`) ----------------
+def read_state(workdir) -> dict | None:
+    """What `<workdir>/cluster.json` records (see `LocalCluster.state`), None when there is none."""
+    try:
+        return json.loads((pathlib.Path(workdir) / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def running_state(workdir) -> dict | None:
+    """The recorded state while its launcher runs and has not stopped the cluster, else None."""
+    state = read_state(workdir)
+    if state and not state.get("stopped") and state.get("pid") and \
+            same_process(state["pid"], state.get("start_time")):
+        return state
+    return None
+
+
+def stop_recorded(workdir, grace: float = STOP_GRACE) -> int | None:
+    """Stop the cluster `<workdir>/cluster.json` records, from another process (`facepq down`).
+
+    The launcher is asked first (SIGTERM: it stops its processes in order and records that);
+    whatever is left after `LAUNCHER_STOP_WAIT` s (a launcher killed with SIGKILL, or one that
+    did not stop in time) is stopped here, and the file is marked stopped. Returns how many
+    processes were signalled, None when the file records no running cluster (safe to call twice).
+    """
+    state = read_state(workdir)
+    if state is None or state.get("stopped"):
+        return None
+    pid, start_time = state.get("pid", 0), state.get("start_time")
+    stopped = 0
+    launcher = _process(pid, start_time)
+    if launcher is not None:
+        try:
+            launcher.send_signal(signal.SIGTERM)  # the launcher alone: it stops its processes in order
+        except psutil.NoSuchProcess:
+            pass
+        _wait_gone([launcher], LAUNCHER_STOP_WAIT)
+        stopped += 1
+    left = [(p["pid"], p.get("start_time")) for p in state.get("processes", [])]
+    stopped += stop_processes(left + ([(pid, start_time)] if pid else []), grace)
+    _write_state_file(workdir, dict(read_state(workdir) or state, stopped=True))
+    return stopped
+
+
+def _write_state_file(workdir, state: dict) -> None:
+    write_bytes_atomic(pathlib.Path(workdir) / STATE_FILE, json.dumps(state, indent=1).encode("utf-8"))
 
 
 def _free_port(host: str) -> int:

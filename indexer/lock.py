@@ -4,11 +4,11 @@ Local indexes always use an `fcntl` lock on `<index>/_lock` (released by the
 kernel when the holder dies, so a SIGKILLed ingest never wedges the index),
 whether or not a Redis URL is given, so writers configured differently still
 exclude each other. When a Redis URL is given (required for object stores,
-where no file lock exists) a Redis lock is taken first: a key set with
-`SET key token NX PX ttl`; a watchdog thread extends the TTL while the holder
-works and the release deletes the key only if it still holds our token, so a
-holder that stalled past its TTL can never release someone else's lock.
-Every wait has a timeout.
+where no file lock exists) a Redis lock is taken first: redis-py's `Lock` (a key
+set with `SET key token NX PX ttl`; release and renewal are Lua scripts that act
+only while the key still holds our token, so a holder that stalled past its TTL
+can never release someone else's lock), renewed by a keep-alive thread while the
+holder works. Every wait has a timeout.
 """
 from __future__ import annotations
 
@@ -18,20 +18,17 @@ import logging
 import os
 import threading
 import time
-import uuid
 from typing import Iterator
 
 from facepq_core.errors import ConfigError
+from facepq_core.redact import redact_url
 from indexer.errors import IndexLockTimeout
 from indexer.store import LOCK_FILE, IndexStore
 
 log = logging.getLogger(__name__)
 
 _POLL_S = 0.05
-_REDIS_TTL_MS = 30_000
-_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
-_EXTEND = ("if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) "
-           "else return 0 end")
+_REDIS_TTL_S = 30.0  # how long a dead holder blocks other writers; renewed every third of it while held
 
 
 @contextlib.contextmanager
@@ -95,31 +92,48 @@ def redis_lock_key(store: IndexStore) -> str:
 @contextlib.contextmanager
 def _redis_lock(store: IndexStore, redis_url: str, timeout: float) -> Iterator[None]:
     import redis
+    from redis.exceptions import RedisError
 
     client = redis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
-    key, token = redis_lock_key(store), uuid.uuid4().hex
-    deadline = time.monotonic() + timeout
+    key = redis_lock_key(store)
+    # thread_local=False: the keep-alive thread renews with the token the acquiring thread got.
+    lock = client.lock(key, timeout=_REDIS_TTL_S, sleep=_POLL_S, thread_local=False)
     try:
-        while not client.set(key, token, nx=True, px=_REDIS_TTL_MS):
-            if time.monotonic() >= deadline:
-                raise IndexLockTimeout(f"another writer held the Redis commit lock {key} of {store.uri} for more "
-                                       f"than {timeout:g} s; retry when it has finished")
-            time.sleep(_POLL_S)
-    except redis.exceptions.RedisError as exc:
-        raise ConfigError(f"cannot take the commit lock in Redis at {_redact(redis_url)}: {exc}") from exc
+        try:
+            acquired = lock.acquire(blocking_timeout=timeout)
+        except RedisError as exc:
+            raise ConfigError(f"cannot take the commit lock in Redis at {redact_url(redis_url)}: {exc}") from exc
+        if not acquired:
+            raise IndexLockTimeout(f"another writer held the Redis commit lock {key} of {store.uri} for more "
+                                   f"than {timeout:g} s; retry when it has finished")
+        with _kept_alive(lock, store):
+            yield
+    finally:
+        client.close()
+
+
+@contextlib.contextmanager
+def _kept_alive(lock, store: IndexStore) -> Iterator[None]:
+    """Renew `lock`'s TTL every third of it while the block runs, then release it.
+
+    Long commits (compaction of big segments) outlive one TTL. The TTL is what frees the lock
+    of a holder that died; a holder that stalled past it finds the key gone or taken and stops
+    renewing, and its release deletes nothing (redis-py's release and reacquire are Lua scripts
+    that act only while the key still holds our token).
+    """
+    from redis.exceptions import LockNotOwnedError, RedisError
+
     stop = threading.Event()
-    lost = threading.Event()
 
     def keep_alive() -> None:
-        # Long commits (compaction of big segments) outlive one TTL; extend while we hold it.
-        while not stop.wait(_REDIS_TTL_MS / 3000):
+        while not stop.wait(lock.timeout / 3):
             try:
-                if not client.eval(_EXTEND, 1, key, token, _REDIS_TTL_MS):
-                    lost.set()
-                    log.error("lost the Redis commit lock %s of %s", key, store.uri)
-                    return
-            except redis.exceptions.RedisError as exc:
-                log.warning("could not extend the Redis commit lock %s: %s", key, exc)
+                lock.reacquire()
+            except LockNotOwnedError:
+                log.error("lost the Redis commit lock %s of %s", lock.name, store.uri)
+                return
+            except RedisError as exc:
+                log.warning("could not extend the Redis commit lock %s: %s", lock.name, exc)
 
     watchdog = threading.Thread(target=keep_alive, name="facepq-lock-keepalive", daemon=True)
     watchdog.start()
@@ -129,15 +143,9 @@ def _redis_lock(store: IndexStore, redis_url: str, timeout: float) -> Iterator[N
         stop.set()
         watchdog.join(timeout=10)
         try:
-            client.eval(_RELEASE, 1, key, token)
-        except redis.exceptions.RedisError as exc:  # the TTL frees it anyway
-            log.warning("could not release the Redis commit lock %s (expires in %d s): %s", key,
-                        _REDIS_TTL_MS // 1000, exc)
-        client.close()
-
-
-def _redact(url: str) -> str:
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return url
+            lock.release()
+        except LockNotOwnedError:  # expired or taken while we stalled: nothing of ours to delete
+            log.warning("the Redis commit lock %s of %s had already expired at release", lock.name, store.uri)
+        except RedisError as exc:  # the TTL frees it anyway
+            log.warning("could not release the Redis commit lock %s (expires in %g s): %s", lock.name,
+                        lock.timeout, exc)

@@ -15,12 +15,12 @@ import contextlib
 import io
 import logging
 import os
-import uuid
 from dataclasses import dataclass
 from typing import Iterator
 
 import pyarrow.fs as pafs
 
+from facepq_core.atomic import atomic_writer
 from facepq_core.errors import IndexFormatError
 from indexer.manifest import Manifest, check_relative_path
 
@@ -30,7 +30,6 @@ CURRENT = "CURRENT"
 MANIFEST_DIR = "manifests"
 SHARD_DIR = "shards"
 LOCK_FILE = "_lock"
-TMP_PREFIX = ".tmp-"
 
 
 def manifest_path(version: int) -> str:
@@ -163,31 +162,18 @@ class IndexStore:
     def open_atomic(self, rel: str) -> Iterator[io.RawIOBase]:
         """Yield a binary file; its content appears at `rel` only if the block finishes without error.
 
-        Local: temporary file beside the target, fsync, rename over the target, fsync of the directory.
+        Local: `facepq_core.atomic.atomic_writer` (temporary file beside the target, fsync, rename over
+        the target, fsync of the directory; on failure the temporary file is removed).
         Object store: bytes are buffered and written with one put (a key is never seen half written).
         """
         target = self.full_path(rel)
-        parent, name = os.path.split(rel) if "/" in rel else ("", rel)
         if self.is_local:
-            directory = os.path.dirname(target)
-            os.makedirs(directory, exist_ok=True)
-            tmp = os.path.join(directory, f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}-{name}")
-            f = open(tmp, "wb")
-            try:
+            with atomic_writer(target) as f:
                 yield f
-                f.flush()
-                os.fsync(f.fileno())
-                f.close()
-                os.replace(tmp, target)
-                _fsync_dir(directory)
-            except BaseException:
-                f.close()
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
         else:
             buf = io.BytesIO()
             yield buf
+            parent = os.path.dirname(rel)
             if parent:
                 self.makedirs(parent)
             with self.fs.open_output_stream(target) as out:
@@ -212,16 +198,3 @@ class IndexStore:
         with contextlib.suppress(FileNotFoundError):
             self.fs.delete_file(self.full_path(rel))
 
-
-def _fsync_dir(directory: str) -> None:
-    # The rename is durable only once the directory entry is on disk.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -31,7 +31,7 @@ import pathlib
 import numpy as np
 import torch
 
-from facepq_core.atomic import atomic_write
+from facepq_core.atomic import atomic_writer
 from facepq_core.errors import CheckpointError, ConfigError
 from opqn_model.config import ModelConfig
 
@@ -85,7 +85,7 @@ def resolve_model_path(path: str | os.PathLike) -> pathlib.Path:
 
 def save_checkpoint(path: str | os.PathLike, model_config: ModelConfig, head_state: dict, trunk_state: dict,
                     method: str = "opqn", codec_state: dict | None = None, **extra) -> str:
-    """Write atomically (temp file, fsync, rename, directory fsync) and return the model fingerprint."""
+    """Write durably and atomically (`facepq_core.atomic`) and return the model fingerprint."""
     from opqn_model.methods import get_method
 
     model_config = model_config.resolved()
@@ -104,7 +104,7 @@ def save_checkpoint(path: str | os.PathLike, model_config: ModelConfig, head_sta
         **({"codec_state": codec_state} if codec_state else {}),
         **extra,
     }
-    with atomic_write(path) as f:
+    with atomic_writer(path) as f:
         torch.save(payload, f)
     return fingerprint
 

@@ -11,7 +11,7 @@ for its shards and version.
 Redis URLs may carry a password or an ACL user (`redis://user:password@host:6379/0`)
 and use TLS (`rediss://host:6380/0?ssl_ca_certs=/ca.pem` plus, for client
 certificates, `&ssl_certfile=...&ssl_keyfile=...`); redis-py reads all of these from
-the URL. Logs show URLs with the credentials masked.
+the URL. Logs show URLs with the credentials masked (`facepq_core.redact`).
 """
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ import logging
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+
+from facepq_core.redact import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +50,6 @@ class NodeRecord:
         return cls(node_id=str(d["node_id"]), address=str(d["address"]), shards=[int(s) for s in d["shards"]],
                    index_version=str(d.get("index_version", "")), load=float(d.get("load", 0.0)),
                    healthy=bool(d.get("healthy", True)), updated=float(d.get("updated", 0.0)))
-
-
-def redact(url: str) -> str:
-    """`url` with any user:password part replaced by *** (for logs and errors)."""
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
-    return url
 
 
 def _client(url: str):
@@ -89,12 +83,12 @@ class Heartbeat:
             self._redis.set(KEY_PREFIX + record.node_id, record.to_json(), px=int(self.ttl * 1000))
         except redis.RedisError as exc:  # down, wrong password, or an ACL user without rights on the key
             if self.connected or not self._warned:
-                log.warning("registry %s unreachable (%s); will keep retrying", redact(self.url), exc)
+                log.warning("registry %s unreachable (%s); will keep retrying", redact_url(self.url), exc)
                 self._warned = True
             self.connected = False
             return False
         if not self.connected:
-            log.info("registered node %s at %s in %s", record.node_id, record.address, redact(self.url))
+            log.info("registered node %s at %s in %s", record.node_id, record.address, redact_url(self.url))
         self.connected = True
         return True
 
@@ -160,14 +154,14 @@ class RedisRegistry:
             values = self._redis.mget(keys) if keys else []
         except redis.RedisError as exc:  # down, or credentials refused: keep serving the last topology
             if self.reachable:
-                log.warning("registry %s unreachable (%s); using the last known %d nodes", redact(self.url), exc,
+                log.warning("registry %s unreachable (%s); using the last known %d nodes", redact_url(self.url), exc,
                             len(self._last))
             self.reachable = False
             return list(self._last)
         back = self._ever_reached and (not self.reachable or (run_id and self._run_id and run_id != self._run_id))
         if back:
             log.info("registry %s is back; keeping the last known %d nodes for %g s while nodes re-register",
-                     redact(self.url), len(self._last), self.restart_grace)
+                     redact_url(self.url), len(self._last), self.restart_grace)
             self._grace_until = time.monotonic() + self.restart_grace
         self.reachable, self._ever_reached = True, True
         self._run_id = run_id or self._run_id

@@ -120,7 +120,7 @@ def test_up_serves_until_down_and_down_is_safe_twice(workdir):
     try:
         up.wait_for(r"facepq up: serving; coordinator \S+", timeout=300)
         assert "reusing" in up.text()  # the model trained by the demo test is cached
-        state = json.loads((workdir / "up.json").read_text())
+        state = json.loads((workdir / "cluster.json").read_text())  # the one state file: the launcher's
         assert state["pid"] == up.proc.pid and state["coordinator"]
         photo = next((workdir / "faces").glob("synth_*/000.png"))
         search = subprocess.run(facepq("search", str(photo), "--coordinator", state["coordinator"], "--json"),

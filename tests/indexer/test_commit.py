@@ -282,6 +282,68 @@ def test_redis_lock_serialises_commits_and_is_released(tmp_path, meta, rows, red
         delete_faces(store, person="person_02", redis_url=redis_server.url, lock_timeout=1)
 
 
+def test_redis_lock_is_kept_alive_past_its_ttl_while_held(tmp_path, redis_server, monkeypatch):
+    """A commit longer than the lock's TTL keeps the lock: the key still holds our token after six renewals
+    (each at least a third of the TTL after the previous one, so the key has outlived two TTLs)."""
+    import redis
+    import redis.lock
+
+    from indexer import lock as commit_lock_module
+    from indexer.lock import redis_lock_key
+
+    monkeypatch.setattr(commit_lock_module, "_REDIS_TTL_S", 1.0)
+    renewed = threading.Semaphore(0)
+    reacquire = redis.lock.Lock.reacquire
+
+    def counted(lock):
+        result = reacquire(lock)  # raises LockNotOwnedError, and counts nothing, once the key is not ours
+        renewed.release()
+        return result
+
+    monkeypatch.setattr(redis.lock.Lock, "reacquire", counted)
+    store = IndexStore(tmp_path / "idx")
+    client = redis.Redis.from_url(redis_server.url)
+    key = redis_lock_key(store)
+    with commit_lock(store, redis_url=redis_server.url):
+        token = client.get(key)
+        assert token
+        for renewal in range(6):
+            assert renewed.acquire(timeout=30), f"the keep-alive stopped after {renewal} renewals"
+        assert client.get(key) == token and client.pttl(key) > 0
+        with pytest.raises(IndexLockTimeout, match="Redis commit lock"):
+            with commit_lock(store, redis_url=redis_server.url, timeout=0.2):
+                pass
+    assert not client.exists(key)
+
+
+def test_a_redis_lock_lost_while_held_never_releases_the_new_holders_key(tmp_path, redis_server):
+    import redis
+
+    from indexer.lock import redis_lock_key
+
+    store = IndexStore(tmp_path / "idx")
+    client = redis.Redis.from_url(redis_server.url)
+    key = redis_lock_key(store)
+    with commit_lock(store, redis_url=redis_server.url):
+        client.set(key, b"another-writer")  # ours expired while we stalled, and someone else took it
+    assert client.get(key) == b"another-writer"
+
+
+def test_an_unreachable_redis_is_named_without_any_part_of_its_password(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"redis://app:p@ss@127.0.0.1:{port}/0"
+    with pytest.raises(ConfigError, match="cannot take the commit lock in Redis") as info:
+        with commit_lock(IndexStore(tmp_path / "idx"), redis_url=url, timeout=1):
+            pass
+    message = str(info.value)
+    assert f"redis://***@127.0.0.1:{port}/0" in message
+    assert "ss@" not in message and "p@" not in message
+
+
 def test_object_store_code_path_round_trips_with_a_redis_lock(tmp_path, meta, rows, redis_server):
     """A non-local pyarrow filesystem (a SubTreeFileSystem stands in for S3/GCS): one-put writes, segments
     read into memory instead of mmap, the Redis lock mandatory."""

@@ -1,5 +1,6 @@
 """Training, checkpoints and evaluation on generated faces, end to end through the real code paths."""
 import json
+import os
 import subprocess
 import sys
 
@@ -68,6 +69,21 @@ def test_checkpoint_roundtrip_gives_identical_codes_and_tables(tiny_model, tmp_p
     np.testing.assert_array_equal(enc.codec.encode(emb), enc2.codec.encode(enc2.trunk_features(crops)))
     np.testing.assert_array_equal(enc.codec.query_tables(emb), enc2.codec.query_tables(emb))
     assert enc.codec.spec.bits == 32
+
+
+def test_a_failed_checkpoint_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    from facepq_core import atomic
+
+    synced = []
+    monkeypatch.setattr(atomic, "fsync_dir", synced.append)
+    path = tmp_path / "model.pt"
+    fingerprint = save_checkpoint(path, ModelConfig(), {}, {})
+    assert synced == [str(tmp_path)]  # the rename is made durable too
+    before = path.read_bytes()
+    with pytest.raises(Exception):  # noqa: B017 - whatever torch.save raises for an unpicklable value
+        save_checkpoint(path, ModelConfig(), {}, {}, epoch=lambda: 0)
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["model.pt"]
+    assert torch.load(path, weights_only=True)["fingerprint"] == fingerprint
 
 
 @pytest.mark.parametrize("tamper", ["weights", "codebooks", "config", "format", "garbage"])

@@ -7,7 +7,7 @@ import grpc
 import pytest
 
 from facepq_proto.facepq.v1 import facepq_pb2, facepq_pb2_grpc
-from tests.support.processes import REPO_ROOT, Proc, node
+from tests.support.processes import REPO_ROOT, ServerProcess, node
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -34,8 +34,8 @@ def cluster(tiny_model, tmp_path_factory):
     nodes = [node(index, [0, 1], "--poll", "0.2"), node(index, [1, 0], "--poll", "0.2")]
     coord = None
     try:
-        coord = Proc(["coordinator", "--model", str(tiny_model.path), "--index", str(index),
-                      "--nodes", ",".join(n.address for n in nodes), "--port", "0"])
+        coord = ServerProcess(["coordinator", "--model", str(tiny_model.path), "--index", str(index),
+                               "--nodes", ",".join(n.address for n in nodes), "--port", "0"])
         stub = facepq_pb2_grpc.CoordinatorStub(grpc.insecure_channel(coord.address))
         yield dict(stub=stub, address=coord.address, gallery=gallery, held_out=held_out, enc=enc, index=index)
     finally:

@@ -7,32 +7,28 @@ import sys
 
 from bench.harness import REPO_ROOT, ServerProcess, StartFailed  # noqa: F401 (re-exported)
 
-Proc = ServerProcess
 
-
-def node(index, shards, *extra):
-    return Proc(["node", "--index", str(index), "--shards", ",".join(map(str, shards)), "--port", "0", *extra])
+def node(index, shards, *extra) -> ServerProcess:
+    return ServerProcess(["node", "--index", str(index), "--shards", ",".join(map(str, shards)), "--port", "0",
+                          *extra])
 
 
 class Procs:
     """Processes started by one test; all SIGKILLed at teardown."""
 
     def __init__(self):
-        self.all: list[Proc] = []
+        self.all: list[ServerProcess] = []
 
-    def start(self, *args, env=None, timeout=90) -> Proc:
-        try:
-            p = Proc(args, env=env, timeout=timeout)
-        except StartFailed:
-            raise
+    def start(self, *args, env=None, timeout=90) -> ServerProcess:
+        p = ServerProcess(args, env=env, timeout=timeout)
         self.all.append(p)
         return p
 
-    def node(self, index, shards, *extra, env=None) -> Proc:
+    def node(self, index, shards, *extra, env=None) -> ServerProcess:
         return self.start("node", "--index", str(index), "--shards", ",".join(map(str, shards)), "--port", "0",
                           "--poll", "0.2", *extra, env=env)
 
-    def coordinator(self, model, index, *extra, env=None) -> Proc:
+    def coordinator(self, model, index, *extra, env=None) -> ServerProcess:
         return self.start("coordinator", "--model", str(model), "--index", str(index), "--port", "0", *extra,
                           env=env)
 
