@@ -19,7 +19,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from facepq_core.errors import ConfigError
 from query_node.fanout import FanOut, FanOutResult, NodeCallError, replicas_by_shard
 from query_node.wire import MAX_MESSAGE_BYTES
 
@@ -176,26 +175,3 @@ def _refresh_loop(ref, stop: threading.Event) -> None:
             except Exception as exc:  # noqa: BLE001 (keep the last listing; a search re-lists when it is too old)
                 log.warning("cannot list the query nodes (keeping the last listing): %s", exc)
         del coordinator
-
-
-def embedding_tables(codec, values) -> np.ndarray:
-    """Embedding floats -> lookup tables float32 [1, M, K] of `codec` (a facepq_core.codecs.Codec).
-
-    ConfigError for a wrong length, NaN/inf or values beyond the one embedding policy
-    (facepq_core.codecs.check_embeddings), and for an embedding whose tables are not finite.
-    """
-    emb = np.asarray(values, dtype=np.float32)
-    if emb.ndim != 1 or emb.shape[0] != codec.embedding_dim:
-        raise ConfigError(f"embedding must have {codec.embedding_dim} values for this model, "
-                          f"got {emb.shape[0] if emb.ndim == 1 else emb.shape}")
-    return codec.query_tables(emb[None])
-
-
-def photo_features(encoder, contents: list[bytes]) -> tuple[np.ndarray, list[int], dict[int, str]]:
-    """Encoded photos -> (trunk features float32 [n_ok, E], positions kept, {position: reason skipped}).
-
-    Reasons are those of facepq_core.errors.PhotoSkipped ('no_face', 'not_an_image', ...).
-    """
-    crops, kept, skipped = encoder.prepare_photos([bytes(c) for c in contents])
-    feats = encoder.trunk_features(crops) if kept else np.zeros((0, encoder.embedding_dim), np.float32)
-    return feats, kept, skipped

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from facepq_core.errors import InvalidRequest, NoFaceFound
-from query_node.coordinator import embedding_tables, photo_features
+from facepq_core.errors import ConfigError, InvalidRequest, NoFaceFound
 
 
 def is_photo(query) -> bool:
@@ -63,3 +62,26 @@ class FaceModel:
         feats, kept, skipped = photo_features(self.encoder, contents)
         codes = self.codec.encode(feats) if kept else np.zeros((0, self.codec.spec.code_bytes), np.uint8)
         return codes, kept, skipped
+
+
+def embedding_tables(codec, values) -> np.ndarray:
+    """Embedding floats -> lookup tables float32 [1, M, K] of `codec` (a facepq_core.codecs.Codec).
+
+    ConfigError for a wrong length, NaN/inf or values beyond the one embedding policy
+    (facepq_core.codecs.check_embeddings), and for an embedding whose tables are not finite.
+    """
+    emb = np.asarray(values, dtype=np.float32)
+    if emb.ndim != 1 or emb.shape[0] != codec.embedding_dim:
+        raise ConfigError(f"embedding must have {codec.embedding_dim} values for this model, "
+                          f"got {emb.shape[0] if emb.ndim == 1 else emb.shape}")
+    return codec.query_tables(emb[None])
+
+
+def photo_features(encoder, contents: list[bytes]) -> tuple[np.ndarray, list[int], dict[int, str]]:
+    """Encoded photos -> (trunk features float32 [n_ok, E], positions kept, {position: reason skipped}).
+
+    Reasons are those of facepq_core.errors.PhotoSkipped ('no_face', 'not_an_image', ...).
+    """
+    crops, kept, skipped = encoder.prepare_photos([bytes(c) for c in contents])
+    feats = encoder.trunk_features(crops) if kept else np.zeros((0, encoder.embedding_dim), np.float32)
+    return feats, kept, skipped

@@ -35,7 +35,7 @@ def gallery(tiny_model, tmp_path_factory):
     from indexer.manifest import ModelMeta
     from indexer.writer import IndexWriter
     from opqn_model.api import FaceEncoder
-    from query_node.coordinator import photo_features
+    from query_node.face_model import photo_features
 
     enc = FaceEncoder.load(tiny_model.path)
     photos: dict[str, list[pathlib.Path]] = {}

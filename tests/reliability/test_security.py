@@ -238,7 +238,7 @@ def test_index_holds_codes_only_and_compact_after_delete_leaves_no_trace(gallery
     """Photos and float embeddings never reach the index; after Delete + Compact(grace 0) no segment file holds
     the person's name, face ids, sources or rows."""
     from indexer.segment import open_segment
-    from query_node.coordinator import photo_features
+    from query_node.face_model import photo_features
 
     node = procs.node(index, [0, 1], "--view-grace", "0.5")
     coord = procs.coordinator(gallery["model"], index, "--nodes", node.address)
