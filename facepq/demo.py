@@ -274,7 +274,7 @@ def offline_metrics(model_path, data: DemoData) -> dict:
     gallery = list(data.gallery) + list(data.enrol_photos)
     q_crops, q_kept, _ = load_crops(queries, encoder.pipeline, progress=False)
     g_crops, g_kept, _ = load_crops(gallery, encoder.pipeline, progress=False)
-    result = evaluate_embeddings(encoder, encoder.trunk_features(q_crops), [r.person for r in q_kept],
+    result = evaluate_embeddings(encoder.codec, encoder.trunk_features(q_crops), [r.person for r in q_kept],
                                  encoder.trunk_features(g_crops), [r.person for r in g_kept])
     result["fingerprint"] = encoder.fingerprint
     return result
