@@ -20,6 +20,11 @@ SHARED_DATA = pathlib.Path(os.environ.get("FACEPQ_SHARED_DATA", REPO_ROOT.parent
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# torch's OpenMP threads spin while they wait for work. On a busy shared machine a spinning thread takes
+# the core from the thread it waits for: training the session's tiny model took 20 s of CPU with 2 threads
+# at load average ~5, against 3 s with the threads sleeping instead (and 3 s with one thread). Set here,
+# before anything loads torch, so every subprocess (facepq CLIs, servers, Ray workers) inherits it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def _shared_subdir(name: str) -> pathlib.Path:
