@@ -111,24 +111,29 @@ def test_cli_errors_are_one_line_not_a_traceback(tmp_path):
     assert out.returncode == 2 and "Valid (M x K)" in out.stderr and "Traceback" not in out.stderr
 
 
+@pytest.mark.slow  # the one 112-pixel training run of the suite (36 steps of resnet20 at 112x112)
 def test_resnet20_trains_and_encodes_at_112_pixels(tmp_path):
     """The paper's 112x112 input: the same code path as 32x32 (on a GPU only the device differs).
 
     Its own model, from the shared recipe with what 112 pixels needs: 112-px photos and input, a narrow
-    trunk (8), every photo in training (6 people are too few to hold any out)."""
-    # enough steps (6 x 3) for the batch norms' running statistics to settle: after one or two
-    # steps the eval-mode trunk is far off scale (its residual stages have no normalisation after
-    # the sum) and its embeddings are refused as out of range
+    trunk (8) and few photos to keep it cheap, every photo in training (6 people are too few to hold any
+    out). 6 epochs x 6 steps: enough for the batch norms' running statistics to settle (after one or two
+    steps the eval-mode trunk is far off scale: its residual stages have no normalisation after the sum,
+    and its embeddings are refused as out of range) and for the loss to fall clearly."""
     model = train_tiny_model(tmp_path, people=6, photos=4, photo_size=112, input_size=112, trunk_width=8,
-                             epochs=3, batch_size=4, hold_out_people=False, data_seed=2)
-    summary = model.summary
-    assert len(summary["history"]) == 3 and np.isfinite(summary["history"][-1]["loss"])
-    enc = FaceEncoder.load(summary["model"])
-    photos = generate_faces(2, 1, size=112, seed=3)[0]
+                             epochs=6, batch_size=4, hold_out_people=False, data_seed=2)
+    losses = [h["loss"] for h in model.summary["history"]]
+    assert len(losses) == 6 and np.isfinite(losses).all()
+    # training at 112 px learns: measured 0.81-0.86 of the first epoch's loss over seeds 0-3 (seed 0 here)
+    assert losses[-1] < 0.93 * losses[0], losses
+    enc = FaceEncoder.load(model.path)
+    photos = generate_faces(6, 4, size=112, seed=2)[0]  # the training photos, 6 people
     crops, kept, skipped = enc.prepare_photos(list(photos))
-    assert crops.shape == (2, 112, 112, 3) and kept == [0, 1] and not skipped
+    assert crops.shape == (24, 112, 112, 3) and kept == list(range(24)) and not skipped
     codes = enc.codec.encode(enc.trunk_features(crops))
-    assert codes.shape == (2, 4) and codes.dtype == np.uint8
+    assert codes.shape == (24, 4) and codes.dtype == np.uint8
+    # a collapsed 112-px trunk (every embedding alike) gives every photo one code; measured 7-14 distinct
+    assert len({code.tobytes() for code in codes}) >= 3, codes
 
 
 def test_asking_for_a_gpu_that_is_not_there_is_a_clear_error():
