@@ -21,6 +21,7 @@ def _anonymous_memory_kb(pid: int) -> int:
     raise AssertionError(f"no RssAnon in /proc/{pid}/status")
 
 
+@pytest.mark.slow  # a soak: 9 s of searches by design, 16 hot reloads, a cluster of three processes
 def test_bounded_load_and_hot_reload_soak(gallery, index):
     from bench import load_bench
 
