@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The README's test command: install (idempotent), then the whole suite.
+# The README's test command: install (idempotent), then the whole suite (what CI runs).
+# Arguments go to pytest: `bash scripts/test.sh -m "not slow"` is the fast lane for the inner loop.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh

@@ -15,11 +15,18 @@ import time
 
 import pytest
 
+from tests.support.models import TinyModel, train_tiny_model
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 SHARED_DATA = pathlib.Path(os.environ.get("FACEPQ_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# torch's OpenMP threads spin while they wait for work. On a busy shared machine a spinning thread takes
+# the core from the thread it waits for: training the session's tiny model took 20 s of CPU with 2 threads
+# at load average ~5, against 3 s with the threads sleeping instead (and 3 s with one thread). Set here,
+# before anything loads torch, so every subprocess (facepq CLIs, servers, Ray workers) inherits it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def _shared_subdir(name: str) -> pathlib.Path:
@@ -107,35 +114,9 @@ def redis_server(tmp_path):
     server.stop()
 
 
-class TinyModel:
-    """A small real OPQN checkpoint trained on generated faces, shared by the whole test session."""
-
-    def __init__(self, path: pathlib.Path, data: pathlib.Path, bits: int):
-        self.path, self.data, self.bits = path, data, bits
-
-
-def train_tiny_model(root: pathlib.Path, bits: int = 32, K: int | None = None, people: int = 24, photos: int = 6,
-                     epochs: int = 2) -> TinyModel:
-    from opqn_model.config import ModelConfig, TrainConfig
-    from opqn_model.face_pipeline import FacePipeline
-    from opqn_model.synthetic import write_faces
-    from opqn_model.train import train
-
-    data = write_faces(root / "faces", people, photos, size=64, seed=0)
-    model_config = ModelConfig(trunk="resnet20", bits=bits, K=K, input_size=32, trunk_width=16,
-                               pipeline=FacePipeline(size=32, mode="none").to_dict())
-    summary = train(data, root / "model", model_config, TrainConfig(epochs=epochs, batch_size=64, seed=0),
-                    progress=False)
-    return TinyModel(pathlib.Path(summary["model"]), pathlib.Path(data), bits)
-
-
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> TinyModel:
-    """Real trained checkpoint: resnet20 (width 16) + OPQN head, 32 bits (4 x 256), 32x32 synthetic faces."""
+    """The session's trained checkpoint (tests/support/models.py): resnet20 (width 16) + OPQN head,
+    32 bits (4 x 256), 32x32 crops of 24 x 6 generated faces, 2 epochs. Reuse it unless a test needs
+    a model trained differently."""
     return train_tiny_model(tmp_path_factory.mktemp("tiny_model"))
-
-
-@pytest.fixture(scope="session")
-def tiny_model_4bit(tmp_path_factory) -> TinyModel:
-    """Same as tiny_model with 4-bit codewords: 32 bits = 8 x 16, two sub-codes per byte."""
-    return train_tiny_model(tmp_path_factory.mktemp("tiny_model_4bit"), bits=32, K=16)

@@ -13,11 +13,18 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 SECTIONS = {"## 1. Scan throughput": 6, "## 3. End-to-end gRPC latency": 2, "## 4. Ingest throughput": 1}
 
 
-@pytest.mark.timeout(330)
+# A guard against a hang, not a performance bound: the run takes about a minute on the 2-core machine at
+# load average ~5 and took more than 5 minutes inside a whole-suite run at load 10+. Nothing here may
+# depend on how much work fits in a time window.
+REPORT_TIMEOUT_S = 1500
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(REPORT_TIMEOUT_S + 120)
 def test_small_report(tmp_path):
     out = tmp_path / "rep"
     proc = subprocess.run([sys.executable, "-m", "facepq.cli", "bench", "report", "--small", "--skip", "quality",
-                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=REPORT_TIMEOUT_S)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = (out / "report.md").read_text()
     assert "FAILED" not in text

@@ -237,7 +237,3 @@ def test_dockerfile_builds_one_image_for_every_role():
         if "*" not in src:
             assert (REPO / src).exists(), f"COPY {src}: not in the repository"
     assert "EXPOSE 50050 50051" in text
-
-
-def test_health_probe_script_is_valid_python():
-    compile((DEPLOY / "grpc_health_probe.py").read_text(), "grpc_health_probe.py", "exec")

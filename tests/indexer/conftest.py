@@ -1,4 +1,4 @@
-"""Fixtures of the index tests: a real trained model, synthetic galleries, one local Ray per module."""
+"""Fixtures of the index tests: the session's trained model, synthetic galleries, one local Ray per module."""
 from __future__ import annotations
 
 import os
@@ -50,21 +50,11 @@ def big_gallery(work_dir) -> pathlib.Path:
     return write_faces(work_dir / "synth_big", 40, 8, size=40, seed=5)
 
 
-def _train(out_dir: pathlib.Path, gallery: pathlib.Path, seed: int) -> pathlib.Path:
-    from opqn_model.config import ModelConfig, TrainConfig
-    from opqn_model.train import train
-
-    config = ModelConfig(trunk="resnet20", bits=32, input_size=32, trunk_width=8,
-                         pipeline={"size": 32, "mode": "none"})
-    train_config = TrainConfig(epochs=1, batch_size=32, test_people=0.0, val_people=0.0, queries_per_person=0,
-                               seed=seed)
-    return pathlib.Path(train(gallery, out_dir, config, train_config, progress=False)["model"])
-
-
 @pytest.fixture(scope="session")
-def trained_model(work_dir, synthetic_gallery) -> pathlib.Path:
-    """A real OPQN checkpoint (tiny resnet20, 32 bits = 4 x 256) trained for one epoch on synthetic faces."""
-    return _train(work_dir / "model_a", synthetic_gallery, seed=0)
+def trained_model(tiny_model) -> pathlib.Path:
+    """A real OPQN checkpoint: the session's tiny model (tests/support/models.py). Ingest only needs a model
+    that encodes; training another one here would add a training run to the session and test nothing more."""
+    return tiny_model.path
 
 
 @pytest.fixture(scope="session")

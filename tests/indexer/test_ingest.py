@@ -22,7 +22,8 @@ from indexer.segment import open_segment
 from indexer.store import IndexStore
 from tests.support.index import live_row_ids
 
-pytestmark = pytest.mark.slow
+# Every test but the first starts Ray (ray_local) or `facepq ingest` processes, so is marked slow; the first
+# runs the encoder's stages on a plain batch without Ray (STYLE.md) and stays in the fast lane.
 
 
 def _codes_by_source(index) -> dict[str, bytes]:
@@ -57,6 +58,7 @@ def test_read_and_encode_stages_on_plain_batches(trained_model, synthetic_galler
     assert not out["code"][3].any()
 
 
+@pytest.mark.slow
 def test_ingest_photos_twice_gives_the_same_faces(ray_local, trained_model, synthetic_gallery, tmp_path):
     gallery = tmp_path / "gallery"
     shutil.copytree(synthetic_gallery, gallery)
@@ -82,6 +84,7 @@ def test_ingest_photos_twice_gives_the_same_faces(ray_local, trained_model, synt
     assert _codes_by_source(index)[str(photo)] == expected
 
 
+@pytest.mark.slow
 def test_ingest_of_embedding_files(ray_local, trained_model, tmp_path):
     enc = _encoder(trained_model)
     rng = np.random.default_rng(0)
@@ -106,6 +109,7 @@ def test_ingest_of_embedding_files(ray_local, trained_model, tmp_path):
     assert (s.faces_added, s.duplicates_skipped, s.version) == (0, 100, 2)
 
 
+@pytest.mark.slow
 def test_ingest_with_another_model_is_refused_naming_both(ray_local, trained_model, other_model,
                                                           synthetic_gallery, tmp_path):
     index = tmp_path / "idx"
@@ -120,6 +124,7 @@ def test_ingest_with_another_model_is_refused_naming_both(ray_local, trained_mod
     assert IndexStore(index).current_version() == 1
 
 
+@pytest.mark.slow
 def test_errors_inside_ray_workers_come_back_as_one_clear_error(ray_local, trained_model, tmp_path):
     from facepq_core.errors import ConfigError, DataError
 
@@ -136,6 +141,7 @@ def test_errors_inside_ray_workers_come_back_as_one_clear_error(ray_local, train
         run_ingest(str(trained_model), str(tmp_path / "short.npy"), str(tmp_path / "idx"), progress=False)
 
 
+@pytest.mark.slow
 def test_an_encoder_pool_the_cluster_cannot_place_fails_clearly_instead_of_waiting(ray_local, trained_model,
                                                                                     synthetic_gallery, tmp_path):
     from facepq_core.errors import ConfigError
@@ -156,6 +162,7 @@ def _env():
     return dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
 
 
+@pytest.mark.slow
 def test_sigkill_mid_ingest_keeps_the_previous_version_and_rerun_completes(
         ray_local, trained_model, synthetic_gallery, big_gallery, tmp_path):
     index = tmp_path / "idx"
@@ -187,6 +194,7 @@ def test_sigkill_mid_ingest_keeps_the_previous_version_and_rerun_completes(
     assert len(ids) == len(np.unique(ids)) == 72 + 320
 
 
+@pytest.mark.slow
 def test_two_concurrent_ingest_processes_both_commit(ray_local, trained_model, synthetic_gallery, tmp_path):
     from opqn_model.synthetic import write_faces
 
@@ -213,6 +221,7 @@ def test_two_concurrent_ingest_processes_both_commit(ray_local, trained_model, s
     assert len(ids) == len(np.unique(ids)) == 72 + 20
 
 
+@pytest.mark.slow
 def test_cli_info_delete_compact(ray_local, trained_model, synthetic_gallery, tmp_path, capsys):
     index = tmp_path / "idx"
     run_ingest(str(trained_model), str(synthetic_gallery), str(index), progress=False)
@@ -233,6 +242,7 @@ def test_cli_info_delete_compact(ray_local, trained_model, synthetic_gallery, tm
     assert "no facepq index" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_ingest_of_att_faces(ray_local, trained_model, att_faces, tmp_path):
     s = run_ingest(str(trained_model), str(att_faces), str(tmp_path / "idx"), batch_size=50, progress=False)
     assert s.faces_added == 400 and sum(s.skipped.values()) == 0

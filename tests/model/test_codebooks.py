@@ -1,9 +1,14 @@
+import pathlib
+import re
+
 import numpy as np
 import pytest
 
 from facepq_core.codes import STANDARD_BITS, CodeSpec, pack_codes, resolve_code_spec, score_codes, unpack_codes
 from facepq_core.errors import ConfigError
 from opqn_model.codebooks import dct_basis, orthonormal_codebooks
+
+README = pathlib.Path(__file__).resolve().parents[2] / "README.md"
 
 
 @pytest.mark.parametrize("d", [4, 16, 64, 256])
@@ -31,10 +36,24 @@ def test_codebooks_refuse_more_codewords_than_dims():
         orthonormal_codebooks(2, 64, 32)
 
 
-@pytest.mark.parametrize("bits", STANDARD_BITS)
-def test_every_standard_code_length_resolves(bits):
-    spec = resolve_code_spec(bits)
-    assert spec.bits == bits and spec.K <= 256
+def _readme_code_shapes() -> tuple[dict[int, tuple[int, int]], tuple[int, int, int]]:
+    """The README's "Code shapes" paragraph: ({bits: (M, K)} that `--bits` alone picks, and the `-K 16` example
+    (bits, M, K) with its bytes per code)."""
+    text = README.read_text()
+    start = text.index("`--bits` alone")
+    paragraph = text[start:text.index("\n\n", start)]
+    picks, four_bit = paragraph.split("`-K 16`", 1)
+    chosen = {int(b): (int(m), int(k)) for b, m, k in re.findall(r"(\d+)(?: bits)? → (\d+)×(\d+)", picks)}
+    (b, m, k, nbytes), = re.findall(r"(\d+) bits → (\d+)×(\d+) in (\d+) bytes", four_bit)
+    return chosen, (int(b), int(m), int(k), int(nbytes))
+
+
+def test_the_readme_documents_the_code_shape_each_standard_length_resolves_to():
+    chosen, (bits, M, K, nbytes) = _readme_code_shapes()
+    assert sorted(chosen) == sorted(STANDARD_BITS), "document every standard length in the README, no other"
+    assert {b: (s.M, s.K) for b in STANDARD_BITS for s in [resolve_code_spec(b)]} == chosen
+    spec = resolve_code_spec(bits, K=K)
+    assert (spec.M, spec.K, spec.code_bytes, spec.packed) == (M, K, nbytes, True)
 
 
 def test_resolution_prefers_bytes_and_honours_overrides():

@@ -39,12 +39,6 @@ def test_folder_lists_images_of_every_person_sorted_and_skips_hidden_and_other_f
     assert list_photos(str(gallery)) == records  # deterministic, str or Path
 
 
-def test_photo_record_is_frozen():
-    record = PhotoRecord("/a.jpg", "a")
-    with pytest.raises(AttributeError):
-        record.person = "b"
-
-
 def test_missing_and_empty_and_photo_less_sources_are_data_errors(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         list_photos(tmp_path / "nope")

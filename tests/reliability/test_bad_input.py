@@ -209,6 +209,7 @@ def file_cases(gallery, tmp):
     ]
 
 
+@pytest.mark.slow  # 17 facepq processes, each importing its component (~18 s of CPU)
 def test_malformed_files_and_flags_exit_2_with_one_line(gallery, tmp_path):
     cases = file_cases(gallery, tmp_path)
     with futures.ThreadPoolExecutor(3) as pool:
