@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from facepq import __version__
@@ -44,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # OpenMP worker threads (torch) spin while they wait for work by default. On a host where
+    # other processes hold the cores (query nodes, Ray workers, anything) the spinning thread
+    # takes the core from the one it waits for: training the test suite's tiny model cost 20 s of
+    # CPU that way at load ~5, 3 s with sleeping threads. Set before any component loads torch;
+    # an explicit OMP_WAIT_POLICY in the environment wins, and children (servers, Ray) inherit it.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
