@@ -29,7 +29,7 @@ import time
 
 from facepq_core.errors import ConfigError
 from facepq_proto.facepq.v1 import facepq_pb2, facepq_pb2_grpc
-from query_node.grpc_server import GrpcServer, status_on_error
+from query_node.grpc_server import GrpcServer, ServedByGrpc, status_on_error
 from query_node.service import CoordinatorService, Photo, SearchOptions
 from query_node.wire import hit_messages
 
@@ -91,7 +91,7 @@ class CoordinatorServicer(facepq_pb2_grpc.CoordinatorServicer):
         return reply
 
 
-class CoordinatorServer:
+class CoordinatorServer(ServedByGrpc):
     """A running coordinator: model + registry + service + gRPC server with health and reflection.
 
     Args:
@@ -122,14 +122,6 @@ class CoordinatorServer:
         protected = ["Enrol", "Delete", "Compact"] + (["Search", "Status"] if auth_search else [])
         self.grpc_server = GrpcServer(SERVICE_NAME, host, port, workers, tls=tls, auth_tokens=auth_tokens,
                                       protected_methods=protected)
-
-    @property
-    def port(self) -> int | None:
-        return self.grpc_server.port
-
-    @property
-    def address(self) -> str:
-        return self.grpc_server.address
 
     def start(self) -> "CoordinatorServer":
         servicer = CoordinatorServicer(self.service)

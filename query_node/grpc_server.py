@@ -105,3 +105,21 @@ class GrpcServer:
         self.begin_shutdown()
         if self.server is not None:
             self.server.stop(grace).wait(grace + 1)
+
+
+class ServedByGrpc:
+    """Mixin of a server object that owns a `GrpcServer` as `self.grpc_server`: where it listens."""
+
+    grpc_server: GrpcServer
+
+    @property
+    def host(self) -> str:
+        return self.grpc_server.host
+
+    @property
+    def port(self) -> int | None:
+        return self.grpc_server.port
+
+    @property
+    def address(self) -> str:
+        return self.grpc_server.address

@@ -32,7 +32,7 @@ import numpy as np
 
 from facepq_core.errors import InvalidRequest, NotFound, Unavailable
 from facepq_proto.facepq.v1 import facepq_pb2, facepq_pb2_grpc
-from query_node.grpc_server import NOT_SERVING, SERVING, GrpcServer, status_on_error
+from query_node.grpc_server import NOT_SERVING, SERVING, GrpcServer, ServedByGrpc, status_on_error
 from query_node.index_view import IndexView
 from query_node.live_index import LiveIndex
 from query_node.shard_search import ScanStats
@@ -124,7 +124,7 @@ class QueryNodeServicer(facepq_pb2_grpc.QueryNodeServicer):
         return reply
 
 
-class NodeServer:
+class NodeServer(ServedByGrpc):
     """A running query node: gRPC server + health + reflection + index watcher.
 
     Args:
@@ -148,18 +148,6 @@ class NodeServer:
         self.grpc_server = GrpcServer(SERVICE_NAME, host, port, workers, tls=tls, auth_tokens=auth_tokens,
                                protected_methods=("Search", "Status"))
         self.listeners = []  # callables(view) told about every swap (registry)
-
-    @property
-    def host(self) -> str:
-        return self.grpc_server.host
-
-    @property
-    def port(self) -> int | None:
-        return self.grpc_server.port
-
-    @property
-    def address(self) -> str:
-        return self.grpc_server.address
 
     def _set_health(self, view: IndexView | None) -> None:
         health = self.grpc_server.health

@@ -96,6 +96,16 @@ def _manifest_with(store, meta, rows) -> Manifest:
     return manifest
 
 
+def _publish_edited(tmp_path, meta, rows, edit) -> IndexStore:
+    """An index whose version-1 manifest is the test manifest as a dict after `edit(d)`, written as is."""
+    store = IndexStore(tmp_path / "idx")
+    d = _manifest_with(store, meta, rows).to_dict()
+    edit(d)
+    store.write_bytes("manifests/00000001.json", json.dumps(d).encode())
+    store.set_current(1)
+    return store
+
+
 def test_manifest_round_trips_through_json(tmp_path, meta, rows):
     store = IndexStore(tmp_path / "idx")
     manifest = _manifest_with(store, meta, rows)
@@ -109,12 +119,7 @@ def test_manifest_round_trips_through_json(tmp_path, meta, rows):
 @pytest.mark.parametrize("bad_path", ["../../etc/passwd", "/etc/passwd", "shards/../../x.arrow",
                                       "shards/0000/../../../x.arrow", "file:///etc/passwd", "other/0000/x.arrow"])
 def test_manifest_pointing_outside_the_index_is_refused(tmp_path, meta, rows, bad_path):
-    store = IndexStore(tmp_path / "idx")
-    manifest = _manifest_with(store, meta, rows)
-    d = manifest.to_dict()
-    d["shards"][1]["segments"][0]["path"] = bad_path
-    store.write_bytes("manifests/00000001.json", json.dumps(d).encode())
-    store.set_current(1)
+    store = _publish_edited(tmp_path, meta, rows, lambda d: d["shards"][1]["segments"][0].update(path=bad_path))
     with pytest.raises(IndexFormatError, match="segment path"):
         store.load_manifest()
 
@@ -123,14 +128,12 @@ def test_a_format_1_manifest_is_read_as_opqn_codes_and_the_next_commit_writes_fo
     """Indexes written before codecs existed: `packed` in the model section, no `codec`."""
     from indexer.writer import IndexWriter
 
-    store = IndexStore(tmp_path / "idx")
-    d = _manifest_with(store, meta, rows).to_dict()
-    d["format_version"] = 1
-    model = d["model"]
-    del model["codec"]
-    model["packed"] = False
-    store.write_bytes("manifests/00000001.json", json.dumps(d).encode())
-    store.set_current(1)
+    def format_1(d):
+        d["format_version"] = 1
+        del d["model"]["codec"]
+        d["model"]["packed"] = False
+
+    store = _publish_edited(tmp_path, meta, rows, format_1)
     loaded = store.load_manifest()
     assert loaded.format_version == 1 and loaded.model.codec == "opqn" and loaded.model == meta
     ids, persons, sources, codes = rows
@@ -143,11 +146,7 @@ def test_a_format_1_manifest_is_read_as_opqn_codes_and_the_next_commit_writes_fo
 
 
 def test_a_model_section_whose_layout_does_not_add_up_is_refused(tmp_path, meta, rows):
-    store = IndexStore(tmp_path / "idx")
-    d = _manifest_with(store, meta, rows).to_dict()
-    d["model"]["code_bytes"] = 4  # M=8, K=256 store 8 bytes
-    store.write_bytes("manifests/00000001.json", json.dumps(d).encode())
-    store.set_current(1)
+    store = _publish_edited(tmp_path, meta, rows, lambda d: d["model"].update(code_bytes=4))  # M=8, K=256: 8 bytes
     with pytest.raises(IndexFormatError, match="8 bytes"):
         store.load_manifest()
 
@@ -155,21 +154,13 @@ def test_a_model_section_whose_layout_does_not_add_up_is_refused(tmp_path, meta,
 def test_a_node_refuses_an_index_of_a_codec_it_does_not_know(tmp_path, meta, rows):
     from query_node.index_view import load_view
 
-    store = IndexStore(tmp_path / "idx")
-    d = _manifest_with(store, meta, rows).to_dict()
-    d["model"]["codec"] = "from-the-future"
-    store.write_bytes("manifests/00000001.json", json.dumps(d).encode())
-    store.set_current(1)
+    store = _publish_edited(tmp_path, meta, rows, lambda d: d["model"].update(codec="from-the-future"))
     with pytest.raises(IndexFormatError, match="unknown codec 'from-the-future'"):
         load_view(store, [0, 1])
 
 
 def test_newer_format_version_is_refused_with_upgrade_hint(tmp_path, meta, rows):
-    store = IndexStore(tmp_path / "idx")
-    d = _manifest_with(store, meta, rows).to_dict()
-    d["format_version"] = FORMAT_VERSION + 1
-    store.write_bytes("manifests/00000001.json", json.dumps(d).encode())
-    store.set_current(1)
+    store = _publish_edited(tmp_path, meta, rows, lambda d: d.update(format_version=FORMAT_VERSION + 1))
     with pytest.raises(IndexFormatError, match="upgrade facepq"):
         store.load_manifest()
 
