@@ -224,6 +224,7 @@ def test_an_incomplete_answer_while_every_shard_kept_a_replica_is_unavailability
     h.add(search(9.5, 9.6, 3, [10, 20]))
     assert violations(h) == ["unavailable-with-a-live-replica"]
     assert "took 5.00 s" in violations(h, "unavailable-with-a-live-replica")[0]
+    assert "    during: hang-node b0 1" in check(h, LOG, REPLICAS).summary_lines(h)
 
 
 def test_a_failed_search_while_every_shard_kept_a_replica_is_unavailability():

@@ -4,6 +4,7 @@ namespace, link or process behind, also after a run that died before its teardow
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -88,10 +89,12 @@ def test_close_kills_every_process_on_the_hosts_and_removes_everything(net):
     a = net.add_host("a")
     running = a.popen(["sleep", "600"])
     stopped = a.popen(["sleep", "600"])
-    os.kill(stopped.pid, 19)  # SIGSTOP: must not survive either
     forked = a.popen(["sh", "-c", "sleep 600 & sleep 600 & wait"])  # grandchildren the test never saw
-    time.sleep(0.3)
-    assert len(a.pids()) >= 5
+    deadline = time.monotonic() + 30
+    while len(a.pids()) < 5 and time.monotonic() < deadline:  # each is on the host once `ip netns exec` is done
+        time.sleep(0.1)
+    assert len(a.pids()) == 5
+    os.kill(stopped.pid, signal.SIGSTOP)  # a stopped process must not survive either
     net.close()
     for p in (running, stopped, forked):
         assert p.wait(10) == -9

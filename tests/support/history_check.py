@@ -58,6 +58,7 @@ class CommitLog:
 class Violation:
     prop: str
     message: str
+    faults: tuple = ()  # names of the faults in force, where the property depends on them
 
 
 @dataclass
@@ -81,6 +82,9 @@ class Report:
         for prop in CHECKS:
             found = self.of(prop)
             lines.append(f"  {prop}: {len(found)} violations in {self.checked.get(prop, 0)} checks")
+            by_fault = Counter(name for v in found for name in v.faults)
+            if by_fault:
+                lines.append("    during: " + ", ".join(f"{name} {n}" for name, n in sorted(by_fault.items())))
             lines += [f"    {v.message}" for v in found[:limit]]
             if len(found) > limit:
                 lines.append(f"    ... and {len(found) - limit} more")
@@ -258,7 +262,10 @@ def no_recovery(history: History, log: CommitLog, replicas) -> tuple[list, int]:
     return out, len(periods)
 
 
-@_check("unavailable-with-a-live-replica")
+PROP_UNAVAILABLE = "unavailable-with-a-live-replica"
+
+
+@_check(PROP_UNAVAILABLE)
 def unavailable_with_replica(history: History, log: CommitLog, replicas: Mapping[int, Sequence[str]]
                              ) -> tuple[list, int]:
     out, n = [], 0
@@ -277,9 +284,9 @@ def unavailable_with_replica(history: History, log: CommitLog, replicas: Mapping
         if s.outcome != OK or not s.complete:
             faults = ", ".join(f.name for f in active) or "none"
             error = f" ({s.error})" if s.error else ""
-            out.append(f"search #{s.index} took {s.completed - s.invoked:.2f} s and is {s.outcome}{error} "
+            out.append(Violation(PROP_UNAVAILABLE, f"search #{s.index} took {s.completed - s.invoked:.2f} s and is {s.outcome}{error} "
                        f"complete={s.complete} missing={list(s.missing_shards)} while every shard kept a replica "
-                       f"(faults: {faults}; lost: {sorted(lost) or '-'})")
+                       f"(faults: {faults}; lost: {sorted(lost) or '-'})", tuple(f.name for f in active)))
     return out, n
 
 
@@ -294,7 +301,7 @@ def check(history: History, log: CommitLog, replicas: Mapping[int, Sequence[str]
     """
     report = Report()
     for name in properties or CHECKS:
-        messages, checked = CHECKS[name](history, log, replicas)
-        report.violations += [Violation(name, m) for m in messages]
+        found, checked = CHECKS[name](history, log, replicas)
+        report.violations += [m if isinstance(m, Violation) else Violation(name, m) for m in found]
         report.checked[name] = checked
     return report
