@@ -41,18 +41,19 @@ def fault_kind(name: str):
 
 class FaultKind:
     kind = ""
+    fixed_target = ""      # the one host this kind acts on (else: a query node drawn by the schedule)
+    takes_replica = True   # the target is a replica the coordinator loses
 
     def __init__(self, cluster, target: str):
         self.cluster, self.net, self.target = cluster, cluster.net, target
 
     @classmethod
     def choose(cls, cluster, rng: random.Random) -> str:
-        """A target: by default any query node."""
-        return rng.choice(sorted(n for names in cluster.replicas.values() for n in names))
+        return cls.fixed_target or rng.choice(sorted(n for names in cluster.replicas.values() for n in names))
 
     @property
     def lost(self) -> set[str]:
-        return {self.target}
+        return {self.target} if self.takes_replica else set()
 
     def describe(self) -> str:
         return f"{self.kind} {self.target}"
@@ -97,14 +98,8 @@ class NodeRegistry(_Cut):
 @fault_kind("coordinator-registry")
 class CoordinatorRegistry(_Cut):
     peer = "redis"
-
-    @classmethod
-    def choose(cls, cluster, rng):
-        return "coord"
-
-    @property
-    def lost(self):
-        return set()
+    fixed_target = "coord"
+    takes_replica = False
 
 
 class _Hang(FaultKind):
@@ -122,13 +117,8 @@ class HangNode(_Hang):
 
 @fault_kind("hang-registry")
 class HangRegistry(_Hang):
-    @classmethod
-    def choose(cls, cluster, rng):
-        return "redis"
-
-    @property
-    def lost(self):
-        return set()
+    fixed_target = "redis"
+    takes_replica = False
 
 
 @fault_kind("isolate-node")

@@ -30,7 +30,7 @@ Properties (each a registered check; `check()` runs them all):
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from tests.support.history import OK, History, Op
@@ -109,6 +109,13 @@ def _answered(op: Op, log: CommitLog) -> set:
     return set(range(log.shard_count)) - set(op.missing_shards)
 
 
+def _searches_after(history: History, write: Op, excused: Callable[[Op], bool]) -> Iterator[Op]:
+    """OK searches invoked after `write` was acknowledged, but those `excused` (another write may explain them)."""
+    for s in _searches(history):
+        if s.invoked > write.completed and not excused(s):
+            yield s
+
+
 @_check("lost-enrolment")
 def lost_enrolments(history: History, log: CommitLog, replicas) -> tuple[list, int]:
     out, n = [], 0
@@ -118,11 +125,8 @@ def lost_enrolments(history: History, log: CommitLog, replicas) -> tuple[list, i
         missing = set(e.face_ids) - log.live(e.version)
         if missing and e.version not in log.pruned:
             out.append(f"enrol #{e.index} of {e.person} acknowledged version {e.version}, which lacks {sorted(missing)}")
-        for s in _searches(history):
-            if s.invoked <= e.completed:
-                continue
-            if any(d.person == e.person and d.invoked < s.completed for d in deletes):
-                continue
+        deleted = lambda s: any(d.person == e.person and d.invoked < s.completed for d in deletes)  # noqa: E731
+        for s in _searches_after(history, e, deleted):
             n += 1
             seen = {h.face_id for h in s.hits}
             lost = [f for f in e.face_ids if log.shard_of(f) in _answered(s, log) and f not in seen]
@@ -148,11 +152,9 @@ def visible_after_delete(history: History, log: CommitLog, replicas) -> tuple[li
         still = sorted(f for f in log.live(d.version) if log.persons.get(f) == d.person)  # none when pruned
         if still:
             out.append(f"delete #{d.index} of {d.person} acknowledged version {d.version}, where {still} are live")
-        for s in _searches(history):
-            if s.invoked <= d.completed:
-                continue
-            if any(e.person == d.person and e.invoked > d.invoked and e.invoked < s.completed for e in enrols):
-                continue  # enrolled again since
+        enrolled_again = lambda s: any(e.person == d.person and d.invoked < e.invoked < s.completed  # noqa: E731
+                                       for e in enrols)
+        for s in _searches_after(history, d, enrolled_again):
             n += 1
             seen = sorted(h.face_id for h in s.hits if h.person == d.person)
             if seen:
