@@ -89,18 +89,6 @@ class FaceCluster:
         """The pid of the server on host `name` ("redis" included)."""
         return self.redis.pid if name == "redis" else self.servers[name].pid
 
-    def registered(self) -> set[str]:
-        """Node ids announced in Redis now."""
-        import redis
-
-        from query_node.registry import KEY_PREFIX
-
-        client = redis.Redis.from_url(self.redis_url, socket_timeout=2, socket_connect_timeout=2)
-        try:
-            return {k.decode()[len(KEY_PREFIX):] for k in client.scan_iter(match=KEY_PREFIX + "*")}
-        finally:
-            client.close()
-
     def channel(self) -> grpc.Channel:
         return grpc.insecure_channel(self.coordinator_address)
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import io
 import random
 import threading
-import time
 
 import grpc
 import numpy as np

@@ -124,8 +124,9 @@ def lost_enrolments(history: History, log: CommitLog, replicas) -> tuple[list, i
         n += 1
         missing = set(e.face_ids) - log.live(e.version)
         if missing and e.version not in log.pruned:
-            out.append(f"enrol #{e.index} of {e.person} acknowledged version {e.version}, which lacks {sorted(missing)}")
-        deleted = lambda s: any(d.person == e.person and d.invoked < s.completed for d in deletes)  # noqa: E731
+            out.append(f"enrol #{e.index} of {e.person} acknowledged version {e.version}, which lacks "
+                       f"{sorted(missing)}")
+        deleted = lambda s, e=e: any(d.person == e.person and d.invoked < s.completed for d in deletes)  # noqa: E731
         for s in _searches_after(history, e, deleted):
             n += 1
             seen = {h.face_id for h in s.hits}
@@ -152,8 +153,8 @@ def visible_after_delete(history: History, log: CommitLog, replicas) -> tuple[li
         still = sorted(f for f in log.live(d.version) if log.persons.get(f) == d.person)  # none when pruned
         if still:
             out.append(f"delete #{d.index} of {d.person} acknowledged version {d.version}, where {still} are live")
-        enrolled_again = lambda s: any(e.person == d.person and d.invoked < e.invoked < s.completed  # noqa: E731
-                                       for e in enrols)
+        enrolled_again = lambda s, d=d: any(e.person == d.person and d.invoked < e.invoked < s.completed  # noqa: E731
+                                            for e in enrols)
         for s in _searches_after(history, d, enrolled_again):
             n += 1
             seen = sorted(h.face_id for h in s.hits if h.person == d.person)
@@ -256,11 +257,12 @@ def no_recovery(history: History, log: CommitLog, replicas) -> tuple[list, int]:
         if first is None or first.invoked >= next_fault:
             out.append(f"no complete answer between the heal of {what} at {healed:.2f} and {next_fault:.2f}")
             continue
-        for s in searches:
-            if first.invoked < s.invoked and s.completed is not None and s.completed <= next_fault:
-                if s.outcome != OK or not s.complete:
-                    out.append(f"search #{s.index} after recovery from {what} (first complete answer #{first.index}) "
-                               f"is {s.outcome} complete={s.complete} {s.error}".rstrip())
+        after = [s for s in searches if first.invoked < s.invoked and s.completed is not None
+                 and s.completed <= next_fault]
+        for s in after:
+            if s.outcome != OK or not s.complete:
+                out.append(f"search #{s.index} after recovery from {what} (first complete answer #{first.index}) "
+                           f"is {s.outcome} complete={s.complete} {s.error}".rstrip())
     return out, len(periods)
 
 
@@ -286,9 +288,10 @@ def unavailable_with_replica(history: History, log: CommitLog, replicas: Mapping
         if s.outcome != OK or not s.complete:
             faults = ", ".join(f.name for f in active) or "none"
             error = f" ({s.error})" if s.error else ""
-            out.append(Violation(PROP_UNAVAILABLE, f"search #{s.index} took {s.completed - s.invoked:.2f} s and is {s.outcome}{error} "
+            message = (f"search #{s.index} took {s.completed - s.invoked:.2f} s and is {s.outcome}{error} "
                        f"complete={s.complete} missing={list(s.missing_shards)} while every shard kept a replica "
-                       f"(faults: {faults}; lost: {sorted(lost) or '-'})", tuple(f.name for f in active)))
+                       f"(faults: {faults}; lost: {sorted(lost) or '-'})")
+            out.append(Violation(PROP_UNAVAILABLE, message, tuple(f.name for f in active)))
     return out, n
 
 

@@ -91,7 +91,7 @@ def commit_log(index):
                     if ref.id not in segment_ids:  # segments are immutable: each is read once
                         seg = open_segment(store, ref, verify=False, model=manifest.model)
                         segment_ids[ref.id] = seg.face_ids.copy()
-                        persons.update(zip(seg.face_ids.tolist(), seg.persons.to_pylist()))
+                        persons.update(zip(seg.face_ids.tolist(), seg.persons.to_pylist(), strict=True))
                     ids = segment_ids[ref.id]
                     live.update(ids[live_mask(ids, dead)].tolist())
                 shards[shard] = frozenset(live)

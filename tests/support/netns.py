@@ -1,8 +1,8 @@
 """Virtual hosts on one machine: Linux network namespaces on a private bridge, for multi-host tests.
 
     root namespace (this test process, the "client": the bridge's address .254)
-        │  bridge fq<pid>-br, 10.213.N.0/24 (N picked free at start)
-        ├── veth ── namespace fq<pid>-<host> (its own loopback, eth0 = 10.213.N.i, no default route)
+        │  bridge fq<pid><letter>-br, 10.213.N.0/24 (N picked free at start)
+        ├── veth ── namespace fq<pid><letter>-<host> (its own loopback, eth0 = 10.213.N.i, no default route)
         └── ...
 
 Every host is a namespace with its own loopback, ports and routing table, so servers bind
@@ -10,8 +10,8 @@ their host's address as they would on a real machine, and faults are cut in the 
 `cut(a, b)` adds `prohibit` routes in both hosts' tables (each side is refused at once when it
 connects), `cut(a, b, "blackhole", both=False)` makes `a` silent to `b` (b's connections time
 out, its calls hang), `link_down(host)` takes the host's interface down (it is unreachable and
-its peers hear nothing), `heal`/`link_up` undo them. No namespace has a default route and the root namespace only holds the bridge's
-address, so no packet of a test can leave the machine.
+its peers hear nothing), `heal`/`link_up` undo them. No namespace has a default route and the
+root namespace only holds the bridge's address, so no packet of a test can leave the machine.
 
 A process is started on a host with `ip netns exec NAME ...` (`Host.command`); every process
 whose network namespace is a test host is found by `ip netns pids`, so teardown kills them
@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
 
-PREFIX = "fq"  # every name this module creates: fq<owner pid>-..., so stale ones are recognisable
+PREFIX = "fq"  # every name this module creates: fq<owner pid><letter>-..., so stale ones are recognisable
 SUBNET_BASE = "10.213"  # 10.213.N.0/24: private, and N is checked free on this machine first
 CLIENT_HOST_ID = 254  # the root namespace's address on the bridge
 _STALE = re.compile(rf"^{PREFIX}(\d+)[a-z]-")

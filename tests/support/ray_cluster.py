@@ -47,14 +47,12 @@ class RayCluster:
         self.temp_dir = tempfile.mkdtemp(prefix="fqray", dir="/tmp")
         self.gcs_address = f"{head.ip}:{GCS_PORT}"
         self.dashboard = f"http://{head.ip}:{DASHBOARD_PORT}"
-        self.log: list[str] = []
         self.cpu_seconds = 0.0
 
     def _run(self, host: Host | None, argv: list[str], timeout: float) -> subprocess.CompletedProcess:
         argv = [str(a) for a in argv]
         done = (host.run(argv, env=self.env, capture_output=True, text=True, timeout=timeout) if host else
                 subprocess.run(argv, env=self.env, capture_output=True, text=True, timeout=timeout))
-        self.log.append(f"$ {' '.join(argv)}  -> {done.returncode}")
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(argv)} failed ({done.returncode}):\n{done.stdout[-3000:]}\n"
                                f"{done.stderr[-3000:]}")
