@@ -125,7 +125,7 @@ class FaultRun:
 
 
 @pytest.fixture(scope="module")
-def fault_run(face_cluster, multihost_ingest, tiny_model) -> FaultRun:
+def fault_run(face_cluster, multihost_ingest, tiny_model, tmp_path_factory) -> FaultRun:
     from indexer.job import load_model_info
     from tests.multihost.cluster import HOSTS
     from tests.multihost.nemesis import Nemesis, schedule
@@ -158,10 +158,12 @@ def fault_run(face_cluster, multihost_ingest, tiny_model) -> FaultRun:
         cluster.net.heal_all()
     seconds = time.monotonic() - t0
     serving_cpu = sum(cluster.net[name].cpu_seconds() for name in HOSTS)
+    saved = tmp_path_factory.mktemp("multihost-history") / "history.jsonl"
+    history.dump(saved)
     report = check(history, commit_log(multihost_ingest.index), cluster.replicas)
     lines = report.summary_lines(history)
     say(f"history summary ({seconds:.0f} s; recovery after each heal, seconds to the first complete answer: "
-        + ", ".join("never" if r is None else f"{r:.1f}" for r in nemesis.recovery) + ")")
+        + ", ".join("never" if r is None else f"{r:.1f}" for r in nemesis.recovery) + f"; saved in {saved})")
     for line in lines:
         say("  " + line)
     own = resource.getrusage(resource.RUSAGE_SELF)

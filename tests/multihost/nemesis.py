@@ -176,7 +176,7 @@ def schedule(cluster, seed: int, extra: int = 2, hold=(4.0, 7.0)) -> list[Planne
 class Nemesis:
     """Runs a schedule against a cluster, recording each fault in the history."""
 
-    def __init__(self, cluster, history: History, recovery_timeout: float = 60.0, quiet: float = 1.0):
+    def __init__(self, cluster, history: History, recovery_timeout: float = 60.0, quiet: float = 3.0):
         self.cluster, self.history = cluster, history
         self.recovery_timeout, self.quiet = recovery_timeout, quiet
         self.recovery: list[float | None] = []  # seconds from each heal to the first complete answer after it

@@ -131,6 +131,17 @@ class History:
             self.faults.append(f)
         return f
 
+    def dump(self, path) -> None:
+        """Write the history as JSON lines (one per operation, then one per fault) for a look afterwards."""
+        import json
+        from dataclasses import asdict
+
+        with open(path, "w") as f:
+            for op in self.ops:
+                f.write(json.dumps({"type": "op", **asdict(op)}) + "\n")
+            for fault in self.faults:
+                f.write(json.dumps({"type": "fault", **asdict(fault), "lost": sorted(fault.lost)}) + "\n")
+
     def of(self, kind: str, outcome: str | None = None) -> list[Op]:
         return [o for o in self.ops if o.kind == kind and (outcome is None or o.outcome == outcome)]
 
