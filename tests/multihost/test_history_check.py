@@ -227,6 +227,19 @@ def test_an_incomplete_answer_while_every_shard_kept_a_replica_is_unavailability
     assert "    during: hang-node b0 1" in check(h, LOG, REPLICAS).summary_lines(h)
 
 
+def test_a_stall_after_recovery_is_unavailability_blamed_on_the_fault_before_not_the_one_it_overlaps():
+    h = base()
+    h.faults.append(_fault("isolate-node", {"a1"}, 8.0, 9.0))
+    h.add(search(9.1, 9.2, 3, [10, 20]))                 # recovered
+    h.add(search(9.3, 14.3, 3, [], missing=[0]))         # then a call to a1 stalls, into the next fault
+    h.faults.append(_fault("hang-node", {"b0"}, 12.0, 13.0))
+    h.add(search(13.5, 13.6, 3, [10, 20]))
+    report = check(h, LOG, REPLICAS)
+    assert [v.prop for v in report.violations] == ["unavailable-with-a-live-replica"]
+    assert report.violations[0].faults == ("after isolate-node",)
+    assert "    during: after isolate-node 1" in report.summary_lines(h)
+
+
 def test_a_failed_search_while_every_shard_kept_a_replica_is_unavailability():
     h = base()
     h.faults.append(_fault("partition coordinator-registry", set(), 8.0, 9.0))

@@ -22,10 +22,13 @@ Properties (each a registered check; `check()` runs them all):
   none is in missing_shards, `complete` is true exactly when missing_shards is empty, and no hit
   comes from a shard declared missing.
 * no-recovery-after-heal: after the last active fault is healed, some search invoked before the next
-  fault answers complete, and from then until the next fault every search answers, complete.
+  fault answers complete, and every later search that ends before the next fault answers, complete.
+  (A search that stalls across the next fault's start is judged by the next property.)
 * unavailable-with-a-live-replica: a search running while every shard kept a replica no fault took
   away answers, complete. A fault's replicas count as lost until the first complete answer after its
-  heal (reconnecting is recovery, not availability).
+  heal (reconnecting is recovery, not availability). Each violation is blamed on the faults in force
+  that took a replica of a missing shard, else on the last fault healed before it (a replica back
+  from an outage that still stalls).
 """
 from __future__ import annotations
 
@@ -286,13 +289,25 @@ def unavailable_with_replica(history: History, log: CommitLog, replicas: Mapping
             continue  # some shard had no replica left: an incomplete answer is the right one
         n += 1
         if s.outcome != OK or not s.complete:
-            faults = ", ".join(f.name for f in active) or "none"
+            blamed = _blamed(history, s, active, replicas)
             error = f" ({s.error})" if s.error else ""
             message = (f"search #{s.index} took {s.completed - s.invoked:.2f} s and is {s.outcome}{error} "
                        f"complete={s.complete} missing={list(s.missing_shards)} while every shard kept a replica "
-                       f"(faults: {faults}; lost: {sorted(lost) or '-'})")
-            out.append(Violation(PROP_UNAVAILABLE, message, tuple(f.name for f in active)))
+                       f"(faults: {', '.join(f.name for f in active) or 'none'}; lost: {sorted(lost) or '-'}; "
+                       f"blamed on: {', '.join(blamed)})")
+            out.append(Violation(PROP_UNAVAILABLE, message, blamed))
     return out, n
+
+
+def _blamed(history: History, s: Op, active: list, replicas) -> tuple:
+    """The faults that took a replica of a shard this answer misses; when none did (a replica no fault
+    holds stalled, e.g. on a connection an earlier outage left stuck), the last fault healed before it."""
+    missing = [r for shard in s.missing_shards for r in replicas[shard]]
+    names = tuple(f.name for f in active if not missing or set(missing) & f.lost)
+    if names:
+        return names
+    healed = [f for f in history.faults if f.healed is not None and f.healed <= s.invoked]
+    return (f"after {healed[-1].name}",) if healed else ("none",)
 
 
 def check(history: History, log: CommitLog, replicas: Mapping[int, Sequence[str]],
