@@ -53,6 +53,12 @@ if ! command -v redis-server >/dev/null 2>&1; then
     echo "[install] redis-server not found and cannot be installed here; Redis tests will fail" >&2
   fi
 fi
+# The multi-host tests (tests/multihost) make virtual hosts with iproute2's `ip netns` (as root).
+if ! command -v ip >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "[install] iproute2 (apt) for the multi-host tests"
+  apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 >/dev/null
+fi
 "$VENV/bin/python" -c "from query_node import fastscan; print('[install] 4-bit scan kernel:', fastscan.status())"
 if [ -f clients/node/package.json ] && command -v npm >/dev/null 2>&1 && [ ! -d clients/node/node_modules ]; then
   echo "[install] npm packages for the Node.js client"

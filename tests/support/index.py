@@ -67,3 +67,36 @@ def brute_force(index_path, lut, k):
 def dyadic_lut(rng, M, K):
     """Table values on a 1/64 grid: every float32 sum is exact, so scores compare bit for bit."""
     return (rng.integers(0, 64, size=(M, K)) / 64).astype(np.float32)
+
+
+def commit_log(index):
+    """Every committed version of an index, as tests.support.history_check.CommitLog: version -> shard ->
+    frozenset of live face ids, and face id -> person (liveness is `indexer.live`'s definition)."""
+    from facepq_core.errors import FacepqError
+    from indexer.live import live_mask, tombstone_ids
+    from indexer.segment import open_segment
+    from indexer.store import IndexStore
+    from tests.support.history_check import CommitLog
+
+    store = IndexStore(str(index))
+    versions, persons, segment_ids, pruned = {}, {}, {}, set()
+    current = store.load_manifest()
+    for version in range(1, current.version + 1):
+        try:
+            manifest = store.load_manifest(version)
+            shards = {}
+            for shard, state in enumerate(manifest.shards):
+                dead, live = tombstone_ids(state), set()
+                for ref in state.segments:
+                    if ref.id not in segment_ids:  # segments are immutable: each is read once
+                        seg = open_segment(store, ref, verify=False, model=manifest.model)
+                        segment_ids[ref.id] = seg.face_ids.copy()
+                        persons.update(zip(seg.face_ids.tolist(), seg.persons.to_pylist(), strict=True))
+                    ids = segment_ids[ref.id]
+                    live.update(ids[live_mask(ids, dead)].tolist())
+                shards[shard] = frozenset(live)
+        except (FacepqError, OSError):  # garbage-collected since: committed, but no longer readable
+            pruned.add(version)
+            continue
+        versions[version] = shards
+    return CommitLog(versions=versions, persons=persons, shard_count=current.shard_count, pruned=frozenset(pruned))

@@ -1,0 +1,207 @@
+"""The nemesis of a multi-host run: a seeded schedule of faults, injected one at a time and healed.
+
+Each fault kind is a registered class (`@fault_kind`): `plan(cluster, rng)` picks its target,
+`start()` / `heal()` do and undo it on the virtual hosts, and `lost` names the replicas it takes from
+the coordinator (what the history checker needs to know which answers must stay complete).
+
+    partition-node        node <-> coordinator cut with `prohibit` routes (refused at once)
+    blackhole-node        node -> coordinator packets dropped (a `blackhole` route on the node: silence)
+    hang-node             the node's process SIGSTOPped (SIGCONT to heal)
+    isolate-node          the node's link down (it reaches no one, no one reaches it)
+    node-registry         node <-> Redis cut: it cannot heartbeat and leaves the topology within its TTL
+    coordinator-registry  coordinator <-> Redis cut: no topology updates, no commit lock (writes fail)
+    hang-registry         Redis SIGSTOPped
+    isolate-shard         both replicas of one shard with their links down: that shard has no replica
+
+`schedule(seed, ...)` gives every kind once in a seeded order, then `extra` more drawn at random, each
+with a seeded target and hold time. `Nemesis.run` starts each fault, holds it, heals it, waits until an
+answer invoked after the heal is complete again (or `recovery_timeout` passes: the checker reports it),
+and keeps a short quiet gap before the next.
+"""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass
+
+from tests.support.history import History
+
+FAULT_KINDS: dict[str, type] = {}
+
+
+def fault_kind(name: str):
+    def register(cls):
+        cls.kind = name
+        FAULT_KINDS[name] = cls
+        return cls
+    return register
+
+
+class FaultKind:
+    kind = ""
+    fixed_target = ""      # the one host this kind acts on (else: a query node drawn by the schedule)
+    takes_replica = True   # the target is a replica the coordinator loses
+
+    def __init__(self, cluster, target: str):
+        self.cluster, self.net, self.target = cluster, cluster.net, target
+
+    @classmethod
+    def choose(cls, cluster, rng: random.Random) -> str:
+        return cls.fixed_target or rng.choice(sorted(n for names in cluster.replicas.values() for n in names))
+
+    @property
+    def lost(self) -> set[str]:
+        return {self.target} if self.takes_replica else set()
+
+    def describe(self) -> str:
+        return f"{self.kind} {self.target}"
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def heal(self) -> None:
+        raise NotImplementedError
+
+
+class _Cut(FaultKind):
+    peer = "coord"
+    how = "prohibit"
+    both = True
+
+    def start(self):
+        self.net.cut(self.net[self.target], self.net[self.peer], self.how, both=self.both)
+
+    def heal(self):
+        self.net.heal(self.net[self.target], self.net[self.peer], self.how)
+
+
+@fault_kind("partition-node")
+class PartitionNode(_Cut):
+    pass
+
+
+@fault_kind("blackhole-node")
+class BlackholeNode(_Cut):
+    """The node's packets to the coordinator vanish: requests arrive, answers never do."""
+
+    how = "blackhole"
+    both = False
+
+
+@fault_kind("node-registry")
+class NodeRegistry(_Cut):
+    peer = "redis"
+
+
+@fault_kind("coordinator-registry")
+class CoordinatorRegistry(_Cut):
+    peer = "redis"
+    fixed_target = "coord"
+    takes_replica = False
+
+
+class _Hang(FaultKind):
+    def start(self):
+        os.kill(self.cluster.pid(self.target), signal.SIGSTOP)
+
+    def heal(self):
+        os.kill(self.cluster.pid(self.target), signal.SIGCONT)
+
+
+@fault_kind("hang-node")
+class HangNode(_Hang):
+    pass
+
+
+@fault_kind("hang-registry")
+class HangRegistry(_Hang):
+    fixed_target = "redis"
+    takes_replica = False
+
+
+@fault_kind("isolate-node")
+class IsolateNode(FaultKind):
+    def start(self):
+        self.net.link_down(self.net[self.target])
+
+    def heal(self):
+        self.net.link_up(self.net[self.target])
+
+
+@fault_kind("isolate-shard")
+class IsolateShard(FaultKind):
+    """Every replica of one shard cut off: answers must say that shard is missing."""
+
+    @classmethod
+    def choose(cls, cluster, rng):
+        return str(rng.choice(sorted(cluster.replicas)))
+
+    @property
+    def lost(self):
+        return set(self.cluster.replicas[int(self.target)])
+
+    def describe(self):
+        return f"{self.kind} {self.target} ({', '.join(sorted(self.lost))})"
+
+    def start(self):
+        for name in sorted(self.lost):
+            self.net.link_down(self.net[name])
+
+    def heal(self):
+        for name in sorted(self.lost):
+            self.net.link_up(self.net[name])
+
+
+@dataclass(frozen=True)
+class PlannedFault:
+    kind: str
+    target: str
+    hold: float  # seconds in force
+
+    def line(self, i: int) -> str:
+        return f"{i:2d}. {self.kind} {self.target}, held {self.hold:.1f} s"
+
+
+def schedule(cluster, seed: int, extra: int = 2, hold=(4.0, 7.0)) -> list[PlannedFault]:
+    """Every fault kind once in a seeded order, then `extra` random ones; targets and holds seeded too."""
+    rng = random.Random(seed)
+    kinds = sorted(FAULT_KINDS)
+    rng.shuffle(kinds)
+    kinds += [rng.choice(sorted(FAULT_KINDS)) for _ in range(extra)]
+    return [PlannedFault(k, FAULT_KINDS[k].choose(cluster, rng), round(rng.uniform(*hold), 1)) for k in kinds]
+
+
+class Nemesis:
+    """Runs a schedule against a cluster, recording each fault in the history."""
+
+    def __init__(self, cluster, history: History, recovery_timeout: float = 60.0, quiet: float = 3.0):
+        self.cluster, self.history = cluster, history
+        self.recovery_timeout, self.quiet = recovery_timeout, quiet
+        self.recovery: list[float | None] = []  # seconds from each heal to the first complete answer after it
+
+    def _recovered_since(self, t: float) -> bool:
+        return any(o.invoked >= t and o.outcome == "ok" and o.complete for o in list(self.history.ops))
+
+    def wait_for_complete_answer(self, since: float) -> float | None:
+        """Seconds until an answer invoked after `since` was complete; None after recovery_timeout."""
+        deadline = since + self.recovery_timeout
+        while time.monotonic() < deadline:
+            if self._recovered_since(since):
+                return time.monotonic() - since
+            time.sleep(0.1)
+        return None
+
+    def run(self, plan: list[PlannedFault]) -> None:
+        for planned in plan:
+            f = FAULT_KINDS[planned.kind](self.cluster, planned.target)
+            f.start()
+            record = self.history.fault(planned.kind, f.describe(), f.lost)
+            try:
+                time.sleep(planned.hold)
+            finally:
+                f.heal()
+                record.heal()
+            self.recovery.append(self.wait_for_complete_answer(record.healed))
+            time.sleep(self.quiet)
