@@ -205,7 +205,7 @@ def file_cases(gallery, tmp):
         ("ingest: embeddings without sidecar", [*ingest, no_sidecar], 2, "needs a sidecar"),
         ("ingest: sidecar row count", [*ingest, short_sidecar], 2, "3 rows"),
         ("search: unreadable photo", ["search", tmp / "missing.jpg", "--coordinator", "127.0.0.1:1"], 2,
-         "cannot read photo"),
+         "missing.jpg does not exist"),
     ]
 
 
