@@ -35,6 +35,7 @@ import numpy as np
 
 from facepq_core import errors
 from facepq_core.addresses import DEFAULT_COORDINATOR_ADDRESS, parse_address
+from query_node.service import CompactResult, DeleteResult, EnrolResult  # the service's results: one definition
 
 log = logging.getLogger(__name__)
 
@@ -97,28 +98,6 @@ class SearchReply:
                 "complete": self.complete, "missing_shards": list(self.missing_shards),
                 "index_version": self.index_version, "took_ms": _f32(self.took_ms),
                 "node_scan_ms": _f32(self.node_scan_ms)}
-
-
-@dataclass
-class EnrolReply:
-    face_ids: list[int]   # of the faces added (a photo already in the index keeps its face id)
-    skipped: list[str]    # "<source>: <reason>" of photos without a usable face
-    index_version: str    # "" when nothing new was committed
-
-
-@dataclass
-class DeleteReply:
-    deleted: int
-    index_version: str
-
-
-@dataclass
-class CompactReply:
-    index_version: str
-    rows_removed: int
-    segments_rewritten: int
-    files_deleted: int
-    bytes_freed: int
 
 
 @dataclass
@@ -253,7 +232,7 @@ class CoordinatorClient:
         with ThreadPoolExecutor(max(1, concurrency)) as pool:
             yield from pool.map(one, queries)
 
-    def enrol(self, person: str, photos: Sequence[Photo], timeout: float | None = None) -> EnrolReply:
+    def enrol(self, person: str, photos: Sequence[Photo], timeout: float | None = None) -> EnrolResult:
         """Add `photos` as faces of `person`; photos without a usable face are skipped (and listed).
 
         Large sets go in several requests (each under ENROL_REQUEST_BYTES of photos, each its own
@@ -278,24 +257,24 @@ class CoordinatorClient:
             face_ids += [int(i) for i in reply.face_ids]
             skipped += list(reply.skipped)
             version = reply.index_version or version
-        return EnrolReply(face_ids, skipped, version)
+        return EnrolResult(face_ids, skipped, version)
 
     def delete(self, person: str | None = None, face_ids: Sequence[int] | None = None,
-               timeout: float | None = None) -> DeleteReply:
+               timeout: float | None = None) -> DeleteResult:
         """Tombstone every face of `person` or the given face ids (NotFound when none is live)."""
         if (person is None) == (face_ids is None):
             raise errors.InvalidRequest("delete needs exactly one of a person or face ids")
         request = self._pb.DeleteRequest(person=person) if person is not None else \
             self._pb.DeleteRequest(face_ids=self._pb.FaceIds(ids=[int(i) for i in face_ids]))
         reply = self._call("Delete", request, timeout)
-        return DeleteReply(int(reply.deleted), reply.index_version)
+        return DeleteResult(int(reply.deleted), reply.index_version)
 
-    def compact(self, grace_seconds: float | None = None, timeout: float | None = None) -> CompactReply:
+    def compact(self, grace_seconds: float | None = None, timeout: float | None = None) -> CompactResult:
         request = self._pb.CompactRequest() if grace_seconds is None else \
             self._pb.CompactRequest(grace_seconds=grace_seconds)
         r = self._call("Compact", request, timeout or ENROL_TIMEOUT)
-        return CompactReply(r.index_version, int(r.rows_removed), int(r.segments_rewritten), int(r.files_deleted),
-                            int(r.bytes_freed))
+        return CompactResult(r.index_version, int(r.rows_removed), int(r.segments_rewritten), int(r.files_deleted),
+                             int(r.bytes_freed))
 
     def status(self, timeout: float | None = None) -> ClusterStatus:
         r = self._call("Status", self._pb.StatusRequest(), timeout)

@@ -18,6 +18,15 @@ def _face_id(text: str) -> int:
     return value
 
 
+def _index_command(sub, name: str, handler, summary: str, json_help: str, description: str | None = None):
+    """An `index` subcommand with the --index and --json every one of them takes."""
+    p = sub.add_parser(name, help=summary, description=description or summary)
+    p.add_argument("--index", required=True)
+    p.add_argument("--json", action="store_true", help=json_help)
+    p.set_defaults(handler=handler)
+    return p
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("ingest", help="encode a gallery (photos or embeddings) into an index (Ray job)",
                               description="Encode a gallery with a trained model and commit it to an index. "
@@ -40,31 +49,24 @@ def register(subparsers) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar (drawn only on a terminal anyway)")
     p.set_defaults(handler=_ingest)
 
-    p = subparsers.add_parser("index", help="inspect an index", description="Inspect an index.")
+    p = subparsers.add_parser("index", help="inspect an index: info, people, a person's faces, face ids",
+                              description="Inspect an index.")
     sub = p.add_subparsers(dest="index_command", metavar="SUBCOMMAND")
-    info = sub.add_parser("info", help="version, faces, people, shards, segments, tombstones, bytes")
-    info.add_argument("--index", required=True)
-    info.add_argument("--json", action="store_true", help="machine-readable output")
+    info = _index_command(sub, "info", _info, "version, faces, people, shards, segments, tombstones, bytes",
+                          "machine-readable output")
     info.add_argument("--verify", action="store_true", help="also check every segment's sha256")
-    info.set_defaults(handler=_info)
-    people = sub.add_parser("people", help="the people in the index with their face counts",
-                            description="Every person with at least one live face, sorted by name.")
-    people.add_argument("--index", required=True)
+    people = _index_command(sub, "people", _people, "the people in the index with their face counts",
+                            "one JSON object per person, one per line",
+                            "Every person with at least one live face, sorted by name.")
     people.add_argument("--contains", metavar="TEXT", help="only names containing TEXT (case-insensitive)")
-    people.add_argument("--json", action="store_true", help="one JSON object per person, one per line")
-    people.set_defaults(handler=_people)
-    faces = sub.add_parser("faces", help="a person's faces: face ids, sources, shards",
-                           description="The live faces of one person (exact name; a near miss gets suggestions).")
-    faces.add_argument("--index", required=True)
+    faces = _index_command(sub, "faces", _faces, "a person's faces: face ids, sources, shards",
+                           "one JSON object per face, one per line",
+                           "The live faces of one person (exact name; a near miss gets suggestions).")
     faces.add_argument("--person", required=True, help="exact, case-sensitive name (see `facepq index people`)")
-    faces.add_argument("--json", action="store_true", help="one JSON object per face, one per line")
-    faces.set_defaults(handler=_faces)
-    face = sub.add_parser("face", help="look up face ids: person, source, shard",
-                          description="Look up live faces by face id (as search results and enrolment print them).")
+    face = _index_command(sub, "face", _face, "look up face ids: person, source, shard",
+                          "one JSON object per face, one per line",
+                          "Look up live faces by face id (as search results and enrolment print them).")
     face.add_argument("face_ids", nargs="+", type=_face_id, metavar="FACE_ID")
-    face.add_argument("--index", required=True)
-    face.add_argument("--json", action="store_true", help="one JSON object per face, one per line")
-    face.set_defaults(handler=_face)
 
     p = subparsers.add_parser("delete", help="delete a person or faces from an index (tombstones; see compact)")
     p.add_argument("--index", required=True)

@@ -33,7 +33,7 @@ PIP="$VENV/bin/python -m pip"
 # The CPU build of torch for this environment; the project itself accepts any torch>=2.1.
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   echo "[install] torch==2.13.0 (CPU build)"
-  $PIP install -q --upgrade pip
+  $PIP install -q --upgrade pip 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
   $PIP install -q "torch==2.13.0" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 fi
 # Reinstall when the metadata or the kernels' C sources change: an editable install
