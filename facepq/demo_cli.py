@@ -24,7 +24,9 @@ import time
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workdir", default=None, help="where data, model, index and logs go (default ./.facepq/demo)")
+    p.add_argument("--workdir", default=None,
+                   help="the launcher's folder: logs, cluster state, and the demo's photos and index (default "
+                        "./.facepq/demo; one demo or up at a time per workdir)")
     p.add_argument("--data", help="your own photos: a folder of <person>/<photo> folders of face crops "
                                   "(default: generated synthetic faces)")
     p.add_argument("--small", action="store_true", default=os.environ.get("FACEPQ_DEMO_SMALL") == "1",
@@ -155,10 +157,11 @@ def _build(args, workdir: pathlib.Path, settings, pieces: dict, coordinator_port
     if reused:
         _say(f"      reusing {model} (trained earlier on the same settings and training photos)")
     else:
-        head = "refitted to the trunk's embeddings" if summary.get("head_refitted") else "as trained"
-        _say(f"      trained in {summary['seconds']:.0f} s (wall, with {demo.idle_cores()} torch thread(s)); head "
-             f"{head}; validation code mAP {summary['best_val_map']:.3f} (unseen-identity mAP of the codes on "
-             f"training-set people held out of the gradient steps, which picked the epoch and the head)")
+        _say(f"      trained in {summary['seconds']:.0f} s (wall, with {demo.idle_cores()} torch thread(s)); the best "
+             f"epoch by validation code mAP {summary['best_val_map']:.3f} (mAP of the codes on training-set people "
+             f"held out of the gradient steps)"
+             + ("; then the code head refitted to that trunk's embeddings (codes that keep unseen people apart)"
+                if summary.get("head_refitted") else ""))
         _say(f"      cached as {model}: the next demo, in any workdir, reuses it")
 
     _say(f"[3/6] index: Ray ingest of {len(data.gallery)} gallery photos into {settings.shards} shards")

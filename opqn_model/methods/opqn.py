@@ -75,24 +75,17 @@ class OPQNMethod:
 
     # ---- training ----------------------------------------------------------------------------------
     @staticmethod
-    def _refit_trained(setup, head, trunk, best: dict, best_map: float):
-        """head_refit='data': the best checkpoint's trunk with a head fitted to its embeddings, when validation
-        prefers it to the trained head. Returns (head state, its validation mAP, whether it is the refit)."""
+    def _refit_trained(setup, head, trunk, best: dict):
+        """head_refit='data': a head fitted to the embeddings of the best checkpoint's trunk, on the training and
+        validation people (TrainConfig.head_refit says why it is not put to a validation vote). Returns its state."""
         trunk.load_state_dict(best["trunk_state"])
         train_config = setup.train_config
-        init_head_from_features(head, setup.embeddings(), train_config.opq_iterations, train_config.seed,
+        embeddings = [setup.embeddings()] + ([setup.val_embeddings()] if len(setup.val_inputs) else [])
+        init_head_from_features(head, np.concatenate(embeddings), train_config.opq_iterations, train_config.seed,
                                 progress=setup.progress)
-        head.eval()
-        refit_map = setup.validation_map(head.export_codec())
-        if math.isnan(refit_map) or refit_map <= best_map:
-            log.info("head refit on the trained trunk's embeddings: val code mAP %.4f, the trained head's %.4f "
-                     "stays", refit_map, best_map)
-            return best["head"], best_map, False
-        log.info("head refit on the trained trunk's embeddings: val code mAP %.4f over the trained head's %.4f; "
-                 "refitted with the validation people too", refit_map, best_map)
-        init_head_from_features(head, np.concatenate([setup.embeddings(), setup.val_embeddings()]),
-                                train_config.opq_iterations, train_config.seed, progress=setup.progress)
-        return head.state_dict(), refit_map, True
+        log.info("head refitted to the embeddings of the epoch-%d trunk (%d photos)", best["epoch"],
+                 sum(len(e) for e in embeddings))
+        return head.state_dict()
 
     def check_config(self, model_config, train_config, trunk) -> None:
         model_config.code_spec()
@@ -214,9 +207,9 @@ class OPQNMethod:
                 save(out_dir / "best.pt", epoch + 1, history[-1], resumable=False)
         best = load_checkpoint(out_dir / "best.pt" if (out_dir / "best.pt").exists() else out_dir / "last.pt")
         head_state = best["head"]
-        head_refitted = False
-        if trainable_trunk and train_config.head_refit == "data":
-            head_state, best_map, head_refitted = self._refit_trained(setup, head, trunk, best, best_map)
+        head_refitted = trainable_trunk and train_config.head_refit == "data"
+        if head_refitted:
+            head_state = self._refit_trained(setup, head, trunk, best)
         refit = data_init and best["epoch"] == 0 and len(setup.val_inputs) > 0
         if refit:
             # Validation chose the data init; fit it again on the validation people too (the
