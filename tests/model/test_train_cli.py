@@ -7,7 +7,7 @@ import pytest
 
 from tests.support.processes import run_cli
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 def _train(tmp_path, out, *verbose):
