@@ -75,7 +75,7 @@ def start_cluster(model: str, index: str, poll: float = 0.2) -> Cluster:
         for part in halves:
             nodes.append(ServerProcess(["node", "--index", index, "--shards", ",".join(map(str, part)), "--poll", poll],
                                        timeout=SERVER_START_TIMEOUT))
-        coord = ServerProcess(["coordinator", "--model", model, "--index", index, "--nodes",
+        coord = ServerProcess(["coordinator", "--model", model, "--index", index, "--port", "0", "--nodes",
                                ",".join(n.address for n in nodes)], timeout=SERVER_START_TIMEOUT)
     except BaseException:
         for n in nodes:

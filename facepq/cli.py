@@ -14,12 +14,14 @@ import sys
 
 from facepq import __version__
 from facepq_core.errors import FacepqError
+from facepq_core.progress import QUIET, log_level
 
 # (module, what it adds) — order is the order of `facepq --help`.
 COMPONENT_CLIS = [
     "opqn_model.cli",  # train, eval, embed
     "indexer.cli",  # ingest, index, delete, compact
-    "query_node.cli",  # node, coordinator, search
+    "query_node.cli",  # node, coordinator
+    "facepq.client_cli",  # search, enrol, status (clients of a coordinator)
     "facepq.demo_cli",  # demo, up, down
     "facepq.bench_cli",  # bench
 ]
@@ -31,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Face search over OPQN product-quantization codes: train, ingest, serve, search.",
     )
     parser.add_argument("--version", action="version", version=f"facepq {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more detail: -v each phase and its progress (INFO), -vv debug")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMPONENT_CLIS:
         try:
@@ -53,8 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Quiet by default (warnings, then the command's summary); servers log INFO, their operations log.
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=log_level(args.verbose, getattr(args, "log_level", QUIET)),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )

@@ -188,6 +188,8 @@ class LocalCluster:
         shards: shard count of the index.
         replicas: nodes serving each shard (see `assign_shards`).
         nodes: query node processes (default `shards`).
+        coordinator_port: where the coordinator listens (0 = any free port; `facepq up` uses 50050,
+            the port clients assume).
         redis: True = start redis-server and use it as the registry (needs `redis-server` on PATH);
             False = static registry (`--nodes`).
         start_timeout: seconds each process may take to become ready.
@@ -195,13 +197,15 @@ class LocalCluster:
 
     def __init__(self, workdir, index, model, shards: int, replicas: int = 1, redis: bool = True,
                  nodes: int | None = None, host: str = "127.0.0.1", start_timeout: float = START_TIMEOUT,
-                 poll_seconds: float = 0.5):
+                 poll_seconds: float = 0.5, coordinator_port: int = 0):
         self.workdir = pathlib.Path(workdir).resolve()
         self.index, self.model = str(pathlib.Path(index).resolve()), str(pathlib.Path(model).resolve())
         self.assignment = assign_shards(shards, nodes or shards, replicas)
         self.shards, self.replicas = shards, replicas
         self.use_redis, self.host = redis, host
         self.start_timeout, self.poll_seconds = start_timeout, poll_seconds
+        self.coordinator_port = coordinator_port
+        check_port_free(host, coordinator_port)
         self.processes: list[ManagedProcess] = []
         self._popen: dict[str, subprocess.Popen] = {}
         self.redis_url = ""
@@ -235,7 +239,8 @@ class LocalCluster:
                 self._wait_health(proc)
             registry = ["--redis", self.redis_url] if self.redis_url else ["--nodes", ",".join(p.address for p in nodes)]
             coord = self._spawn("coordinator", [sys.executable, "-m", "facepq.cli", "coordinator", "--model", self.model,
-                                                "--index", self.index, *registry, "--host", self.host, "--port", "0"])
+                                                "--index", self.index, *registry, "--host", self.host,
+                                                "--port", str(self.coordinator_port)])
             self._wait_listening(coord)
             self._wait_health(coord)
             self.coordinator_address = coord.address
@@ -322,23 +327,20 @@ class LocalCluster:
 
     def _wait_covered(self, proc: ManagedProcess) -> None:
         """The coordinator sees a replica for every shard (Redis heartbeats or static Status calls)."""
-        import grpc
+        from facepq.client import CoordinatorClient
 
-        from facepq_proto.facepq.v1 import facepq_pb2, facepq_pb2_grpc
-
-        channel = grpc.insecure_channel(proc.address)
-        stub = facepq_pb2_grpc.CoordinatorStub(channel)
+        client = CoordinatorClient(proc.address, timeout=3.0, retry_unavailable=False)
 
         def covered():
             try:
-                return not stub.Status(facepq_pb2.StatusRequest(), timeout=3.0).uncovered_shards
-            except grpc.RpcError:
+                return client.status().complete
+            except FacepqError:
                 return False
 
         try:
             self._until(proc, covered, 30.0, "does not see a node for every shard")
         finally:
-            channel.close()
+            client.close()
 
     def _until(self, proc: ManagedProcess, check, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
@@ -421,6 +423,18 @@ def _write_state_file(workdir, state: dict) -> None:
     write_bytes_atomic(pathlib.Path(workdir) / STATE_FILE, json.dumps(state, indent=1).encode("utf-8"))
 
 
+def check_port_free(host: str, port: int) -> None:
+    """ConfigError when `port` (not 0) cannot be bound on `host`: a fixed port in use fails before any work."""
+    if not port:
+        return
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            raise ConfigError(f"port {port} on {host} is in use (another `facepq up` or coordinator?): stop it, "
+                              f"or pass another --port (0 = any free port)") from None
+
+
 def _free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -434,3 +448,56 @@ def _ping(client) -> bool:
         return bool(client.ping())
     except (redis.ConnectionError, redis.TimeoutError):
         return False
+
+
+# ---- one launcher per workdir ---------------------------------------------------------------------
+LOCK_FILE = "launcher.lock"
+
+
+class WorkdirLock:
+    """Held by `facepq demo` and `facepq up` for as long as they run: one launcher per workdir.
+
+    A second `demo` or `up` on the same workdir would rebuild the index the first one serves and
+    overwrite its state file, so it is refused with who holds the workdir. The lock is an flock on
+    `<workdir>/launcher.lock`, so the kernel releases it when its holder exits, however it exits
+    (SIGKILL included): a stale lock cannot block the next run.
+    """
+
+    def __init__(self, workdir, command: str):
+        self.path = pathlib.Path(workdir) / LOCK_FILE
+        self.command = command
+        self._fd: int | None = None
+
+    def __enter__(self) -> WorkdirLock:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConfigError(self._held_message()) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "command": self.command}).encode())
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the only descriptor releases the flock
+            self._fd = None
+
+    def _held_message(self) -> str:
+        workdir = self.path.parent
+        try:
+            holder = json.loads(self.path.read_text() or "{}")
+        except (OSError, ValueError):
+            holder = {}
+        state = running_state(workdir) or {}
+        who = holder.get("command", "another facepq demo or up")
+        pid = f"pid {holder['pid']}" if holder.get("pid") else "pid unknown"
+        serving = f", coordinator {state['coordinator']}" if state.get("coordinator") else ""
+        stop = f"stop it with `facepq down --workdir {workdir}`" if who == "facepq up" else "wait for it to finish"
+        return (f"{who} is already running in {workdir} ({pid}{serving}) and would lose its index and state to "
+                f"this {self.command}: {stop}, or give this one another --workdir")

@@ -1,6 +1,7 @@
 """Generate the gRPC Python stubs from proto/ into this package.
 
-Run as `python -m facepq_proto.build`; scripts/install.sh does it. Imports in the
+The package build runs it (setup.py's build_py); by hand: `python -m facepq_proto.build
+[--force]` in a source checkout after editing a .proto. Imports in the
 generated files are rewritten from `facepq.v1` to `facepq_proto.facepq.v1` so the
 stubs live inside this package.
 """

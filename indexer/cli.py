@@ -1,4 +1,4 @@
-"""`facepq ingest`, `facepq index info`, `facepq delete`, `facepq compact`.
+"""`facepq ingest`, `facepq index info|people|faces|face`, `facepq delete`, `facepq compact`.
 
 Only argparse is imported at module level; Ray, torch and pyarrow load inside
 the handlers so `facepq --help` stays instant.
@@ -6,6 +6,25 @@ the handlers so `facepq --help` stays instant.
 from __future__ import annotations
 
 import argparse
+
+
+def _face_id(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a face id is a whole number, got {text!r}") from None
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"a face id is in 0..2^64-1, got {text}")
+    return value
+
+
+def _index_command(sub, name: str, handler, summary: str, json_help: str, description: str | None = None):
+    """An `index` subcommand with the --index and --json every one of them takes."""
+    p = sub.add_parser(name, help=summary, description=description or summary)
+    p.add_argument("--index", required=True)
+    p.add_argument("--json", action="store_true", help=json_help)
+    p.set_defaults(handler=handler)
+    return p
 
 
 def register(subparsers) -> None:
@@ -27,22 +46,33 @@ def register(subparsers) -> None:
                    help="CPUs per photo read/align task; default 0.5 fuses reading into the encoder actors "
                         "(best on one machine); e.g. 1 keeps reads as tasks over all CPUs of a cluster")
     p.add_argument("--redis", default=None, help="redis://host:port/db for the commit lock (object stores)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (drawn only on a terminal anyway)")
     p.set_defaults(handler=_ingest)
 
-    p = subparsers.add_parser("index", help="inspect an index", description="Inspect an index.")
+    p = subparsers.add_parser("index", help="inspect an index: info, people, a person's faces, face ids",
+                              description="Inspect an index.")
     sub = p.add_subparsers(dest="index_command", metavar="SUBCOMMAND")
-    info = sub.add_parser("info", help="version, faces, people, shards, segments, tombstones, bytes")
-    info.add_argument("--index", required=True)
-    info.add_argument("--json", action="store_true", help="machine-readable output")
+    info = _index_command(sub, "info", _info, "version, faces, people, shards, segments, tombstones, bytes",
+                          "machine-readable output")
     info.add_argument("--verify", action="store_true", help="also check every segment's sha256")
-    info.set_defaults(handler=_info)
+    people = _index_command(sub, "people", _people, "the people in the index with their face counts",
+                            "one JSON object per person, one per line",
+                            "Every person with at least one live face, sorted by name.")
+    people.add_argument("--contains", metavar="TEXT", help="only names containing TEXT (case-insensitive)")
+    faces = _index_command(sub, "faces", _faces, "a person's faces: face ids, sources, shards",
+                           "one JSON object per face, one per line",
+                           "The live faces of one person (exact name; a near miss gets suggestions).")
+    faces.add_argument("--person", required=True, help="exact, case-sensitive name (see `facepq index people`)")
+    face = _index_command(sub, "face", _face, "look up face ids: person, source, shard",
+                          "one JSON object per face, one per line",
+                          "Look up live faces by face id (as search results and enrolment print them).")
+    face.add_argument("face_ids", nargs="+", type=_face_id, metavar="FACE_ID")
 
     p = subparsers.add_parser("delete", help="delete a person or faces from an index (tombstones; see compact)")
     p.add_argument("--index", required=True)
     who = p.add_mutually_exclusive_group(required=True)
-    who.add_argument("--person", help="delete every face of this person (exact name)")
-    who.add_argument("--face-id", type=int, nargs="+", dest="face_ids", help="delete these face ids")
+    who.add_argument("--person", help="delete every face of this person (exact name; `facepq index people` lists them)")
+    who.add_argument("--face-id", type=_face_id, nargs="+", dest="face_ids", help="delete these face ids")
     p.add_argument("--redis", default=None, help="redis URL for the commit lock")
     p.set_defaults(handler=_delete)
 
@@ -56,12 +86,14 @@ def register(subparsers) -> None:
 
 
 def _ingest(args: argparse.Namespace) -> int:
+    from facepq_core.progress import bars_enabled
     from indexer.job import run_ingest
     from indexer.writer import DEFAULT_SEGMENT_ROWS
 
     summary = run_ingest(args.model, args.gallery, args.index, shards=args.shards, ray_address=args.ray_address,
                          actors=args.actors, batch_size=args.batch_size, redis_url=args.redis,
-                         progress=not args.no_progress, segment_rows=args.segment_rows or DEFAULT_SEGMENT_ROWS,
+                         progress=bars_enabled(not args.no_progress),
+                         segment_rows=args.segment_rows or DEFAULT_SEGMENT_ROWS,
                          read_cpus=args.read_cpus)
     print("\n".join(summary.summary_lines()))
     return 0
@@ -86,6 +118,54 @@ def _info(args: argparse.Namespace) -> int:
     if args.verify:
         print(f"  verified: all {info['segments']} segments match their sha256")
     print(f"  last commit: {info['message']}")
+    return 0
+
+
+def _people(args: argparse.Namespace) -> int:
+    import json
+
+    from indexer.people import list_people
+
+    people = list_people(args.index, contains=args.contains)
+    if args.json:
+        for p in people:
+            print(json.dumps({"person": p.person, "faces": p.faces, "shards": p.shards}))
+        return 0
+    width = max([6] + [len(p.person) for p in people[:10000]])
+    print(f"{'person':{width}s}  {'faces':>6}  shards")
+    for p in people:
+        print(f"{p.person:{width}s}  {p.faces:>6}  {','.join(map(str, p.shards))}")
+    what = f" matching {args.contains!r}" if args.contains else ""
+    print(f"{len(people)} people{what}, {sum(p.faces for p in people)} faces")
+    return 0
+
+
+def _print_faces(records, as_json: bool) -> None:
+    import json
+
+    if as_json:
+        for r in records:
+            print(json.dumps(r.to_json()))
+        return
+    print(f"{'face_id':>20}  {'person':24s} {'shard':>5}  source")
+    for r in records:
+        print(f"{r.face_id:>20}  {r.person[:24]:24s} {r.shard:>5}  {r.source}")
+
+
+def _faces(args: argparse.Namespace) -> int:
+    from indexer.people import person_faces
+
+    records = person_faces(args.index, args.person)
+    _print_faces(records, args.json)
+    if not args.json:
+        print(f"{len(records)} faces of {args.person!r}")
+    return 0
+
+
+def _face(args: argparse.Namespace) -> int:
+    from indexer.people import find_faces
+
+    _print_faces(find_faces(args.index, args.face_ids), args.json)
     return 0
 
 

@@ -185,8 +185,9 @@ def delete_faces(store: IndexStore, person: str | None = None, face_ids=None, re
         if person is not None:
             found = person_live_ids(store, old, person)
             if not found.size:
-                raise DataError(f"no live faces of person {person!r} in {store.uri}; nothing deleted "
-                                f"(names are case-sensitive; see `facepq index info`)")
+                from indexer.people import unknown_person_message
+
+                raise DataError(f"{unknown_person_message(store, person)}; nothing deleted")
             what = f"person {person!r}"
         else:
             found = _present_face_ids(store, old, as_id_array(face_ids))

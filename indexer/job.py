@@ -14,9 +14,12 @@ leaves the previous version intact, and running it again skips faces already pre
 """
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import os
 import pathlib
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -38,7 +41,8 @@ ACTOR_THREADS = max(1, int(ACTOR_CPUS))
 # Longest wait for the whole encoder pool to start (worker start, torch import, checkpoint load)
 # before any photo is read; a pool the cluster cannot place fails with a clear error, not a hang.
 ACTOR_START_TIMEOUT_S = 300
-PROGRESS_EVERY_S = 2.0
+PROGRESS_EVERY_S = 2.0  # INFO progress lines (shown with -v; a bar on a terminal)
+MIN_RATE_WINDOW_S = 2.0  # a rate over a shorter window is noise (one burst of batches), so none is printed
 
 
 @dataclass
@@ -57,14 +61,26 @@ class IngestSummary:
     skipped: dict = field(default_factory=dict)
     converted: dict = field(default_factory=dict)
     examples: dict = field(default_factory=dict)  # reason -> a few photo paths
-    seconds: float = 0.0
+    seconds: float = 0.0          # wall time of the whole run
+    ray_seconds: float = 0.0      # connecting to / starting Ray
     startup_seconds: float = 0.0  # pipeline start -> every actor's first batch (actor start, model load)
     steady_rate: float = 0.0      # faces/s once every actor delivered a batch (what more actors speed up)
+    steady_seconds: float = 0.0   # the window `steady_rate` is measured over (start-up's end -> last batch)
+
+    def timing_line(self) -> str:
+        """Where the wall time went; a rate only where its window is long enough to mean something."""
+        parts = [f"Ray {self.ray_seconds:.1f} s",
+                 f"encoder start-up {self.startup_seconds:.1f} s (actors, model load, their first batches)"]
+        if self.steady_seconds >= MIN_RATE_WINDOW_S:
+            parts.append(f"then {self.steady_seconds:.1f} s at {self.steady_rate:.0f} inputs/s")
+        else:  # a small gallery arrives in one burst of batches: there is no rate to speak of
+            parts.append(f"then {self.steady_seconds:.1f} s for the rest (too short for a rate)")
+        other = max(0.0, self.seconds - self.ray_seconds - self.startup_seconds - self.steady_seconds)
+        return "  time: " + ", ".join(parts) + f"; model, inputs, segments and commit {other:.1f} s"
 
     def summary_lines(self) -> list[str]:
-        rate = self.faces_encoded / self.seconds if self.seconds > 0 else 0.0
-        lines = [f"ingest into {self.index_uri}: {self.inputs} inputs in {self.seconds:.1f} s ({rate:.0f} faces/s; "
-                 f"{self.steady_rate:.0f} faces/s after {self.startup_seconds:.1f} s of start-up)",
+        lines = [f"ingest into {self.index_uri}: {self.inputs} inputs in {self.seconds:.1f} s",
+                 self.timing_line(),
                  f"  faces encoded: {self.faces_encoded}",
                  f"  faces added: {self.faces_added}",
                  f"  duplicates skipped (already in the index): {self.duplicates_skipped}"]
@@ -100,23 +116,64 @@ def load_model_info(model_path: str) -> tuple[ModelMeta, dict, int]:
 
 
 def init_ray(ray_address: str | None = None) -> bool:
-    """Connect to / start Ray; True when this call started it (the caller shuts it down)."""
+    """Connect to / start Ray; True when this call started it (the caller shuts it down).
+
+    Ray follows facepq's verbosity (facepq_core.progress): unless facepq logs INFO (`-v`), Ray's own
+    INFO/WARNING lines and its C++ core's log lines on stderr (e.g. core_worker.cc's note that an actor
+    restart would fail, which a one-shot job never does) are kept out of the output; they still reach
+    the session's log files.
+    """
     import ray
+
+    from facepq_core.progress import is_quiet
 
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    quiet = is_quiet("indexer")
+    options = {"log_to_driver": False, "logging_level": logging.ERROR if quiet else logging.INFO}
     try:
-        if ray_address:
-            ray.init(address=ray_address, log_to_driver=False)
-        elif os.environ.get("RAY_ADDRESS"):
-            ray.init(address="auto", log_to_driver=False)
-        else:
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        with native_stderr_hidden(quiet):
+            if ray_address:
+                ray.init(address=ray_address, **options)
+            elif os.environ.get("RAY_ADDRESS"):
+                ray.init(address="auto", **options)
+            else:
+                ray.init(num_cpus=os.cpu_count(), include_dashboard=False, **options)
     except ConnectionError as exc:
         raise ConfigError(f"cannot connect to Ray at {ray_address or os.environ.get('RAY_ADDRESS')}: {exc}") from exc
     return True
+
+
+@contextlib.contextmanager
+def native_stderr_hidden(hidden: bool = True):
+    """Point file descriptor 2 at /dev/null while Ray's C++ core may write to it (start-up, the encoder
+    actors' creation, shutdown): those lines bypass Python's logging, so levels cannot hold them back.
+
+    Only around calls that print nothing of facepq's own; with `-v` (hidden=False) nothing is hidden.
+    """
+    if not hidden:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _quiet_ray_data_console(quiet: bool) -> None:
+    """Ray Data logs INFO lines to the console through its own handler (its file handler keeps them)."""
+    if quiet:
+        for handler in logging.getLogger("ray.data").handlers:
+            if handler.name == "console":
+                handler.setLevel(logging.ERROR)
 
 
 # ---- the job -----------------------------------------------------------------------------------
@@ -159,7 +216,9 @@ def run_ingest(model_path: str, gallery: str, index_uri: str, shards: int | None
              meta.fingerprint)
     summary = IngestSummary(index_uri=writer.store.uri, version=previous, previous_version=previous,
                             inputs=inputs.count)
+    t_ray = time.monotonic()
     started = init_ray(ray_address)
+    summary.ray_seconds = time.monotonic() - t_ray
     try:
         _run_pipeline(inputs, model_path, pipeline, writer, summary, actors, batch_size, progress, gallery,
                       ACTOR_CPUS if read_cpus is None else read_cpus, actor_start_timeout)
@@ -169,7 +228,10 @@ def run_ingest(model_path: str, gallery: str, index_uri: str, shards: int | None
         if started:
             import ray
 
-            ray.shutdown()
+            from facepq_core.progress import is_quiet
+
+            with native_stderr_hidden(is_quiet("indexer")):
+                ray.shutdown()
     summary.faces_added = writer.stats.rows_added
     summary.duplicates_skipped = writer.stats.duplicates_skipped
     summary.segments_written = writer.stats.segments_written
@@ -187,6 +249,9 @@ def _run_pipeline(inputs: Inputs, model_path: str, pipeline: dict, writer: Index
     actors = int(actors) if actors else min(cpus, 8)
     if actors < 1:
         raise ConfigError(f"actors must be >= 1, got {actors}")
+    from facepq_core.progress import is_quiet
+
+    _quiet_ray_data_console(is_quiet("indexer"))
     ctx = ray.data.DataContext.get_current()
     saved = ctx.enable_progress_bars, ctx.wait_for_min_actors_s
     ctx.enable_progress_bars = False  # we report progress ourselves, in faces
@@ -237,9 +302,15 @@ def _stream(ray, ds, inputs: Inputs, writer: IndexWriter, summary: IngestSummary
     skips = SkipCounter()
     bar = tqdm(total=inputs.count, unit="face", desc="ingest", disable=not progress, smoothing=0.1)
     done, batches, last_log, t_start = 0, 0, 0.0, time.monotonic()
-    t_first = first_n = None
+    t_first = first_n = None  # when every actor has delivered a batch (the steady window starts)
+    from facepq_core.progress import is_quiet
+
     try:
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        batches_in = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
+        with native_stderr_hidden(is_quiet("indexer")):  # the pool starts: Ray's C++ notes on its actors
+            first = next(batches_in, None)
+        _quiet_ray_data_console(is_quiet("indexer"))  # Ray Data set up its loggers for this execution
+        for batch in ([] if first is None else itertools.chain([first], batches_in)):
             n = len(batch["face_id"])
             if inputs.kind == "photos":
                 ok = np.array([not s for s in batch["skip"]], dtype=bool)
@@ -259,7 +330,7 @@ def _stream(ray, ds, inputs: Inputs, writer: IndexWriter, summary: IngestSummary
             bar.update(n)
             now = time.monotonic()
             batches += 1
-            if t_first is None and batches >= actors:
+            if t_first is None and (batches >= actors or done == inputs.count):
                 t_first, first_n = now, done
             if now - last_log >= PROGRESS_EVERY_S or done == inputs.count:
                 last_log = now
@@ -277,6 +348,7 @@ def _stream(ray, ds, inputs: Inputs, writer: IndexWriter, summary: IngestSummary
     if t_first is not None:
         summary.startup_seconds = t_first - t_start
         steady = time.monotonic() - t_first
+        summary.steady_seconds = steady
         summary.steady_rate = (done - first_n) / steady if steady > 0 else 0.0
     summary.skipped, summary.converted = dict(skips.skipped), dict(skips.converted)
     summary.examples = {k: list(v) for k, v in skips.examples.items() if k in skips.skipped}

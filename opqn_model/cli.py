@@ -56,11 +56,15 @@ def synthetic_data(root: pathlib.Path, people: int, photos: int, size: int, seed
 
 
 def run_train(args) -> int:
+    import time
+
+    from facepq_core.progress import bars_enabled
     from opqn_model.api import build_pipeline, build_trunk
     from opqn_model.config import ModelConfig, TrainConfig
     from opqn_model.config_flags import config_from_flags
     from opqn_model.train import train
 
+    t_start = time.monotonic()  # the summary's time is the whole command's (data generation included)
     model_config = config_from_flags(ModelConfig, args)
     train_config = config_from_flags(TrainConfig, args)
     data, align = args.data, args.align
@@ -73,9 +77,14 @@ def run_train(args) -> int:
     if align or args.no_face != "skip":  # else train() takes the trunk's default alignment
         model_config.pipeline = build_pipeline(model_config, build_trunk(model_config), mode=align,
                                                on_no_face=args.no_face).to_dict()
-    summary = train(data, args.out, model_config, train_config, resume=args.resume, progress=not args.no_progress)
+    summary = train(data, args.out, model_config, train_config, resume=args.resume,
+                    progress=bars_enabled(not args.no_progress))
+    wall = time.monotonic() - t_start
     print(f"trained {summary['epochs']} epochs on {summary['train_photos']} photos of {summary['train_people']} people "
-          f"in {summary['seconds']:.0f}s; best validation code mAP {summary['best_val_map']:.4f}")
+          f"in {wall:.0f} s wall ({summary['input_seconds']:.0f} s reading photos"
+          f"{' and embedding them' if summary['frozen_trunk'] else ''}, "
+          f"{summary['fit_seconds']:.0f} s fitting, {wall - summary['seconds']:.0f} s setting up); best validation "
+          f"code mAP {summary['best_val_map']:.4f}")
     for reason, count in sorted(summary["skipped"].items()):
         print(f"  skipped {count} photo(s): {reason}")
     print(f"model: {summary['model']}  (fingerprint {summary['fingerprint']})")
@@ -84,10 +93,11 @@ def run_train(args) -> int:
 
 
 def run_eval(args) -> int:
+    from facepq_core.progress import bars_enabled
     from opqn_model.evaluate import evaluate_checkpoint
 
     result = evaluate_checkpoint(args.model, args.data, args.protocol, args.queries_per_person, args.seed,
-                                 progress=not args.no_progress)
+                                 progress=bars_enabled(not args.no_progress))
     if args.json:
         json.dump({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in result.items()}, sys.stdout)
         print()

@@ -62,21 +62,93 @@ def list_photos(source: str | os.PathLike) -> list[PhotoRecord]:
     return sorted(records, key=lambda r: (r.person, r.path))
 
 
-def _list_folder(root: pathlib.Path) -> list[PhotoRecord]:
-    entries = sorted((e for e in os.scandir(root) if not e.name.startswith(".")), key=lambda e: e.name)
-    if not entries:
-        raise DataError(f"gallery folder {root} is empty; expected <root>/<person>/<photo>")
-    records, loose = [], 0
-    for entry in entries:
+@dataclass
+class _FolderSurvey:
+    """What a gallery folder holds, against the expected `<root>/<person>/<photo>` layout."""
+
+    root: pathlib.Path
+    records: list = field(default_factory=list)
+    loose: list = field(default_factory=list)        # photos directly in the root
+    nested: list = field(default_factory=list)       # photos in a subfolder of a person folder
+    empty_people: list = field(default_factory=list)  # top-level folders without any photo
+    groups: list = field(default_factory=list)        # top-level folders with photos only in their subfolders
+    other_files: int = 0                              # files that are not photos (by extension)
+
+    def found(self) -> str:
+        """One line: what is where, with examples."""
+        people = len({r.person for r in self.records})
+        parts = [f"{people} person folder(s) with photos"]
+        if self.loose:
+            parts.append(f"{len(self.loose)} photo(s) directly in the folder (e.g. {_names(self.loose, self.root)})")
+        if self.nested:
+            parts.append(f"{len(self.nested)} photo(s) one level deeper than person folders "
+                         f"(e.g. {_names(self.nested, self.root)})")
+        if self.empty_people:
+            parts.append(f"{len(self.empty_people)} folder(s) without photos (e.g. {_names(self.empty_people, self.root)})")
+        if self.other_files:
+            parts.append(f"{self.other_files} file(s) without a photo extension")
+        return "; ".join(parts)
+
+    def advice(self) -> str:
+        if self.loose and not self.nested:
+            return ("put each person's photos in a folder named after them (<root>/<person>/<photo>), or list "
+                    "them in a .csv with columns path,person")
+        if self.nested:
+            tops = sorted({p.relative_to(self.root).parts[0] for p in self.nested})
+            deeper = f"; if {tops[0]}/ holds person folders, point at {self.root / tops[0]}" \
+                if len(tops) == 1 and self.root / tops[0] in self.groups else ""
+            return f"photos go directly in <root>/<person>/, not in subfolders of it{deeper}"
+        return f"expected photos with an extension among {', '.join(sorted(IMAGE_EXTENSIONS))}"
+
+
+def _names(paths, root: pathlib.Path, n: int = 3) -> str:
+    shown = ", ".join(str(pathlib.Path(p).relative_to(root)) for p in paths[:n])
+    return shown + (", ..." if len(paths) > n else "")
+
+
+def _survey_folder(root: pathlib.Path) -> _FolderSurvey:
+    survey = _FolderSurvey(root)
+    for entry in sorted((e for e in os.scandir(root) if not e.name.startswith(".")), key=lambda e: e.name):
         if entry.is_dir():
-            for photo in os.scandir(entry.path):
-                if is_photo_name(photo.name) and photo.is_file():
-                    records.append(PhotoRecord(os.path.abspath(photo.path), entry.name))
+            photos = direct = 0
+            for folder, dirs, names in os.walk(entry.path):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                for name in sorted(names):
+                    path = pathlib.Path(folder) / name
+                    if not is_photo_name(name):
+                        survey.other_files += not name.startswith(".")
+                    elif folder == entry.path:
+                        survey.records.append(PhotoRecord(os.path.abspath(path), entry.name))
+                        photos, direct = photos + 1, direct + 1
+                    else:
+                        survey.nested.append(path)
+                        photos += 1
+            if not photos:
+                survey.empty_people.append(pathlib.Path(entry.path))
+            elif not direct:
+                survey.groups.append(pathlib.Path(entry.path))
         elif is_photo_name(entry.name):
-            loose += 1
-    if loose:
-        log.warning("%d photos directly in %s are ignored: photos go in <root>/<person>/ folders", loose, root)
-    return records
+            survey.loose.append(pathlib.Path(entry.path))
+        else:
+            survey.other_files += 1
+    return survey
+
+
+def _list_folder(root: pathlib.Path) -> list[PhotoRecord]:
+    """The photos of `<root>/<person>/<photo>`; what does not fit that layout is named, never dropped silently.
+
+    Raises DataError (saying what the layout should be and what the folder holds) when no photo fits it.
+    """
+    survey = _survey_folder(root)
+    if not survey.records:
+        if not (survey.loose or survey.nested or survey.empty_people or survey.other_files):
+            raise DataError(f"gallery folder {root} is empty; expected <root>/<person>/<photo>")
+        raise DataError(f"gallery folder {root} has no photos in the expected layout <root>/<person>/<photo>: "
+                        f"found {survey.found()}. {survey.advice()[0].upper()}{survey.advice()[1:]}")
+    if survey.loose or survey.nested:
+        log.warning("gallery folder %s: using %d photos of %d people; IGNORED: %s (%s)", root, len(survey.records),
+                    len({r.person for r in survey.records}), survey.found().split("; ", 1)[1], survey.advice())
+    return survey.records
 
 
 def _list_file(path: pathlib.Path) -> list[PhotoRecord]:

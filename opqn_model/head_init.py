@@ -61,15 +61,19 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0, spherical: b
     return centroids
 
 
-def opq_rotation(x: torch.Tensor, M: int, c: int, K: int, iters: int = 30, seed: int = 0) -> torch.Tensor:
+def opq_rotation(x: torch.Tensor, M: int, c: int, K: int, iters: int = 30, seed: int = 0,
+                 progress: bool = False) -> torch.Tensor:
     """OPQ rotation of centred, normalised x float32 [N, D] -> R float32 [M*c, D] with orthonormal rows.
 
-    Chunk m of a vector is (R x)[m*c:(m+1)*c].
+    Chunk m of a vector is (R x)[m*c:(m+1)*c]. `progress`: a bar over the iterations (minutes on
+    thousands of embeddings on a busy CPU).
     """
+    from tqdm import tqdm
+
     gen = torch.Generator().manual_seed(seed)
     q, _ = torch.linalg.qr(torch.randn(x.shape[1], x.shape[1], generator=gen))
     rot = q[:, :M * c].T.contiguous()
-    for it in range(iters):
+    for it in tqdm(range(iters), desc="head: OPQ rotation", unit="iteration", disable=not progress, leave=False):
         z = x @ rot.T
         recon = torch.empty_like(z)
         for m in range(M):
@@ -83,7 +87,8 @@ def opq_rotation(x: torch.Tensor, M: int, c: int, K: int, iters: int = 30, seed:
 
 
 @torch.no_grad()
-def init_head_from_features(head, features: np.ndarray, opq_iterations: int = 30, seed: int = 0) -> None:
+def init_head_from_features(head, features: np.ndarray, opq_iterations: int = 30, seed: int = 0,
+                            progress: bool = False) -> None:
     """Set `head` (an OPQNHead) in place to the OPQ + spherical k-means quantizer of `features`.
 
     Parameters
@@ -96,6 +101,7 @@ def init_head_from_features(head, features: np.ndarray, opq_iterations: int = 30
         train with the default code shape instead of failing.
     opq_iterations : OPQ alternations (0 keeps the random rotation).
     seed : seeds the rotation and the k-means.
+    progress : progress bars (the OPQ iterations dominate the time).
     """
     M, K, d = head.M, head.K, head.d
     x = torch.as_tensor(np.asarray(features, dtype=np.float32))
@@ -107,7 +113,9 @@ def init_head_from_features(head, features: np.ndarray, opq_iterations: int = 30
     if c < 1 or c > d:
         raise DataError(f"cannot split {dim}-d embeddings into {M} chunks of at most d={d} dims")
     mean = x.mean(0)
-    rot = opq_rotation(F.normalize(x - mean, dim=1), M, c, fitted, opq_iterations, seed)
+    log.info("fitting the head to %d embeddings: OPQ rotation (%d iterations), then %d x %d spherical k-means",
+             n, opq_iterations, M, fitted)
+    rot = opq_rotation(F.normalize(x - mean, dim=1), M, c, fitted, opq_iterations, seed, progress)
     bn0, linear, bn1 = head.input_norm, head.linear, head.output_norm
     var0 = x.var(0, unbiased=False)
     bn0.running_mean.copy_(mean)

@@ -87,6 +87,7 @@ class TrainSetup:
     resume_path: str | None = None
     progress: bool = True
     started: float = dataclasses.field(default_factory=time.monotonic)
+    input_seconds: float = 0.0  # reading, aligning (and for a frozen trunk embedding) the photos
 
     @property
     def trainable_trunk(self) -> bool:
@@ -135,10 +136,13 @@ class TrainSetup:
         return res["map"]
 
     def summary(self, model_path: pathlib.Path, fingerprint: str, **fields) -> dict:
-        """The summary `train` returns; `seconds` is the wall time of the whole run."""
+        """The summary `train` returns; `seconds` is the wall time of the whole run, of which `input_seconds`
+        went to reading the photos (and embedding them, for a frozen trunk) and `fit_seconds` to the rest."""
+        seconds = time.monotonic() - self.started
         return {"model": str(model_path), "fingerprint": fingerprint, "train_photos": len(self.labels),
                 "train_people": len(self.people), "skipped": self.skips.skipped,
-                "seconds": time.monotonic() - self.started, **fields}
+                "seconds": seconds, "input_seconds": self.input_seconds, "frozen_trunk": not self.trainable_trunk,
+                "fit_seconds": seconds - self.input_seconds, **fields}
 
 
 def train(data, out_dir, model_config: ModelConfig, train_config: TrainConfig, resume: str | None = None,
@@ -175,13 +179,19 @@ def train(data, out_dir, model_config: ModelConfig, train_config: TrainConfig, r
     people = sorted({r.person for r in split.train})
     if len(people) < 2:
         raise DataError(f"training needs at least 2 people, the split left {len(people)}")
+    what = "embedding" if not getattr(trunk, "trainable", False) else "aligning"
+    log.info("%s %d training and %d validation photos", what, len(split.train), len(split.val))
+    t_inputs = time.monotonic()
     inputs, kept, skips = model_inputs(split.train, trunk, pipeline, progress)
     labels_map = {p: i for i, p in enumerate(people)}
     labels = torch.tensor([labels_map[r.person] for r in kept], dtype=torch.long)
     val_inputs, val_kept, _ = model_inputs(split.val, trunk, pipeline, progress) if split.val else ([], [], None)
+    input_seconds = time.monotonic() - t_inputs
+    log.info("photos ready in %.0f s: %d training photos of %d people, %d validation photos", input_seconds,
+             len(kept), len(people), len(val_kept))
     for line in skips.summary_lines():
         log.info("skipped while loading training photos: %s", line)
     setup = TrainSetup(str(data) if data else ".", out_dir, model_config, train_config, trunk, pipeline, split,
                        people, inputs, labels, val_inputs, [r.person for r in val_kept], skips, resumed, resume,
-                       progress, started)
+                       progress, started, input_seconds)
     return method.train(setup)

@@ -1,14 +1,16 @@
-"""`facepq node`, `facepq coordinator`, `facepq search`.
+"""`facepq node`, `facepq coordinator` (the clients of a coordinator are in facepq/client_cli.py).
 
-Servers print exactly one line `facepq <what> listening on HOST:PORT` when ready
-(scripts and tests wait for it) and stop gracefully on SIGTERM / SIGINT.
+The coordinator listens on port 50050 by default (facepq_core.addresses), the port every
+client assumes when an address has none; nodes default to any free port (they announce
+their address to the registry). Servers print exactly one line `facepq <what> listening
+on HOST:PORT` when ready (scripts and tests wait for it) and stop gracefully on SIGTERM /
+SIGINT.
 TLS and token flags (with FACEPQ_* environment fallbacks) are in query_node.security.
 """
 from __future__ import annotations
 
 import argparse
-import json
-import sys
+import logging
 
 
 def _shard_list(text: str) -> list[int]:
@@ -93,45 +95,11 @@ def _coordinator(args) -> int:
     return 0
 
 
-def _search(args) -> int:
-    import grpc
-
-    from facepq_core.errors import ConfigError, DataError
-    from facepq_proto.facepq.v1 import facepq_pb2, facepq_pb2_grpc
-    from query_node.security import bearer_metadata, client_security, make_channel
-
-    tls, token = client_security(args)
-    try:
-        with open(args.photo, "rb") as f:
-            photo = f.read()
-    except OSError as exc:
-        raise DataError(f"cannot read photo {args.photo}: {exc.strerror}") from exc
-    with make_channel(args.coordinator, tls, options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
-        try:
-            reply = facepq_pb2_grpc.CoordinatorStub(ch).Search(facepq_pb2.SearchRequest(photo=photo, top_k=args.k),
-                                                               timeout=args.timeout, metadata=bearer_metadata(token))
-        except grpc.RpcError as exc:
-            raise ConfigError(f"{exc.code().name}: {exc.details()}") from exc
-    hits = [{"rank": i + 1, "face_id": h.face_id, "person": h.person, "score": round(h.score, 6),
-             "source": h.source, "shard": h.shard} for i, h in enumerate(reply.hits)]
-    if args.json:
-        print(json.dumps({"hits": hits, "complete": reply.complete, "missing_shards": list(reply.missing_shards),
-                          "index_version": reply.index_version, "took_ms": round(reply.took_ms, 2)}, indent=1))
-        return 0
-    print(f"{'rank':>4}  {'person':24s} {'score':>9}  {'shard':>5}  source")
-    for h in hits:
-        print(f"{h['rank']:>4}  {h['person'][:24]:24s} {h['score']:>9.4f}  {h['shard']:>5}  {h['source']}")
-    status = "complete" if reply.complete else f"INCOMPLETE: shards {list(reply.missing_shards)} did not answer"
-    print(f"index version {reply.index_version}, {reply.took_ms:.1f} ms, {status}")
-    if not reply.complete:
-        print(f"warning: results miss shards {list(reply.missing_shards)}", file=sys.stderr)
-    return 0
-
-
 def register(subparsers) -> None:
     import os
 
-    from query_node.security import ENV_NODE_AUTH_TOKEN, ENV_TLS_CA, add_client_flags, add_server_flags
+    from facepq_core.addresses import DEFAULT_COORDINATOR_PORT
+    from query_node.security import ENV_NODE_AUTH_TOKEN, ENV_TLS_CA, add_server_flags
 
     p = subparsers.add_parser("node", help="serve index shards over gRPC (a query node)")
     p.add_argument("--index", required=True, help="index path or URI")
@@ -145,7 +113,7 @@ def register(subparsers) -> None:
     p.add_argument("--view-grace", type=float, default=10.0,
                    help="seconds a replaced index version stays answerable for searches in flight (default 10)")
     add_server_flags(p, "require this token (from coordinators) for Search and Status")
-    p.set_defaults(handler=_node)
+    p.set_defaults(handler=_node, log_level=logging.INFO)  # a server's INFO lines are its operations log
 
     p = subparsers.add_parser("coordinator", help="serve Search/Enrol/Delete: model + fan-out to query nodes")
     p.add_argument("--model", required=True, help="trained checkpoint (.pt)")
@@ -154,7 +122,8 @@ def register(subparsers) -> None:
     g.add_argument("--redis", help="registry URL")
     g.add_argument("--nodes", help="static node list host:port,host:port")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--port", type=int, default=DEFAULT_COORDINATOR_PORT,
+                   help="port to listen on (default %(default)s, what clients assume; 0 = any free port)")
     add_server_flags(p, "require this token for Enrol, Delete and Compact")
     p.add_argument("--node-tls-ca", default=os.environ.get(ENV_TLS_CA),
                    help=f"talk TLS to query nodes, verified with this CA; --tls-cert/--tls-key are the client "
@@ -163,13 +132,4 @@ def register(subparsers) -> None:
                    help=f"token sent to query nodes (env {ENV_NODE_AUTH_TOKEN}; default: this server's own token)")
     p.add_argument("--torch-threads", type=int, default=1,
                    help="threads for the model (1 suits embedding searches; raise it for photo-heavy load)")
-    p.set_defaults(handler=_coordinator)
-
-    p = subparsers.add_parser("search", help="search a photo through a coordinator")
-    p.add_argument("photo", help="photo file (JPEG/PNG/PGM)")
-    p.add_argument("--coordinator", required=True, help="host:port")
-    p.add_argument("-k", type=int, default=10, help="results (1..1000)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--timeout", type=float, default=10.0)
-    add_client_flags(p)
-    p.set_defaults(handler=_search)
+    p.set_defaults(handler=_coordinator, log_level=logging.INFO)

@@ -79,7 +79,10 @@ class GrpcServer:
             initial_health: sets the health statuses before the first call can arrive; default: the
                 server ("") and the service SERVING.
         """
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=self.workers), options=MESSAGE_OPTIONS,
+        # so_reuseport off: gRPC turns it on by default, and then a second server on a fixed port (two
+        # coordinators on the default 50050) binds beside the first and silently takes half its calls.
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=self.workers),
+                                  options=[*MESSAGE_OPTIONS, ("grpc.so_reuseport", 0)],
                                   interceptors=interceptors(self.auth_tokens, self.protected))
         self.port = add_port(self.server, self.host, self.requested_port, self.tls)
         add_servicer(self.server)

@@ -123,13 +123,16 @@ def is_loopback(host: str) -> bool:
 def add_port(server, host: str, port: int, tls: ServerTls | None) -> int:
     """Bind `server` on host:port with TLS when configured; returns the bound port (ConfigError if none)."""
     address = f"{host}:{port}"
-    if tls is not None:
-        bound = server.add_secure_port(address, tls.credentials())
-    else:
-        if not is_loopback(host):
-            log.warning("serving %s WITHOUT TLS on a non-loopback address: anyone on the network can read and "
-                        "alter traffic; pass --tls-cert/--tls-key", address)
-        bound = server.add_insecure_port(address)
+    try:
+        if tls is not None:
+            bound = server.add_secure_port(address, tls.credentials())
+        else:
+            if not is_loopback(host):
+                log.warning("serving %s WITHOUT TLS on a non-loopback address: anyone on the network can read and "
+                            "alter traffic; pass --tls-cert/--tls-key", address)
+            bound = server.add_insecure_port(address)
+    except RuntimeError:  # recent grpcio raises "Failed to bind" where older ones returned 0
+        bound = 0
     if not bound:
         raise ConfigError(f"cannot listen on {address} (port in use or bad address)")
     return bound

@@ -29,12 +29,22 @@ def workdir(tmp_path_factory) -> pathlib.Path:
     return tmp_path_factory.mktemp("demo")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def model_cache(tmp_path_factory) -> pathlib.Path:
+    """A private demo-model cache (FACEPQ_DEMO_CACHE) for this module's runs: the first one trains."""
+    CACHE["FACEPQ_DEMO_CACHE"] = str(tmp_path_factory.mktemp("demo-models"))
+    return pathlib.Path(CACHE["FACEPQ_DEMO_CACHE"])
+
+
 def facepq(*args) -> list[str]:
     return [sys.executable, "-m", "facepq.cli", *args]
 
 
+CACHE: dict = {}  # FACEPQ_DEMO_CACHE of this module's runs (the model_cache fixture)
+
+
 def env() -> dict:
-    return dict(os.environ, PYTHONUNBUFFERED="1", RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    return dict(os.environ, PYTHONUNBUFFERED="1", RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", **CACHE)
 
 
 def processes_mentioning(text: str) -> list[str]:
@@ -96,7 +106,7 @@ class Background:
         self._out.close()
 
 
-def test_demo_small_runs_every_step_reports_metrics_and_leaves_nothing(workdir):
+def test_demo_small_runs_every_step_reports_metrics_and_leaves_nothing(workdir, model_cache, tmp_path):
     out = subprocess.run(facepq("demo", "--small", "--workdir", str(workdir), "--no-progress"), cwd=REPO, env=env(),
                          capture_output=True, text=True, timeout=360)
     text = out.stdout
@@ -106,17 +116,28 @@ def test_demo_small_runs_every_step_reports_metrics_and_leaves_nothing(workdir):
     assert re.search(r"query person\s+rank\s+hit person\s+score\s+shard", text)
     rows = re.findall(r"^\s+(?:synth_\d+)?\s+[123]\s+synth_\d+\s+-?\d+\.\d+\s+[01]\b", text, re.M)
     assert len(rows) >= 3, text
-    assert re.search(r"mAP codes .*:\s+[01]\.\d{4}$", text, re.M)
-    assert re.search(r"mAP float .*:\s+[01]\.\d{4}$", text, re.M)
-    assert re.search(r"p50 \d+\.\d ms, p99 \d+\.\d ms", text)
-    assert re.search(r"finds them [\d.]+ s after enrolling .*rank \d+ of \d+ faces", text), text
-    assert "reusing" not in text  # the first run trains
-    assert (workdir / "model" / "model.pt").is_file() and (workdir / "model" / "demo-key.json").is_file()
+    # every number comes with what it means
+    assert re.search(r"P@1 \(the first hit is the query's person\): [01]\.\d{3} over gRPC, [01]\.\d{3} computed "
+                     r"offline .*\(chance: 0\.\d{3}\)", text), text
+    assert re.search(r"shared by two people .*: \d+ over gRPC, \d+ offline", text)
+    assert re.search(r"mAP@all .*: [01]\.\d{3} with the \d+-bit codes .*, [01]\.\d{3} with the float embeddings", text)
+    assert re.search(r"p50 \d+\.\d ms, p99 \d+\.\d ms as the client saw them", text)
+    assert re.search(r"finds them [\d.]+ s after enrolling .*rank \d+ of the \d+ faces returned", text), text
+    assert "score: the log-likelihood" in text
+    assert "reusing" not in text  # the first run trains, and caches the model outside the workdir
+    (model,) = model_cache.glob("*/model.pt")
+    assert (model.parent / "demo-key.json").is_file() and f"cached as {model}" in text
     assert_nothing_left(workdir)
+    # A second demo in another workdir finds the model where the first one cached it.
+    again = subprocess.run(facepq("demo", "--small", "--workdir", str(tmp_path / "other"), "--no-progress"), cwd=REPO,
+                           env=env(), capture_output=True, text=True, timeout=360)
+    assert again.returncode == 0, f"exit {again.returncode}\n{again.stdout[-3000:]}\n{again.stderr[-3000:]}"
+    assert f"reusing {model}" in again.stdout
 
 
 def test_up_serves_until_down_and_down_is_safe_twice(workdir):
-    up = Background(facepq("up", "--small", "--workdir", str(workdir), "--no-progress"), workdir / "up.log")
+    up = Background(facepq("up", "--small", "--workdir", str(workdir), "--no-progress", "--port", "0"),
+                    workdir / "up.log")
     try:
         up.wait_for(r"facepq up: serving; coordinator \S+", timeout=300)
         assert "reusing" in up.text()  # the model trained by the demo test is cached
@@ -146,8 +167,8 @@ def test_sigint_while_serving_stops_every_process(workdir):
     while serving (the demo's own serving steps now finish in about a second: too short to aim at)."""
     (workdir / "cluster.json").unlink(missing_ok=True)
     # --replicas 2: each node serves both shards (the replicated layout)
-    up = Background(facepq("up", "--small", "--replicas", "2", "--workdir", str(workdir), "--no-progress"),
-                    workdir / "sigint.log")
+    up = Background(facepq("up", "--small", "--replicas", "2", "--workdir", str(workdir), "--no-progress", "--port",
+                           "0"), workdir / "sigint.log")
     try:
         up.wait_for(r"facepq up: serving; coordinator \S+", timeout=300)
         assert re.search(r"node-0 .* shards \[0, 1\]", up.text()) and re.search(r"node-1 .* shards \[0, 1\]", up.text())

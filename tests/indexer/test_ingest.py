@@ -167,8 +167,10 @@ def test_sigkill_mid_ingest_keeps_the_previous_version_and_rerun_completes(
         ray_local, trained_model, synthetic_gallery, big_gallery, tmp_path):
     index = tmp_path / "idx"
     run_ingest(str(trained_model), str(synthetic_gallery), str(index), progress=False)
-    proc = subprocess.Popen(_ingest_cmd(trained_model, big_gallery, index, ray_local, "--batch-size", "2",
-                                        "--segment-rows", "4", "--actors", "1"),
+    cmd = _ingest_cmd(trained_model, big_gallery, index, ray_local, "--batch-size", "2", "--segment-rows", "4",
+                      "--actors", "1")
+    cmd.insert(cmd.index("ingest"), "-v")  # progress lines are INFO: shown with -v
+    proc = subprocess.Popen(cmd,
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=_env(), text=True)
     lines = []
     try:
@@ -213,6 +215,9 @@ def test_two_concurrent_ingest_processes_both_commit(ray_local, trained_model, s
         finally:
             p.kill()
     assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    for out, err in outs:  # quiet by default: the summary, no log lines of Ray's (or ours) and no rate of noise
+        assert "faces added:" in out and "  time: Ray " in out
+        assert not [line for line in err.splitlines() if line.strip()], err[-2000:]
     store = IndexStore(index)
     assert store.current_version() == 2
     messages = {store.load_manifest(v).message for v in (1, 2)}
@@ -249,3 +254,18 @@ def test_ingest_of_att_faces(ray_local, trained_model, att_faces, tmp_path):
     assert s.converted  # grey PGM photos are converted, and counted
     info = index_info(tmp_path / "idx")
     assert (info["faces"], info["people"]) == (400, 40)
+
+
+def test_the_summary_gives_a_rate_only_over_a_window_long_enough_for_one():
+    from indexer.job import IngestSummary
+
+    # a small gallery: every batch arrives in one burst right after start-up (was "5196 faces/s")
+    burst = IngestSummary("idx", 1, None, inputs=144, faces_encoded=144, seconds=46.9, ray_seconds=18.2,
+                          startup_seconds=16.2, steady_seconds=0.01, steady_rate=5196.0)
+    line = burst.timing_line()
+    assert "5196" not in line and "too short for a rate" in line
+    assert "Ray 18.2 s" in line and "start-up 16.2 s" in line and "commit 12.5 s" in line  # 46.9 - 18.2 - 16.2 - 0.0
+    steady = IngestSummary("idx", 1, None, inputs=5000, faces_encoded=5000, seconds=60.0, ray_seconds=10.0,
+                           startup_seconds=15.0, steady_seconds=30.0, steady_rate=160.4)
+    assert "then 30.0 s at 160 inputs/s" in steady.timing_line()
+    assert steady.summary_lines()[0] == "ingest into idx: 5000 inputs in 60.0 s"

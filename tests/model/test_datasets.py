@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import os
+import pathlib
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -137,3 +138,33 @@ def test_skip_counter_counts_keeps_examples_merges_and_summarises():
     assert lines[2] == "  skipped truncated: 2 (e.g. /p/t.jpg, /q/t.jpg)"
     assert lines[3].startswith("  converted converted_16bit: 1")
     assert SkipCounter().summary_lines() == ["skipped: none"]
+
+
+def test_a_flat_folder_is_refused_with_the_layout_it_needs(tmp_path):
+    for name in ("ann_1.jpg", "ann_2.jpg", "bob_1.jpg"):
+        _touch(tmp_path / "flat" / name)
+    with pytest.raises(DataError) as err:
+        list_photos(tmp_path / "flat")
+    message = str(err.value)
+    assert "<root>/<person>/<photo>" in message and "3 photo(s) directly in the folder" in message
+    assert "ann_1.jpg" in message and "folder named after them" in message and ".csv" in message
+
+
+def test_a_folder_one_level_too_deep_names_the_folder_to_use(tmp_path):
+    for rel in ("group/ann/1.jpg", "group/ann/2.jpg", "group/bob/1.jpg"):
+        _touch(tmp_path / "deep" / rel)
+    with pytest.raises(DataError) as err:
+        list_photos(tmp_path / "deep")
+    message = str(err.value)
+    assert "3 photo(s) one level deeper than person folders" in message and "group/ann/1.jpg" in message
+    assert f"point at {tmp_path / 'deep' / 'group'}" in message
+
+
+def test_photos_outside_the_layout_are_named_not_dropped_silently(tmp_path, caplog):
+    for rel in ("ann/1.jpg", "ann/2019/2.jpg", "bob/1.jpg", "stray.jpg"):
+        _touch(tmp_path / "mixed" / rel)
+    with caplog.at_level("WARNING", logger="opqn_model.datasets"):
+        records = list_photos(tmp_path / "mixed")
+    assert [(pathlib.Path(r.path).name, r.person) for r in records] == [("1.jpg", "ann"), ("1.jpg", "bob")]
+    warning = caplog.text
+    assert "IGNORED" in warning and "stray.jpg" in warning and "ann/2019/2.jpg" in warning

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from facepq_core.errors import ConfigError, NoFaceFound
-from opqn_model.face_pipeline import FacePipeline, centre_crop, order_boxes
+from opqn_model.face_pipeline import DETECT_MAX_PIXELS, FacePipeline, centre_crop, detection_image, order_boxes
 from opqn_model.images import load_image
 
 
@@ -132,3 +132,35 @@ def test_settings_round_trip_and_pickle_and_validation():
                 dict(size=150.0)):
         with pytest.raises(ConfigError):
             FacePipeline(**bad)
+
+
+@pytest.mark.parametrize("height,width,upsample", [(3000, 3000, 1), (9400, 9400, 1), (4000, 1000, 0), (1200, 1800, 2)])
+def test_detection_scans_a_bounded_copy_of_a_large_photo(height, width, upsample):
+    image = np.zeros((height, width, 3), dtype=np.uint8)
+    small, scale = detection_image(image, upsample)
+    assert small.shape[0] * small.shape[1] * 4 ** upsample <= DETECT_MAX_PIXELS
+    assert small.shape[1] == pytest.approx(width * scale, abs=1) and small.shape[0] == pytest.approx(height * scale, abs=1)
+    assert small.shape[0] * small.shape[1] * 4 ** upsample > 0.95 * DETECT_MAX_PIXELS  # no smaller than it must be
+
+
+def test_a_photo_within_the_budget_is_scanned_as_it_is():
+    image = np.zeros((250, 250, 3), dtype=np.uint8)  # LFW's size: 250k pixels, 1M after one upsampling
+    small, scale = detection_image(image, 1)
+    assert small is image and scale == 1.0
+
+
+@pytest.mark.shared_data
+def test_a_3000_pixel_photo_finds_the_face_in_its_own_coordinates(lfw5):
+    pipeline = FacePipeline(size=150)
+    photos = first_photos(lfw5, 2)
+    original = load_image(photos[0])
+    big = np.asarray(Image.fromarray(original).resize((3000, 3000), Image.Resampling.BICUBIC))
+    (box,), (big_box,) = pipeline.detect(original), pipeline.detect(big)
+    factor = 3000 / original.shape[0]
+    side = box[2] - box[0]
+    for small_edge, big_edge in zip(box, big_box):  # the same face, where the downscaled copy put it x 12
+        assert abs(big_edge - small_edge * factor) < 0.2 * side * factor
+    crop_big, crop_small = pipeline(big), pipeline(original)
+    other = pipeline(load_image(photos[1]))
+    assert crop_big.shape == (150, 150, 3)
+    assert _crop_distance(crop_big, crop_small) < 0.5 * _crop_distance(crop_big, other)

@@ -205,7 +205,7 @@ def file_cases(gallery, tmp):
         ("ingest: embeddings without sidecar", [*ingest, no_sidecar], 2, "needs a sidecar"),
         ("ingest: sidecar row count", [*ingest, short_sidecar], 2, "3 rows"),
         ("search: unreadable photo", ["search", tmp / "missing.jpg", "--coordinator", "127.0.0.1:1"], 2,
-         "cannot read photo"),
+         "missing.jpg does not exist"),
     ]
 
 
@@ -225,9 +225,10 @@ def test_malformed_files_and_flags_exit_2_with_one_line(gallery, tmp_path):
 
 def test_cli_search_top_k_out_of_range_is_one_line(cluster, gallery):
     photo = next(iter(gallery["photos"].values()))[0]
-    out = run_cli("search", photo, "--coordinator", cluster["coord"].address, "-k", "5000")
-    assert out.returncode == 2 and "INVALID_ARGUMENT: top_k must be in 1..1000" in out.stderr
-    assert "Traceback" not in out.stderr
+    for k in ("5000", "0"):  # refused before any call (0 once meant the default 10, silently)
+        out = run_cli("search", photo, "--coordinator", cluster["coord"].address, "-k", k)
+        assert out.returncode == 2 and "-k must be in 1..1000" in out.stderr
+        assert "Traceback" not in out.stderr
 
 
 floats = st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=32),
