@@ -10,7 +10,8 @@ VENV="${FACEPQ_VENV:-.venv}"
 PY="${PYTHON:-python3}"
 
 # System packages first (apt, as root): the C compiler for the scan kernels (pip builds them),
-# redis-server for the local cluster and iproute2 for the multi-host tests; apt-install.sh waits for a dpkg lock another process holds.
+# redis-server for the local cluster and iproute2 for the multi-host tests; apt-install.sh waits
+# for a dpkg lock another process holds.
 apt_packages=()
 command -v gcc >/dev/null 2>&1 || apt_packages+=(gcc libc6-dev)
 command -v redis-server >/dev/null 2>&1 || apt_packages+=(redis-server)
