@@ -238,6 +238,7 @@ def compact(store: IndexStore, redis_url: str | None = None, grace_seconds: floa
     """
     from indexer.gc import collect_garbage
 
+    store.check_no_links()  # refuse an index a link could lead outside of, before rewriting anything
     with commit_lock(store, redis_url, lock_timeout):
         old = store.load_manifest()
         stats = CompactStats(version=old.version)

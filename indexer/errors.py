@@ -11,3 +11,7 @@ class SegmentCorrupt(IndexFormatError):
 
 class IndexLockTimeout(FacepqError):
     """Another writer held the index's commit lock for longer than the timeout."""
+
+
+class IndexPathError(IndexFormatError):
+    """A path under the index root that could lead outside it (a symbolic link): refused, never followed."""

@@ -32,6 +32,7 @@ def collect_garbage(store: IndexStore, stats, grace_seconds: float = 3600.0, kee
     current = store.current_version()
     if current is None:
         return
+    store.check_no_links()  # before deleting anything: a link could lead outside the index root
     now = time.time()
     old_enough = now - max(0.0, grace_seconds)
     manifests = {}

@@ -63,8 +63,8 @@ def _file_lock(store: IndexStore, timeout: float) -> Iterator[None]:
     import fcntl
 
     os.makedirs(store.root, exist_ok=True)
-    path = os.path.join(store.root, LOCK_FILE)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    path = store.full_path(LOCK_FILE)  # refuses a link; O_NOFOLLOW covers one made after the check
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     try:
         deadline = time.monotonic() + timeout
         while True:

@@ -36,12 +36,17 @@ RECENT_VIEWS = 3  # views kept addressable by version (each holds only mmaps, sh
 VIEW_GRACE_SECONDS = 10.0
 
 
-def _file_stamp(path: str | None):
-    """(size, mtime_ns, inode) of a local file; None when it cannot be stat'ed (gone) or is remote."""
+def _file_stamp(store, rel: str):
+    """(size, mtime_ns, inode) of a local file; None when it cannot be stat'ed (gone) or is remote;
+    "link" when a symbolic link took its place (a change: the segment is reopened, and refused)."""
+    try:
+        path = store.local_path(rel)
+    except FacepqError:
+        return "link"
     if path is None:
         return None
     try:
-        st = os.stat(path)
+        st = os.lstat(path)
     except OSError:
         return None
     return (st.st_size, st.st_mtime_ns, st.st_ino)
@@ -64,6 +69,7 @@ class LiveIndex:
         from indexer.store import IndexStore
 
         self.store = IndexStore(index_uri)
+        self.store.check_no_links()  # a node never serves files reached through a link: refuse to start
         self.shard_ids = sorted(set(int(s) for s in shard_ids))
         if not self.shard_ids:
             raise ConfigError("a node must serve at least one shard (e.g. --shards 0,1)")
@@ -99,7 +105,7 @@ class LiveIndex:
         for data in view.shards.values():
             for seg in data.segments:
                 if seg.ref.id not in self._stamps:
-                    self._stamps[seg.ref.id] = _file_stamp(self.store.local_path(seg.ref.path))
+                    self._stamps[seg.ref.id] = _file_stamp(self.store, seg.ref.path)
         self._forget_expired(now)
 
     def _forget_expired(self, now: float) -> None:
@@ -158,7 +164,7 @@ class LiveIndex:
         changed = []
         for data in view.shards.values():
             for seg in data.segments:
-                stamp = _file_stamp(self.store.local_path(seg.ref.path))
+                stamp = _file_stamp(self.store, seg.ref.path)
                 if self.store.is_local and stamp != self._stamps.get(seg.ref.id):
                     changed.append(seg.ref.id)
         if not changed:
