@@ -19,7 +19,8 @@ when the node holds it, loading the current version first when the name is newer
 its view (see LiveIndex.view_at); the reply says which version answered.
 
 Health (grpc.health.v1): "" and "facepq.v1.QueryNode" are SERVING while any shard
-serves; "facepq.shard.<n>" per shard. Graceful stop flips everything to NOT_SERVING
+serves; "facepq.shard.<n>" per shard; "facepq.index" while the watcher can read the index
+(NOT_SERVING: stuck on its last good version, e.g. behind a malformed manifest). Graceful stop flips everything to NOT_SERVING
 first, so load balancers and the coordinator stop sending before the port closes.
 """
 from __future__ import annotations
@@ -41,6 +42,9 @@ from query_node.wire import MAX_TABLES, MAX_TOP_K, hit_messages, table_values
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "facepq.v1.QueryNode"
+# Health service: SERVING while the node's watcher reads the index (new versions, changed files); NOT_SERVING
+# while it cannot (e.g. a malformed current manifest): the node then serves its last good version.
+INDEX_HEALTH = "facepq.index"
 
 
 def shard_service_name(shard: int) -> str:
@@ -141,7 +145,8 @@ class NodeServer:
 
         # Open the index first: a bad index or shard list fails in a second, not after the kernels load.
         extra = {} if view_grace is None else {"view_grace": view_grace}
-        self.live = LiveIndex(index_uri, shards, poll_seconds=poll_seconds, on_change=self._on_change, **extra)
+        self.live = LiveIndex(index_uri, shards, poll_seconds=poll_seconds, on_change=self._on_change,
+                              on_status=self._on_watch_status, **extra)
         warmup()  # compile (or load cached) kernels before the first query, not during it
         self.node_id = node_id
         # A node's token protects everything it serves: its only callers are coordinators.
@@ -170,6 +175,14 @@ class NodeServer:
             health.set(shard_service_name(s), SERVING if ok else NOT_SERVING)
         for name in ("", SERVICE_NAME):
             health.set(name, SERVING if any_serving else NOT_SERVING)
+        if view is self.live.view:  # at start and on swaps; the watcher's own state changes set it too
+            health.set(INDEX_HEALTH, NOT_SERVING if self.live.last_error else SERVING)
+
+    def _on_watch_status(self, ok: bool, error: str) -> None:
+        """Health INDEX_HEALTH: NOT_SERVING while the watcher cannot read the index (the last good view
+        is still served; the log says why)."""
+        if self.grpc_server.health is not None:
+            self.grpc_server.health.set(INDEX_HEALTH, SERVING if ok else NOT_SERVING)
 
     def _on_change(self, view: IndexView) -> None:
         if self.grpc_server.health is not None:
