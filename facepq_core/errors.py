@@ -68,6 +68,13 @@ class NotFound(FacepqError):
     status = "NOT_FOUND"
 
 
+class AlreadyEnrolled(FacepqError):
+    """A photo (face id) already enrolled as another person: refused, never silently kept under the old name
+    (indexer.enrol_rule). The message names the person it is enrolled as."""
+
+    status = "ALREADY_EXISTS"
+
+
 class Unavailable(FacepqError):
     """Something the request needs is down or busy right now (the index version unreadable, the commit lock held
     too long, a shard NOT_SERVING on this node); the same request can succeed later or elsewhere."""

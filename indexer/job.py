@@ -152,7 +152,9 @@ def run_ingest(model_path: str, gallery: str, index_uri: str, shards: int | None
     model_path = str(pathlib.Path(model_path).resolve())
     meta, pipeline, embedding_dim = load_model_info(model_path)
     # Open the writer first: a model/index mismatch fails before any encoding.
-    writer = IndexWriter(index_uri, meta, shard_count=shards, redis_url=redis_url, segment_rows=segment_rows)
+    # The enrol rule (indexer.enrol_rule): photos already enrolled as another person are skipped and reported.
+    writer = IndexWriter(index_uri, meta, shard_count=shards, redis_url=redis_url, segment_rows=segment_rows,
+                         on_conflict="skip")
     previous = writer.base_version
     inputs = list_inputs(gallery, embedding_dim=embedding_dim)
     log.info("ingest %s (%d %s) into %s with model %s", gallery, inputs.count, inputs.kind, writer.store.uri,
@@ -171,7 +173,11 @@ def run_ingest(model_path: str, gallery: str, index_uri: str, shards: int | None
 
             ray.shutdown()
     summary.faces_added = writer.stats.rows_added
-    summary.duplicates_skipped = writer.stats.duplicates_skipped
+    summary.duplicates_skipped = writer.stats.duplicates_skipped - len(writer.conflicts)
+    if writer.conflicts:
+        summary.skipped["enrolled_as_other"] = len(writer.conflicts)
+        summary.examples["enrolled_as_other"] = [f"{c.source} (enrolled as {c.enrolled_as!r})"
+                                                 for c in writer.conflicts[:3]]
     summary.segments_written = writer.stats.segments_written
     summary.shards_written = sorted(writer.stats.shards_written)
     summary.seconds = time.monotonic() - t0

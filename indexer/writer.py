@@ -10,7 +10,10 @@ RPC (a handful), so both share one commit protocol (indexer.commit).
 Duplicates are skipped at three points: `add` drops faces already live in the
 index version the writer opened, faces in segments it has written, and repeats
 within the batch; writing a shard's segment drops faces repeated across `add`
-calls; the commit drops faces another writer committed in between.
+calls; the commit drops faces another writer committed in between. At each of
+them the enrol rule (indexer.enrol_rule) compares persons: a face already there
+as another person is refused (`on_conflict="raise"`: AlreadyEnrolled, nothing
+committed) or reported in `conflicts` (`"skip"`: the ingest's choice).
 
 Why the split: keeping every buffered id in a sorted set that each `add` checks
 cost a merge of the whole set per call (quadratic over a job); one sort of a
@@ -30,7 +33,8 @@ from facepq_core.errors import ConfigError
 from facepq_core.routing import shard_of
 from indexer.commit import commit_segments
 from indexer.face_id import isin_sorted
-from indexer.live import segment_face_ids, shard_live_ids, sorted_unique
+from indexer.enrol_rule import Conflict, PersonKeys, check_on_conflict, conflict_error, repeat_conflicts
+from indexer.live import live_persons, segment_face_ids, shard_live_ids, sorted_unique, tombstone_ids
 from indexer.manifest import ModelMeta, SegmentRef
 from indexer.segment import write_segment
 from indexer.store import IndexStore
@@ -73,10 +77,12 @@ class IndexWriter:
         shard_count: shards of a NEW index (default 4); for an existing index None or its own count.
         redis_url: Redis commit lock (needed for object stores).
         segment_rows: rows per segment file; a shard's buffer is written when it reaches this.
+        on_conflict: what the enrol rule does with a face already enrolled as another person: "raise"
+            (AlreadyEnrolled; the Enrol RPC) or "skip" (recorded in `conflicts`; the ingest job).
     """
 
     def __init__(self, index_uri, model_meta: ModelMeta, shard_count: int | None = None,
-                 redis_url: str | None = None, segment_rows: int = DEFAULT_SEGMENT_ROWS):
+                 redis_url: str | None = None, segment_rows: int = DEFAULT_SEGMENT_ROWS, on_conflict: str = "raise"):
         self.store = index_uri if isinstance(index_uri, IndexStore) else IndexStore(index_uri)
         self.model = model_meta
         self.redis_url = redis_url
@@ -107,6 +113,9 @@ class IndexWriter:
         self._buffered_rows = [0] * self.shard_count
         self._refs: dict[int, list[SegmentRef]] = {}
         self.stats = WriterStats()
+        self.on_conflict = check_on_conflict(on_conflict)
+        self.conflicts: list[Conflict] = []  # photos the enrol rule refused (on_conflict="skip")
+        self._persons: dict[int, PersonKeys] = {}  # shard -> persons of `_seen`, built on the first repeat
 
     def _live_ids(self, manifest) -> list[np.ndarray]:
         # Tombstoned faces count as absent: adding one again enrols it again.
@@ -125,6 +134,7 @@ class IndexWriter:
                 seen[shard] = sorted_unique(np.concatenate([seen[shard]] + [segment_face_ids(self.store, r)
                                                                             for r in refs]))
         self._seen, self.base_version = seen, current
+        self._persons = {}
         log.debug("writer for %s now deduplicates against version %s", self.store.uri, current)
 
     # ------------------------------------------------------------------
@@ -154,6 +164,8 @@ class IndexWriter:
             return 0
         self._sync()
         keep = self._fresh_mask(ids)
+        if keep is not None:  # some rows repeat a face: the enrol rule compares their persons first
+            self._refuse(self._person_conflicts(ids, persons, ~keep), ids, persons, sources)
         rows = None if keep is None else np.flatnonzero(keep)
         taken = ids if rows is None else ids[rows]
         new = taken.shape[0]
@@ -208,19 +220,64 @@ class IndexWriter:
             keep &= ~isin_sorted(ids, known)
         return keep
 
+    # ---- the enrol rule (indexer.enrol_rule) ----------------------------------------------------
+    def _persons_of(self, shard: int) -> PersonKeys:
+        """Persons of the faces in `_seen[shard]`: live rows of `base_version` plus this writer's segments."""
+        found = self._persons.get(shard)
+        if found is None:
+            refs = list(self._refs.get(shard, ()))
+            ids, persons = live_persons(self.store, refs, np.empty(0, np.uint64))
+            if self.base_version:
+                state = self.store.load_manifest(self.base_version).shards[shard]
+                found_ids, found_persons = live_persons(self.store, state.segments, tombstone_ids(state))
+                ids, persons = np.concatenate([found_ids, ids]), pa.concat_arrays([found_persons, persons])
+            found = self._persons[shard] = PersonKeys(ids, persons)
+        return found
+
+    def _person_conflicts(self, ids: np.ndarray, persons: pa.Array, repeats: np.ndarray) -> dict[int, str]:
+        """{row: person it is enrolled as} among `repeats` (bool [n]: rows not taken as new faces)."""
+        clashes = repeat_conflicts(ids, persons)  # two rows of this write, one face, two names
+        rows = np.flatnonzero(repeats)
+        shards = shard_of(ids[rows], self.shard_count)
+        for shard in np.unique(shards).tolist():
+            mine = rows[shards == shard]
+            found = self._persons_of(shard).conflicts(ids[mine], persons.take(pa.array(mine)))
+            clashes.update({int(mine[r]): name for r, name in found.items()})
+        return clashes
+
+    def _refuse(self, clashes: dict[int, str], ids, persons: pa.Array, sources: pa.Array) -> None:
+        """Raise AlreadyEnrolled (on_conflict="raise") or record the refused rows (they are dropped anyway)."""
+        if not clashes:
+            return
+        found = [Conflict(int(ids[r]), persons[r].as_py(), name, sources[r].as_py()) for r, name in sorted(clashes.items())]
+        if self.on_conflict == "raise":
+            raise conflict_error(found)
+        self.conflicts.extend(found)
+        log.warning("%d photos are already enrolled as another person; skipped (e.g. %s as %r)", len(found),
+                    found[0].source or found[0].face_id, found[0].enrolled_as)
+
     # ------------------------------------------------------------------
     def _write_shards(self, shards: list[int]) -> None:
         """Write the buffers of `shards` as segments (in threads when several) and record the results."""
         if not shards:
             return
         if len(shards) == 1:
-            results = [self._write_shard(shards[0])]
+            outcomes = [_outcome(self._write_shard, shards[0])]
         else:
             with ThreadPoolExecutor(max_workers=min(WRITE_THREADS, len(shards)),
                                     thread_name_prefix="facepq-segment") as pool:
-                results = list(pool.map(self._write_shard, shards))
+                outcomes = list(pool.map(lambda shard: _outcome(self._write_shard, shard), shards))
+        failed = [o for o in outcomes if isinstance(o, BaseException)]
+        if failed:  # nothing of this call is kept: the segments the other shards wrote are removed again
+            for o in outcomes:
+                if not isinstance(o, BaseException):
+                    for ref in o[0]:
+                        self.store.delete(ref.path)
+            raise failed[0]
+        results = outcomes
         # Shared state changes here, in one thread, and only once every write succeeded.
         for shard, (refs, written_ids, dropped) in zip(shards, results):
+            self._persons.pop(shard, None)  # rebuilt with the new segment when next needed
             self._buffers[shard], self._buffered_rows[shard] = [], 0
             seen = self._seen[shard]
             self._seen[shard] = written_ids if not seen.size else np.sort(np.concatenate([seen, written_ids]),
@@ -255,6 +312,7 @@ class IndexWriter:
                 drop_sorted |= known
             keep = np.ones(ids.size, dtype=bool)
             keep[order[drop_sorted]] = False
+            self._refuse(self._person_conflicts(ids, persons, ~keep), ids, persons, sources)
             dropped = int((~keep).sum())
             rows = np.flatnonzero(keep)
             ids, codes = ids[rows], np.take(codes, rows, axis=0)
@@ -268,6 +326,20 @@ class IndexWriter:
             log.debug("wrote segment %s (%d rows)", ref.path, ref.rows)
             refs.append(ref)
         return refs, sorted_ids, dropped
+
+    def abort(self) -> None:
+        """Drop everything added since the last commit and delete the segment files written for it."""
+        with self._lock:
+            for refs in self._refs.values():
+                for ref in refs:
+                    try:
+                        self.store.delete(ref.path)
+                    except OSError as exc:  # garbage collection removes it later
+                        log.warning("could not remove uncommitted segment %s: %s", ref.path, exc)
+            self._refs, self._pending_base = {}, None
+            self._buffers = [[] for _ in range(self.shard_count)]
+            self._buffered_rows = [0] * self.shard_count
+            self._persons = {}
 
     @property
     def pending_rows(self) -> int:
@@ -290,7 +362,8 @@ class IndexWriter:
             counts: dict = {}
             version = commit_segments(self.store, self._refs, self.model, self.shard_count, message,
                                       redis_url=self.redis_url, base_version=self._pending_base, verify_new=False,
-                                      counts=counts)
+                                      counts=counts, on_conflict=self.on_conflict)
+            self.conflicts.extend(counts["conflicts"])
             self.stats.rows_added -= counts["dropped"]
             self.stats.duplicates_skipped += counts["dropped"]
             self._refs, self._pending_base = {}, None
@@ -299,6 +372,14 @@ class IndexWriter:
             if self.store.load_manifest(version).parent_version == self.base_version:
                 self.base_version = version
             return version
+
+
+def _outcome(fn, *args):
+    """fn(*args), or the exception it raised (so one failing shard does not hide what the others wrote)."""
+    try:
+        return fn(*args)
+    except Exception as exc:  # noqa: BLE001 - re-raised by the caller once the others are cleaned up
+        return exc
 
 
 def _has_repeats(sorted_ids: np.ndarray) -> bool:

@@ -168,6 +168,8 @@ class CoordinatorService:
         Raises:
             InvalidRequest: an empty, too long or unprintable name, or no photos.
             NoFaceFound: no photo had a usable face (nothing is committed).
+            AlreadyEnrolled: a photo is enrolled as another person (nothing is committed; the message
+                names that person). The same photo under the same person is not an error: it is there.
             Unavailable: another writer held the commit lock too long.
         """
         from indexer.face_id import face_id_for_photo
@@ -184,9 +186,16 @@ class CoordinatorService:
             raise NoFaceFound(f"no usable face in any photo ({'; '.join(skipped_msgs)})")
         ids = np.array([face_id_for_photo(bytes(contents[i])) for i in kept], dtype=np.uint64)
         with _index_errors():
-            writer = IndexWriter(self.index_uri, self.model.model_meta(), redis_url=self.redis_url)
-            writer.add(ids, [person] * len(kept), [sources[i] for i in kept], codes)
-            version = writer.commit(f"enrol {person!r} ({len(kept)} faces)")
+            # The enrol rule (indexer.enrol_rule): a photo enrolled as another person is refused
+            # (ALREADY_EXISTS naming that person) and nothing of this request is committed.
+            writer = IndexWriter(self.index_uri, self.model.model_meta(), redis_url=self.redis_url,
+                                 on_conflict="raise")
+            try:
+                writer.add(ids, [person] * len(kept), [sources[i] for i in kept], codes)
+                version = writer.commit(f"enrol {person!r} ({len(kept)} faces)")
+            except BaseException:
+                writer.abort()  # no segment of a refused or failed enrolment stays behind
+                raise
         return EnrolResult(face_ids=ids.tolist(), skipped=skipped_msgs, index_version=str(version or ""))
 
     def delete(self, person: str | None = None, face_ids: Sequence[int] | None = None) -> DeleteResult:
