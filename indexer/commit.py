@@ -245,6 +245,7 @@ class CompactStats:
     files_deleted: int = 0
     bytes_freed: int = 0
     manifests_deleted: int = 0
+    files_kept_for_writers: int = 0  # unreferenced but written since a running writer's lease began
 
 
 def compact(store: IndexStore, redis_url: str | None = None, grace_seconds: float = 3600.0,

@@ -167,6 +167,9 @@ def run_ingest(model_path: str, gallery: str, index_uri: str, shards: int | None
                       ACTOR_CPUS if read_cpus is None else read_cpus, actor_start_timeout)
         message = f"ingest {gallery} (model {meta.fingerprint})"
         summary.version = writer.commit(message)
+    except BaseException:
+        writer.abort()  # the segments of a failed job are removed now, not left to garbage collection
+        raise
     finally:
         if started:
             import ray

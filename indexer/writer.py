@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -32,8 +33,9 @@ import pyarrow as pa
 from facepq_core.errors import ConfigError
 from facepq_core.routing import shard_of
 from indexer.commit import commit_segments
-from indexer.face_id import isin_sorted
 from indexer.enrol_rule import Conflict, PersonKeys, check_on_conflict, conflict_error, repeat_conflicts
+from indexer.face_id import isin_sorted
+from indexer.lease import WriterLease
 from indexer.live import live_persons, segment_face_ids, shard_live_ids, sorted_unique, tombstone_ids
 from indexer.manifest import ModelMeta, SegmentRef
 from indexer.segment import write_segment
@@ -116,6 +118,10 @@ class IndexWriter:
         self.on_conflict = check_on_conflict(on_conflict)
         self.conflicts: list[Conflict] = []  # photos the enrol rule refused (on_conflict="skip")
         self._persons: dict[int, PersonKeys] = {}  # shard -> persons of `_seen`, built on the first repeat
+        # Held from before the first segment file until commit or abort: garbage collection keeps what
+        # this writer wrote whatever its grace (indexer.lease).
+        self.lease = WriterLease(self.store)
+        weakref.finalize(self, self.lease.release)
 
     def _live_ids(self, manifest) -> list[np.ndarray]:
         # Tombstoned faces count as absent: adding one again enrols it again.
@@ -261,6 +267,7 @@ class IndexWriter:
         """Write the buffers of `shards` as segments (in threads when several) and record the results."""
         if not shards:
             return
+        self.lease.acquire()
         if len(shards) == 1:
             outcomes = [_outcome(self._write_shard, shards[0])]
         else:
@@ -340,6 +347,7 @@ class IndexWriter:
             self._buffers = [[] for _ in range(self.shard_count)]
             self._buffered_rows = [0] * self.shard_count
             self._persons = {}
+            self.lease.release()
 
     @property
     def pending_rows(self) -> int:
@@ -357,6 +365,7 @@ class IndexWriter:
             self._write_shards([s for s in range(self.shard_count) if self._buffers[s]])
             if not self._refs:
                 log.info("nothing new to commit to %s", self.store.uri)
+                self.lease.release()
                 return self.store.current_version()
             # The segments were hashed as this process wrote them: the commit checks size and schema only.
             counts: dict = {}
@@ -367,6 +376,8 @@ class IndexWriter:
             self.stats.rows_added -= counts["dropped"]
             self.stats.duplicates_skipped += counts["dropped"]
             self._refs, self._pending_base = {}, None
+            if not any(self._buffers):
+                self.lease.release()
             # Only when no other writer committed in between does our dedup set describe `version` exactly;
             # otherwise the next add rebuilds it.
             if self.store.load_manifest(version).parent_version == self.base_version:
