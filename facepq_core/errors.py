@@ -75,6 +75,22 @@ class AlreadyEnrolled(FacepqError):
     status = "ALREADY_EXISTS"
 
 
+class StorageFull(FacepqError):
+    """The disk (or quota) holding the index is full: nothing was committed; free space or grow the volume."""
+
+    status = "RESOURCE_EXHAUSTED"
+
+
+class StorageReadOnly(FacepqError):
+    """The index cannot be written here (a read-only file system, or no permission): nothing was committed.
+    Reading and serving still work."""
+
+
+class Misconfigured(FacepqError):
+    """A server was given settings that cannot work (e.g. a registry that refuses its credentials); it
+    refuses to start rather than run in a state that answers every request wrongly."""
+
+
 class Unavailable(FacepqError):
     """Something the request needs is down or busy right now (the index version unreadable, the commit lock held
     too long, a shard NOT_SERVING on this node); the same request can succeed later or elsewhere."""

@@ -20,8 +20,8 @@ import numpy as np
 
 from facepq_core.errors import ConfigError, DataError, IndexFormatError
 from facepq_core.routing import shard_of
-from indexer.face_id import as_id_array, isin_sorted
 from indexer.enrol_rule import Conflict, PersonKeys, conflict_error
+from indexer.face_id import as_id_array, isin_sorted
 from indexer.live import (
     live_persons,
     person_live_ids,

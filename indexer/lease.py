@@ -58,15 +58,17 @@ class WriterLease:
             import fcntl
 
             self.store.makedirs(LEASE_DIR)
-            fd = os.open(self.store.full_path(self.rel), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                         | os.O_CLOEXEC, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                os.write(fd, self._content())
-            except BaseException:
-                os.close(fd)
-                self.store.delete(self.rel)
-                raise
+            path = self.store.full_path(self.rel)
+            with self.store.writing("taking a writer lease"):
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    os.write(fd, self._content())
+                except BaseException:
+                    os.close(fd)
+                    with contextlib.suppress(OSError):
+                        os.unlink(path)
+                    raise
             self._fd = fd
         else:
             self.store.write_bytes(self.rel, self._content())

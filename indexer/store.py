@@ -29,7 +29,7 @@ import pyarrow.fs as pafs
 
 from facepq_core.atomic import atomic_writer
 from facepq_core.errors import IndexFormatError
-from indexer.errors import IndexPathError
+from indexer.errors import IndexPathError, storage_error
 from indexer.manifest import Manifest, check_relative_path
 
 log = logging.getLogger(__name__)
@@ -245,8 +245,21 @@ class IndexStore:
         return sorted(out, key=lambda e: e.path)
 
     # ---- writing -----------------------------------------------------------
+    @contextlib.contextmanager
+    def writing(self, what: str) -> Iterator[None]:
+        """Turn an OSError of the block into the error a caller can act on (indexer.errors.storage_error):
+        a full disk, a read-only index, an I/O error, each one line naming the index."""
+        try:
+            yield
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise
+            raise storage_error(exc, self.uri, what) from exc
+
     def makedirs(self, rel: str) -> None:
-        self.fs.create_dir(self.full_path(rel), recursive=True)
+        path = self.full_path(rel)
+        with self.writing(f"creating {rel}"):
+            self.fs.create_dir(path, recursive=True)
 
     @contextlib.contextmanager
     def open_atomic(self, rel: str) -> Iterator[io.RawIOBase]:
@@ -258,7 +271,7 @@ class IndexStore:
         """
         target = self.full_path(rel)
         if self.is_local:
-            with atomic_writer(target) as f:
+            with self.writing(f"writing {rel}"), atomic_writer(target) as f:
                 yield f
         else:
             buf = io.BytesIO()
@@ -287,7 +300,7 @@ class IndexStore:
     def delete(self, rel: str) -> None:
         """Remove the file `rel` (a no-op when it is gone); a local link is refused, never followed."""
         path = self.full_path(rel)
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError), self.writing(f"deleting {rel}"):
             if self.is_local:
                 os.unlink(path)
             else:

@@ -116,6 +116,8 @@ class CoordinatorServer:
             raise ConfigError(f"the index at {index_uri} holds codes of model {manifest.model.fingerprint}, "
                               f"but {model_path} is model {self.encoder.fingerprint}; use the index's model")
         registry = RedisRegistry(redis_url) if redis_url else StaticRegistry(nodes, tls=node_tls, token=node_token)
+        if redis_url:
+            registry.check()  # refuses credentials Redis rejects instead of serving empty answers
         self.coordinator = Coordinator(registry, manifest.shard_count, tls=node_tls, node_token=node_token)
         self.service = CoordinatorService(self.coordinator, FaceModel(self.encoder), index_uri, redis_url=redis_url,
                                           search_timeout=search_timeout)

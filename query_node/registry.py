@@ -22,6 +22,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from facepq_core.redact import redact_url
+from facepq_core.redis_errors import is_auth_failure, redis_error
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +137,25 @@ class RedisRegistry:
         self._ever_reached = False
         self._run_id = None
         self._grace_until = 0.0
+        self._warned = False
+
+    def check(self) -> None:
+        """At start: refuse a registry that rejects our credentials; warn (and start) when it is down.
+
+        A coordinator whose Redis refused its password used to start healthy, log nothing, and answer
+        every search with every shard missing. Credentials do not fix themselves: that is Misconfigured
+        (the server exits with one line). Redis being down can: the coordinator starts, logs it, and its
+        answers name the missing shards until the nodes are listed.
+        """
+        import redis
+
+        try:
+            self._redis.ping()
+        except redis.RedisError as exc:
+            error = redis_error(exc, self.url, "list the query nodes")
+            if is_auth_failure(exc):
+                raise error from exc
+            log.warning("%s; searches will report every shard missing until it is back", error)
 
     def _run_id_now(self):
         import redis
@@ -153,9 +173,10 @@ class RedisRegistry:
             keys = list(self._redis.scan_iter(match=KEY_PREFIX + "*", count=500))
             values = self._redis.mget(keys) if keys else []
         except redis.RedisError as exc:  # down, or credentials refused: keep serving the last topology
-            if self.reachable:
-                log.warning("registry %s unreachable (%s); using the last known %d nodes", redact_url(self.url), exc,
+            if self.reachable or not self._warned:  # once per outage, and from the very first failure on
+                log.warning("%s; using the last known %d nodes", redis_error(exc, self.url, "list the query nodes"),
                             len(self._last))
+                self._warned = True
             self.reachable = False
             return list(self._last)
         back = self._ever_reached and (not self.reachable or (run_id and self._run_id and run_id != self._run_id))
@@ -163,7 +184,7 @@ class RedisRegistry:
             log.info("registry %s is back; keeping the last known %d nodes for %g s while nodes re-register",
                      redact_url(self.url), len(self._last), self.restart_grace)
             self._grace_until = time.monotonic() + self.restart_grace
-        self.reachable, self._ever_reached = True, True
+        self.reachable, self._ever_reached, self._warned = True, True, False
         self._run_id = run_id or self._run_id
         records = []
         for v in values:

@@ -8,7 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from facepq_core.errors import ConfigError, DataError, IndexFormatError
+from facepq_core.errors import ConfigError, DataError, IndexFormatError, Unavailable
 from indexer.commit import commit_segments, compact, delete_faces
 from indexer.errors import IndexLockTimeout
 from indexer.info import index_info
@@ -283,7 +283,7 @@ def test_redis_lock_serialises_commits_and_is_released(tmp_path, meta, rows, red
     assert compact(store, redis_url=redis_server.url, grace_seconds=0).version == 3
     assert not client.exists(key)
     redis_server.stop()
-    with pytest.raises(ConfigError, match="cannot take the commit lock in Redis"):
+    with pytest.raises(Unavailable, match="cannot take the commit lock: Redis at .* is unreachable"):
         delete_faces(store, person="person_02", redis_url=redis_server.url, lock_timeout=1)
 
 
@@ -341,7 +341,7 @@ def test_an_unreachable_redis_is_named_without_any_part_of_its_password(tmp_path
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"redis://app:p@ss@127.0.0.1:{port}/0"
-    with pytest.raises(ConfigError, match="cannot take the commit lock in Redis") as info:
+    with pytest.raises(Unavailable, match="cannot take the commit lock: Redis at .* is unreachable") as info:
         with commit_lock(IndexStore(tmp_path / "idx"), redis_url=url, timeout=1):
             pass
     message = str(info.value)
