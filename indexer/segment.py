@@ -294,7 +294,10 @@ def open_segment(store_or_path: IndexStore | str, ref: SegmentRef, verify: bool 
             raise SegmentCorrupt(f"{where} cannot be read: it is a symbolic link (never followed)") from exc
         raise SegmentCorrupt(f"{where} cannot be read: {exc}") from exc
     try:
-        view = _open_mapped(buf, local, ref, where, verify, model)
+        try:
+            view = _open_mapped(buf, local, ref, where, verify, model)
+        except OSError as exc:  # the checksum's read failed (e.g. no descriptor left): unusable, not a crash
+            raise SegmentCorrupt(f"{where} cannot be read: {exc}") from exc
         if fd is not None:
             view.file_map, view.map_address = mapped, buf.address
             view.reader = _reader(fd, buf, view.batch, where)

@@ -31,6 +31,7 @@ from facepq_core.errors import ConfigError
 from facepq_proto.facepq.v1 import facepq_pb2, facepq_pb2_grpc
 from query_node.grpc_server import GrpcServer, status_on_error
 from query_node.service import CoordinatorService, Photo, SearchOptions
+from query_node.upkeep import Upkeep
 from query_node.wire import hit_messages
 
 log = logging.getLogger(__name__)
@@ -97,11 +98,12 @@ class CoordinatorServer:
     Args:
         model_path: trained checkpoint (FaceEncoder.load).  index_uri: the index (for Enrol/Delete and shard count).
         redis_url / nodes: the registry (Redis) or a static list of node addresses.
+        upkeep_seconds: seconds between rounds of small-segment merging (query_node.upkeep); 0 = none.
     """
 
     def __init__(self, model_path, index_uri, redis_url=None, nodes=None, host="127.0.0.1", port=0,
                  search_timeout=5.0, workers=8, tls=None, auth_tokens=(), auth_search=False, node_tls=None,
-                 node_token=None):
+                 node_token=None, upkeep_seconds=30.0):
         from indexer.store import IndexStore
         from opqn_model.api import FaceEncoder
         from query_node.coordinator import Coordinator
@@ -121,6 +123,9 @@ class CoordinatorServer:
         self.coordinator = Coordinator(registry, manifest.shard_count, tls=node_tls, node_token=node_token)
         self.service = CoordinatorService(self.coordinator, FaceModel(self.encoder), index_uri, redis_url=redis_url,
                                           search_timeout=search_timeout)
+        # Enrolments add small segments; merge them in the background (indexer.upkeep), 0 = never.
+        self.upkeep = Upkeep(IndexStore(index_uri), redis_url=redis_url, interval=upkeep_seconds) \
+            if upkeep_seconds != 0 else None
         protected = ["Enrol", "Delete", "Compact"] + (["Search", "Status"] if auth_search else [])
         self.grpc_server = GrpcServer(SERVICE_NAME, host, port, workers, tls=tls, auth_tokens=auth_tokens,
                                       protected_methods=protected)
@@ -136,8 +141,12 @@ class CoordinatorServer:
     def start(self) -> "CoordinatorServer":
         servicer = CoordinatorServicer(self.service)
         self.grpc_server.start(lambda server: facepq_pb2_grpc.add_CoordinatorServicer_to_server(servicer, server))
+        if self.upkeep is not None:
+            self.upkeep.start()
         return self
 
     def stop(self, grace: float = 2.0) -> None:
         self.grpc_server.stop(grace)
+        if self.upkeep is not None:
+            self.upkeep.stop()
         self.coordinator.close()

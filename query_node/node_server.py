@@ -5,8 +5,10 @@ Status codes (the message always says what to change):
   values are not M*K finite floats, top_k outside 1..MAX_TOP_K, too many tables.
 * NOT_FOUND: a requested shard that this node does not serve (ask another node / the
   coordinator's topology); the message lists the shards it serves.
-* UNAVAILABLE: a requested shard is NOT_SERVING here (corrupt segment); the coordinator
-  retries another replica.
+* UNAVAILABLE: every requested shard is NOT_SERVING here (corrupt segment, no file
+  descriptor left); the coordinator retries another replica. When only some are, the
+  others are answered and `shards_searched` leaves the down ones out (the coordinator
+  asks another replica for those): one failing shard never costs the node's other answers.
 * RESOURCE_EXHAUSTED: a request above MAX_MESSAGE_BYTES (gRPC's own check).
 * UNAUTHENTICATED: the node runs with a token (query_node.security) and the call had none
   or a wrong one; a node's token protects Search and Status (its only callers are
@@ -55,10 +57,10 @@ def validate_search(tables_msg, top_k: int, shards_msg, view: IndexView) -> tupl
     """Check a NodeSearchRequest against the served view.
 
     Returns:
-        lookup tables float32 [Q, M, K], k, the shards to scan (sorted).
+        lookup tables float32 [Q, M, K], k, the shards to scan (sorted; those NOT_SERVING left out).
     Raises:
         InvalidRequest: no tables, too many, a bad shape or NaN/inf values, top_k out of range.
-        NotFound: a shard this node does not serve.  Unavailable: a shard NOT_SERVING here.
+        NotFound: a shard this node does not serve.  Unavailable: every requested shard NOT_SERVING here.
     """
     m, kk = view.model.M, view.model.K
     if not tables_msg:
@@ -82,10 +84,12 @@ def validate_search(tables_msg, top_k: int, shards_msg, view: IndexView) -> tupl
     if unknown:
         raise NotFound(f"shard(s) {unknown} are not served by this node; it serves {sorted(served)}")
     down = [s for s in shards if not view.shards[s].serving]
-    if down:
+    if len(down) == len(shards):
         reasons = "; ".join(f"{s}: {view.shards[s].reason}" for s in down)
         raise Unavailable(f"shard(s) {down} NOT_SERVING on this node ({reasons})")
-    return tables, int(top_k), shards
+    # Some shards down: the others are still answered (the reply's shards_searched leaves the down ones
+    # out, and the coordinator asks another replica for them) rather than the whole request refused.
+    return tables, int(top_k), [s for s in shards if s not in down]
 
 
 class QueryNodeServicer(facepq_pb2_grpc.QueryNodeServicer):
@@ -141,12 +145,15 @@ class NodeServer:
 
     def __init__(self, index_uri, shards, host="127.0.0.1", port=0, node_id=None, poll_seconds=0.5, workers=4,
                  tls=None, auth_tokens=(), view_grace=None):
+        from query_node.fd_limit import check_fd_budget, raise_fd_limit
         from query_node.scan import warmup
 
+        soft_fds, _ = raise_fd_limit()  # two descriptors per served segment
         # Open the index first: a bad index or shard list fails in a second, not after the kernels load.
         extra = {} if view_grace is None else {"view_grace": view_grace}
         self.live = LiveIndex(index_uri, shards, poll_seconds=poll_seconds, on_change=self._on_change,
                               on_status=self._on_watch_status, **extra)
+        check_fd_budget(sum(len(d.segments) for d in self.live.view.shards.values()), soft_fds)
         warmup()  # compile (or load cached) kernels before the first query, not during it
         self.node_id = node_id
         # A node's token protects everything it serves: its only callers are coordinators.
