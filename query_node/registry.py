@@ -212,25 +212,34 @@ class StaticRegistry:
         self.tls, self.metadata = tls, bearer_metadata(token)
         self._last: dict[str, NodeRecord] = {}
 
-    def nodes(self) -> list[NodeRecord]:
+    def _status(self, addr: str) -> NodeRecord:
         import grpc
 
         from facepq_proto.facepq.v1 import facepq_pb2, facepq_pb2_grpc
         from query_node.security import make_channel
 
-        out = []
-        for addr in self.addresses:
-            try:
-                with make_channel(addr, self.tls) as channel:
-                    st = facepq_pb2_grpc.QueryNodeStub(channel).Status(facepq_pb2.NodeStatusRequest(),
-                                                                     timeout=self.timeout, metadata=self.metadata)
-                shards = [s.shard for s in st.shards if s.state == facepq_pb2.SHARD_SERVING]
-                rec = NodeRecord(node_id=st.node_id or addr, address=addr, shards=shards,
-                                 index_version=st.index_version)
-            except grpc.RpcError:
-                rec = NodeRecord(node_id=addr, address=addr, shards=[], healthy=False)
-                if addr in self._last:  # keep its shards as a retry candidate, marked unhealthy
-                    rec.shards = self._last[addr].shards
-            self._last[addr] = rec
-            out.append(rec)
+        try:
+            with make_channel(addr, self.tls) as channel:
+                st = facepq_pb2_grpc.QueryNodeStub(channel).Status(facepq_pb2.NodeStatusRequest(),
+                                                                 timeout=self.timeout, metadata=self.metadata)
+            shards = [s.shard for s in st.shards if s.state == facepq_pb2.SHARD_SERVING]
+            return NodeRecord(node_id=st.node_id or addr, address=addr, shards=shards, index_version=st.index_version)
+        except grpc.RpcError:
+            rec = NodeRecord(node_id=addr, address=addr, shards=[], healthy=False)
+            if addr in self._last:  # keep its shards as a retry candidate, marked unhealthy
+                rec.shards = self._last[addr].shards
+            return rec
+
+    def nodes(self) -> list[NodeRecord]:
+        """Every address's Status, asked in parallel: a hung node costs one timeout, not one per node after it."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        if len(self.addresses) <= 1:
+            out = [self._status(a) for a in self.addresses]
+        else:
+            with ThreadPoolExecutor(max_workers=min(16, len(self.addresses)),
+                                    thread_name_prefix="facepq-static-registry") as pool:
+                out = list(pool.map(self._status, self.addresses))
+        for rec in out:
+            self._last[rec.address] = rec
         return out
