@@ -91,6 +91,16 @@ class Misconfigured(FacepqError):
     refuses to start rather than run in a state that answers every request wrongly."""
 
 
+class Overloaded(FacepqError):
+    """The server is full (query_node.admission): the request was not started; retry after `retry_after_ms`."""
+
+    status = "RESOURCE_EXHAUSTED"
+
+    def __init__(self, message: str, retry_after_ms: int = 1000):
+        super().__init__(message)
+        self.retry_after_ms = retry_after_ms
+
+
 class Unavailable(FacepqError):
     """Something the request needs is down or busy right now (the index version unreadable, the commit lock held
     too long, a shard NOT_SERVING on this node); the same request can succeed later or elsewhere."""

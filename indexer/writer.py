@@ -29,8 +29,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from facepq_core.errors import ConfigError
+from facepq_core.errors import ConfigError, InvalidRequest
+from facepq_core.limits import MAX_PERSON_CHARS, MAX_SOURCE_CHARS
 from facepq_core.routing import shard_of
 from indexer.commit import commit_segments
 from indexer.enrol_rule import Conflict, PersonKeys, check_on_conflict, conflict_error, repeat_conflicts
@@ -166,6 +168,8 @@ class IndexWriter:
             raise ConfigError(f"codes must be uint8 [{n}, {self.model.code_bytes}] for this index's model, "
                               f"got {codes.dtype} {codes.shape}")
         persons, sources = _strings(persons, n, "persons"), _strings(sources, n, "sources")
+        _check_lengths(persons, MAX_PERSON_CHARS, "person")
+        _check_lengths(sources, MAX_SOURCE_CHARS, "source")
         if n == 0:
             return 0
         self._sync()
@@ -405,6 +409,18 @@ def _later_repeats(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     later = np.zeros(ids.size, dtype=bool)
     later[1:] = ordered[1:] == ordered[:-1]
     return order, ordered, later
+
+
+def _check_lengths(values: pa.Array, limit: int, what: str) -> None:
+    """Refuse values longer than `limit` characters (facepq_core.limits: what every write path may store)."""
+    if not len(values):
+        return
+    lengths = pc.utf8_length(values)
+    longest = pc.max(lengths).as_py()
+    if longest is not None and longest > limit:
+        row = int(pc.index(lengths, longest).as_py())
+        raise InvalidRequest(f"a {what} of {longest} characters (row {row}: {values[row].as_py()[:60]!r}...); "
+                             f"at most {limit}")
 
 
 def _strings(values, n: int, what: str) -> pa.Array:

@@ -84,7 +84,8 @@ def _coordinator(args) -> int:
     torch.set_num_threads(args.torch_threads)
     server = CoordinatorServer(args.model, args.index, redis_url=args.redis, nodes=nodes, host=args.host,
                                port=args.port, tls=tls, auth_tokens=tokens, auth_search=args.auth_search,
-                               node_tls=node_tls, node_token=node_token, upkeep_seconds=args.upkeep_seconds).start()
+                               node_tls=node_tls, node_token=node_token, upkeep_seconds=args.upkeep_seconds,
+                               max_inflight_photos=args.max_inflight_photos).start()
     try:
         print(f"facepq coordinator listening on {server.address}", flush=True)
         _wait_for_signal()
@@ -161,6 +162,9 @@ def register(subparsers) -> None:
                         f"certificate when nodes require mutual TLS (env {ENV_TLS_CA})")
     p.add_argument("--node-auth-token-file",
                    help=f"token sent to query nodes (env {ENV_NODE_AUTH_TOKEN}; default: this server's own token)")
+    p.add_argument("--max-inflight-photos", type=int, default=None,
+                   help="photo searches and enrolments in progress at once (default: CPUs, at most 4); as many "
+                        "more wait up to 1 s, the rest get RESOURCE_EXHAUSTED with retry advice")
     p.add_argument("--upkeep-seconds", type=float, default=30.0,
                    help="seconds between background merges of small segments (what enrolments add); 0 = never")
     p.add_argument("--torch-threads", type=int, default=1,

@@ -14,7 +14,9 @@ Status codes:
   another writer held the commit lock too long (retry).
 * Every search answers from ONE committed version, at least the one current when it
   started: a face deleted (and acknowledged) before a search began never appears in it.
-* RESOURCE_EXHAUSTED: a request above MAX_MESSAGE_BYTES (gRPC's own check).
+* RESOURCE_EXHAUSTED: a request above MAX_MESSAGE_BYTES (gRPC's own check); the server full
+  (photo work beyond --max-inflight-photos, or more calls than its workers can queue): the
+  message and the `grpc-retry-pushback-ms` trailer say when to retry.
 * INTERNAL: a query node refused the search itself (coordinator and nodes disagree on the
   index or the node token).
 * A search with shards that no replica answered is NOT an error: complete=false and
@@ -24,11 +26,14 @@ query_node.grpc_server.status_on_error answers it: the servicer aborts nothing i
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import time
 
 from facepq_core.errors import ConfigError
 from facepq_proto.facepq.v1 import facepq_pb2, facepq_pb2_grpc
+from query_node.admission import Admission
 from query_node.grpc_server import GrpcServer, status_on_error
 from query_node.service import CoordinatorService, Photo, SearchOptions
 from query_node.upkeep import Upkeep
@@ -39,17 +44,29 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = "facepq.v1.Coordinator"
 
 
-class CoordinatorServicer(facepq_pb2_grpc.CoordinatorServicer):
-    """Each RPC: read the request, call the CoordinatorService, build the reply."""
+def default_photo_limit() -> int:
+    """Photo work in progress at once: one per CPU (detection and the trunk are CPU-bound), at most 4."""
+    return max(1, min(4, os.cpu_count() or 1))
 
-    def __init__(self, service: CoordinatorService):
+
+class CoordinatorServicer(facepq_pb2_grpc.CoordinatorServicer):
+    """Each RPC: read the request, call the CoordinatorService, build the reply.
+
+    Photo work (a photo Search, an Enrol: face detection and the trunk, up to seconds of CPU each) is
+    admitted through `photo_admission` (query_node.admission): a bounded number at once, a few waiting,
+    the rest refused at once with RESOURCE_EXHAUSTED and retry advice.
+    """
+
+    def __init__(self, service: CoordinatorService, photo_admission: Admission | None = None):
         self.service = service
+        self.photo_admission = photo_admission or Admission("photo searches and enrolments", default_photo_limit())
 
     def Search(self, request, context):
         t0 = time.perf_counter()
         kind = request.WhichOneof("query")
         query = request.photo if kind == "photo" else request.embedding.values if kind == "embedding" else None
-        with status_on_error(context):
+        gate = self.photo_admission.slot(context.time_remaining()) if kind == "photo" else contextlib.nullcontext()
+        with status_on_error(context), gate:
             result = self.service.search(query, request.top_k, SearchOptions(context.time_remaining()))
         reply = facepq_pb2.SearchResponse(complete=result.complete, missing_shards=result.missing_shards,
                                           index_version=result.index_version, node_scan_ms=result.node_scan_ms)
@@ -59,7 +76,7 @@ class CoordinatorServicer(facepq_pb2_grpc.CoordinatorServicer):
 
     def Enrol(self, request, context):
         photos = [Photo(content=p.content, source=p.source) for p in request.photos]
-        with status_on_error(context):
+        with status_on_error(context), self.photo_admission.slot(context.time_remaining()):
             result = self.service.enrol(request.person, photos)
         return facepq_pb2.EnrolResponse(face_ids=result.face_ids, skipped=result.skipped,
                                         index_version=result.index_version)
@@ -99,11 +116,13 @@ class CoordinatorServer:
         model_path: trained checkpoint (FaceEncoder.load).  index_uri: the index (for Enrol/Delete and shard count).
         redis_url / nodes: the registry (Redis) or a static list of node addresses.
         upkeep_seconds: seconds between rounds of small-segment merging (query_node.upkeep); 0 = none.
+        max_inflight_photos: photo searches and enrolments in progress at once (default: the CPU count, at
+            most 4); as many more may wait up to a second, the rest are refused (RESOURCE_EXHAUSTED).
     """
 
     def __init__(self, model_path, index_uri, redis_url=None, nodes=None, host="127.0.0.1", port=0,
                  search_timeout=5.0, workers=8, tls=None, auth_tokens=(), auth_search=False, node_tls=None,
-                 node_token=None, upkeep_seconds=30.0):
+                 node_token=None, upkeep_seconds=30.0, max_inflight_photos=None):
         from indexer.store import IndexStore
         from opqn_model.api import FaceEncoder
         from query_node.coordinator import Coordinator
@@ -112,6 +131,10 @@ class CoordinatorServer:
 
         if bool(redis_url) == bool(nodes):
             raise ConfigError("give exactly one of --redis URL or --nodes host:port,...")
+        photo_limit = default_photo_limit() if max_inflight_photos is None else int(max_inflight_photos)
+        if photo_limit < 1:
+            raise ConfigError(f"--max-inflight-photos must be >= 1, got {max_inflight_photos}")
+        self.photo_admission = Admission("photo searches and enrolments", photo_limit)
         self.encoder = FaceEncoder.load(model_path)
         manifest = IndexStore(index_uri).load_manifest()
         if manifest.model.fingerprint != self.encoder.fingerprint:
@@ -139,7 +162,7 @@ class CoordinatorServer:
         return self.grpc_server.address
 
     def start(self) -> "CoordinatorServer":
-        servicer = CoordinatorServicer(self.service)
+        servicer = CoordinatorServicer(self.service, self.photo_admission)
         self.grpc_server.start(lambda server: facepq_pb2_grpc.add_CoordinatorServicer_to_server(servicer, server))
         if self.upkeep is not None:
             self.upkeep.start()

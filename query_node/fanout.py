@@ -8,7 +8,7 @@ plan is empty or time is up; `result()` then merges what was kept.
 
 Rules:
 * A node that fails with a code in RETRY_CODES (UNAVAILABLE, DEADLINE_EXCEEDED,
-  NOT_FOUND: it restarted with other shards, ...) has its shards asked of another
+  NOT_FOUND: it restarted with other shards, RESOURCE_EXHAUSTED: it is full, ...) has its shards asked of another
   replica in the next round; any other code means the node refused the request
   itself (NodeRefused: a coordinator/node mismatch, not worth a retry).
 * Every shard of an answer comes from ONE committed version, at least `min_version`:
@@ -35,7 +35,8 @@ from query_node.merge import Hit, merge_node_replies
 
 log = logging.getLogger(__name__)
 
-RETRY_CODES = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "NOT_FOUND", "CANCELLED", "UNKNOWN", "INTERNAL")
+RETRY_CODES = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "NOT_FOUND", "CANCELLED", "UNKNOWN", "INTERNAL",
+               "RESOURCE_EXHAUSTED")  # a busy node sheds load: another replica may have room
 MAX_VERSION_ROUNDS = 3
 
 
