@@ -100,7 +100,16 @@ def load_model_info(model_path: str) -> tuple[ModelMeta, dict, int]:
 
 
 def init_ray(ray_address: str | None = None) -> bool:
-    """Connect to / start Ray; True when this call started it (the caller shuts it down)."""
+    """Connect to / start Ray; True when this call started it (the caller shuts it down).
+
+    A Ray started here serves this machine only, so it listens on loopback: left to itself Ray binds its
+    GCS, raylet and workers to every interface with authentication disabled, which lets anyone on the
+    network submit code to it. Ray's single-machine mode (what it uses on macOS and Windows: node IP
+    127.0.0.1) is switched on for that; a cluster given by address is used as it is configured.
+    """
+    local = not ray_address and not os.environ.get("RAY_ADDRESS")
+    if local:
+        _ray_on_loopback()
     import ray
 
     if ray.is_initialized():
@@ -110,13 +119,32 @@ def init_ray(ray_address: str | None = None) -> bool:
     try:
         if ray_address:
             ray.init(address=ray_address, log_to_driver=False)
-        elif os.environ.get("RAY_ADDRESS"):
+        elif not local:
             ray.init(address="auto", log_to_driver=False)
         else:
             ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     except ConnectionError as exc:
         raise ConfigError(f"cannot connect to Ray at {ray_address or os.environ.get('RAY_ADDRESS')}: {exc}") from exc
     return True
+
+
+def _ray_on_loopback() -> None:
+    """Make a Ray started by this process use node IP 127.0.0.1, so all its servers bind to loopback.
+
+    Ray maps an explicit `_node_ip_address="127.0.0.1"` back to the host's address; its single-machine
+    mode (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0) does not. The constant is read at import, so it is also set
+    on an already imported Ray.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    import sys
+
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:
+        if hasattr(constants, "ENABLE_RAY_CLUSTER"):
+            constants.ENABLE_RAY_CLUSTER = False
+        else:  # a Ray without this switch: say so rather than silently listening everywhere
+            log.warning("cannot keep the local Ray on loopback with this Ray version; it may listen on every "
+                        "interface")
 
 
 # ---- the job -----------------------------------------------------------------------------------

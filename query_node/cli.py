@@ -74,7 +74,11 @@ def _coordinator(args) -> int:
     node_tls = ClientTls.from_paths(args.node_tls_ca, args.tls_cert if args.node_tls_ca else None,
                                     args.tls_key if args.node_tls_ca else None)
     node_tokens = load_tokens(args.node_auth_token_file, os.environ.get(ENV_NODE_AUTH_TOKEN))
-    node_token = node_tokens[0] if node_tokens else (tokens[0] if tokens else None)
+    # Never the admin token: it would reach every process listed as a node (query_node.security).
+    node_token = node_tokens[0] if node_tokens else None
+    if node_token and node_token in tokens:
+        raise ConfigError("the node token must differ from the admin token (--auth-token-file): nodes, and "
+                          "anything listed as one, must never hold the token that changes the index")
     nodes = [a.strip() for a in args.nodes.split(",") if a.strip()] if args.nodes else None
     if args.torch_threads < 1:
         raise ConfigError(f"--torch-threads must be >= 1, got {args.torch_threads}")
@@ -161,7 +165,9 @@ def register(subparsers) -> None:
                    help=f"talk TLS to query nodes, verified with this CA; --tls-cert/--tls-key are the client "
                         f"certificate when nodes require mutual TLS (env {ENV_TLS_CA})")
     p.add_argument("--node-auth-token-file",
-                   help=f"token sent to query nodes (env {ENV_NODE_AUTH_TOKEN}; default: this server's own token)")
+                   help=f"the node token, shared with the query nodes (their --auth-token-file): a bearer derived "
+                        f"from it authenticates this coordinator to them, and their replies must prove it, else "
+                        f"their hits are ignored (env {ENV_NODE_AUTH_TOKEN}; never the admin token)")
     p.add_argument("--max-inflight-photos", type=int, default=None,
                    help="photo searches and enrolments in progress at once (default: CPUs, at most 4); as many "
                         "more wait up to 1 s, the rest get RESOURCE_EXHAUSTED with retry advice")

@@ -49,6 +49,18 @@ def default_photo_limit() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
+def _warn_about_posture(host: str, auth_search: bool, node_tls, node_token) -> None:
+    """Say at start what an insecure configuration exposes (the README's production checklist)."""
+    from query_node.security import is_loopback
+
+    if not is_loopback(host) and not auth_search:
+        log.warning("Search and Status need no token (--auth-search is off) on %s: anyone who can reach this "
+                    "coordinator can read every person's name and photo source in the index", host)
+    if node_tls is None and not node_token:
+        log.warning("query nodes are not authenticated (no --node-tls-ca, no --node-auth-token-file): any process "
+                    "listed as a node (a static list, an unprotected Redis) can answer searches with forged hits")
+
+
 class CoordinatorServicer(facepq_pb2_grpc.CoordinatorServicer):
     """Each RPC: read the request, call the CoordinatorService, build the reply.
 
@@ -149,6 +161,7 @@ class CoordinatorServer:
         # Enrolments add small segments; merge them in the background (indexer.upkeep), 0 = never.
         self.upkeep = Upkeep(IndexStore(index_uri), redis_url=redis_url, interval=upkeep_seconds) \
             if upkeep_seconds != 0 else None
+        _warn_about_posture(host, auth_search, node_tls, node_token)
         protected = ["Enrol", "Delete", "Compact"] + (["Search", "Status"] if auth_search else [])
         self.grpc_server = GrpcServer(SERVICE_NAME, host, port, workers, tls=tls, auth_tokens=auth_tokens,
                                       protected_methods=protected)

@@ -38,6 +38,7 @@ from facepq_proto.facepq.v1 import facepq_pb2, facepq_pb2_grpc
 from query_node.grpc_server import NOT_SERVING, SERVING, GrpcServer, status_on_error
 from query_node.index_view import IndexView
 from query_node.live_index import LiveIndex
+from query_node.security import NONCE_HEADER, PROOF_HEADER, node_bearer, node_reply_key, reply_proof
 from query_node.shard_search import ScanStats
 from query_node.wire import MAX_TABLES, MAX_TOP_K, hit_messages, table_values
 
@@ -95,10 +96,19 @@ def validate_search(tables_msg, top_k: int, shards_msg, view: IndexView) -> tupl
 class QueryNodeServicer(facepq_pb2_grpc.QueryNodeServicer):
     """Search and Status over a LiveIndex: read the request, validate, scan, build the reply."""
 
-    def __init__(self, live: LiveIndex, node_id: str, address: str):
+    def __init__(self, live: LiveIndex, node_id: str, address: str, reply_keys: tuple = ()):
         self.live, self.node_id, self.address = live, node_id, address
+        self.reply_keys = reply_keys  # query_node.security.node_reply_key of each node token
         self.queries_served = 0
         self._lock = threading.Lock()
+
+    def _sign(self, reply, context) -> None:
+        """Prove to the coordinator that this reply comes from a node holding the node token."""
+        nonce = next((v for k, v in context.invocation_metadata() or () if k == NONCE_HEADER), None)
+        if nonce and self.reply_keys:
+            data = reply.SerializeToString(deterministic=True)
+            context.set_trailing_metadata(((PROOF_HEADER, ",".join(reply_proof(k, nonce, data)
+                                                                   for k in self.reply_keys)),))
 
     def Search(self, request, context):
         t0 = time.perf_counter()
@@ -115,6 +125,7 @@ class QueryNodeServicer(facepq_pb2_grpc.QueryNodeServicer):
         for hits in results:
             reply.results.add(hits=hit_messages(facepq_pb2, hits))
         reply.took_ms = (time.perf_counter() - t0) * 1e3
+        self._sign(reply, context)
         return reply
 
     def Status(self, request, context):
@@ -156,9 +167,13 @@ class NodeServer:
         check_fd_budget(sum(len(d.segments) for d in self.live.view.shards.values()), soft_fds)
         warmup()  # compile (or load cached) kernels before the first query, not during it
         self.node_id = node_id
-        # A node's token protects everything it serves: its only callers are coordinators.
-        self.grpc_server = GrpcServer(SERVICE_NAME, host, port, workers, tls=tls, auth_tokens=auth_tokens,
-                               protected_methods=("Search", "Status"))
+        # A node's token protects everything it serves: its only callers are coordinators, which send the
+        # bearer derived from it; with it the node signs its replies (query_node.security).
+        tokens = list(auth_tokens)
+        self.reply_keys = tuple(node_reply_key(t) for t in tokens)
+        self.grpc_server = GrpcServer(SERVICE_NAME, host, port, workers, tls=tls,
+                                      auth_tokens=tokens + [node_bearer(t) for t in tokens],
+                                      protected_methods=("Search", "Status"))
         self.listeners = []  # callables(view) told about every swap (registry)
 
     @property
@@ -199,8 +214,8 @@ class NodeServer:
 
     def _add_servicer(self, server) -> None:
         self.node_id = self.node_id or self.address
-        facepq_pb2_grpc.add_QueryNodeServicer_to_server(QueryNodeServicer(self.live, self.node_id, self.address),
-                                                        server)
+        facepq_pb2_grpc.add_QueryNodeServicer_to_server(
+            QueryNodeServicer(self.live, self.node_id, self.address, self.reply_keys), server)
 
     def start(self) -> "NodeServer":
         self.grpc_server.start(self._add_servicer, initial_health=lambda _: self._set_health(self.live.view))

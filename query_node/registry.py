@@ -205,11 +205,11 @@ class StaticRegistry:
     """A fixed list of node addresses; shards and versions come from each node's Status RPC."""
 
     def __init__(self, addresses: list[str], timeout: float = 2.0, tls=None, token: str | None = None):
-        from query_node.security import bearer_metadata
+        from query_node.security import bearer_metadata, node_bearer
 
         self.addresses = list(addresses)
         self.timeout = timeout
-        self.tls, self.metadata = tls, bearer_metadata(token)
+        self.tls, self.metadata = tls, bearer_metadata(node_bearer(token)) if token else ()
         self._last: dict[str, NodeRecord] = {}
 
     def _status(self, addr: str) -> NodeRecord:
