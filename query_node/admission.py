@@ -63,9 +63,9 @@ class Admission:
                     deadline = time.monotonic() + wait
                     while self.in_progress >= self.limit:
                         left = deadline - time.monotonic()
-                        if left <= 0 or not self._cond.wait(left):
-                            if self.in_progress >= self.limit:
-                                raise self._refuse()
+                        timed_out = left <= 0 or not self._cond.wait(left)
+                        if timed_out and self.in_progress >= self.limit:
+                            raise self._refuse()
                 finally:
                     self.waiting -= 1
             self.in_progress += 1

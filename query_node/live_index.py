@@ -200,7 +200,7 @@ class LiveIndex:
                 step()
             except FacepqError as exc:  # keep serving the last good view; retry next poll
                 problems.append(str(exc))
-            except Exception as exc:  # noqa: BLE001 - anything else too: a dead watcher never recovers
+            except Exception as exc:  # anything else too: a dead watcher never recovers
                 if f"{type(exc).__name__}: {exc}" != self.last_error:
                     log.exception("index watcher step %s failed", step.__name__)
                 problems.append(f"{type(exc).__name__}: {exc}")

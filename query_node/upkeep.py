@@ -60,7 +60,7 @@ class Upkeep:
         while not self._stop.wait(self.interval):
             self.run_once()
 
-    def start(self) -> "Upkeep":
+    def start(self) -> Upkeep:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="facepq-upkeep", daemon=True)
             self._thread.start()

@@ -39,7 +39,7 @@ def test_rounds_bound_the_segments_per_shard_and_keep_every_face_and_score(tmp_p
     from tests.support.index import brute_force, build_index, dyadic_lut, live_row_ids
 
     index = tmp_path / "idx"
-    meta, ids, codes = build_index(index, rows=200, shard_count=2, segments_per_shard=1)
+    meta, _, _ = build_index(index, rows=200, shard_count=2, segments_per_shard=1)
     rng = np.random.default_rng(5)
     added = []
     for i in range(40):  # forty small enrolments: up to two segments each

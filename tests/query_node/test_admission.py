@@ -24,9 +24,8 @@ def test_slots_queue_and_refusals_with_retry_advice():
     for _ in holders:
         entered.acquire(timeout=10)
     assert gate.in_progress == 2
-    with pytest.raises(Overloaded) as err:  # no wait allowed by the caller's own deadline
-        with gate.slot(time_remaining=0):
-            pass
+    with pytest.raises(Overloaded) as err, gate.slot(time_remaining=0):  # no wait: the caller's deadline
+        pass
     assert err.value.status == "RESOURCE_EXHAUSTED" and err.value.retry_after_ms >= 100
     assert "2 photo searches in progress (limit 2)" in str(err.value) and "retry in about" in str(err.value)
 
@@ -42,9 +41,8 @@ def test_slots_queue_and_refusals_with_retry_advice():
         if gate.waiting == 1:
             break
         threading.Event().wait(0.01)
-    with pytest.raises(Overloaded):  # the queue (1) is full: refused at once
-        with gate.slot():
-            pass
+    with pytest.raises(Overloaded), gate.slot():  # the queue (1) is full: refused at once
+        pass
     release.set()
     waiter.join(10)
     assert waiter_done.is_set() and gate.in_progress == 0 and gate.refused == 2
@@ -54,9 +52,7 @@ def test_slots_queue_and_refusals_with_retry_advice():
 
 def test_a_wait_that_runs_out_is_refused():
     gate = Admission("enrolments", limit=1, queue=4, max_wait=0.05)
-    with gate.slot():
-        with pytest.raises(Overloaded):
-            with gate.slot():
-                pass
+    with gate.slot(), pytest.raises(Overloaded), gate.slot():
+        pass
     with gate.slot():  # free again
         pass

@@ -12,8 +12,15 @@ import pytest
 from query_node.coordinator import Coordinator
 from query_node.fanout import FanOut, NodeReply
 from query_node.node_health import BASE_PENALTY_S, MAX_PENALTY_S, NodeHealth
-from tests.support.fake_nodes import FakeNodeClients, FakeRegistry, HangingNode, MemoryNode, exact_top_k, gallery, \
-    record
+from tests.support.fake_nodes import (
+    FakeNodeClients,
+    FakeRegistry,
+    HangingNode,
+    MemoryNode,
+    exact_top_k,
+    gallery,
+    record,
+)
 
 pytestmark = pytest.mark.timeout(120)
 

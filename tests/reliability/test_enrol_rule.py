@@ -97,7 +97,7 @@ def test_two_concurrent_enrolments_of_one_photo_under_two_names_one_wins(gallery
         outcomes = [None, None]
         start = threading.Barrier(2)
 
-        def enrol(i):
+        def enrol(i, start=start, names=names, photo=photo, outcomes=outcomes):
             start.wait()
             try:
                 outcomes[i] = stubs[i].Enrol(facepq_pb2.EnrolRequest(person=names[i], photos=[

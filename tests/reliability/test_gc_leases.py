@@ -25,8 +25,7 @@ def test_compact_with_grace_0_keeps_a_running_writers_segments(tmp_path):
     """A long ingest's shape: segments written long before the commit, a `facepq compact --grace 0` (another
     process) in between. The commit used to fail (its segments were deleted); now it succeeds."""
     from indexer.writer import IndexWriter
-    from tests.support.index import build_index
-    from tests.support.index import live_row_ids
+    from tests.support.index import build_index, live_row_ids
 
     index = tmp_path / "idx"
     meta, ids, _ = build_index(index, rows=100, shard_count=2)

@@ -103,7 +103,7 @@ def test_bursts_of_concurrent_photo_searches_on_fresh_coordinators(dlib_aligned,
         start = threading.Barrier(len(photos))
         answers = [None] * len(photos)
 
-        def client(i):
+        def client(i, start=start, answers=answers, stub=stub):
             start.wait()
             answers[i] = _answer(stub, photos[i])
 

@@ -104,7 +104,8 @@ def test_a_node_raises_its_open_file_limit_and_warns_when_the_index_needs_more(t
     cli = ("prlimit", "--nofile=256:8192", sys.executable, "-m", "facepq.cli")
     node = ServerProcess(["node", "--index", index, "--shards", "0,1", "--port", "0"], program=cli)
     procs.all.append(node)
-    limits = open(f"/proc/{node.pid}/limits").read()
+    with open(f"/proc/{node.pid}/limits") as f:
+        limits = f.read()
     assert any(line.startswith("Max open files") and line.split()[3] == "8192" for line in limits.splitlines())
     tight = ServerProcess(["node", "--index", index, "--shards", "0,1", "--port", "0"],
                           program=("prlimit", "--nofile=300:300", sys.executable, "-m", "facepq.cli"))
