@@ -98,12 +98,17 @@ def test_a_coordinator_with_a_refused_redis_password_does_not_start(gallery, ind
         server.stop()
 
 
-def test_a_full_disk_is_resource_exhausted_and_leaves_nothing_behind(gallery, index, procs, small_fs):
+def _served_copy(gallery, index, procs, small_fs):
+    """A copy of the index on the small file system, served by a node and a coordinator: (path, stub)."""
     idx = small_fs.path / "idx"
     shutil.copytree(index, idx)
     node = procs.node(idx, [0, 1])
     coord = procs.coordinator(gallery["model"], idx, "--nodes", node.address)
-    stub = facepq_pb2_grpc.CoordinatorStub(grpc.insecure_channel(coord.address))
+    return idx, facepq_pb2_grpc.CoordinatorStub(grpc.insecure_channel(coord.address))
+
+
+def test_a_full_disk_is_resource_exhausted_and_leaves_nothing_behind(gallery, index, procs, small_fs):
+    idx, stub = _served_copy(gallery, index, procs, small_fs)
     version = IndexStore(idx).current_version()
     files = sorted(p for p in idx.rglob("*") if p.is_file())
     filler = _fill(small_fs.path)
@@ -126,11 +131,7 @@ def test_a_full_disk_is_resource_exhausted_and_leaves_nothing_behind(gallery, in
 
 
 def test_a_read_only_index_is_failed_precondition_and_still_served(gallery, index, procs, small_fs):
-    idx = small_fs.path / "idx"
-    shutil.copytree(index, idx)
-    node = procs.node(idx, [0, 1])
-    coord = procs.coordinator(gallery["model"], idx, "--nodes", node.address)
-    stub = facepq_pb2_grpc.CoordinatorStub(grpc.insecure_channel(coord.address))
+    idx, stub = _served_copy(gallery, index, procs, small_fs)
     small_fs.remount(ro=True)
     try:
         with pytest.raises(grpc.RpcError) as err:

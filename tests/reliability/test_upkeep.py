@@ -19,22 +19,13 @@ import pytest
 
 from facepq_proto.facepq.v1 import facepq_pb2, facepq_pb2_grpc
 from indexer.store import IndexStore
+from tests.reliability.test_faults import _wait
 
 pytestmark = pytest.mark.timeout(300)
 
 
 def _open_fds(pid):
     return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def _wait(predicate, what, timeout=20):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 def _grow_shard(index, shard, segments, rows=3, seed=0):
@@ -138,7 +129,7 @@ def test_the_coordinator_merges_enrolment_segments_in_the_background(gallery, in
             facepq_pb2.Photo(content=buf.getvalue(), source=f"e{i}")]), timeout=60)
         enrolled[int(reply.face_ids[0])] = f"{person}-{i}"
     # 24 one-face enrolments added 24 segments; the default policy (fanout 8) keeps fewer than 8 per tier.
-    _wait(lambda: len(store.load_manifest().segments) < segments_at_start + 8, "the background merges", 30)
+    _wait(lambda: len(store.load_manifest().segments) < segments_at_start + 8, 30, "the background merges")
     live = _live_faces(index)
     assert all(live[f] == p for f, p in enrolled.items()) and len(live) == gallery["faces"] + 24
     assert "upkeep: merged" in store.load_manifest().message or any(
