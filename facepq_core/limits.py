@@ -9,5 +9,5 @@ from __future__ import annotations
 
 MAX_PERSON_CHARS = 256     # a person's name
 MAX_SOURCE_CHARS = 4096    # where a face came from (a path: Linux's PATH_MAX)
-MAX_ENROL_PHOTOS = 64      # photos in one Enrol request (a larger batch is an ingest: `facepq ingest`)
+MAX_ENROL_PHOTOS = 128     # photos in one Enrol request (a larger batch is an ingest: `facepq ingest`)
 MAX_DELETE_FACE_IDS = 100_000  # face ids in one Delete request

@@ -300,7 +300,7 @@ class IndexStore:
     def delete(self, rel: str) -> None:
         """Remove the file `rel` (a no-op when it is gone); a local link is refused, never followed."""
         path = self.full_path(rel)
-        with contextlib.suppress(FileNotFoundError), self.writing(f"deleting {rel}"):
+        with self.writing(f"deleting {rel}"), contextlib.suppress(FileNotFoundError):  # gone is fine
             if self.is_local:
                 os.unlink(path)
             else:

@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from facepq_core.errors import ConfigError, InvalidRequest
+from facepq_core.errors import ConfigError, FacepqError, InvalidRequest
 from facepq_core.limits import MAX_PERSON_CHARS, MAX_SOURCE_CHARS
 from facepq_core.routing import shard_of
 from indexer.commit import commit_segments
@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SHARDS = 4
 DEFAULT_SEGMENT_ROWS = 1_000_000
+# Below this many faces met again in one call, the enrol rule reads only their rows' persons; from it on,
+# a shard's persons are read once and kept (a re-run of an ingest meets every face again).
+FULL_PERSON_LOOKUP = 4096
 # Shards written at once by `commit`: hashing, writing and fsync release the GIL, so the
 # cores hash while the disk syncs another file.
 WRITE_THREADS = 4
@@ -231,17 +234,23 @@ class IndexWriter:
         return keep
 
     # ---- the enrol rule (indexer.enrol_rule) ----------------------------------------------------
-    def _persons_of(self, shard: int) -> PersonKeys:
-        """Persons of the faces in `_seen[shard]`: live rows of `base_version` plus this writer's segments."""
+    def _persons_of(self, shard: int, ids: np.ndarray) -> PersonKeys:
+        """Persons of the faces `ids` (uint64, all in `_seen[shard]`): live rows of `base_version` plus this
+        writer's segments. A few ids (an Enrol of a photo already there) read only their rows; many (a
+        re-run of an ingest) read the shard's persons once and keep them until the next version."""
         found = self._persons.get(shard)
-        if found is None:
-            refs = list(self._refs.get(shard, ()))
-            ids, persons = live_persons(self.store, refs, np.empty(0, np.uint64))
-            if self.base_version:
-                state = self.store.load_manifest(self.base_version).shards[shard]
-                found_ids, found_persons = live_persons(self.store, state.segments, tombstone_ids(state))
-                ids, persons = np.concatenate([found_ids, ids]), pa.concat_arrays([found_persons, persons])
-            found = self._persons[shard] = PersonKeys(ids, persons)
+        if found is not None:
+            return found
+        only = sorted_unique(ids) if len(ids) < FULL_PERSON_LOOKUP else None
+        refs = list(self._refs.get(shard, ()))
+        found_ids, persons = live_persons(self.store, refs, np.empty(0, np.uint64), only)
+        if self.base_version:
+            state = self.store.load_manifest(self.base_version).shards[shard]
+            old_ids, old_persons = live_persons(self.store, state.segments, tombstone_ids(state), only)
+            found_ids, persons = np.concatenate([old_ids, found_ids]), pa.concat_arrays([old_persons, persons])
+        found = PersonKeys(found_ids, persons)
+        if only is None:
+            self._persons[shard] = found
         return found
 
     def _person_conflicts(self, ids: np.ndarray, persons: pa.Array, repeats: np.ndarray) -> dict[int, str]:
@@ -251,7 +260,7 @@ class IndexWriter:
         shards = shard_of(ids[rows], self.shard_count)
         for shard in np.unique(shards).tolist():
             mine = rows[shards == shard]
-            found = self._persons_of(shard).conflicts(ids[mine], persons.take(pa.array(mine)))
+            found = self._persons_of(shard, ids[mine]).conflicts(ids[mine], persons.take(pa.array(mine)))
             clashes.update({int(mine[r]): name for r, name in found.items()})
         return clashes
 
@@ -345,7 +354,7 @@ class IndexWriter:
                 for ref in refs:
                     try:
                         self.store.delete(ref.path)
-                    except OSError as exc:  # garbage collection removes it later
+                    except (OSError, FacepqError) as exc:  # garbage collection removes it later
                         log.warning("could not remove uncommitted segment %s: %s", ref.path, exc)
             self._refs, self._pending_base = {}, None
             self._buffers = [[] for _ in range(self.shard_count)]

@@ -169,8 +169,8 @@ def register(subparsers) -> None:
                         f"from it authenticates this coordinator to them, and their replies must prove it, else "
                         f"their hits are ignored (env {ENV_NODE_AUTH_TOKEN}; never the admin token)")
     p.add_argument("--max-inflight-photos", type=int, default=None,
-                   help="photo searches and enrolments in progress at once (default: CPUs, at most 4); as many "
-                        "more wait up to 1 s, the rest get RESOURCE_EXHAUSTED with retry advice")
+                   help="photo searches and enrolments in progress at once (default: CPUs, at most 4); four times "
+                        "as many wait up to 2 s, the rest get RESOURCE_EXHAUSTED with retry advice")
     p.add_argument("--upkeep-seconds", type=float, default=30.0,
                    help="seconds between background merges of small segments (what enrolments add); 0 = never")
     p.add_argument("--torch-threads", type=int, default=1,

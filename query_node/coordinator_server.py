@@ -49,6 +49,15 @@ def default_photo_limit() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
+def photo_gate(limit: int) -> Admission:
+    """`limit` photo requests at work, four times as many waiting up to 2 s each (they hold worker threads:
+    WORKERS leaves room beside them for embedding searches and health checks), the rest refused."""
+    return Admission("photo searches and enrolments", limit, queue=4 * limit, max_wait=2.0)
+
+
+WORKERS = 32  # gRPC threads: photo work in progress and waiting (at most 20), the rest for everything else
+
+
 def _warn_about_posture(host: str, auth_search: bool, node_tls, node_token) -> None:
     """Say at start what an insecure configuration exposes (the README's production checklist)."""
     from query_node.security import is_loopback
@@ -71,7 +80,7 @@ class CoordinatorServicer(facepq_pb2_grpc.CoordinatorServicer):
 
     def __init__(self, service: CoordinatorService, photo_admission: Admission | None = None):
         self.service = service
-        self.photo_admission = photo_admission or Admission("photo searches and enrolments", default_photo_limit())
+        self.photo_admission = photo_admission or photo_gate(default_photo_limit())
 
     def Search(self, request, context):
         t0 = time.perf_counter()
@@ -129,11 +138,11 @@ class CoordinatorServer:
         redis_url / nodes: the registry (Redis) or a static list of node addresses.
         upkeep_seconds: seconds between rounds of small-segment merging (query_node.upkeep); 0 = none.
         max_inflight_photos: photo searches and enrolments in progress at once (default: the CPU count, at
-            most 4); as many more may wait up to a second, the rest are refused (RESOURCE_EXHAUSTED).
+            most 4); four times as many may wait up to 2 s, the rest are refused (RESOURCE_EXHAUSTED).
     """
 
     def __init__(self, model_path, index_uri, redis_url=None, nodes=None, host="127.0.0.1", port=0,
-                 search_timeout=5.0, workers=8, tls=None, auth_tokens=(), auth_search=False, node_tls=None,
+                 search_timeout=5.0, workers=WORKERS, tls=None, auth_tokens=(), auth_search=False, node_tls=None,
                  node_token=None, upkeep_seconds=30.0, max_inflight_photos=None):
         from indexer.store import IndexStore
         from opqn_model.api import FaceEncoder
@@ -146,7 +155,7 @@ class CoordinatorServer:
         photo_limit = default_photo_limit() if max_inflight_photos is None else int(max_inflight_photos)
         if photo_limit < 1:
             raise ConfigError(f"--max-inflight-photos must be >= 1, got {max_inflight_photos}")
-        self.photo_admission = Admission("photo searches and enrolments", photo_limit)
+        self.photo_admission = photo_gate(photo_limit)
         self.encoder = FaceEncoder.load(model_path)
         manifest = IndexStore(index_uri).load_manifest()
         if manifest.model.fingerprint != self.encoder.fingerprint:

@@ -174,3 +174,19 @@ def test_ingest_skips_and_reports_photos_enrolled_as_another_person(gallery, ind
 
     people = set(_live_faces(index).values())
     assert newcomer in people and "wrong-name" not in people
+
+
+def test_a_rerun_meeting_many_enrolled_faces_compares_them_all(tmp_path):
+    """An ingest re-run meets every face again: the writer reads the shard's persons once (FULL_PERSON_LOOKUP)
+    and still refuses each face given another name, and takes each given the same name as already there."""
+    from indexer.writer import FULL_PERSON_LOOKUP, IndexWriter
+    from tests.support.index import build_index
+
+    n = FULL_PERSON_LOOKUP + 1000
+    meta, ids, codes = build_index(tmp_path / "idx", rows=n, shard_count=1, segments_per_shard=2)
+    persons = [f"p{i % 50}" for i in range(n)]  # build_index's names
+    renamed = [p if i % 3 else "someone else" for i, p in enumerate(persons)]
+    w = IndexWriter(str(tmp_path / "idx"), meta, on_conflict="skip")
+    assert w.add(ids, renamed, ["s"] * n, codes) == 0
+    assert len(w.conflicts) == len(range(0, n, 3)) and {c.enrolled_as for c in w.conflicts} <= set(persons)
+    assert 0 in w._persons  # read once and kept, not once per face

@@ -89,7 +89,8 @@ def test_concurrent_enrolments_survive_compaction_with_grace_0(gallery, index, p
     from tests.reliability.test_faults import _live_faces
 
     node = procs.node(index, [0, 1])
-    coord = procs.coordinator(gallery["model"], index, "--nodes", node.address)
+    # Every enrolment admitted at once (load shedding is not what this test is about).
+    coord = procs.coordinator(gallery["model"], index, "--nodes", node.address, "--max-inflight-photos", "16")
     stub = facepq_pb2_grpc.CoordinatorStub(grpc.insecure_channel(coord.address))
     person = gallery["enrol_people"][0]
     source = gallery["photos"][person][0]

@@ -98,7 +98,8 @@ def test_bursts_of_concurrent_photo_searches_on_fresh_coordinators(dlib_aligned,
     crashes, wrong, survivors = [], [], None
     for burst in range(BURSTS):
         # A fresh process per burst: the first concurrent use of the photo path is what used to crash.
-        coord = procs.coordinator(model, index, "--nodes", node.address)
+        coord = procs.coordinator(model, index, "--nodes", node.address,  # all of them at work at once
+                                  "--max-inflight-photos", str(CLIENTS))
         stub = facepq_pb2_grpc.CoordinatorStub(grpc.insecure_channel(coord.address))
         start = threading.Barrier(len(photos))
         answers = [None] * len(photos)
