@@ -38,7 +38,7 @@ from facepq_proto.facepq.v1 import facepq_pb2, facepq_pb2_grpc
 from query_node.grpc_server import NOT_SERVING, SERVING, GrpcServer, status_on_error
 from query_node.index_view import IndexView
 from query_node.live_index import LiveIndex
-from query_node.security import NONCE_HEADER, PROOF_HEADER, node_bearer, node_reply_key, reply_proof
+from query_node.security import NONCE_HEADER, PROOF_HEADER, is_loopback, node_bearer, node_reply_key, reply_proof
 from query_node.shard_search import ScanStats
 from query_node.wire import MAX_TABLES, MAX_TOP_K, hit_messages, table_values
 
@@ -170,6 +170,10 @@ class NodeServer:
         # A node's token protects everything it serves: its only callers are coordinators, which send the
         # bearer derived from it; with it the node signs its replies (query_node.security).
         tokens = list(auth_tokens)
+        if not tokens and not is_loopback(host):
+            log.warning("this node serves %s without a token: anyone who can reach it can read every name and "
+                        "source of its shards, and coordinators cannot tell it from an impostor; give it the node "
+                        "token (--auth-token-file)", host)
         self.reply_keys = tuple(node_reply_key(t) for t in tokens)
         self.grpc_server = GrpcServer(SERVICE_NAME, host, port, workers, tls=tls,
                                       auth_tokens=tokens + [node_bearer(t) for t in tokens],
