@@ -43,7 +43,8 @@ def atomic_writer(path: str | os.PathLike) -> Iterator[BinaryIO]:
         os.replace(tmp, os.path.join(directory, name))
         fsync_dir(directory)
     except BaseException:
-        f.close()
+        with contextlib.suppress(OSError):  # on a full disk closing fails too (its flush): still remove it
+            f.close()
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise

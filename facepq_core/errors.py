@@ -68,6 +68,39 @@ class NotFound(FacepqError):
     status = "NOT_FOUND"
 
 
+class AlreadyEnrolled(FacepqError):
+    """A photo (face id) already enrolled as another person: refused, never silently kept under the old name
+    (indexer.enrol_rule). The message names the person it is enrolled as."""
+
+    status = "ALREADY_EXISTS"
+
+
+class StorageFull(FacepqError):
+    """The disk (or quota) holding the index is full: nothing was committed; free space or grow the volume."""
+
+    status = "RESOURCE_EXHAUSTED"
+
+
+class StorageReadOnly(FacepqError):
+    """The index cannot be written here (a read-only file system, or no permission): nothing was committed.
+    Reading and serving still work."""
+
+
+class Misconfigured(FacepqError):
+    """A server was given settings that cannot work (e.g. a registry that refuses its credentials); it
+    refuses to start rather than run in a state that answers every request wrongly."""
+
+
+class Overloaded(FacepqError):
+    """The server is full (query_node.admission): the request was not started; retry after `retry_after_ms`."""
+
+    status = "RESOURCE_EXHAUSTED"
+
+    def __init__(self, message: str, retry_after_ms: int = 1000):
+        super().__init__(message)
+        self.retry_after_ms = retry_after_ms
+
+
 class Unavailable(FacepqError):
     """Something the request needs is down or busy right now (the index version unreadable, the commit lock held
     too long, a shard NOT_SERVING on this node); the same request can succeed later or elsewhere."""

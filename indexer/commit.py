@@ -20,8 +20,10 @@ import numpy as np
 
 from facepq_core.errors import ConfigError, DataError, IndexFormatError
 from facepq_core.routing import shard_of
+from indexer.enrol_rule import Conflict, PersonKeys, conflict_error
 from indexer.face_id import as_id_array, isin_sorted
 from indexer.live import (
+    live_persons,
     person_live_ids,
     segment_face_ids,
     shard_live_ids,
@@ -84,7 +86,8 @@ def _publish(store: IndexStore, manifest: Manifest) -> int:
 
 def commit_segments(store: IndexStore, new_refs_by_shard: dict[int, list[SegmentRef]], model_meta: ModelMeta,
                     shard_count: int, message: str, redis_url: str | None = None, base_version: int | None = None,
-                    lock_timeout: float = 60.0, verify_new: bool = True, counts: dict | None = None) -> int:
+                    lock_timeout: float = 60.0, verify_new: bool = True, counts: dict | None = None,
+                    on_conflict: str = "raise") -> int:
     """Add written segments to the index in one new version (creating the index on first commit).
 
     Args:
@@ -95,13 +98,17 @@ def commit_segments(store: IndexStore, new_refs_by_shard: dict[int, list[Segment
         verify_new: re-check the sha256 of the new segments. Only a caller that hashed the bytes while
             writing them in this process (IndexWriter) passes False; size and schema are always checked.
         counts: when given, filled with {"added": rows committed, "dropped": rows dropped because another
-            writer committed their face ids meanwhile}.
+            writer committed their face ids meanwhile, "conflicts": those of them refused by the enrol rule
+            (indexer.enrol_rule.Conflict: the face is live as another person)}.
+        on_conflict: "raise" (AlreadyEnrolled, nothing committed) or "skip" (commit the rest, report them).
     Returns:
         The new version.
     Raises:
         IndexFormatError: the index holds codes of another model (fingerprint or code shape), or is corrupt.
         ConfigError: `shard_count` differs from the index's.
+        AlreadyEnrolled: with on_conflict="raise", a new face is live as another person (indexer.enrol_rule).
     """
+    conflicts: list = []
     with commit_lock(store, redis_url, lock_timeout):
         current = store.current_version()
         if current is None:
@@ -120,15 +127,18 @@ def commit_segments(store: IndexStore, new_refs_by_shard: dict[int, list[Segment
         for shard, refs in sorted(new_refs_by_shard.items()):
             if not 0 <= shard < new.shard_count:
                 raise ConfigError(f"shard {shard} out of range for an index of {new.shard_count} shards")
-            added += _add_to_shard(store, new, shard, refs, known, model_meta, verify_new)
+            added += _add_to_shard(store, new, shard, refs, known, model_meta, verify_new, conflicts)
+        if conflicts and on_conflict == "raise":
+            raise conflict_error(conflicts)
         if counts is not None:
-            counts.update(added=added, dropped=sum(r.rows for refs in new_refs_by_shard.values() for r in refs) - added)
+            counts.update(added=added, dropped=sum(r.rows for refs in new_refs_by_shard.values() for r in refs) - added,
+                          conflicts=conflicts)
         new.message = f"{message} (+{added} faces)" if message else f"+{added} faces"
         return _publish(store, new)
 
 
 def _add_to_shard(store, new: Manifest, shard: int, refs: list[SegmentRef], known: set[str], model,
-                  verify_new: bool) -> int:
+                  verify_new: bool, conflicts: list) -> int:
     state = new.shards[shard]
     dead = tombstone_ids(state)
     live = shard_live_ids(store, state, [s for s in state.segments if s.id not in known])
@@ -138,9 +148,18 @@ def _add_to_shard(store, new: Manifest, shard: int, refs: list[SegmentRef], know
     revived: list[np.ndarray] = []
     added = 0
     for i, ref in enumerate(refs):
-        ids = open_segment(store, ref, verify=verify_new, model=model).face_ids  # never reference an unchecked file
+        view = open_segment(store, ref, verify=verify_new, model=model)  # never reference an unchecked file
+        ids = view.face_ids
         dup = _isin_runs(ids, live_runs)
         if dup.any():
+            # The enrol rule, again under the lock: a face committed meanwhile as another person is refused.
+            since_base = [s for s in state.segments if s.id not in known]
+            current = PersonKeys(*live_persons(store, since_base, dead, sorted_unique(ids[dup])))
+            rows = np.flatnonzero(dup)
+            for r, enrolled_as in current.conflicts(ids[rows], view.persons.take(rows)).items():
+                row = int(rows[r])
+                conflicts.append(Conflict(int(ids[row]), view.persons[row].as_py(), enrolled_as,
+                                          view.sources[row].as_py()))
             log.info("segment %s: %d faces were committed meanwhile by another writer; dropping them",
                      ref.id, int(dup.sum()))
             kept_ref = rewrite_without(store, ref, ids[dup], model)
@@ -227,6 +246,7 @@ class CompactStats:
     files_deleted: int = 0
     bytes_freed: int = 0
     manifests_deleted: int = 0
+    files_kept_for_writers: int = 0  # unreferenced but written since a running writer's lease began
 
 
 def compact(store: IndexStore, redis_url: str | None = None, grace_seconds: float = 3600.0,
@@ -239,6 +259,7 @@ def compact(store: IndexStore, redis_url: str | None = None, grace_seconds: floa
     """
     from indexer.gc import collect_garbage
 
+    store.check_no_links()  # refuse an index a link could lead outside of, before rewriting anything
     with commit_lock(store, redis_url, lock_timeout):
         old = store.load_manifest()
         stats = CompactStats(version=old.version)

@@ -7,9 +7,11 @@ Rules (also in docs/index-format.md):
   long to move on. Expired manifests are deleted. Manifests numbered above the current
   version (a commit that died before moving CURRENT) are deleted once older than the grace.
 * A file under `shards/` that no retained manifest references, and that is older than
-  `grace_seconds` (so segments of an ingest still running are safe), is deleted. That
+  `grace_seconds`, is deleted, unless a writer still running may own it: files written
+  since the earliest live writer lease began are kept whatever the grace (indexer.lease;
+  a writer holds its lease from before its first file until its commit or abort). That
   covers segments replaced by compaction, segments of jobs that died before committing,
-  and temporary files of interrupted writes.
+  and temporary files of interrupted writes; stale leases of dead writers are removed.
 
 Runs under the commit lock (called by `indexer.commit.compact`).
 """
@@ -20,6 +22,7 @@ import re
 import time
 
 from facepq_core.errors import IndexFormatError
+from indexer.lease import protected_since
 from indexer.store import MANIFEST_DIR, SHARD_DIR, IndexStore, manifest_path
 
 log = logging.getLogger(__name__)
@@ -32,6 +35,7 @@ def collect_garbage(store: IndexStore, stats, grace_seconds: float = 3600.0, kee
     current = store.current_version()
     if current is None:
         return
+    store.check_no_links()  # before deleting anything: a link could lead outside the index root
     now = time.time()
     old_enough = now - max(0.0, grace_seconds)
     manifests = {}
@@ -64,8 +68,12 @@ def collect_garbage(store: IndexStore, stats, grace_seconds: float = 3600.0, kee
     for v in expired:
         store.delete(manifest_path(v))
         stats.manifests_deleted += 1
+    writers_since = protected_since(store)  # after `now`: a lease taken before it is seen here
     for entry in store.list_files(SHARD_DIR):
         if entry.path in referenced or entry.mtime > old_enough:
+            continue
+        if writers_since is not None and entry.mtime >= writers_since:
+            stats.files_kept_for_writers += 1
             continue
         store.delete(entry.path)
         stats.files_deleted += 1

@@ -118,11 +118,19 @@ def load_model_info(model_path: str) -> tuple[ModelMeta, dict, int]:
 def init_ray(ray_address: str | None = None) -> bool:
     """Connect to / start Ray; True when this call started it (the caller shuts it down).
 
+    A Ray started here serves this machine only, so it listens on loopback: left to itself Ray binds its
+    GCS, raylet and workers to every interface with authentication disabled, which lets anyone on the
+    network submit code to it. Ray's single-machine mode (what it uses on macOS and Windows: node IP
+    127.0.0.1) is switched on for that; a cluster given by address is used as it is configured.
+
     Ray follows facepq's verbosity (facepq_core.progress): unless facepq logs INFO (`-v`), Ray's own
     INFO/WARNING lines and its C++ core's log lines on stderr (e.g. core_worker.cc's note that an actor
     restart would fail, which a one-shot job never does) are kept out of the output; they still reach
     the session's log files.
     """
+    local = not ray_address and not os.environ.get("RAY_ADDRESS")
+    if local:
+        _ray_on_loopback()
     import ray
 
     from facepq_core.progress import is_quiet
@@ -137,7 +145,7 @@ def init_ray(ray_address: str | None = None) -> bool:
         with native_stderr_hidden(quiet):
             if ray_address:
                 ray.init(address=ray_address, **options)
-            elif os.environ.get("RAY_ADDRESS"):
+            elif not local:
                 ray.init(address="auto", **options)
             else:
                 ray.init(num_cpus=os.cpu_count(), include_dashboard=False, **options)
@@ -176,6 +184,23 @@ def _quiet_ray_data_console(quiet: bool) -> None:
                 handler.setLevel(logging.ERROR)
 
 
+def _ray_on_loopback() -> None:
+    """Make a Ray started by this process use node IP 127.0.0.1, so all its servers bind to loopback.
+
+    Ray maps an explicit `_node_ip_address="127.0.0.1"` back to the host's address; its single-machine
+    mode (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0) does not. The constant is read at import, so it is also set
+    on an already imported Ray.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:
+        if hasattr(constants, "ENABLE_RAY_CLUSTER"):
+            constants.ENABLE_RAY_CLUSTER = False
+        else:  # a Ray without this switch: say so rather than silently listening everywhere
+            log.warning("cannot keep the local Ray on loopback with this Ray version; it may listen on every "
+                        "interface")
+
+
 # ---- the job -----------------------------------------------------------------------------------
 def run_ingest(model_path: str, gallery: str, index_uri: str, shards: int | None = None,
                ray_address: str | None = None, actors: int | None = None, batch_size: int = 64,
@@ -209,7 +234,9 @@ def run_ingest(model_path: str, gallery: str, index_uri: str, shards: int | None
     model_path = str(pathlib.Path(model_path).resolve())
     meta, pipeline, embedding_dim = load_model_info(model_path)
     # Open the writer first: a model/index mismatch fails before any encoding.
-    writer = IndexWriter(index_uri, meta, shard_count=shards, redis_url=redis_url, segment_rows=segment_rows)
+    # The enrol rule (indexer.enrol_rule): photos already enrolled as another person are skipped and reported.
+    writer = IndexWriter(index_uri, meta, shard_count=shards, redis_url=redis_url, segment_rows=segment_rows,
+                         on_conflict="skip")
     previous = writer.base_version
     inputs = list_inputs(gallery, embedding_dim=embedding_dim)
     log.info("ingest %s (%d %s) into %s with model %s", gallery, inputs.count, inputs.kind, writer.store.uri,
@@ -224,6 +251,9 @@ def run_ingest(model_path: str, gallery: str, index_uri: str, shards: int | None
                       ACTOR_CPUS if read_cpus is None else read_cpus, actor_start_timeout)
         message = f"ingest {gallery} (model {meta.fingerprint})"
         summary.version = writer.commit(message)
+    except BaseException:
+        writer.abort()  # the segments of a failed job are removed now, not left to garbage collection
+        raise
     finally:
         if started:
             import ray
@@ -233,7 +263,11 @@ def run_ingest(model_path: str, gallery: str, index_uri: str, shards: int | None
             with native_stderr_hidden(is_quiet("indexer")):
                 ray.shutdown()
     summary.faces_added = writer.stats.rows_added
-    summary.duplicates_skipped = writer.stats.duplicates_skipped
+    summary.duplicates_skipped = writer.stats.duplicates_skipped - len(writer.conflicts)
+    if writer.conflicts:
+        summary.skipped["enrolled_as_other"] = len(writer.conflicts)
+        summary.examples["enrolled_as_other"] = [f"{c.source} (enrolled as {c.enrolled_as!r})"
+                                                 for c in writer.conflicts[:3]]
     summary.segments_written = writer.stats.segments_written
     summary.shards_written = sorted(writer.stats.shards_written)
     summary.seconds = time.monotonic() - t0

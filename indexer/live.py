@@ -14,6 +14,7 @@ segment's id column never becomes resident.
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from indexer.face_id import as_id_array, isin_sorted
@@ -21,7 +22,7 @@ from indexer.manifest import Manifest, SegmentRef, ShardState
 from indexer.segment import SegmentView, open_segment
 from indexer.store import IndexStore
 
-__all__ = ["live_mask", "person_live_ids", "segment_face_ids", "segment_live_mask", "shard_face_ids",
+__all__ = ["live_mask", "live_persons", "person_live_ids", "segment_face_ids", "segment_live_mask", "shard_face_ids",
            "shard_live_ids", "sorted_unique", "tombstone_ids"]
 
 _EMPTY = np.empty(0, dtype=np.uint64)
@@ -97,3 +98,23 @@ def person_live_ids(store: IndexStore, manifest: Manifest, person: str) -> np.nd
             ids = view.face_ids[mine]
             out.append(ids[live_mask(ids, dead)])
     return np.concatenate(out) if out else _EMPTY
+
+
+def live_persons(store: IndexStore, segments: list[SegmentRef], dead: np.ndarray,
+                 only_ids: np.ndarray | None = None) -> tuple[np.ndarray, pa.Array]:
+    """(face ids uint64 [n], persons string [n]) of the live rows of `segments`.
+
+    Args:
+        dead: the shard's sorted tombstones (`tombstone_ids`).
+        only_ids: when given (sorted uint64), only rows with these ids (a commit checking a few).
+    """
+    ids_out, persons_out = [_EMPTY], [pa.array([], pa.string())]
+    for ref in segments:
+        view = open_segment(store, ref, verify=False)
+        keep = live_mask(view.face_ids, dead)
+        if only_ids is not None:
+            keep &= isin_sorted(view.face_ids, only_ids)
+        if keep.any():
+            ids_out.append(view.face_ids[keep])
+            persons_out.append(view.persons.filter(pa.array(keep)))
+    return np.concatenate(ids_out), pa.concat_arrays(persons_out)

@@ -21,7 +21,7 @@ import time
 from typing import Iterator
 
 from facepq_core.errors import ConfigError
-from facepq_core.redact import redact_url
+from facepq_core.redis_errors import redis_error
 from indexer.errors import IndexLockTimeout
 from indexer.store import LOCK_FILE, IndexStore
 
@@ -62,9 +62,10 @@ def commit_lock(store: IndexStore, redis_url: str | None = None, timeout: float 
 def _file_lock(store: IndexStore, timeout: float) -> Iterator[None]:
     import fcntl
 
-    os.makedirs(store.root, exist_ok=True)
-    path = os.path.join(store.root, LOCK_FILE)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    path = store.full_path(LOCK_FILE)  # refuses a link; O_NOFOLLOW covers one made after the check
+    with store.writing("taking the commit lock"):
+        os.makedirs(store.root, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     try:
         deadline = time.monotonic() + timeout
         while True:
@@ -102,7 +103,7 @@ def _redis_lock(store: IndexStore, redis_url: str, timeout: float) -> Iterator[N
         try:
             acquired = lock.acquire(blocking_timeout=timeout)
         except RedisError as exc:
-            raise ConfigError(f"cannot take the commit lock in Redis at {redact_url(redis_url)}: {exc}") from exc
+            raise redis_error(exc, redis_url, "take the commit lock") from exc
         if not acquired:
             raise IndexLockTimeout(f"another writer held the Redis commit lock {key} of {store.uri} for more "
                                    f"than {timeout:g} s; retry when it has finished")

@@ -100,10 +100,12 @@ class ModelMeta:
     @classmethod
     def from_dict(cls, d: dict) -> "ModelMeta":
         try:
-            meta = cls(fingerprint=str(d["fingerprint"]), trunk=str(d["trunk"]), M=int(d["M"]), K=int(d["K"]),
-                       bits=int(d["bits"]), code_bytes=int(d["code_bytes"]), codec=str(d.get("codec", "opqn")))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise IndexFormatError(f"manifest 'model' section is incomplete or malformed: {exc!r}") from exc
+            names = {k: d[k] for k in ("fingerprint", "trunk")} | {"codec": d.get("codec", "opqn")}
+            if not all(isinstance(v, str) for v in names.values()):
+                raise TypeError(f"fingerprint, trunk and codec must be strings, got {names!r}")
+            meta = cls(M=int(d["M"]), K=int(d["K"]), bits=int(d["bits"]), code_bytes=int(d["code_bytes"]), **names)
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
+            raise IndexFormatError(f"manifest 'model' section is incomplete or malformed: {exc!r}"[:300]) from None
         try:
             spec = meta.code_spec()
         except FacepqError as exc:
@@ -144,8 +146,8 @@ class SegmentRef:
         try:
             ref = cls(id=str(d["id"]), path=str(d["path"]), rows=int(d["rows"]), bytes=int(d["bytes"]),
                       sha256=str(d["sha256"]))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise IndexFormatError(f"malformed segment entry in manifest: {exc!r}") from exc
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
+            raise IndexFormatError(f"malformed segment entry in manifest: {exc!r}"[:300]) from None
         if not _SEGMENT_ID.match(ref.id):
             raise IndexFormatError(f"bad segment id {ref.id!r} in manifest")
         check_relative_path(ref.path)
@@ -247,13 +249,26 @@ class Manifest:
 
     @classmethod
     def from_json(cls, text: str | bytes, source: str = "manifest") -> "Manifest":
+        """Parse and validate a manifest; anything wrong with it is an IndexFormatError, never another kind.
+
+        Valid JSON of the wrong shape (a number where a list belongs, a list where a string belongs, a
+        row count of 1e400, nesting thousands deep) must not escape as TypeError, OverflowError or
+        RecursionError: a CLI would print a traceback and a node's watcher thread would die.
+        """
         try:
             d = json.loads(text)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise IndexFormatError(f"{source} is not valid JSON (corrupt or truncated): {exc}") from exc
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            raise IndexFormatError(f"{source} is not valid JSON (corrupt, truncated or nested too deep): "
+                                   f"{str(exc)[:200]}") from None
         if not isinstance(d, dict):
             raise IndexFormatError(f"{source} is not a JSON object")
-        return cls.from_dict(d, source)
+        try:
+            return cls.from_dict(d, source)
+        except IndexFormatError:
+            raise
+        except (TypeError, ValueError, AttributeError, KeyError, OverflowError, RecursionError) as exc:
+            raise IndexFormatError(f"{source} is malformed (a field of the wrong type or size): "
+                                   f"{type(exc).__name__}: {str(exc)[:200]}") from None
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "manifest") -> "Manifest":

@@ -16,6 +16,7 @@ A long-lived reader also advises the kernel to keep those pages out of the map
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import logging
@@ -30,7 +31,7 @@ import pyarrow as pa
 
 from facepq_core.digest import sha256_file
 from facepq_core.errors import IndexFormatError
-from indexer.errors import SegmentCorrupt
+from indexer.errors import IndexPathError, SegmentCorrupt
 from indexer.face_id import as_id_array, isin_sorted
 from indexer.manifest import ModelMeta, SegmentRef
 from indexer.segment_reader import MetadataReader
@@ -277,19 +278,26 @@ def open_segment(store_or_path: IndexStore | str, ref: SegmentRef, verify: bool 
     """
     store = store_or_path if isinstance(store_or_path, IndexStore) else IndexStore(store_or_path)
     where = f"segment {ref.path} of {store.uri}"
-    local = store.local_path(ref.path)
-    fd = mapped = None
+    local = fd = mapped = None
     try:
+        local = store.local_path(ref.path)
         if local is not None:
             fd, mapped, buf = _map_file(local)
         else:
             buf = pa.py_buffer(store.read_bytes(ref.path))
+    except IndexPathError as exc:  # a symbolic link on the way: IndexStore refuses to follow it
+        raise SegmentCorrupt(f"{where} cannot be read: {exc}") from exc
     except (FileNotFoundError, IndexFormatError) as exc:
         raise SegmentCorrupt(f"{where} is missing") from exc
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise SegmentCorrupt(f"{where} cannot be read: it is a symbolic link (never followed)") from exc
         raise SegmentCorrupt(f"{where} cannot be read: {exc}") from exc
     try:
-        view = _open_mapped(buf, local, ref, where, verify, model)
+        try:
+            view = _open_mapped(buf, local, ref, where, verify, model)
+        except OSError as exc:  # the checksum's read failed (e.g. no descriptor left): unusable, not a crash
+            raise SegmentCorrupt(f"{where} cannot be read: {exc}") from exc
         if fd is not None:
             view.file_map, view.map_address = mapped, buf.address
             view.reader = _reader(fd, buf, view.batch, where)
@@ -343,7 +351,7 @@ def _map_file(path: str) -> tuple[int, mmap.mmap | None, pa.Buffer]:
     descriptor stays open for positional reads of the same file (MetadataReader).
     An empty file has no map (None).
     """
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)  # the store checked the folders above it
     try:
         if os.fstat(fd).st_size == 0:
             return fd, None, pa.py_buffer(b"")

@@ -10,7 +10,10 @@ RPC (a handful), so both share one commit protocol (indexer.commit).
 Duplicates are skipped at three points: `add` drops faces already live in the
 index version the writer opened, faces in segments it has written, and repeats
 within the batch; writing a shard's segment drops faces repeated across `add`
-calls; the commit drops faces another writer committed in between.
+calls; the commit drops faces another writer committed in between. At each of
+them the enrol rule (indexer.enrol_rule) compares persons: a face already there
+as another person is refused (`on_conflict="raise"`: AlreadyEnrolled, nothing
+committed) or reported in `conflicts` (`"skip"`: the ingest's choice).
 
 Why the split: keeping every buffered id in a sorted set that each `add` checks
 cost a merge of the whole set per call (quadratic over a job); one sort of a
@@ -20,17 +23,22 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from facepq_core.errors import ConfigError
+from facepq_core.errors import ConfigError, FacepqError, InvalidRequest
+from facepq_core.limits import MAX_PERSON_CHARS, MAX_SOURCE_CHARS
 from facepq_core.routing import shard_of
 from indexer.commit import commit_segments
+from indexer.enrol_rule import Conflict, PersonKeys, check_on_conflict, conflict_error, repeat_conflicts
 from indexer.face_id import isin_sorted
-from indexer.live import segment_face_ids, shard_live_ids, sorted_unique
+from indexer.lease import WriterLease
+from indexer.live import live_persons, segment_face_ids, shard_live_ids, sorted_unique, tombstone_ids
 from indexer.manifest import ModelMeta, SegmentRef
 from indexer.segment import write_segment
 from indexer.store import IndexStore
@@ -39,6 +47,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SHARDS = 4
 DEFAULT_SEGMENT_ROWS = 1_000_000
+# Below this many faces met again in one call, the enrol rule reads only their rows' persons; from it on,
+# a shard's persons are read once and kept (a re-run of an ingest meets every face again).
+FULL_PERSON_LOOKUP = 4096
 # Shards written at once by `commit`: hashing, writing and fsync release the GIL, so the
 # cores hash while the disk syncs another file.
 WRITE_THREADS = 4
@@ -73,10 +84,12 @@ class IndexWriter:
         shard_count: shards of a NEW index (default 4); for an existing index None or its own count.
         redis_url: Redis commit lock (needed for object stores).
         segment_rows: rows per segment file; a shard's buffer is written when it reaches this.
+        on_conflict: what the enrol rule does with a face already enrolled as another person: "raise"
+            (AlreadyEnrolled; the Enrol RPC) or "skip" (recorded in `conflicts`; the ingest job).
     """
 
     def __init__(self, index_uri, model_meta: ModelMeta, shard_count: int | None = None,
-                 redis_url: str | None = None, segment_rows: int = DEFAULT_SEGMENT_ROWS):
+                 redis_url: str | None = None, segment_rows: int = DEFAULT_SEGMENT_ROWS, on_conflict: str = "raise"):
         self.store = index_uri if isinstance(index_uri, IndexStore) else IndexStore(index_uri)
         self.model = model_meta
         self.redis_url = redis_url
@@ -107,6 +120,13 @@ class IndexWriter:
         self._buffered_rows = [0] * self.shard_count
         self._refs: dict[int, list[SegmentRef]] = {}
         self.stats = WriterStats()
+        self.on_conflict = check_on_conflict(on_conflict)
+        self.conflicts: list[Conflict] = []  # photos the enrol rule refused (on_conflict="skip")
+        self._persons: dict[int, PersonKeys] = {}  # shard -> persons of `_seen`, built on the first repeat
+        # Held from before the first segment file until commit or abort: garbage collection keeps what
+        # this writer wrote whatever its grace (indexer.lease).
+        self.lease = WriterLease(self.store)
+        weakref.finalize(self, self.lease.release)
 
     def _live_ids(self, manifest) -> list[np.ndarray]:
         # Tombstoned faces count as absent: adding one again enrols it again.
@@ -125,6 +145,7 @@ class IndexWriter:
                 seen[shard] = sorted_unique(np.concatenate([seen[shard]] + [segment_face_ids(self.store, r)
                                                                             for r in refs]))
         self._seen, self.base_version = seen, current
+        self._persons = {}
         log.debug("writer for %s now deduplicates against version %s", self.store.uri, current)
 
     # ------------------------------------------------------------------
@@ -150,10 +171,14 @@ class IndexWriter:
             raise ConfigError(f"codes must be uint8 [{n}, {self.model.code_bytes}] for this index's model, "
                               f"got {codes.dtype} {codes.shape}")
         persons, sources = _strings(persons, n, "persons"), _strings(sources, n, "sources")
+        _check_lengths(persons, MAX_PERSON_CHARS, "person")
+        _check_lengths(sources, MAX_SOURCE_CHARS, "source")
         if n == 0:
             return 0
         self._sync()
         keep = self._fresh_mask(ids)
+        if keep is not None:  # some rows repeat a face: the enrol rule compares their persons first
+            self._refuse(self._person_conflicts(ids, persons, ~keep), ids, persons, sources)
         rows = None if keep is None else np.flatnonzero(keep)
         taken = ids if rows is None else ids[rows]
         new = taken.shape[0]
@@ -208,19 +233,71 @@ class IndexWriter:
             keep &= ~isin_sorted(ids, known)
         return keep
 
+    # ---- the enrol rule (indexer.enrol_rule) ----------------------------------------------------
+    def _persons_of(self, shard: int, ids: np.ndarray) -> PersonKeys:
+        """Persons of the faces `ids` (uint64, all in `_seen[shard]`): live rows of `base_version` plus this
+        writer's segments. A few ids (an Enrol of a photo already there) read only their rows; many (a
+        re-run of an ingest) read the shard's persons once and keep them until the next version."""
+        found = self._persons.get(shard)
+        if found is not None:
+            return found
+        only = sorted_unique(ids) if len(ids) < FULL_PERSON_LOOKUP else None
+        refs = list(self._refs.get(shard, ()))
+        found_ids, persons = live_persons(self.store, refs, np.empty(0, np.uint64), only)
+        if self.base_version:
+            state = self.store.load_manifest(self.base_version).shards[shard]
+            old_ids, old_persons = live_persons(self.store, state.segments, tombstone_ids(state), only)
+            found_ids, persons = np.concatenate([old_ids, found_ids]), pa.concat_arrays([old_persons, persons])
+        found = PersonKeys(found_ids, persons)
+        if only is None:
+            self._persons[shard] = found
+        return found
+
+    def _person_conflicts(self, ids: np.ndarray, persons: pa.Array, repeats: np.ndarray) -> dict[int, str]:
+        """{row: person it is enrolled as} among `repeats` (bool [n]: rows not taken as new faces)."""
+        clashes = repeat_conflicts(ids, persons)  # two rows of this write, one face, two names
+        rows = np.flatnonzero(repeats)
+        shards = shard_of(ids[rows], self.shard_count)
+        for shard in np.unique(shards).tolist():
+            mine = rows[shards == shard]
+            found = self._persons_of(shard, ids[mine]).conflicts(ids[mine], persons.take(pa.array(mine)))
+            clashes.update({int(mine[r]): name for r, name in found.items()})
+        return clashes
+
+    def _refuse(self, clashes: dict[int, str], ids, persons: pa.Array, sources: pa.Array) -> None:
+        """Raise AlreadyEnrolled (on_conflict="raise") or record the refused rows (they are dropped anyway)."""
+        if not clashes:
+            return
+        found = [Conflict(int(ids[r]), persons[r].as_py(), name, sources[r].as_py()) for r, name in sorted(clashes.items())]
+        if self.on_conflict == "raise":
+            raise conflict_error(found)
+        self.conflicts.extend(found)
+        log.warning("%d photos are already enrolled as another person; skipped (e.g. %s as %r)", len(found),
+                    found[0].source or found[0].face_id, found[0].enrolled_as)
+
     # ------------------------------------------------------------------
     def _write_shards(self, shards: list[int]) -> None:
         """Write the buffers of `shards` as segments (in threads when several) and record the results."""
         if not shards:
             return
+        self.lease.acquire()
         if len(shards) == 1:
-            results = [self._write_shard(shards[0])]
+            outcomes = [_outcome(self._write_shard, shards[0])]
         else:
             with ThreadPoolExecutor(max_workers=min(WRITE_THREADS, len(shards)),
                                     thread_name_prefix="facepq-segment") as pool:
-                results = list(pool.map(self._write_shard, shards))
+                outcomes = list(pool.map(lambda shard: _outcome(self._write_shard, shard), shards))
+        failed = [o for o in outcomes if isinstance(o, BaseException)]
+        if failed:  # nothing of this call is kept: the segments the other shards wrote are removed again
+            for o in outcomes:
+                if not isinstance(o, BaseException):
+                    for ref in o[0]:
+                        self.store.delete(ref.path)
+            raise failed[0]
+        results = outcomes
         # Shared state changes here, in one thread, and only once every write succeeded.
         for shard, (refs, written_ids, dropped) in zip(shards, results):
+            self._persons.pop(shard, None)  # rebuilt with the new segment when next needed
             self._buffers[shard], self._buffered_rows[shard] = [], 0
             seen = self._seen[shard]
             self._seen[shard] = written_ids if not seen.size else np.sort(np.concatenate([seen, written_ids]),
@@ -255,6 +332,7 @@ class IndexWriter:
                 drop_sorted |= known
             keep = np.ones(ids.size, dtype=bool)
             keep[order[drop_sorted]] = False
+            self._refuse(self._person_conflicts(ids, persons, ~keep), ids, persons, sources)
             dropped = int((~keep).sum())
             rows = np.flatnonzero(keep)
             ids, codes = ids[rows], np.take(codes, rows, axis=0)
@@ -268,6 +346,21 @@ class IndexWriter:
             log.debug("wrote segment %s (%d rows)", ref.path, ref.rows)
             refs.append(ref)
         return refs, sorted_ids, dropped
+
+    def abort(self) -> None:
+        """Drop everything added since the last commit and delete the segment files written for it."""
+        with self._lock:
+            for refs in self._refs.values():
+                for ref in refs:
+                    try:
+                        self.store.delete(ref.path)
+                    except (OSError, FacepqError) as exc:  # garbage collection removes it later
+                        log.warning("could not remove uncommitted segment %s: %s", ref.path, exc)
+            self._refs, self._pending_base = {}, None
+            self._buffers = [[] for _ in range(self.shard_count)]
+            self._buffered_rows = [0] * self.shard_count
+            self._persons = {}
+            self.lease.release()
 
     @property
     def pending_rows(self) -> int:
@@ -285,20 +378,32 @@ class IndexWriter:
             self._write_shards([s for s in range(self.shard_count) if self._buffers[s]])
             if not self._refs:
                 log.info("nothing new to commit to %s", self.store.uri)
+                self.lease.release()
                 return self.store.current_version()
             # The segments were hashed as this process wrote them: the commit checks size and schema only.
             counts: dict = {}
             version = commit_segments(self.store, self._refs, self.model, self.shard_count, message,
                                       redis_url=self.redis_url, base_version=self._pending_base, verify_new=False,
-                                      counts=counts)
+                                      counts=counts, on_conflict=self.on_conflict)
+            self.conflicts.extend(counts["conflicts"])
             self.stats.rows_added -= counts["dropped"]
             self.stats.duplicates_skipped += counts["dropped"]
             self._refs, self._pending_base = {}, None
+            if not any(self._buffers):
+                self.lease.release()
             # Only when no other writer committed in between does our dedup set describe `version` exactly;
             # otherwise the next add rebuilds it.
             if self.store.load_manifest(version).parent_version == self.base_version:
                 self.base_version = version
             return version
+
+
+def _outcome(fn, *args):
+    """fn(*args), or the exception it raised (so one failing shard does not hide what the others wrote)."""
+    try:
+        return fn(*args)
+    except Exception as exc:  # noqa: BLE001 - re-raised by the caller once the others are cleaned up
+        return exc
 
 
 def _has_repeats(sorted_ids: np.ndarray) -> bool:
@@ -313,6 +418,18 @@ def _later_repeats(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     later = np.zeros(ids.size, dtype=bool)
     later[1:] = ordered[1:] == ordered[:-1]
     return order, ordered, later
+
+
+def _check_lengths(values: pa.Array, limit: int, what: str) -> None:
+    """Refuse values longer than `limit` characters (facepq_core.limits: what every write path may store)."""
+    if not len(values):
+        return
+    lengths = pc.utf8_length(values)
+    longest = pc.max(lengths).as_py()
+    if longest is not None and longest > limit:
+        row = int(pc.index(lengths, longest).as_py())
+        raise InvalidRequest(f"a {what} of {longest} characters (row {row}: {values[row].as_py()[:60]!r}...); "
+                             f"at most {limit}")
 
 
 def _strings(values, n: int, what: str) -> pa.Array:

@@ -76,7 +76,11 @@ def _coordinator(args) -> int:
     node_tls = ClientTls.from_paths(args.node_tls_ca, args.tls_cert if args.node_tls_ca else None,
                                     args.tls_key if args.node_tls_ca else None)
     node_tokens = load_tokens(args.node_auth_token_file, os.environ.get(ENV_NODE_AUTH_TOKEN))
-    node_token = node_tokens[0] if node_tokens else (tokens[0] if tokens else None)
+    # Never the admin token: it would reach every process listed as a node (query_node.security).
+    node_token = node_tokens[0] if node_tokens else None
+    if node_token and node_token in tokens:
+        raise ConfigError("the node token must differ from the admin token (--auth-token-file): nodes, and "
+                          "anything listed as one, must never hold the token that changes the index")
     nodes = [a.strip() for a in args.nodes.split(",") if a.strip()] if args.nodes else None
     if args.torch_threads < 1:
         raise ConfigError(f"--torch-threads must be >= 1, got {args.torch_threads}")
@@ -86,7 +90,8 @@ def _coordinator(args) -> int:
     torch.set_num_threads(args.torch_threads)
     server = CoordinatorServer(args.model, args.index, redis_url=args.redis, nodes=nodes, host=args.host,
                                port=args.port, tls=tls, auth_tokens=tokens, auth_search=args.auth_search,
-                               node_tls=node_tls, node_token=node_token).start()
+                               node_tls=node_tls, node_token=node_token, upkeep_seconds=args.upkeep_seconds,
+                               max_inflight_photos=args.max_inflight_photos).start()
     try:
         print(f"facepq coordinator listening on {server.address}", flush=True)
         _wait_for_signal()
@@ -129,7 +134,14 @@ def register(subparsers) -> None:
                    help=f"talk TLS to query nodes, verified with this CA; --tls-cert/--tls-key are the client "
                         f"certificate when nodes require mutual TLS (env {ENV_TLS_CA})")
     p.add_argument("--node-auth-token-file",
-                   help=f"token sent to query nodes (env {ENV_NODE_AUTH_TOKEN}; default: this server's own token)")
+                   help=f"the node token, shared with the query nodes (their --auth-token-file): a bearer derived "
+                        f"from it authenticates this coordinator to them, and their replies must prove it, else "
+                        f"their hits are ignored (env {ENV_NODE_AUTH_TOKEN}; never the admin token)")
+    p.add_argument("--max-inflight-photos", type=int, default=None,
+                   help="photo searches and enrolments in progress at once (default: CPUs, at most 4); four times "
+                        "as many wait up to 2 s, the rest get RESOURCE_EXHAUSTED with retry advice")
+    p.add_argument("--upkeep-seconds", type=float, default=30.0,
+                   help="seconds between background merges of small segments (what enrolments add); 0 = never")
     p.add_argument("--torch-threads", type=int, default=1,
                    help="threads for the model (1 suits embedding searches; raise it for photo-heavy load)")
     p.set_defaults(handler=_coordinator, log_level=logging.INFO)

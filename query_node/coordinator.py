@@ -1,8 +1,11 @@
 """The coordinator: lookup tables -> one replica per shard -> exact merge, over the node registry.
 
 A search asks ONE healthy replica of every shard (shards grouped per node, nodes
-called in parallel with the remaining deadline: all but one on a thread pool, the
-last one on the calling thread, which saves a thread hand-off). Which replica to ask,
+called in parallel on a thread pool; a lone call with no other replica to turn to runs
+on the calling thread, which saves a thread hand-off). Replicas are tried healthiest
+first; a call that is slow is hedged to a second replica, and one still unanswered
+after the per-node timeout counts as failed (query_node.node_health), so a hung
+replica costs a search a fraction of its deadline, and later searches avoid it. Which replica to ask,
 which failures to retry elsewhere and how versions are realigned is decided by
 query_node.fanout.FanOut (pure, unit-tested); this module makes the calls, through
 a query_node.node_client.NodeClients (gRPC in production, fakes in tests). Shards
@@ -15,14 +18,17 @@ import logging
 import threading
 import time
 import weakref
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 import numpy as np
 
 from query_node.fanout import FanOut, FanOutResult, NodeCallError, replicas_by_shard
+from query_node.node_health import NodeHealth
 from query_node.wire import MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
+
+DEFAULT_NODE_TIMEOUT = 1.0  # below the 5 s search timeout: room to ask two more replicas
 
 
 class _Done:
@@ -51,17 +57,20 @@ class Coordinator:
         node_token: sent as `authorization: Bearer` on every node call (nodes run with a token).
         node_clients: how nodes are called (query_node.node_client.NodeClients); default: gRPC with
             `tls`, `node_token` and `max_message_bytes`.
+        node_timeout: seconds a node may take before its shards go to another replica (when one exists);
+            a call unanswered for a few times the node's usual latency is hedged to a second replica.
     """
 
     def __init__(self, registry, shard_count: int, topology_ttl: float = 0.5,
                  max_message_bytes: int = MAX_MESSAGE_BYTES, tls=None, node_token: str | None = None,
-                 node_clients=None):
+                 node_clients=None, node_timeout: float = DEFAULT_NODE_TIMEOUT):
         if node_clients is None:
             from query_node.node_client import GrpcNodeClients
 
             node_clients = GrpcNodeClients(tls=tls, node_token=node_token, max_message_bytes=max_message_bytes)
         self.registry = registry
         self.node_clients = node_clients
+        self.health = NodeHealth(node_timeout)  # routing, hedging and per-node timeouts (query_node.node_health)
         self.shard_count = shard_count
         self.topology_ttl = topology_ttl
         self._lock = threading.Lock()
@@ -85,7 +94,9 @@ class Coordinator:
         """
         with self._lock:
             nodes, age = self._nodes, time.monotonic() - self._nodes_at
-        if nodes is None or age > self.topology_ttl:
+        # Re-list on this thread only for the first listing, or when no refresher keeps it fresh (a TTL of
+        # 0): a static list's Status call to a hung node takes seconds, and a search must not wait for it.
+        if nodes is None or (age > self.topology_ttl and (self.topology_ttl <= 0 or self._refresher is None)):
             nodes = self._refresh()
         if self._refresher is None and not self._stop.is_set():
             with self._lock:
@@ -127,30 +138,106 @@ class Coordinator:
         """
         deadline = time.monotonic() + timeout
         tables = self.node_clients.prepare(lookup_tables)
-        fan = FanOut({s: [n.address for n in nodes] for s, nodes in self.replicas().items()}, self.shard_count,
-                     min_version)
+        now = time.monotonic()
+        replicas = {s: self.health.order([n.address for n in nodes], now) for s, nodes in self.replicas().items()}
+        fan = FanOut(replicas, self.shard_count, min_version)
         while True:
             plan = fan.next_round()
             remaining = deadline - time.monotonic()
             if not plan or remaining <= 0:
                 break
-            calls = {}
-            last = list(plan)[-1]
-            for address, shards in plan.items():
-                args = (address, tables, k, shards, fan.target, remaining)
-                if address == last:  # every other call is in flight: wait for this one on this thread
-                    calls[address] = _Done(self.node_clients.search, *args)
-                else:
-                    calls[address] = self._calls.submit(self.node_clients.search, *args)
-            for address, call in calls.items():
-                try:
-                    reply = call.result()
-                except NodeCallError as exc:
-                    fan.failed(address, exc)  # raises NodeRefused when retrying elsewhere cannot help
-                    continue
-                fan.answered(address, reply)
+            if not any(fan.has_alternative(shards) for shards in plan.values()):
+                # Nowhere else to go for any shard: nothing to hedge, so no call needs watching. All calls but
+                # the last run on the pool, the last on this thread (one thread hand-off less per search).
+                last = list(plan)[-1]
+                calls = {a: self._calls.submit(self._call, a, tables, k, sh, fan.target, remaining)
+                         for a, sh in plan.items() if a != last}
+                calls[last] = _Done(self._call, last, tables, k, plan[last], fan.target, remaining)
+                for address, call in calls.items():
+                    self._settle(fan, address, call)
+            else:
+                self._round(fan, plan, tables, k, deadline)
             fan.end_round()  # all shards must come from one version: realign stragglers to the newest
         return fan.result(lookup_tables.shape[0], k)
+
+    def _call(self, address, tables, k, shards, target, budget) -> tuple[object, float]:
+        """One node call; returns (reply, seconds) and records the node's health either way."""
+        t0 = time.monotonic()
+        try:
+            reply = self.node_clients.search(address, tables, k, shards, target, budget)
+        except NodeCallError:
+            self.health.failed(address, time.monotonic())
+            raise
+        seconds = time.monotonic() - t0
+        self.health.answered(address, seconds)
+        return reply, seconds
+
+    def _settle(self, fan: FanOut, address: str, call) -> None:
+        try:
+            reply, _ = call.result()
+        except NodeCallError as exc:
+            fan.failed(address, exc)  # raises NodeRefused when retrying elsewhere cannot help
+            return
+        fan.answered(address, reply)
+
+    def _round(self, fan: FanOut, plan: dict, tables, k: int, deadline: float) -> None:
+        """Make a round's calls in parallel; hedge slow ones to a second replica, give up on hung ones.
+
+        A call is hedged (the same shards asked of the next replica too) once it has waited
+        `health.hedge_after` for its node, and counted as failed after `health.node_timeout`; its own
+        gRPC deadline is that timeout when another replica exists, else the whole remaining time. The
+        round ends when every shard is answered or no call is left in flight (calls still running then
+        finish on their threads, and their answers are ignored).
+        """
+        inflight: dict = {}  # future -> (address, shards, started, hedged)
+
+        def submit(address, shards):
+            now = time.monotonic()
+            cut = fan.has_alternative(shards)
+            budget = deadline - now
+            if cut:
+                budget = min(budget, self.health.node_timeout)
+            future = self._calls.submit(self._call, address, tables, k, shards, fan.target, max(budget, 0.0))
+            inflight[future] = [address, shards, now, not cut]
+
+        for address, shards in plan.items():
+            submit(address, shards)
+        while inflight and fan.pending:
+            now = time.monotonic()
+            if now >= deadline:
+                break
+            wakes = [deadline]
+            for address, _, started, hedged in inflight.values():
+                if not hedged:
+                    wakes.append(started + self.health.hedge_after(address))
+                wakes.append(started + self.health.node_timeout)
+            done, _ = wait(list(inflight), timeout=max(0.0, min(wakes) - now), return_when=FIRST_COMPLETED)
+            for future in done:
+                address, _, _, _ = inflight.pop(future)
+                self._settle(fan, address, future)
+                if address not in {a for a, *_ in inflight.values()}:
+                    for alt, shards in fan.reassign(address).items():  # it failed: its pending shards move on
+                        submit(alt, shards)
+            now = time.monotonic()
+            for future, entry in list(inflight.items()):
+                address, shards, started, hedged = entry
+                if now - started >= self.health.node_timeout and fan.has_alternative(shards):
+                    self.health.failed(address, now)  # hung or too slow: route around it from now on
+                    log.warning("node %s did not answer within %.2f s; asking another replica", address,
+                                self.health.node_timeout)
+                    del inflight[future]
+                    for alt, alt_shards in fan.reassign(address).items():
+                        submit(alt, alt_shards)
+                elif not hedged and now - started >= self.health.hedge_after(address):
+                    entry[3] = True
+                    for alt, alt_shards in fan.reassign(address).items():  # a hedge: first answer wins
+                        submit(alt, alt_shards)
+        now = time.monotonic()
+        for address, _, started, _ in inflight.values():
+            if now - started >= self.health.hedge_after(address):
+                # Outrun by its hedge (or out of time): try it last until it answers again; its own late
+                # answer clears this at once, a hung node's never comes.
+                self.health.failed(address, now)
 
     def close(self) -> None:
         self._stop.set()

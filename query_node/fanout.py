@@ -8,7 +8,7 @@ plan is empty or time is up; `result()` then merges what was kept.
 
 Rules:
 * A node that fails with a code in RETRY_CODES (UNAVAILABLE, DEADLINE_EXCEEDED,
-  NOT_FOUND: it restarted with other shards, ...) has its shards asked of another
+  NOT_FOUND: it restarted with other shards, RESOURCE_EXHAUSTED: it is full, ...) has its shards asked of another
   replica in the next round; any other code means the node refused the request
   itself (NodeRefused: a coordinator/node mismatch, not worth a retry).
 * Every shard of an answer comes from ONE committed version, at least `min_version`:
@@ -17,6 +17,10 @@ Rules:
   asked again at that version, the same replicas included (they may load it on
   demand). After MAX_VERSION_ROUNDS such realignments the search gives up
   (VersionConflict).
+* A slow or hung replica does not hold a search: while a round's calls are in flight the
+  caller may `reassign()` an unanswered call's shards to the next untried replica (a
+  hedged request after a short wait, a failed one after the per-node timeout); whichever
+  answer arrives first counts, and a later one that brings no pending shard is ignored.
 * Shards that no replica answered are reported (`missing_shards`), never silently
   left out.
 """
@@ -31,7 +35,8 @@ from query_node.merge import Hit, merge_node_replies
 
 log = logging.getLogger(__name__)
 
-RETRY_CODES = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "NOT_FOUND", "CANCELLED", "UNKNOWN", "INTERNAL")
+RETRY_CODES = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "NOT_FOUND", "CANCELLED", "UNKNOWN", "INTERNAL",
+               "RESOURCE_EXHAUSTED")  # a busy node sheds load: another replica may have room
 MAX_VERSION_ROUNDS = 3
 
 
@@ -137,13 +142,35 @@ class FanOut:
         self._plan = plan
         return plan
 
+    def reassign(self, address: str) -> dict[str, list[int]]:
+        """{address: shards} asking the next untried replica for the still pending shards of the call to
+        `address` in this round (a hedge, or a call given up on); empty when none is left to ask."""
+        plan: dict[str, list[int]] = {}
+        for s in self._plan.get(address, ()):
+            if s not in self.pending:
+                continue
+            choice = next((a for a in self.replicas[s] if a not in self.tried[s]), None)
+            if choice is not None:
+                plan.setdefault(choice, []).append(s)
+                self.tried[s].add(choice)
+        for alt, shards in plan.items():
+            self._plan.setdefault(alt, []).extend(shards)
+        return plan
+
+    def has_alternative(self, shards: Sequence[int]) -> bool:
+        """True when some shard of `shards` has a replica not yet asked (so a call for them may be cut short)."""
+        return any(a not in self.tried[s] for s in shards for a in self.replicas[s])
+
     def answered(self, address: str, reply: NodeReply) -> None:
-        """Count a node's reply, unless it comes from a version older than the one required."""
+        """Count a node's reply, unless it comes from a version older than the one required, or brings no
+        shard still pending (a hedged call's slower twin)."""
         if self.target and reply.version < int(self.target):  # it could not load the version asked for
             log.warning("node %s answered from version %d, older than the required %s; asking another replica",
                         address, reply.version, self.target)
             return
         fresh = [s for s in reply.shards if s in self.pending]
+        if not fresh:
+            return
         self._answers.append(_Answer(reply.version, fresh, reply.results, reply.scan_ms))
         self.pending.difference_update(fresh)
 

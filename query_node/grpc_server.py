@@ -27,6 +27,11 @@ from query_node.wire import MESSAGE_OPTIONS
 log = logging.getLogger(__name__)
 
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+RETRY_PUSHBACK = "grpc-retry-pushback-ms"  # trailer of a refusal that says when to retry (gRPC retry design)
+# Calls the server takes at most (running + queued inside gRPC), as a multiple of its worker threads. Beyond,
+# gRPC refuses at once with RESOURCE_EXHAUSTED instead of queueing without bound; the servicers' own
+# admission (query_node.admission) sheds expensive work well before that.
+MAX_CALLS_PER_WORKER = 8
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -42,6 +47,9 @@ def status_on_error(context):
     try:
         yield
     except FacepqError as exc:
+        retry_ms = getattr(exc, "retry_after_ms", None)
+        if retry_ms is not None:  # load shedding: say when to retry (gRPC's own retry trailer)
+            context.set_trailing_metadata(((RETRY_PUSHBACK, str(int(retry_ms))),))
         context.abort(status_code(exc), str(exc))
 
 
@@ -83,7 +91,8 @@ class GrpcServer:
         # coordinators on the default 50050) binds beside the first and silently takes half its calls.
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=self.workers),
                                   options=[*MESSAGE_OPTIONS, ("grpc.so_reuseport", 0)],
-                                  interceptors=interceptors(self.auth_tokens, self.protected))
+                                  interceptors=interceptors(self.auth_tokens, self.protected),
+                                  maximum_concurrent_rpcs=self.workers * MAX_CALLS_PER_WORKER)
         self.port = add_port(self.server, self.host, self.requested_port, self.tls)
         add_servicer(self.server)
         self.health = health.HealthServicer()

@@ -36,12 +36,17 @@ RECENT_VIEWS = 3  # views kept addressable by version (each holds only mmaps, sh
 VIEW_GRACE_SECONDS = 10.0
 
 
-def _file_stamp(path: str | None):
-    """(size, mtime_ns, inode) of a local file; None when it cannot be stat'ed (gone) or is remote."""
+def _file_stamp(store, rel: str):
+    """(size, mtime_ns, inode) of a local file; None when it cannot be stat'ed (gone) or is remote;
+    "link" when a symbolic link took its place (a change: the segment is reopened, and refused)."""
+    try:
+        path = store.local_path(rel)
+    except FacepqError:
+        return "link"
     if path is None:
         return None
     try:
-        st = os.stat(path)
+        st = os.lstat(path)
     except OSError:
         return None
     return (st.st_size, st.st_mtime_ns, st.st_ino)
@@ -55,20 +60,23 @@ class LiveIndex:
         shard_ids: shards to serve.
         poll_seconds: how often CURRENT is read and the served segment files are stat'ed.
         on_change: called with the new view after every swap (health, registry).
+        on_status: called with (ok, error text) whenever the watcher starts or stops failing.
         verify: check each newly opened segment's sha256.
         view_grace: seconds a superseded view stays addressable (`view_at`) before it is dropped.
     """
 
     def __init__(self, index_uri, shard_ids: list[int], poll_seconds: float = 0.5, on_change=None, verify=True,
-                 view_grace: float = VIEW_GRACE_SECONDS):
+                 view_grace: float = VIEW_GRACE_SECONDS, on_status=None):
         from indexer.store import IndexStore
 
         self.store = IndexStore(index_uri)
+        self.store.check_no_links()  # a node never serves files reached through a link: refuse to start
         self.shard_ids = sorted(set(int(s) for s in shard_ids))
         if not self.shard_ids:
             raise ConfigError("a node must serve at least one shard (e.g. --shards 0,1)")
         self.poll_seconds = poll_seconds
         self.on_change = on_change
+        self.on_status = on_status  # callable(ok: bool, error: str) when the watcher's state changes
         self.verify = verify
         self.view_grace = view_grace
         self._superseded: dict[str, float] = {}  # version -> monotonic time it stopped being current
@@ -99,7 +107,7 @@ class LiveIndex:
         for data in view.shards.values():
             for seg in data.segments:
                 if seg.ref.id not in self._stamps:
-                    self._stamps[seg.ref.id] = _file_stamp(self.store.local_path(seg.ref.path))
+                    self._stamps[seg.ref.id] = _file_stamp(self.store, seg.ref.path)
         self._forget_expired(now)
 
     def _forget_expired(self, now: float) -> None:
@@ -158,7 +166,7 @@ class LiveIndex:
         changed = []
         for data in view.shards.values():
             for seg in data.segments:
-                stamp = _file_stamp(self.store.local_path(seg.ref.path))
+                stamp = _file_stamp(self.store, seg.ref.path)
                 if self.store.is_local and stamp != self._stamps.get(seg.ref.id):
                     changed.append(seg.ref.id)
         if not changed:
@@ -176,18 +184,40 @@ class LiveIndex:
 
     def _watch(self) -> None:
         while not self._stop.wait(self.poll_seconds):
+            self.poll()
+
+    def poll(self) -> str:
+        """One watcher step: load a new version, re-check served files, drop expired views. Never raises.
+
+        Each step runs whatever the others did: a current manifest that cannot be read must not stop
+        the checks of the files still served (a node whose watcher died kept serving a segment altered
+        on disk). Returns the error text ("" when every step succeeded); `last_error` keeps it and
+        `on_status(ok, text)` hears of every change, so health can report a node stuck on an old view.
+        """
+        problems = []
+        for step in (self.reload_if_changed, self.check_segments, self._forget_now):
             try:
-                self.reload_if_changed()
-                self.check_segments()
-                with self._reload_lock:
-                    self._forget_expired(time.monotonic())
-                self.last_error = ""
-            except FacepqError as exc:  # keep serving the old view; retry next poll
-                if str(exc) != self.last_error:
-                    log.warning("cannot load the new index version (still serving %s): %s", self._view.version, exc)
-                self.last_error = str(exc)
-            except OSError as exc:
-                log.warning("index watcher: %s", exc)
+                step()
+            except FacepqError as exc:  # keep serving the last good view; retry next poll
+                problems.append(str(exc))
+            except Exception as exc:  # anything else too: a dead watcher never recovers
+                if f"{type(exc).__name__}: {exc}" != self.last_error:
+                    log.exception("index watcher step %s failed", step.__name__)
+                problems.append(f"{type(exc).__name__}: {exc}")
+        error = "; ".join(problems)
+        if error != self.last_error:
+            if error:
+                log.warning("index watcher (still serving version %s): %s", self._view.version, error[:2000])
+            else:
+                log.info("index watcher: reading %s again (serving version %s)", self.store.uri, self._view.version)
+            self.last_error = error
+            if self.on_status is not None:
+                self.on_status(not error, error)
+        return error
+
+    def _forget_now(self) -> None:
+        with self._reload_lock:
+            self._forget_expired(time.monotonic())
 
     def start(self) -> None:
         if self._thread is None:

@@ -5,8 +5,10 @@ Status codes (the message always says what to change):
   values are not M*K finite floats, top_k outside 1..MAX_TOP_K, too many tables.
 * NOT_FOUND: a requested shard that this node does not serve (ask another node / the
   coordinator's topology); the message lists the shards it serves.
-* UNAVAILABLE: a requested shard is NOT_SERVING here (corrupt segment); the coordinator
-  retries another replica.
+* UNAVAILABLE: every requested shard is NOT_SERVING here (corrupt segment, no file
+  descriptor left); the coordinator retries another replica. When only some are, the
+  others are answered and `shards_searched` leaves the down ones out (the coordinator
+  asks another replica for those): one failing shard never costs the node's other answers.
 * RESOURCE_EXHAUSTED: a request above MAX_MESSAGE_BYTES (gRPC's own check).
 * UNAUTHENTICATED: the node runs with a token (query_node.security) and the call had none
   or a wrong one; a node's token protects Search and Status (its only callers are
@@ -19,7 +21,8 @@ when the node holds it, loading the current version first when the name is newer
 its view (see LiveIndex.view_at); the reply says which version answered.
 
 Health (grpc.health.v1): "" and "facepq.v1.QueryNode" are SERVING while any shard
-serves; "facepq.shard.<n>" per shard. Graceful stop flips everything to NOT_SERVING
+serves; "facepq.shard.<n>" per shard; "facepq.index" while the watcher can read the index
+(NOT_SERVING: stuck on its last good version, e.g. behind a malformed manifest). Graceful stop flips everything to NOT_SERVING
 first, so load balancers and the coordinator stop sending before the port closes.
 """
 from __future__ import annotations
@@ -35,12 +38,16 @@ from facepq_proto.facepq.v1 import facepq_pb2, facepq_pb2_grpc
 from query_node.grpc_server import NOT_SERVING, SERVING, GrpcServer, ServedByGrpc, status_on_error
 from query_node.index_view import IndexView
 from query_node.live_index import LiveIndex
+from query_node.security import NONCE_HEADER, PROOF_HEADER, is_loopback, node_bearer, node_reply_key, reply_proof
 from query_node.shard_search import ScanStats
 from query_node.wire import MAX_TABLES, MAX_TOP_K, hit_messages, table_values
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "facepq.v1.QueryNode"
+# Health service: SERVING while the node's watcher reads the index (new versions, changed files); NOT_SERVING
+# while it cannot (e.g. a malformed current manifest): the node then serves its last good version.
+INDEX_HEALTH = "facepq.index"
 
 
 def shard_service_name(shard: int) -> str:
@@ -51,10 +58,10 @@ def validate_search(tables_msg, top_k: int, shards_msg, view: IndexView) -> tupl
     """Check a NodeSearchRequest against the served view.
 
     Returns:
-        lookup tables float32 [Q, M, K], k, the shards to scan (sorted).
+        lookup tables float32 [Q, M, K], k, the shards to scan (sorted; those NOT_SERVING left out).
     Raises:
         InvalidRequest: no tables, too many, a bad shape or NaN/inf values, top_k out of range.
-        NotFound: a shard this node does not serve.  Unavailable: a shard NOT_SERVING here.
+        NotFound: a shard this node does not serve.  Unavailable: every requested shard NOT_SERVING here.
     """
     m, kk = view.model.M, view.model.K
     if not tables_msg:
@@ -78,19 +85,30 @@ def validate_search(tables_msg, top_k: int, shards_msg, view: IndexView) -> tupl
     if unknown:
         raise NotFound(f"shard(s) {unknown} are not served by this node; it serves {sorted(served)}")
     down = [s for s in shards if not view.shards[s].serving]
-    if down:
+    if len(down) == len(shards):
         reasons = "; ".join(f"{s}: {view.shards[s].reason}" for s in down)
         raise Unavailable(f"shard(s) {down} NOT_SERVING on this node ({reasons})")
-    return tables, int(top_k), shards
+    # Some shards down: the others are still answered (the reply's shards_searched leaves the down ones
+    # out, and the coordinator asks another replica for them) rather than the whole request refused.
+    return tables, int(top_k), [s for s in shards if s not in down]
 
 
 class QueryNodeServicer(facepq_pb2_grpc.QueryNodeServicer):
     """Search and Status over a LiveIndex: read the request, validate, scan, build the reply."""
 
-    def __init__(self, live: LiveIndex, node_id: str, address: str):
+    def __init__(self, live: LiveIndex, node_id: str, address: str, reply_keys: tuple = ()):
         self.live, self.node_id, self.address = live, node_id, address
+        self.reply_keys = reply_keys  # query_node.security.node_reply_key of each node token
         self.queries_served = 0
         self._lock = threading.Lock()
+
+    def _sign(self, reply, context) -> None:
+        """Prove to the coordinator that this reply comes from a node holding the node token."""
+        nonce = next((v for k, v in context.invocation_metadata() or () if k == NONCE_HEADER), None)
+        if nonce and self.reply_keys:
+            data = reply.SerializeToString(deterministic=True)
+            context.set_trailing_metadata(((PROOF_HEADER, ",".join(reply_proof(k, nonce, data)
+                                                                   for k in self.reply_keys)),))
 
     def Search(self, request, context):
         t0 = time.perf_counter()
@@ -107,6 +125,7 @@ class QueryNodeServicer(facepq_pb2_grpc.QueryNodeServicer):
         for hits in results:
             reply.results.add(hits=hit_messages(facepq_pb2, hits))
         reply.took_ms = (time.perf_counter() - t0) * 1e3
+        self._sign(reply, context)
         return reply
 
     def Status(self, request, context):
@@ -137,16 +156,28 @@ class NodeServer(ServedByGrpc):
 
     def __init__(self, index_uri, shards, host="127.0.0.1", port=0, node_id=None, poll_seconds=0.5, workers=4,
                  tls=None, auth_tokens=(), view_grace=None):
+        from query_node.fd_limit import check_fd_budget, raise_fd_limit
         from query_node.scan import warmup
 
+        soft_fds, _ = raise_fd_limit()  # two descriptors per served segment
         # Open the index first: a bad index or shard list fails in a second, not after the kernels load.
         extra = {} if view_grace is None else {"view_grace": view_grace}
-        self.live = LiveIndex(index_uri, shards, poll_seconds=poll_seconds, on_change=self._on_change, **extra)
+        self.live = LiveIndex(index_uri, shards, poll_seconds=poll_seconds, on_change=self._on_change,
+                              on_status=self._on_watch_status, **extra)
+        check_fd_budget(sum(len(d.segments) for d in self.live.view.shards.values()), soft_fds)
         warmup()  # compile (or load cached) kernels before the first query, not during it
         self.node_id = node_id
-        # A node's token protects everything it serves: its only callers are coordinators.
-        self.grpc_server = GrpcServer(SERVICE_NAME, host, port, workers, tls=tls, auth_tokens=auth_tokens,
-                               protected_methods=("Search", "Status"))
+        # A node's token protects everything it serves: its only callers are coordinators, which send the
+        # bearer derived from it; with it the node signs its replies (query_node.security).
+        tokens = list(auth_tokens)
+        if not tokens and not is_loopback(host):
+            log.warning("this node serves %s without a token: anyone who can reach it can read every name and "
+                        "source of its shards, and coordinators cannot tell it from an impostor; give it the node "
+                        "token (--auth-token-file)", host)
+        self.reply_keys = tuple(node_reply_key(t) for t in tokens)
+        self.grpc_server = GrpcServer(SERVICE_NAME, host, port, workers, tls=tls,
+                                      auth_tokens=tokens + [node_bearer(t) for t in tokens],
+                                      protected_methods=("Search", "Status"))
         self.listeners = []  # callables(view) told about every swap (registry)
 
     def _set_health(self, view: IndexView | None) -> None:
@@ -158,6 +189,14 @@ class NodeServer(ServedByGrpc):
             health.set(shard_service_name(s), SERVING if ok else NOT_SERVING)
         for name in ("", SERVICE_NAME):
             health.set(name, SERVING if any_serving else NOT_SERVING)
+        if view is self.live.view:  # at start and on swaps; the watcher's own state changes set it too
+            health.set(INDEX_HEALTH, NOT_SERVING if self.live.last_error else SERVING)
+
+    def _on_watch_status(self, ok: bool, error: str) -> None:
+        """Health INDEX_HEALTH: NOT_SERVING while the watcher cannot read the index (the last good view
+        is still served; the log says why)."""
+        if self.grpc_server.health is not None:
+            self.grpc_server.health.set(INDEX_HEALTH, SERVING if ok else NOT_SERVING)
 
     def _on_change(self, view: IndexView) -> None:
         if self.grpc_server.health is not None:
@@ -167,8 +206,8 @@ class NodeServer(ServedByGrpc):
 
     def _add_servicer(self, server) -> None:
         self.node_id = self.node_id or self.address
-        facepq_pb2_grpc.add_QueryNodeServicer_to_server(QueryNodeServicer(self.live, self.node_id, self.address),
-                                                        server)
+        facepq_pb2_grpc.add_QueryNodeServicer_to_server(
+            QueryNodeServicer(self.live, self.node_id, self.address, self.reply_keys), server)
 
     def start(self) -> "NodeServer":
         self.grpc_server.start(self._add_servicer, initial_health=lambda _: self._set_health(self.live.view))

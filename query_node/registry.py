@@ -22,6 +22,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from facepq_core.redact import redact_url
+from facepq_core.redis_errors import is_auth_failure, redis_error
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +137,25 @@ class RedisRegistry:
         self._ever_reached = False
         self._run_id = None
         self._grace_until = 0.0
+        self._warned = False
+
+    def check(self) -> None:
+        """At start: refuse a registry that rejects our credentials; warn (and start) when it is down.
+
+        A coordinator whose Redis refused its password used to start healthy, log nothing, and answer
+        every search with every shard missing. Credentials do not fix themselves: that is Misconfigured
+        (the server exits with one line). Redis being down can: the coordinator starts, logs it, and its
+        answers name the missing shards until the nodes are listed.
+        """
+        import redis
+
+        try:
+            self._redis.ping()
+        except redis.RedisError as exc:
+            error = redis_error(exc, self.url, "list the query nodes")
+            if is_auth_failure(exc):
+                raise error from exc
+            log.warning("%s; searches will report every shard missing until it is back", error)
 
     def _run_id_now(self):
         import redis
@@ -153,9 +173,10 @@ class RedisRegistry:
             keys = list(self._redis.scan_iter(match=KEY_PREFIX + "*", count=500))
             values = self._redis.mget(keys) if keys else []
         except redis.RedisError as exc:  # down, or credentials refused: keep serving the last topology
-            if self.reachable:
-                log.warning("registry %s unreachable (%s); using the last known %d nodes", redact_url(self.url), exc,
+            if self.reachable or not self._warned:  # once per outage, and from the very first failure on
+                log.warning("%s; using the last known %d nodes", redis_error(exc, self.url, "list the query nodes"),
                             len(self._last))
+                self._warned = True
             self.reachable = False
             return list(self._last)
         back = self._ever_reached and (not self.reachable or (run_id and self._run_id and run_id != self._run_id))
@@ -163,7 +184,7 @@ class RedisRegistry:
             log.info("registry %s is back; keeping the last known %d nodes for %g s while nodes re-register",
                      redact_url(self.url), len(self._last), self.restart_grace)
             self._grace_until = time.monotonic() + self.restart_grace
-        self.reachable, self._ever_reached = True, True
+        self.reachable, self._ever_reached, self._warned = True, True, False
         self._run_id = run_id or self._run_id
         records = []
         for v in values:
@@ -184,32 +205,41 @@ class StaticRegistry:
     """A fixed list of node addresses; shards and versions come from each node's Status RPC."""
 
     def __init__(self, addresses: list[str], timeout: float = 2.0, tls=None, token: str | None = None):
-        from query_node.security import bearer_metadata
+        from query_node.security import bearer_metadata, node_bearer
 
         self.addresses = list(addresses)
         self.timeout = timeout
-        self.tls, self.metadata = tls, bearer_metadata(token)
+        self.tls, self.metadata = tls, bearer_metadata(node_bearer(token)) if token else ()
         self._last: dict[str, NodeRecord] = {}
 
-    def nodes(self) -> list[NodeRecord]:
+    def _status(self, addr: str) -> NodeRecord:
         import grpc
 
         from facepq_proto.facepq.v1 import facepq_pb2, facepq_pb2_grpc
         from query_node.security import make_channel
 
-        out = []
-        for addr in self.addresses:
-            try:
-                with make_channel(addr, self.tls) as channel:
-                    st = facepq_pb2_grpc.QueryNodeStub(channel).Status(facepq_pb2.NodeStatusRequest(),
-                                                                     timeout=self.timeout, metadata=self.metadata)
-                shards = [s.shard for s in st.shards if s.state == facepq_pb2.SHARD_SERVING]
-                rec = NodeRecord(node_id=st.node_id or addr, address=addr, shards=shards,
-                                 index_version=st.index_version)
-            except grpc.RpcError:
-                rec = NodeRecord(node_id=addr, address=addr, shards=[], healthy=False)
-                if addr in self._last:  # keep its shards as a retry candidate, marked unhealthy
-                    rec.shards = self._last[addr].shards
-            self._last[addr] = rec
-            out.append(rec)
+        try:
+            with make_channel(addr, self.tls) as channel:
+                st = facepq_pb2_grpc.QueryNodeStub(channel).Status(facepq_pb2.NodeStatusRequest(),
+                                                                 timeout=self.timeout, metadata=self.metadata)
+            shards = [s.shard for s in st.shards if s.state == facepq_pb2.SHARD_SERVING]
+            return NodeRecord(node_id=st.node_id or addr, address=addr, shards=shards, index_version=st.index_version)
+        except grpc.RpcError:
+            rec = NodeRecord(node_id=addr, address=addr, shards=[], healthy=False)
+            if addr in self._last:  # keep its shards as a retry candidate, marked unhealthy
+                rec.shards = self._last[addr].shards
+            return rec
+
+    def nodes(self) -> list[NodeRecord]:
+        """Every address's Status, asked in parallel: a hung node costs one timeout, not one per node after it."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        if len(self.addresses) <= 1:
+            out = [self._status(a) for a in self.addresses]
+        else:
+            with ThreadPoolExecutor(max_workers=min(16, len(self.addresses)),
+                                    thread_name_prefix="facepq-static-registry") as pool:
+                out = list(pool.map(self._status, self.addresses))
+        for rec in out:
+            self._last[rec.address] = rec
         return out

@@ -16,6 +16,20 @@ the new one, move the clients, remove the old one). Tokens are compared with
 `hmac.compare_digest`, so the time a refusal takes says nothing about the token.
 Health checks and reflection stay open: probes and tools need them and they hold no
 gallery data.
+
+Two tokens, two roles. The *admin* token (`--auth-token-file` of a coordinator) lets clients
+change the index; it never leaves the coordinator. The *node* token (`--node-auth-token-file`
+of a coordinator, `--auth-token-file` of its nodes) is shared by a coordinator and its nodes,
+and works both ways without ever crossing the wire:
+* coordinator -> node: the coordinator sends `node_bearer(token)`, a value derived from the
+  token (HMAC), as its bearer; nodes accept it (and the token itself, for operators' tools);
+* node -> coordinator: every call carries a fresh nonce (`x-facepq-nonce`), and a node signs
+  its reply, `HMAC(node_reply_key(token), nonce || reply bytes)`, in the trailer
+  `x-facepq-node-proof`. The coordinator drops the hits of a reply without a valid proof and
+  asks another replica: a process that got itself listed (a static list, a password-less
+  Redis) learns only the bearer, which cannot forge a proof, so it can neither collect the
+  admin token nor put forged hits first. Mutual TLS (`--node-tls-ca` + node certificates)
+  authenticates nodes by certificate instead, or as well.
 """
 from __future__ import annotations
 
@@ -175,6 +189,38 @@ def load_tokens(path: str | None = None, value: str | None = None) -> list[str]:
     return tokens
 
 
+NONCE_HEADER = "x-facepq-nonce"
+PROOF_HEADER = "x-facepq-node-proof"
+
+
+def _derive(token: str, purpose: bytes) -> bytes:
+    return hmac.new(token.encode("utf-8"), purpose, "sha256").digest()
+
+
+def node_bearer(token: str) -> str:
+    """What a coordinator sends nodes as its bearer: derived from the node token, useless for forging proofs."""
+    return "fpqn1-" + _derive(token, b"facepq node bearer v1").hex()
+
+
+def node_reply_key(token: str) -> bytes:
+    """The key a node signs its replies with (never sent anywhere)."""
+    return _derive(token, b"facepq node reply v1")
+
+
+def reply_proof(key: bytes, nonce: str, reply_bytes: bytes) -> str:
+    """HMAC-SHA256 of the call's nonce and the reply's deterministic serialisation, hex."""
+    return hmac.new(key, nonce.encode("ascii") + b"\0" + reply_bytes, "sha256").hexdigest()
+
+
+def proof_matches(key: bytes, nonce: str, reply_bytes: bytes, proofs: str) -> bool:
+    """True when one of the comma-separated `proofs` (a node with rotated tokens signs with each) is valid."""
+    want = reply_proof(key, nonce, reply_bytes).encode("ascii")
+    ok = False
+    for given in proofs.split(","):
+        ok |= hmac.compare_digest(want, given.strip().encode("ascii", "replace"))
+    return ok
+
+
 def bearer_metadata(token: str | None) -> tuple:
     """Call metadata carrying `token` (empty when there is none)."""
     return ((AUTH_HEADER, f"Bearer {token}"),) if token else ()
@@ -240,7 +286,9 @@ def add_server_flags(parser, auth_help: str) -> None:
     g.add_argument("--auth-token-file", default=os.environ.get(ENV_AUTH_TOKEN_FILE),
                    help=f"{auth_help}; one token per line (env {ENV_AUTH_TOKEN_FILE}, or the token in "
                         f"{ENV_AUTH_TOKEN})")
-    g.add_argument("--auth-search", action="store_true", help="require the token for Search and Status too")
+    g.add_argument("--auth-search", action="store_true",
+                   help="require the token for Search and Status too (without it, anyone who can reach the "
+                        "coordinator can read every name and source in the index)")
 
 
 def add_client_flags(parser) -> None:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from facepq_core.errors import DataError, FacepqError, InvalidRequest, NoFaceFound, NotFound, Unavailable
+from facepq_core.limits import MAX_DELETE_FACE_IDS, MAX_ENROL_PHOTOS, MAX_PERSON_CHARS, MAX_SOURCE_CHARS
 from query_node.fanout import replicas_by_shard
 from query_node.merge import Hit
 from query_node.wire import MAX_TOP_K
@@ -34,7 +35,6 @@ from query_node.wire import MAX_TOP_K
 log = logging.getLogger(__name__)
 
 DEFAULT_TOP_K = 10
-MAX_PERSON_CHARS = 256
 DEFAULT_COMPACT_GRACE = 3600.0
 DEADLINE_MARGIN = 0.05  # seconds kept back from a caller's deadline to build and send the reply
 
@@ -166,8 +166,11 @@ class CoordinatorService:
         """Encode the photos' faces and commit them as `person`; photos without a usable face are skipped.
 
         Raises:
-            InvalidRequest: an empty, too long or unprintable name, or no photos.
+            InvalidRequest: an empty, too long or unprintable name, no photos, more than MAX_ENROL_PHOTOS,
+                a source longer than MAX_SOURCE_CHARS (facepq_core.limits).
             NoFaceFound: no photo had a usable face (nothing is committed).
+            AlreadyEnrolled: a photo is enrolled as another person (nothing is committed; the message
+                names that person). The same photo under the same person is not an error: it is there.
             Unavailable: another writer held the commit lock too long.
         """
         from indexer.face_id import face_id_for_photo
@@ -176,6 +179,13 @@ class CoordinatorService:
         _check_person(person)
         if not photos:
             raise InvalidRequest("send at least one photo to enrol")
+        if len(photos) > MAX_ENROL_PHOTOS:
+            raise InvalidRequest(f"{len(photos)} photos in one Enrol; at most {MAX_ENROL_PHOTOS} (send several "
+                                 f"requests, or use `facepq ingest` for a gallery)")
+        long_sources = [i for i, p in enumerate(photos) if len(p.source) > MAX_SOURCE_CHARS]
+        if long_sources:
+            raise InvalidRequest(f"photo source {long_sources[0]} has {len(photos[long_sources[0]].source)} "
+                                 f"characters; at most {MAX_SOURCE_CHARS}")
         contents = [p.content for p in photos]
         sources = [p.source or f"enrol:{person}:{i}" for i, p in enumerate(photos)]
         codes, kept, skipped = self.model.encode_photos(contents)
@@ -184,9 +194,16 @@ class CoordinatorService:
             raise NoFaceFound(f"no usable face in any photo ({'; '.join(skipped_msgs)})")
         ids = np.array([face_id_for_photo(bytes(contents[i])) for i in kept], dtype=np.uint64)
         with _index_errors():
-            writer = IndexWriter(self.index_uri, self.model.model_meta(), redis_url=self.redis_url)
-            writer.add(ids, [person] * len(kept), [sources[i] for i in kept], codes)
-            version = writer.commit(f"enrol {person!r} ({len(kept)} faces)")
+            # The enrol rule (indexer.enrol_rule): a photo enrolled as another person is refused
+            # (ALREADY_EXISTS naming that person) and nothing of this request is committed.
+            writer = IndexWriter(self.index_uri, self.model.model_meta(), redis_url=self.redis_url,
+                                 on_conflict="raise")
+            try:
+                writer.add(ids, [person] * len(kept), [sources[i] for i in kept], codes)
+                version = writer.commit(f"enrol {person!r} ({len(kept)} faces)")
+            except BaseException:
+                writer.abort()  # no segment of a refused or failed enrolment stays behind
+                raise
         return EnrolResult(face_ids=ids.tolist(), skipped=skipped_msgs, index_version=str(version or ""))
 
     def delete(self, person: str | None = None, face_ids: Sequence[int] | None = None) -> DeleteResult:
@@ -204,6 +221,10 @@ class CoordinatorService:
             raise InvalidRequest("send a person or face_ids to delete, not both")
         if face_ids is not None and not len(face_ids):
             raise InvalidRequest("face_ids is empty: send at least one face id")
+        if face_ids is not None and len(face_ids) > MAX_DELETE_FACE_IDS:
+            raise InvalidRequest(f"{len(face_ids)} face ids in one Delete; at most {MAX_DELETE_FACE_IDS}")
+        if person is not None and len(person) > MAX_PERSON_CHARS:
+            raise InvalidRequest(f"person must be at most {MAX_PERSON_CHARS} characters")
         target = {"person": person} if person is not None else {"face_ids": list(face_ids)}
         try:
             with _index_errors():

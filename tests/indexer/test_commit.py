@@ -8,7 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from facepq_core.errors import ConfigError, DataError, IndexFormatError
+from facepq_core.errors import ConfigError, DataError, IndexFormatError, Unavailable
 from indexer.commit import commit_segments, compact, delete_faces
 from indexer.errors import IndexLockTimeout
 from indexer.info import index_info
@@ -38,12 +38,14 @@ def test_writer_shards_by_face_id_and_reingest_adds_nothing(tmp_path, meta, rows
     half = IndexWriter(tmp_path / "idx", meta)
     extra = np.array([5, 6], dtype=np.uint64)
     both = np.concatenate([ids[:10], extra, extra])  # duplicates within one batch too
-    assert half.add(both, ["a"] * 14, ["s"] * 14, np.zeros((14, 8), np.uint8)) == 2
+    names = list(persons[:10]) + ["a"] * 4  # the same faces under the same names (the enrol rule)
+    assert half.add(both, names, ["s"] * 14, np.zeros((14, 8), np.uint8)) == 2
     assert half.commit("two new") == 2
     assert sorted(live_row_ids(store).tolist()) == sorted(ids.tolist() + [5, 6])
     # Of rows repeating one face id within a batch, the first is kept.
     last = IndexWriter(tmp_path / "idx", meta)
-    assert last.add(np.array([9, 8, 9], np.uint64), ["first", "x", "second"], ["s"] * 3, np.zeros((3, 8), np.uint8)) == 2
+    assert last.add(np.array([9, 8, 9], np.uint64), ["first", "x", "first"], ["1", "s", "2"],
+                    np.zeros((3, 8), np.uint8)) == 2
     last.commit("first wins")
     names = {open_segment(store, r).person_at(i) for r in store.load_manifest().segments
              for i in np.flatnonzero(open_segment(store, r).face_ids == 9)}
@@ -200,9 +202,10 @@ def test_concurrent_writers_commit_both_without_duplicates(tmp_path, meta, rows)
 def test_repeats_across_adds_keep_the_first_row_and_every_column_stays_aligned(tmp_path, meta, rows, segment_rows):
     ids, persons, sources, codes = rows
     store = IndexStore(tmp_path / "idx")
-    w = IndexWriter(store, meta, segment_rows=segment_rows)
+    w = IndexWriter(store, meta, segment_rows=segment_rows, on_conflict="skip")
     w.add(ids[:300], persons[:300], sources[:300], codes[:300])
-    # Rows 200..299 again under other names and codes, plus a repeat within the batch.
+    # Rows 200..299 again under other names and codes (refused by the enrol rule, reported in
+    # `conflicts`), plus a repeat within the batch.
     again = np.concatenate([ids[200:400], ids[350:360]])
     w.add(again, ["second"] * 210, [f"s{i}" for i in range(210)], np.full((210, 8), 7, np.uint8))
     other = IndexWriter(store, meta)  # commits rows ours still buffers
@@ -210,6 +213,8 @@ def test_repeats_across_adds_keep_the_first_row_and_every_column_stays_aligned(t
     assert other.commit("other") == 1
     assert w.commit("mine") == 2
     assert (w.stats.rows_added, w.stats.duplicates_skipped) == (380, 130)
+    # 200..299 are ours as persons[i], 380..399 were committed by `other` first: 120 photos refused.
+    assert sorted(c.face_id for c in w.conflicts) == sorted(ids[200:300].tolist() + ids[380:400].tolist())
     manifest = store.load_manifest()
     by_id = {}
     for shard, state in enumerate(manifest.shards):
@@ -278,7 +283,7 @@ def test_redis_lock_serialises_commits_and_is_released(tmp_path, meta, rows, red
     assert compact(store, redis_url=redis_server.url, grace_seconds=0).version == 3
     assert not client.exists(key)
     redis_server.stop()
-    with pytest.raises(ConfigError, match="cannot take the commit lock in Redis"):
+    with pytest.raises(Unavailable, match="cannot take the commit lock: Redis at .* is unreachable"):
         delete_faces(store, person="person_02", redis_url=redis_server.url, lock_timeout=1)
 
 
@@ -336,7 +341,7 @@ def test_an_unreachable_redis_is_named_without_any_part_of_its_password(tmp_path
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"redis://app:p@ss@127.0.0.1:{port}/0"
-    with pytest.raises(ConfigError, match="cannot take the commit lock in Redis") as info:
+    with pytest.raises(Unavailable, match="cannot take the commit lock: Redis at .* is unreachable") as info:
         with commit_lock(IndexStore(tmp_path / "idx"), redis_url=url, timeout=1):
             pass
     message = str(info.value)

@@ -279,7 +279,9 @@ def test_the_status_of_each_kind_of_refusal():
         "CheckpointError": "FAILED_PRECONDITION", "DataError": "FAILED_PRECONDITION",
         "IndexFormatError": "FAILED_PRECONDITION", "PhotoSkipped": "FAILED_PRECONDITION",
         "NoFaceFound": "FAILED_PRECONDITION", "BadImage": "INVALID_ARGUMENT",
-        "NotFound": "NOT_FOUND", "Unavailable": "UNAVAILABLE", "VersionConflict": "ABORTED", "NodeRefused": "INTERNAL"}
+        "NotFound": "NOT_FOUND", "AlreadyEnrolled": "ALREADY_EXISTS", "StorageFull": "RESOURCE_EXHAUSTED",
+        "StorageReadOnly": "FAILED_PRECONDITION", "Misconfigured": "FAILED_PRECONDITION",
+        "Overloaded": "RESOURCE_EXHAUSTED", "Unavailable": "UNAVAILABLE", "VersionConflict": "ABORTED", "NodeRefused": "INTERNAL"}
 
 
 # ---------------------------------------------------------------- the model's side of a query

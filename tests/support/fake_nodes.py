@@ -5,6 +5,7 @@ shards, index version asked for, timeout, the thread it ran on). Node objects:
 - `MemoryNode`: fixed best-first hits per shard, one gallery per committed version;
   it answers the version asked for when it holds it, else its current one (like
   LiveIndex.view_at), or fails every call with a status code.
+- `HangingNode`: stops answering (a SIGSTOPped process): calls block until their deadline.
 - `LiveNode`: a real LiveIndex of an index on disk (no watcher thread), answering the
   version asked for as a node does (view_at), so searches through it are exact
   against tests.support.index.brute_force.
@@ -82,6 +83,23 @@ class LiveNode:
                          scan_ms=0.5)
 
 
+class HangingNode:
+    """A node that stops answering (SIGSTOP's shape): every call blocks until `release` is set or its gRPC
+    deadline passes (then DEADLINE_EXCEEDED, as a real channel would answer); once released it answers
+    like `then` (a MemoryNode)."""
+
+    takes_timeout = True
+
+    def __init__(self, then):
+        self.then = then
+        self.release = threading.Event()
+
+    def search(self, tables, k: int, shards, index_version: str, timeout: float) -> NodeReply:
+        if not self.release.wait(timeout):
+            raise NodeCallError("DEADLINE_EXCEEDED", "Deadline Exceeded")
+        return self.then.search(tables, k, shards, index_version)
+
+
 @dataclass
 class Call:
     address: str
@@ -103,7 +121,10 @@ class FakeNodeClients:
 
     def search(self, address, tables, k, shards, index_version, timeout) -> NodeReply:
         self.calls.append(Call(address, list(shards), index_version, timeout, threading.current_thread().name))
-        return self.nodes[address].search(tables, k, shards, index_version)
+        node = self.nodes[address]
+        if getattr(node, "takes_timeout", False):
+            return node.search(tables, k, shards, index_version, timeout)
+        return node.search(tables, k, shards, index_version)
 
     def close(self) -> None:
         pass
