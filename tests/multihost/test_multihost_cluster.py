@@ -84,20 +84,11 @@ def test_answers_return_to_complete_after_each_heal(fault_run):
     assert not fault_run.report.of("no-recovery-after-heal"), _violations(fault_run, "no-recovery-after-heal")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "issue 15 class 8 (a hung replica is waited for; fixed on branch `harden`): a replica that stops answering "
-    "(SIGSTOP, a blackhole, its link down, or a cut under an established connection) costs the coordinator's "
-    "whole 5 s search timeout and a complete=false answer although the shard's other replica is healthy; "
-    "per-node timeouts below the deadline and hedged requests to the second replica make this pass"))
 def test_every_answer_is_complete_while_each_shard_keeps_a_replica(fault_run):
     prop = "unavailable-with-a-live-replica"
     assert not fault_run.report.of(prop), _violations(fault_run, prop)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "issue 15 class 10 (raw errors; fixed on branch `harden`): a coordinator that cannot reach Redis for the "
-    "commit lock refuses Enrol and Delete with INVALID_ARGUMENT ('cannot take the commit lock in Redis'), which "
-    "tells the client its request is wrong; the registry being away is UNAVAILABLE (retry)"))
 def test_writes_refused_during_a_partition_say_retry(fault_run):
     """A write that fails because part of the cluster is away says so with a retryable status."""
     retryable = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED")
