@@ -108,8 +108,9 @@ def _search(args) -> int:
         raise DataError(f"cannot read photo {args.photo}: {exc.strerror}") from exc
     with make_channel(args.coordinator, tls, options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
         try:
-            reply = facepq_pb2_grpc.CoordinatorStub(ch).Search(facepq_pb2.SearchRequest(photo=photo, top_k=args.k),
-                                                               timeout=args.timeout, metadata=bearer_metadata(token))
+            request = facepq_pb2.SearchRequest(photo=photo, top_k=args.k, refine_candidates=args.candidates)
+            reply = facepq_pb2_grpc.CoordinatorStub(ch).Search(request, timeout=args.timeout,
+                                                               metadata=bearer_metadata(token))
         except grpc.RpcError as exc:
             raise ConfigError(f"{exc.code().name}: {exc.details()}") from exc
     hits = [{"rank": i + 1, "face_id": h.face_id, "person": h.person, "score": round(h.score, 6),
@@ -169,6 +170,9 @@ def register(subparsers) -> None:
     p.add_argument("photo", help="photo file (JPEG/PNG/PGM)")
     p.add_argument("--coordinator", required=True, help="host:port")
     p.add_argument("-k", type=int, default=10, help="results (1..1000)")
+    p.add_argument("--candidates", type=int, default=None,
+                   help="on an index with a refinement tier: first-pass candidates re-scored per shard "
+                        "(default 100; 0 = the first pass alone)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--timeout", type=float, default=10.0)
     add_client_flags(p)

@@ -58,7 +58,7 @@ class MemoryNode:
     fail: str | None = None
     on_call: object = None  # optional callable(node) run first on every call (e.g. to move `current`)
 
-    def search(self, tables, k: int, shards, index_version: str) -> NodeReply:
+    def search(self, tables, k: int, shards, index_version: str, refine=None) -> NodeReply:
         if self.on_call is not None:
             self.on_call(self)
         if self.fail:
@@ -76,10 +76,13 @@ class LiveNode:
 
         self.live = LiveIndex(str(path), list(shards))
 
-    def search(self, tables, k: int, shards, index_version: str) -> NodeReply:
+    def search(self, tables, k: int, shards, index_version: str, refine=None) -> NodeReply:
+        from query_node.two_stage import RefineQuery
+
         view = self.live.view_at(index_version) if index_version else self.live.view
-        return NodeReply(version=int(view.version), shards=list(shards), results=view.search(tables, k, list(shards)),
-                         scan_ms=0.5)
+        second = None if refine is None else RefineQuery(refine[0], refine[1], view.model.refine.kernel)
+        return NodeReply(version=int(view.version), shards=list(shards),
+                         results=view.search(tables, k, list(shards), refine=second), scan_ms=0.5)
 
 
 @dataclass
@@ -98,12 +101,13 @@ class FakeNodeClients:
     nodes: dict = field(default_factory=dict)  # address -> MemoryNode / LiveNode
     calls: list[Call] = field(default_factory=list)
 
-    def prepare(self, lookup_tables):
-        return lookup_tables
+    def prepare(self, lookup_tables, refine=None):
+        return lookup_tables, refine
 
-    def search(self, address, tables, k, shards, index_version, timeout) -> NodeReply:
+    def search(self, address, prepared, k, shards, index_version, timeout) -> NodeReply:
         self.calls.append(Call(address, list(shards), index_version, timeout, threading.current_thread().name))
-        return self.nodes[address].search(tables, k, shards, index_version)
+        tables, refine = prepared
+        return self.nodes[address].search(tables, k, shards, index_version, refine)
 
     def close(self) -> None:
         pass
