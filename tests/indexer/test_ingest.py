@@ -239,3 +239,56 @@ def test_ingest_of_att_faces(ray_local, trained_model, att_faces, tmp_path):
     assert s.converted  # grey PGM photos are converted, and counted
     info = index_info(tmp_path / "idx")
     assert (info["faces"], info["people"]) == (400, 40)
+
+
+def _refine_by_source(index) -> dict[str, bytes]:
+    store = IndexStore(index)
+    out = {}
+    for ref in store.load_manifest().segments:
+        view = open_segment(store, ref)
+        for i in range(view.rows):
+            out[view.source_at(i)] = view.refine[i].tobytes()
+    return out
+
+
+def test_the_encode_stage_makes_refinement_rows_beside_the_codes(trained_model, synthetic_gallery):
+    photos = sorted(str(p) for p in (synthetic_gallery / "synth_00002").glob("*.png"))[:3]
+    enc = _encoder(trained_model)
+    batch = {"path": np.array(photos + ["/nonexistent.png"], dtype=object), "person": np.array(["p"] * 4, dtype=object)}
+    aligned = read_and_align(batch, enc.pipeline.to_dict())
+    out = EncoderActor(str(trained_model), refine="codes:256")(aligned)
+    feats = enc.trunk_features(aligned["crop"][:3])
+    np.testing.assert_array_equal(out["refine"][:3], enc.refine_codec("codes:256").encode(feats))
+    np.testing.assert_array_equal(out["code"][:3], enc.codec.encode(feats))
+    assert out["refine"].shape == (4, 32) and not out["refine"][3].any()
+
+
+def test_ingest_with_a_refinement_tier_keeps_it_for_later_ingests(ray_local, trained_model, tmp_path):
+    """--refine codes:256 on a new index: every face's row is the model's refinement code of its embedding; a
+    later ingest without --refine writes the index's tier, one asking for another tier is refused."""
+    enc = _encoder(trained_model)
+    emb = np.random.default_rng(4).normal(size=(120, enc.embedding_dim)).astype(np.float32)
+    np.save(tmp_path / "emb.npy", emb)
+    (tmp_path / "emb.csv").write_text("person\n" + "\n".join(f"p{i % 5}" for i in range(120)) + "\n")
+    index = tmp_path / "idx"
+    s = run_ingest(str(trained_model), str(tmp_path / "emb.npy"), str(index), shards=2, progress=False,
+                   refine="codes:256")
+    assert (s.faces_added, s.refine) == (120, "codes:256")
+    assert "  refinement tier: codes:256 (stored beside the codes)" in s.summary_lines()
+    expected = enc.refine_codec("codes:256").encode(emb)
+    rows = _refine_by_source(index)
+    assert all(rows[f"emb.npy#{i}"] == expected[i].tobytes() for i in range(120))
+    assert index_info(index)["tiers"][1]["bytes_per_face"] == 32
+    np.save(tmp_path / "more.npy", emb[:10] * 2)
+    (tmp_path / "more.csv").write_text("person\n" + "\n".join("q" for _ in range(10)) + "\n")
+    s = run_ingest(str(trained_model), str(tmp_path / "more.npy"), str(index), progress=False)
+    assert (s.faces_added, s.refine) == (10, "codes:256")
+    assert _refine_by_source(index)["more.npy#3"] == enc.refine_codec("codes:256").encode(emb[3:4] * 2)[0].tobytes()
+    with pytest.raises(IndexFormatError, match="stores refinement tier codes:256 beside its codes, this writer "
+                                               "float16"):
+        run_ingest(str(trained_model), str(tmp_path / "more.npy"), str(index), progress=False, refine="float16")
+    from facepq_core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="no refinement tier codes:64; it offers codes:256, float16"):
+        run_ingest(str(trained_model), str(tmp_path / "more.npy"), str(tmp_path / "new"), progress=False,
+                   refine="codes:64")
