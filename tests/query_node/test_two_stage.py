@@ -143,3 +143,111 @@ def test_validate_refine_refuses_what_does_not_fit_the_index(views, view, msgs, 
     with pytest.raises(InvalidRequest, match=message) as err:
         validate_refine(msgs, candidates, views[view], queries)
     assert err.value.status == "INVALID_ARGUMENT"
+
+
+# ---------------------------------------------------------------- the coordinator service
+class TieredFakeModel:
+    """FaceModel's interface without a model. An embedding is M*K lookup-table values followed by the
+    refinement table's values; a photo is FACE + its M-byte code + its refinement row (a face's own photo
+    then scores 1 per matching sub-code in both passes)."""
+
+    FACE = b"face:"
+
+    def __init__(self, meta):
+        self.meta, self.fingerprint = meta, meta.fingerprint
+
+    def model_meta(self, refine=None):
+        from indexer.manifest import ModelMeta
+
+        return ModelMeta.from_code_spec(self.meta.code_spec(), self.meta.fingerprint, self.meta.trunk,
+                                        self.meta.codec, refine)
+
+    def _split(self, query, tier):
+        if isinstance(query, bytes):
+            body = query[len(self.FACE):]
+            lut = np.zeros((M, K), np.float32)
+            lut[np.arange(M), np.frombuffer(body[:M], np.uint8)] = 1
+            a, b = tier.query_shape if tier else (0, 0)
+            table = np.zeros((a, b), np.float32)
+            if tier:
+                table[np.arange(a), np.frombuffer(body[M:], np.uint8)] = 1
+            return lut[None], table[None]
+        values = np.asarray(query, np.float32)
+        return values[:M * K].reshape(1, M, K), values[M * K:].reshape(1, *tier.query_shape) if tier else None
+
+    def tables_for(self, query):
+        return self._split(query, None)[0]
+
+    def refined_tables_for(self, query, tier):
+        return self._split(query, tier)
+
+    def encode_photos(self, contents):
+        codes = np.array([np.frombuffer(c[len(self.FACE):][:M], np.uint8) for c in contents], np.uint8)
+        return codes, list(range(len(contents))), {}
+
+    def encode_photos_refined(self, contents, tier):
+        codes, kept, skipped = self.encode_photos(contents)
+        rows = np.array([np.frombuffer(c[len(self.FACE) + M:], np.uint8) for c in contents], np.uint8)
+        return codes, rows, kept, skipped
+
+
+@pytest.fixture
+def tiered_service(tmp_path):
+    from query_node.service import CoordinatorService
+
+    tier = make_tier("codes:64")
+    meta, _, _ = build_index(tmp_path / "idx", rows=900, shard_count=2, refine=tier)
+    coord = _cluster(tmp_path / "idx", 2)
+    yield CoordinatorService(coord, TieredFakeModel(meta), str(tmp_path / "idx")), tmp_path / "idx", tier, coord
+    coord.close()
+
+
+def test_the_service_searches_in_two_stages_by_default_and_in_one_when_asked(tiered_service):
+    from query_node.service import SearchOptions
+
+    service, path, tier, coord = tiered_service
+    rng = np.random.default_rng(21)
+    lut, refine = dyadic_lut(rng, M, K), random_refine_tables(rng, tier, 1)[0]
+    query = np.concatenate([lut.ravel(), refine.ravel()]).tolist()
+    result = service.search(query, 15)
+    assert result.refine_candidates == DEFAULT_CANDIDATES and result.complete
+    assert _hits(result.hits) == brute_force_two_stage(path, lut, refine, DEFAULT_CANDIDATES, 15)
+    few = service.search(query, 15, SearchOptions(refine_candidates=20))
+    assert _hits(few.hits) == brute_force_two_stage(path, lut, refine, 20, 15)
+    single = service.search(query, 15, SearchOptions(refine_candidates=0))
+    assert single.refine_candidates == 0 and _hits(single.hits) == brute_force(path, lut, 15)
+    coord.node_clients.calls.clear()
+    with pytest.raises(InvalidRequest, match=f"refine_candidates must be in 0..{MAX_CANDIDATES}"):
+        service.search(query, 15, SearchOptions(refine_candidates=MAX_CANDIDATES + 1))
+    assert not coord.node_clients.calls
+
+
+def test_enrolment_into_a_tiered_index_stores_the_refinement_row(tiered_service):
+    from indexer.segment import open_segment
+    from indexer.store import IndexStore
+    from query_node.service import Photo
+
+    service, path, tier, _ = tiered_service
+    code, row = bytes(range(40, 48)), bytes(range(200, 208))
+    enrolled = service.enrol("newcomer", [Photo(TieredFakeModel.FACE + code + row, "new.png")])
+    store = IndexStore(str(path))
+    manifest = store.load_manifest()
+    stored = {int(f): (seg.codes[i].tobytes(), seg.refine[i].tobytes()) for ref in manifest.segments
+              for seg in [open_segment(store, ref, model=manifest.model)] for i, f in enumerate(seg.face_ids)}
+    assert stored[enrolled.face_ids[0]] == (code, row)
+    found = service.search(TieredFakeModel.FACE + code + row, 3)
+    assert (found.hits[0].person, found.hits[0].score) == ("newcomer", tier.query_shape[0])
+
+
+def test_an_index_without_a_tier_ignores_the_candidates_option(tmp_path):
+    from query_node.service import CoordinatorService, SearchOptions
+
+    meta, _, _ = build_index(tmp_path / "idx", rows=500, shard_count=2)
+    coord = _cluster(tmp_path / "idx", 2)
+    try:
+        service = CoordinatorService(coord, TieredFakeModel(meta), str(tmp_path / "idx"))
+        lut = dyadic_lut(np.random.default_rng(2), M, K)
+        result = service.search(lut.ravel().tolist(), 10, SearchOptions(refine_candidates=300))
+        assert result.refine_candidates == 0 and _hits(result.hits) == brute_force(tmp_path / "idx", lut, 10)
+    finally:
+        coord.close()
