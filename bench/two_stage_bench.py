@@ -9,8 +9,10 @@ embedding, 256 bytes), one shard, one segment of `rows` faces, 64-bit first-pass
 `IndexView.search` (what a query node runs for a request: scan kernel with the top-R heap,
 the second pass's positional reads and re-scoring, the hits' metadata lookup), top-10,
 single-stage and each two-stage setting in turn for the same query, so drift in the
-machine's load hits every setting alike. Reported: median and p90 ms per query, and the
-two-stage median over the single-stage median of the same run (the target: <= 1.5x).
+machine's load hits every setting alike. Reported: median and p90 wall ms per query, the
+median CPU ms of the searching thread (on a shared machine the wall time also counts the
+time other processes held the cores), and each two-stage median over the single-stage
+median of the same run (the target: <= 1.5x).
 """
 from __future__ import annotations
 
@@ -65,7 +67,8 @@ def _refine_table(rng, tier) -> np.ndarray:
 
 
 def measure(path: pathlib.Path, tier, queries: int, candidates: list[int], k: int = 10, seed: int = 1) -> dict:
-    """{setting: [seconds per query]} for 'single' and 'R=<n>' over the same queries, interleaved."""
+    """{"times"|"cpu"|"rescore": {setting: [seconds per query]}} for 'single' and 'R=<n>' over the same
+    queries, interleaved."""
     from indexer.store import IndexStore
     from query_node.index_view import load_view
     from query_node.scan import warmup
@@ -77,19 +80,21 @@ def measure(path: pathlib.Path, tier, queries: int, candidates: list[int], k: in
     rng = np.random.default_rng(seed)
     times: dict[str, list[float]] = {"single": [], **{f"R={r}": [] for r in candidates}}
     rescore: dict[str, list[float]] = {f"R={r}": [] for r in candidates}
+    cpu: dict[str, list[float]] = {name: [] for name in times}
     for i in range(queries + 5):  # the first 5 warm the caches and are not counted
         lut = rng.standard_normal((1, 8, 256)).astype(np.float32)
         refine = _refine_table(rng, tier)
-        for name in times:
+        for name, series in times.items():
             second = None if name == "single" else RefineQuery(refine, int(name[2:]), tier.kernel)
             stats = ScanStats()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             view.search(lut, k, [0], stats, second)
             if i >= 5:
-                times[name].append(time.perf_counter() - t0)
+                series.append(time.perf_counter() - t0)
+                cpu[name].append(time.thread_time() - c0)
                 if second is not None:
                     rescore[name].append(stats.rescore_seconds)
-    return {"times": times, "rescore": rescore}
+    return {"times": times, "cpu": cpu, "rescore": rescore}
 
 
 def run(rows: int, queries: int, candidates: list[int], work: pathlib.Path | None = None, log=print) -> dict:
@@ -104,11 +109,12 @@ def run(rows: int, queries: int, candidates: list[int], work: pathlib.Path | Non
             log(f"built {rows} rows with tier {kind} in {time.monotonic() - t0:.0f} s")
             res = measure(root / kind.replace(":", "-"), tier, queries, candidates)
             single = float(np.median(res["times"]["single"]))
+            single_cpu = float(np.median(res["cpu"]["single"]))
             table = {}
             for name, values in res["times"].items():
-                med = float(np.median(values))
+                med, cpu = float(np.median(values)), float(np.median(res["cpu"][name]))
                 table[name] = {"median_ms": med * 1e3, "p90_ms": float(np.percentile(values, 90)) * 1e3,
-                               "vs_single": med / single,
+                               "vs_single": med / single, "cpu_ms": cpu * 1e3, "cpu_vs_single": cpu / single_cpu,
                                "rescore_ms": float(np.median(res["rescore"][name])) * 1e3 if name in res["rescore"]
                                else 0.0}
             out["tiers"][kind] = {"bytes_per_face": tier.code_bytes, "settings": table}
@@ -121,11 +127,12 @@ def run(rows: int, queries: int, candidates: list[int], work: pathlib.Path | Non
 def print_table(result: dict) -> None:
     print(f"{result['rows']:,} codes (8 B, 8 x 256) in one shard, top-10, {result['queries']} queries, "
           f"node's in-process search path (IndexView.search)")
-    print(f"{'tier':>10} {'setting':>8} {'median ms':>10} {'p90 ms':>8} {'x single':>9} {'2nd pass ms':>11}")
+    print(f"{'tier':>10} {'setting':>8} {'median ms':>10} {'p90 ms':>8} {'x single':>9} {'CPU ms':>7} "
+          f"{'x single':>9} {'2nd pass ms':>11}")
     for kind, t in result["tiers"].items():
         for name, row in t["settings"].items():
             print(f"{kind:>10} {name:>8} {row['median_ms']:10.2f} {row['p90_ms']:8.2f} {row['vs_single']:9.2f} "
-                  f"{row['rescore_ms']:11.2f}")
+                  f"{row['cpu_ms']:7.2f} {row['cpu_vs_single']:9.2f} {row['rescore_ms']:11.2f}")
 
 
 def main(argv=None) -> int:

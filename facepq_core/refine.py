@@ -72,7 +72,7 @@ class RefineTier:
     query_shape: tuple[int, int]
 
     @classmethod
-    def of(cls, kind: str, codec) -> "RefineTier":
+    def of(cls, kind: str, codec) -> RefineTier:
         """The tier of a facepq_core.codecs.Codec used as refinement `kind`."""
         return cls(kind=kind, codec=codec.name, code_bytes=int(codec.code_bytes),
                    query_shape=tuple(int(v) for v in codec.query_shape))
@@ -88,7 +88,7 @@ class RefineTier:
                 "query_shape": list(self.query_shape)}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "RefineTier":
+    def from_dict(cls, d: dict) -> RefineTier:
         """Raises ConfigError for a malformed entry (the manifest reports it as a corrupt index)."""
         try:
             shape = tuple(int(v) for v in d["query_shape"])
@@ -113,9 +113,14 @@ def rescore(kernel: str, query: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """
     rows = np.ascontiguousarray(rows, dtype=np.uint8)
     if kernel == "lut":
-        from facepq_core.codes import CodeSpec, score_codes
+        from facepq_core.codes import CodeSpec, unpack_codes
 
-        return score_codes(query, rows, CodeSpec(*query.shape))
+        table = np.asarray(query, dtype=np.float32)
+        sub = unpack_codes(rows, CodeSpec(*table.shape))
+        scores = np.zeros(len(rows), dtype=np.float32)
+        for m in range(table.shape[0]):  # score_codes' sum in its order, one 1-D take per subspace (8x faster)
+            scores += table[m].take(sub[:, m])
+        return scores
     if kernel == "dot":
         vectors = rows.view("<f2").astype(np.float32)
         # einsum, not BLAS: each row's sum in one fixed order, whatever R is (answers equal a brute force)

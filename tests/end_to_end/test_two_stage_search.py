@@ -23,7 +23,7 @@ def tiered(att_faces, orl, tmp_path_factory):
     index = root / "index"
     ingest_embeddings(model, index, orl["embeddings"][gallery], orl["persons"][gallery],
                       [r.path for r, g in zip(orl["records"], gallery) if g], 2, "--refine", "codes:256")
-    return dict(model=model, index=index, encoder=FaceEncoder.load(model), queries=np.flatnonzero(~gallery))
+    return {"model": model, "index": index, "encoder": FaceEncoder.load(model), "queries": np.flatnonzero(~gallery)}
 
 
 def test_two_stage_answers_through_nodes_and_coordinator_equal_the_brute_force(tiered, orl):
@@ -65,7 +65,8 @@ def test_an_enrolled_face_gets_its_refinement_row_and_is_found_first(tiered, orl
 
     enc = tiered["encoder"]
     i = tiered["queries"][3]
-    photo = open(orl["records"][i].path, "rb").read()
+    with open(orl["records"][i].path, "rb") as f:
+        photo = f.read()
     cluster = Cluster(tiered["model"], tiered["index"])
     try:
         enrolled = cluster.stub.Enrol(facepq_pb2.EnrolRequest(person="newcomer", photos=[

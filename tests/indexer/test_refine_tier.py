@@ -131,8 +131,11 @@ def test_delete_then_compact_erases_the_refinement_rows_from_every_file(tmp_path
     delete_faces(store, person="person_03")
     stats = compact(store, grace_seconds=0)
     assert stats.rows_removed == len(gone)
-    blob = b"".join(open(os.path.join(root, f), "rb").read()
-                    for root, _, files in os.walk(tmp_path / "idx" / "shards") for f in files)
+    blob = b""
+    for root, _, files in os.walk(tmp_path / "idx" / "shards"):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                blob += f.read()
     assert not [i for i in gone if refine_rows[i].tobytes() in blob]
     kept = [i for i in range(len(ids)) if i not in set(gone)]
     assert all(refine_rows[i].tobytes() in blob for i in kept)
