@@ -12,7 +12,9 @@ single-stage and each two-stage setting in turn for the same query, so drift in 
 machine's load hits every setting alike. Reported: median and p90 wall ms per query, the
 median CPU ms of the searching thread (on a shared machine the wall time also counts the
 time other processes held the cores), and each two-stage median over the single-stage
-median of the same run (the target: <= 1.5x).
+median of the same run (the target: <= 1.5x). References from the same run (FAISS, one
+thread, 1M random 128-d vectors, top-10): exact float search (IndexFlatIP: what searching
+the float embeddings costs) and IndexPQ with 8 x 8-bit codes (FAISS OPQ+PQ's scan).
 """
 from __future__ import annotations
 
@@ -97,6 +99,39 @@ def measure(path: pathlib.Path, tier, queries: int, candidates: list[int], k: in
     return {"times": times, "cpu": cpu, "rescore": rescore}
 
 
+def faiss_references(rows: int, queries: int = 50, seed: int = 2) -> dict:
+    """{name: median ms per query}: FAISS IndexFlatIP and IndexPQ (8 x 8 bits) over `rows` random unit vectors,
+    one thread, top-10 (empty when faiss is not installed)."""
+    try:
+        import faiss
+    except ImportError:
+        return {}
+    faiss.omp_set_num_threads(1)
+    rng = np.random.default_rng(seed)
+
+    def unit(n):
+        v = rng.standard_normal((n, EMBEDDING_DIM)).astype(np.float32)
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+    flat = faiss.IndexFlatIP(EMBEDDING_DIM)
+    pq = faiss.IndexPQ(EMBEDDING_DIM, 8, 8, faiss.METRIC_INNER_PRODUCT)
+    pq.train(unit(20_000))
+    for start in range(0, rows, 250_000):
+        chunk = unit(min(250_000, rows - start))
+        flat.add(chunk)
+        pq.add(chunk)
+    out = {}
+    for name, index in (("float, exact (FAISS IndexFlatIP)", flat), ("FAISS IndexPQ 8 x 8 bits", pq)):
+        times = []
+        for _ in range(queries):
+            q = unit(1)
+            t0 = time.perf_counter()
+            index.search(q, 10)
+            times.append(time.perf_counter() - t0)
+        out[name] = float(np.median(times)) * 1e3
+    return out
+
+
 def run(rows: int, queries: int, candidates: list[int], work: pathlib.Path | None = None, log=print) -> dict:
     tmp = tempfile.TemporaryDirectory() if work is None else None
     root = pathlib.Path(tmp.name) if tmp is not None else work
@@ -121,6 +156,7 @@ def run(rows: int, queries: int, candidates: list[int], work: pathlib.Path | Non
     finally:
         if tmp is not None:
             tmp.cleanup()
+    out["references_ms"] = faiss_references(rows)
     return out
 
 
@@ -133,6 +169,8 @@ def print_table(result: dict) -> None:
         for name, row in t["settings"].items():
             print(f"{kind:>10} {name:>8} {row['median_ms']:10.2f} {row['p90_ms']:8.2f} {row['vs_single']:9.2f} "
                   f"{row['cpu_ms']:7.2f} {row['cpu_vs_single']:9.2f} {row['rescore_ms']:11.2f}")
+    for name, ms in result.get("references_ms", {}).items():
+        print(f"reference, same run: {name}: {ms:.2f} ms median")
 
 
 def main(argv=None) -> int:

@@ -65,7 +65,7 @@ class Float16Codec(Codec):
         return {"embedding_dim": self.embedding_dim}
 
     @classmethod
-    def from_state(cls, state: dict) -> "Float16Codec":
+    def from_state(cls, state: dict) -> Float16Codec:
         try:
             return cls(int(state["embedding_dim"]))
         except (KeyError, TypeError, ValueError) as exc:

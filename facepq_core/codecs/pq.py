@@ -78,6 +78,6 @@ class PQCodec(Codec):
         return {"rotation": self.rotation, "mean": self.mean, "centroids": self.centroids}
 
     @classmethod
-    def from_state(cls, state: dict) -> "PQCodec":
+    def from_state(cls, state: dict) -> PQCodec:
         return cls(state_array(state, "rotation", 2, cls.name), state_array(state, "mean", 1, cls.name),
                    state_array(state, "centroids", 3, cls.name))
