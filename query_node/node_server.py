@@ -38,7 +38,7 @@ from query_node.index_view import IndexView
 from query_node.live_index import LiveIndex
 from query_node.shard_search import ScanStats
 from query_node.two_stage import validate_refine
-from query_node.wire import MAX_TABLES, MAX_TOP_K, hit_messages, table_values
+from query_node.wire import MAX_TABLES, MAX_TOP_K, hit_messages, tables_of
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +65,8 @@ def validate_search(tables_msg, top_k: int, shards_msg, view: IndexView) -> tupl
         raise InvalidRequest(f"{len(tables_msg)} tables in one request; at most {MAX_TABLES}")
     if not 1 <= top_k <= MAX_TOP_K:
         raise InvalidRequest(f"top_k must be in 1..{MAX_TOP_K}, got {top_k}")
-    tables = np.empty((len(tables_msg), m, kk), dtype=np.float32)
-    for i, t in enumerate(tables_msg):
-        values = table_values(t, i)
-        if (t.m, t.k) != (m, kk) or values.size != m * kk:
-            raise InvalidRequest(f"table {i} has shape [{t.m}, {t.k}] with {values.size} values; this index "
-                                 f"(model {view.model.fingerprint[:12]}) needs [M={m}, K={kk}] = {m * kk} values")
-        if not np.isfinite(values).all():
-            raise InvalidRequest(f"table {i} contains NaN or infinite values")
-        tables[i] = values.reshape(m, kk)
+    tables = tables_of(tables_msg, (m, kk), "table", f"this index (model {view.model.fingerprint[:12]}) needs "
+                                                      f"[M={m}, K={kk}] = {m * kk} values")
     served = set(view.shards)
     shards = sorted(set(int(s) for s in shards_msg)) if len(shards_msg) else sorted(served)
     unknown = [s for s in shards if s not in served]

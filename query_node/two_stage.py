@@ -47,7 +47,7 @@ def validate_refine(refine_msgs, candidates: int, view, queries: int) -> RefineQ
         InvalidRequest: refinement tables for an index without a tier, a count or shape that does not fit,
             NaN/inf values, candidates without tables or above MAX_CANDIDATES.
     """
-    from query_node.wire import table_values
+    from query_node.wire import tables_of
 
     if not len(refine_msgs):
         if candidates:
@@ -62,15 +62,7 @@ def validate_refine(refine_msgs, candidates: int, view, queries: int) -> RefineQ
     if candidates > MAX_CANDIDATES:
         raise InvalidRequest(f"refine_candidates must be at most {MAX_CANDIDATES}, got {candidates}")
     a, b = tier.query_shape
-    tables = np.empty((queries, a, b), dtype=np.float32)
-    for i, t in enumerate(refine_msgs):
-        values = table_values(t, i)
-        if (t.m, t.k) != (a, b) or values.size != a * b:
-            raise InvalidRequest(f"refinement table {i} has shape [{t.m}, {t.k}] with {values.size} values; this "
-                                 f"index's tier {tier.kind} needs [{a}, {b}]")
-        if not np.isfinite(values).all():
-            raise InvalidRequest(f"refinement table {i} contains NaN or infinite values")
-        tables[i] = values.reshape(a, b)
+    tables = tables_of(refine_msgs, (a, b), "refinement table", f"this index's tier {tier.kind} needs [{a}, {b}]")
     return RefineQuery(tables, int(candidates) or DEFAULT_CANDIDATES, tier.kernel)
 
 

@@ -25,13 +25,14 @@ from tests.support.index import live_row_ids
 pytestmark = pytest.mark.slow
 
 
-def _codes_by_source(index) -> dict[str, bytes]:
+def _codes_by_source(index, column: str = "codes") -> dict[str, bytes]:
+    """source -> the bytes of that face's row in `column` ('codes' or 'refine')."""
     store = IndexStore(index)
     out = {}
     for ref in store.load_manifest().segments:
         view = open_segment(store, ref)
         for i in range(view.rows):
-            out[view.source_at(i)] = view.codes[i].tobytes()
+            out[view.source_at(i)] = getattr(view, column)[i].tobytes()
     return out
 
 
@@ -241,16 +242,6 @@ def test_ingest_of_att_faces(ray_local, trained_model, att_faces, tmp_path):
     assert (info["faces"], info["people"]) == (400, 40)
 
 
-def _refine_by_source(index) -> dict[str, bytes]:
-    store = IndexStore(index)
-    out = {}
-    for ref in store.load_manifest().segments:
-        view = open_segment(store, ref)
-        for i in range(view.rows):
-            out[view.source_at(i)] = view.refine[i].tobytes()
-    return out
-
-
 def test_the_encode_stage_makes_refinement_rows_beside_the_codes(trained_model, synthetic_gallery):
     photos = sorted(str(p) for p in (synthetic_gallery / "synth_00002").glob("*.png"))[:3]
     enc = _encoder(trained_model)
@@ -276,14 +267,14 @@ def test_ingest_with_a_refinement_tier_keeps_it_for_later_ingests(ray_local, tra
     assert (s.faces_added, s.refine) == (120, "codes:256")
     assert "  refinement tier: codes:256 (stored beside the codes)" in s.summary_lines()
     expected = enc.refine_codec("codes:256").encode(emb)
-    rows = _refine_by_source(index)
+    rows = _codes_by_source(index, "refine")
     assert all(rows[f"emb.npy#{i}"] == expected[i].tobytes() for i in range(120))
     assert index_info(index)["tiers"][1]["bytes_per_face"] == 32
     np.save(tmp_path / "more.npy", emb[:10] * 2)
     (tmp_path / "more.csv").write_text("person\n" + "\n".join("q" for _ in range(10)) + "\n")
     s = run_ingest(str(trained_model), str(tmp_path / "more.npy"), str(index), progress=False)
     assert (s.faces_added, s.refine) == (10, "codes:256")
-    assert _refine_by_source(index)["more.npy#3"] == enc.refine_codec("codes:256").encode(emb[3:4] * 2)[0].tobytes()
+    assert _codes_by_source(index, "refine")["more.npy#3"] == enc.refine_codec("codes:256").encode(emb[3:4] * 2)[0].tobytes()
     with pytest.raises(IndexFormatError, match="stores refinement tier codes:256 beside its codes, this writer "
                                                "float16"):
         run_ingest(str(trained_model), str(tmp_path / "more.npy"), str(index), progress=False, refine="float16")

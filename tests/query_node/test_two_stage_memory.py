@@ -10,24 +10,12 @@ import numpy as np
 import pytest
 
 from tests.support.index import brute_force_two_stage, build_index, dyadic_lut, make_tier, random_refine_tables
+from tests.support.memory import smaps_rss
 
 pytestmark = [pytest.mark.skipif(not sys.platform.startswith("linux"), reason="residency is read from /proc"),
               pytest.mark.timeout(300)]
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def _smaps_rss_kb(pid: int, path: str) -> int:
-    """kB resident in every mapping of `path` in process `pid`."""
-    total, current = 0, False
-    with open(f"/proc/{pid}/smaps") as f:
-        for line in f:
-            parts = line.split()
-            if "-" in parts[0] and ":" not in parts[0]:
-                current = len(parts) > 5 and parts[5] == path
-            elif current and parts[0] == "Rss:":
-                total += int(parts[1])
-    return total
 
 
 def test_a_node_holds_its_codes_not_its_refinement_rows_after_1000_two_stage_searches(tmp_path):
@@ -58,7 +46,7 @@ def test_a_node_holds_its_codes_not_its_refinement_rows_after_1000_two_stage_sea
             if i % 50 == 0:
                 hits = [(h.face_id, h.score, h.shard) for h in res.hits[0]]
                 assert hits == brute_force_two_stage(path, luts[0], refine[0], 500, 10)
-        rss_kb = _smaps_rss_kb(n.pid, seg_path)
+        _, rss_kb = smaps_rss(n.pid, seg_path)
     finally:
         n.kill()
     assert rss_kb * 1024 >= 0.9 * code_bytes  # the codes are there: the measurement sees the map
