@@ -1,6 +1,10 @@
 """OPQN codes vs ITQ binary codes vs FAISS OPQ+PQ vs float features, unseen identities, one run.
 
-    python bench/model_quality.py --data ../shared/data/lfw5 [--bits 32 48 64] [--json out.json]
+    facepq bench quality --protocol unseen --data ../shared/data/lfw5 [--bits 32 48 64] [--json out.json]
+
+`facepq bench quality` without --protocol runs the distractor protocol (bench/distractor_quality.py):
+a gallery where most faces belong to people nobody queries. This module is the older protocol,
+kept for comparison: a gallery of the queried people's own photos only.
 
 Protocol: people are split (seeded) into training people and unseen people.
 OPQN heads (one per code length) are trained on the dlib trunk's embeddings of
@@ -160,7 +164,15 @@ def print_table(result: dict) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="facepq bench quality", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--protocol", choices=["distractors", "unseen"], default="distractors")
+    known, argv = pre.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if known.protocol == "distractors":
+        from bench.distractor_quality import main as distractors
+
+        return distractors(argv)
+    ap = argparse.ArgumentParser(prog="facepq bench quality --protocol unseen", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True)
     ap.add_argument("--bits", type=int, nargs="+", default=[32, 48, 64])
     # 0: the head is the data init (head_init.py), refitted with the validation people. On 3 folds of

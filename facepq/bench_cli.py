@@ -19,8 +19,11 @@ SOURCE_ROOT = pathlib.Path(__file__).resolve().parent.parent
 # name -> (module in bench/, help)
 BENCHES = {
     "scan": ("scan_bench", "scan kernel vs FAISS IndexPQ / IndexPQFastScan (one thread, same codes)"),
-    "quality": ("model_quality", "OPQN codes vs FAISS OPQ+PQ vs float embeddings, unseen identities"),
+    "quality": ("model_quality", ("codes (OPQN, ITQ, two-stage) vs FAISS OPQ+PQ vs float embeddings: unseen people "
+                                  "among distractors (--protocol unseen: the older gallery without distractors)")),
     "ingest": ("ingest_bench", "encode throughput 1 vs 2 actors, writer codes/s, 1M-embedding ingest"),
+    "twostage": ("two_stage_bench", ("two-stage search (first pass + refinement tier) vs single-stage time at "
+                                     "1M codes, node's in-process search path")),
     "load": ("load_bench", "N clients x T s through the coordinator vs nodes direct; hot-reload soak of RSS/fds"),
     "report": ("report", "all of the above, measured once, as DIR/report.md with PNG plots (--small: CI-sized)"),
 }

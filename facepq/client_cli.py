@@ -63,6 +63,9 @@ def register(subparsers) -> None:
     p.add_argument("--json", action="store_true", help="one JSON object per query, one per line (the schema in "
                                                        "the README's gRPC API section)")
     p.add_argument("--concurrency", type=int, default=4, help="searches in flight for a batch (default 4)")
+    p.add_argument("--candidates", type=int, default=None, metavar="R",
+                   help="on an index with a refinement tier: first-pass candidates re-scored per shard "
+                        "(default the coordinator's, 100; 0 = the first pass alone)")
     _add_connection(p)
     p.set_defaults(handler=_search)
 
@@ -169,9 +172,10 @@ def _search(args) -> int:
     with CoordinatorClient.from_args(args) as client:
         if len(queries) == 1:  # one query: its error is the command's error (exit 2)
             name, kwargs = queries[0]
-            results = [(name, client.search(k=args.k, query=name, **kwargs))]
+            results = [(name, client.search(k=args.k, query=name, candidates=args.candidates, **kwargs))]
         else:
-            results = client.search_many(queries, k=args.k, concurrency=args.concurrency)
+            results = client.search_many([(name, dict(kwargs, candidates=args.candidates)) for name, kwargs in queries],
+                                         k=args.k, concurrency=args.concurrency)
         batch = len(queries) > 1
         if not args.json:
             _print(f"{'query  ' if batch else ''}{'rank':>4}  {'person':24s} {'score':>9}  {'shard':>5}  source")

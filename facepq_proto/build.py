@@ -29,8 +29,8 @@ def stale(protos: list[pathlib.Path]) -> bool:
 
 
 def build(force: bool = False, quiet: bool = False) -> int:
-    from grpc_tools import protoc
     import grpc_tools
+    from grpc_tools import protoc
 
     protos = proto_files()
     if not protos:

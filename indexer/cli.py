@@ -46,6 +46,11 @@ def register(subparsers) -> None:
                    help="CPUs per photo read/align task; default 0.5 fuses reading into the encoder actors "
                         "(best on one machine); e.g. 1 keeps reads as tasks over all CPUs of a cluster")
     p.add_argument("--redis", default=None, help="redis://host:port/db for the commit lock (object stores)")
+    p.add_argument("--refine", default=None, metavar="none|codes:BITS|float16",
+                   help="refinement tier stored beside the codes of a NEW index, re-scoring each shard's "
+                        "first-pass candidates at search time: codes:BITS = the model's longer product codes "
+                        "(e.g. codes:256, 32 bytes a face), float16 = the embedding itself (a biometric "
+                        "template: 2 bytes a dimension). Default: an existing index's own tier, none for a new one")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (drawn only on a terminal anyway)")
     p.set_defaults(handler=_ingest)
 
@@ -94,7 +99,7 @@ def _ingest(args: argparse.Namespace) -> int:
                          actors=args.actors, batch_size=args.batch_size, redis_url=args.redis,
                          progress=bars_enabled(not args.no_progress),
                          segment_rows=args.segment_rows or DEFAULT_SEGMENT_ROWS,
-                         read_cpus=args.read_cpus)
+                         read_cpus=args.read_cpus, refine=args.refine)
     print("\n".join(summary.summary_lines()))
     return 0
 
@@ -111,6 +116,9 @@ def _info(args: argparse.Namespace) -> int:
     print(f"index {info['index']}: version {info['version']} (format {info['format_version']}, {info['created_at']})")
     print(f"  model: {info['model']['fingerprint']} trunk {info['model']['trunk']} "
           f"M={info['model']['M']} K={info['model']['K']} ({info['model']['bits']} bits, {info['model']['code_bytes']} B/code)")
+    tiers = ", ".join(f"{t['tier']} {t.get('kind', t['codec'])} {t['bytes_per_face']} B/face "
+                      f"({'in memory' if t['resident'] else 'read for candidates only'})" for t in info["tiers"])
+    print(f"  bytes per face: {tiers}")
     print(f"  faces: {info['faces']} live ({info['rows']} rows, {info['tombstones']} tombstoned), people: {info['people']}")
     print(f"  shards: {info['shard_count']}, segments: {info['segments']}, bytes: {info['bytes']}")
     for sh in info["shards"]:

@@ -73,8 +73,10 @@ def rewrite_without(store: IndexStore, ref: SegmentRef, drop_ids, model: ModelMe
         return None
     kept = view.batch.filter(keep)
     codes = column_view(kept.column(3), np.uint8, model.code_bytes)
+    # the refinement rows go with their faces: a deleted face's are physically gone too
+    refine = column_view(kept.column(4), np.uint8, model.refine.code_bytes) if model.refine is not None else None
     return write_segment(store, shard_of_path(ref), column_view(kept.column(0), np.uint64, 1), kept.column(1),
-                         kept.column(2), codes, model)
+                         kept.column(2), codes, model, refine)
 
 
 def _publish(store: IndexStore, manifest: Manifest) -> int:

@@ -106,9 +106,10 @@ class EncoderActor:
 
     Args:
         model_path: checkpoint path (must be readable where the actor runs).
+        refine: the index's refinement tier ('codes:256', 'float16'), whose rows are made beside the codes.
     """
 
-    def __init__(self, model_path: str, threads: int | None = None):
+    def __init__(self, model_path: str, threads: int | None = None, refine: str | None = None):
         import torch
 
         from opqn_model.api import FaceEncoder
@@ -117,24 +118,36 @@ class EncoderActor:
             torch.set_num_threads(threads)
         self.encoder = FaceEncoder.load(model_path)
         self.code_bytes = self.encoder.codec.spec.code_bytes
+        self.refine = self.encoder.refine_codec(refine) if refine else None
         log.debug("encoder actor pid %d loaded %s", os.getpid(), model_path)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Adds "code" uint8 [n, code_bytes]; drops "crop"/"embedding" (not needed downstream).
+        """Adds "code" uint8 [n, code_bytes] (and "refine" uint8 [n, tier bytes] with a refinement tier);
+        drops "crop"/"embedding" (not needed downstream).
 
-        Photo batches: rows with a non-empty "skip" get an all-zero code and are not encoded.
+        Photo batches: rows with a non-empty "skip" get all-zero codes and are not encoded.
         """
         import torch
 
         out = {k: v for k, v in batch.items() if k not in ("crop", "embedding")}
         with torch.inference_mode():
             if "embedding" in batch:
-                out["code"] = self.encoder.codec.encode(np.asarray(batch["embedding"], dtype=np.float32))
+                self._encode(np.asarray(batch["embedding"], dtype=np.float32), out, None)
                 return out
             crops = batch["crop"]
             ok = np.array([not s for s in batch["skip"]], dtype=bool)
-            codes = np.zeros((len(ok), self.code_bytes), dtype=np.uint8)
-            if ok.any():
-                codes[ok] = self.encoder.codec.encode(self.encoder.trunk_features(np.ascontiguousarray(crops[ok])))
-            out["code"] = codes
+            feats = self.encoder.trunk_features(np.ascontiguousarray(crops[ok])) if ok.any() else None
+            self._encode(feats, out, ok)
         return out
+
+    def _encode(self, feats, out: dict, ok) -> None:
+        """Codes (and refinement rows) of embeddings `feats` into `out`; rows outside `ok` stay zero."""
+        tiers = [("code", self.encoder.codec)] + ([("refine", self.refine)] if self.refine is not None else [])
+        for key, codec in tiers:
+            if ok is None:
+                out[key] = codec.encode(feats)
+                continue
+            rows = np.zeros((len(ok), codec.code_bytes), dtype=np.uint8)
+            if feats is not None:
+                rows[ok] = codec.encode(feats)
+            out[key] = rows

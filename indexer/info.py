@@ -37,4 +37,15 @@ def index_info(index_uri, verify: bool = False) -> dict:
         "faces": manifest.live_faces, "rows": manifest.rows, "people": len(people),
         "shard_count": manifest.shard_count, "segments": len(manifest.segments),
         "tombstones": manifest.tombstone_count, "bytes": manifest.bytes, "shards": shards,
+        "tiers": storage_tiers(manifest.model),
     }
+
+
+def storage_tiers(model) -> list[dict]:
+    """Bytes per face of each stored tier: the first-pass codes (scanned, resident in a node's memory) and
+    the refinement tier when the index has one (read for candidates only, not resident)."""
+    tiers = [{"tier": "codes", "codec": model.codec, "bytes_per_face": model.code_bytes, "resident": True}]
+    if model.refine is not None:
+        tiers.append({"tier": "refine", "kind": model.refine.kind, "codec": model.refine.codec,
+                      "bytes_per_face": model.refine.code_bytes, "resident": False})
+    return tiers

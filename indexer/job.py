@@ -64,6 +64,7 @@ class IngestSummary:
     seconds: float = 0.0          # wall time of the whole run
     ray_seconds: float = 0.0      # connecting to / starting Ray
     startup_seconds: float = 0.0  # pipeline start -> every actor's first batch (actor start, model load)
+    refine: str = "none"          # the index's refinement tier
     steady_rate: float = 0.0      # faces/s once every actor delivered a batch (what more actors speed up)
     steady_seconds: float = 0.0   # the window `steady_rate` is measured over (start-up's end -> last batch)
 
@@ -91,6 +92,8 @@ class IngestSummary:
         if self.converted:
             lines.append("  photos converted: " + ", ".join(f"{k}: {v}" for k, v in sorted(self.converted.items())))
         lines.append(f"  segments written: {self.segments_written} in shards {self.shards_written or '-'}")
+        if self.refine != "none":
+            lines.append(f"  refinement tier: {self.refine} (stored beside the codes)")
         if self.version == self.previous_version:
             lines.append(f"  index version: {self.version} (unchanged: nothing new)")
         else:
@@ -98,21 +101,45 @@ class IngestSummary:
         return lines
 
 
-def load_model_info(model_path: str) -> tuple[ModelMeta, dict, int]:
-    """(ModelMeta, face-pipeline settings, embedding dim) of a checkpoint, without building its trunk."""
+def load_model_info(model_path: str, refine: str | None = None) -> tuple[ModelMeta, dict, int]:
+    """(ModelMeta, face-pipeline settings, embedding dim) of a checkpoint, without building its trunk.
+
+    `refine`: the refinement tier the index stores ('codes:256', 'float16'; None: none), which the
+    model must offer (ConfigError otherwise).
+    """
+    from facepq_core.refine import RefineTier
+    from opqn_model.api import refine_codec, refine_codecs_of
     from opqn_model.checkpoint import load_checkpoint
     from opqn_model.methods import get_method
 
     payload = load_checkpoint(model_path)
     config = payload["model_config"]
     codec = get_method(payload["method"]).codec(payload)
-    meta = ModelMeta.from_code_spec(codec.spec, payload["fingerprint"], config.trunk, codec.name)
+    tier = None
+    if refine is not None:
+        tier = RefineTier.of(refine, refine_codec(refine_codecs_of(payload), codec.embedding_dim, refine))
+    meta = ModelMeta.from_code_spec(codec.spec, payload["fingerprint"], config.trunk, codec.name, tier)
     pipeline = dict(config.pipeline or {})
     if not pipeline:  # checkpoints without stored settings: the trunk's default pipeline
         from opqn_model.api import FaceEncoder
 
         pipeline = FaceEncoder.from_checkpoint(payload).pipeline.to_dict()
     return meta, pipeline, codec.embedding_dim
+
+
+def _index_refine(index_uri, refine: str | None) -> str | None:
+    """The refinement tier an ingest writes: the one asked for, else an existing index's own (None: none)."""
+    from facepq_core.refine import parse_refine
+    from indexer.store import IndexStore
+
+    if refine is not None:
+        return parse_refine(refine)
+    store = IndexStore(index_uri)
+    version = store.current_version()
+    if version is None:
+        return None
+    tier = store.load_manifest(version).model.refine
+    return tier.kind if tier else None
 
 
 def init_ray(ray_address: str | None = None) -> bool:
@@ -206,7 +233,7 @@ def run_ingest(model_path: str, gallery: str, index_uri: str, shards: int | None
                ray_address: str | None = None, actors: int | None = None, batch_size: int = 64,
                redis_url: str | None = None, progress: bool = True,
                segment_rows: int = DEFAULT_SEGMENT_ROWS, read_cpus: float | None = None,
-               actor_start_timeout: float = ACTOR_START_TIMEOUT_S) -> IngestSummary:
+               actor_start_timeout: float = ACTOR_START_TIMEOUT_S, refine: str | None = None) -> IngestSummary:
     """Encode a gallery with the model at `model_path` and commit it to the index at `index_uri`.
 
     Args:
@@ -220,6 +247,9 @@ def run_ingest(model_path: str, gallery: str, index_uri: str, shards: int | None
             the encoder actors (least data movement; best on one machine). Any other value keeps the
             reads as separate tasks that spread over every CPU of a cluster (e.g. 1 with GPU actors).
         actor_start_timeout: seconds to wait for every encoder actor to start before any input is read.
+        refine: refinement tier of a NEW index ('none', 'codes:BITS', 'float16'; facepq_core.refine). None: an
+            existing index's own tier, none for a new index. An existing index keeps the tier it was created
+            with (another one is refused).
     Raises:
         DataError / ConfigError / CheckpointError / IndexFormatError for unusable inputs, a model that
         does not match the index, or a Ray cluster that cannot be reached.
@@ -232,7 +262,7 @@ def run_ingest(model_path: str, gallery: str, index_uri: str, shards: int | None
         raise ConfigError(f"read CPUs per task must be in (0, 64], got {read_cpus}")
     t0 = time.monotonic()
     model_path = str(pathlib.Path(model_path).resolve())
-    meta, pipeline, embedding_dim = load_model_info(model_path)
+    meta, pipeline, embedding_dim = load_model_info(model_path, _index_refine(index_uri, refine))
     # Open the writer first: a model/index mismatch fails before any encoding.
     # The enrol rule (indexer.enrol_rule): photos already enrolled as another person are skipped and reported.
     writer = IndexWriter(index_uri, meta, shard_count=shards, redis_url=redis_url, segment_rows=segment_rows,
@@ -249,6 +279,7 @@ def run_ingest(model_path: str, gallery: str, index_uri: str, shards: int | None
     try:
         _run_pipeline(inputs, model_path, pipeline, writer, summary, actors, batch_size, progress, gallery,
                       ACTOR_CPUS if read_cpus is None else read_cpus, actor_start_timeout)
+        summary.refine = meta.refine.kind if meta.refine else "none"
         message = f"ingest {gallery} (model {meta.fingerprint})"
         summary.version = writer.commit(message)
     except BaseException:
@@ -294,15 +325,18 @@ def _run_pipeline(inputs: Inputs, model_path: str, pipeline: dict, writer: Index
     # start-up for the CPUs, and the steady rate is that of the whole pool.
     ctx.wait_for_min_actors_s = actor_start_timeout
     try:
-        _stream(ray, build_dataset(ray, inputs, pipeline, model_path, actors, batch_size, gallery, read_cpus),
+        refine = writer.model.refine.kind if writer.model.refine else None
+        _stream(ray, build_dataset(ray, inputs, pipeline, model_path, actors, batch_size, gallery, read_cpus, refine),
                 inputs, writer, summary, progress, actors, actor_start_timeout)
     finally:
         ctx.enable_progress_bars, ctx.wait_for_min_actors_s = saved
 
 
 def build_dataset(ray, inputs: Inputs, pipeline: dict, model_path: str, actors: int, batch_size: int, gallery: str,
-           read_cpus: float):
-    """The Ray Data pipeline: inputs -> read stage -> encoder actor pool (lazy; nothing runs yet)."""
+           read_cpus: float, refine: str | None = None):
+    """The Ray Data pipeline: inputs -> read stage -> encoder actor pool (lazy; nothing runs yet).
+
+    `refine`: the index's refinement tier, whose rows the encoder actors make beside the codes."""
     from indexer.encode_actor import EncoderActor, read_and_align, read_embedding_chunk
 
     if inputs.kind == "photos":
@@ -315,7 +349,8 @@ def build_dataset(ray, inputs: Inputs, pipeline: dict, model_path: str, actors: 
         ds = ds.map_batches(read_embedding_chunk, fn_kwargs={"path": str(pathlib.Path(gallery).resolve()),
                                                              "kind": inputs.kind},
                             batch_size=1, batch_format="numpy", num_cpus=read_cpus)
-    ds = ds.map_batches(EncoderActor, fn_constructor_kwargs={"model_path": model_path, "threads": ACTOR_THREADS},
+    ds = ds.map_batches(EncoderActor, fn_constructor_kwargs={"model_path": model_path, "threads": ACTOR_THREADS,
+                                                             "refine": refine},
                         compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=ACTOR_CPUS,
                         batch_size=batch_size if inputs.kind == "photos" else max(batch_size, 4096),
                         batch_format="numpy")
@@ -352,13 +387,15 @@ def _stream(ray, ds, inputs: Inputs, writer: IndexWriter, summary: IngestSummary
                     skips.add(str(reason), str(source))
                 for note, source in zip(batch["note"][ok], batch["source"][ok]):
                     skips.add_note(str(note) or None, str(source))
-                writer.add(batch["face_id"][ok], batch["person"][ok], batch["source"][ok], batch["code"][ok])
+                writer.add(batch["face_id"][ok], batch["person"][ok], batch["source"][ok], batch["code"][ok],
+                           batch["refine"][ok] if "refine" in batch else None)
                 summary.faces_encoded += int(ok.sum())
             else:
                 import pyarrow as pa
 
                 rows = pa.array(batch["row"])
-                writer.add(batch["face_id"], inputs.persons.take(rows), inputs.sources.take(rows), batch["code"])
+                writer.add(batch["face_id"], inputs.persons.take(rows), inputs.sources.take(rows), batch["code"],
+                           batch.get("refine"))
                 summary.faces_encoded += n
             done += n
             bar.update(n)

@@ -18,9 +18,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from facepq_core.errors import ConfigError, FacepqError, IndexFormatError
+from facepq_core.refine import RefineTier
 
 # 2: the model section names its codec (and no longer stores `packed`, derived from K).
-FORMAT_VERSION = 2
+# 3: the model section may name a refinement tier (`refine`); written only by indexes that have one,
+#    so readers of format 2 keep reading every index without a tier.
+FORMAT_VERSION = 3
 _SEGMENT_ID = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._-]{0,127}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -62,6 +65,7 @@ class ModelMeta:
         M, K, bits, code_bytes: the code layout (`facepq_core.codes.CodeSpec`; nibble-packed when K <= 16).
         codec: the registered code type (`facepq_core.codecs`): what the codes mean and which scan
             kernel family serves them. Manifests of format 1 predate codecs: their codes are 'opqn'.
+        refine: the refinement tier stored beside the codes (facepq_core.refine), None for codes only.
     """
 
     fingerprint: str
@@ -71,17 +75,20 @@ class ModelMeta:
     bits: int
     code_bytes: int
     codec: str = "opqn"
+    refine: RefineTier | None = None
 
     @classmethod
-    def from_code_spec(cls, spec, fingerprint: str, trunk: str, codec: str = "opqn") -> "ModelMeta":
+    def from_code_spec(cls, spec, fingerprint: str, trunk: str, codec: str = "opqn",
+                       refine: RefineTier | None = None) -> "ModelMeta":
         """Build from an `facepq_core.codes.CodeSpec` plus the model's fingerprint, trunk and codec names."""
         return cls(fingerprint=str(fingerprint), trunk=str(trunk), M=spec.M, K=spec.K, bits=spec.bits,
-                   code_bytes=spec.code_bytes, codec=str(codec))
+                   code_bytes=spec.code_bytes, codec=str(codec), refine=refine)
 
     @classmethod
-    def from_encoder(cls, encoder) -> "ModelMeta":
-        """Build from a loaded `opqn_model.api.FaceEncoder`."""
-        return cls.from_code_spec(encoder.codec.spec, encoder.fingerprint, encoder.trunk_name, encoder.codec.name)
+    def from_encoder(cls, encoder, refine: RefineTier | None = None) -> "ModelMeta":
+        """Build from a loaded `opqn_model.api.FaceEncoder` (and the index's refinement tier, if any)."""
+        return cls.from_code_spec(encoder.codec.spec, encoder.fingerprint, encoder.trunk_name, encoder.codec.name,
+                                  refine)
 
     def code_spec(self):
         from facepq_core.codes import CodeSpec
@@ -94,8 +101,11 @@ class ModelMeta:
         return self.code_spec().packed
 
     def to_dict(self) -> dict:
-        return {"fingerprint": self.fingerprint, "trunk": self.trunk, "codec": self.codec, "M": self.M, "K": self.K,
-                "bits": self.bits, "code_bytes": self.code_bytes}
+        out = {"fingerprint": self.fingerprint, "trunk": self.trunk, "codec": self.codec, "M": self.M, "K": self.K,
+               "bits": self.bits, "code_bytes": self.code_bytes}
+        if self.refine is not None:
+            out["refine"] = self.refine.to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelMeta":
@@ -103,8 +113,10 @@ class ModelMeta:
             names = {k: d[k] for k in ("fingerprint", "trunk")} | {"codec": d.get("codec", "opqn")}
             if not all(isinstance(v, str) for v in names.values()):
                 raise TypeError(f"fingerprint, trunk and codec must be strings, got {names!r}")
-            meta = cls(M=int(d["M"]), K=int(d["K"]), bits=int(d["bits"]), code_bytes=int(d["code_bytes"]), **names)
-        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
+            refine = RefineTier.from_dict(d["refine"]) if d.get("refine") is not None else None
+            meta = cls(M=int(d["M"]), K=int(d["K"]), bits=int(d["bits"]), code_bytes=int(d["code_bytes"]),
+                       refine=refine, **names)
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError, ConfigError) as exc:
             raise IndexFormatError(f"manifest 'model' section is incomplete or malformed: {exc!r}"[:300]) from None
         try:
             spec = meta.code_spec()
@@ -125,7 +137,18 @@ class ModelMeta:
         if (self.codec, self.M, self.K, self.code_bytes) != (other.codec, other.M, other.K, other.code_bytes):
             return (f"code shape differs: index codec {self.codec} M={self.M} K={self.K} code_bytes={self.code_bytes}, "
                     f"model codec {other.codec} M={other.M} K={other.K} code_bytes={other.code_bytes}")
+        if self.refine != other.refine:
+            def name(tier):
+                return tier.kind if tier else "none"
+            return (f"the index stores refinement tier {name(self.refine)} beside its codes, this writer "
+                    f"{name(other.refine)}; an index keeps the tier it was created with (--refine "
+                    f"{name(self.refine)}, or a new index)")
         return None
+
+    @property
+    def format_version(self) -> int:
+        """The manifest format an index of this model is written in: 3 with a refinement tier, else 2."""
+        return FORMAT_VERSION if self.refine is not None else 2
 
 
 @dataclass(frozen=True)
@@ -192,7 +215,8 @@ class Manifest:
         """Version 0: the state before the first commit (never written to disk)."""
         if shard_count < 1:
             raise IndexFormatError(f"shard count must be >= 1, got {shard_count}")
-        return cls(version=0, model=model, shard_count=shard_count, shards=[ShardState() for _ in range(shard_count)])
+        return cls(version=0, model=model, shard_count=shard_count, shards=[ShardState() for _ in range(shard_count)],
+                   format_version=model.format_version)
 
     # ---- derived numbers -------------------------------------------------
     @property
@@ -305,4 +329,5 @@ class Manifest:
         """A deep copy with version + 1, this version as parent, fresh timestamp and `message`."""
         return Manifest(version=self.version + 1, model=self.model, shard_count=self.shard_count,
                         shards=[ShardState(list(sh.segments), set(sh.tombstones)) for sh in self.shards],
-                        parent_version=self.version if self.version > 0 else None, message=message)
+                        parent_version=self.version if self.version > 0 else None, message=message,
+                        format_version=self.model.format_version)

@@ -13,6 +13,10 @@ through the map: a mapped page once touched stays in the process's resident set,
 so a query node that looked hits up through the map grew towards the whole file.
 A long-lived reader also advises the kernel to keep those pages out of the map
 (`SegmentView.advise_random_access`).
+
+An index with a refinement tier (facepq_core.refine) has a fifth column, `refine`
+(fixed_size_binary(tier bytes)), after the codes: read the same way, for a search's
+candidates only (`SegmentView.refine_rows`), so it never becomes resident either.
 """
 from __future__ import annotations
 
@@ -44,17 +48,26 @@ _PAGE = mmap.PAGESIZE
 __all__ = ["SegmentCorrupt", "SegmentView", "write_segment", "open_segment", "segment_schema", "segment_path"]
 
 COLUMNS = ("face_id", "person", "source", "code")
+REFINE_COLUMN = "refine"
+
+
+def segment_columns(model: ModelMeta | None) -> tuple[str, ...]:
+    """Column names of a segment of `model`'s index: the refine column only with a refinement tier."""
+    return COLUMNS + ((REFINE_COLUMN,) if model is not None and model.refine is not None else ())
 
 
 def segment_schema(model: ModelMeta) -> pa.Schema:
     """Arrow schema of a segment holding codes of `model` (metadata as in docs/index-format.md)."""
-    return pa.schema(
-        [pa.field("face_id", pa.uint64(), nullable=False), pa.field("person", pa.string(), nullable=False),
-         pa.field("source", pa.string(), nullable=False),
-         pa.field("code", pa.binary(model.code_bytes), nullable=False)],
-        metadata={"facepq.model_fingerprint": model.fingerprint, "facepq.codec": model.codec,
-                  "facepq.M": str(model.M), "facepq.K": str(model.K), "facepq.code_bytes": str(model.code_bytes)},
-    )
+    fields = [pa.field("face_id", pa.uint64(), nullable=False), pa.field("person", pa.string(), nullable=False),
+              pa.field("source", pa.string(), nullable=False),
+              pa.field("code", pa.binary(model.code_bytes), nullable=False)]
+    metadata = {"facepq.model_fingerprint": model.fingerprint, "facepq.codec": model.codec,
+                "facepq.M": str(model.M), "facepq.K": str(model.K), "facepq.code_bytes": str(model.code_bytes)}
+    if model.refine is not None:
+        fields.append(pa.field(REFINE_COLUMN, pa.binary(model.refine.code_bytes), nullable=False))
+        metadata.update({"facepq.refine": model.refine.kind, "facepq.refine_codec": model.refine.codec,
+                         "facepq.refine_bytes": str(model.refine.code_bytes)})
+    return pa.schema(fields, metadata=metadata)
 
 
 def new_segment_id() -> str:
@@ -80,25 +93,35 @@ def _string_array(values, n: int, what: str) -> pa.Array:
     return arr
 
 
-def build_batch(face_ids, persons, sources, codes, model: ModelMeta) -> pa.RecordBatch:
+def _binary_column(values, n: int, width: int, what: str) -> pa.Array:
+    """uint8 [n, width] -> fixed_size_binary(width), wrapped without a copy."""
+    values = np.ascontiguousarray(values)
+    if values.dtype != np.uint8 or values.shape != (n, width):
+        raise ValueError(f"{what} must be uint8 [{n}, {width}], got {values.dtype} {values.shape}")
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), n, [None, pa.py_buffer(values)])
+
+
+def build_batch(face_ids, persons, sources, codes, model: ModelMeta, refine=None) -> pa.RecordBatch:
     """Validate the columns and assemble one record batch (codes are wrapped without a copy).
 
     Args:
         face_ids: uint64 [n].
         persons, sources: n strings (list, numpy object array, or pyarrow string array).
         codes: uint8 [n, model.code_bytes].
+        refine: uint8 [n, model.refine.code_bytes] when the index has a refinement tier, else None.
     """
     ids = np.ascontiguousarray(face_ids, dtype=np.uint64)
     if ids.ndim != 1:
         raise ValueError(f"face_ids must be 1-D, got shape {ids.shape}")
     n = ids.shape[0]
-    codes = np.ascontiguousarray(codes)
-    if codes.dtype != np.uint8 or codes.shape != (n, model.code_bytes):
-        raise ValueError(f"codes must be uint8 [{n}, {model.code_bytes}], got {codes.dtype} {codes.shape}")
-    code_arr = pa.FixedSizeBinaryArray.from_buffers(pa.binary(model.code_bytes), n, [None, pa.py_buffer(codes)])
-    return pa.RecordBatch.from_arrays(
-        [pa.array(ids, type=pa.uint64()), _string_array(persons, n, "persons"), _string_array(sources, n, "sources"),
-         code_arr], schema=segment_schema(model))
+    columns = [pa.array(ids, type=pa.uint64()), _string_array(persons, n, "persons"),
+               _string_array(sources, n, "sources"), _binary_column(codes, n, model.code_bytes, "codes")]
+    if (refine is None) != (model.refine is None):
+        raise ValueError("refine rows must be given exactly when the index has a refinement tier "
+                         f"({model.refine.kind if model.refine else 'none'})")
+    if refine is not None:
+        columns.append(_binary_column(refine, n, model.refine.code_bytes, "refine rows"))
+    return pa.RecordBatch.from_arrays(columns, schema=segment_schema(model))
 
 
 class _HashingWriter(io.RawIOBase):
@@ -124,13 +147,15 @@ class _HashingWriter(io.RawIOBase):
         super().close()
 
 
-def write_segment(store: IndexStore, shard: int, face_ids, persons, sources, codes, model: ModelMeta) -> SegmentRef:
+def write_segment(store: IndexStore, shard: int, face_ids, persons, sources, codes, model: ModelMeta,
+                  refine=None) -> SegmentRef:
     """Write one segment file into `shard` and return its manifest entry.
 
     The file appears under its final name only once complete (IndexStore.open_atomic);
-    it is not part of the index until a commit references it.
+    it is not part of the index until a commit references it. `refine`: the refinement
+    rows (uint8 [n, tier bytes]) when the index has a tier.
     """
-    batch = build_batch(face_ids, persons, sources, codes, model)
+    batch = build_batch(face_ids, persons, sources, codes, model, refine)
     if batch.num_rows == 0:
         raise ValueError("refusing to write an empty segment")
     seg_id = new_segment_id()
@@ -155,10 +180,11 @@ class SegmentView:
         codes: uint8 [rows, code_bytes], zero-copy view of the code column.
         persons, sources: pyarrow string arrays [rows].
         fingerprint: model fingerprint from the file's schema metadata.
+        refine: uint8 [rows, tier bytes], zero-copy view of the refine column (None without a tier).
 
-    `face_ids`, `persons` and `sources` read through the map: every page they touch stays
-    resident in this process. Long-lived readers (a query node) use `hit_metadata` and
-    `tombstone_mask`, which read a local file with positional reads instead.
+    `face_ids`, `persons`, `sources` and `refine` read through the map: every page they touch
+    stays resident in this process. Long-lived readers (a query node) use `hit_metadata`,
+    `tombstone_mask` and `refine_rows`, which read a local file with positional reads instead.
     """
 
     ref: SegmentRef
@@ -171,10 +197,27 @@ class SegmentView:
     reader: "MetadataReader | None" = field(default=None, repr=False, compare=False)
     file_map: mmap.mmap | None = field(default=None, repr=False, compare=False)  # a local file's map, if any
     map_address: int = field(default=0, repr=False, compare=False)  # where that map starts in memory
+    refine: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def rows(self) -> int:
         return self.batch.num_rows
+
+    def refine_rows(self, rows) -> np.ndarray:
+        """uint8 [n, tier bytes]: the refinement rows of the given rows (int [n], any order), without the map.
+
+        Raises:
+            IndexError: a row outside 0..rows-1.  ValueError: the segment has no refine column.
+            SegmentCorrupt: the file no longer holds what was verified (truncated in place).
+        """
+        if self.refine is None:
+            raise ValueError(f"segment {self.ref.path} has no refinement tier")
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if rows.size and (int(rows.min()) < 0 or int(rows.max()) >= self.rows):
+            raise IndexError(f"rows out of range 0..{self.rows - 1} in segment {self.ref.path}")
+        if self.reader is None:  # a remote store's segment lives in memory already
+            return self.refine[rows]
+        return self.reader.refine_rows(rows)
 
     def person_at(self, i: int) -> str:
         return self.persons[int(i)].as_py()
@@ -234,6 +277,8 @@ class SegmentView:
         - opening the file, before that split: Arrow reads the record batch header from the page the
           face ids start on, and fault-around maps up to 15 pages of face ids with it. MADV_DONTNEED
           unmaps them again (the page cache keeps them; a later access faults a page back in).
+        The refine column (after the codes) gets the same advice: a node reads it with positional reads
+        for a search's candidates only.
         Only for a segment mapped from a local file with a positional reader (its metadata buffers
         were checked to lie in the map): DONTNEED on the heap copy of a remote segment would zero it.
         The code column keeps the default advice: it is scanned front to back. Best effort: a
@@ -241,11 +286,18 @@ class SegmentView:
         """
         if self.reader is None or self.file_map is None or not hasattr(self.file_map, "madvise"):
             return
+        if self.refine is not None:  # after the codes: its own VMA, so the scan's fault-around stops at it
+            self._advise_away(self.refine.ctypes.data - self.map_address, self.refine.nbytes)
         # The metadata buffers are adjacent in the file (column order, padding between), codes after them.
         bufs = [self.batch.column(0).buffers()[1]] + [b for column in (self.persons, self.sources)
                                                       for b in column.buffers() if b is not None]
         lo = min(b.address for b in bufs) - self.map_address
         hi = max(b.address + b.size for b in bufs) - self.map_address
+        self._advise_away(lo, hi - lo)
+
+    def _advise_away(self, lo: int, size: int) -> None:
+        """MADV_RANDOM on the whole pages of [lo, lo + size) of the map, then MADV_DONTNEED on every page it touches."""
+        hi = lo + size
         inner_lo, inner_hi = -(-lo // _PAGE) * _PAGE, hi // _PAGE * _PAGE
         outer_lo, outer_hi = lo // _PAGE * _PAGE, -(-hi // _PAGE) * _PAGE
         try:
@@ -365,8 +417,13 @@ def _map_file(path: str) -> tuple[int, mmap.mmap | None, pa.Buffer]:
 def _view(batch: pa.RecordBatch, ref: SegmentRef, where: str, model: ModelMeta | None) -> SegmentView:
     schema = batch.schema
     meta = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
-    if tuple(schema.names) != COLUMNS:
-        raise SegmentCorrupt(f"{where} has columns {schema.names}, expected {list(COLUMNS)}")
+    if model is not None:
+        expected = segment_columns(model)
+    else:  # a reader that does not name the model (e.g. reading face ids only) takes either layout
+        with_refine = COLUMNS + (REFINE_COLUMN,)
+        expected = with_refine if tuple(schema.names) == with_refine else COLUMNS
+    if tuple(schema.names) != expected:
+        raise SegmentCorrupt(f"{where} has columns {schema.names}, expected {list(expected)}")
     code_type = schema.field("code").type
     if (schema.field("face_id").type != pa.uint64() or not pa.types.is_fixed_size_binary(code_type)
             or schema.field("person").type != pa.string() or schema.field("source").type != pa.string()):
@@ -383,6 +440,17 @@ def _view(batch: pa.RecordBatch, ref: SegmentRef, where: str, model: ModelMeta |
     ids_col, code_col = batch.column(0), batch.column(3)
     if ids_col.null_count or code_col.null_count:
         raise SegmentCorrupt(f"{where} has null face ids or codes")
+    refine = None
+    if len(expected) > len(COLUMNS):
+        refine_col = batch.column(4)
+        refine_type = schema.field(REFINE_COLUMN).type
+        if not pa.types.is_fixed_size_binary(refine_type) or refine_col.null_count:
+            raise SegmentCorrupt(f"{where} has a refine column of type {refine_type} with {refine_col.null_count} nulls")
+        width = refine_type.byte_width
+        if model is not None and (width != model.refine.code_bytes or meta.get("facepq.refine") != model.refine.kind):
+            raise SegmentCorrupt(f"{where} stores {width}-byte refinement rows of tier {meta.get('facepq.refine')}, "
+                                 f"the index's tier is {model.refine.kind} ({model.refine.code_bytes} bytes)")
+        refine = column_view(refine_col, np.uint8, width)
     return SegmentView(ref=ref, batch=batch, face_ids=column_view(ids_col, np.uint64, 1),
                        codes=column_view(code_col, np.uint8, code_bytes), persons=batch.column(1),
-                       sources=batch.column(2), fingerprint=meta.get("facepq.model_fingerprint", ""))
+                       sources=batch.column(2), fingerprint=meta.get("facepq.model_fingerprint", ""), refine=refine)

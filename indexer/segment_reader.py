@@ -1,4 +1,4 @@
-"""Positional reads of a local segment's metadata columns (face_id, person, source).
+"""Positional reads of a local segment's metadata columns (face_id, person, source) and refinement rows.
 
 A query node maps a segment to scan its codes, but reads the few rows it returns
 with `os.pread`: pages touched through a file mapping stay in the process (RSS),
@@ -42,6 +42,12 @@ class MetadataReader:
         ids, persons, sources = batch.column(0), batch.column(1), batch.column(2)
         self._ids = _file_offset(ids.buffers()[1], base, size, 8 * (ids.offset + n)) + 8 * ids.offset
         self._strings = [self._string_column(col, base, size) for col in (persons, sources)]
+        self._refine = None  # (file offset of row 0, bytes a row) of the refine column, when there is one
+        if batch.num_columns > 4:
+            col = batch.column(4)
+            width = col.type.byte_width
+            self._refine = (_file_offset(col.buffers()[1], base, size, width * (col.offset + n)) + width * col.offset,
+                            width)
         self._closer = weakref.finalize(self, os.close, fd)
 
     @staticmethod
@@ -72,6 +78,16 @@ class MetadataReader:
         elif got != want:
             raise SegmentCorrupt(f"{self.where} was truncated while served (short read at byte {offset})")
         return out
+
+    def refine_rows(self, rows: np.ndarray) -> np.ndarray:
+        """uint8 [n, width]: the refinement rows of in-range int64 `rows`, one positional read each (~1 us)."""
+        first, width = self._refine
+        pread, fd = os.pread, self.fd
+        chunks = [pread(fd, width, first + width * row) for row in rows.tolist()]
+        data = b"".join(chunks)
+        if len(data) != width * len(chunks):
+            raise SegmentCorrupt(f"{self.where} was truncated while served (short read of a refinement row)")
+        return np.frombuffer(data, dtype=np.uint8).reshape(len(chunks), width)
 
     def read(self, rows: np.ndarray) -> tuple[np.ndarray, list[str], list[str]]:
         """(face_ids uint64 [n], persons [n], sources [n]) of in-range int64 `rows`.

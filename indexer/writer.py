@@ -7,6 +7,9 @@ RPC (a handful), so both share one commit protocol (indexer.commit).
     writer.add(face_ids, persons, sources, codes)     # any number of times
     version = writer.commit("ingest photos/")
 
+An index with a refinement tier (ModelMeta.refine) takes each face's refinement row too:
+`writer.add(face_ids, persons, sources, codes, refine)`; the rows travel with the codes.
+
 Duplicates are skipped at three points: `add` drops faces already live in the
 index version the writer opened, faces in segments it has written, and repeats
 within the batch; writing a shard's segment drops faces repeated across `add`
@@ -73,6 +76,7 @@ class _Batch:
     persons: pa.Array    # string [n]
     sources: pa.Array    # string [n]
     codes: np.ndarray    # uint8 [n, code_bytes]
+    refine: np.ndarray | None = None  # uint8 [n, tier bytes] with a refinement tier
 
 
 class IndexWriter:
@@ -149,27 +153,29 @@ class IndexWriter:
         log.debug("writer for %s now deduplicates against version %s", self.store.uri, current)
 
     # ------------------------------------------------------------------
-    def add(self, face_ids, persons, sources, codes) -> int:
+    def add(self, face_ids, persons, sources, codes, refine=None) -> int:
         """Buffer faces; returns how many were taken (not already in the index or repeated in this batch).
 
         Args:
             face_ids: uint64 [n].
             persons, sources: n strings (pyarrow string array, numpy array or list).
             codes: uint8 [n, code_bytes].
+            refine: uint8 [n, tier bytes], exactly when the index has a refinement tier.
         Returns:
             Rows taken. A face repeating a row of an earlier, still buffered `add` is dropped when its
             shard's segment is written; `stats` counts it then.
         """
         with self._lock:
-            return self._add(face_ids, persons, sources, codes)
+            return self._add(face_ids, persons, sources, codes, refine)
 
-    def _add(self, face_ids, persons, sources, codes) -> int:
+    def _add(self, face_ids, persons, sources, codes, refine=None) -> int:
         ids = np.asarray(face_ids, dtype=np.uint64).reshape(-1)
         n = ids.shape[0]
         codes = np.asarray(codes)
         if codes.dtype != np.uint8 or codes.shape != (n, self.model.code_bytes):
             raise ConfigError(f"codes must be uint8 [{n}, {self.model.code_bytes}] for this index's model, "
                               f"got {codes.dtype} {codes.shape}")
+        refine = _refine_rows(refine, n, self.model)
         persons, sources = _strings(persons, n, "persons"), _strings(sources, n, "sources")
         _check_lengths(persons, MAX_PERSON_CHARS, "person")
         _check_lengths(sources, MAX_SOURCE_CHARS, "source")
@@ -197,7 +203,8 @@ class IndexWriter:
         if rows is not None:
             order = rows[order]
         batch = _Batch(np.take(ids, order), persons.take(order), sources.take(order),
-                       np.take(codes, order, axis=0))  # not codes[order]: 2-D fancy indexing is 8x slower
+                       np.take(codes, order, axis=0),  # not codes[order]: 2-D fancy indexing is 8x slower
+                       None if refine is None else np.take(refine, order, axis=0))
         bounds = np.concatenate(([0], np.cumsum(np.bincount(row_shards, minlength=self.shard_count))))
         full = []
         for shard in range(self.shard_count):
@@ -318,6 +325,7 @@ class IndexWriter:
         parts = self._buffers[shard]
         ids = np.concatenate([b.ids[lo:hi] for b, lo, hi in parts])
         codes = np.concatenate([b.codes[lo:hi] for b, lo, hi in parts])
+        refine = None if self.model.refine is None else np.concatenate([b.refine[lo:hi] for b, lo, hi in parts])
         persons = pa.concat_arrays([b.persons[lo:hi] for b, lo, hi in parts])
         sources = pa.concat_arrays([b.sources[lo:hi] for b, lo, hi in parts])
         sorted_ids = np.sort(ids)
@@ -336,13 +344,14 @@ class IndexWriter:
             dropped = int((~keep).sum())
             rows = np.flatnonzero(keep)
             ids, codes = ids[rows], np.take(codes, rows, axis=0)
+            refine = None if refine is None else np.take(refine, rows, axis=0)
             persons, sources = persons.take(rows), sources.take(rows)
             sorted_ids = sorted_ids[~drop_sorted]
         refs = []
         for start in range(0, ids.shape[0], self.segment_rows):
             stop = start + self.segment_rows
             ref = write_segment(self.store, shard, ids[start:stop], persons[start:stop], sources[start:stop],
-                                codes[start:stop], self.model)
+                                codes[start:stop], self.model, None if refine is None else refine[start:stop])
             log.debug("wrote segment %s (%d rows)", ref.path, ref.rows)
             refs.append(ref)
         return refs, sorted_ids, dropped
@@ -430,6 +439,22 @@ def _check_lengths(values: pa.Array, limit: int, what: str) -> None:
         row = int(pc.index(lengths, longest).as_py())
         raise InvalidRequest(f"a {what} of {longest} characters (row {row}: {values[row].as_py()[:60]!r}...); "
                              f"at most {limit}")
+
+
+def _refine_rows(refine, n: int, model: ModelMeta) -> np.ndarray | None:
+    """The refinement rows an `add` must bring: uint8 [n, tier bytes] with a tier, none without (ConfigError)."""
+    tier = model.refine
+    if tier is None:
+        if refine is not None:
+            raise ConfigError("this index has no refinement tier: add codes only (a tier is chosen when an index "
+                              "is created, --refine)")
+        return None
+    refine = np.asarray(refine) if refine is not None else None
+    if refine is None or refine.dtype != np.uint8 or refine.shape != (n, tier.code_bytes):
+        got = "none" if refine is None else f"{refine.dtype} {refine.shape}"
+        raise ConfigError(f"this index stores refinement tier {tier.kind}: add uint8 [{n}, {tier.code_bytes}] "
+                          f"refinement rows with the codes, got {got}")
+    return refine
 
 
 def _strings(values, n: int, what: str) -> pa.Array:

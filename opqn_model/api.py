@@ -6,6 +6,9 @@
     codes = enc.codec.encode(feats)            # uint8 [N, enc.codec.spec.code_bytes]
     tables = enc.codec.query_tables(feats)     # float32 [N, M, K]; score = sum_m tables[m, c_m], higher is better
 
+A refinement tier (facepq_core.refine) of an index comes from the model too:
+`enc.refine_codec("codes:256")` (fitted with the model) or `enc.refine_codec("float16")`.
+
 `feats` are the trunk's embeddings ("embeddings" in the CLI and the ingest job: for
 trunk 'dlib' the 128-d dlib descriptors). Everything after the trunk is the codec
 (facepq_core.codecs: numpy, no torch), which the training method builds from the
@@ -20,6 +23,7 @@ import os
 import numpy as np
 import torch
 
+from facepq_core.codecs import codec_from_state
 from facepq_core.errors import ConfigError
 from opqn_model.checkpoint import load_checkpoint
 from opqn_model.config import ModelConfig
@@ -46,6 +50,29 @@ def build_pipeline(config: ModelConfig, trunk, **overrides):
     return FacePipeline(**{"size": config.input_size, "mode": "dlib", **overrides})
 
 
+def refine_codecs_of(payload: dict) -> dict:
+    """{kind: Codec} of the refinement tiers fitted with a checkpoint (`load_checkpoint` payload)."""
+    return {kind: codec_from_state(str(state["codec"]), state)
+            for kind, state in (payload.get("refine_codecs") or {}).items()}
+
+
+def refine_codec(fitted: dict, embedding_dim: int, kind: str):
+    """The codec of refinement tier `kind`: one of `fitted` ({kind: Codec}), or float16 (needs no fitting).
+
+    Raises ConfigError naming the tiers on offer.
+    """
+    from facepq_core.codecs.float16 import Float16Codec
+    from facepq_core.refine import FLOAT16
+
+    if kind == FLOAT16:
+        return Float16Codec(embedding_dim)
+    if kind not in fitted:
+        offered = ", ".join(sorted(fitted) + [FLOAT16])
+        raise ConfigError(f"this model has no refinement tier {kind}; it offers {offered} (codes:BITS are fitted "
+                          f"with the model: `facepq train --refine-bits BITS`)")
+    return fitted[kind]
+
+
 class FaceEncoder:
     """A loaded model: photos -> aligned crops -> trunk embeddings, and its codec (embeddings -> codes, tables).
 
@@ -55,9 +82,11 @@ class FaceEncoder:
         pipeline: FacePipeline configured as in training (picklable).
     """
 
-    def __init__(self, config: ModelConfig, codec, trunk, fingerprint: str, method: str = "opqn", pipeline=None):
+    def __init__(self, config: ModelConfig, codec, trunk, fingerprint: str, method: str = "opqn", pipeline=None,
+                 refine_codecs: dict | None = None):
         self.config = config
         self.codec = codec
+        self.refine_codecs = dict(refine_codecs or {})  # kind ('codes:256') -> Codec fitted with the model
         self.method = method
         self.trunk = trunk
         if isinstance(trunk, torch.nn.Module):
@@ -85,9 +114,15 @@ class FaceEncoder:
         if payload["trunk_state"]:
             trunk.load_state_dict(payload["trunk_state"])
         codec = get_method(payload["method"]).codec(payload)
+        refine = refine_codecs_of(payload)
         log.debug("loaded model: method=%s codec=%s trunk=%s bits=%d fingerprint=%s", payload["method"], codec.name,
                   config.trunk, codec.spec.bits, payload["fingerprint"])
-        return cls(config, codec, trunk, payload["fingerprint"], payload["method"])
+        return cls(config, codec, trunk, payload["fingerprint"], payload["method"], refine_codecs=refine)
+
+    def refine_codec(self, kind: str):
+        """The codec of refinement tier `kind` ('codes:BITS' fitted with the model, or 'float16');
+        ConfigError naming the tiers this model offers."""
+        return refine_codec(self.refine_codecs, self.embedding_dim, kind)
 
     def model_meta(self) -> dict:
         """What an index records about the model that wrote its codes."""

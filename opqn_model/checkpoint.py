@@ -11,6 +11,8 @@ A checkpoint is one torch file holding named keys:
     head, trunk_state state dicts of the trained torch parts ({} where there is none)
     codec_state       for methods whose codec is not a function of `head` (e.g. itq): the
                       codec's own arrays (as tensors) and scalars
+    refine_codecs     refinement tiers fitted with the model (facepq_core.refine), by kind:
+                      {"codes:256": {"codec": "pq", <that codec's state>}}; absent when none
     fingerprint       sha256 of config + weights (+ method and codec_state where present):
                       the model's identity, stored in every index so codes of different
                       models never mix
@@ -51,12 +53,12 @@ def _state_digest(h, state: dict) -> None:
 
 
 def model_fingerprint(model_config: ModelConfig, head_state: dict, trunk_state: dict, method: str = "opqn",
-                      codec_state: dict | None = None) -> str:
+                      codec_state: dict | None = None, refine_codecs: dict | None = None) -> str:
     """Identity of a model: equal fingerprints give equal codes for equal inputs.
 
     An opqn model's codec is a function of its head, so its fingerprint covers config + head +
     trunk (as it always has: indexes written before methods existed keep matching); other
-    methods add their name and codec state.
+    methods add their name and codec state; refinement codecs, when present, add theirs.
     """
     h = hashlib.sha256()
     h.update(json.dumps(model_config.to_dict(), sort_keys=True).encode())
@@ -65,6 +67,9 @@ def model_fingerprint(model_config: ModelConfig, head_state: dict, trunk_state: 
     if method != "opqn" or codec_state:
         h.update(f"method={method}".encode())
         _state_digest(h, codec_state or {})
+    for kind in sorted(refine_codecs or {}):
+        h.update(f"refine={kind}".encode())
+        _state_digest(h, refine_codecs[kind])
     return h.hexdigest()[:16]
 
 
@@ -84,13 +89,18 @@ def resolve_model_path(path: str | os.PathLike) -> pathlib.Path:
 
 
 def save_checkpoint(path: str | os.PathLike, model_config: ModelConfig, head_state: dict, trunk_state: dict,
-                    method: str = "opqn", codec_state: dict | None = None, **extra) -> str:
-    """Write durably and atomically (`facepq_core.atomic`) and return the model fingerprint."""
+                    method: str = "opqn", codec_state: dict | None = None, refine_codecs: dict | None = None,
+                    **extra) -> str:
+    """Write durably and atomically (`facepq_core.atomic`) and return the model fingerprint.
+
+    `refine_codecs`: {kind: {"codec": name, **codec.state()}} of the refinement tiers fitted with the model.
+    """
     from opqn_model.methods import get_method
 
     model_config = model_config.resolved()
     codec_state = tensor_state(codec_state) if codec_state else None
-    fingerprint = model_fingerprint(model_config, head_state, trunk_state, method, codec_state)
+    refine_codecs = {kind: tensor_state(state) for kind, state in refine_codecs.items()} if refine_codecs else None
+    fingerprint = model_fingerprint(model_config, head_state, trunk_state, method, codec_state, refine_codecs)
     payload = {
         "format": CHECKPOINT_FORMAT,
         "method": method,
@@ -102,6 +112,7 @@ def save_checkpoint(path: str | os.PathLike, model_config: ModelConfig, head_sta
         "fingerprint": fingerprint,
         **get_method(method).proofs(model_config),
         **({"codec_state": codec_state} if codec_state else {}),
+        **({"refine_codecs": refine_codecs} if refine_codecs else {}),
         **extra,
     }
     with atomic_writer(path) as f:
@@ -137,7 +148,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"{path}: trunk {payload.get('trunk')!r} does not match its config ({model_config.trunk!r})")
     method.verify(payload, model_config, path)
     fingerprint = model_fingerprint(model_config, payload["head"], payload["trunk_state"], method.name,
-                                    payload.get("codec_state"))
+                                    payload.get("codec_state"), payload.get("refine_codecs"))
     if fingerprint != payload.get("fingerprint"):
         raise CheckpointError(
             f"{path}: model fingerprint mismatch (stored {payload.get('fingerprint')}, weights give {fingerprint}); "

@@ -31,6 +31,9 @@ def register(sub) -> None:
                    "(photos are already face crops); default dlib, none for synthetic faces")
     p.add_argument("--no-face", choices=["skip", "centre-crop"], default="skip",
                    help="photos where no face is found: skip (counted) or use a centre crop")
+    p.add_argument("--unlabelled", metavar="PHOTOS",
+                   help="frozen trunks: photos without labels (a folder or list; e.g. the gallery to be indexed, "
+                        "or a sample of it) whose embeddings join the fit of the codes; see README")
     p.add_argument("--resume", help="continue from a last.pt checkpoint")
     p.add_argument("--synthetic-people", type=int, default=200)
     p.add_argument("--synthetic-photos", type=int, default=12)
@@ -78,7 +81,7 @@ def run_train(args) -> int:
         model_config.pipeline = build_pipeline(model_config, build_trunk(model_config), mode=align,
                                                on_no_face=args.no_face).to_dict()
     summary = train(data, args.out, model_config, train_config, resume=args.resume,
-                    progress=bars_enabled(not args.no_progress))
+                    progress=bars_enabled(not args.no_progress), unlabelled=args.unlabelled)
     wall = time.monotonic() - t_start
     print(f"trained {summary['epochs']} epochs on {summary['train_photos']} photos of {summary['train_people']} people "
           f"in {wall:.0f} s wall ({summary['input_seconds']:.0f} s reading photos"

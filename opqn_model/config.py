@@ -103,6 +103,10 @@ class TrainConfig:
         opq_iterations: OPQ alternations of the data init (30: 10 gave 0.910, 30 0.937,
             50 0.928 on validation at 64 bits; the k-means seed matters as much beyond 30).
         itq_iterations: rotation updates of method itq (Gong & Lazebnik use 50).
+        refine_bits: bits of the refinement codes fitted with the model (a product quantizer of the
+            same embeddings, BITS / 8 bytes a face), which an index created with --refine codes:BITS
+            stores beside its first-pass codes to re-score search candidates; 0 fits none; None = 256
+            (32 bytes) when the embedding splits into 32 equal chunks (dlib's 128-d, resnet20's 512-d), else none.
     """
 
     method: str = "opqn"
@@ -123,6 +127,7 @@ class TrainConfig:
     head_refit: str = "off"
     opq_iterations: int = 30
     itq_iterations: int = 50
+    refine_bits: int | None = None
 
     def resolved_epochs(self, frozen_trunk: bool) -> int:
         """`epochs`, or its default for this kind of trunk (see Args)."""
@@ -148,6 +153,14 @@ class TrainConfig:
             raise ConfigError(f"head_refit must be 'off' or 'data', got {self.head_refit!r}")
         if self.opq_iterations < 1:
             raise ConfigError(f"opq_iterations must be >= 1, got {self.opq_iterations}")
+        if self.refine_bits is not None and (self.refine_bits < 0 or self.refine_bits % 8):
+            raise ConfigError(f"refine_bits must be 0 or a positive multiple of 8, got {self.refine_bits}")
+
+    def resolved_refine_bits(self, embedding_dim: int) -> int:
+        """`refine_bits`, or its default for embeddings of this length (see Args)."""
+        if self.refine_bits is not None:
+            return self.refine_bits
+        return 256 if embedding_dim % 32 == 0 else 0
 
     def resolved_scale(self, input_size: int) -> float:
         if self.scale is not None:

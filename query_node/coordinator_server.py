@@ -88,9 +88,11 @@ class CoordinatorServicer(facepq_pb2_grpc.CoordinatorServicer):
         query = request.photo if kind == "photo" else request.embedding.values if kind == "embedding" else None
         gate = self.photo_admission.slot(context.time_remaining()) if kind == "photo" else contextlib.nullcontext()
         with status_on_error(context), gate:
-            result = self.service.search(query, request.top_k, SearchOptions(context.time_remaining()))
+            candidates = request.refine_candidates if request.HasField("refine_candidates") else None
+            result = self.service.search(query, request.top_k, SearchOptions(context.time_remaining(), candidates))
         reply = facepq_pb2.SearchResponse(complete=result.complete, missing_shards=result.missing_shards,
-                                          index_version=result.index_version, node_scan_ms=result.node_scan_ms)
+                                          index_version=result.index_version, node_scan_ms=result.node_scan_ms,
+                                          refine_candidates=result.refine_candidates)
         reply.hits.extend(hit_messages(facepq_pb2, result.hits))
         reply.took_ms = (time.perf_counter() - t0) * 1e3
         return reply

@@ -33,11 +33,23 @@ class FaceModel:
     def fingerprint(self) -> str:
         return self.encoder.fingerprint
 
-    def model_meta(self):
-        """indexer.manifest.ModelMeta of this model (what an index it writes into must hold)."""
+    def model_meta(self, refine=None):
+        """indexer.manifest.ModelMeta of this model (what an index it writes into must hold), with the
+        index's refinement tier `refine` (facepq_core.refine.RefineTier) when it has one."""
         from indexer.manifest import ModelMeta
 
-        return ModelMeta.from_encoder(self.encoder)
+        return ModelMeta.from_encoder(self.encoder, refine)
+
+    def refine_codec(self, tier):
+        """This model's codec for an index's refinement tier (ConfigError when it does not offer it)."""
+        from facepq_core.errors import IndexFormatError
+        from facepq_core.refine import RefineTier
+
+        codec = self.encoder.refine_codec(tier.kind)
+        if RefineTier.of(tier.kind, codec) != tier:
+            raise IndexFormatError(f"the index's refinement tier {tier.to_dict()} is not this model's "
+                                   f"{RefineTier.of(tier.kind, codec).to_dict()}")
+        return codec
 
     def tables_for(self, query) -> np.ndarray:
         """A photo (bytes) or an embedding (floats) -> lookup tables float32 [1, M, K].
@@ -49,19 +61,41 @@ class FaceModel:
         """
         if not is_photo(query):
             return embedding_tables(self.codec, query)
-        feats, kept, skipped = photo_features(self.encoder, [query])
+        return self.codec.query_tables(self._photo_embedding(query))
+
+    def refined_tables_for(self, query, tier) -> tuple[np.ndarray, np.ndarray]:
+        """A two-stage search's tables: (lookup tables float32 [1, M, K], refinement tables float32 [1, a, b]
+        of the index's tier), from one trunk pass. Errors as `tables_for`."""
+        refine = self.refine_codec(tier)
+        if not is_photo(query):
+            return embedding_tables(self.codec, query), embedding_tables(refine, query)
+        feats = self._photo_embedding(query)
+        return self.codec.query_tables(feats), refine.query_tables(feats)
+
+    def _photo_embedding(self, photo) -> np.ndarray:
+        """The embedding float32 [1, E] of a query photo's face (NoFaceFound / InvalidRequest otherwise)."""
+        feats, kept, skipped = photo_features(self.encoder, [photo])
         if not kept:
             reason = skipped.get(0, "unknown")
             if reason == NoFaceFound.reason:
                 raise NoFaceFound("no face found in the photo; send a photo with a visible, frontal face")
             raise InvalidRequest(f"the photo cannot be used: {reason} (send JPEG/PNG/PGM bytes of a face photo)")
-        return self.codec.query_tables(feats[:1])
+        return feats[:1]
 
     def encode_photos(self, contents: list[bytes]) -> tuple[np.ndarray, list[int], dict[int, str]]:
         """Encoded photos -> (codes uint8 [n_ok, code_bytes], indices kept, {index: reason skipped})."""
         feats, kept, skipped = photo_features(self.encoder, contents)
         codes = self.codec.encode(feats) if kept else np.zeros((0, self.codec.spec.code_bytes), np.uint8)
         return codes, kept, skipped
+
+    def encode_photos_refined(self, contents: list[bytes], tier):
+        """Encoded photos -> (codes, refinement rows uint8 [n_ok, tier bytes], indices kept, {index: reason}) for
+        an index with refinement tier `tier`."""
+        refine = self.refine_codec(tier)
+        feats, kept, skipped = photo_features(self.encoder, contents)
+        codes = self.codec.encode(feats) if kept else np.zeros((0, self.codec.spec.code_bytes), np.uint8)
+        rows = refine.encode(feats) if kept else np.zeros((0, refine.code_bytes), np.uint8)
+        return codes, rows, kept, skipped
 
 
 def embedding_tables(codec, values) -> np.ndarray:

@@ -31,8 +31,13 @@ class IndexView:
         self.model = manifest.model
         try:  # the scan kernel family of the index's codec; an index of an unknown codec is never scanned
             self.kernel = codec_class(manifest.model.codec).kernel
+            refine_kernel = manifest.model.refine.kernel if manifest.model.refine is not None else None
         except ConfigError as exc:
             raise IndexFormatError(f"cannot serve this index: {exc}") from None
+        if self.kernel != "lut":
+            raise IndexFormatError(f"cannot serve this index: its codec {manifest.model.codec} (kernel {self.kernel}) "
+                                   f"can only be a refinement tier, not the scanned codes")
+        self.refine_kernel = refine_kernel
         self.version = str(manifest.version)
         self.shards = shards
 
@@ -40,13 +45,15 @@ class IndexView:
         return sorted(s for s, d in self.shards.items() if d.serving)
 
     def search(self, lookup_tables: np.ndarray, k: int, shards: list[int],
-               stats: ScanStats | None = None) -> list[list[Hit]]:
+               stats: ScanStats | None = None, refine=None) -> list[list[Hit]]:
         """Exact top-k over `shards` (all serving) for float32 [Q, M, K] tables; one list per query.
 
         `stats` (optional) accumulates the kernel's seconds and rows over the shards scanned.
+        `refine` (optional query_node.two_stage.RefineQuery): two stages; each shard answers the top k of
+        its first-pass candidates re-scored by the refinement tier, merged exactly on those scores.
         """
         tables = scan_tables(lookup_tables, self.model.packed, self.model.code_bytes)
-        per_shard = [self.shards[s].search(tables, k, stats) for s in shards]
+        per_shard = [self.shards[s].search(tables, k, stats, refine) for s in shards]
         return [merge_shard_lists([res[q] for res in per_shard], k) for q in range(tables.byte.shape[0])]
 
 

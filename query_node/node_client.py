@@ -1,8 +1,8 @@
 """The coordinator's calls to query nodes over gRPC, behind the small interface the fan-out uses.
 
 `NodeClients` is what query_node.coordinator.Coordinator needs from a transport:
-`prepare(lookup_tables)` once per search (the tables in wire form, reused by every
-node call of that search), `search(address, prepared, k, shards, index_version,
+`prepare(lookup_tables, refine)` once per search (the tables, and a two-stage search's
+refinement tables and candidates, in wire form, reused by every node call of that search), `search(address, prepared, k, shards, index_version,
 timeout) -> fanout.NodeReply` or `fanout.NodeCallError`, and `close()`. Tests drive
 the coordinator with fake clients that answer from memory; `GrpcNodeClients` is the
 real one: one cached channel per node, TLS and the node token when configured.
@@ -35,8 +35,9 @@ log = logging.getLogger(__name__)
 
 
 class NodeClients(Protocol):
-    def prepare(self, lookup_tables: np.ndarray) -> object:
-        """float32 [Q, M, K] -> what `search` sends (built once per search)."""
+    def prepare(self, lookup_tables: np.ndarray, refine: tuple[np.ndarray, int] | None = None) -> object:
+        """float32 [Q, M, K] (and a two-stage search's (refinement tables [Q, a, b], candidates per shard))
+        -> what `search` sends (built once per search)."""
 
     def search(self, address: str, tables: object, k: int, shards: Sequence[int], index_version: str,
                timeout: float) -> NodeReply:
@@ -75,12 +76,15 @@ class GrpcNodeClients:
                 self._channels[address] = (channel, facepq_pb2_grpc.QueryNodeStub(channel))
             return self._channels[address][1]
 
-    def prepare(self, lookup_tables: np.ndarray) -> list:
-        return [table_message(facepq_pb2, t) for t in lookup_tables]
+    def prepare(self, lookup_tables: np.ndarray, refine: tuple[np.ndarray, int] | None = None) -> dict:
+        fields = {"tables": [table_message(facepq_pb2, t) for t in lookup_tables]}
+        if refine is not None:
+            fields.update(refine_tables=[table_message(facepq_pb2, t) for t in refine[0]], refine_candidates=refine[1])
+        return fields
 
-    def search(self, address: str, tables: list, k: int, shards: Sequence[int], index_version: str,
+    def search(self, address: str, tables: dict, k: int, shards: Sequence[int], index_version: str,
                timeout: float) -> NodeReply:
-        request = facepq_pb2.NodeSearchRequest(tables=tables, top_k=k, shards=shards, index_version=index_version)
+        request = facepq_pb2.NodeSearchRequest(**tables, top_k=k, shards=shards, index_version=index_version)
         nonce = secrets.token_hex(16) if self.reply_key else None
         metadata = self.metadata + (((NONCE_HEADER, nonce),) if nonce else ())
         try:

@@ -2,7 +2,8 @@
 
 Status codes (the message always says what to change):
 * INVALID_ARGUMENT: no tables, a table whose shape is not the index's [M, K] or whose
-  values are not M*K finite floats, top_k outside 1..MAX_TOP_K, too many tables.
+  values are not M*K finite floats, top_k outside 1..MAX_TOP_K, too many tables; refinement
+  tables that do not fit the index's tier (query_node.two_stage.validate_refine).
 * NOT_FOUND: a requested shard that this node does not serve (ask another node / the
   coordinator's topology); the message lists the shards it serves.
 * UNAVAILABLE: every requested shard is NOT_SERVING here (corrupt segment, no file
@@ -40,7 +41,8 @@ from query_node.index_view import IndexView
 from query_node.live_index import LiveIndex
 from query_node.security import NONCE_HEADER, PROOF_HEADER, is_loopback, node_bearer, node_reply_key, reply_proof
 from query_node.shard_search import ScanStats
-from query_node.wire import MAX_TABLES, MAX_TOP_K, hit_messages, table_values
+from query_node.two_stage import validate_refine
+from query_node.wire import MAX_TABLES, MAX_TOP_K, hit_messages, tables_of
 
 log = logging.getLogger(__name__)
 
@@ -70,15 +72,8 @@ def validate_search(tables_msg, top_k: int, shards_msg, view: IndexView) -> tupl
         raise InvalidRequest(f"{len(tables_msg)} tables in one request; at most {MAX_TABLES}")
     if not 1 <= top_k <= MAX_TOP_K:
         raise InvalidRequest(f"top_k must be in 1..{MAX_TOP_K}, got {top_k}")
-    tables = np.empty((len(tables_msg), m, kk), dtype=np.float32)
-    for i, t in enumerate(tables_msg):
-        values = table_values(t, i)
-        if (t.m, t.k) != (m, kk) or values.size != m * kk:
-            raise InvalidRequest(f"table {i} has shape [{t.m}, {t.k}] with {values.size} values; this index "
-                                 f"(model {view.model.fingerprint[:12]}) needs [M={m}, K={kk}] = {m * kk} values")
-        if not np.isfinite(values).all():
-            raise InvalidRequest(f"table {i} contains NaN or infinite values")
-        tables[i] = values.reshape(m, kk)
+    tables = tables_of(tables_msg, (m, kk), "table", f"this index (model {view.model.fingerprint[:12]}) needs "
+                                                      f"[M={m}, K={kk}] = {m * kk} values")
     served = set(view.shards)
     shards = sorted(set(int(s) for s in shards_msg)) if len(shards_msg) else sorted(served)
     unknown = [s for s in shards if s not in served]
@@ -116,12 +111,14 @@ class QueryNodeServicer(facepq_pb2_grpc.QueryNodeServicer):
         view = self.live.view_at(request.index_version) if request.index_version else self.live.view
         with status_on_error(context):
             tables, k, shards = validate_search(request.tables, request.top_k, request.shards, view)
+            refine = validate_refine(request.refine_tables, request.refine_candidates, view, len(tables))
         stats = ScanStats()
-        results = view.search(tables, k, shards, stats)
+        results = view.search(tables, k, shards, stats, refine)
         with self._lock:
             self.queries_served += len(results)
         reply = facepq_pb2.NodeSearchResponse(shards_searched=shards, index_version=view.version,
-                                              scan_ms=stats.scan_seconds * 1e3)
+                                              scan_ms=stats.scan_seconds * 1e3,
+                                              rescore_ms=stats.rescore_seconds * 1e3)
         for hits in results:
             reply.results.add(hits=hit_messages(facepq_pb2, hits))
         reply.took_ms = (time.perf_counter() - t0) * 1e3
@@ -134,7 +131,8 @@ class QueryNodeServicer(facepq_pb2_grpc.QueryNodeServicer):
         reply = facepq_pb2.NodeStatusResponse(
             node_id=self.node_id, address=self.address, index_version=view.version, m=model.M, k=model.K,
             code_bytes=model.code_bytes, codec=model.codec, model_fingerprint=model.fingerprint,
-            shard_count=view.manifest.shard_count, queries_served=self.queries_served)
+            shard_count=view.manifest.shard_count, queries_served=self.queries_served,
+            refine=model.refine.kind if model.refine else "", refine_bytes=model.refine.code_bytes if model.refine else 0)
         for s in sorted(view.shards):
             d = view.shards[s]
             reply.shards.add(shard=s, state=facepq_pb2.SHARD_SERVING if d.serving else facepq_pb2.SHARD_NOT_SERVING,

@@ -15,6 +15,11 @@ Every search answers from ONE committed version, at least the one current when i
 started: a face deleted (and acknowledged) before a search began never appears in
 it. A search with shards no replica answered is not an error: `complete` is False
 and `missing_shards` names them.
+
+On an index with a refinement tier (facepq_core.refine) a search has two stages unless
+told otherwise: each shard re-scores its top `refine_candidates` first-pass candidates
+(default facepq_core.refine.DEFAULT_CANDIDATES) and the merge ranks by those scores.
+`refine_candidates=0` asks for the first pass alone. Enrolments store the tier's rows too.
 """
 from __future__ import annotations
 
@@ -41,9 +46,12 @@ DEADLINE_MARGIN = 0.05  # seconds kept back from a caller's deadline to build an
 
 @dataclass(frozen=True)
 class SearchOptions:
-    """time_remaining: seconds left of the caller's deadline (None = no deadline: the service's own timeout)."""
+    """time_remaining: seconds left of the caller's deadline (None = no deadline: the service's own timeout).
+    refine_candidates: candidates per shard a two-stage search re-scores (None = the default; 0 = the first
+    pass alone); ignored on an index without a refinement tier."""
 
     time_remaining: float | None = None
+    refine_candidates: int | None = None
 
 
 @dataclass
@@ -52,6 +60,7 @@ class SearchResult:
     missing_shards: list[int] = field(default_factory=list)
     index_version: str = ""
     node_scan_ms: float = 0.0             # the slowest answering node's kernel time
+    refine_candidates: int = 0            # candidates re-scored per shard (0: the first pass alone)
 
     @property
     def complete(self) -> bool:
@@ -125,6 +134,7 @@ class CoordinatorService:
         self.coordinator, self.model = coordinator, model
         self.index_uri, self.redis_url, self.search_timeout = index_uri, redis_url, search_timeout
         self.store = IndexStore(index_uri)
+        self._tier: tuple | None = None  # (the index's refinement tier or None,), once an index exists
 
     # ---- search ------------------------------------------------------------------------------
     def search(self, query, k: int = 0, options: SearchOptions = SearchOptions()) -> SearchResult:
@@ -144,15 +154,39 @@ class CoordinatorService:
             raise InvalidRequest(f"top_k must be in 1..{MAX_TOP_K}, got {k}")
         if query is None:
             raise InvalidRequest("send a photo (bytes) or an embedding")
-        tables = self.model.tables_for(query)
+        tier = self._refine_tier()
+        candidates = _candidates(tier, options.refine_candidates)
+        refine = None
+        if candidates:
+            tables, refine_tables = self.model.refined_tables_for(query, tier)
+            refine = (refine_tables, candidates)
+        else:
+            tables = self.model.tables_for(query)
         try:
             # The version current now is the oldest this search may see (deletes acknowledged before it).
             required = self.store.current_version()
         except FacepqError as exc:
             raise Unavailable(f"cannot read the index version: {exc}") from exc
-        result = self.coordinator.search_tables(tables, k, timeout=self._timeout(options), min_version=required)
+        result = self.coordinator.search_tables(tables, k, timeout=self._timeout(options), min_version=required,
+                                                refine=refine)
         return SearchResult(hits=result.hits[0], missing_shards=result.missing_shards,
-                            index_version=result.index_version, node_scan_ms=result.node_scan_ms)
+                            index_version=result.index_version, node_scan_ms=result.node_scan_ms,
+                            refine_candidates=candidates)
+
+    def _refine_tier(self):
+        """The index's refinement tier (None: none, or no index yet). Fixed when an index is created, so read once."""
+        if self._tier is None:
+            try:
+                version = self.store.current_version()
+            except FacepqError as exc:
+                raise Unavailable(f"cannot read the index version: {exc}") from exc
+            if version is None:
+                return None
+            try:
+                self._tier = (self.store.load_manifest(version).model.refine,)
+            except FacepqError as exc:
+                raise Unavailable(f"cannot read the index's manifest: {exc}") from exc
+        return self._tier[0]
 
     def _timeout(self, options: SearchOptions) -> float:
         """The fan-out's time: the service's timeout, cut to end just before the caller's deadline."""
@@ -188,7 +222,13 @@ class CoordinatorService:
                                  f"characters; at most {MAX_SOURCE_CHARS}")
         contents = [p.content for p in photos]
         sources = [p.source or f"enrol:{person}:{i}" for i, p in enumerate(photos)]
-        codes, kept, skipped = self.model.encode_photos(contents)
+        tier = self._refine_tier()
+        if tier is None:
+            codes, kept, skipped = self.model.encode_photos(contents)
+            refine_rows, meta = None, self.model.model_meta()
+        else:  # the index stores its tier's rows beside the codes
+            codes, refine_rows, kept, skipped = self.model.encode_photos_refined(contents, tier)
+            meta = self.model.model_meta(tier)
         skipped_msgs = [f"{sources[i]}: {r}" for i, r in sorted(skipped.items())]
         if not kept:
             raise NoFaceFound(f"no usable face in any photo ({'; '.join(skipped_msgs)})")
@@ -196,10 +236,9 @@ class CoordinatorService:
         with _index_errors():
             # The enrol rule (indexer.enrol_rule): a photo enrolled as another person is refused
             # (ALREADY_EXISTS naming that person) and nothing of this request is committed.
-            writer = IndexWriter(self.index_uri, self.model.model_meta(), redis_url=self.redis_url,
-                                 on_conflict="raise")
+            writer = IndexWriter(self.index_uri, meta, redis_url=self.redis_url, on_conflict="raise")
             try:
-                writer.add(ids, [person] * len(kept), [sources[i] for i in kept], codes)
+                writer.add(ids, [person] * len(kept), [sources[i] for i in kept], codes, refine_rows)
                 version = writer.commit(f"enrol {person!r} ({len(kept)} faces)")
             except BaseException:
                 writer.abort()  # no segment of a refused or failed enrolment stays behind
@@ -258,6 +297,17 @@ class CoordinatorService:
         return StatusResult(shard_count=self.coordinator.shard_count, model_fingerprint=self.model.fingerprint,
                             uncovered_shards=[s for s, r in replicas.items() if not r], nodes=nodes,
                             index_version=next((n.index_version for n in nodes if n.index_version), ""))
+
+
+def _candidates(tier, asked: int | None) -> int:
+    """Candidates per shard a search re-scores: 0 without a tier or when asked for 0, the default when not asked."""
+    from facepq_core.refine import DEFAULT_CANDIDATES, MAX_CANDIDATES
+
+    if asked is not None and not 0 <= asked <= MAX_CANDIDATES:
+        raise InvalidRequest(f"refine_candidates must be in 0..{MAX_CANDIDATES}, got {asked}")
+    if tier is None:
+        return 0
+    return DEFAULT_CANDIDATES if asked is None else int(asked)
 
 
 def _check_person(person: str) -> None:

@@ -3,8 +3,10 @@
 A shard is a list of memory-mapped segments (indexer.segment.SegmentView) in scan
 order, each with an optional tombstone mask. `ShardData.search` runs every segment
 through one top-k heap (query_node.scan) and then looks up the metadata of the rows
-it kept. A shard that could not be opened (a missing or corrupt segment) is kept as
-NOT_SERVING with its reason: it is never scanned, so it never returns wrong scores.
+it kept. A two-stage search keeps R candidates instead and re-scores them with the
+index's refinement tier before the lookup (query_node.two_stage). A shard that could
+not be opened (a missing or corrupt segment) is kept as NOT_SERVING with its reason:
+it is never scanned, so it never returns wrong scores.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import numpy as np
 
 from query_node.merge import Hit
 from query_node.scan import ScanTables, TopKHeap
+from query_node.two_stage import RefineQuery, timed_rescore
 
 
 @dataclass
@@ -23,6 +26,7 @@ class ScanStats:
 
     scan_seconds: float = 0.0
     rows: int = 0
+    rescore_seconds: float = 0.0  # a two-stage search's second pass (reading and re-scoring candidates)
 
 
 @dataclass
@@ -38,12 +42,15 @@ class ShardData:
     serving: bool = True
     reason: str = ""
 
-    def search(self, tables: ScanTables, k: int, stats: ScanStats | None = None) -> list[list[Hit]]:
+    def search(self, tables: ScanTables, k: int, stats: ScanStats | None = None,
+               refine: RefineQuery | None = None) -> list[list[Hit]]:
         """Top-k of this shard for `query_node.scan.ScanTables`; one best-first list per query.
 
         `stats` (optional) accumulates the seconds spent in the scan kernel and the rows scanned.
+        `refine` (optional): two stages, the top max(R, k) of the scan re-scored by the refinement
+        tier, whose scores the hits then carry.
         """
-        heap = TopKHeap(tables.byte.shape[0], k)
+        heap = TopKHeap(tables.byte.shape[0], max(k, refine.candidates) if refine is not None else k)
         offsets = []
         t0 = time.perf_counter()
         for seg, skip in zip(self.segments, self.skips):
@@ -54,6 +61,8 @@ class ShardData:
             stats.rows += heap.rows_scanned
         scores, rows = heap.result()
         starts = np.asarray(offsets, dtype=np.int64)
+        if refine is not None:
+            scores, rows = timed_rescore(stats, self.segments, starts, scores, rows, refine, k)
         # One searchsorted for every hit of every query, not one per hit.
         seg_of = np.searchsorted(starts, rows, side="right") - 1
         meta = self._hit_metadata(rows, seg_of, starts)

@@ -37,6 +37,24 @@ def table_values(table_msg, i: int = 0) -> np.ndarray:
     return np.asarray(table_msg.values, dtype=np.float32)
 
 
+def tables_of(messages, shape: tuple[int, int], what: str, needs: str) -> np.ndarray:
+    """float32 [n, a, b] from LookupTable messages that must each hold `shape` = (a, b) finite values.
+
+    Raises:
+        InvalidRequest: "<what> <i> has shape ...; <needs>" for a wrong shape, or NaN/inf values.
+    """
+    a, b = shape
+    tables = np.empty((len(messages), a, b), dtype=np.float32)
+    for i, t in enumerate(messages):
+        values = table_values(t, i)
+        if (t.m, t.k) != (a, b) or values.size != a * b:
+            raise InvalidRequest(f"{what} {i} has shape [{t.m}, {t.k}] with {values.size} values; {needs}")
+        if not np.isfinite(values).all():
+            raise InvalidRequest(f"{what} {i} contains NaN or infinite values")
+        tables[i] = values.reshape(a, b)
+    return tables
+
+
 def table_message(pb, table: np.ndarray):
     """float32 [M, K] -> a LookupTable message carrying the values as little-endian bytes (`values_f32le`)."""
     t = np.ascontiguousarray(table, dtype="<f4")

@@ -10,9 +10,12 @@ import numpy as np
 from facepq_core.codes import CodeSpec, pack_codes
 from facepq_core.errors import ConfigError
 
-# Scan kernel families a query node has; a codec names the one its tables need.
-# "lut": sum_m table[m, c_m] over byte (or packed nibble) sub-codes (query_node.scan).
-KERNELS = ("lut",)
+# Scoring kernel families a query node has; a codec names the one its tables need.
+# "lut": sum_m table[m, c_m] over byte (or packed nibble) sub-codes (query_node.scan scans a whole
+#        shard with it; facepq_core.refine re-scores a few candidates with it).
+# "dot": the inner product of a float16 vector stored per face with the query's float32 vector
+#        (refinement tiers only: facepq_core.refine; never a first pass).
+KERNELS = ("lut", "dot")
 
 # Largest |value| accepted in an embedding. Larger values are not embeddings of any trunk
 # here, and their squares overflow float32 in a codec's normalisation (NaN tables or
@@ -21,7 +24,8 @@ MAX_EMBEDDING_VALUE = 1e15
 
 _CODECS: dict[str, type["Codec"]] = {}
 # Modules that register codecs; imported on first lookup so importing the package stays light.
-_CODEC_MODULES = ("facepq_core.codecs.opqn", "facepq_core.codecs.binary")
+_CODEC_MODULES = ("facepq_core.codecs.opqn", "facepq_core.codecs.binary", "facepq_core.codecs.pq",
+                  "facepq_core.codecs.float16")
 
 
 def register_codec(cls: type["Codec"]) -> type["Codec"]:
@@ -110,6 +114,16 @@ class Codec(ABC):
         if not np.isfinite(tables).all():
             raise ConfigError("this embedding gives a lookup table with NaN/inf values; send a usable embedding")
         return tables
+
+    @property
+    def code_bytes(self) -> int:
+        """Bytes stored per face."""
+        return self.spec.code_bytes
+
+    @property
+    def query_shape(self) -> tuple[int, int]:
+        """Shape of one query's table: (M, K) for the "lut" kernel."""
+        return (self.spec.M, self.spec.K)
 
     def float_features(self, features) -> np.ndarray | None:
         """The codec's float counterpart of the codes, [N, F] (compared by cosine), or None."""

@@ -82,13 +82,13 @@ class ITQMethod:
 
     def train(self, setup) -> dict:
         cfg = setup.train_config
-        codec = fit_itq(setup.embeddings(), setup.model_config.bits, cfg.itq_iterations, cfg.seed)
+        codec = fit_itq(setup.fit_embeddings(), setup.model_config.bits, cfg.itq_iterations, cfg.seed)
         val_map = setup.validation_map(codec)
         log.info("itq fit on %d embeddings: %d bits, validation code mAP %.4f", len(setup.inputs),
                  setup.model_config.bits, val_map)
         refit = len(setup.val_inputs) > 0
         if refit:  # as opqn's data start: more people give a better fit
-            codec = fit_itq(np.concatenate([setup.embeddings(), setup.val_embeddings()]), setup.model_config.bits,
+            codec = fit_itq(setup.fit_embeddings(with_val=True), setup.model_config.bits,
                             cfg.itq_iterations, cfg.seed)
         model_path = setup.out_dir / "model.pt"
         metrics = {"epoch": 0, "val_map": val_map}

@@ -112,7 +112,7 @@ class OPQNMethod:
             raise ConfigError(f"epochs={epochs} trains nothing: 0 epochs keep a frozen trunk's data-initialised "
                               "head (head_init='data'); anything else needs at least 1")
         if data_init:
-            init_head_from_features(head, setup.embeddings(), train_config.opq_iterations, train_config.seed,
+            init_head_from_features(head, setup.fit_embeddings(), train_config.opq_iterations, train_config.seed,
                                     progress=setup.progress)
         log.info("training on %s", device)
         optimizer = torch.optim.SGD(params, lr=train_config.lr, momentum=train_config.momentum,
@@ -216,7 +216,7 @@ class OPQNMethod:
             # seen-protocol queries stay out). More people give better codewords: on 3 folds of
             # LFW training people, 64 bits, 90% -> 100% of them lifts unseen mAP 0.924 -> 0.933.
             # best_map stays the score of the init fitted without them.
-            init_head_from_features(head, np.concatenate([setup.embeddings(), setup.val_embeddings()]),
+            init_head_from_features(head, setup.fit_embeddings(with_val=True),
                                     train_config.opq_iterations, train_config.seed, progress=setup.progress)
             head_state = head.state_dict()
             log.info("data init chosen on validation: refitted on the %d training + %d validation photos",

@@ -51,8 +51,8 @@ def train_cli(out: pathlib.Path, data, *flags) -> pathlib.Path:
     return out
 
 
-def ingest_embeddings(model, index, embeddings, persons, sources, shards: int = 2):
-    """`facepq ingest` of an embeddings file (X.npy + X.csv sidecar) through a local Ray."""
+def ingest_embeddings(model, index, embeddings, persons, sources, shards: int = 2, *flags):
+    """`facepq ingest` of an embeddings file (X.npy + X.csv sidecar) through a local Ray (FLAGS: more options)."""
     path = pathlib.Path(index).parent / f"{pathlib.Path(index).name}-gallery.npy"
     np.save(path, np.asarray(embeddings, np.float32))
     with open(path.with_suffix(".csv"), "w", newline="") as f:
@@ -60,7 +60,7 @@ def ingest_embeddings(model, index, embeddings, persons, sources, shards: int = 
         writer.writerow(["person", "source"])
         writer.writerows(zip(persons, sources))
     done = run_cli("ingest", "--model", model, "--gallery", path, "--index", index, "--shards", shards,
-                   "--no-progress", timeout=600)
+                   "--no-progress", *flags, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
 
 

@@ -26,13 +26,14 @@ from tests.support.index import live_row_ids
 # runs the encoder's stages on a plain batch without Ray (STYLE.md) and stays in the fast lane.
 
 
-def _codes_by_source(index) -> dict[str, bytes]:
+def _codes_by_source(index, column: str = "codes") -> dict[str, bytes]:
+    """source -> the bytes of that face's row in `column` ('codes' or 'refine')."""
     store = IndexStore(index)
     out = {}
     for ref in store.load_manifest().segments:
         view = open_segment(store, ref)
         for i in range(view.rows):
-            out[view.source_at(i)] = view.codes[i].tobytes()
+            out[view.source_at(i)] = getattr(view, column)[i].tobytes()
     return out
 
 
@@ -269,3 +270,46 @@ def test_the_summary_gives_a_rate_only_over_a_window_long_enough_for_one():
                            startup_seconds=15.0, steady_seconds=30.0, steady_rate=160.4)
     assert "then 30.0 s at 160 inputs/s" in steady.timing_line()
     assert steady.summary_lines()[0] == "ingest into idx: 5000 inputs in 60.0 s"
+
+
+def test_the_encode_stage_makes_refinement_rows_beside_the_codes(trained_model, synthetic_gallery):
+    photos = sorted(str(p) for p in (synthetic_gallery / "synth_00002").glob("*.png"))[:3]
+    enc = _encoder(trained_model)
+    batch = {"path": np.array(photos + ["/nonexistent.png"], dtype=object), "person": np.array(["p"] * 4, dtype=object)}
+    aligned = read_and_align(batch, enc.pipeline.to_dict())
+    out = EncoderActor(str(trained_model), refine="codes:256")(aligned)
+    feats = enc.trunk_features(aligned["crop"][:3])
+    np.testing.assert_array_equal(out["refine"][:3], enc.refine_codec("codes:256").encode(feats))
+    np.testing.assert_array_equal(out["code"][:3], enc.codec.encode(feats))
+    assert out["refine"].shape == (4, 32) and not out["refine"][3].any()
+
+
+def test_ingest_with_a_refinement_tier_keeps_it_for_later_ingests(ray_local, trained_model, tmp_path):
+    """--refine codes:256 on a new index: every face's row is the model's refinement code of its embedding; a
+    later ingest without --refine writes the index's tier, one asking for another tier is refused."""
+    enc = _encoder(trained_model)
+    emb = np.random.default_rng(4).normal(size=(120, enc.embedding_dim)).astype(np.float32)
+    np.save(tmp_path / "emb.npy", emb)
+    (tmp_path / "emb.csv").write_text("person\n" + "\n".join(f"p{i % 5}" for i in range(120)) + "\n")
+    index = tmp_path / "idx"
+    s = run_ingest(str(trained_model), str(tmp_path / "emb.npy"), str(index), shards=2, progress=False,
+                   refine="codes:256")
+    assert (s.faces_added, s.refine) == (120, "codes:256")
+    assert "  refinement tier: codes:256 (stored beside the codes)" in s.summary_lines()
+    expected = enc.refine_codec("codes:256").encode(emb)
+    rows = _codes_by_source(index, "refine")
+    assert all(rows[f"emb.npy#{i}"] == expected[i].tobytes() for i in range(120))
+    assert index_info(index)["tiers"][1]["bytes_per_face"] == 32
+    np.save(tmp_path / "more.npy", emb[:10] * 2)
+    (tmp_path / "more.csv").write_text("person\n" + "\n".join("q" for _ in range(10)) + "\n")
+    s = run_ingest(str(trained_model), str(tmp_path / "more.npy"), str(index), progress=False)
+    assert (s.faces_added, s.refine) == (10, "codes:256")
+    assert _codes_by_source(index, "refine")["more.npy#3"] == enc.refine_codec("codes:256").encode(emb[3:4] * 2)[0].tobytes()
+    with pytest.raises(IndexFormatError, match="stores refinement tier codes:256 beside its codes, this writer "
+                                               "float16"):
+        run_ingest(str(trained_model), str(tmp_path / "more.npy"), str(index), progress=False, refine="float16")
+    from facepq_core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="no refinement tier codes:64; it offers codes:256, float16"):
+        run_ingest(str(trained_model), str(tmp_path / "more.npy"), str(tmp_path / "new"), progress=False,
+                   refine="codes:64")

@@ -200,3 +200,35 @@ def test_zero_epochs_without_the_data_init_is_refused(tmp_path):
                       pipeline=FacePipeline(size=32, mode="none").to_dict())
     with pytest.raises(ConfigError, match="epochs=0 trains nothing"):
         train(data, tmp_path / "run", cfg, TrainConfig(epochs=0), progress=False)
+
+
+def test_unlabelled_photos_join_the_fit_of_a_frozen_trunks_codes(tmp_path, monkeypatch):
+    """The same training photos with and without unlabelled ones: other codewords and refinement codes (the
+    fit saw more faces); a trainable trunk refuses them."""
+    from opqn_model.checkpoint import load_checkpoint
+    from opqn_model.face_pipeline import FacePipeline
+    from opqn_model.synthetic import write_faces
+    from opqn_model.train import train
+    from opqn_model.trunks import register_trunk
+
+    @register_trunk
+    def pixel_projection(input_size=32, **_):
+        return PixelProjection(input_size)
+
+    monkeypatch.setenv("FACEPQ_CACHE", str(tmp_path / "cache"))
+    data = write_faces(tmp_path / "faces", 20, 5, size=64, seed=3)
+    extra = write_faces(tmp_path / "gallery", 10, 5, size=64, seed=4)
+    cfg = ModelConfig(trunk="pixel_projection", bits=16, K=16, input_size=32,
+                      pipeline=FacePipeline(size=32, mode="none").to_dict())
+    tc = TrainConfig(epochs=0, seed=0, opq_iterations=3, refine_bits=48)  # 48 bits: 6 chunks of the 24-d embedding
+    plain = train(data, tmp_path / "plain", cfg, tc, progress=False)
+    more = train(data, tmp_path / "more", cfg, tc, progress=False, unlabelled=str(extra))
+    assert (plain["unlabelled_photos"], more["unlabelled_photos"]) == (0, 50)
+    a, b = load_checkpoint(plain["model"]), load_checkpoint(more["model"])
+    assert not torch.equal(a["head"]["assignment"], b["head"]["assignment"])
+    assert set(a["refine_codecs"]) == set(b["refine_codecs"]) == {"codes:48"}
+    assert not torch.equal(a["refine_codecs"]["codes:48"]["centroids"], b["refine_codecs"]["codes:48"]["centroids"])
+    resnet = ModelConfig(trunk="resnet20", bits=16, K=16, input_size=32, trunk_width=8,
+                         pipeline=FacePipeline(size=32, mode="none").to_dict())
+    with pytest.raises(ConfigError, match="unlabelled photos only help fit a frozen trunk's codes"):
+        train(data, tmp_path / "r", resnet, TrainConfig(epochs=1), progress=False, unlabelled=str(extra))

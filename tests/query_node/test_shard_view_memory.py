@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from tests.support.index import build_index
+from tests.support.memory import smaps_rss as _smaps_rss
 
 pytestmark = [pytest.mark.skipif(not sys.platform.startswith("linux"), reason="residency is read from /proc"),
               pytest.mark.timeout(180)]
@@ -252,23 +253,6 @@ def test_a_string_offset_altered_in_place_fails_hit_lookups_with_segment_corrupt
     seg.hit_metadata([4])  # the rows around it still read
     with pytest.raises(SegmentCorrupt, match="bad string offset"):
         seg.hit_metadata([5])
-
-
-def _smaps_rss(pid: int, path: str) -> tuple[int, int]:
-    """(kB resident in VMAs of `path` advised random = the metadata, kB resident in all VMAs of `path`)."""
-    meta = total = 0
-    rss = None
-    with open(f"/proc/{pid}/smaps") as f:
-        for line in f:
-            parts = line.split()
-            if "-" in parts[0] and ":" not in parts[0]:
-                current = len(parts) > 5 and parts[5] == path
-            elif current and parts[0] == "Rss:":
-                rss = int(parts[1])
-                total += rss
-            elif current and parts[0] == "VmFlags:" and "rr" in parts[1:]:
-                meta += rss
-    return meta, total
 
 
 def test_a_node_process_keeps_codes_resident_and_metadata_not_after_many_searches(big_index):

@@ -59,7 +59,7 @@ class MemoryNode:
     fail: str | None = None
     on_call: object = None  # optional callable(node) run first on every call (e.g. to move `current`)
 
-    def search(self, tables, k: int, shards, index_version: str) -> NodeReply:
+    def search(self, tables, k: int, shards, index_version: str, refine=None) -> NodeReply:
         if self.on_call is not None:
             self.on_call(self)
         if self.fail:
@@ -77,10 +77,13 @@ class LiveNode:
 
         self.live = LiveIndex(str(path), list(shards))
 
-    def search(self, tables, k: int, shards, index_version: str) -> NodeReply:
+    def search(self, tables, k: int, shards, index_version: str, refine=None) -> NodeReply:
+        from query_node.two_stage import RefineQuery
+
         view = self.live.view_at(index_version) if index_version else self.live.view
-        return NodeReply(version=int(view.version), shards=list(shards), results=view.search(tables, k, list(shards)),
-                         scan_ms=0.5)
+        second = None if refine is None else RefineQuery(refine[0], refine[1], view.model.refine.kernel)
+        return NodeReply(version=int(view.version), shards=list(shards),
+                         results=view.search(tables, k, list(shards), refine=second), scan_ms=0.5)
 
 
 class HangingNode:
@@ -94,10 +97,10 @@ class HangingNode:
         self.then = then
         self.release = threading.Event()
 
-    def search(self, tables, k: int, shards, index_version: str, timeout: float) -> NodeReply:
+    def search(self, tables, k: int, shards, index_version: str, timeout: float, refine=None) -> NodeReply:
         if not self.release.wait(timeout):
             raise NodeCallError("DEADLINE_EXCEEDED", "Deadline Exceeded")
-        return self.then.search(tables, k, shards, index_version)
+        return self.then.search(tables, k, shards, index_version, refine)
 
 
 @dataclass
@@ -116,15 +119,16 @@ class FakeNodeClients:
     nodes: dict = field(default_factory=dict)  # address -> MemoryNode / LiveNode
     calls: list[Call] = field(default_factory=list)
 
-    def prepare(self, lookup_tables):
-        return lookup_tables
+    def prepare(self, lookup_tables, refine=None):
+        return lookup_tables, refine
 
-    def search(self, address, tables, k, shards, index_version, timeout) -> NodeReply:
+    def search(self, address, prepared, k, shards, index_version, timeout) -> NodeReply:
         self.calls.append(Call(address, list(shards), index_version, timeout, threading.current_thread().name))
+        tables, refine = prepared
         node = self.nodes[address]
         if getattr(node, "takes_timeout", False):
-            return node.search(tables, k, shards, index_version, timeout)
-        return node.search(tables, k, shards, index_version)
+            return node.search(tables, k, shards, index_version, timeout, refine)
+        return node.search(tables, k, shards, index_version, refine)
 
     def close(self) -> None:
         pass

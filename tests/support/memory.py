@@ -1,0 +1,20 @@
+"""A process's resident memory per mapped file, from /proc/PID/smaps (Linux)."""
+from __future__ import annotations
+
+
+def smaps_rss(pid: int, path: str) -> tuple[int, int]:
+    """(kB resident in VMAs of `path` advised random = a segment's metadata, kB resident in all VMAs of `path`)."""
+    meta = total = 0
+    rss = None
+    current = False
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            parts = line.split()
+            if "-" in parts[0] and ":" not in parts[0]:
+                current = len(parts) > 5 and parts[5] == path
+            elif current and parts[0] == "Rss:":
+                rss = int(parts[1])
+                total += rss
+            elif current and parts[0] == "VmFlags:" and "rr" in parts[1:]:
+                meta += rss
+    return meta, total
