@@ -31,7 +31,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from facepq_core.errors import DataError, FacepqError, InvalidRequest, NoFaceFound, NotFound, Unavailable
+from facepq_core.errors import (
+    DataError,
+    FacepqError,
+    IndexFormatError,
+    InvalidRequest,
+    NoFaceFound,
+    NotFound,
+    Unavailable,
+)
 from facepq_core.limits import MAX_DELETE_FACE_IDS, MAX_ENROL_PHOTOS, MAX_PERSON_CHARS, MAX_SOURCE_CHARS
 from query_node.fanout import replicas_by_shard
 from query_node.merge import Hit
@@ -184,6 +192,8 @@ class CoordinatorService:
                 return None
             try:
                 self._tier = (self.store.load_manifest(version).model.refine,)
+            except IndexFormatError:
+                raise  # a malformed manifest is no passing trouble: FAILED_PRECONDITION, as every write path says
             except FacepqError as exc:
                 raise Unavailable(f"cannot read the index's manifest: {exc}") from exc
         return self._tier[0]
