@@ -68,6 +68,19 @@ class NotFound(FacepqError):
     status = "NOT_FOUND"
 
 
+class AlreadyExists(FacepqError):
+    """What a request would create is there already: renaming a person to a name that has faces (merge them)."""
+
+    status = "ALREADY_EXISTS"
+
+
+class NotCalibrated(FacepqError):
+    """An answer needs the model's score calibration (a false-accept rate, a calibrated similarity) and the model
+    has none: run `facepq calibrate`, or give a raw score threshold."""
+
+    status = "FAILED_PRECONDITION"
+
+
 class Unavailable(FacepqError):
     """Something the request needs is down or busy right now (the index version unreadable, the commit lock held
     too long, a shard NOT_SERVING on this node); the same request can succeed later or elsewhere."""

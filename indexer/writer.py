@@ -32,6 +32,7 @@ from indexer.commit import commit_segments
 from indexer.face_id import isin_sorted
 from indexer.live import segment_face_ids, shard_live_ids, sorted_unique
 from indexer.manifest import ModelMeta, SegmentRef
+from indexer.person_column import checked_persons
 from indexer.segment import write_segment
 from indexer.store import IndexStore
 
@@ -150,6 +151,7 @@ class IndexWriter:
             raise ConfigError(f"codes must be uint8 [{n}, {self.model.code_bytes}] for this index's model, "
                               f"got {codes.dtype} {codes.shape}")
         persons, sources = _strings(persons, n, "persons"), _strings(sources, n, "sources")
+        persons = checked_persons(persons)  # the one name rule, on every path that writes rows
         if n == 0:
             return 0
         self._sync()
