@@ -178,7 +178,7 @@ class CoordinatorServer(ServedByGrpc):
 
     def __init__(self, model_path, index_uri, redis_url=None, nodes=None, host="127.0.0.1", port=0,
                  search_timeout=5.0, workers=8, tls=None, auth_tokens=(), auth_search=False, node_tls=None,
-                 node_token=None):
+                 node_token=None, thumbnail_roots=()):
         from indexer.store import IndexStore
         from opqn_model.api import FaceEncoder
         from query_node.coordinator import Coordinator
@@ -197,14 +197,30 @@ class CoordinatorServer(ServedByGrpc):
         self.service = CoordinatorService(self.coordinator, FaceModel(self.encoder), index_uri, redis_url=redis_url,
                                           search_timeout=search_timeout)
         protected = list(MUTATING_METHODS) + (list(READING_METHODS) if auth_search else [])
+        self.tls, self.auth_tokens, self.auth_search = tls, list(auth_tokens), auth_search
+        self.thumbnail_roots = list(thumbnail_roots)
+        self.http = None
         self.grpc_server = GrpcServer(SERVICE_NAME, host, port, workers, tls=tls, auth_tokens=auth_tokens,
                                       protected_methods=protected)
 
     def start(self) -> "CoordinatorServer":
+        from query_node import metrics
+
         servicer = CoordinatorServicer(self.service)
         self.grpc_server.start(lambda server: facepq_pb2_grpc.add_CoordinatorServicer_to_server(servicer, server))
+        metrics.add_source(self, metrics.CoordinatorGauges(self.address, self.service))
         return self
 
+    def serve_http(self, host: str, port: int):
+        """Also serve the HTTP/JSON API and the web page (query_node.http_api) on `host:port`, same tokens and TLS."""
+        from query_node.http_api import HttpServer, build_app
+
+        app = build_app(self.service, self.auth_tokens, self.auth_search, self.thumbnail_roots)
+        self.http = HttpServer(app, host, port, tls=self.tls).start()
+        return self.http
+
     def stop(self, grace: float = 2.0) -> None:
+        if self.http is not None:
+            self.http.stop(grace)
         self.grpc_server.stop(grace)
         self.coordinator.close()

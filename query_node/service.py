@@ -33,7 +33,7 @@ import numpy as np
 
 from facepq_core.errors import DataError, FacepqError, InvalidRequest, NoFaceFound, NotFound, Unavailable
 from facepq_core.names import check_person
-from query_node import answers
+from query_node import answers, metrics
 from query_node.answers import FaceAnswer, PersonMatch, SearchOptions
 from query_node.face_model import is_photo
 from query_node.fanout import replicas_by_shard
@@ -185,11 +185,13 @@ class CoordinatorService(PeopleOperations):
         per_face = [answers.answer(hits, k, options, calibration, point, None if boxes is None else tuple(box))
                     for hits, box in zip(result.hits, boxes if boxes is not None else [None])]
         first = per_face[0]
-        return SearchResult(hits=first.hits, missing_shards=result.missing_shards,
+        answer = SearchResult(hits=first.hits, missing_shards=result.missing_shards,
                             index_version=result.index_version, node_scan_ms=result.node_scan_ms,
                             people=first.people, unknown=first.unknown,
                             threshold=None if point is None else point.threshold,
                             faces=per_face if boxes is not None else [], calibrated=calibration is not None)
+        metrics.record_search(answer)
+        return answer
 
     def verify(self, a, b, person_b: str | None = None, far: float | None = None,
                threshold: float | None = None) -> VerifyResult:
