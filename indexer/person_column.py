@@ -2,19 +2,23 @@
 
 Every row that reaches a segment passes through `checked_persons` (indexer.writer's `add`:
 the Ray ingest job, the coordinator's Enrol, imports; indexer.relabel for people
-operations). The rule runs once per distinct name, not per row: a gallery of millions of
-faces has thousands of people, and a column whose names are all already in their stored
-form (the usual case) is returned as it is.
+operations). The rule runs once per distinct name, not per row, and names of printable ASCII
+without surrounding spaces (their own stored form) are recognised by one vectorised match:
+2M rows of 400k distinct such names take ~0.1 s, where the rule name by name took 2 s.
+A column whose names are all already in their stored form is returned as it is.
 """
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from facepq_core.errors import InvalidRequest
-from facepq_core.names import check_person, normalise_person
+from facepq_core.names import MAX_PERSON_CHARS, check_person, normalise_person
 
 __all__ = ["checked_persons", "person_mask"]
+
+_PLAIN_ASCII = r"^[\x21-\x7e](?:[\x20-\x7e]{0,%d}[\x21-\x7e])?$" % (MAX_PERSON_CHARS - 2)
 
 
 def checked_persons(persons: pa.Array, where: str = "") -> pa.Array:
@@ -27,11 +31,15 @@ def checked_persons(persons: pa.Array, where: str = "") -> pa.Array:
     if persons.null_count:
         raise InvalidRequest(f"person must be a non-empty name{_at(where)}: {persons.null_count} row(s) have none")
     distinct = pc.unique(persons)
+    # Printable ASCII without surrounding spaces is its own stored form: only other names need the rule.
+    plain = pc.match_substring_regex(distinct, _PLAIN_ASCII).to_numpy(zero_copy_only=False)
+    if plain.all():
+        return persons
     names = distinct.to_pylist()
-    stored = []
-    for name in names:
+    stored = list(names)
+    for i in np.flatnonzero(~plain).tolist():
         try:
-            stored.append(check_person(name))
+            stored[i] = check_person(names[i])
         except InvalidRequest as exc:
             raise InvalidRequest(f"{exc}{_at(where)}") from None
     if stored == names:
@@ -49,8 +57,6 @@ def person_mask(persons: pa.Array, person: str):
     Names written before names were normalised (an index may hold "Jose\\u0301") match their
     normal form too, so a delete by the visible name finds them.
     """
-    import numpy as np
-
     target = normalise_person(person)
     distinct = pc.unique(persons).to_pylist()
     same = [n for n in distinct if n is not None and (n == target or normalise_person(n) == target)]

@@ -212,3 +212,16 @@ def test_metrics_of_both_servers_move_with_the_searches(cluster, gallery):
         IndexStore(cluster["index"]).load_manifest().live_faces
     assert _sum(after_c, "facepq_shard_healthy_replicas", shard="0") == 1
     assert _sum(after_n, "facepq_shard_serving") == 2 and _sum(after_c, "facepq_nodes", healthy="true") == 1
+
+
+def test_servers_log_one_json_object_per_line_when_asked(gallery, index, procs):
+    import json
+
+    node = procs.start("--log-format", "json", "node", "--index", index, "--shards", "0,1", "--port", "0")
+    child = procs.node(index, [0], env={"FACEPQ_LOG_FORMAT": "json"})  # the environment does the same (children)
+    for proc in (node, child):
+        proc.terminate()
+        lines = [ln for ln in proc.text().splitlines() if ln.strip() and not ln.startswith("facepq ")]
+        records = [json.loads(ln) for ln in lines]  # every log line is one JSON object
+        assert records and {"time", "level", "logger", "message", "pid"} <= set(records[0])
+        assert any(r["logger"] == "query_node.node_server" and "serving shards" in r["message"] for r in records)
