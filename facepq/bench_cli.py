@@ -21,6 +21,7 @@ BENCHES = {
     "scan": ("scan_bench", "scan kernel vs FAISS IndexPQ / IndexPQFastScan (one thread, same codes)"),
     "quality": ("model_quality", "OPQN codes vs FAISS OPQ+PQ vs float embeddings, unseen identities"),
     "openset": ("open_set", "open-set identification (DIR@FAR) of codes vs float on unseen people with distractors"),
+    "http": ("http_bench", "the same searches through the coordinator's HTTP/JSON API and through gRPC"),
     "ingest": ("ingest_bench", "encode throughput 1 vs 2 actors, writer codes/s, 1M-embedding ingest"),
     "load": ("load_bench", "N clients x T s through the coordinator vs nodes direct; hot-reload soak of RSS/fds"),
     "report": ("report", "all of the above, measured once, as DIR/report.md with PNG plots (--small: CI-sized)"),

@@ -335,7 +335,8 @@ class HttpServer:
             raise ConfigError(f"cannot listen for HTTP on {host}:{port}: {exc.strerror}") from None
         self.port = self._sock.getsockname()[1]
         kwargs = _tls_files(tls) if tls is not None else {}
-        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", **kwargs)
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", http=_NoDelayH11(),
+                                **kwargs)
         self.server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._sock]},
                                         name="facepq-http", daemon=True)
@@ -355,6 +356,24 @@ class HttpServer:
         self.server.should_exit = True
         self._thread.join(grace + 1)
         self._sock.close()
+
+
+def _NoDelayH11():
+    """uvicorn's h11 protocol with TCP_NODELAY on every connection. Without it the accepted sockets kept Nagle's
+    algorithm: every request after the first on a keep-alive connection waited for the client's delayed ACK
+    between the response's header and body writes, 44 ms per request here (0.8 ms with it)."""
+    import socket
+
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class NoDelayH11(H11Protocol):
+        def connection_made(self, transport):
+            sock = transport.get_extra_info("socket")
+            if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            super().connection_made(transport)
+
+    return NoDelayH11
 
 
 def _tls_files(tls) -> dict:

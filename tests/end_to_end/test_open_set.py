@@ -62,6 +62,21 @@ def test_calibrate_measures_thresholds_on_unseen_people_and_the_encoder_picks_th
         FaceEncoder.load(other)
 
 
+def _side_by_side(left, right) -> bytes:
+    """PNG bytes of two photos next to each other on a grey canvas."""
+    import io
+
+    from PIL import Image
+
+    a, b = Image.open(left), Image.open(right)
+    canvas = Image.new("L", (a.width + b.width + 40, max(a.height, b.height) + 20), color=128)
+    canvas.paste(a, (10, 10))
+    canvas.paste(b, (a.width + 30, 10))
+    out = io.BytesIO()
+    canvas.save(out, format="PNG")
+    return out.getvalue()
+
+
 def _link_people(root: pathlib.Path, source: pathlib.Path, people) -> pathlib.Path:
     root.mkdir()
     for person in people:
@@ -123,6 +138,13 @@ def test_a_stranger_is_unknown_and_an_enrolled_person_is_found_at_far_1e_3_on_or
             if not stranger.unknown or stranger.hits:
                 wrong.append(f"stranger {person}: {[(h.person, h.score) for h in stranger.hits]}")
         assert not wrong, "\n".join(wrong)
+        # a photo of two of them side by side: every face is searched, each answer says where its face is
+        two = _side_by_side(att_faces / enrolled[0] / "1.pgm", att_faces / enrolled[1] / "1.pgm")
+        both = service.search(two, 3, SearchOptions(far=1e-3, group_by="person", faces="all", min_face_px=20))
+        by_left = sorted(both.faces, key=lambda f: f.box[0])
+        assert [f.people[0].person for f in by_left] == enrolled[:2] and not any(f.unknown for f in both.faces)
+        assert by_left[0].box[2] < by_left[1].box[0]  # two separate boxes, left to right
+        assert service.search(two, 3).faces == []  # by default: the largest face only
         plain = service.search((att_faces / strangers[0] / "1.pgm").read_bytes(), 3)  # no operating point
         assert len(plain.hits) == 3 and not plain.unknown and plain.calibrated
         assert all(h.similarity < 0.5 for h in plain.hits)
