@@ -21,6 +21,8 @@ BENCHES = {
     "scan": ("scan_bench", "scan kernel vs FAISS IndexPQ / IndexPQFastScan (one thread, same codes)"),
     "quality": ("model_quality", ("codes (OPQN, ITQ, two-stage) vs FAISS OPQ+PQ vs float embeddings: unseen people "
                                   "among distractors (--protocol unseen: the older gallery without distractors)")),
+    "openset": ("open_set", "open-set identification (DIR@FAR) of codes vs float on unseen people with distractors"),
+    "http": ("http_bench", "the same searches through the coordinator's HTTP/JSON API and through gRPC"),
     "ingest": ("ingest_bench", "encode throughput 1 vs 2 actors, writer codes/s, 1M-embedding ingest"),
     "twostage": ("two_stage_bench", ("two-stage search (first pass + refinement tier) vs single-stage time at "
                                      "1M codes, node's in-process search path")),

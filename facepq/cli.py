@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import os
 import sys
 
 from facepq import __version__
 from facepq_core.errors import FacepqError
+from facepq_core.logs import ENV_LOG_FORMAT, LOG_FORMATS, configure_logging, default_log_format
 from facepq_core.progress import QUIET, log_level
 
 # (module, what it adds) — order is the order of `facepq --help`.
@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"facepq {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="more detail: -v each phase and its progress (INFO), -vv debug")
+    parser.add_argument("--log-format", choices=LOG_FORMATS, default=default_log_format(),
+                        help="log lines as text or as one JSON object per line (default $FACEPQ_LOG_FORMAT, else text; "
+                             "servers started by `facepq up` inherit it)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMPONENT_CLIS:
         try:
@@ -57,11 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     # Quiet by default (warnings, then the command's summary); servers log INFO, their operations log.
-    logging.basicConfig(
-        level=log_level(args.verbose, getattr(args, "log_level", QUIET)),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    os.environ[ENV_LOG_FORMAT] = args.log_format  # children (servers of `facepq up`, Ray workers) log alike
+    configure_logging(log_level(args.verbose, getattr(args, "log_level", QUIET)), args.log_format)
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2

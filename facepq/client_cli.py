@@ -3,7 +3,9 @@
     facepq search face.jpg                      # one photo, a table of the top 10
     facepq search photos/ -k 3 --json           # every photo under a folder: one JSON line per photo
     facepq search --embedding queries.npy       # trunk embeddings, one search per row
+    facepq search face.jpg --far 0.001 --group-by person   # open-set, one row per person
     facepq enrol --person "Ada Lovelace" ada1.jpg ada2.jpg
+    facepq verify a.jpg --person "Ada Lovelace"      # exit 0 same person, 1 different
     facepq status
 
 The coordinator is --coordinator HOST[:PORT] (default $FACEPQ_COORDINATOR, else 127.0.0.1:50050,
@@ -47,6 +49,14 @@ def _add_connection(p: argparse.ArgumentParser) -> None:
     add_client_flags(p)
 
 
+def _add_operating_point(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--far", type=float, help="operating point: a per-comparison false-accept rate, e.g. 0.001 (needs "
+                                             "`facepq calibrate`); hits below its threshold are dropped, and a query "
+                                             "none reaches answers 'unknown'")
+    g.add_argument("--threshold", type=float, help="operating point as a raw score threshold")
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "search", help="search photos, folders of photos or embeddings through a coordinator",
@@ -66,8 +76,27 @@ def register(subparsers) -> None:
     p.add_argument("--candidates", type=int, default=None, metavar="R",
                    help="on an index with a refinement tier: first-pass candidates re-scored per shard "
                         "(default the coordinator's, 100; 0 = the first pass alone)")
+    _add_operating_point(p)
+    p.add_argument("--group-by", choices=["face", "person"], default="face",
+                   help="face: the top k faces (default); person: the top k people, each with their best faces")
+    p.add_argument("--faces-per-person", type=int, default=0, help="--group-by person: faces per person (default 3)")
+    p.add_argument("--all-faces", action="store_true",
+                   help="search every face of a photo at least --min-face-px wide (default: its largest face)")
+    p.add_argument("--min-face-px", type=int, default=0, help="--all-faces: smallest face side in pixels (default 40)")
     _add_connection(p)
     p.set_defaults(handler=_search)
+
+    p = subparsers.add_parser("verify", help="1:1: is this face the same person as that photo, or an enrolled person?",
+                              description="Score photo A against photo B (or an enrolled --person: their best face) "
+                                          "as a search would, and decide at --far (default 0.001; needs a "
+                                          "calibrated model) or a raw --threshold. Exit 0 same, 1 different.")
+    p.add_argument("photo_a", metavar="PHOTO_A")
+    p.add_argument("photo_b", nargs="?", metavar="PHOTO_B")
+    p.add_argument("--person", help="an enrolled person instead of PHOTO_B")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_operating_point(p)
+    _add_connection(p)
+    p.set_defaults(handler=_verify)
 
     p = subparsers.add_parser("enrol", help="add a person's photos to the served index through the coordinator",
                               description="Enrol a few photos of one person through the coordinator's Enrol "
@@ -170,12 +199,15 @@ def _search(args) -> int:
     queries = _queries(args)
     incomplete, failed = [], []
     with CoordinatorClient.from_args(args) as client:
+        options = {"far": args.far, "threshold": args.threshold, "group_by": args.group_by,
+                   "faces_per_person": args.faces_per_person, "faces": "all" if args.all_faces else "largest",
+                   "min_face_px": args.min_face_px, "candidates": args.candidates}
         if len(queries) == 1:  # one query: its error is the command's error (exit 2)
             name, kwargs = queries[0]
-            results = [(name, client.search(k=args.k, query=name, candidates=args.candidates, **kwargs))]
+            results = [(name, client.search(k=args.k, query=name, **kwargs, **options))]
         else:
-            results = client.search_many([(name, dict(kwargs, candidates=args.candidates)) for name, kwargs in queries],
-                                         k=args.k, concurrency=args.concurrency)
+            results = client.search_many([(n, {**kw, **options}) for n, kw in queries], k=args.k,
+                                         concurrency=args.concurrency)
         batch = len(queries) > 1
         if not args.json:
             _print(f"{'query  ' if batch else ''}{'rank':>4}  {'person':24s} {'score':>9}  {'shard':>5}  source")
@@ -206,8 +238,12 @@ def _search(args) -> int:
 def _print_hits(reply, batch: bool) -> None:
     for h in reply.hits:
         query = f"{reply.query if h.rank == 1 else '':{len(reply.query)}s}  " if batch else ""
-        _print(f"{query}{h.rank:>4}  {h.person[:24]:24s} {h.score:>9.4f}  {h.shard:>5}  {h.source}")
-    if not reply.hits:
+        similarity = f"  similarity {h.similarity:.3f}" if h.similarity is not None else ""
+        _print(f"{query}{h.rank:>4}  {h.person[:24]:24s} {h.score:>9.4f}  {h.shard:>5}  {h.source}{similarity}")
+    if reply.unknown:
+        _print(f"{reply.query + '  ' if batch else ''}unknown: no face reaches the operating point "
+               f"(score {reply.threshold:.4g}); this person is not in the gallery")
+    elif not reply.hits:
         _print(f"{reply.query + '  ' if batch else ''}(no hits: the index is empty or no shard answered)")
     if not batch:
         state = "complete" if reply.complete else f"INCOMPLETE: shards {reply.missing_shards} did not answer"
@@ -231,6 +267,26 @@ def _enrol(args) -> int:
     for line in reply.skipped:
         _print(f"  skipped {line}")
     return EXIT_OK
+
+
+def _verify(args) -> int:
+    from facepq.client import CoordinatorClient
+    from facepq_core.errors import ConfigError
+
+    if (args.photo_b is None) == (args.person is None):
+        raise ConfigError("give PHOTO_B or --person NAME to verify against")
+    b = {"person": args.person} if args.person else {"photo_b": read_photo(args.photo_b)}
+    with CoordinatorClient.from_args(args) as client:
+        r = client.verify(photo_a=read_photo(args.photo_a), far=args.far, threshold=args.threshold, **b)
+    if args.json:
+        _print(_json({"same": r.same, "score": r.score, "similarity": r.similarity, "threshold": r.threshold,
+                      "far": r.far, "best_face_id": str(r.best_face_id), "faces_compared": r.faces_compared}))
+    else:
+        point = f"far {r.far:g}, " if r.far is not None else ""
+        sim = f", similarity {r.similarity:.3f}" if r.similarity is not None else ""
+        _print(f"{'same person' if r.same else 'different people'}: score {r.score:.4g}{sim} "
+               f"({point}threshold {r.threshold:.4g}; {r.faces_compared} face(s) compared)")
+    return EXIT_OK if r.same else EXIT_SOME_FAILED
 
 
 def _status(args) -> int:

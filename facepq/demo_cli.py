@@ -65,6 +65,10 @@ def register(subparsers) -> None:
                                              "served by --replicas of them")
     p.add_argument("--port", type=int, default=None,
                    help="the coordinator's port (default 50050, what `facepq search` assumes; 0 = any free port)")
+    p.add_argument("--http-port", type=int, default=None,
+                   help="also serve the HTTP/JSON API and the web page on this port, e.g. 8080 (default: off)")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="Prometheus /metrics: the coordinator on this port, query node i on port+1+i (default: off)")
     _add_common(p)
     p.set_defaults(handler=_up)
     p = subparsers.add_parser("down", help="stop what `facepq up` started (safe to call twice)")
@@ -175,7 +179,8 @@ def _build(args, workdir: pathlib.Path, settings, pieces: dict, coordinator_port
     _say(f"[4/6] serving: {'redis-server registry' if use_redis else 'static node list (no redis-server)'}, "
          f"{nodes} query nodes, {settings.replicas} replica(s) per shard, 1 coordinator")
     cluster = LocalCluster(workdir, workdir / "index", model, settings.shards, settings.replicas, redis=use_redis,
-                           coordinator_port=coordinator_port)
+                           coordinator_port=coordinator_port, http_port=getattr(args, "http_port", None),
+                           metrics_port=getattr(args, "metrics_port", None))
     pieces.update(data=data, model=model, cluster=cluster, settings=settings)
     cluster.start()
     _print_processes(cluster)
@@ -294,6 +299,8 @@ def _up(args) -> int:
             raise ConfigError(f"facepq up is already running in {workdir} (pid {previous['pid']}, coordinator "
                               f"{previous.get('coordinator')}); run `facepq down --workdir {workdir}` first")
         check_port_free("127.0.0.1", port)  # before the demo's build or any process
+        if args.http_port:
+            check_port_free("127.0.0.1", args.http_port)
         try:
             if own:
                 _serve_own(args, workdir, port, pieces)
@@ -345,7 +352,7 @@ def _serve_own(args, workdir: pathlib.Path, port: int, pieces: dict) -> None:
     _say(f"  serving: {'redis-server registry' if use_redis else 'static node list (no redis-server)'}, {nodes} "
          f"query node(s), {replicas} replica(s) per shard, 1 coordinator")
     cluster = LocalCluster(workdir, args.index, args.model, shards, replicas, redis=use_redis, nodes=nodes,
-                           coordinator_port=port)
+                           coordinator_port=port, http_port=args.http_port, metrics_port=args.metrics_port)
     pieces["cluster"] = cluster
     cluster.start()
     _print_processes(cluster)
@@ -368,6 +375,8 @@ def _supervise(workdir: pathlib.Path, cluster) -> int:
     _say(f"facepq up: serving; coordinator {address}")
     _say(f"  search: facepq search PHOTO{flag}    enrol: facepq enrol --person NAME PHOTO...{flag}")
     _say(f"  status: facepq status{flag}    logs: {workdir / 'logs'}")
+    if cluster.http_url:
+        _say(f"  web page and HTTP API: {cluster.http_url}/  (OpenAPI: {cluster.http_url}/docs)")
     _say(f"  stop:   Ctrl-C, or facepq down --workdir {workdir}")
     while True:
         time.sleep(1.0)

@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import shutil
 import signal
 import socket
@@ -190,6 +191,9 @@ class LocalCluster:
         nodes: query node processes (default `shards`).
         coordinator_port: where the coordinator listens (0 = any free port; `facepq up` uses 50050,
             the port clients assume).
+        http_port: also serve the coordinator's HTTP API and web page there (None: off; 0: any free port).
+        metrics_port: Prometheus /metrics of the coordinator on this port and of node i on port + 1 + i
+            (None: off; 0: any free ports).
         redis: True = start redis-server and use it as the registry (needs `redis-server` on PATH);
             False = static registry (`--nodes`).
         start_timeout: seconds each process may take to become ready.
@@ -197,7 +201,8 @@ class LocalCluster:
 
     def __init__(self, workdir, index, model, shards: int, replicas: int = 1, redis: bool = True,
                  nodes: int | None = None, host: str = "127.0.0.1", start_timeout: float = START_TIMEOUT,
-                 poll_seconds: float = 0.5, coordinator_port: int = 0):
+                 poll_seconds: float = 0.5, coordinator_port: int = 0, http_port: int | None = None,
+                 metrics_port: int | None = None):
         self.workdir = pathlib.Path(workdir).resolve()
         self.index, self.model = str(pathlib.Path(index).resolve()), str(pathlib.Path(model).resolve())
         self.assignment = assign_shards(shards, nodes or shards, replicas)
@@ -205,7 +210,11 @@ class LocalCluster:
         self.use_redis, self.host = redis, host
         self.start_timeout, self.poll_seconds = start_timeout, poll_seconds
         self.coordinator_port = coordinator_port
+        self.http_port, self.metrics_port = http_port, metrics_port
         check_port_free(host, coordinator_port)
+        if http_port:
+            check_port_free(host, http_port)
+        self.http_url = ""
         self.processes: list[ManagedProcess] = []
         self._popen: dict[str, subprocess.Popen] = {}
         self.redis_url = ""
@@ -233,15 +242,21 @@ class LocalCluster:
                         "--port", "0", "--node-id", f"node-{i}", "--poll", str(self.poll_seconds)]
                 if self.redis_url:
                     args += ["--redis", self.redis_url]
+                if self.metrics_port is not None:
+                    args += ["--metrics-port", str(self.metrics_port + 1 + i if self.metrics_port else 0)]
                 nodes.append(self._spawn(f"node-{i}", [sys.executable, "-m", "facepq.cli", *args]))
             for proc in nodes:
                 self._wait_listening(proc)
                 self._wait_health(proc)
             registry = ["--redis", self.redis_url] if self.redis_url else ["--nodes", ",".join(p.address for p in nodes)]
+            extra = (["--http-port", str(self.http_port)] if self.http_port is not None else []) + \
+                (["--metrics-port", str(self.metrics_port)] if self.metrics_port is not None else [])
             coord = self._spawn("coordinator", [sys.executable, "-m", "facepq.cli", "coordinator", "--model", self.model,
                                                 "--index", self.index, *registry, "--host", self.host,
-                                                "--port", str(self.coordinator_port)])
+                                                "--port", str(self.coordinator_port), *extra])
             self._wait_listening(coord)
+            found = re.search(r"facepq http serving on (\S+)", pathlib.Path(coord.log_path).read_text(errors="replace"))
+            self.http_url = found.group(1) if found else ""
             self._wait_health(coord)
             self.coordinator_address = coord.address
             self._wait_covered(coord)

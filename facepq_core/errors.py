@@ -75,6 +75,12 @@ class AlreadyEnrolled(FacepqError):
     status = "ALREADY_EXISTS"
 
 
+class AlreadyExists(FacepqError):
+    """What a request would create is there already: renaming a person to a name that has faces (merge them)."""
+
+    status = "ALREADY_EXISTS"
+
+
 class StorageFull(FacepqError):
     """The disk (or quota) holding the index is full: nothing was committed; free space or grow the volume."""
 
@@ -99,6 +105,13 @@ class Overloaded(FacepqError):
     def __init__(self, message: str, retry_after_ms: int = 1000):
         super().__init__(message)
         self.retry_after_ms = retry_after_ms
+
+
+class NotCalibrated(FacepqError):
+    """An answer needs the model's score calibration (a false-accept rate, a calibrated similarity) and the model
+    has none: run `facepq calibrate`, or give a raw score threshold."""
+
+    status = "FAILED_PRECONDITION"
 
 
 class Unavailable(FacepqError):

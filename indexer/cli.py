@@ -1,4 +1,5 @@
-"""`facepq ingest`, `facepq index info|people|faces|face`, `facepq delete`, `facepq compact`.
+"""`facepq ingest`, `facepq index info|people|faces|face|rename|merge|move|export|import`, `facepq delete`,
+`facepq compact`.
 
 Only argparse is imported at module level; Ray, torch and pyarrow load inside
 the handlers so `facepq --help` stays instant.
@@ -72,6 +73,31 @@ def register(subparsers) -> None:
                           "one JSON object per face, one per line",
                           "Look up live faces by face id (as search results and enrolment print them).")
     face.add_argument("face_ids", nargs="+", type=_face_id, metavar="FACE_ID")
+
+    rename = _index_command(sub, "rename", _rename, "rename a person (one commit)", "machine-readable output",
+                            "Give every face of a person a new name; a name that has faces already is refused "
+                            "(use merge).")
+    rename.add_argument("--person", required=True)
+    rename.add_argument("--to", required=True, dest="new_name", metavar="NEW_NAME")
+    merge = _index_command(sub, "merge", _merge, "merge people into one (one commit)", "machine-readable output")
+    merge.add_argument("--people", required=True, nargs="+", metavar="NAME")
+    merge.add_argument("--into", required=True, metavar="NAME", help="an existing or a new name")
+    move = _index_command(sub, "move", _move, "move faces to another person (one commit)", "machine-readable output")
+    move.add_argument("face_ids", nargs="+", type=_face_id, metavar="FACE_ID")
+    move.add_argument("--to", required=True, dest="person", metavar="NAME", help="an existing or a new name")
+    for q in (rename, merge, move):
+        q.add_argument("--redis", default=None, help="redis URL for the commit lock")
+    export = _index_command(sub, "export", _export, "write people's codes and names to a file (no photos)",
+                            "machine-readable output",
+                            "Export the live faces (codes, face ids, names, sources; never photos) of some or all "
+                            "people to an Arrow file another index of the same model can import.")
+    export.add_argument("--out", required=True, help="the file to write (.arrow)")
+    export.add_argument("--person", nargs="+", dest="persons", metavar="NAME", help="only these people")
+    imp = _index_command(sub, "import", _import, "add an export file's people to an index (same model only)",
+                         "machine-readable output")
+    imp.add_argument("file", help="a file `facepq index export` wrote")
+    imp.add_argument("--shards", type=int, default=None, help="shards of a new index (default 4)")
+    imp.add_argument("--redis", default=None, help="redis URL for the commit lock")
 
     p = subparsers.add_parser("delete", help="delete a person or faces from an index (tombstones; see compact)")
     p.add_argument("--index", required=True)
@@ -196,4 +222,60 @@ def _compact(args: argparse.Namespace) -> int:
     print(f"compacted: removed {stats.rows_removed} deleted rows from {stats.segments_rewritten} segments; "
           f"deleted {stats.files_deleted} files ({stats.bytes_freed} bytes) and {stats.manifests_deleted} old "
           f"manifests; index version {stats.version}")
+    return 0
+
+
+def _print_change(args, what: str, result) -> int:
+    import json
+
+    if args.json:
+        print(json.dumps({"faces_changed": result.faces_changed, "segments_rewritten": result.segments_rewritten,
+                          "index_version": result.index_version}))
+    else:
+        print(f"{what}: {result.faces_changed} faces ({result.segments_rewritten} segments rewritten); index version "
+              f"{result.index_version}")
+    return 0
+
+
+def _rename(args: argparse.Namespace) -> int:
+    from indexer.relabel import rename_person
+
+    result = rename_person(args.index, args.person, args.new_name, redis_url=args.redis)
+    return _print_change(args, f"renamed {args.person!r} to {args.new_name!r}", result)
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from indexer.relabel import merge_people
+
+    result = merge_people(args.index, args.people, args.into, redis_url=args.redis)
+    return _print_change(args, f"merged {', '.join(map(repr, args.people))} into {args.into!r}", result)
+
+
+def _move(args: argparse.Namespace) -> int:
+    from indexer.relabel import move_faces
+
+    result = move_faces(args.index, args.face_ids, args.person, redis_url=args.redis)
+    return _print_change(args, f"moved to {args.person!r}", result)
+
+
+def _export(args: argparse.Namespace) -> int:
+    import json
+
+    from indexer.transfer import export_people
+
+    faces, people = export_people(args.index, args.out, args.persons)
+    print(json.dumps({"faces": faces, "people": people, "file": args.out}) if args.json else
+          f"exported {faces} faces of {people} people to {args.out} (codes and names; no photos)")
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    import json
+
+    from indexer.transfer import import_people
+
+    r = import_people(args.index, args.file, redis_url=args.redis, shard_count=args.shards)
+    print(json.dumps(vars(r)) if args.json else
+          f"imported {r.faces_added} faces of {r.people} people ({r.faces_skipped} already there); index version "
+          f"{r.index_version}")
     return 0

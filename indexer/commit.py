@@ -17,6 +17,7 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 
 from facepq_core.errors import ConfigError, DataError, IndexFormatError
 from facepq_core.routing import shard_of
@@ -37,7 +38,8 @@ from indexer.store import IndexStore
 
 log = logging.getLogger(__name__)
 
-__all__ = ["commit_segments", "delete_faces", "compact", "CompactStats", "rewrite_without"]
+__all__ = ["commit_segments", "delete_faces", "compact", "CompactStats", "rewrite_segment", "rewrite_without",
+           "commit_change"]
 
 _EMPTY = np.empty(0, dtype=np.uint64)
 
@@ -62,21 +64,38 @@ def shard_of_path(ref: SegmentRef) -> int:
 def rewrite_without(store: IndexStore, ref: SegmentRef, drop_ids, model: ModelMeta) -> SegmentRef | None:
     """Write a copy of segment `ref` without the rows whose face_id is in `drop_ids`.
 
-    Returns the new segment's ref, or None when no row is left. The old file is not touched
-    (readers of older versions may still use it); garbage collection removes it later.
+    Returns the new segment's ref (`ref` itself when no row is dropped), or None when no row is left.
+    The old file is not touched (readers of older versions may still use it); garbage collection
+    removes it later.
     """
     view = open_segment(store, ref, verify=True, model=model)
     keep = ~isin_sorted(view.face_ids, sorted_unique(as_id_array(drop_ids)))
     if keep.all():
         return ref
-    if not keep.any():
-        return None
-    kept = view.batch.filter(keep)
-    codes = column_view(kept.column(3), np.uint8, model.code_bytes)
+    return rewrite_segment(store, ref, model, view=view, keep=keep)
+
+
+def rewrite_segment(store: IndexStore, ref: SegmentRef, model: ModelMeta, keep=None, persons=None,
+                    view=None) -> SegmentRef | None:
+    """Write a changed copy of segment `ref`: only the rows `keep` (bool [rows]; None = all), with the person
+    column replaced by `persons` (n strings for every row of the segment; None = unchanged).
+
+    How compaction drops rows and people operations (indexer.relabel) change whose a face is: a segment
+    is never modified, a new one replaces it in the next commit. Returns None when no row is left.
+    """
+    view = view if view is not None else open_segment(store, ref, verify=True, model=model)
+    batch = view.batch
+    if persons is not None:
+        batch = batch.set_column(1, batch.schema.field(1), pa.array(persons, type=pa.string()))
+    if keep is not None:
+        if not keep.any():
+            return None
+        batch = batch.filter(keep)
+    codes = column_view(batch.column(3), np.uint8, model.code_bytes)
     # the refinement rows go with their faces: a deleted face's are physically gone too
-    refine = column_view(kept.column(4), np.uint8, model.refine.code_bytes) if model.refine is not None else None
-    return write_segment(store, shard_of_path(ref), column_view(kept.column(0), np.uint64, 1), kept.column(1),
-                         kept.column(2), codes, model, refine)
+    refine = column_view(batch.column(4), np.uint8, model.refine.code_bytes) if model.refine is not None else None
+    return write_segment(store, shard_of_path(ref), column_view(batch.column(0), np.uint64, 1), batch.column(1),
+                         batch.column(2), codes, model, refine)
 
 
 def _publish(store: IndexStore, manifest: Manifest) -> int:
@@ -84,6 +103,20 @@ def _publish(store: IndexStore, manifest: Manifest) -> int:
     store.set_current(manifest.version)  # the commit point
     log.info("committed %s version %d: %s", store.uri, manifest.version, manifest.message)
     return manifest.version
+
+
+def commit_change(store: IndexStore, change, redis_url: str | None = None, lock_timeout: float = 60.0):
+    """Run `change(old, new)` under the commit lock on the current manifest and its successor, and publish `new`.
+
+    `change` edits `new` (segments replaced, tombstones) and returns (commit message, value); it may write
+    segment files (unreferenced until the publish) and raise to commit nothing. Returns (new version, value).
+    The one protocol of people operations (indexer.relabel); ingest, delete and compact keep their own steps.
+    """
+    with commit_lock(store, redis_url, lock_timeout):
+        old = store.load_manifest()
+        new = old.successor("")
+        new.message, value = change(old, new)
+        return _publish(store, new), value
 
 
 def commit_segments(store: IndexStore, new_refs_by_shard: dict[int, list[SegmentRef]], model_meta: ModelMeta,
@@ -211,7 +244,7 @@ def delete_faces(store: IndexStore, person: str | None = None, face_ids=None, re
                 raise DataError(f"{unknown_person_message(store, person)}; nothing deleted")
             what = f"person {person!r}"
         else:
-            found = _present_face_ids(store, old, as_id_array(face_ids))
+            found = present_face_ids(store, old, as_id_array(face_ids))
             what = f"{len(found)} face ids"
         shards = shard_of(found, new.shard_count)
         for shard in np.unique(shards):
@@ -220,7 +253,7 @@ def delete_faces(store: IndexStore, person: str | None = None, face_ids=None, re
         return _publish(store, new), len(found)
 
 
-def _present_face_ids(store: IndexStore, manifest: Manifest, ids: np.ndarray) -> np.ndarray:
+def present_face_ids(store: IndexStore, manifest: Manifest, ids: np.ndarray) -> np.ndarray:
     """Sorted unique `ids`, after checking that every one is live (else DataError, nothing deleted)."""
     if ids.size == 0:
         raise DataError("no face ids given; nothing deleted")

@@ -70,7 +70,7 @@ def list_inputs(gallery: str, embedding_dim: int | None = None) -> Inputs:
         items = [{"start": s, "stop": min(n, s + EMBEDDING_CHUNK_ROWS), "row_group": 0,
                   "sources": sources[s:s + EMBEDDING_CHUNK_ROWS].to_pylist()} for s in range(0, n, EMBEDDING_CHUNK_ROWS)]
         _check_dim(emb.shape[1], embedding_dim, path)
-        return Inputs("npy", items, n, _strings(table.column("person")), sources)
+        return Inputs("npy", items, n, _persons(table.column("person"), sidecar), sources)
     if path.suffix.lower() == ".parquet" and path.is_file():
         schema = pq.read_schema(path)
         if "embedding" in schema.names:
@@ -89,11 +89,15 @@ def list_inputs(gallery: str, embedding_dim: int | None = None) -> Inputs:
                 items.append({"start": start, "stop": start + rows, "row_group": g, "sources": []})
                 start += rows
             table = pq.read_table(path, columns=["person", "source"])
-            return Inputs("parquet", items, start, _strings(table.column("person")), _strings(table.column("source")))
+            return Inputs("parquet", items, start, _persons(table.column("person"), path),
+                          _strings(table.column("source")))
     from opqn_model.datasets import list_photos
 
+    import pyarrow as pa
+
     records = list_photos(gallery)
-    return Inputs("photos", [{"path": r.path, "person": r.person} for r in records], len(records))
+    persons = _persons(pa.array([r.person for r in records], type=pa.string()), gallery).to_pylist()
+    return Inputs("photos", [{"path": r.path, "person": p} for r, p in zip(records, persons)], len(records))
 
 
 def _read_csv_table(path: pathlib.Path):
@@ -111,6 +115,18 @@ def _strings(column):
 
     column = column.cast(pa.string())
     return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+
+
+def _persons(column, where) -> object:
+    """The person column in its stored form (facepq_core.names), checked before any work starts: a name
+    the index would refuse stops the ingest here, not after Ray has encoded the gallery."""
+    from facepq_core.errors import InvalidRequest
+    from indexer.person_column import checked_persons
+
+    try:
+        return checked_persons(_strings(column), str(where))
+    except InvalidRequest as exc:
+        raise DataError(f"{exc}; fix the name (a folder name, or the list's person column) and ingest again") from None
 
 
 def _check_dim(found: int, expected: int | None, path) -> None:

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from indexer.face_id import as_id_array, isin_sorted
 from indexer.manifest import Manifest, SegmentRef, ShardState
+from indexer.person_column import person_mask
 from indexer.segment import SegmentView, open_segment
 from indexer.store import IndexStore
 
@@ -88,13 +88,14 @@ def shard_live_ids(store: IndexStore, state: ShardState, segments: list[SegmentR
 
 
 def person_live_ids(store: IndexStore, manifest: Manifest, person: str) -> np.ndarray:
-    """uint64 [n]: the live face ids of `person` (exact, case-sensitive name) in every shard, shard by shard."""
+    """uint64 [n]: the live face ids of `person` (exact, case-sensitive name, compared in stored form:
+    facepq_core.names) in every shard, shard by shard."""
     out = []
     for state in manifest.shards:
         dead = tombstone_ids(state)
         for ref in state.segments:
             view = open_segment(store, ref, verify=False, model=manifest.model)
-            mine = pc.equal(view.persons, person).to_numpy(zero_copy_only=False)
+            mine = person_mask(view.persons, person)
             ids = view.face_ids[mine]
             out.append(ids[live_mask(ids, dead)])
     return np.concatenate(out) if out else _EMPTY

@@ -21,11 +21,12 @@ import pyarrow.compute as pc
 from facepq_core.errors import NotFound
 from indexer.face_id import as_id_array, isin_sorted
 from indexer.live import segment_live_mask, sorted_unique, tombstone_ids
+from indexer.person_column import person_mask
 from indexer.segment import open_segment
 from indexer.store import IndexStore
 
-__all__ = ["FaceRecord", "PersonCount", "find_faces", "list_people", "person_faces", "suggest_people",
-           "unknown_person_message"]
+__all__ = ["FaceRecord", "PersonCount", "find_faces", "list_people", "person_codes", "person_faces",
+           "suggest_people", "unknown_person_message"]
 
 
 @dataclass(frozen=True)
@@ -91,12 +92,31 @@ def person_faces(index, person: str) -> list[FaceRecord]:
     store = _store(index)
     found = []
     for shard, view, live in _live_segments(store):
-        mine = pc.equal(view.persons, person).to_numpy(zero_copy_only=False) & live
+        mine = person_mask(view.persons, person) & live
         for row in np.flatnonzero(mine):
-            found.append(FaceRecord(int(view.face_ids[row]), person, view.source_at(row), shard, view.ref.id))
+            found.append(FaceRecord(int(view.face_ids[row]), view.person_at(row), view.source_at(row), shard,
+                                    view.ref.id))
     if not found:
         raise NotFound(unknown_person_message(store, person))
     return found
+
+
+def person_codes(index, person: str) -> tuple[np.ndarray, np.ndarray]:
+    """(face ids uint64 [n], codes uint8 [n, code_bytes]) of the live faces of `person` (verification).
+
+    Raises:
+        NotFound: no live face of that name (with suggestions).
+    """
+    store = _store(index)
+    ids, codes = [], []
+    for _, view, live in _live_segments(store):
+        mine = person_mask(view.persons, person) & live
+        if mine.any():
+            ids.append(view.face_ids[mine])
+            codes.append(view.codes[mine])
+    if not ids:
+        raise NotFound(unknown_person_message(store, person))
+    return np.concatenate(ids), np.concatenate(codes)
 
 
 def find_faces(index, face_ids) -> list[FaceRecord]:

@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from facepq_core.errors import ConfigError, FacepqError, InvalidRequest
-from facepq_core.limits import MAX_PERSON_CHARS, MAX_SOURCE_CHARS
+from facepq_core.limits import MAX_SOURCE_CHARS
 from facepq_core.routing import shard_of
 from indexer.commit import commit_segments
 from indexer.enrol_rule import Conflict, PersonKeys, check_on_conflict, conflict_error, repeat_conflicts
@@ -43,6 +43,7 @@ from indexer.face_id import isin_sorted
 from indexer.lease import WriterLease
 from indexer.live import live_persons, segment_face_ids, shard_live_ids, sorted_unique, tombstone_ids
 from indexer.manifest import ModelMeta, SegmentRef
+from indexer.person_column import checked_persons
 from indexer.segment import write_segment
 from indexer.store import IndexStore
 
@@ -177,7 +178,7 @@ class IndexWriter:
                               f"got {codes.dtype} {codes.shape}")
         refine = _refine_rows(refine, n, self.model)
         persons, sources = _strings(persons, n, "persons"), _strings(sources, n, "sources")
-        _check_lengths(persons, MAX_PERSON_CHARS, "person")
+        persons = checked_persons(persons)  # the one name rule, on every path that writes rows
         _check_lengths(sources, MAX_SOURCE_CHARS, "source")
         if n == 0:
             return 0

@@ -79,12 +79,14 @@ class FaceEncoder:
     Attributes:
         config: resolved ModelConfig. method: training method name. codec: facepq_core.codecs.Codec.
         fingerprint: model identity stored in every index. trunk_name, input_size, embedding_dim.
+        calibration: its score calibration (facepq_core.calibration.Calibration) or None.
         pipeline: FacePipeline configured as in training (picklable).
     """
 
     def __init__(self, config: ModelConfig, codec, trunk, fingerprint: str, method: str = "opqn", pipeline=None,
-                 refine_codecs: dict | None = None):
+                 refine_codecs: dict | None = None, calibration=None):
         self.config = config
+        self.calibration = calibration  # facepq_core.calibration.Calibration, None until `facepq calibrate`
         self.codec = codec
         self.refine_codecs = dict(refine_codecs or {})  # kind ('codes:256') -> Codec fitted with the model
         self.method = method
@@ -102,7 +104,13 @@ class FaceEncoder:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "FaceEncoder":
-        return cls.from_checkpoint(load_checkpoint(path))
+        """The checkpoint at `path` and, when `facepq calibrate` measured it, its calibration (stored beside it;
+        CheckpointError when that file belongs to another model)."""
+        from opqn_model.calibrate import load_calibration
+
+        encoder = cls.from_checkpoint(load_checkpoint(path))
+        encoder.calibration = load_calibration(path, encoder.fingerprint)
+        return encoder
 
     @classmethod
     def from_checkpoint(cls, payload: dict) -> "FaceEncoder":

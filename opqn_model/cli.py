@@ -51,6 +51,35 @@ def register(sub) -> None:
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(handler=run_eval)
 
+    c = sub.add_parser("calibrate", help="measure score thresholds for target false-accept rates (open-set search)",
+                       description="Measure a model's genuine and impostor score distributions (codes against "
+                                   "queries, as the query nodes score them) on people it never trained on, and store "
+                                   "beside the checkpoint the thresholds for target false-accept rates with the "
+                                   "true-accept rate at each and a score -> similarity [0, 1] mapping. Searches and "
+                                   "verifications with --far use it.")
+    c.add_argument("--model", required=True, help="checkpoint (model.pt, or the folder `facepq train --out` wrote)")
+    c.add_argument("--data", required=True, help="photos of people NOT used in training: <person>/<photo> or a list")
+    c.add_argument("--far", type=_far, nargs="+", default=None, metavar="FAR",
+                   help="target false-accept rates (default 1e-2 1e-3 1e-4)")
+    c.add_argument("--out", help="where to write it (default: beside the checkpoint, <model>.calibration.json)")
+    c.add_argument("--max-photos", type=int, default=6000, help="photos used at most (a seeded sample)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--json", action="store_true", help="print the calibration as JSON")
+    c.add_argument("--no-progress", action="store_true")
+    c.set_defaults(handler=run_calibrate)
+
+
+def _far(text: str) -> float:
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a false-accept rate is a number like 1e-3, got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"a false-accept rate is in (0, 1), got {text}")
+    return value
+
 
 def synthetic_data(root: pathlib.Path, people: int, photos: int, size: int, seed: int = 0) -> pathlib.Path:
     from opqn_model.synthetic import write_faces
@@ -115,4 +144,26 @@ def run_eval(args) -> int:
     for name, m, p1, p5, r10 in rows:
         print(f"{name:34} {m:8.4f} {fmt(p1)} {fmt(p5)} {fmt(r10)}")
     print(f"code mAP / float mAP = {result['map_ratio_vs_float']:.3f}")
+    return 0
+
+
+def run_calibrate(args) -> int:
+    from facepq_core.calibration import DEFAULT_FARS
+    from facepq_core.progress import bars_enabled
+    from opqn_model.calibrate import calibrate_model
+
+    cal, path = calibrate_model(args.model, args.data, fars=args.far or DEFAULT_FARS, out=args.out,
+                                max_photos=args.max_photos, seed=args.seed,
+                                progress=bars_enabled(not args.no_progress))
+    if args.json:
+        print(json.dumps(cal.to_dict()))
+        return 0
+    print(f"calibrated model {cal.model_fingerprint} ({cal.codec}) on {cal.photos} photos of {cal.people} people: "
+          f"{cal.genuine_pairs} genuine and {cal.impostor_pairs} impostor pairs")
+    print(f"{'FAR':>8} {'threshold':>12} {'TAR':>7} {'similarity':>10}")
+    for p in cal.operating_points:
+        print(f"{p.far:8.0e} {p.threshold:12.5g} {p.tar:7.4f} {float(cal.similarity(p.threshold)):10.4f}")
+    for far in cal.extra.get("unmeasurable_fars", []):
+        print(f"{far:8.0e}  not measured: needs at least {int(1 / far)} impostor pairs (more people or photos)")
+    print(f"written to {path}")
     return 0

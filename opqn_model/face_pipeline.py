@@ -143,6 +143,23 @@ class FacePipeline:
             return [self._no_face(image)]
         return [self._align(image, box) for box in boxes]
 
+    def faces(self, image: np.ndarray, min_face_px: int = 0) -> list[tuple[np.ndarray, tuple[int, int, int, int]]]:
+        """(crop, box) of every detected face whose box is at least `min_face_px` on its shorter side, largest
+        first; mode 'none' gives the centre crop and the photo as its box.
+
+        Raises NoFaceFound when no face (of that size) is found, whatever `on_no_face` says: a photo searched or
+        enrolled face by face names its faces, and a centre crop is not one.
+        """
+        image = _as_rgb(image)
+        height, width = image.shape[:2]
+        if self.mode == "none":
+            return [(centre_crop(image, self.size), (0, 0, width - 1, height - 1))]
+        boxes = [b for b in self.detect(image) if min(b[2] - b[0], b[3] - b[1]) >= min_face_px]
+        if not boxes:
+            raise NoFaceFound(f"no face of at least {min_face_px} px found in a {width}x{height} photo "
+                              f"(HOG detector, upsample {self.upsample})")
+        return [(self._align(image, box), box) for box in boxes]
+
     def detect(self, image: np.ndarray) -> list[tuple[int, int, int, int]]:
         """Face boxes (left, top, right, bottom) in the photo's pixels, largest first, ties by distance to centre.
 

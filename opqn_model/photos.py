@@ -29,6 +29,21 @@ def align_photo(source, pipeline) -> tuple[np.ndarray, str | None]:
     return pipeline(image), note
 
 
+def align_faces(source, pipeline, min_face_px: int = 0, max_faces: int = 32):
+    """Every face of one photo at least `min_face_px` wide (FacePipeline.faces), largest first, at most `max_faces`.
+
+    Returns (crops uint8 [F, S, S, 3], boxes int [F, 4] as left, top, right, bottom in the photo's pixels).
+    Raises PhotoSkipped (BadImage, or NoFaceFound when no face is large enough).
+    """
+    if isinstance(source, np.ndarray):
+        image = source
+    else:
+        content, _ = read_bytes(source)
+        image, _ = load_image_with_note(content)
+    found = pipeline.faces(image, min_face_px)[:max_faces]
+    return np.stack([crop for crop, _ in found]), np.array([box for _, box in found], dtype=np.int64)
+
+
 @dataclass
 class AlignedPhotos:
     """What `align_photos` made of a list of photos, by input position."""

@@ -3,7 +3,8 @@
 The coordinator listens on port 50050 by default (facepq_core.addresses), the port every
 client assumes when an address has none; nodes default to any free port (they announce
 their address to the registry). Servers print exactly one line `facepq <what> listening
-on HOST:PORT` when ready (scripts and tests wait for it) and stop gracefully on SIGTERM /
+on HOST:PORT` when ready (a coordinator's HTTP API and metrics print `serving on` / `metrics on` lines
+before it) (scripts and tests wait for it) and stop gracefully on SIGTERM /
 SIGINT.
 TLS and token flags (with FACEPQ_* environment fallbacks) are in query_node.security.
 """
@@ -35,6 +36,16 @@ def _wait_for_signal() -> None:
         pass
 
 
+def _serve_metrics(args) -> None:
+    """--metrics-port: Prometheus /metrics on its own port (query_node.metrics); a line says where."""
+    if args.metrics_port is None:
+        return
+    from query_node.metrics import serve_metrics
+
+    port = serve_metrics(args.metrics_port, args.metrics_host or args.host)
+    print(f"facepq metrics on http://{args.metrics_host or args.host}:{port}/metrics", flush=True)
+
+
 def _node(args) -> int:
     from query_node.node_server import NodeServer
     from query_node.registry import Heartbeat, NodeRecord
@@ -45,6 +56,7 @@ def _node(args) -> int:
                         poll_seconds=args.poll, tls=tls, auth_tokens=tokens, view_grace=args.view_grace).start()
     heartbeat = None
     try:
+        _serve_metrics(args)
         if args.redis:
             def record():
                 view = server.live.view
@@ -91,13 +103,26 @@ def _coordinator(args) -> int:
     server = CoordinatorServer(args.model, args.index, redis_url=args.redis, nodes=nodes, host=args.host,
                                port=args.port, tls=tls, auth_tokens=tokens, auth_search=args.auth_search,
                                node_tls=node_tls, node_token=node_token, upkeep_seconds=args.upkeep_seconds,
-                               max_inflight_photos=args.max_inflight_photos).start()
+                               max_inflight_photos=args.max_inflight_photos,
+                               thumbnail_roots=args.thumbnail_root).start()
     try:
+        _serve_metrics(args)
+        if args.http_port is not None:
+            http = server.serve_http(args.http_host or args.host, args.http_port)
+            # not "listening on": that line is the one readiness line a server prints (the coordinator's, below)
+            print(f"facepq http serving on http://{http.address} (API /v1, web page /, OpenAPI /openapi.json)",
+                  flush=True)
         print(f"facepq coordinator listening on {server.address}", flush=True)
         _wait_for_signal()
     finally:
         server.stop()
     return 0
+
+
+def _add_metrics_flags(p) -> None:
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics on http://HOST:PORT/metrics (0 = any free port; default: off)")
+    p.add_argument("--metrics-host", default=None, help="where /metrics listens (default --host)")
 
 
 def register(subparsers) -> None:
@@ -118,6 +143,7 @@ def register(subparsers) -> None:
     p.add_argument("--view-grace", type=float, default=10.0,
                    help="seconds a replaced index version stays answerable for searches in flight (default 10)")
     add_server_flags(p, "require this token (from coordinators) for Search and Status")
+    _add_metrics_flags(p)
     p.set_defaults(handler=_node, log_level=logging.INFO)  # a server's INFO lines are its operations log
 
     p = subparsers.add_parser("coordinator", help="serve Search/Enrol/Delete: model + fan-out to query nodes")
@@ -144,4 +170,12 @@ def register(subparsers) -> None:
                    help="seconds between background merges of small segments (what enrolments add); 0 = never")
     p.add_argument("--torch-threads", type=int, default=1,
                    help="threads for the model (1 suits embedding searches; raise it for photo-heavy load)")
+    p.add_argument("--http-port", type=int, default=None,
+                   help="also serve the HTTP/JSON API, its OpenAPI document and the web page on this port "
+                        "(0 = any free port; same tokens and TLS as gRPC)")
+    p.add_argument("--http-host", default=None, help="where the HTTP API listens (default --host)")
+    p.add_argument("--thumbnail-root", action="append", default=[], metavar="DIR",
+                   help="the web page may show thumbnails of gallery photos whose source is a file under DIR "
+                        "(repeatable; default: none, the page shows the source)")
+    _add_metrics_flags(p)
     p.set_defaults(handler=_coordinator, log_level=logging.INFO)

@@ -7,7 +7,10 @@ Status codes:
   with an empty face id list; a Compact with a negative or non-finite grace.
 * FAILED_PRECONDITION: the photo decoded but "no face found" in it (Search); an Enrol
   where no photo had a usable face.
-* NOT_FOUND: Delete of an unknown person / face ids.
+* NOT_FOUND: Delete, GetPerson, RenamePerson, MergePeople or a Verify against a person with no live
+  face; face ids that are not live (Delete, MoveFaces).
+* ALREADY_EXISTS: RenamePerson to a name that has faces (merge them instead).
+* FAILED_PRECONDITION also: a `far` (Search, Verify) for a model without calibration.
 * UNAUTHENTICATED: Enrol/Delete/Compact (and Search/Status with --auth-search) without a
   valid `authorization: Bearer <token>` when the coordinator runs with a token.
 * ABORTED: the index changed versions too often during one search (retry); UNAVAILABLE:
@@ -37,7 +40,7 @@ from query_node.admission import Admission
 from query_node.grpc_server import GrpcServer, ServedByGrpc, status_on_error
 from query_node.service import CoordinatorService, Photo, SearchOptions
 from query_node.upkeep import Upkeep
-from query_node.wire import hit_messages
+from query_node.wire import hit_messages, person_match_message
 
 log = logging.getLogger(__name__)
 
@@ -86,23 +89,87 @@ class CoordinatorServicer(facepq_pb2_grpc.CoordinatorServicer):
         t0 = time.perf_counter()
         kind = request.WhichOneof("query")
         query = request.photo if kind == "photo" else request.embedding.values if kind == "embedding" else None
+        options = SearchOptions(
+            context.time_remaining(),
+            refine_candidates=request.refine_candidates if request.HasField("refine_candidates") else None,
+            far=request.far if request.HasField("far") else None,
+            threshold=request.threshold if request.HasField("threshold") else None,
+            group_by="person" if request.group_by == facepq_pb2.GROUP_BY_PERSON else "face",
+            faces_per_person=request.faces_per_person or SearchOptions.faces_per_person,
+            faces="all" if request.faces == facepq_pb2.FACES_ALL else "largest",
+            min_face_px=request.min_face_px or SearchOptions.min_face_px)
         gate = self.photo_admission.slot(context.time_remaining()) if kind == "photo" else contextlib.nullcontext()
         with status_on_error(context), gate:
-            candidates = request.refine_candidates if request.HasField("refine_candidates") else None
-            result = self.service.search(query, request.top_k, SearchOptions(context.time_remaining(), candidates))
+            result = self.service.search(query, request.top_k, options)
         reply = facepq_pb2.SearchResponse(complete=result.complete, missing_shards=result.missing_shards,
                                           index_version=result.index_version, node_scan_ms=result.node_scan_ms,
-                                          refine_candidates=result.refine_candidates)
+                                          refine_candidates=result.refine_candidates, unknown=result.unknown,
+                                          calibrated=result.calibrated)
         reply.hits.extend(hit_messages(facepq_pb2, result.hits))
+        reply.people.extend(person_match_message(facepq_pb2, p) for p in result.people)
+        if result.threshold is not None:
+            reply.threshold = result.threshold
+        for face in result.faces:
+            left, top, right, bottom = face.box
+            reply.faces.add(box=facepq_pb2.Box(left=left, top=top, right=right, bottom=bottom),
+                            hits=hit_messages(facepq_pb2, face.hits), unknown=face.unknown,
+                            people=[person_match_message(facepq_pb2, p) for p in face.people])
         reply.took_ms = (time.perf_counter() - t0) * 1e3
+        return reply
+
+    def Verify(self, request, context):
+        a_kind, b_kind = request.WhichOneof("a"), request.WhichOneof("b")
+        a = request.photo_a if a_kind == "photo_a" else request.embedding_a.values if a_kind == "embedding_a" else None
+        b = request.photo_b if b_kind == "photo_b" else request.embedding_b.values if b_kind == "embedding_b" else None
+        photos = a_kind == "photo_a" or b_kind == "photo_b"
+        gate = self.photo_admission.slot(context.time_remaining()) if photos else contextlib.nullcontext()
+        with status_on_error(context), gate:
+            r = self.service.verify(a, b, person_b=request.person_b if b_kind == "person_b" else None,
+                                    far=request.far if request.HasField("far") else None,
+                                    threshold=request.threshold if request.HasField("threshold") else None)
+        reply = facepq_pb2.VerifyResponse(score=r.score, same=r.same, threshold=r.threshold,
+                                          best_face_id=r.best_face_id, faces_compared=r.faces_compared)
+        if r.similarity is not None:
+            reply.similarity = r.similarity
+        if r.far is not None:
+            reply.far = r.far
         return reply
 
     def Enrol(self, request, context):
         photos = [Photo(content=p.content, source=p.source) for p in request.photos]
         with status_on_error(context), self.photo_admission.slot(context.time_remaining()):
-            result = self.service.enrol(request.person, photos)
+            result = self.service.enrol(request.person, photos,
+                                        faces="all" if request.faces == facepq_pb2.FACES_ALL else "largest",
+                                        min_face_px=request.min_face_px or SearchOptions.min_face_px)
         return facepq_pb2.EnrolResponse(face_ids=result.face_ids, skipped=result.skipped,
-                                        index_version=result.index_version)
+                                        index_version=result.index_version,
+                                        boxes=[facepq_pb2.Box(left=b[0], top=b[1], right=b[2], bottom=b[3])
+                                               for b in result.boxes])
+
+    def ListPeople(self, request, context):
+        with status_on_error(context):
+            page = self.service.list_people(request.page_size, request.page_token, request.contains)
+        return facepq_pb2.ListPeopleResponse(
+            people=[facepq_pb2.PersonSummary(person=p.person, faces=p.faces, shards=p.shards) for p in page.people],
+            next_page_token=page.next_page_token, total=page.total)
+
+    def GetPerson(self, request, context):
+        with status_on_error(context):
+            found = self.service.person_faces(request.person)
+        return facepq_pb2.GetPersonResponse(person=found.person, faces=[
+            facepq_pb2.Face(face_id=f.face_id, person=f.person, source=f.source, shard=f.shard) for f in found.faces])
+
+    def RenamePerson(self, request, context):
+        with status_on_error(context):
+            return _change_reply(self.service.rename_person(request.person, request.new_name))
+
+    def MergePeople(self, request, context):
+        with status_on_error(context):
+            return _change_reply(self.service.merge_people(list(request.people), request.into))
+
+    def MoveFaces(self, request, context):
+        with status_on_error(context):
+            return _change_reply(self.service.move_faces(list(request.face_ids), request.person))
 
     def Delete(self, request, context):
         target = request.WhichOneof("target")
@@ -125,11 +192,24 @@ class CoordinatorServicer(facepq_pb2_grpc.CoordinatorServicer):
         status = self.service.status()
         reply = facepq_pb2.StatusResponse(shard_count=status.shard_count, model_fingerprint=status.model_fingerprint,
                                           uncovered_shards=status.uncovered_shards,
-                                          index_version=status.index_version)
+                                          index_version=status.index_version,
+                                          calibrated=status.calibration is not None)
+        for p in status.calibration.operating_points if status.calibration is not None else ():
+            reply.operating_points.add(far=p.far, threshold=p.threshold, tar=p.tar)
         for n in status.nodes:
             reply.nodes.add(node_id=n.node_id, address=n.address, shards=n.shards, index_version=n.index_version,
                             healthy=n.healthy)
         return reply
+
+
+def _change_reply(change):
+    return facepq_pb2.PeopleChangeResponse(faces_changed=change.faces_changed, index_version=change.index_version)
+
+
+# Calls that change the index: they need the token whenever the coordinator has one.
+MUTATING_METHODS = ("Enrol", "Delete", "Compact", "RenamePerson", "MergePeople", "MoveFaces")
+# Calls that read the gallery: they need it with --auth-search.
+READING_METHODS = ("Search", "Status", "Verify", "ListPeople", "GetPerson")
 
 
 class CoordinatorServer(ServedByGrpc):
@@ -145,7 +225,7 @@ class CoordinatorServer(ServedByGrpc):
 
     def __init__(self, model_path, index_uri, redis_url=None, nodes=None, host="127.0.0.1", port=0,
                  search_timeout=5.0, workers=WORKERS, tls=None, auth_tokens=(), auth_search=False, node_tls=None,
-                 node_token=None, upkeep_seconds=30.0, max_inflight_photos=None):
+                 node_token=None, upkeep_seconds=30.0, max_inflight_photos=None, thumbnail_roots=()):
         from indexer.store import IndexStore
         from opqn_model.api import FaceEncoder
         from query_node.coordinator import Coordinator
@@ -173,18 +253,34 @@ class CoordinatorServer(ServedByGrpc):
         self.upkeep = Upkeep(IndexStore(index_uri), redis_url=redis_url, interval=upkeep_seconds) \
             if upkeep_seconds != 0 else None
         _warn_about_posture(host, auth_search, node_tls, node_token)
-        protected = ["Enrol", "Delete", "Compact"] + (["Search", "Status"] if auth_search else [])
+        protected = list(MUTATING_METHODS) + (list(READING_METHODS) if auth_search else [])
+        self.tls, self.auth_tokens, self.auth_search = tls, list(auth_tokens), auth_search
+        self.thumbnail_roots = list(thumbnail_roots)
+        self.http = None
         self.grpc_server = GrpcServer(SERVICE_NAME, host, port, workers, tls=tls, auth_tokens=auth_tokens,
                                       protected_methods=protected)
 
     def start(self) -> "CoordinatorServer":
+        from query_node import metrics
+
         servicer = CoordinatorServicer(self.service, self.photo_admission)
         self.grpc_server.start(lambda server: facepq_pb2_grpc.add_CoordinatorServicer_to_server(servicer, server))
+        metrics.add_source(self, metrics.CoordinatorGauges(self.address, self.service))
         if self.upkeep is not None:
             self.upkeep.start()
         return self
 
+    def serve_http(self, host: str, port: int):
+        """Also serve the HTTP/JSON API and the web page (query_node.http_api) on `host:port`, same tokens and TLS."""
+        from query_node.http_api import HttpServer, build_app
+
+        app = build_app(self.service, self.auth_tokens, self.auth_search, self.thumbnail_roots)
+        self.http = HttpServer(app, host, port, tls=self.tls).start()
+        return self.http
+
     def stop(self, grace: float = 2.0) -> None:
+        if self.http is not None:
+            self.http.stop(grace)
         self.grpc_server.stop(grace)
         if self.upkeep is not None:
             self.upkeep.stop()

@@ -33,6 +33,11 @@ class FaceModel:
     def fingerprint(self) -> str:
         return self.encoder.fingerprint
 
+    @property
+    def calibration(self):
+        """facepq_core.calibration.Calibration of the model (`facepq calibrate`), None when not measured."""
+        return getattr(self.encoder, "calibration", None)
+
     def model_meta(self, refine=None):
         """indexer.manifest.ModelMeta of this model (what an index it writes into must hold), with the
         index's refinement tier `refine` (facepq_core.refine.RefineTier) when it has one."""
@@ -76,11 +81,53 @@ class FaceModel:
         """The embedding float32 [1, E] of a query photo's face (NoFaceFound / InvalidRequest otherwise)."""
         feats, kept, skipped = photo_features(self.encoder, [photo])
         if not kept:
-            reason = skipped.get(0, "unknown")
-            if reason == NoFaceFound.reason:
-                raise NoFaceFound("no face found in the photo; send a photo with a visible, frontal face")
-            raise InvalidRequest(f"the photo cannot be used: {reason} (send JPEG/PNG/PGM bytes of a face photo)")
+            _refuse(skipped.get(0, "unknown"))
         return feats[:1]
+
+    def face_tables(self, photo: bytes, min_face_px: int) -> tuple[np.ndarray, np.ndarray]:
+        """Every face of a photo at least `min_face_px` wide -> (tables float32 [F, M, K], boxes int [F, 4]).
+
+        Raises NoFaceFound (no face that large) or InvalidRequest (not a usable image) like `tables_for`.
+        """
+        from facepq_core.errors import PhotoSkipped
+
+        try:
+            feats, boxes = photo_face_features(self.encoder, bytes(photo), min_face_px)
+        except NoFaceFound:
+            raise  # its message names the size asked for
+        except PhotoSkipped as exc:
+            _refuse(exc.reason)
+        return self.codec.query_tables(feats), boxes
+
+    def codes_for(self, query) -> np.ndarray:
+        """A photo (its largest face) or an embedding -> its stored code uint8 [1, code_bytes] (verification)."""
+        if not is_photo(query):
+            embedding_tables(self.codec, query)  # the one check of an embedding's length and values
+            return self.codec.encode(np.asarray(query, dtype=np.float32)[None])
+        codes, kept, skipped = self.encode_photos([query])
+        if not kept:
+            _refuse(skipped.get(0, "unknown"))
+        return codes
+
+    def encode_photo_faces(self, contents: list[bytes], min_face_px: int):
+        """Every face of each photo -> (codes uint8 [F, code_bytes], photo position per face, face number within
+        its photo per face, boxes int [F, 4], {photo position: reason skipped})."""
+        from facepq_core.errors import PhotoSkipped
+
+        feats, photo_of, face_of, boxes, skipped = [], [], [], [], {}
+        for i, content in enumerate(contents):
+            try:
+                f, b = photo_face_features(self.encoder, bytes(content), min_face_px)
+            except PhotoSkipped as exc:
+                skipped[i] = exc.reason
+                continue
+            feats.append(f)
+            boxes.append(b)
+            photo_of += [i] * len(f)
+            face_of += list(range(len(f)))
+        if not feats:
+            return np.zeros((0, self.codec.spec.code_bytes), np.uint8), [], [], np.zeros((0, 4), np.int64), skipped
+        return self.codec.encode(np.concatenate(feats)), photo_of, face_of, np.concatenate(boxes), skipped
 
     def encode_photos(self, contents: list[bytes]) -> tuple[np.ndarray, list[int], dict[int, str]]:
         """Encoded photos -> (codes uint8 [n_ok, code_bytes], indices kept, {index: reason skipped})."""
@@ -96,6 +143,13 @@ class FaceModel:
         codes = self.codec.encode(feats) if kept else np.zeros((0, self.codec.spec.code_bytes), np.uint8)
         rows = refine.encode(feats) if kept else np.zeros((0, refine.code_bytes), np.uint8)
         return codes, rows, kept, skipped
+
+
+def _refuse(reason: str):
+    """The error of a query photo skipped for `reason` (a PhotoSkipped reason)."""
+    if reason == NoFaceFound.reason:
+        raise NoFaceFound("no face found in the photo; send a photo with a visible, frontal face")
+    raise InvalidRequest(f"the photo cannot be used: {reason} (send JPEG/PNG/PGM bytes of a face photo)")
 
 
 def embedding_tables(codec, values) -> np.ndarray:
@@ -119,3 +173,14 @@ def photo_features(encoder, contents: list[bytes]) -> tuple[np.ndarray, list[int
     crops, kept, skipped = encoder.prepare_photos([bytes(c) for c in contents])
     feats = encoder.trunk_features(crops) if kept else np.zeros((0, encoder.embedding_dim), np.float32)
     return feats, kept, skipped
+
+
+def photo_face_features(encoder, content: bytes, min_face_px: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every face of one photo at least `min_face_px` wide -> (features float32 [F, E], boxes int [F, 4]).
+
+    Raises the photo's PhotoSkipped (BadImage; NoFaceFound when no face is that large).
+    """
+    from opqn_model.photos import align_faces
+
+    crops, boxes = align_faces(content, encoder.pipeline, min_face_px)
+    return encoder.trunk_features(crops), boxes

@@ -89,9 +89,13 @@ class GrpcServer:
         """
         # so_reuseport off: gRPC turns it on by default, and then a second server on a fixed port (two
         # coordinators on the default 50050) binds beside the first and silently takes half its calls.
+        from query_node.metrics import grpc_interceptor
+
+        # Metrics first: it times and counts every call, the token check's refusals included.
+        metrics = grpc_interceptor(self.service_name.rsplit(".", 1)[-1].lower())
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=self.workers),
                                   options=[*MESSAGE_OPTIONS, ("grpc.so_reuseport", 0)],
-                                  interceptors=interceptors(self.auth_tokens, self.protected),
+                                  interceptors=[metrics, *interceptors(self.auth_tokens, self.protected)],
                                   maximum_concurrent_rpcs=self.workers * MAX_CALLS_PER_WORKER)
         self.port = add_port(self.server, self.host, self.requested_port, self.tls)
         add_servicer(self.server)

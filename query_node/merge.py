@@ -16,13 +16,14 @@ from typing import Iterable
 
 @dataclass(frozen=True)
 class Hit:
-    """One search result. score: higher is better."""
+    """One search result. score: higher is better; similarity: calibrated, set by the coordinator (answers.py)."""
 
     face_id: int
     person: str
     source: str
     score: float
     shard: int
+    similarity: float | None = None
 
 
 def merge_shard_lists(shard_lists: Iterable[list[Hit]], k: int) -> list[Hit]:

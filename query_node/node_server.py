@@ -36,6 +36,7 @@ import numpy as np
 
 from facepq_core.errors import InvalidRequest, NotFound, Unavailable
 from facepq_proto.facepq.v1 import facepq_pb2, facepq_pb2_grpc
+from query_node import metrics
 from query_node.grpc_server import NOT_SERVING, SERVING, GrpcServer, ServedByGrpc, status_on_error
 from query_node.index_view import IndexView
 from query_node.live_index import LiveIndex
@@ -114,6 +115,7 @@ class QueryNodeServicer(facepq_pb2_grpc.QueryNodeServicer):
             refine = validate_refine(request.refine_tables, request.refine_candidates, view, len(tables))
         stats = ScanStats()
         results = view.search(tables, k, shards, stats, refine)
+        metrics.record_scan(stats.scan_seconds, stats.rows, len(tables))
         with self._lock:
             self.queries_served += len(results)
         reply = facepq_pb2.NodeSearchResponse(shards_searched=shards, index_version=view.version,
@@ -210,6 +212,7 @@ class NodeServer(ServedByGrpc):
     def start(self) -> "NodeServer":
         self.grpc_server.start(self._add_servicer, initial_health=lambda _: self._set_health(self.live.view))
         self.live.start()
+        metrics.add_source(self, lambda: metrics.node_gauges(self.address, self.live.view))
         log.info("query node %s serving shards %s of version %s", self.node_id, self.live.shard_ids,
                  self.live.view.version)
         return self

@@ -1,4 +1,4 @@
-"""The coordinator's logic without a transport: search, enrol, delete, compact, status.
+"""The coordinator's logic without a transport: search, verify, enrol, delete, compact, status, people.
 
 `CoordinatorService` takes plain Python values and returns the result dataclasses
 below; every refusal is a facepq_core.errors.FacepqError whose class names its
@@ -10,6 +10,11 @@ It needs three things: a query_node.coordinator.Coordinator (the fan-out over th
 nodes), a query_node.face_model.FaceModel (the trained model: query -> tables,
 photos -> codes) and the index location (the version every search must reach, and
 where enrolments and deletions commit).
+
+A search can answer open-set (an operating point: `far` through the model's calibration, or a
+raw `threshold`; `unknown` when no hit reaches it), per person (group_by="person") and per face
+of a photo (faces="all"): query_node.answers. Verification is query_node.verify; the people
+operations (list, a person's faces, rename, merge, move faces) are query_node.people_service.
 
 Every search answers from ONE committed version, at least the one current when it
 started: a face deleted (and acknowledged) before a search began never appears in
@@ -41,8 +46,14 @@ from facepq_core.errors import (
     Unavailable,
 )
 from facepq_core.limits import MAX_DELETE_FACE_IDS, MAX_ENROL_PHOTOS, MAX_PERSON_CHARS, MAX_SOURCE_CHARS
+from facepq_core.names import check_person
+from query_node import answers, metrics
+from query_node.answers import FaceAnswer, PersonMatch, SearchOptions
+from query_node.face_model import is_photo
 from query_node.fanout import replicas_by_shard
 from query_node.merge import Hit
+from query_node.people_service import PeopleOperations
+from query_node.verify import VerifyResult, verify
 from query_node.wire import MAX_TOP_K
 
 log = logging.getLogger(__name__)
@@ -52,23 +63,22 @@ DEFAULT_COMPACT_GRACE = 3600.0
 DEADLINE_MARGIN = 0.05  # seconds kept back from a caller's deadline to build and send the reply
 
 
-@dataclass(frozen=True)
-class SearchOptions:
-    """time_remaining: seconds left of the caller's deadline (None = no deadline: the service's own timeout).
-    refine_candidates: candidates per shard a two-stage search re-scores (None = the default; 0 = the first
-    pass alone); ignored on an index without a refinement tier."""
-
-    time_remaining: float | None = None
-    refine_candidates: int | None = None
+__all__ = ["CoordinatorService", "SearchOptions", "SearchResult", "Photo", "EnrolResult", "DeleteResult",
+           "CompactResult", "StatusResult", "VerifyResult", "FaceAnswer", "PersonMatch"]
 
 
 @dataclass
 class SearchResult:
-    hits: list[Hit]                       # best first
+    hits: list[Hit]                       # best first (group_by="person": the people's faces, person by person)
     missing_shards: list[int] = field(default_factory=list)
     index_version: str = ""
     node_scan_ms: float = 0.0             # the slowest answering node's kernel time
     refine_candidates: int = 0            # candidates re-scored per shard (0: the first pass alone)
+    people: list[PersonMatch] = field(default_factory=list)   # group_by="person"
+    unknown: bool = False                 # an operating point was given and no hit reached it
+    threshold: float | None = None        # the operating point's score threshold
+    faces: list[FaceAnswer] = field(default_factory=list)     # faces="all": one per face (the above: the first)
+    calibrated: bool = False              # hits carry a calibrated similarity
 
     @property
     def complete(self) -> bool:
@@ -88,6 +98,7 @@ class EnrolResult:
     face_ids: list[int]                   # of the faces added, in the order of the photos kept
     skipped: list[str]                    # "<source>: <reason>" per photo not used
     index_version: str                    # "" when nothing new was committed
+    boxes: list = field(default_factory=list)  # faces="all": (left, top, right, bottom) per face id
 
 
 @dataclass
@@ -112,6 +123,7 @@ class StatusResult:
     uncovered_shards: list[int]           # shards no healthy node serves
     nodes: list                           # query_node.registry.NodeRecord
     index_version: str                    # the first node's version
+    calibration: object = None            # facepq_core.calibration.Calibration of the model, if measured
 
 
 @contextlib.contextmanager
@@ -125,8 +137,8 @@ def _index_errors():
         raise Unavailable(str(exc)) from exc
 
 
-class CoordinatorService:
-    """Search, Enrol, Delete, Compact and Status of a facepq cluster, transport-free.
+class CoordinatorService(PeopleOperations):
+    """Search, Verify, Enrol, Delete, Compact, Status and the people operations of a facepq cluster, transport-free.
 
     Args:
         coordinator: query_node.coordinator.Coordinator (nodes, fan-out, merge).
@@ -144,16 +156,23 @@ class CoordinatorService:
         self.store = IndexStore(index_uri)
         self._tier: tuple | None = None  # (the index's refinement tier or None,), once an index exists
 
+    @property
+    def calibration(self):
+        """The model's score calibration (facepq_core.calibration.Calibration), None when not measured."""
+        return getattr(self.model, "calibration", None)
+
     # ---- search ------------------------------------------------------------------------------
     def search(self, query, k: int = 0, options: SearchOptions = SearchOptions()) -> SearchResult:
         """The exact top-k of a photo (bytes) or an embedding (floats) over every shard.
 
         Args:
             query: encoded photo bytes, or the embedding's values; None is refused.
-            k: hits wanted, 1..MAX_TOP_K; 0 = DEFAULT_TOP_K.
+            k: hits wanted, 1..MAX_TOP_K; 0 = DEFAULT_TOP_K (group_by="person": people wanted).
+            options: operating point, grouping, faces of a photo (query_node.answers.SearchOptions).
         Raises:
-            InvalidRequest / ConfigError: no query, k out of range, an unusable photo or embedding.
+            InvalidRequest / ConfigError: no query, k out of range, an unusable photo or embedding, bad options.
             NoFaceFound: the photo holds no face.  Unavailable: the index version cannot be read.
+            NotCalibrated: a far for a model without calibration.
             VersionConflict: the index changed too often during the search.  NodeRefused: a node
                 refused the search (coordinator and nodes disagree).
         """
@@ -162,11 +181,15 @@ class CoordinatorService:
             raise InvalidRequest(f"top_k must be in 1..{MAX_TOP_K}, got {k}")
         if query is None:
             raise InvalidRequest("send a photo (bytes) or an embedding")
-        tier = self._refine_tier()
-        candidates = _candidates(tier, options.refine_candidates)
-        refine = None
-        if candidates:
-            tables, refine_tables = self.model.refined_tables_for(query, tier)
+        options.check()
+        calibration = self.calibration
+        point = answers.operating_point(calibration, options.far, options.threshold)
+        candidates = self._candidates_for(options, point)
+        boxes, refine = None, None
+        if options.faces == "all" and is_photo(query):
+            tables, boxes = self.model.face_tables(query, options.min_face_px)
+        elif candidates:
+            tables, refine_tables = self.model.refined_tables_for(query, self._refine_tier())
             refine = (refine_tables, candidates)
         else:
             tables = self.model.tables_for(query)
@@ -175,11 +198,46 @@ class CoordinatorService:
             required = self.store.current_version()
         except FacepqError as exc:
             raise Unavailable(f"cannot read the index version: {exc}") from exc
-        result = self.coordinator.search_tables(tables, k, timeout=self._timeout(options), min_version=required,
-                                                refine=refine)
-        return SearchResult(hits=result.hits[0], missing_shards=result.missing_shards,
-                            index_version=result.index_version, node_scan_ms=result.node_scan_ms,
-                            refine_candidates=candidates)
+        timeout = self._timeout(options)
+        result = answers.gather(lambda n: self.coordinator.search_tables(tables, n, timeout=timeout,
+                                                                         min_version=required, refine=refine),
+                                k, options, point)
+        # re-scored hits carry the tier's scores, which the calibration never measured: no similarity then
+        scored_by = calibration if not candidates else None
+        per_face = [answers.answer(hits, k, options, scored_by, point, None if boxes is None else tuple(box))
+                    for hits, box in zip(result.hits, boxes if boxes is not None else [None])]
+        first = per_face[0]
+        answer = SearchResult(hits=first.hits, missing_shards=result.missing_shards,
+                              index_version=result.index_version, node_scan_ms=result.node_scan_ms,
+                              refine_candidates=candidates, people=first.people, unknown=first.unknown,
+                              threshold=None if point is None else point.threshold,
+                              faces=per_face if boxes is not None else [], calibrated=scored_by is not None)
+        metrics.record_search(answer)
+        return answer
+
+    def _candidates_for(self, options: SearchOptions, point) -> int:
+        """Candidates per shard this search re-scores with the index's refinement tier (0: the first pass alone).
+
+        The first pass alone answers: an index without a tier, refine_candidates=0, every face of a photo
+        (faces="all": one query per face), and a false-accept rate not asked together with candidates
+        (the calibration measured the first pass's scores; a tier's scores are on another scale).
+        """
+        tier = self._refine_tier()
+        candidates = _candidates(tier, options.refine_candidates)
+        if not candidates:
+            return 0
+        if options.far is not None:
+            if options.refine_candidates is not None:
+                raise InvalidRequest("far needs the first pass's scores (the calibration measured those): ask "
+                                     "refine_candidates=0, or give a raw threshold on the refinement tier's scores")
+            return 0
+        return 0 if options.faces == "all" else candidates
+
+    def verify(self, a, b, person_b: str | None = None, far: float | None = None,
+               threshold: float | None = None) -> VerifyResult:
+        """1:1 verification of `a` (photo bytes or embedding) against `b` (photo or embedding) or `person_b`
+        (their best live face); query_node.verify."""
+        return verify(self.model, self.store, a, b, person_b, far, threshold)
 
     def _refine_tier(self):
         """The index's refinement tier (None: none, or no index yet). Fixed when an index is created, so read once."""
@@ -206,9 +264,13 @@ class CoordinatorService:
         return max(0.0, min(remaining - DEADLINE_MARGIN, self.search_timeout))
 
     # ---- enrol / delete / compact ------------------------------------------------------------
-    def enrol(self, person: str, photos: Sequence[Photo]) -> EnrolResult:
+    def enrol(self, person: str, photos: Sequence[Photo], faces: str = "largest",
+              min_face_px: int = answers.DEFAULT_MIN_FACE_PX) -> EnrolResult:
         """Encode the photos' faces and commit them as `person`; photos without a usable face are skipped.
 
+        Args:
+            faces: "largest" (one face per photo) or "all" (every face at least `min_face_px` wide; face ids
+                count the faces of a photo, largest first, and `boxes` says where each is).
         Raises:
             InvalidRequest: an empty, too long or unprintable name, no photos, more than MAX_ENROL_PHOTOS,
                 a source longer than MAX_SOURCE_CHARS (facepq_core.limits).
@@ -220,7 +282,8 @@ class CoordinatorService:
         from indexer.face_id import face_id_for_photo
         from indexer.writer import IndexWriter
 
-        _check_person(person)
+        person = check_person(person)
+        SearchOptions(faces=faces, min_face_px=min_face_px).check()
         if not photos:
             raise InvalidRequest("send at least one photo to enrol")
         if len(photos) > MAX_ENROL_PHOTOS:
@@ -233,16 +296,23 @@ class CoordinatorService:
         contents = [p.content for p in photos]
         sources = [p.source or f"enrol:{person}:{i}" for i, p in enumerate(photos)]
         tier = self._refine_tier()
-        if tier is None:
+        refine_rows = None
+        if faces == "all":
+            if tier is not None:
+                raise InvalidRequest("faces=all cannot enrol into an index with a refinement tier yet: enrol each "
+                                     "photo's largest face (faces=largest), or crops of one face each")
+            codes, kept, face_index, boxes, skipped = self.model.encode_photo_faces(contents, min_face_px)
+        elif tier is None:
             codes, kept, skipped = self.model.encode_photos(contents)
-            refine_rows, meta = None, self.model.model_meta()
+            face_index, boxes = [0] * len(kept), []
         else:  # the index stores its tier's rows beside the codes
             codes, refine_rows, kept, skipped = self.model.encode_photos_refined(contents, tier)
-            meta = self.model.model_meta(tier)
+            face_index, boxes = [0] * len(kept), []
+        meta = self.model.model_meta(tier)
         skipped_msgs = [f"{sources[i]}: {r}" for i, r in sorted(skipped.items())]
         if not kept:
             raise NoFaceFound(f"no usable face in any photo ({'; '.join(skipped_msgs)})")
-        ids = np.array([face_id_for_photo(bytes(contents[i])) for i in kept], dtype=np.uint64)
+        ids = np.array([face_id_for_photo(bytes(contents[i]), f) for i, f in zip(kept, face_index)], dtype=np.uint64)
         with _index_errors():
             # The enrol rule (indexer.enrol_rule): a photo enrolled as another person is refused
             # (ALREADY_EXISTS naming that person) and nothing of this request is committed.
@@ -253,7 +323,8 @@ class CoordinatorService:
             except BaseException:
                 writer.abort()  # no segment of a refused or failed enrolment stays behind
                 raise
-        return EnrolResult(face_ids=ids.tolist(), skipped=skipped_msgs, index_version=str(version or ""))
+        return EnrolResult(face_ids=ids.tolist(), skipped=skipped_msgs, index_version=str(version or ""),
+                           boxes=[tuple(int(v) for v in b) for b in boxes])
 
     def delete(self, person: str | None = None, face_ids: Sequence[int] | None = None) -> DeleteResult:
         """Tombstone every live face of `person`, or the given face ids; searches stop returning them at once.
@@ -306,7 +377,8 @@ class CoordinatorService:
         replicas = replicas_by_shard(nodes, self.coordinator.shard_count)
         return StatusResult(shard_count=self.coordinator.shard_count, model_fingerprint=self.model.fingerprint,
                             uncovered_shards=[s for s, r in replicas.items() if not r], nodes=nodes,
-                            index_version=next((n.index_version for n in nodes if n.index_version), ""))
+                            index_version=next((n.index_version for n in nodes if n.index_version), ""),
+                            calibration=self.calibration)
 
 
 def _candidates(tier, asked: int | None) -> int:
@@ -318,11 +390,3 @@ def _candidates(tier, asked: int | None) -> int:
     if tier is None:
         return 0
     return DEFAULT_CANDIDATES if asked is None else int(asked)
-
-
-def _check_person(person: str) -> None:
-    if not person.strip():
-        raise InvalidRequest("person must be a non-empty name")
-    if len(person) > MAX_PERSON_CHARS or not person.isprintable():
-        raise InvalidRequest(f"person must be at most {MAX_PERSON_CHARS} printable characters (no control "
-                             f"characters or newlines)")

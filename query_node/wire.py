@@ -63,7 +63,11 @@ def table_message(pb, table: np.ndarray):
 
 def hit_message(pb, hit):
     """A query_node.merge.Hit (or anything with its fields) -> a Hit message."""
-    return pb.Hit(face_id=hit.face_id, person=hit.person, source=hit.source, score=hit.score, shard=hit.shard)
+    msg = pb.Hit(face_id=hit.face_id, person=hit.person, source=hit.source, score=hit.score, shard=hit.shard)
+    similarity = getattr(hit, "similarity", None)
+    if similarity is not None:
+        msg.similarity = similarity
+    return msg
 
 
 def hit_messages(pb, hits) -> list:
@@ -73,3 +77,11 @@ def hit_messages(pb, hits) -> list:
     messages as they are and converts only the k it keeps (query_node.merge.merge_node_replies).
     """
     return [hit_message(pb, h) for h in hits]
+
+
+def person_match_message(pb, match):
+    """A query_node.answers.PersonMatch -> a PersonMatch message (its faces as Hit messages)."""
+    msg = pb.PersonMatch(person=match.person, score=match.score, faces=hit_messages(pb, match.faces))
+    if match.similarity is not None:
+        msg.similarity = match.similarity
+    return msg

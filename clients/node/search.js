@@ -6,7 +6,8 @@
 // means port 50050, as for `facepq search`.
 // Output: the same JSON as `facepq search --json` (facepq/client.py SearchReply.to_json):
 //   {"query", "hits": [{"rank", "face_id" (a decimal string: uint64), "person", "score", "source",
-//    "shard"}], "complete", "missing_shards", "index_version", "took_ms", "node_scan_ms"}
+//    "shard", "similarity" (calibrated models)}], "complete", "missing_shards", "index_version", "took_ms",
+//    "node_scan_ms"}
 // Exit codes as `facepq search`: 0 complete, 2 error, 3 incomplete (a warning on stderr names the
 // shards that did not answer).
 // Security (same meaning as `facepq search`):
@@ -53,8 +54,10 @@ function f32(x) {
 function toJson(reply, query) {
   return {
     query,
-    hits: reply.hits.map((h, i) => ({ rank: i + 1, face_id: String(h.face_id), person: h.person,
-                                      score: f32(h.score), source: h.source, shard: h.shard })),
+    hits: reply.hits.map((h, i) => Object.assign(
+      { rank: i + 1, face_id: String(h.face_id), person: h.person, score: f32(h.score), source: h.source, shard: h.shard },
+      // a calibrated model's similarity (proto3 optional: present only when the coordinator set it)
+      h._similarity === 'similarity' ? { similarity: f32(h.similarity) } : {})),
     complete: reply.complete,
     missing_shards: reply.missing_shards,
     index_version: reply.index_version,

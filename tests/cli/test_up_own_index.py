@@ -32,7 +32,8 @@ def _wait_for(proc, log, text, timeout):
 def test_up_serves_a_users_index_until_ctrl_c_and_refuses_a_demo_beside_it(gallery, index, tmp_path):
     workdir, log = tmp_path / "work", tmp_path / "up.log"
     args = [sys.executable, "-m", "facepq.cli", "up", "--model", str(gallery["model"]), "--index", str(index),
-            "--workdir", str(workdir), "--port", "0", "--nodes", "1", "--replicas", "1"]
+            "--workdir", str(workdir), "--port", "0", "--nodes", "1", "--replicas", "1", "--http-port", "0",
+            "--metrics-port", "0"]
     with open(log, "w") as out:
         # SIGINT at its default in the child, as in a terminal (a background pytest ignores it)
         up = subprocess.Popen(args, cwd=REPO_ROOT, env=_env(), stdout=out, stderr=subprocess.STDOUT,
@@ -44,6 +45,12 @@ def test_up_serves_a_users_index_until_ctrl_c_and_refuses_a_demo_beside_it(galle
         assert "node-0" in text and "shards [0, 1]" in text  # --nodes 1: one node serves both shards
         state = json.loads((workdir / "cluster.json").read_text())
         address = state["coordinator"]
+        import re
+
+        import requests
+
+        web = re.search(r"web page and HTTP API: (http://\S+)/ ", text).group(1)
+        assert requests.get(web + "/v1/status", timeout=30).json()["shard_count"] == 2
 
         photo = gallery["photos"][sorted(gallery["photos"])[0]][0]
         found = run_cli("search", photo, "--coordinator", address, "--json")

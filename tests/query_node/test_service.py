@@ -14,43 +14,11 @@ import pytest
 from facepq_core import errors
 from facepq_core.errors import HTTP_STATUS, ConfigError, InvalidRequest, NodeRefused, NoFaceFound, NotFound, Unavailable
 from query_node.coordinator import Coordinator
-from query_node.face_model import is_photo
 from query_node.service import CoordinatorService, Photo, SearchOptions
+from tests.support.fake_model import FACE, K, M, FakeModel
 from tests.support.fake_nodes import FakeNodeClients, FakeRegistry, LiveNode, MemoryNode, gallery, record
 from tests.support.index import brute_force, build_index, dyadic_lut
 
-M, K = 8, 256
-FACE = b"face:"  # a fake photo: FACE + its M-byte code; anything else has no usable face
-
-
-class FakeModel:
-    """FaceModel's interface without a model: an embedding's M*K values are its lookup table; a photo
-    FACE + code gets the table that scores its own code highest (1 per matching sub-code)."""
-
-    def __init__(self, meta):
-        self.meta = meta
-        self.fingerprint = meta.fingerprint
-
-    def model_meta(self):
-        return self.meta
-
-    def tables_for(self, query) -> np.ndarray:
-        if is_photo(query):
-            if not bytes(query).startswith(FACE):
-                raise NoFaceFound("no face found in the photo; send a photo with a visible, frontal face")
-            table = np.zeros((M, K), np.float32)
-            table[np.arange(M), np.frombuffer(bytes(query)[len(FACE):], np.uint8)] = 1.0
-            return table[None]
-        values = np.asarray(query, np.float32)
-        if values.size != M * K:
-            raise ConfigError(f"embedding must have {M * K} values for this model, got {values.size}")
-        return values.reshape(1, M, K)
-
-    def encode_photos(self, contents):
-        kept = [i for i, c in enumerate(contents) if c.startswith(FACE) and len(c) == len(FACE) + M]
-        skipped = {i: "not_an_image" for i in range(len(contents)) if i not in kept}
-        codes = np.array([np.frombuffer(contents[i][len(FACE):], np.uint8) for i in kept], np.uint8).reshape(-1, M)
-        return codes, kept, skipped
 
 
 @pytest.fixture
@@ -281,7 +249,8 @@ def test_the_status_of_each_kind_of_refusal():
         "NoFaceFound": "FAILED_PRECONDITION", "BadImage": "INVALID_ARGUMENT",
         "NotFound": "NOT_FOUND", "AlreadyEnrolled": "ALREADY_EXISTS", "StorageFull": "RESOURCE_EXHAUSTED",
         "StorageReadOnly": "FAILED_PRECONDITION", "Misconfigured": "FAILED_PRECONDITION",
-        "Overloaded": "RESOURCE_EXHAUSTED", "Unavailable": "UNAVAILABLE", "VersionConflict": "ABORTED", "NodeRefused": "INTERNAL"}
+        "Overloaded": "RESOURCE_EXHAUSTED", "Unavailable": "UNAVAILABLE", "VersionConflict": "ABORTED", "NodeRefused": "INTERNAL",
+        "AlreadyExists": "ALREADY_EXISTS", "NotCalibrated": "FAILED_PRECONDITION"}
 
 
 # ---------------------------------------------------------------- the model's side of a query
