@@ -251,3 +251,28 @@ def test_an_index_without_a_tier_ignores_the_candidates_option(tmp_path):
         assert result.refine_candidates == 0 and _hits(result.hits) == brute_force(tmp_path / "idx", lut, 10)
     finally:
         coord.close()
+
+
+def test_a_false_accept_rate_answers_from_the_first_pass_whose_scores_the_calibration_measured(tiered_service):
+    from facepq_core.calibration import fit_calibration
+    from query_node.service import SearchOptions
+
+    service, path, tier, coord = tiered_service
+    rng = np.random.default_rng(5)
+    service.model.calibration = fit_calibration(rng.integers(6, 9, 5000), rng.integers(0, 4, 20000),
+                                                service.model.fingerprint, "opqn")
+    lut, refine = dyadic_lut(rng, M, K), random_refine_tables(rng, tier, 1)[0]
+    query = np.concatenate([lut.ravel(), refine.ravel()]).tolist()
+    at_far = service.search(query, 15, SearchOptions(far=1e-2))
+    assert at_far.refine_candidates == 0 and at_far.calibrated
+    threshold = at_far.threshold
+    assert _hits(at_far.hits) == [h for h in brute_force(path, lut, 15) if h[1] >= threshold]
+    coord.node_clients.calls.clear()
+    with pytest.raises(InvalidRequest, match="far needs the first pass's scores"):
+        service.search(query, 15, SearchOptions(far=1e-2, refine_candidates=50))
+    assert not coord.node_clients.calls
+    # a raw threshold is on the scores the answer has: the re-scored ones, and they carry no similarity
+    raw = service.search(query, 15, SearchOptions(threshold=-1e9))
+    assert raw.refine_candidates == DEFAULT_CANDIDATES and not raw.calibrated
+    assert all(h.similarity is None for h in raw.hits)
+    assert _hits(raw.hits) == brute_force_two_stage(path, lut, refine, DEFAULT_CANDIDATES, 15)

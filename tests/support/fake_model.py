@@ -33,7 +33,8 @@ class FakeModel:
         self.calibration = calibration
         self.codec = _Codec()
 
-    def model_meta(self):
+    def model_meta(self, refine=None):
+        assert refine is None, "the fake model's indexes have no refinement tier"
         return self.meta
 
     @staticmethod
