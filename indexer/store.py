@@ -240,7 +240,10 @@ class IndexStore:
                 if entry.is_dir(follow_symlinks=False):
                     stack.append((rel, entry.path))
                 elif entry.is_file(follow_symlinks=False):
-                    st = entry.stat(follow_symlinks=False)
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except FileNotFoundError:  # renamed or removed since the directory was read (a
+                        continue               # writer publishing its temporary file): not there now
                     out.append(FileEntry(rel, st.st_size, st.st_mtime))
         return sorted(out, key=lambda e: e.path)
 

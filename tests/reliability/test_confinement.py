@@ -123,3 +123,28 @@ def test_store_paths_never_leave_the_root(tmp_path):
     os.symlink(victim, index / "CURRENT")
     with pytest.raises(IndexFormatError, match="symbolic link"):
         store.current_version()
+
+
+def test_listing_skips_a_file_renamed_between_reading_the_directory_and_its_stat(tmp_path, monkeypatch):
+    """The race test_gc_leases met: a writer renamed its temporary segment while garbage collection
+    listed the shard (FileNotFoundError from the stat was a Compact failing with UNKNOWN)."""
+    import indexer.store as store_module
+
+    shard = tmp_path / "idx" / "shards" / "0000"
+    shard.mkdir(parents=True)
+    (shard / "kept.arrow").write_bytes(b"k")
+    moving = shard / ".tmp-moving.arrow"
+    moving.write_bytes(b"m")
+    real_scandir = os.scandir
+
+    def scandir_then_publish(path):
+        entries = list(real_scandir(path))
+        if os.fspath(path) == str(shard) and moving.exists():
+            moving.rename(shard / "published.arrow")  # a real rename after the directory was read
+        return iter(entries)
+
+    monkeypatch.setattr(store_module.os, "scandir", scandir_then_publish)
+    listed = [e.path for e in IndexStore(str(tmp_path / "idx")).list_files("shards")]
+    assert listed == ["shards/0000/kept.arrow"]  # the published file is listed by the next listing
+    assert [e.path for e in IndexStore(str(tmp_path / "idx")).list_files("shards")] == [
+        "shards/0000/kept.arrow", "shards/0000/published.arrow"]
