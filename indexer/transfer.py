@@ -119,7 +119,10 @@ def import_people(index, path, redis_url: str | None = None, shard_count: int | 
     codes = column_view(table.column(3).chunk(0), np.uint8, model.code_bytes) if table.column(3).num_chunks else \
         np.zeros((0, model.code_bytes), np.uint8)
     ids = column_view(table.column(0).chunk(0), np.uint64, 1)
-    writer.add(ids, table.column(1).chunk(0), table.column(2).chunk(0), codes)
+    # an index with a refinement tier exports its rows beside the codes (the segment schema): they go in too
+    refine = column_view(table.column(4).chunk(0), np.uint8, model.refine.code_bytes) \
+        if model.refine is not None else None
+    writer.add(ids, table.column(1).chunk(0), table.column(2).chunk(0), codes, refine)
     version = writer.commit(f"import {path} ({n} faces of model {model.fingerprint})")
     people = len(set(table.column(1).to_pylist()))
     return ImportResult(version, int(writer.stats.rows_added), n - int(writer.stats.rows_added), people)

@@ -140,3 +140,24 @@ def test_index_commands_rename_merge_move_export_import(index, tmp_path, rows):
     assert run_cli("index", "export", "--index", index, "--out", tmp_path / "p.arrow", "--person", "Bob").returncode == 0
     out = run_cli("index", "import", "--index", tmp_path / "new", tmp_path / "p.arrow", "--json")
     assert out.returncode == 0 and json.loads(out.stdout)["faces_added"] == 1
+
+
+def test_export_and_import_carry_the_refinement_rows_of_a_tiered_index(tmp_path):
+    from indexer.segment import open_segment
+    from tests.support.index import build_index, make_tier
+
+    tier = make_tier("codes:64")
+    meta, _, _ = build_index(tmp_path / "src", rows=300, shard_count=2, refine=tier)
+
+    def rows_by_face(path):
+        store = IndexStore(str(path))
+        manifest = store.load_manifest()
+        return {int(f): (v.codes[i].tobytes(), v.refine[i].tobytes()) for ref in manifest.segments
+                for v in [open_segment(store, ref, model=manifest.model)] for i, f in enumerate(v.face_ids)}
+
+    out = tmp_path / "people.arrow"
+    faces, _ = export_people(tmp_path / "src", out)
+    result = import_people(tmp_path / "dst", out, shard_count=3)
+    assert result.faces_added == faces == 300
+    assert IndexStore(str(tmp_path / "dst")).load_manifest().model.refine == tier
+    assert rows_by_face(tmp_path / "dst") == rows_by_face(tmp_path / "src")
