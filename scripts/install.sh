@@ -17,6 +17,8 @@ command -v gcc >/dev/null 2>&1 || apt_packages+=(gcc libc6-dev)
 command -v redis-server >/dev/null 2>&1 || apt_packages+=(redis-server)
 # iproute2's `ip netns` makes the virtual hosts of the multi-host tests (tests/multihost, as root)
 command -v ip >/dev/null 2>&1 || apt_packages+=(iproute2)
+# Debian's chromium: the web page's test drives it headless (tests/reliability/test_web_page.py)
+[ -x /usr/bin/chromium ] || apt_packages+=(chromium)
 if [ "${#apt_packages[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "[install] ${apt_packages[*]} (apt)"
