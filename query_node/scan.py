@@ -210,12 +210,14 @@ class ScanTables:
 
     byte: np.ndarray                           # float32 [Q, code_bytes * 256] exact byte tables
     nibble: fastscan.NibbleTables | None = None  # packed codes on the native kernel
+    quant8: fastscan.ByteQuantTables | None = None  # 8-bit codes on the native AVX-512 kernel
 
 
 def scan_tables(lookup_tables: np.ndarray, packed: bool, code_bytes: int) -> ScanTables:
     """Per-query lookup tables float32 [Q, M, K] -> the tables the fastest available kernel takes."""
     if not packed:
-        return ScanTables(byte_tables(lookup_tables, packed, code_bytes))
+        table = byte_tables(lookup_tables, packed, code_bytes)
+        return ScanTables(table, quant8=fastscan.byte_quant_tables(table) if fastscan.quantized8_available() else None)
     nib = _packed_nibble_values(_as_tables(lookup_tables), code_bytes)  # one pass serves the float and the quantized tables
     return ScanTables(_pair_tables(nib), fastscan.nibble_tables(nib) if fastscan.available() else None)
 
@@ -228,15 +230,17 @@ class TopKHeap:
         k: heap size (>= 1).
         native: None uses the native kernels when they are available (`query_node.fastscan`),
             False the numba kernels (the reference the native ones are tested against).
+        threads: native threads one segment's scan may be split over (same result for any count).
     """
 
-    def __init__(self, queries: int, k: int, native: bool | None = None):
+    def __init__(self, queries: int, k: int, native: bool | None = None, threads: int = 1):
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         self.scores = np.full((queries, k), -np.inf, dtype=np.float32)
         self.rows = np.full((queries, k), _EMPTY_ROW, dtype=np.int64)
         self.rows_scanned = 0
         self.native = fastscan.available() if native is None else native
+        self.threads = max(1, int(threads))
 
     def scan(self, codes: np.ndarray, tables: np.ndarray | ScanTables, skip_mask: np.ndarray | None = None,
              block: int = 4096) -> None:
@@ -245,9 +249,9 @@ class TopKHeap:
         Rows of this segment are numbered from `rows_scanned` (the rows of the segments
         scanned before), so ties are broken across segments by scan order.
         """
-        nibble = None
+        nibble = quant8 = None
         if isinstance(tables, ScanTables):
-            tables, nibble = tables.byte, tables.nibble
+            tables, nibble, quant8 = tables.byte, tables.nibble, tables.quant8
         if codes.ndim != 2 or codes.dtype != np.uint8 or not codes.flags.c_contiguous:
             raise ValueError(f"codes must be C-contiguous uint8 [N, B], got {codes.dtype} {codes.shape}")
         if tables.shape != (self.scores.shape[0], codes.shape[1] * 256) or tables.dtype != np.float32:
@@ -261,10 +265,13 @@ class TopKHeap:
             if skip.shape != (n,):
                 raise ValueError(f"skip_mask must be bool [{n}], got {skip.shape}")
         tables = np.ascontiguousarray(tables)
+        at, threads = self.rows_scanned, self.threads
         if n and self.native and nibble is not None:
-            fastscan.scan_into(codes, tables, nibble, skip, has_skip, self.rows_scanned, self.scores, self.rows)
+            fastscan.scan_into(codes, tables, nibble, skip, has_skip, at, self.scores, self.rows, threads)
+        elif n and self.native and quant8 is not None:
+            fastscan.scan_q8_into(codes, tables, quant8, skip, has_skip, at, self.scores, self.rows, threads)
         elif n and self.native and codes.shape[1] == fastscan.FUSED_WIDTH:
-            fastscan.scan8_into(codes, tables, skip, has_skip, self.rows_scanned, self.scores, self.rows)
+            fastscan.scan8_into(codes, tables, skip, has_skip, at, self.scores, self.rows, threads)
         elif n:
             _scan_into(codes, tables, skip, has_skip, self.rows_scanned, self.scores, self.rows, block)
         self.rows_scanned += n
