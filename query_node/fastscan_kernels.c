@@ -484,11 +484,83 @@ static inline __attribute__((always_inline)) AVX512 int scan64(
     return SCAN_OK;
 }
 
+/*
+ * 4-bit codes of 8 bytes (16 sub-codes), without a transpose: a zmm holds 8 whole rows,
+ * byte j being column j % 8 of row j / 8. The 16-entry nibble tables of all 8 columns
+ * make one 128-entry table, so one vpermi2b per nibble looks up 64 bytes at
+ * index (j % 8) * 16 + nibble, and vpsadbw sums each row's 8 bytes (<= 8 * 254) into
+ * its 64-bit lane: ~7 vector operations per 8 rows instead of ~13 with the transpose.
+ */
+static AVX512 int fs4_scan_w8_avx512(const uint8_t *codes, int64_t n, int32_t nq, const float *pair,
+                                     const uint8_t *nib, const double *base, const double *delta,
+                                     const int32_t *terms, const uint8_t *skip, int32_t has_skip, int64_t row_offset,
+                                     float *heap_s, int64_t *heap_r, int32_t k) {
+    query_t *qs = malloc(sizeof(query_t) * (size_t)nq);
+    uint8_t (*tab)[2][128] = malloc(sizeof(*tab) * (size_t)nq);
+    if (!qs || !tab) {
+        free(qs);
+        free(tab);
+        return SCAN_NO_MEMORY;
+    }
+    for (int q = 0; q < nq; q++) {
+        qs[q].pair = pair + (size_t)q * 8 * 256;
+        qs[q].nib = nib + (size_t)q * 8 * 64;
+        qs[q].base = base[q];
+        qs[q].delta = delta[q];
+        qs[q].terms = terms[q];
+        qs[q].hs = heap_s + (size_t)q * k;
+        qs[q].hr = heap_r + (size_t)q * k;
+        qs[q].k = k;
+        update_threshold(&qs[q]);
+        for (int c = 0; c < 8; c++)
+            for (int h = 0; h < 2; h++) memcpy(tab[q][h] + 16 * c, qs[q].nib + (size_t)c * 64 + 32 * h, 16);
+    }
+    uint8_t colbase_bytes[64];
+    for (int j = 0; j < 64; j++) colbase_bytes[j] = (uint8_t)(16 * (j % 8));
+    const __m512i colbase = _mm512_loadu_si512(colbase_bytes);
+    const __m512i zero = _mm512_setzero_si512();
+    int64_t full = n / 64 * 64;
+    for (int64_t start = 0; start < full; start += 64) {
+        const uint8_t *block = codes + (size_t)start * 8;
+        __m512i lo[8], hi[8];
+        for (int t = 0; t < 8; t++) {
+            __m512i v = _mm512_loadu_si512(block + 64 * t);
+            /* (v & 0x0F) | colbase, ((v >> 4) & 0x0F) | colbase: ternary logic 0xEA = (A & B) | C */
+            lo[t] = _mm512_ternarylogic_epi32(v, _mm512_set1_epi8(0x0F), colbase, 0xEA);
+            hi[t] = _mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(0x0F), colbase, 0xEA);
+        }
+        for (int q = 0; q < nq; q++) {
+            query_t *qq = &qs[q];
+            const __m512i tl0 = _mm512_loadu_si512(tab[q][0]), tl1 = _mm512_loadu_si512(tab[q][0] + 64);
+            const __m512i th0 = _mm512_loadu_si512(tab[q][1]), th1 = _mm512_loadu_si512(tab[q][1] + 64);
+            const __m512i thr = _mm512_set1_epi64(qq->thr);
+            for (int t = 0; t < 8; t++) {
+                __m512i r = _mm512_add_epi8(_mm512_permutex2var_epi8(tl0, lo[t], tl1),
+                                            _mm512_permutex2var_epi8(th0, hi[t], th1));
+                uint32_t m = _mm512_cmpgt_epi64_mask(_mm512_sad_epu8(r, zero), thr);
+                while (m) {   /* lane i: row 8t + i */
+                    int i = __builtin_ctz(m);
+                    offer(qq, codes, 8, start + 8 * t + i, skip, has_skip, row_offset);
+                    m &= m - 1;
+                }
+            }
+        }
+    }
+    for (int64_t i = full; i < n; i++)
+        for (int q = 0; q < nq; q++) offer(&qs[q], codes, 8, i, skip, has_skip, row_offset);
+    free(qs);
+    free(tab);
+    return SCAN_OK;
+}
+
 /* Arguments: fastscan_kernels.h (fs4_scan_fn). */
 AVX512 int fs4_scan_avx512(const uint8_t *codes, int64_t n, int32_t width, int32_t nq, const float *pair,
                            const uint8_t *nib, const double *base, const double *delta, const int32_t *terms,
                            const uint8_t *skip, int32_t has_skip, int64_t row_offset, float *heap_s,
                            int64_t *heap_r, int32_t k) {
+    if (width == 8 && nq >= 1 && k >= 1)
+        return fs4_scan_w8_avx512(codes, n, nq, pair, nib, base, delta, terms, skip, has_skip, row_offset, heap_s,
+                                  heap_r, k);
     return scan64(0, codes, n, width, nq, pair, nib, base, delta, terms, skip, has_skip, row_offset, heap_s,
                   heap_r, k);
 }
