@@ -43,14 +43,15 @@ class ShardData:
     reason: str = ""
 
     def search(self, tables: ScanTables, k: int, stats: ScanStats | None = None,
-               refine: RefineQuery | None = None) -> list[list[Hit]]:
+               refine: RefineQuery | None = None, threads: int = 1) -> list[list[Hit]]:
         """Top-k of this shard for `query_node.scan.ScanTables`; one best-first list per query.
 
         `stats` (optional) accumulates the seconds spent in the scan kernel and the rows scanned.
         `refine` (optional): two stages, the top max(R, k) of the scan re-scored by the refinement
-        tier, whose scores the hits then carry.
+        tier, whose scores the hits then carry. `threads`: native threads per segment scan (same answer).
         """
-        heap = TopKHeap(tables.byte.shape[0], max(k, refine.candidates) if refine is not None else k)
+        heap = TopKHeap(tables.byte.shape[0], max(k, refine.candidates) if refine is not None else k,
+                        threads=threads)
         offsets = []
         t0 = time.perf_counter()
         for seg, skip in zip(self.segments, self.skips):
