@@ -40,11 +40,14 @@ static int cpu_has_avx512(void) {   /* what the AVX-512 variants' target attribu
            __builtin_cpu_supports("avx512vbmi");
 }
 
-static const struct {
+/* A variant of a quantized-table kernel (fs4_scan and q8_scan share the signature). */
+typedef struct {
     const char *isa;
     int (*runs_here)(void);
     fs4_scan_fn fn;
-} FS4_VARIANTS[] = {
+} quantized_variant_t;
+
+static const quantized_variant_t FS4_VARIANTS[] = {
     {"avx512", cpu_has_avx512, fs4_scan_avx512},
     {"avx2", cpu_has_avx2, fs4_scan_avx2},
 };
@@ -57,11 +60,7 @@ static const struct {
     {"avx2", cpu_has_avx2, pq8_scan_avx2},
 };
 
-static const struct {
-    const char *isa;
-    int (*runs_here)(void);
-    q8_scan_fn fn;
-} Q8_VARIANTS[] = {
+static const quantized_variant_t Q8_VARIANTS[] = {
     {"avx512", cpu_has_avx512, q8_scan_avx512},
 };
 

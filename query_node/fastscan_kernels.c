@@ -102,6 +102,26 @@ static void update_threshold(query_t *q) {
     q->thr = (int16_t)t;
 }
 
+/* Per-query state of the quantized kernels (malloc'd; NULL when out of memory). qstride: table bytes per query. */
+static query_t *make_queries(int nq, int width, const float *pair, const uint8_t *qtab, size_t qstride,
+                             const double *base, const double *delta, const int32_t *terms, float *heap_s,
+                             int64_t *heap_r, int k) {
+    query_t *qs = malloc(sizeof(query_t) * (size_t)nq);
+    if (!qs) return NULL;
+    for (int q = 0; q < nq; q++) {
+        qs[q].pair = pair + (size_t)q * width * 256;
+        qs[q].nib = qtab + (size_t)q * qstride;
+        qs[q].base = base[q];
+        qs[q].delta = delta[q];
+        qs[q].terms = terms[q];
+        qs[q].hs = heap_s + (size_t)q * k;
+        qs[q].hr = heap_r + (size_t)q * k;
+        qs[q].k = k;
+        update_threshold(&qs[q]);
+    }
+    return qs;
+}
+
 static inline void offer(query_t *q, const uint8_t *codes, int width, int64_t i, const uint8_t *skip,
                          int has_skip, int64_t row_offset) {
     float s = exact_score(q->pair, codes + (size_t)i * width, width);
@@ -167,19 +187,8 @@ AVX2 int fs4_scan_avx2(const uint8_t *codes, int64_t n, int32_t width, int32_t n
                        int64_t *heap_r, int32_t k) {
     int width8 = (width + 7) / 8 * 8;
     if (width < 1 || width8 > MAX_WIDTH8 || nq < 1 || k < 1) return SCAN_BAD_ARGS;
-    query_t *qs = malloc(sizeof(query_t) * (size_t)nq);
+    query_t *qs = make_queries(nq, width, pair, nib, (size_t)width8 * 64, base, delta, terms, heap_s, heap_r, k);
     if (!qs) return SCAN_NO_MEMORY;
-    for (int q = 0; q < nq; q++) {
-        qs[q].pair = pair + (size_t)q * width * 256;
-        qs[q].nib = nib + (size_t)q * width8 * 64;
-        qs[q].base = base[q];
-        qs[q].delta = delta[q];
-        qs[q].terms = terms[q];
-        qs[q].hs = heap_s + (size_t)q * k;
-        qs[q].hr = heap_r + (size_t)q * k;
-        qs[q].k = k;
-        update_threshold(&qs[q]);
-    }
     const __m256i low4 = _mm256_set1_epi8(0x0F);
     __m256i cols[MAX_WIDTH8];
     uint8_t padded[32 * MAX_WIDTH8];
@@ -426,23 +435,12 @@ static inline __attribute__((always_inline)) AVX512 int scan64(
     int width8 = (width + 7) / 8 * 8;
     size_t qstride = (size_t)width8 * (eight ? 256 : 64);
     if (width < 1 || width8 > MAX_WIDTH8_512 || nq < 1 || k < 1) return SCAN_BAD_ARGS;
-    query_t *qs = malloc(sizeof(query_t) * (size_t)nq);
+    query_t *qs = make_queries(nq, width, pair, qtab, qstride, base, delta, terms, heap_s, heap_r, k);
     uint8_t *padded = width % 8 ? malloc((size_t)64 * width8) : NULL;
     if (!qs || (width % 8 && !padded)) {
         free(qs);
         free(padded);
         return SCAN_NO_MEMORY;
-    }
-    for (int q = 0; q < nq; q++) {
-        qs[q].pair = pair + (size_t)q * width * 256;
-        qs[q].nib = qtab + (size_t)q * qstride;
-        qs[q].base = base[q];
-        qs[q].delta = delta[q];
-        qs[q].terms = terms[q];
-        qs[q].hs = heap_s + (size_t)q * k;
-        qs[q].hr = heap_r + (size_t)q * k;
-        qs[q].k = k;
-        update_threshold(&qs[q]);
     }
     transpose_idx_t tidx;
     transpose_indices(&tidx);
@@ -495,7 +493,7 @@ static AVX512 int fs4_scan_w8_avx512(const uint8_t *codes, int64_t n, int32_t nq
                                      const uint8_t *nib, const double *base, const double *delta,
                                      const int32_t *terms, const uint8_t *skip, int32_t has_skip, int64_t row_offset,
                                      float *heap_s, int64_t *heap_r, int32_t k) {
-    query_t *qs = malloc(sizeof(query_t) * (size_t)nq);
+    query_t *qs = make_queries(nq, 8, pair, nib, 8 * 64, base, delta, terms, heap_s, heap_r, k);
     uint8_t (*tab)[2][128] = malloc(sizeof(*tab) * (size_t)nq);
     if (!qs || !tab) {
         free(qs);
@@ -503,15 +501,6 @@ static AVX512 int fs4_scan_w8_avx512(const uint8_t *codes, int64_t n, int32_t nq
         return SCAN_NO_MEMORY;
     }
     for (int q = 0; q < nq; q++) {
-        qs[q].pair = pair + (size_t)q * 8 * 256;
-        qs[q].nib = nib + (size_t)q * 8 * 64;
-        qs[q].base = base[q];
-        qs[q].delta = delta[q];
-        qs[q].terms = terms[q];
-        qs[q].hs = heap_s + (size_t)q * k;
-        qs[q].hr = heap_r + (size_t)q * k;
-        qs[q].k = k;
-        update_threshold(&qs[q]);
         for (int c = 0; c < 8; c++)
             for (int h = 0; h < 2; h++) memcpy(tab[q][h] + 16 * c, qs[q].nib + (size_t)c * 64 + 32 * h, 16);
     }
