@@ -141,3 +141,16 @@ def test_node_process_flags_threads_and_batching(tmp_path):
             assert _ids(res.hits[0]) == brute_force(path, lut, 10)
     finally:
         n.kill()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--threads", "0"), "--threads must be >= 1, got 0"),
+    (("--batch-window-ms", "-1"), "--batch-window-ms must be >= 0 and --batch-max >= 1"),
+    (("--batch-max", "0"), "--batch-window-ms must be >= 0 and --batch-max >= 1"),
+])
+def test_node_refuses_bad_thread_and_batch_flags(tmp_path, flags, message):
+    from tests.support.processes import run_cli
+
+    out = run_cli("node", "--index", tmp_path / "none", "--shards", "0", *flags)
+    assert out.returncode == 2, out.stderr
+    assert message in out.stderr and "Traceback" not in out.stderr
