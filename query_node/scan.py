@@ -22,8 +22,11 @@ Why the kernel looks the way it does (measured, see ARCHITECTURE.md):
   fused scalar score-and-compare loop (measured ~10% faster than these two numba
   loops: 8 lookups are load-bound, so vectorising them gains nothing, and the
   second pass costs; at 16 bytes a row's serial chain of adds makes the scalar loop
-  latency-bound and the vectorised numba loop wins). Results are bit-identical to
-  the numba kernels here, which stay as the fallback and the reference.
+  latency-bound and the vectorised numba loop wins); with AVX-512 VBMI, 8-bit codes
+  of any width up to 64 bytes use 7-bit quantized byte tables the same way as the
+  4-bit kernel (`ScanTables.quant8`). Results are bit-identical to the numba kernels
+  here, which stay as the fallback and the reference. `TopKHeap(threads=N)` lets a
+  native kernel split a segment's rows over N threads (same result).
 
 Scores are summed in float32 in byte order (subspace order for 8-bit codes,
 pair order for 4-bit codes), so they can differ from the reference by float
