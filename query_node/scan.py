@@ -41,6 +41,8 @@ exact top-k of the live rows.
 from __future__ import annotations
 
 import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numba
@@ -234,14 +236,16 @@ class TopKHeap:
         native: None uses the native kernels when they are available (`query_node.fastscan`),
             False the numba kernels (the reference the native ones are tested against).
         threads: native threads one segment's scan may be split over (same result for any count).
+        first_row: the number of the first row scanned (rows of earlier segments scanned elsewhere).
     """
 
-    def __init__(self, queries: int, k: int, native: bool | None = None, threads: int = 1):
+    def __init__(self, queries: int, k: int, native: bool | None = None, threads: int = 1, first_row: int = 0):
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         self.scores = np.full((queries, k), -np.inf, dtype=np.float32)
         self.rows = np.full((queries, k), _EMPTY_ROW, dtype=np.int64)
-        self.rows_scanned = 0
+        self.first_row = first_row
+        self.rows_scanned = first_row
         self.native = fastscan.available() if native is None else native
         self.threads = max(1, int(threads))
 
@@ -281,12 +285,82 @@ class TopKHeap:
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
         """(scores float32 [Q, k], rows int64 [Q, k]) best first; short results padded with -inf / -1."""
-        scores, rows = self.scores.copy(), self.rows.copy()
+        return self._sorted(self.scores.copy(), self.rows.copy())
+
+    @staticmethod
+    def merged(heaps: list["TopKHeap"], k: int) -> tuple[np.ndarray, np.ndarray]:
+        """`result()` of one heap that had scanned what every one of `heaps` scanned (disjoint rows)."""
+        scores = np.concatenate([h.scores for h in heaps], axis=1)
+        rows = np.concatenate([h.rows for h in heaps], axis=1)
+        scores, rows = TopKHeap._sorted(scores, rows)   # empty slots (-inf, max row) sort last
+        return scores[:, :k].copy(), rows[:, :k].copy()
+
+    @staticmethod
+    def _sorted(scores: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         for q in range(scores.shape[0]):
             order = np.lexsort((rows[q], -scores[q]))
             scores[q], rows[q] = scores[q, order], rows[q, order]
         rows[rows == _EMPTY_ROW] = -1
         return scores, rows
+
+
+MIN_SPLIT_ROWS = 1 << 16   # rows per thread below which splitting costs more than it saves (as in _fastscan.c)
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _segment_pool(threads: int) -> ThreadPoolExecutor:
+    """A process-wide pool for scanning groups of segments (its threads wait in native kernels, GIL released)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool._max_workers < threads:
+            _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="facepq-scan")
+        return _pool
+
+
+def scan_segments(segments: list[tuple[np.ndarray, np.ndarray | None]], tables: np.ndarray | ScanTables, k: int,
+                  threads: int = 1, native: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k over several segments (codes uint8 [N_i, B], skip mask or None), rows numbered across
+    them in order; the result of one `TopKHeap` scanning them one after the other.
+
+    With `threads` > 1 the segments are cut into up to `threads` contiguous groups of about equal
+    rows, each scanned on its own thread into its own heap, and the heaps are merged by the same
+    (score desc, row asc) order, so the answer is the one-thread answer. A group of one big segment
+    is split by the kernel instead (`TopKHeap(threads=...)`).
+    """
+    queries = (tables.byte if isinstance(tables, ScanTables) else tables).shape[0]
+    sizes = [codes.shape[0] for codes, _ in segments]
+    total = sum(sizes)
+    # one segment holding half the rows or more: the kernel splits it better than groups would
+    grouped = threads > 1 and total >= 2 * MIN_SPLIT_ROWS and max(sizes) < total / 2
+    groups = _groups(sizes, threads) if grouped else [range(len(segments))]
+    starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+
+    def scan_group(group, kernel_threads):
+        heap = TopKHeap(queries, k, native=native, threads=kernel_threads, first_row=int(starts[group.start]))
+        for i in group:
+            heap.scan(segments[i][0], tables, segments[i][1])
+        return heap
+
+    if len(groups) == 1:
+        return scan_group(groups[0], threads).result()
+    per_group = max(1, threads // len(groups))
+    heaps = list(_segment_pool(len(groups)).map(lambda g: scan_group(g, per_group), groups))
+    return TopKHeap.merged(heaps, k)
+
+
+def _groups(sizes: list[int], threads: int) -> list[range]:
+    """Contiguous ranges of segment indices, at most `threads`, of about total/threads rows each."""
+    total = sum(sizes)
+    target = total / min(threads, max(1, total // MIN_SPLIT_ROWS))
+    groups, start, acc = [], 0, 0
+    for i, n in enumerate(sizes):
+        acc += n
+        if acc >= target * (len(groups) + 1) and i + 1 < len(sizes):
+            groups.append(range(start, i + 1))
+            start = i + 1
+    groups.append(range(start, len(sizes)))
+    return groups
 
 
 def scan_topk_batch(codes: np.ndarray, lookup_tables: np.ndarray, k: int, packed: bool,

@@ -164,3 +164,30 @@ def test_facepq_simd_unknown_value_says_so():
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stderr
     assert "FACEPQ_SIMD=sse9: unknown instruction set" in out.stdout
+
+
+@pytest.mark.parametrize("sizes", [[70_000, 50_000, 90_000, 3, 0, 40_000], [200_000, 1000], [10, 20]])
+def test_segments_scanned_in_groups_on_threads_give_the_one_thread_answer(sizes):
+    """scan_segments cuts a shard's segments into groups, one thread each, and merges their heaps."""
+    from query_node.scan import _groups, scan_segments
+
+    if len(sizes) > 2:   # the case that must run as groups of segments (the others: kernel split, one thread)
+        assert [list(g) for g in _groups(sizes, 2)] == [[0, 1, 2], [3, 4, 5]]
+    rng = np.random.default_rng(len(sizes))
+    for packed, luts in ((False, (rng.integers(-8, 8, size=(3, 8, 256)) / 4).astype(np.float32)),
+                         (True, (rng.integers(-8, 8, size=(3, 16, 16)) / 4).astype(np.float32))):
+        segments = []
+        for n in sizes:
+            codes = rng.integers(0, 256, size=(n, 8), dtype=np.uint8)
+            segments.append((codes, rng.random(n) < 0.2 if n % 2 else None))
+        tables = scan_tables(luts, packed, 8)
+        one = scan_segments(segments, tables, 50, threads=1)
+        reference = TopKHeap(3, 50, native=False)
+        for codes, skip in segments:
+            reference.scan(codes, tables.byte, skip)
+        np.testing.assert_array_equal(one[1], reference.result()[1])
+        np.testing.assert_array_equal(one[0], reference.result()[0])
+        for threads in (2, 3):
+            scores, rows = scan_segments(segments, tables, 50, threads=threads)
+            np.testing.assert_array_equal(rows, one[1], err_msg=f"{threads} threads, packed={packed}")
+            np.testing.assert_array_equal(scores, one[0], err_msg=f"{threads} threads, packed={packed}")
