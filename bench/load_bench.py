@@ -246,14 +246,14 @@ def _node_shards(cluster: Cluster) -> list[list[int]]:
     return out
 
 
-def kernel_ms(view, shards: list[int], tables: np.ndarray, k: int) -> float:
+def kernel_ms(view, shards: list[int], tables, k: int) -> float:
     """ms of the bare scan kernel over `shards` of `view`: one TopKHeap per shard, as ShardData.search."""
     from query_node.scan import TopKHeap
 
     t0 = time.perf_counter()
     for s in shards:
         data = view.shards[s]
-        heap = TopKHeap(tables.shape[0], k)
+        heap = TopKHeap(tables.byte.shape[0], k)
         for seg, skip in zip(data.segments, data.skips):
             heap.scan(seg.codes, tables, skip)
     return (time.perf_counter() - t0) * 1e3
@@ -267,7 +267,7 @@ def overhead_run(cluster: Cluster, model: str, requests: int, top_k: int = 10, w
     from indexer.store import IndexStore
     from opqn_model.api import FaceEncoder
     from query_node.index_view import load_view
-    from query_node.scan import byte_tables
+    from query_node.scan import scan_tables
     from query_node.wire import table_message
 
     enc = FaceEncoder.load(model)
@@ -285,7 +285,7 @@ def overhead_run(cluster: Cluster, model: str, requests: int, top_k: int = 10, w
     pool = ThreadPoolExecutor(max(1, len(parts)))
     for i in range(warmup + requests):
         emb, luts = embs[i], all_luts[i:i + 1]
-        tables = byte_tables(luts, view.model.packed, view.model.code_bytes)
+        tables = scan_tables(luts, view.model.packed, view.model.code_bytes)   # what a node scans with
         a = max(kernel_ms(view, p, tables, top_k) for p in parts)
         # The nodes scan at the same time, competing for cores and memory bandwidth: the same two scans on
         # two threads of this process (the kernel releases the GIL) are the bare reference for that.

@@ -17,7 +17,7 @@ different keys (index version, k, shards) never share a batch.
 from __future__ import annotations
 
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

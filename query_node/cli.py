@@ -36,11 +36,10 @@ def _wait_for_signal() -> None:
 
 
 def _node(args) -> int:
+    from facepq_core.errors import ConfigError
     from query_node.node_server import NodeServer
     from query_node.registry import Heartbeat, NodeRecord
     from query_node.security import server_security
-
-    from facepq_core.errors import ConfigError
 
     if args.threads is not None and args.threads < 1:
         raise ConfigError(f"--threads must be >= 1, got {args.threads}")

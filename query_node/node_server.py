@@ -36,12 +36,12 @@ import numpy as np
 
 from facepq_core.errors import InvalidRequest, NotFound, Unavailable
 from facepq_proto.facepq.v1 import facepq_pb2, facepq_pb2_grpc
+from query_node.batcher import SearchBatcher
 from query_node.grpc_server import NOT_SERVING, SERVING, GrpcServer, ServedByGrpc, status_on_error
 from query_node.index_view import IndexView
 from query_node.live_index import LiveIndex
-from query_node.security import NONCE_HEADER, PROOF_HEADER, is_loopback, node_bearer, node_reply_key, reply_proof
-from query_node.batcher import SearchBatcher
 from query_node.scan_threads import ThreadBudget, default_threads
+from query_node.security import NONCE_HEADER, PROOF_HEADER, is_loopback, node_bearer, node_reply_key, reply_proof
 from query_node.shard_search import ScanStats
 from query_node.two_stage import validate_refine
 from query_node.wire import MAX_TABLES, MAX_TOP_K, hit_messages, tables_of

@@ -288,7 +288,7 @@ class TopKHeap:
         return self._sorted(self.scores.copy(), self.rows.copy())
 
     @staticmethod
-    def merged(heaps: list["TopKHeap"], k: int) -> tuple[np.ndarray, np.ndarray]:
+    def merged(heaps: list[TopKHeap], k: int) -> tuple[np.ndarray, np.ndarray]:
         """`result()` of one heap that had scanned what every one of `heaps` scanned (disjoint rows)."""
         scores = np.concatenate([h.scores for h in heaps], axis=1)
         rows = np.concatenate([h.rows for h in heaps], axis=1)
