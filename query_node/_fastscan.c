@@ -16,11 +16,18 @@
 #include <Python.h>
 
 #include <math.h>
-#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "fastscan_kernels.h"
+
+/* Calls are split over threads only where kernels exist (gcc/clang on x86-64) and pthreads with them. */
+#if FASTSCAN_X86 && !defined(_WIN32)
+#define SPLIT_THREADS 1
+#include <pthread.h>
+#else
+#define SPLIT_THREADS 0
+#endif
 
 static PyObject *self_module;   /* borrowed: use() updates its `kernels` */
 
@@ -32,6 +39,13 @@ static const char *fs4_isa, *pq8_isa, *q8_isa;
 /* Instruction sets, best first; FACEPQ_SIMD=<isa> (or _fastscan.use) caps the pick at one of them. */
 static const char *const ISAS[] = {"avx512", "avx2"};
 #define N_ISAS ((int)(sizeof(ISAS) / sizeof(ISAS[0])))
+
+/* The position of `isa` in ISAS (N_ISAS when unknown). */
+static int isa_rank(const char *isa) {
+    for (int i = 0; i < N_ISAS; i++)
+        if (!strcmp(ISAS[i], isa)) return i;
+    return N_ISAS;
+}
 
 #if FASTSCAN_X86
 static int cpu_has_avx2(void) { return __builtin_cpu_supports("avx2"); }
@@ -63,12 +77,6 @@ static const struct {
 static const quantized_variant_t Q8_VARIANTS[] = {
     {"avx512", cpu_has_avx512, q8_scan_avx512},
 };
-
-static int isa_rank(const char *isa) {
-    for (int i = 0; i < N_ISAS; i++)
-        if (!strcmp(ISAS[i], isa)) return i;
-    return N_ISAS;
-}
 
 /* Set impl_out and isa_out to the first of `variants` at or below rank `cap` that runs on this CPU. */
 #define PICK(variants, impl_out, isa_out, cap)                                                    \
@@ -186,6 +194,7 @@ static void *run_job(void *arg) {
 
 /* Run job `whole` on up to `threads` threads (GIL released by the caller). */
 static int run_split(const job_t *whole, int threads) {
+    if (!SPLIT_THREADS) threads = 1;
     int64_t most = whole->n / MIN_SPLIT_ROWS;
     if (threads > most) threads = (int)most;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
@@ -194,6 +203,7 @@ static int run_split(const job_t *whole, int threads) {
         run_job(&j);
         return j.rc;
     }
+#if SPLIT_THREADS
     int64_t chunk = (whole->n + threads - 1) / threads;
     chunk = (chunk + 63) / 64 * 64;
     size_t heap_len = (size_t)whole->nq * whole->k;
@@ -244,6 +254,9 @@ static int run_split(const job_t *whole, int threads) {
     free(hs);
     free(hr);
     return rc;
+#else
+    return SCAN_BAD_ARGS;   /* not reached: threads is 1 here */
+#endif
 }
 
 PyDoc_STRVAR(fs4_scan_doc,
