@@ -64,8 +64,9 @@ class Cluster:
             s.kill()
 
 
-def start_cluster(model: str, index: str, poll: float = 0.2) -> Cluster:
-    """Two nodes (shard halves) and a coordinator with a static node list; the caller closes it."""
+def start_cluster(model: str, index: str, poll: float = 0.2, node_args: tuple = ()) -> Cluster:
+    """Two nodes (shard halves, started with `node_args`) and a coordinator with a static node list; the
+    caller closes it."""
     from indexer.store import IndexStore
 
     shards = IndexStore(index).load_manifest().shard_count
@@ -73,8 +74,8 @@ def start_cluster(model: str, index: str, poll: float = 0.2) -> Cluster:
     nodes = []
     try:
         for part in halves:
-            nodes.append(ServerProcess(["node", "--index", index, "--shards", ",".join(map(str, part)), "--poll", poll],
-                                       timeout=SERVER_START_TIMEOUT))
+            nodes.append(ServerProcess(["node", "--index", index, "--shards", ",".join(map(str, part)), "--poll", poll,
+                                        *node_args], timeout=SERVER_START_TIMEOUT))
         coord = ServerProcess(["coordinator", "--model", model, "--index", index, "--port", "0", "--nodes",
                                ",".join(n.address for n in nodes)], timeout=SERVER_START_TIMEOUT)
     except BaseException:
@@ -245,14 +246,14 @@ def _node_shards(cluster: Cluster) -> list[list[int]]:
     return out
 
 
-def kernel_ms(view, shards: list[int], tables: np.ndarray, k: int) -> float:
+def kernel_ms(view, shards: list[int], tables, k: int) -> float:
     """ms of the bare scan kernel over `shards` of `view`: one TopKHeap per shard, as ShardData.search."""
     from query_node.scan import TopKHeap
 
     t0 = time.perf_counter()
     for s in shards:
         data = view.shards[s]
-        heap = TopKHeap(tables.shape[0], k)
+        heap = TopKHeap(tables.byte.shape[0], k)
         for seg, skip in zip(data.segments, data.skips):
             heap.scan(seg.codes, tables, skip)
     return (time.perf_counter() - t0) * 1e3
@@ -266,7 +267,7 @@ def overhead_run(cluster: Cluster, model: str, requests: int, top_k: int = 10, w
     from indexer.store import IndexStore
     from opqn_model.api import FaceEncoder
     from query_node.index_view import load_view
-    from query_node.scan import byte_tables
+    from query_node.scan import scan_tables
     from query_node.wire import table_message
 
     enc = FaceEncoder.load(model)
@@ -284,7 +285,7 @@ def overhead_run(cluster: Cluster, model: str, requests: int, top_k: int = 10, w
     pool = ThreadPoolExecutor(max(1, len(parts)))
     for i in range(warmup + requests):
         emb, luts = embs[i], all_luts[i:i + 1]
-        tables = byte_tables(luts, view.model.packed, view.model.code_bytes)
+        tables = scan_tables(luts, view.model.packed, view.model.code_bytes)   # what a node scans with
         a = max(kernel_ms(view, p, tables, top_k) for p in parts)
         # The nodes scan at the same time, competing for cores and memory bandwidth: the same two scans on
         # two threads of this process (the kernel releases the GIL) are the bare reference for that.
@@ -475,6 +476,24 @@ def soak(cluster: Cluster, reloads: int, timeout: float = 30.0, on_reload=None) 
 # ---------------------------------------------------------------- main
 
 
+def compare_batching(model: str, index: str, clients: int, seconds: float, top_k: int) -> float:
+    """Nodes-direct load on nodes without batching, then with (the default); returns the throughput ratio."""
+    results = {}
+    for name, node_args in (("off", ("--batch-window-ms", "0")), ("on", ())):
+        cluster = start_cluster(model, index, node_args=node_args)
+        try:
+            results[name] = node_load(cluster, model, clients, seconds, top_k)
+        finally:
+            cluster.close()
+    print(f"{'nodes direct, batching':32s} {'clients':>7} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}  "
+          f"({load_avg()})")
+    for name, r in results.items():
+        print(f"{name:32s} {clients:>7} {r.qps:>9.1f} {r.pct(50):>8.2f} {r.pct(99):>8.2f} {r.errors:>7}")
+    ratio = results["on"].qps / results["off"].qps if results["off"].qps else float("nan")
+    print(f"node throughput with batching = {ratio:.2f} x without (target >= 1.5)")
+    return ratio
+
+
 def main(argv=None) -> int:
     import logging
 
@@ -487,6 +506,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seconds", type=float, default=20.0, help="seconds per load run (0 = no load runs)")
     ap.add_argument("--top-k", type=int, default=10)
     ap.add_argument("--reloads", type=int, default=50, help="hot reloads in the soak (0 = no soak)")
+    ap.add_argument("--compare-batching", action="store_true",
+                    help="also run the nodes-direct load against nodes started with --batch-window-ms 0 and print "
+                         "node throughput with batching / without")
     ap.add_argument("--overhead", type=int, default=0, metavar="N",
                     help="N sequential searches timed as bare kernel / nodes direct / coordinator (0 = skip)")
     args = ap.parse_args(argv)
@@ -501,6 +523,8 @@ def main(argv=None) -> int:
             t0 = time.monotonic()
             build_random_index(args.model, index, args.rows)
             print(f"built in {time.monotonic() - t0:.0f} s", flush=True)
+        if args.compare_batching and args.seconds > 0:
+            compare_batching(args.model, index, args.clients, args.seconds, args.top_k)
         cluster = start_cluster(args.model, index)
         try:
             print(f"machine: {os.cpu_count()} CPUs; cluster: 2 nodes + coordinator on loopback; index {index}; "

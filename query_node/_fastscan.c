@@ -15,20 +15,54 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
 #include "fastscan_kernels.h"
+
+/* Calls are split over threads only where kernels exist (gcc/clang on x86-64) and pthreads with them. */
+#if FASTSCAN_X86 && !defined(_WIN32)
+#define SPLIT_THREADS 1
+#include <pthread.h>
+#else
+#define SPLIT_THREADS 0
+#endif
+
+static PyObject *self_module;   /* borrowed: use() updates its `kernels` */
 
 static fs4_scan_fn fs4_impl;
 static pq8_scan_fn pq8_impl;
-static const char *fs4_isa, *pq8_isa;
+static q8_scan_fn q8_impl;
+static const char *fs4_isa, *pq8_isa, *q8_isa;
+
+/* Instruction sets, best first; FACEPQ_SIMD=<isa> (or _fastscan.use) caps the pick at one of them. */
+static const char *const ISAS[] = {"avx512", "avx2"};
+#define N_ISAS ((int)(sizeof(ISAS) / sizeof(ISAS[0])))
+
+/* The position of `isa` in ISAS (N_ISAS when unknown). */
+static int isa_rank(const char *isa) {
+    for (int i = 0; i < N_ISAS; i++)
+        if (!strcmp(ISAS[i], isa)) return i;
+    return N_ISAS;
+}
 
 #if FASTSCAN_X86
 static int cpu_has_avx2(void) { return __builtin_cpu_supports("avx2"); }
+static int cpu_has_avx512(void) {   /* what the AVX-512 variants' target attributes name */
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vbmi");
+}
 
-static const struct {
+/* A variant of a quantized-table kernel (fs4_scan and q8_scan share the signature). */
+typedef struct {
     const char *isa;
     int (*runs_here)(void);
     fs4_scan_fn fn;
-} FS4_VARIANTS[] = {
+} quantized_variant_t;
+
+static const quantized_variant_t FS4_VARIANTS[] = {
+    {"avx512", cpu_has_avx512, fs4_scan_avx512},
     {"avx2", cpu_has_avx2, fs4_scan_avx2},
 };
 
@@ -40,22 +74,32 @@ static const struct {
     {"avx2", cpu_has_avx2, pq8_scan_avx2},
 };
 
-/* Set impl_out and isa_out to the first of `variants` that runs on this CPU. */
-#define PICK(variants, impl_out, isa_out)                                   \
-    for (size_t i_ = 0; i_ < sizeof(variants) / sizeof(variants[0]); i_++) { \
-        if (variants[i_].runs_here()) {                                      \
-            impl_out = variants[i_].fn;                                      \
-            isa_out = variants[i_].isa;                                      \
-            break;                                                           \
-        }                                                                    \
+static const quantized_variant_t Q8_VARIANTS[] = {
+    {"avx512", cpu_has_avx512, q8_scan_avx512},
+};
+
+/* Set impl_out and isa_out to the first of `variants` at or below rank `cap` that runs on this CPU. */
+#define PICK(variants, impl_out, isa_out, cap)                                                    \
+    impl_out = NULL;                                                                              \
+    isa_out = NULL;                                                                               \
+    for (size_t i_ = 0; i_ < sizeof(variants) / sizeof(variants[0]); i_++) {                       \
+        if (isa_rank(variants[i_].isa) >= (cap) && variants[i_].runs_here()) {                     \
+            impl_out = variants[i_].fn;                                                           \
+            isa_out = variants[i_].isa;                                                           \
+            break;                                                                                \
+        }                                                                                         \
     }
 #endif
 
-static void pick_kernels(void) {
+/* Pick every kernel's best variant of rank >= cap (0: the best this CPU runs). */
+static void pick_kernels(int cap) {
 #if FASTSCAN_X86
     __builtin_cpu_init();
-    PICK(FS4_VARIANTS, fs4_impl, fs4_isa)
-    PICK(PQ8_VARIANTS, pq8_impl, pq8_isa)
+    PICK(FS4_VARIANTS, fs4_impl, fs4_isa, cap)
+    PICK(PQ8_VARIANTS, pq8_impl, pq8_isa, cap)
+    PICK(Q8_VARIANTS, q8_impl, q8_isa, cap)
+#else
+    (void)cap;
 #endif
 }
 
@@ -112,43 +156,154 @@ static PyObject *no_variant(const char *kernel) {
     return NULL;
 }
 
+/*
+ * Splitting one call across native threads: rows [0, n) are cut into `threads` runs of
+ * whole 64-row blocks; run 0 scans into the caller's heaps, every other run into heaps
+ * of its own (empty), merged into the caller's afterwards. The heap order is total
+ * (score desc, row asc), so the merged top-k is exactly the one thread's top-k.
+ * Threads are started per call (tens of microseconds) and only for runs of at least
+ * MIN_SPLIT_ROWS rows, so small segments never pay for them.
+ */
+#define MIN_SPLIT_ROWS (1 << 16)
+#define MAX_THREADS 256
+
+typedef struct {
+    fs4_scan_fn qfn;   /* quantized kernels (fs4, q8) ... */
+    pq8_scan_fn ffn;   /* ... or the float one */
+    const uint8_t *codes;
+    int64_t n, row_offset;
+    int width, nq, has_skip, k, rc;
+    const float *tables;
+    const uint8_t *qt, *skip;
+    const double *base, *delta;
+    const int32_t *terms;
+    float *hs;
+    int64_t *hr;
+} job_t;
+
+static void *run_job(void *arg) {
+    job_t *j = arg;
+    if (j->qfn)
+        j->rc = j->qfn(j->codes, j->n, j->width, j->nq, j->tables, j->qt, j->base, j->delta, j->terms, j->skip,
+                       j->has_skip, j->row_offset, j->hs, j->hr, j->k);
+    else
+        j->rc = j->ffn(j->codes, j->n, j->width, j->nq, j->tables, j->skip, j->has_skip, j->row_offset, j->hs,
+                       j->hr, j->k);
+    return NULL;
+}
+
+/* Run job `whole` on up to `threads` threads (GIL released by the caller). */
+static int run_split(const job_t *whole, int threads) {
+    if (!SPLIT_THREADS) threads = 1;
+    int64_t most = whole->n / MIN_SPLIT_ROWS;
+    if (threads > most) threads = (int)most;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads <= 1) {
+        job_t j = *whole;
+        run_job(&j);
+        return j.rc;
+    }
+#if SPLIT_THREADS
+    int64_t chunk = (whole->n + threads - 1) / threads;
+    chunk = (chunk + 63) / 64 * 64;
+    size_t heap_len = (size_t)whole->nq * whole->k;
+    job_t jobs[MAX_THREADS];
+    pthread_t tids[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    float *hs = malloc(sizeof(float) * heap_len * (threads - 1));
+    int64_t *hr = malloc(sizeof(int64_t) * heap_len * (threads - 1));
+    if (!hs || !hr) {
+        free(hs);
+        free(hr);
+        return SCAN_NO_MEMORY;
+    }
+    int used = 0;
+    for (int t = 0; t < threads && (int64_t)t * chunk < whole->n; t++, used++) {
+        job_t *j = &jobs[t];
+        int64_t first = (int64_t)t * chunk;
+        *j = *whole;
+        j->codes = whole->codes + (size_t)first * whole->width;
+        j->n = whole->n - first < chunk ? whole->n - first : chunk;
+        j->row_offset = whole->row_offset + first;
+        if (whole->has_skip) j->skip = whole->skip + first;
+        if (t > 0) {
+            j->hs = hs + heap_len * (t - 1);
+            j->hr = hr + heap_len * (t - 1);
+            for (size_t i = 0; i < heap_len; i++) {
+                j->hs[i] = -INFINITY;
+                j->hr[i] = INT64_MAX;
+            }
+            started[t] = pthread_create(&tids[t], NULL, run_job, j) == 0;
+            if (!started[t]) run_job(j);   /* no thread to be had: scan it here, same result */
+        }
+    }
+    run_job(&jobs[0]);
+    int rc = jobs[0].rc;
+    for (int t = 1; t < used; t++) {
+        if (started[t]) pthread_join(tids[t], NULL);
+        if (jobs[t].rc != SCAN_OK) rc = jobs[t].rc;
+    }
+    for (int t = 1; t < used && rc == SCAN_OK; t++)
+        for (int q = 0; q < whole->nq; q++)
+            for (int i = 0; i < whole->k; i++) {
+                size_t at = (size_t)q * whole->k + i;
+                if (jobs[t].hr[at] != INT64_MAX)
+                    heap_offer(whole->hs + (size_t)q * whole->k, whole->hr + (size_t)q * whole->k, whole->k,
+                               jobs[t].hs[at], jobs[t].hr[at]);
+            }
+    free(hs);
+    free(hr);
+    return rc;
+#else
+    return SCAN_BAD_ARGS;   /* not reached: threads is 1 here */
+#endif
+}
+
 PyDoc_STRVAR(fs4_scan_doc,
              "fs4_scan(codes, width, byte_tables, nib, base, delta, terms, skip, has_skip, row_offset, heap_s,"
-             " heap_r, k)\n--\n\n"
+             " heap_r, k, threads=1)\n--\n\n"
              "Scan packed 4-bit codes with quantized nibble tables and re-score candidates exactly;\n"
              "updates the heaps in place. Arguments: query_node.fastscan.scan_into.");
 
-static PyObject *fs4_scan(PyObject *self, PyObject *args) {
-    Py_buffer codes, pair, nib, base, delta, terms, skip, heap_s, heap_r;
-    int width, has_skip, k, nq, rc;
+PyDoc_STRVAR(q8_scan_doc,
+             "q8_scan(codes, width, byte_tables, qt, base, delta, terms, skip, has_skip, row_offset, heap_s,"
+             " heap_r, k, threads=1)\n--\n\n"
+             "Scan 8-bit codes with 7-bit quantized byte tables and re-score candidates exactly;\n"
+             "updates the heaps in place. Arguments: query_node.fastscan.scan_q8_into.");
+
+/* fs4_scan and q8_scan: the same arguments, tables of `per_column` bytes per byte column. */
+static PyObject *quantized_scan(const char *kernel, fs4_scan_fn impl, long long per_column, const char *what,
+                                PyObject *args) {
+    Py_buffer codes, pair, qt, base, delta, terms, skip, heap_s, heap_r;
+    int width, has_skip, k, nq, rc, threads = 1;
     long long row_offset, n, width8;
     PyObject *result = NULL;
-    (void)self;
-    if (!fs4_impl) return no_variant("fs4_scan");
-    if (!PyArg_ParseTuple(args, "y*iy*y*y*y*y*y*pLw*w*i:fs4_scan", &codes, &width, &pair, &nib, &base, &delta,
-                          &terms, &skip, &has_skip, &row_offset, &heap_s, &heap_r, &k))
+    if (!impl) return no_variant(kernel);
+    if (!PyArg_ParseTuple(args, "y*iy*y*y*y*y*y*pLw*w*i|i", &codes, &width, &pair, &qt, &base, &delta, &terms,
+                          &skip, &has_skip, &row_offset, &heap_s, &heap_r, &k, &threads))
         return NULL;
-    if (check_common("fs4_scan", &codes, width, &pair, &skip, has_skip, &heap_s, &heap_r, k, &n, &nq))
-        goto done;
+    if (check_common(kernel, &codes, width, &pair, &skip, has_skip, &heap_s, &heap_r, k, &n, &nq)) goto done;
     if (width > FS4_MAX_CODE_BYTES) {
-        PyErr_Format(PyExc_ValueError, "fs4_scan: codes of %d bytes, at most %d", width, FS4_MAX_CODE_BYTES);
+        PyErr_Format(PyExc_ValueError, "%s: codes of %d bytes, at most %d", kernel, width, FS4_MAX_CODE_BYTES);
         goto done;
     }
     width8 = (width + 7) / 8 * 8;
-    if (check_size("fs4_scan", "nibble tables (uint8 [nq, width8, 2, 32])", &nib, nq * width8 * 64) ||
-        check_size("fs4_scan", "base (float64 [nq])", &base, (long long)nq * 8) ||
-        check_size("fs4_scan", "delta (float64 [nq])", &delta, (long long)nq * 8) ||
-        check_size("fs4_scan", "terms (int32 [nq])", &terms, (long long)nq * 4))
+    if (check_size(kernel, what, &qt, nq * width8 * per_column) ||
+        check_size(kernel, "base (float64 [nq])", &base, (long long)nq * 8) ||
+        check_size(kernel, "delta (float64 [nq])", &delta, (long long)nq * 8) ||
+        check_size(kernel, "terms (int32 [nq])", &terms, (long long)nq * 4))
         goto done;
+    job_t job = {.qfn = impl, .codes = codes.buf, .n = n, .row_offset = row_offset, .width = width, .nq = nq,
+                 .has_skip = has_skip, .k = k, .tables = pair.buf, .qt = qt.buf, .skip = skip.buf,
+                 .base = base.buf, .delta = delta.buf, .terms = terms.buf, .hs = heap_s.buf, .hr = heap_r.buf};
     Py_BEGIN_ALLOW_THREADS
-    rc = fs4_impl(codes.buf, n, width, nq, pair.buf, nib.buf, base.buf, delta.buf, terms.buf, skip.buf, has_skip,
-                  row_offset, heap_s.buf, heap_r.buf, k);
+    rc = run_split(&job, threads);
     Py_END_ALLOW_THREADS
-    if (check_rc("fs4_scan", rc) == 0) result = Py_NewRef(Py_None);
+    if (check_rc(kernel, rc) == 0) result = Py_NewRef(Py_None);
 done:
     PyBuffer_Release(&codes);
     PyBuffer_Release(&pair);
-    PyBuffer_Release(&nib);
+    PyBuffer_Release(&qt);
     PyBuffer_Release(&base);
     PyBuffer_Release(&delta);
     PyBuffer_Release(&terms);
@@ -158,25 +313,37 @@ done:
     return result;
 }
 
+static PyObject *fs4_scan(PyObject *self, PyObject *args) {
+    (void)self;
+    return quantized_scan("fs4_scan", fs4_impl, 64, "nibble tables (uint8 [nq, width8, 2, 32])", args);
+}
+
+static PyObject *q8_scan(PyObject *self, PyObject *args) {
+    (void)self;
+    return quantized_scan("q8_scan", q8_impl, 256, "quantized byte tables (uint8 [nq, width8, 256])", args);
+}
+
 PyDoc_STRVAR(pq8_scan_doc,
-             "pq8_scan(codes, width, byte_tables, skip, has_skip, row_offset, heap_s, heap_r, k)\n--\n\n"
+             "pq8_scan(codes, width, byte_tables, skip, has_skip, row_offset, heap_s, heap_r, k, threads=1)\n--\n\n"
              "Scan codes with float byte tables in one fused score-and-compare loop;\n"
              "updates the heaps in place. Arguments: query_node.fastscan.scan8_into.");
 
 static PyObject *pq8_scan(PyObject *self, PyObject *args) {
     Py_buffer codes, tables, skip, heap_s, heap_r;
-    int width, has_skip, k, nq, rc;
+    int width, has_skip, k, nq, rc, threads = 1;
     long long row_offset, n;
     PyObject *result = NULL;
     (void)self;
     if (!pq8_impl) return no_variant("pq8_scan");
-    if (!PyArg_ParseTuple(args, "y*iy*y*pLw*w*i:pq8_scan", &codes, &width, &tables, &skip, &has_skip, &row_offset,
-                          &heap_s, &heap_r, &k))
+    if (!PyArg_ParseTuple(args, "y*iy*y*pLw*w*i|i:pq8_scan", &codes, &width, &tables, &skip, &has_skip,
+                          &row_offset, &heap_s, &heap_r, &k, &threads))
         return NULL;
     if (check_common("pq8_scan", &codes, width, &tables, &skip, has_skip, &heap_s, &heap_r, k, &n, &nq) == 0) {
+        job_t job = {.ffn = pq8_impl, .codes = codes.buf, .n = n, .row_offset = row_offset, .width = width,
+                     .nq = nq, .has_skip = has_skip, .k = k, .tables = tables.buf, .skip = skip.buf,
+                     .hs = heap_s.buf, .hr = heap_r.buf};
         Py_BEGIN_ALLOW_THREADS
-        rc = pq8_impl(codes.buf, n, width, nq, tables.buf, skip.buf, has_skip, row_offset, heap_s.buf, heap_r.buf,
-                      k);
+        rc = run_split(&job, threads);
         Py_END_ALLOW_THREADS
         if (check_rc("pq8_scan", rc) == 0) result = Py_NewRef(Py_None);
     }
@@ -188,9 +355,41 @@ static PyObject *pq8_scan(PyObject *self, PyObject *args) {
     return result;
 }
 
+static PyObject *kernels_dict(void);
+
+PyDoc_STRVAR(use_doc,
+             "use(isa=None)\n--\n\n"
+             "Re-pick every kernel's variant, using none better than `isa` ('avx512', 'avx2'; None: the\n"
+             "best this CPU runs, as at import without FACEPQ_SIMD). Returns the new `kernels` dict.\n"
+             "For tests and benchmarks: call it while no scan runs.");
+
+static PyObject *use(PyObject *self, PyObject *args) {
+    const char *isa = NULL;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "|z:use", &isa)) return NULL;
+    int cap = 0;
+    if (isa) {
+        cap = isa_rank(isa);
+        if (cap == N_ISAS) {
+            PyErr_Format(PyExc_ValueError, "use: unknown instruction set %R (known: avx512, avx2)",
+                         PyTuple_GET_ITEM(args, 0));
+            return NULL;
+        }
+    }
+    pick_kernels(cap);
+    PyObject *kernels = kernels_dict();
+    if (!kernels || PyObject_SetAttrString(self_module, "kernels", kernels)) {
+        Py_XDECREF(kernels);
+        return NULL;
+    }
+    return kernels;
+}
+
 static PyMethodDef methods[] = {
     {"fs4_scan", fs4_scan, METH_VARARGS, fs4_scan_doc},
+    {"q8_scan", q8_scan, METH_VARARGS, q8_scan_doc},
     {"pq8_scan", pq8_scan, METH_VARARGS, pq8_scan_doc},
+    {"use", use, METH_VARARGS, use_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -211,13 +410,30 @@ static int add_isa(PyObject *kernels, const char *kernel, const char *isa) {
     return rc;
 }
 
+/* {kernel: the instruction set of its picked variant, or None}. */
+static PyObject *kernels_dict(void) {
+    PyObject *kernels = PyDict_New();
+    if (!kernels || add_isa(kernels, "fs4_scan", fs4_isa) || add_isa(kernels, "q8_scan", q8_isa) ||
+        add_isa(kernels, "pq8_scan", pq8_isa)) {
+        Py_XDECREF(kernels);
+        return NULL;
+    }
+    return kernels;
+}
+
 PyMODINIT_FUNC PyInit__fastscan(void) {
-    pick_kernels();
+    const char *want = getenv("FACEPQ_SIMD");   /* e.g. avx2: the AVX2 kernels on an AVX-512 CPU */
+    int cap = want && *want ? isa_rank(want) : 0;
+    if (cap == N_ISAS) {
+        PyErr_Format(PyExc_ImportError, "FACEPQ_SIMD=%s: unknown instruction set (known: avx512, avx2)", want);
+        return NULL;
+    }
+    pick_kernels(cap);
     PyObject *m = PyModule_Create(&module);
     if (!m) return NULL;
-    PyObject *kernels = PyDict_New();
-    int failed = !kernels || add_isa(kernels, "fs4_scan", fs4_isa) || add_isa(kernels, "pq8_scan", pq8_isa) ||
-                 PyModule_AddObjectRef(m, "kernels", kernels) ||
+    self_module = m;
+    PyObject *kernels = kernels_dict();
+    int failed = !kernels || PyModule_AddObjectRef(m, "kernels", kernels) ||
                  PyModule_AddIntConstant(m, "FS4_MAX_CODE_BYTES", FS4_MAX_CODE_BYTES);
     Py_XDECREF(kernels);
     if (failed) Py_CLEAR(m);

@@ -47,13 +47,21 @@ def _serve_metrics(args) -> None:
 
 
 def _node(args) -> int:
+    from facepq_core.errors import ConfigError
     from query_node.node_server import NodeServer
     from query_node.registry import Heartbeat, NodeRecord
     from query_node.security import server_security
 
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+    if args.batch_window_ms < 0 or args.batch_max < 1:
+        raise ConfigError(f"--batch-window-ms must be >= 0 and --batch-max >= 1, got {args.batch_window_ms} and "
+                          f"{args.batch_max}")
     tls, tokens = server_security(args)
     server = NodeServer(args.index, args.shards, host=args.host, port=args.port, node_id=args.node_id,
-                        poll_seconds=args.poll, tls=tls, auth_tokens=tokens, view_grace=args.view_grace).start()
+                        poll_seconds=args.poll, tls=tls, auth_tokens=tokens, view_grace=args.view_grace,
+                        threads=args.threads, batch_window=args.batch_window_ms / 1e3,
+                        batch_max=args.batch_max).start()
     heartbeat = None
     try:
         _serve_metrics(args)
@@ -139,6 +147,12 @@ def register(subparsers) -> None:
     p.add_argument("--redis", help="registry URL, e.g. redis://127.0.0.1:6379/0 (omit for static mode)")
     p.add_argument("--node-id", help="name in the registry (default host:port)")
     p.add_argument("--ttl", type=float, default=5.0, help="registry heartbeat TTL in seconds")
+    p.add_argument("--threads", type=int, default=None,
+                   help="native scan threads (default: the cores in this process's CPU affinity mask)")
+    p.add_argument("--batch-window-ms", type=float, default=1.0,
+                   help="while a scan runs, gather arriving queries this long into one batched scan (0 = off; "
+                        "a query arriving at an idle node never waits)")
+    p.add_argument("--batch-max", type=int, default=16, help="queries per batched scan")
     p.add_argument("--poll", type=float, default=0.5, help="seconds between checks for a new index version")
     p.add_argument("--view-grace", type=float, default=10.0,
                    help="seconds a replaced index version stays answerable for searches in flight (default 10)")

@@ -1,9 +1,17 @@
-"""Native scan kernels (C, AVX2), exact and bit-identical to the numba kernels of `query_node.scan`.
+"""Native scan kernels (C, AVX2 / AVX-512), exact and bit-identical to the numba kernels of `query_node.scan`.
 
-* 4-bit codes: quantized nibble tables + vpshufb lookups of 32 rows at once prune the
-  rows that cannot reach the k-th best; the rest are re-scored with the float tables.
-* any byte tables (8-bit codes, or 4-bit pair tables): one fused scalar loop that
-  scores a row and compares it with the heap's threshold (no second selection pass).
+* 4-bit codes: quantized nibble tables + vpshufb lookups of 32 rows (AVX2) or 64 rows
+  (AVX-512) at once prune the rows that cannot reach the k-th best; the rest are
+  re-scored with the float tables.
+* 8-bit codes with AVX-512 VBMI: 7-bit quantized byte tables, each held in four zmm
+  registers and looked up 64 rows at a time (two vpermi2b + a blend), prune the same
+  way (`byte_quant_tables`, kernel q8_scan).
+* any byte tables (8-bit codes without AVX-512, or 4-bit pair tables): one fused scalar
+  loop that scores a row and compares it with the heap's threshold.
+
+Every kernel takes `threads`: one call's rows are split into runs scanned on native
+threads (GIL released), each into heaps of its own, merged exactly afterwards.
+FACEPQ_SIMD=avx2 (or `use_simd("avx2")`) keeps the AVX2 variants on an AVX-512 CPU.
 
 The kernels (`fastscan_kernels.c`) are built by `pip install` into the extension module
 `query_node._fastscan` (setup.py; -O3, never -ffast-math, so float sums round exactly like
@@ -69,9 +77,31 @@ def available() -> bool:
 
 
 def status() -> str:
-    """The 4-bit kernel's instruction set ('avx2'), or 'numba (<why the native kernel is not used>)'."""
+    """The 4-bit kernel's instruction set ('avx512', 'avx2'), or 'numba (<why the native kernel is not used>)'."""
     native, why = _load()
     return native.kernels["fs4_scan"] if native is not None else f"numba ({why})"
+
+
+def status8() -> str:
+    """What scans 8-bit codes: 'avx512 (quantized tables)', 'avx2 (fused float loop)' or 'numba (...)'."""
+    native, why = _load()
+    if native is None:
+        return f"numba ({why})"
+    if native.kernels["q8_scan"] is not None:
+        return f"{native.kernels['q8_scan']} (quantized tables)"
+    return f"{native.kernels['pq8_scan']} (fused float loop for {FUSED_WIDTH}-byte codes, numba otherwise)"
+
+
+def quantized8_available() -> bool:
+    """True when 8-bit codes scan with quantized tables here (AVX-512 VBMI, not capped by FACEPQ_SIMD)."""
+    native = _load()[0]
+    return native is not None and native.kernels["q8_scan"] is not None
+
+
+def use_simd(isa: str | None) -> dict:
+    """Cap the kernels at instruction set `isa` ('avx512', 'avx2'; None: the best here). For tests and
+    benchmarks, while no scan runs; returns {kernel: instruction set or None}."""
+    return _native().use(isa)
 
 
 @dataclass(frozen=True)
@@ -125,8 +155,54 @@ def nibble_tables(nibble_values: np.ndarray) -> NibbleTables | None:
     return NibbleTables(nib, lo.sum(axis=(1, 2)), delta, terms.astype(np.int32))
 
 
+@dataclass(frozen=True)
+class ByteQuantTables:
+    """Per-query 7-bit byte tables of 8-bit codes: value(byte b = v) ~ lo_b + delta * q."""
+
+    qt: np.ndarray      # uint8 [Q, width8, 256]: byte column, value (padding columns 0)
+    base: np.ndarray    # float64 [Q]: sum of every column's minimum
+    delta: np.ndarray   # float64 [Q]
+    terms: np.ndarray   # int32 [Q]: quantized terms per row + rounding slack
+
+
+def byte_quant_tables(byte_tables: np.ndarray) -> ByteQuantTables | None:
+    """Quantize exact byte tables float32 [Q, width * 256] for the q8 kernel (None: it cannot take them).
+
+    Every entry of a column is quantized, also those no code addresses (0 in the byte
+    tables), so the bound holds for every byte value. Bound as `nibble_tables`':
+    exact = base + delta * (sum q + F), 0 <= F < width, plus float32 rounding.
+    """
+    nq, cols = byte_tables.shape
+    width = cols // 256
+    if width > MAX_CODE_BYTES or not np.isfinite(byte_tables).all():
+        return None
+    values = byte_tables.reshape(nq, width, 256).astype(np.float64)
+    lo = values.min(axis=2)
+    delta = (values.max(axis=2) - lo).max(axis=1) / QUANT_LEVELS
+    delta[delta == 0] = 1.0
+    q = np.floor((values - lo[..., None]) / delta[:, None, None])
+    width8 = (width + 7) // 8 * 8
+    qt = np.zeros((nq, width8, 256), dtype=np.uint8)
+    qt[:, :width] = np.clip(q, 0, QUANT_LEVELS)
+    eps = 4.0 * (width + 2) * width * np.abs(values).max(axis=(1, 2)) * 2.0 ** -24
+    terms = np.minimum(width + np.ceil(eps / delta) + 2, 1 << 20)
+    return ByteQuantTables(qt, lo.sum(axis=1), delta, terms.astype(np.int32))
+
+
+def scan_q8_into(codes: np.ndarray, byte_tables: np.ndarray, tables: ByteQuantTables, skip: np.ndarray,
+                 has_skip: bool, row_offset: int, heap_s: np.ndarray, heap_r: np.ndarray, threads: int = 1) -> None:
+    """Native twin of `query_node.scan._scan_into` for 8-bit codes with `ByteQuantTables` (same results).
+
+    Args and errors as `scan_into`.
+    """
+    _check_arrays(codes, byte_tables, skip, has_skip, heap_s, heap_r, ("qt", tables.qt, _UINT8),
+                  ("base", tables.base, _FLOAT64), ("delta", tables.delta, _FLOAT64), ("terms", tables.terms, _INT32))
+    _native().q8_scan(codes, codes.shape[1], byte_tables, tables.qt, tables.base, tables.delta, tables.terms,
+                      skip, has_skip, row_offset, heap_s, heap_r, heap_s.shape[-1], threads)
+
+
 def scan_into(codes: np.ndarray, byte_tables: np.ndarray, tables: NibbleTables, skip: np.ndarray,
-              has_skip: bool, row_offset: int, heap_s: np.ndarray, heap_r: np.ndarray) -> None:
+              has_skip: bool, row_offset: int, heap_s: np.ndarray, heap_r: np.ndarray, threads: int = 1) -> None:
     """Native twin of `query_node.scan._scan_into` for packed codes (same heap, same results).
 
     Args:
@@ -135,6 +211,7 @@ def scan_into(codes: np.ndarray, byte_tables: np.ndarray, tables: NibbleTables, 
         tables: the same queries' `NibbleTables`.
         skip: bool [N] tombstones, read only when has_skip.
         heap_s, heap_r: C-contiguous, writable float32 / int64 [Q, k] heaps, updated in place.
+        threads: native threads to split the rows over (runs of >= 65536 rows; same result).
     Raises:
         ValueError: an array's dtype, layout or size does not fit the others (the
             extension checks every size, so a wrong argument never reads past a buffer).
@@ -142,18 +219,18 @@ def scan_into(codes: np.ndarray, byte_tables: np.ndarray, tables: NibbleTables, 
     _check_arrays(codes, byte_tables, skip, has_skip, heap_s, heap_r, ("nib", tables.nib, _UINT8),
                   ("base", tables.base, _FLOAT64), ("delta", tables.delta, _FLOAT64), ("terms", tables.terms, _INT32))
     _native().fs4_scan(codes, codes.shape[1], byte_tables, tables.nib, tables.base, tables.delta, tables.terms,
-                       skip, has_skip, row_offset, heap_s, heap_r, heap_s.shape[-1])
+                       skip, has_skip, row_offset, heap_s, heap_r, heap_s.shape[-1], threads)
 
 
 def scan8_into(codes: np.ndarray, byte_tables: np.ndarray, skip: np.ndarray, has_skip: bool, row_offset: int,
-               heap_s: np.ndarray, heap_r: np.ndarray) -> None:
+               heap_s: np.ndarray, heap_r: np.ndarray, threads: int = 1) -> None:
     """Native twin of `query_node.scan._scan_into` for any byte tables (same heap, same results).
 
     Args and errors as `scan_into`, without the nibble tables.
     """
     _check_arrays(codes, byte_tables, skip, has_skip, heap_s, heap_r)
     _native().pq8_scan(codes, codes.shape[1], byte_tables, skip, has_skip, row_offset, heap_s, heap_r,
-                       heap_s.shape[-1])
+                       heap_s.shape[-1], threads)
 
 
 def _native():

@@ -80,6 +80,11 @@ typedef struct {
     int16_t thr;            /* a row is a candidate when its quantized score > thr */
 } query_t;
 
+/* Offer (s, r) to a full or filling min-heap of size k (rows merged from another thread's heap). */
+void heap_offer(float *hs, int64_t *hr, int k, float s, int64_t r) {
+    if (worse(hs[0], hr[0], s, r)) replace_root(hs, hr, k, s, r);
+}
+
 static inline float exact_score(const float *pair, const uint8_t *row, int width) {
     float s = 0.0f;
     for (int b = 0; b < width; b++) s += pair[(size_t)b * 256 + row[b]];
@@ -95,6 +100,26 @@ static void update_threshold(query_t *q) {
     if (t < -1) t = -1;
     if (t > 32767) t = 32767;
     q->thr = (int16_t)t;
+}
+
+/* Per-query state of the quantized kernels (malloc'd; NULL when out of memory). qstride: table bytes per query. */
+static query_t *make_queries(int nq, int width, const float *pair, const uint8_t *qtab, size_t qstride,
+                             const double *base, const double *delta, const int32_t *terms, float *heap_s,
+                             int64_t *heap_r, int k) {
+    query_t *qs = malloc(sizeof(query_t) * (size_t)nq);
+    if (!qs) return NULL;
+    for (int q = 0; q < nq; q++) {
+        qs[q].pair = pair + (size_t)q * width * 256;
+        qs[q].nib = qtab + (size_t)q * qstride;
+        qs[q].base = base[q];
+        qs[q].delta = delta[q];
+        qs[q].terms = terms[q];
+        qs[q].hs = heap_s + (size_t)q * k;
+        qs[q].hr = heap_r + (size_t)q * k;
+        qs[q].k = k;
+        update_threshold(&qs[q]);
+    }
+    return qs;
 }
 
 static inline void offer(query_t *q, const uint8_t *codes, int width, int64_t i, const uint8_t *skip,
@@ -162,19 +187,8 @@ AVX2 int fs4_scan_avx2(const uint8_t *codes, int64_t n, int32_t width, int32_t n
                        int64_t *heap_r, int32_t k) {
     int width8 = (width + 7) / 8 * 8;
     if (width < 1 || width8 > MAX_WIDTH8 || nq < 1 || k < 1) return SCAN_BAD_ARGS;
-    query_t *qs = malloc(sizeof(query_t) * (size_t)nq);
+    query_t *qs = make_queries(nq, width, pair, nib, (size_t)width8 * 64, base, delta, terms, heap_s, heap_r, k);
     if (!qs) return SCAN_NO_MEMORY;
-    for (int q = 0; q < nq; q++) {
-        qs[q].pair = pair + (size_t)q * width * 256;
-        qs[q].nib = nib + (size_t)q * width8 * 64;
-        qs[q].base = base[q];
-        qs[q].delta = delta[q];
-        qs[q].terms = terms[q];
-        qs[q].hs = heap_s + (size_t)q * k;
-        qs[q].hr = heap_r + (size_t)q * k;
-        qs[q].k = k;
-        update_threshold(&qs[q]);
-    }
     const __m256i low4 = _mm256_set1_epi8(0x0F);
     __m256i cols[MAX_WIDTH8];
     uint8_t padded[32 * MAX_WIDTH8];
@@ -301,6 +315,252 @@ NO_TREE_VECTORIZE AVX2 int pq8_scan_avx2(const uint8_t *codes, int64_t n, int32_
     }
     free(qs);
     return SCAN_OK;
+}
+
+/* ---- AVX-512 (F + BW + VBMI): 64 rows per block, 8-bit codes through 7-bit quantized byte tables ---- */
+
+/*
+ * Why: a 256-entry table of 7-bit values fits four zmm registers, and two vpermi2b
+ * (entries 0..127, 128..255) plus a blend on the index's top bit look up 64 rows'
+ * bytes at once, where the float kernel does one load per byte. The quantized sums
+ * only bound the exact score (the same bound as the 4-bit kernel: each byte table
+ * quantized as q = floor((v - min) / delta) with one delta per query), so rows that
+ * can still enter the top-k are re-scored with the float tables, in byte order, into
+ * the same heap: results are bit-identical to the float kernels. 4-bit codes take the
+ * same path with their nibble tables (vpshufb within each 128-bit lane).
+ *
+ * Layout: 64 rows are transposed to one zmm per byte column, byte v of a column
+ * holding row v of the block (three rounds of vpermt2b, see transpose64x8).
+ */
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vbmi")))
+#define MAX_WIDTH8_512 FS4_MAX_CODE_BYTES
+
+typedef struct {
+    __m512i l1[2], l2[2], l3[2];
+} transpose_idx_t;
+
+static AVX512 void transpose_indices(transpose_idx_t *t) {
+    uint8_t a[6][64];
+    for (int i = 0; i < 64; i++) {
+        int c = i / 16, s = i % 16, c2 = i / 32, u = i % 32;
+        /* round 1: rows s of two 8-row vectors (s >= 8: the second), byte columns c (+4) */
+        a[0][i] = (uint8_t)((s >= 8) * 64 + 8 * (s & 7) + c);
+        a[1][i] = (uint8_t)((s >= 8) * 64 + 8 * (s & 7) + c + 4);
+        /* round 2: rows u of two 16-row vectors, columns c2 (+2) of their four */
+        a[2][i] = (uint8_t)((u >= 16) * 64 + 16 * c2 + (u & 15));
+        a[3][i] = (uint8_t)((u >= 16) * 64 + 16 * (c2 + 2) + (u & 15));
+        /* round 3: rows i of two 32-row vectors, column 0 or 1 of their two */
+        a[4][i] = (uint8_t)((i >= 32) * 64 + (i & 31));
+        a[5][i] = (uint8_t)((i >= 32) * 64 + 32 + (i & 31));
+    }
+    for (int j = 0; j < 2; j++) {
+        t->l1[j] = _mm512_loadu_si512(a[j]);
+        t->l2[j] = _mm512_loadu_si512(a[2 + j]);
+        t->l3[j] = _mm512_loadu_si512(a[4 + j]);
+    }
+}
+
+/* z[t]: rows 8t..8t+7 of the block, 8 bytes each (one byte group) -> out[c]: byte c of rows 0..63. */
+static inline AVX512 void transpose64x8(const __m512i *z, const transpose_idx_t *t, __m512i *out) {
+    __m512i a[8], b[8];
+    for (int p = 0; p < 4; p++) {   /* a[2p + h]: rows 16p.., columns 4h..4h+3 */
+        a[2 * p] = _mm512_permutex2var_epi8(z[2 * p], t->l1[0], z[2 * p + 1]);
+        a[2 * p + 1] = _mm512_permutex2var_epi8(z[2 * p], t->l1[1], z[2 * p + 1]);
+    }
+    for (int q = 0; q < 2; q++)     /* b[4q + 2h + j]: rows 32q.., columns 4h + 2j, +1 */
+        for (int h = 0; h < 2; h++)
+            for (int j = 0; j < 2; j++)
+                b[4 * q + 2 * h + j] = _mm512_permutex2var_epi8(a[4 * q + h], t->l2[j], a[4 * q + 2 + h]);
+    for (int h = 0; h < 2; h++)
+        for (int j = 0; j < 2; j++)
+            for (int c = 0; c < 2; c++)
+                out[4 * h + 2 * j + c] = _mm512_permutex2var_epi8(b[2 * h + j], t->l3[c], b[4 + 2 * h + j]);
+}
+
+/* Byte columns of rows [0, 64) at src (row stride `width`, a multiple of 8) into cols[0..width). */
+static inline AVX512 void load_columns64(const uint8_t *src, int width, const transpose_idx_t *t, __m512i *cols) {
+    int groups = width / 8;
+    __m512i z[8];
+    if (groups == 1) {
+        for (int i = 0; i < 8; i++) z[i] = _mm512_loadu_si512(src + 64 * i);
+        transpose64x8(z, t, cols);
+        return;
+    }
+    if (groups == 2) {
+        const __m512i even = _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14);
+        const __m512i odd = _mm512_setr_epi64(1, 3, 5, 7, 9, 11, 13, 15);
+        __m512i w[16];
+        for (int i = 0; i < 16; i++) w[i] = _mm512_loadu_si512(src + 64 * i);
+        for (int i = 0; i < 8; i++) z[i] = _mm512_permutex2var_epi64(w[2 * i], even, w[2 * i + 1]);
+        transpose64x8(z, t, cols);
+        for (int i = 0; i < 8; i++) z[i] = _mm512_permutex2var_epi64(w[2 * i], odd, w[2 * i + 1]);
+        transpose64x8(z, t, cols + 8);
+        return;
+    }
+    const __m512i rows8 = _mm512_setr_epi64(0, width, 2 * width, 3 * width, 4 * width, 5 * width,
+                                            6 * width, 7 * width);
+    for (int g = 0; g < groups; g++) {
+        for (int i = 0; i < 8; i++)
+            z[i] = _mm512_i64gather_epi64(rows8, (const void *)(src + (size_t)(8 * i) * width + 8 * g), 1);
+        transpose64x8(z, t, cols + 8 * g);
+    }
+}
+
+/* 7-bit lookups of column c: 8-bit codes (tables [width8][256]) or nibbles (tables [width8][2][32]). */
+static inline AVX512 __m512i lookup8(const uint8_t *qt, int c, __m512i v) {
+    const uint8_t *t = qt + (size_t)c * 256;
+    __m512i lo = _mm512_permutex2var_epi8(_mm512_loadu_si512(t), v, _mm512_loadu_si512(t + 64));
+    __m512i hi = _mm512_permutex2var_epi8(_mm512_loadu_si512(t + 128), v, _mm512_loadu_si512(t + 192));
+    return _mm512_mask_blend_epi8(_mm512_movepi8_mask(v), lo, hi);
+}
+
+static inline AVX512 __m512i lookup4(const uint8_t *nib, int c, __m512i v) {
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
+    __m512i tlo = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(nib + (size_t)c * 64)));
+    __m512i thi = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(nib + (size_t)c * 64 + 32)));
+    __m512i lo = _mm512_and_si512(v, low4);
+    __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+    return _mm512_add_epi8(_mm512_shuffle_epi8(tlo, lo), _mm512_shuffle_epi8(thi, hi));
+}
+
+/*
+ * The shared block loop. `eight`: 8-bit codes (two columns' 7-bit lookups summed per
+ * byte, <= 254), else 4-bit (one column's two nibble lookups, <= 254). Sums of bytes
+ * are kept as 16-bit sums of the even and odd rows, as in the AVX2 kernel.
+ */
+static inline __attribute__((always_inline)) AVX512 int scan64(
+    int eight, const uint8_t *codes, int64_t n, int32_t width, int32_t nq, const float *pair,
+    const uint8_t *qtab, const double *base, const double *delta, const int32_t *terms, const uint8_t *skip,
+    int32_t has_skip, int64_t row_offset, float *heap_s, int64_t *heap_r, int32_t k) {
+    int width8 = (width + 7) / 8 * 8;
+    size_t qstride = (size_t)width8 * (eight ? 256 : 64);
+    if (width < 1 || width8 > MAX_WIDTH8_512 || nq < 1 || k < 1) return SCAN_BAD_ARGS;
+    query_t *qs = make_queries(nq, width, pair, qtab, qstride, base, delta, terms, heap_s, heap_r, k);
+    uint8_t *padded = width % 8 ? malloc((size_t)64 * width8) : NULL;
+    if (!qs || (width % 8 && !padded)) {
+        free(qs);
+        free(padded);
+        return SCAN_NO_MEMORY;
+    }
+    transpose_idx_t tidx;
+    transpose_indices(&tidx);
+    __m512i cols[MAX_WIDTH8_512];
+    int64_t full = n / 64 * 64;
+    for (int64_t start = 0; start < full; start += 64) {
+        const uint8_t *src = codes + (size_t)start * width;
+        if (padded) {   /* pad rows to whole 8-byte groups; padding bytes are 0, their tables 0 */
+            memset(padded, 0, (size_t)64 * width8);
+            for (int r = 0; r < 64; r++) memcpy(padded + (size_t)r * width8, src + (size_t)r * width, width);
+            src = padded;
+        }
+        load_columns64(src, width8, &tidx, cols);
+        for (int q = 0; q < nq; q++) {
+            query_t *qq = &qs[q];
+            __m512i acc0 = _mm512_setzero_si512(), acc1 = _mm512_setzero_si512();
+            for (int c = 0; c < width8; c += eight ? 2 : 1) {
+                __m512i r = eight ? _mm512_add_epi8(lookup8(qq->nib, c, cols[c]), lookup8(qq->nib, c + 1, cols[c + 1]))
+                                  : lookup4(qq->nib, c, cols[c]);
+                acc0 = _mm512_add_epi16(acc0, r);
+                acc1 = _mm512_add_epi16(acc1, _mm512_srli_epi16(r, 8));
+            }
+            __m512i even = _mm512_sub_epi16(acc0, _mm512_slli_epi16(acc1, 8));
+            __m512i thr = _mm512_set1_epi16(qq->thr);
+            uint32_t me = _mm512_cmpgt_epi16_mask(even, thr), mo = _mm512_cmpgt_epi16_mask(acc1, thr);
+            while (me | mo) {   /* 16-bit element e: rows 2e (even) and 2e+1 (odd), in row order */
+                int e = __builtin_ctz(me | mo);
+                if (me & (1u << e)) offer(qq, codes, width, start + 2 * e, skip, has_skip, row_offset);
+                if (mo & (1u << e)) offer(qq, codes, width, start + 2 * e + 1, skip, has_skip, row_offset);
+                me &= ~(1u << e);
+                mo &= ~(1u << e);
+            }
+        }
+    }
+    for (int64_t i = full; i < n; i++)
+        for (int q = 0; q < nq; q++) offer(&qs[q], codes, width, i, skip, has_skip, row_offset);
+    free(qs);
+    free(padded);
+    return SCAN_OK;
+}
+
+/*
+ * 4-bit codes of 8 bytes (16 sub-codes), without a transpose: a zmm holds 8 whole rows,
+ * byte j being column j % 8 of row j / 8. The 16-entry nibble tables of all 8 columns
+ * make one 128-entry table, so one vpermi2b per nibble looks up 64 bytes at
+ * index (j % 8) * 16 + nibble, and vpsadbw sums each row's 8 bytes (<= 8 * 254) into
+ * its 64-bit lane: ~7 vector operations per 8 rows instead of ~13 with the transpose.
+ */
+static AVX512 int fs4_scan_w8_avx512(const uint8_t *codes, int64_t n, int32_t nq, const float *pair,
+                                     const uint8_t *nib, const double *base, const double *delta,
+                                     const int32_t *terms, const uint8_t *skip, int32_t has_skip, int64_t row_offset,
+                                     float *heap_s, int64_t *heap_r, int32_t k) {
+    query_t *qs = make_queries(nq, 8, pair, nib, 8 * 64, base, delta, terms, heap_s, heap_r, k);
+    uint8_t (*tab)[2][128] = malloc(sizeof(*tab) * (size_t)nq);
+    if (!qs || !tab) {
+        free(qs);
+        free(tab);
+        return SCAN_NO_MEMORY;
+    }
+    for (int q = 0; q < nq; q++) {
+        for (int c = 0; c < 8; c++)
+            for (int h = 0; h < 2; h++) memcpy(tab[q][h] + 16 * c, qs[q].nib + (size_t)c * 64 + 32 * h, 16);
+    }
+    uint8_t colbase_bytes[64];
+    for (int j = 0; j < 64; j++) colbase_bytes[j] = (uint8_t)(16 * (j % 8));
+    const __m512i colbase = _mm512_loadu_si512(colbase_bytes);
+    const __m512i zero = _mm512_setzero_si512();
+    int64_t full = n / 64 * 64;
+    for (int64_t start = 0; start < full; start += 64) {
+        const uint8_t *block = codes + (size_t)start * 8;
+        __m512i lo[8], hi[8];
+        for (int t = 0; t < 8; t++) {
+            __m512i v = _mm512_loadu_si512(block + 64 * t);
+            /* (v & 0x0F) | colbase, ((v >> 4) & 0x0F) | colbase: ternary logic 0xEA = (A & B) | C */
+            lo[t] = _mm512_ternarylogic_epi32(v, _mm512_set1_epi8(0x0F), colbase, 0xEA);
+            hi[t] = _mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(0x0F), colbase, 0xEA);
+        }
+        for (int q = 0; q < nq; q++) {
+            query_t *qq = &qs[q];
+            const __m512i tl0 = _mm512_loadu_si512(tab[q][0]), tl1 = _mm512_loadu_si512(tab[q][0] + 64);
+            const __m512i th0 = _mm512_loadu_si512(tab[q][1]), th1 = _mm512_loadu_si512(tab[q][1] + 64);
+            const __m512i thr = _mm512_set1_epi64(qq->thr);
+            for (int t = 0; t < 8; t++) {
+                __m512i r = _mm512_add_epi8(_mm512_permutex2var_epi8(tl0, lo[t], tl1),
+                                            _mm512_permutex2var_epi8(th0, hi[t], th1));
+                uint32_t m = _mm512_cmpgt_epi64_mask(_mm512_sad_epu8(r, zero), thr);
+                while (m) {   /* lane i: row 8t + i */
+                    int i = __builtin_ctz(m);
+                    offer(qq, codes, 8, start + 8 * t + i, skip, has_skip, row_offset);
+                    m &= m - 1;
+                }
+            }
+        }
+    }
+    for (int64_t i = full; i < n; i++)
+        for (int q = 0; q < nq; q++) offer(&qs[q], codes, 8, i, skip, has_skip, row_offset);
+    free(qs);
+    free(tab);
+    return SCAN_OK;
+}
+
+/* Arguments: fastscan_kernels.h (fs4_scan_fn). */
+AVX512 int fs4_scan_avx512(const uint8_t *codes, int64_t n, int32_t width, int32_t nq, const float *pair,
+                           const uint8_t *nib, const double *base, const double *delta, const int32_t *terms,
+                           const uint8_t *skip, int32_t has_skip, int64_t row_offset, float *heap_s,
+                           int64_t *heap_r, int32_t k) {
+    if (width == 8 && nq >= 1 && k >= 1)
+        return fs4_scan_w8_avx512(codes, n, nq, pair, nib, base, delta, terms, skip, has_skip, row_offset, heap_s,
+                                  heap_r, k);
+    return scan64(0, codes, n, width, nq, pair, nib, base, delta, terms, skip, has_skip, row_offset, heap_s,
+                  heap_r, k);
+}
+
+/* Arguments: fastscan_kernels.h (q8_scan_fn). */
+AVX512 int q8_scan_avx512(const uint8_t *codes, int64_t n, int32_t width, int32_t nq, const float *tables,
+                          const uint8_t *qt, const double *base, const double *delta, const int32_t *terms,
+                          const uint8_t *skip, int32_t has_skip, int64_t row_offset, float *heap_s,
+                          int64_t *heap_r, int32_t k) {
+    return scan64(1, codes, n, width, nq, tables, qt, base, delta, terms, skip, has_skip, row_offset, heap_s,
+                  heap_r, k);
 }
 
 #endif /* FASTSCAN_X86 */

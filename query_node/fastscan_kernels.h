@@ -43,12 +43,21 @@ typedef int (*fs4_scan_fn)(const uint8_t *codes, int64_t n, int32_t width, int32
                            const uint8_t *skip, int32_t has_skip, int64_t row_offset, float *heap_s,
                            int64_t *heap_r, int32_t k);
 
+/*
+ * 8-bit codes with quantized byte tables: arguments as fs4_scan's, `nib` replaced by
+ * qt: uint8 [nq, width8, 256], 7-bit values (query_node.fastscan.byte_quant_tables).
+ */
+typedef fs4_scan_fn q8_scan_fn;
+
 /* Any byte tables (8-bit codes, or 4-bit pair tables): arguments as fs4_scan's, without the nibble tables. */
 typedef int (*pq8_scan_fn)(const uint8_t *codes, int64_t n, int32_t width, int32_t nq, const float *tables,
                            const uint8_t *skip, int32_t has_skip, int64_t row_offset, float *heap_s,
                            int64_t *heap_r, int32_t k);
 
 #if FASTSCAN_X86
+/* Offer (s, r) to the min-heap (hs, hr) of size k: it enters when it ranks above the root. */
+void heap_offer(float *hs, int64_t *hr, int k, float s, int64_t r);
+
 int fs4_scan_avx2(const uint8_t *codes, int64_t n, int32_t width, int32_t nq, const float *pair,
                   const uint8_t *nib, const double *base, const double *delta, const int32_t *terms,
                   const uint8_t *skip, int32_t has_skip, int64_t row_offset, float *heap_s, int64_t *heap_r,
@@ -56,6 +65,14 @@ int fs4_scan_avx2(const uint8_t *codes, int64_t n, int32_t width, int32_t nq, co
 int pq8_scan_avx2(const uint8_t *codes, int64_t n, int32_t width, int32_t nq, const float *tables,
                   const uint8_t *skip, int32_t has_skip, int64_t row_offset, float *heap_s, int64_t *heap_r,
                   int32_t k);
+int fs4_scan_avx512(const uint8_t *codes, int64_t n, int32_t width, int32_t nq, const float *pair,
+                    const uint8_t *nib, const double *base, const double *delta, const int32_t *terms,
+                    const uint8_t *skip, int32_t has_skip, int64_t row_offset, float *heap_s, int64_t *heap_r,
+                    int32_t k);
+int q8_scan_avx512(const uint8_t *codes, int64_t n, int32_t width, int32_t nq, const float *tables,
+                   const uint8_t *qt, const double *base, const double *delta, const int32_t *terms,
+                   const uint8_t *skip, int32_t has_skip, int64_t row_offset, float *heap_s, int64_t *heap_r,
+                   int32_t k);
 #endif
 
 #endif

@@ -64,7 +64,8 @@ def record_request(server: str, transport: str, method: str, code: str, seconds:
 
 
 def record_scan(seconds: float, rows: int, tables: int) -> None:
-    """One node Search: kernel seconds, rows scanned per table, tables."""
+    """One scan of a node (a request, or a batch of requests sharing a pass): kernel seconds, rows scanned per
+    table, tables."""
     SCAN_SECONDS.observe(seconds)
     CODES_SCANNED.inc(rows * tables)
     NODE_QUERIES.inc(tables)

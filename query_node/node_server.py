@@ -37,9 +37,11 @@ import numpy as np
 from facepq_core.errors import InvalidRequest, NotFound, Unavailable
 from facepq_proto.facepq.v1 import facepq_pb2, facepq_pb2_grpc
 from query_node import metrics
+from query_node.batcher import SearchBatcher
 from query_node.grpc_server import NOT_SERVING, SERVING, GrpcServer, ServedByGrpc, status_on_error
 from query_node.index_view import IndexView
 from query_node.live_index import LiveIndex
+from query_node.scan_threads import ThreadBudget, default_threads
 from query_node.security import NONCE_HEADER, PROOF_HEADER, is_loopback, node_bearer, node_reply_key, reply_proof
 from query_node.shard_search import ScanStats
 from query_node.two_stage import validate_refine
@@ -92,11 +94,28 @@ def validate_search(tables_msg, top_k: int, shards_msg, view: IndexView) -> tupl
 class QueryNodeServicer(facepq_pb2_grpc.QueryNodeServicer):
     """Search and Status over a LiveIndex: read the request, validate, scan, build the reply."""
 
-    def __init__(self, live: LiveIndex, node_id: str, address: str, reply_keys: tuple = ()):
+    def __init__(self, live: LiveIndex, node_id: str, address: str, reply_keys: tuple = (), threads: int = 1,
+                 batcher: SearchBatcher | None = None):
         self.live, self.node_id, self.address = live, node_id, address
         self.reply_keys = reply_keys  # query_node.security.node_reply_key of each node token
         self.queries_served = 0
         self._lock = threading.Lock()
+        self.threads = ThreadBudget(threads)
+        self.batcher = batcher if batcher is not None else SearchBatcher(window=0)
+
+    def _scan(self, view: IndexView, tables, k: int, shards: list[int], refine) -> tuple[list, ScanStats]:
+        """Scan on this node's share of threads; single-stage searches may share a batched scan."""
+        def scan(batch_tables):
+            stats = ScanStats()
+            with self.threads.share() as threads:
+                results = view.search(batch_tables, k, shards, stats, refine, threads)
+            # once per pass over the codes: the members of a batched scan share it
+            metrics.record_scan(stats.scan_seconds, stats.rows, len(batch_tables))
+            return results, stats
+
+        if refine is not None:
+            return scan(tables)
+        return self.batcher.run((view.version, id(view), k, tuple(shards)), tables, scan)
 
     def _sign(self, reply, context) -> None:
         """Prove to the coordinator that this reply comes from a node holding the node token."""
@@ -113,9 +132,7 @@ class QueryNodeServicer(facepq_pb2_grpc.QueryNodeServicer):
         with status_on_error(context):
             tables, k, shards = validate_search(request.tables, request.top_k, request.shards, view)
             refine = validate_refine(request.refine_tables, request.refine_candidates, view, len(tables))
-        stats = ScanStats()
-        results = view.search(tables, k, shards, stats, refine)
-        metrics.record_scan(stats.scan_seconds, stats.rows, len(tables))
+        results, stats = self._scan(view, tables, k, shards, refine)
         with self._lock:
             self.queries_served += len(results)
         reply = facepq_pb2.NodeSearchResponse(shards_searched=shards, index_version=view.version,
@@ -152,10 +169,13 @@ class NodeServer(ServedByGrpc):
         node_id: name announced in the registry (default host:port).
         poll_seconds: how often the index's CURRENT is checked for a new version.
         workers: gRPC worker threads (the scan releases the GIL, so they run in parallel).
+        threads: native scan threads (query_node.scan_threads; default: the CPU affinity mask).
+        batch_window, batch_max: batched scans (query_node.batcher; window 0 = off); with batching on,
+            `workers` is raised to at least batch_max so that many requests can meet in a batch.
     """
 
     def __init__(self, index_uri, shards, host="127.0.0.1", port=0, node_id=None, poll_seconds=0.5, workers=4,
-                 tls=None, auth_tokens=(), view_grace=None):
+                 tls=None, auth_tokens=(), view_grace=None, threads=None, batch_window=0.0, batch_max=16):
         from query_node.fd_limit import check_fd_budget, raise_fd_limit
         from query_node.scan import warmup
 
@@ -175,6 +195,10 @@ class NodeServer(ServedByGrpc):
                         "source of its shards, and coordinators cannot tell it from an impostor; give it the node "
                         "token (--auth-token-file)", host)
         self.reply_keys = tuple(node_reply_key(t) for t in tokens)
+        self.threads = threads if threads is not None else default_threads()
+        self.batcher = SearchBatcher(batch_window, batch_max)
+        if self.batcher.enabled:
+            workers = max(workers, batch_max)
         self.grpc_server = GrpcServer(SERVICE_NAME, host, port, workers, tls=tls,
                                       auth_tokens=tokens + [node_bearer(t) for t in tokens],
                                       protected_methods=("Search", "Status"))
@@ -207,7 +231,8 @@ class NodeServer(ServedByGrpc):
     def _add_servicer(self, server) -> None:
         self.node_id = self.node_id or self.address
         facepq_pb2_grpc.add_QueryNodeServicer_to_server(
-            QueryNodeServicer(self.live, self.node_id, self.address, self.reply_keys), server)
+            QueryNodeServicer(self.live, self.node_id, self.address, self.reply_keys, self.threads, self.batcher),
+            server)
 
     def start(self) -> "NodeServer":
         self.grpc_server.start(self._add_servicer, initial_health=lambda _: self._set_health(self.live.view))

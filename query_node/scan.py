@@ -22,8 +22,11 @@ Why the kernel looks the way it does (measured, see ARCHITECTURE.md):
   fused scalar score-and-compare loop (measured ~10% faster than these two numba
   loops: 8 lookups are load-bound, so vectorising them gains nothing, and the
   second pass costs; at 16 bytes a row's serial chain of adds makes the scalar loop
-  latency-bound and the vectorised numba loop wins). Results are bit-identical to
-  the numba kernels here, which stay as the fallback and the reference.
+  latency-bound and the vectorised numba loop wins); with AVX-512 VBMI, 8-bit codes
+  of any width up to 64 bytes use 7-bit quantized byte tables the same way as the
+  4-bit kernel (`ScanTables.quant8`). Results are bit-identical to the numba kernels
+  here, which stay as the fallback and the reference. `TopKHeap(threads=N)` lets a
+  native kernel split a segment's rows over N threads (same result).
 
 Scores are summed in float32 in byte order (subspace order for 8-bit codes,
 pair order for 4-bit codes), so they can differ from the reference by float
@@ -38,6 +41,8 @@ exact top-k of the live rows.
 from __future__ import annotations
 
 import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numba
@@ -210,12 +215,14 @@ class ScanTables:
 
     byte: np.ndarray                           # float32 [Q, code_bytes * 256] exact byte tables
     nibble: fastscan.NibbleTables | None = None  # packed codes on the native kernel
+    quant8: fastscan.ByteQuantTables | None = None  # 8-bit codes on the native AVX-512 kernel
 
 
 def scan_tables(lookup_tables: np.ndarray, packed: bool, code_bytes: int) -> ScanTables:
     """Per-query lookup tables float32 [Q, M, K] -> the tables the fastest available kernel takes."""
     if not packed:
-        return ScanTables(byte_tables(lookup_tables, packed, code_bytes))
+        table = byte_tables(lookup_tables, packed, code_bytes)
+        return ScanTables(table, quant8=fastscan.byte_quant_tables(table) if fastscan.quantized8_available() else None)
     nib = _packed_nibble_values(_as_tables(lookup_tables), code_bytes)  # one pass serves the float and the quantized tables
     return ScanTables(_pair_tables(nib), fastscan.nibble_tables(nib) if fastscan.available() else None)
 
@@ -228,15 +235,19 @@ class TopKHeap:
         k: heap size (>= 1).
         native: None uses the native kernels when they are available (`query_node.fastscan`),
             False the numba kernels (the reference the native ones are tested against).
+        threads: native threads one segment's scan may be split over (same result for any count).
+        first_row: the number of the first row scanned (rows of earlier segments scanned elsewhere).
     """
 
-    def __init__(self, queries: int, k: int, native: bool | None = None):
+    def __init__(self, queries: int, k: int, native: bool | None = None, threads: int = 1, first_row: int = 0):
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         self.scores = np.full((queries, k), -np.inf, dtype=np.float32)
         self.rows = np.full((queries, k), _EMPTY_ROW, dtype=np.int64)
-        self.rows_scanned = 0
+        self.first_row = first_row
+        self.rows_scanned = first_row
         self.native = fastscan.available() if native is None else native
+        self.threads = max(1, int(threads))
 
     def scan(self, codes: np.ndarray, tables: np.ndarray | ScanTables, skip_mask: np.ndarray | None = None,
              block: int = 4096) -> None:
@@ -245,9 +256,9 @@ class TopKHeap:
         Rows of this segment are numbered from `rows_scanned` (the rows of the segments
         scanned before), so ties are broken across segments by scan order.
         """
-        nibble = None
+        nibble = quant8 = None
         if isinstance(tables, ScanTables):
-            tables, nibble = tables.byte, tables.nibble
+            tables, nibble, quant8 = tables.byte, tables.nibble, tables.quant8
         if codes.ndim != 2 or codes.dtype != np.uint8 or not codes.flags.c_contiguous:
             raise ValueError(f"codes must be C-contiguous uint8 [N, B], got {codes.dtype} {codes.shape}")
         if tables.shape != (self.scores.shape[0], codes.shape[1] * 256) or tables.dtype != np.float32:
@@ -261,22 +272,95 @@ class TopKHeap:
             if skip.shape != (n,):
                 raise ValueError(f"skip_mask must be bool [{n}], got {skip.shape}")
         tables = np.ascontiguousarray(tables)
+        at, threads = self.rows_scanned, self.threads
         if n and self.native and nibble is not None:
-            fastscan.scan_into(codes, tables, nibble, skip, has_skip, self.rows_scanned, self.scores, self.rows)
+            fastscan.scan_into(codes, tables, nibble, skip, has_skip, at, self.scores, self.rows, threads)
+        elif n and self.native and quant8 is not None:
+            fastscan.scan_q8_into(codes, tables, quant8, skip, has_skip, at, self.scores, self.rows, threads)
         elif n and self.native and codes.shape[1] == fastscan.FUSED_WIDTH:
-            fastscan.scan8_into(codes, tables, skip, has_skip, self.rows_scanned, self.scores, self.rows)
+            fastscan.scan8_into(codes, tables, skip, has_skip, at, self.scores, self.rows, threads)
         elif n:
             _scan_into(codes, tables, skip, has_skip, self.rows_scanned, self.scores, self.rows, block)
         self.rows_scanned += n
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
         """(scores float32 [Q, k], rows int64 [Q, k]) best first; short results padded with -inf / -1."""
-        scores, rows = self.scores.copy(), self.rows.copy()
+        return self._sorted(self.scores.copy(), self.rows.copy())
+
+    @staticmethod
+    def merged(heaps: list[TopKHeap], k: int) -> tuple[np.ndarray, np.ndarray]:
+        """`result()` of one heap that had scanned what every one of `heaps` scanned (disjoint rows)."""
+        scores = np.concatenate([h.scores for h in heaps], axis=1)
+        rows = np.concatenate([h.rows for h in heaps], axis=1)
+        scores, rows = TopKHeap._sorted(scores, rows)   # empty slots (-inf, max row) sort last
+        return scores[:, :k].copy(), rows[:, :k].copy()
+
+    @staticmethod
+    def _sorted(scores: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         for q in range(scores.shape[0]):
             order = np.lexsort((rows[q], -scores[q]))
             scores[q], rows[q] = scores[q, order], rows[q, order]
         rows[rows == _EMPTY_ROW] = -1
         return scores, rows
+
+
+MIN_SPLIT_ROWS = 1 << 16   # rows per thread below which splitting costs more than it saves (as in _fastscan.c)
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _segment_pool(threads: int) -> ThreadPoolExecutor:
+    """A process-wide pool for scanning groups of segments (its threads wait in native kernels, GIL released)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool._max_workers < threads:
+            _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="facepq-scan")
+        return _pool
+
+
+def scan_segments(segments: list[tuple[np.ndarray, np.ndarray | None]], tables: np.ndarray | ScanTables, k: int,
+                  threads: int = 1, native: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k over several segments (codes uint8 [N_i, B], skip mask or None), rows numbered across
+    them in order; the result of one `TopKHeap` scanning them one after the other.
+
+    With `threads` > 1 the segments are cut into up to `threads` contiguous groups of about equal
+    rows, each scanned on its own thread into its own heap, and the heaps are merged by the same
+    (score desc, row asc) order, so the answer is the one-thread answer. A group of one big segment
+    is split by the kernel instead (`TopKHeap(threads=...)`).
+    """
+    queries = (tables.byte if isinstance(tables, ScanTables) else tables).shape[0]
+    sizes = [codes.shape[0] for codes, _ in segments]
+    total = sum(sizes)
+    # one segment holding half the rows or more: the kernel splits it better than groups would
+    grouped = threads > 1 and total >= 2 * MIN_SPLIT_ROWS and max(sizes) < total / 2
+    groups = _groups(sizes, threads) if grouped else [range(len(segments))]
+    starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+
+    def scan_group(group, kernel_threads):
+        heap = TopKHeap(queries, k, native=native, threads=kernel_threads, first_row=int(starts[group.start]))
+        for i in group:
+            heap.scan(segments[i][0], tables, segments[i][1])
+        return heap
+
+    if len(groups) == 1:
+        return scan_group(groups[0], threads).result()
+    per_group = max(1, threads // len(groups))
+    heaps = list(_segment_pool(len(groups)).map(lambda g: scan_group(g, per_group), groups))
+    return TopKHeap.merged(heaps, k)
+
+
+def _groups(sizes: list[int], threads: int) -> list[range]:
+    """Contiguous ranges of segment indices, at most `threads`, of about total/threads rows each."""
+    total = sum(sizes)
+    target = total / min(threads, max(1, total // MIN_SPLIT_ROWS))
+    groups, start, acc = [], 0, 0
+    for i, n in enumerate(sizes):
+        acc += n
+        if acc >= target * (len(groups) + 1) and i + 1 < len(sizes):
+            groups.append(range(start, i + 1))
+            start = i + 1
+    groups.append(range(start, len(sizes)))
+    return groups
 
 
 def scan_topk_batch(codes: np.ndarray, lookup_tables: np.ndarray, k: int, packed: bool,

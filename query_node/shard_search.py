@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from query_node.merge import Hit
-from query_node.scan import ScanTables, TopKHeap
+from query_node.scan import ScanTables, scan_segments
 from query_node.two_stage import RefineQuery, timed_rescore
 
 
@@ -43,24 +43,22 @@ class ShardData:
     reason: str = ""
 
     def search(self, tables: ScanTables, k: int, stats: ScanStats | None = None,
-               refine: RefineQuery | None = None) -> list[list[Hit]]:
+               refine: RefineQuery | None = None, threads: int = 1) -> list[list[Hit]]:
         """Top-k of this shard for `query_node.scan.ScanTables`; one best-first list per query.
 
         `stats` (optional) accumulates the seconds spent in the scan kernel and the rows scanned.
         `refine` (optional): two stages, the top max(R, k) of the scan re-scored by the refinement
-        tier, whose scores the hits then carry.
+        tier, whose scores the hits then carry. `threads`: native threads per segment scan (same answer).
         """
-        heap = TopKHeap(tables.byte.shape[0], max(k, refine.candidates) if refine is not None else k)
-        offsets = []
+        keep = max(k, refine.candidates) if refine is not None else k
+        sizes = [seg.codes.shape[0] for seg in self.segments]
         t0 = time.perf_counter()
-        for seg, skip in zip(self.segments, self.skips):
-            offsets.append(heap.rows_scanned)
-            heap.scan(seg.codes, tables, skip)
+        scores, rows = scan_segments([(seg.codes, skip) for seg, skip in zip(self.segments, self.skips)], tables,
+                                     keep, threads)
         if stats is not None:
             stats.scan_seconds += time.perf_counter() - t0
-            stats.rows += heap.rows_scanned
-        scores, rows = heap.result()
-        starts = np.asarray(offsets, dtype=np.int64)
+            stats.rows += sum(sizes)
+        starts = np.cumsum([0] + sizes)[:-1].astype(np.int64)
         if refine is not None:
             scores, rows = timed_rescore(stats, self.segments, starts, scores, rows, refine, k)
         # One searchsorted for every hit of every query, not one per hit.

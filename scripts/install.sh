@@ -59,7 +59,7 @@ fi
 # The package build generates the gRPC stubs (setup.py); this only refreshes them in the editable
 # checkout when a .proto changed since.
 "$VENV/bin/python" -m facepq_proto.build --quiet
-"$VENV/bin/python" -c "from query_node import fastscan; print('[install] 4-bit scan kernel:', fastscan.status())"
+"$VENV/bin/python" -c "from query_node import fastscan; print('[install] scan kernels: 4-bit', fastscan.status(), '| 8-bit', fastscan.status8())"
 if [ -f clients/node/package.json ] && command -v npm >/dev/null 2>&1 && [ ! -d clients/node/node_modules ]; then
   echo "[install] npm packages for the Node.js client"
   (cd clients/node && npm install --silent --no-audit --no-fund >/dev/null)

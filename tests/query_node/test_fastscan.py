@@ -38,13 +38,27 @@ def _why_no_native() -> str | None:
 
 pytestmark = pytest.mark.skipif(_why_no_native() is not None, reason=str(_why_no_native()))
 
+_FLAGS = set(pathlib.Path("/proc/cpuinfo").read_text().split()) if pathlib.Path("/proc/cpuinfo").exists() else set()
+HAS_AVX512 = {"avx512f", "avx512bw", "avx512vbmi"} <= _FLAGS
+BEST = "avx512" if HAS_AVX512 else "avx2"
+
+
+@pytest.fixture(params=["avx512", "avx2"])
+def simd(request):
+    """Each test using it runs once per SIMD path this CPU has (the AVX2 one forced on AVX-512 CPUs)."""
+    if request.param == "avx512" and not HAS_AVX512:
+        pytest.skip("this CPU has no AVX-512 (F, BW, VBMI)")
+    fastscan.use_simd(request.param)
+    yield request.param
+    fastscan.use_simd(None)
+
 
 def test_the_extension_module_is_what_runs_here():
     from query_node import _fastscan
 
     assert fastscan.available(), fastscan.status()
-    assert fastscan.status() == "avx2"
-    assert _fastscan.kernels == {"fs4_scan": "avx2", "pq8_scan": "avx2"}
+    assert fastscan.status() == BEST
+    assert _fastscan.kernels == {"fs4_scan": BEST, "q8_scan": "avx512" if HAS_AVX512 else None, "pq8_scan": "avx2"}
     assert _fastscan.__file__.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
     assert _fastscan.FS4_MAX_CODE_BYTES == fastscan.MAX_CODE_BYTES
 
@@ -78,7 +92,7 @@ def random_case(rng, tables: str):
 
 
 @pytest.mark.parametrize("tables", ["ties", "lopsided", "logprob"])
-def test_native_matches_numba_kernel_on_random_cases(tables):
+def test_native_matches_numba_kernel_on_random_cases(tables, simd):
     rng = np.random.default_rng({"ties": 1, "lopsided": 2, "logprob": 3}[tables])
     for _ in range(60):
         m, kk, luts = random_case(rng, tables)
@@ -97,7 +111,7 @@ def test_native_matches_numba_kernel_on_random_cases(tables):
 
 
 @pytest.mark.parametrize("code_bytes", [8, 16, 64])
-def test_wide_codes_and_many_rows(code_bytes):
+def test_wide_codes_and_many_rows(code_bytes, simd):
     rng = np.random.default_rng(code_bytes)
     m = 2 * code_bytes
     codes = rng.integers(0, 256, size=(40_000, code_bytes), dtype=np.uint8)
@@ -107,7 +121,7 @@ def test_wide_codes_and_many_rows(code_bytes):
     np.testing.assert_array_equal(ns, fs)
 
 
-def test_equal_tables_every_row_ties():
+def test_equal_tables_every_row_ties(simd):
     codes = np.random.default_rng(0).integers(0, 256, size=(1000, 8), dtype=np.uint8)
     luts = np.full((1, 16, 16), -2.5, dtype=np.float32)
     (ns, nr), (fs, fr) = scan_both([codes], luts, 10, [None])
@@ -188,7 +202,7 @@ def test_numba_path_under_facepq_native_0_gives_identical_results(tmp_path):
                              capture_output=True, text=True, timeout=300, check=False)
         assert out.returncode == 0, out.stderr
         results[native] = (out.stdout.strip(), dict(np.load(out_file)))
-    assert results["1"][0] == "avx2"
+    assert results["1"][0] == BEST
     assert results["0"][0] == "numba (disabled by FACEPQ_NATIVE=0)"
     for key in ("s4", "r4", "s8", "r8"):
         np.testing.assert_array_equal(results["1"][1][key], results["0"][1][key], err_msg=key)

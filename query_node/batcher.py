@@ -1,0 +1,125 @@
+"""Batched scans: queries that arrive while the node is busy share one pass over the codes.
+
+The kernels scan each block of codes once for every query of a call (each query keeps
+its own heap, so a query's answer does not depend on the others in its batch). A node
+under concurrent load therefore answers more queries per second by scanning them
+together. `SearchBatcher.run` decides per request:
+
+* nothing in flight (light load): scan at once, alone; single-query latency unchanged;
+* a batch for the same view, k and shards is open with room: join it and wait for it;
+* otherwise open a batch and lead it: wait up to `window` seconds (or until it holds
+  `max_queries` queries), then scan every member's tables in one call and hand each
+  member its slice.
+
+Bounded: a request waits at most `window` plus one batched scan. Requests with
+different keys (index version, k, shards) never share a batch.
+"""
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import numpy as np
+
+
+class _Batch:
+    def __init__(self, max_queries: int):
+        self.tables: list[np.ndarray] = []
+        self.size = 0
+        self.max_queries = max_queries
+        self.full = threading.Event()     # set when no more queries fit
+        self.done = threading.Event()     # set when results (or error) are in
+        self.results = None
+        self.error: BaseException | None = None
+
+    def add(self, tables: np.ndarray) -> int:
+        """Append a member's tables [Q, M, K]; returns where its queries start in the batch."""
+        start = self.size
+        self.tables.append(tables)
+        self.size += tables.shape[0]
+        if self.size >= self.max_queries:
+            self.full.set()
+        return start
+
+
+class SearchBatcher:
+    """Gathers concurrent requests with the same key into one scan.
+
+    Args:
+        window: seconds a batch leader waits for more queries (0 disables batching).
+        max_queries: queries per batched scan (a batch closes when full).
+    """
+
+    def __init__(self, window: float = 0.001, max_queries: int = 16):
+        if window < 0 or max_queries < 1:
+            raise ValueError(f"window must be >= 0 and max_queries >= 1, got {window} and {max_queries}")
+        self.window = window
+        self.max_queries = max_queries
+        self._lock = threading.Lock()
+        self._open: dict = {}
+        self._in_flight = 0
+        self.batches = 0          # batched scans run (more than one request)
+        self.batched_requests = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.window > 0 and self.max_queries > 1
+
+    def run(self, key, tables: np.ndarray, scan: Callable[[np.ndarray], tuple[list, object]]) -> tuple[list, object]:
+        """Answer `tables` float32 [Q, M, K] with `scan(batch_tables) -> (one result per query, extra)`.
+
+        Returns this request's results (in its query order) and the batch's `extra`.
+        """
+        q = tables.shape[0]
+        if not self.enabled or q >= self.max_queries:
+            return self._alone(tables, scan)
+        with self._lock:
+            batch = self._open.get(key)
+            if batch is not None and batch.size + q <= self.max_queries:
+                start = batch.add(tables)
+                role = "member"
+            elif self._in_flight == 0:
+                self._in_flight += 1
+                role = "alone"
+            else:
+                batch = self._open[key] = _Batch(self.max_queries)
+                start = batch.add(tables)
+                role = "leader"
+        if role == "alone":
+            return self._scan_counted(tables, scan)
+        if role == "member":
+            batch.done.wait()
+            if batch.error is not None:
+                raise batch.error
+            return batch.results[0][start:start + q], batch.results[1]
+        batch.full.wait(self.window)
+        with self._lock:
+            if self._open.get(key) is batch:
+                del self._open[key]
+            members = len(batch.tables)
+            self._in_flight += 1
+            if members > 1:
+                self.batches += 1
+                self.batched_requests += members
+        try:
+            results = self._scan_counted(np.concatenate(batch.tables) if members > 1 else batch.tables[0], scan)
+            batch.results = results
+        except BaseException as exc:
+            batch.error = exc
+            raise
+        finally:
+            batch.done.set()
+        return results[0][:q], results[1]
+
+    def _alone(self, tables, scan):
+        with self._lock:
+            self._in_flight += 1
+        return self._scan_counted(tables, scan)
+
+    def _scan_counted(self, tables, scan):
+        """Run `scan` for a request already counted in flight; uncount it afterwards."""
+        try:
+            return scan(tables)
+        finally:
+            with self._lock:
+                self._in_flight -= 1
