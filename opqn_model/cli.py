@@ -47,6 +47,7 @@ def register(sub) -> None:
     e.add_argument("--protocol", choices=["seen", "unseen"], default="unseen")
     e.add_argument("--queries-per-person", type=int, default=1)
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--method", help=f"refuse a checkpoint not trained with this method ({', '.join(method_names())})")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(handler=run_eval)
@@ -77,6 +78,10 @@ def run_train(args) -> int:
         align = align or "none"
         log.info("training on generated synthetic faces in %s", data)
     model_config.code_spec()  # refuse an invalid code before loading any data
+    if args.resume and args.method is not None:
+        from opqn_model.checkpoint import load_checkpoint
+
+        load_checkpoint(args.resume, args.method)  # a run resumes with its own method, never another
     if align or args.no_face != "skip":  # else train() takes the trunk's default alignment
         model_config.pipeline = build_pipeline(model_config, build_trunk(model_config), mode=align,
                                                on_no_face=args.no_face).to_dict()
@@ -100,7 +105,7 @@ def run_eval(args) -> int:
     from opqn_model.evaluate import evaluate_checkpoint
 
     result = evaluate_checkpoint(args.model, args.data, args.protocol, args.queries_per_person, args.seed,
-                                 progress=bars_enabled(not args.no_progress))
+                                 progress=bars_enabled(not args.no_progress), method=args.method)
     if args.json:
         json.dump({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in result.items()}, sys.stdout)
         print()

@@ -107,6 +107,8 @@ class TrainConfig:
             same embeddings, BITS / 8 bytes a face), which an index created with --refine codes:BITS
             stores beside its first-pass codes to re-score search candidates; 0 fits none; None = 256
             (32 bytes) when the embedding splits into 32 equal chunks (dlib's 128-d, resnet20's 512-d), else none.
+        center_weight, quant_weight: method dmh: weights of the center loss and the quantization loss.
+        compact_weight: method dagh: weight of the intra-identity Hamming compactness term.
     """
 
     method: str = "opqn"
@@ -128,6 +130,9 @@ class TrainConfig:
     opq_iterations: int = 30
     itq_iterations: int = 50
     refine_bits: int | None = None
+    center_weight: float = 0.1
+    quant_weight: float = 0.1
+    compact_weight: float = 1.0
 
     def resolved_epochs(self, frozen_trunk: bool) -> int:
         """`epochs`, or its default for this kind of trunk (see Args)."""
