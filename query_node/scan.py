@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-from query_node import fastscan
+from query_node import fastscan, hamming_scan
 
 log = logging.getLogger(__name__)
 
@@ -210,12 +210,15 @@ class ScanTables:
 
     byte: np.ndarray                           # float32 [Q, code_bytes * 256] exact byte tables
     nibble: fastscan.NibbleTables | None = None  # packed codes on the native kernel
+    hamming: np.ndarray | None = None          # uint8 [Q, code_bytes]: the query codes of Hamming tables
 
 
 def scan_tables(lookup_tables: np.ndarray, packed: bool, code_bytes: int) -> ScanTables:
     """Per-query lookup tables float32 [Q, M, K] -> the tables the fastest available kernel takes."""
     if not packed:
-        return ScanTables(byte_tables(lookup_tables, packed, code_bytes))
+        byte = byte_tables(lookup_tables, packed, code_bytes)
+        # binary codes scored by Hamming distance: the popcount kernel (query_node.hamming_scan)
+        return ScanTables(byte, hamming=hamming_scan.hamming_queries(byte) if hamming_scan.available() else None)
     nib = _packed_nibble_values(_as_tables(lookup_tables), code_bytes)  # one pass serves the float and the quantized tables
     return ScanTables(_pair_tables(nib), fastscan.nibble_tables(nib) if fastscan.available() else None)
 
@@ -245,9 +248,9 @@ class TopKHeap:
         Rows of this segment are numbered from `rows_scanned` (the rows of the segments
         scanned before), so ties are broken across segments by scan order.
         """
-        nibble = None
+        nibble = hamming = None
         if isinstance(tables, ScanTables):
-            tables, nibble = tables.byte, tables.nibble
+            tables, nibble, hamming = tables.byte, tables.nibble, tables.hamming
         if codes.ndim != 2 or codes.dtype != np.uint8 or not codes.flags.c_contiguous:
             raise ValueError(f"codes must be C-contiguous uint8 [N, B], got {codes.dtype} {codes.shape}")
         if tables.shape != (self.scores.shape[0], codes.shape[1] * 256) or tables.dtype != np.float32:
@@ -261,7 +264,9 @@ class TopKHeap:
             if skip.shape != (n,):
                 raise ValueError(f"skip_mask must be bool [{n}], got {skip.shape}")
         tables = np.ascontiguousarray(tables)
-        if n and self.native and nibble is not None:
+        if n and self.native and hamming is not None:
+            hamming_scan.scan_into(codes, hamming, skip, has_skip, self.rows_scanned, self.scores, self.rows)
+        elif n and self.native and nibble is not None:
             fastscan.scan_into(codes, tables, nibble, skip, has_skip, self.rows_scanned, self.scores, self.rows)
         elif n and self.native and codes.shape[1] == fastscan.FUSED_WIDTH:
             fastscan.scan8_into(codes, tables, skip, has_skip, self.rows_scanned, self.scores, self.rows)
