@@ -12,18 +12,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import numpy as np
 
-
-def _best_ms(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best * 1e3
+from bench.scan_bench import _best_ms
 
 
 def _ours(codes, query, k, isa):
@@ -64,7 +56,6 @@ def run(sizes, bits: int = 64, k: int = 100, queries: int = 5, repeats: int = 3,
             log(f"  N={n:>11,d}  {isa:17s} {ours_ms:8.3f} ms   IndexBinaryFlat {faiss_ms:8.3f} ms   "
                 f"ratio {faiss_ms / ours_ms:5.2f}x ({'meets' if faiss_ms >= ours_ms else 'misses'} 1.0x)   "
                 f"top-{k} distances equal FAISS's: {same}")
-        del index
     return rows
 
 

@@ -59,6 +59,17 @@ static inline int64_t offer(float *hs, int64_t *hr, int k, int64_t d, int64_t ro
     return threshold_of(hs);
 }
 
+/* Offer the rows of group i.. flagged in `below` (bit j: row i + j) with distances dist[j]; returns the threshold. */
+static inline int64_t offer_group(float *hs, int64_t *hr, int k, const int64_t *dist, unsigned below, int64_t i,
+                                  int64_t row_offset, const uint8_t *skip, int32_t has_skip, int64_t thr) {
+    while (below) {
+        int j = __builtin_ctz(below);
+        below &= below - 1;
+        thr = offer(hs, hr, k, dist[j], row_offset + i + j, skip, has_skip, i + j, thr);
+    }
+    return thr;
+}
+
 static inline __attribute__((always_inline)) int64_t row_distance(const uint8_t *row, const uint8_t *q,
                                                                   int32_t width) {
     int64_t d = 0;
@@ -88,6 +99,34 @@ static int check_args(int64_t n, int32_t width, int32_t nq, int32_t k) {
     return (n < 0 || width < 1 || width > (1 << 20) || nq < 0 || k < 1) ? SCAN_BAD_ARGS : SCAN_OK;
 }
 
+typedef int64_t (*scan8_fn)(const uint8_t *codes, int64_t start, int64_t stop, const uint8_t *q,
+                            const uint8_t *skip, int32_t has_skip, int64_t row_offset, float *hs, int64_t *hr, int k,
+                            int64_t thr);
+typedef int64_t (*scan_any_fn)(const uint8_t *codes, int64_t start, int64_t stop, int32_t width, const uint8_t *q,
+                               const uint8_t *skip, int32_t has_skip, int64_t row_offset, float *hs, int64_t *hr,
+                               int k, int64_t thr);
+
+/* Every query scans a block of BLOCK rows while it is in cache; a variant passes its two row loops. */
+static inline __attribute__((always_inline)) int scan_blocks(
+    const uint8_t *codes, int64_t n, int32_t width, int32_t nq, const uint8_t *queries, const uint8_t *skip,
+    int32_t has_skip, int64_t row_offset, float *heap_s, int64_t *heap_r, int32_t k, scan8_fn scan8,
+    scan_any_fn scan_any) {
+    if (check_args(n, width, nq, k)) return SCAN_BAD_ARGS;
+    for (int64_t start = 0; start < n; start += BLOCK) {
+        int64_t stop = start + BLOCK < n ? start + BLOCK : n;
+        for (int32_t qi = 0; qi < nq; qi++) {
+            float *hs = heap_s + (int64_t)qi * k;
+            int64_t *hr = heap_r + (int64_t)qi * k;
+            const uint8_t *q = queries + (int64_t)qi * width;
+            if (width == 8)
+                scan8(codes, start, stop, q, skip, has_skip, row_offset, hs, hr, k, threshold_of(hs));
+            else
+                scan_any(codes, start, stop, width, q, skip, has_skip, row_offset, hs, hr, k, threshold_of(hs));
+        }
+    }
+    return SCAN_OK;
+}
+
 /* ---- AVX-512 VPOPCNTDQ ---------------------------------------------------------------------- */
 #define AVX512 __attribute__((target("avx512f,avx512vpopcntdq,popcnt")))
 
@@ -105,11 +144,7 @@ AVX512 static int64_t scan8_avx512(const uint8_t *codes, int64_t start, int64_t 
         if (below) {
             int64_t dist[8];
             _mm512_storeu_si512(dist, d);
-            while (below) {
-                int j = __builtin_ctz(below);
-                below &= below - 1;
-                thr = offer(hs, hr, k, dist[j], row_offset + i + j, skip, has_skip, i + j, thr);
-            }
+            thr = offer_group(hs, hr, k, dist, below, i, row_offset, skip, has_skip, thr);
             limit = _mm512_set1_epi64(thr);
         }
     }
@@ -125,21 +160,8 @@ AVX512 static int64_t scan_any_avx512(const uint8_t *codes, int64_t start, int64
 int hamming_scan_avx512(const uint8_t *codes, int64_t n, int32_t width, int32_t nq, const uint8_t *queries,
                         const uint8_t *skip, int32_t has_skip, int64_t row_offset, float *heap_s, int64_t *heap_r,
                         int32_t k) {
-    if (check_args(n, width, nq, k)) return SCAN_BAD_ARGS;
-    for (int64_t start = 0; start < n; start += BLOCK) {
-        int64_t stop = start + BLOCK < n ? start + BLOCK : n;
-        for (int32_t qi = 0; qi < nq; qi++) {
-            float *hs = heap_s + (int64_t)qi * k;
-            int64_t *hr = heap_r + (int64_t)qi * k;
-            const uint8_t *q = queries + (int64_t)qi * width;
-            int64_t thr = threshold_of(hs);
-            if (width == 8)
-                scan8_avx512(codes, start, stop, q, skip, has_skip, row_offset, hs, hr, k, thr);
-            else
-                scan_any_avx512(codes, start, stop, width, q, skip, has_skip, row_offset, hs, hr, k, thr);
-        }
-    }
-    return SCAN_OK;
+    return scan_blocks(codes, n, width, nq, queries, skip, has_skip, row_offset, heap_s, heap_r, k, scan8_avx512,
+                       scan_any_avx512);
 }
 
 /* ---- AVX2 ----------------------------------------------------------------------------------- */
@@ -174,11 +196,7 @@ AVX2_POPCNT static int64_t scan8_avx2(const uint8_t *codes, int64_t start, int64
             int64_t dist[8];
             _mm256_storeu_si256((__m256i *)dist, d0);
             _mm256_storeu_si256((__m256i *)(dist + 4), d1);
-            while (below) {
-                int j = __builtin_ctz(below);
-                below &= below - 1;
-                thr = offer(hs, hr, k, dist[j], row_offset + i + j, skip, has_skip, i + j, thr);
-            }
+            thr = offer_group(hs, hr, k, dist, (unsigned)below, i, row_offset, skip, has_skip, thr);
             limit = _mm256_set1_epi64x(thr);
         }
     }
@@ -194,21 +212,8 @@ AVX2_POPCNT static int64_t scan_any_avx2(const uint8_t *codes, int64_t start, in
 int hamming_scan_avx2(const uint8_t *codes, int64_t n, int32_t width, int32_t nq, const uint8_t *queries,
                       const uint8_t *skip, int32_t has_skip, int64_t row_offset, float *heap_s, int64_t *heap_r,
                       int32_t k) {
-    if (check_args(n, width, nq, k)) return SCAN_BAD_ARGS;
-    for (int64_t start = 0; start < n; start += BLOCK) {
-        int64_t stop = start + BLOCK < n ? start + BLOCK : n;
-        for (int32_t qi = 0; qi < nq; qi++) {
-            float *hs = heap_s + (int64_t)qi * k;
-            int64_t *hr = heap_r + (int64_t)qi * k;
-            const uint8_t *q = queries + (int64_t)qi * width;
-            int64_t thr = threshold_of(hs);
-            if (width == 8)
-                scan8_avx2(codes, start, stop, q, skip, has_skip, row_offset, hs, hr, k, thr);
-            else
-                scan_any_avx2(codes, start, stop, width, q, skip, has_skip, row_offset, hs, hr, k, thr);
-        }
-    }
-    return SCAN_OK;
+    return scan_blocks(codes, n, width, nq, queries, skip, has_skip, row_offset, heap_s, heap_r, k, scan8_avx2,
+                       scan_any_avx2);
 }
 
 #endif /* FASTSCAN_X86 */
