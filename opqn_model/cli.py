@@ -17,7 +17,7 @@ def register(sub) -> None:
     from opqn_model.config_flags import add_config_flags
     from opqn_model.methods import method_names
 
-    p = sub.add_parser("train", help="train a model (trunk + code head: OPQN, or ITQ binary codes)",
+    p = sub.add_parser("train", help="train a model (trunk + code head: OPQN, or binary codes: ITQ, DMH, DAGH)",
                        description="Train a model. Without --data it trains on generated synthetic faces. "
                                    "Every option's default comes from opqn_model.config (ModelConfig, TrainConfig).")
     p.add_argument("--data", help="folder of <person>/<photo> or a CSV/Parquet list (path, person); "
@@ -25,7 +25,7 @@ def register(sub) -> None:
     p.add_argument("--out", default=str(DEFAULT_WORKDIR / "model"), help="checkpoint folder (default %(default)s)")
     add_config_flags(p, ModelConfig, names={"M": ["--codebooks", "-M"], "K": ["--codewords", "-K"],
                                             "trunk_width": ["--width"]},
-                     extra_help={"trunk": "Known: resnet20, dlib."})
+                     extra_help={"trunk": "Known: resnet20, dlib, densenet, densenet_attention."})
     add_config_flags(p, TrainConfig, extra_help={"method": f"Known: {', '.join(method_names())}."})
     p.add_argument("--align", choices=["dlib", "none"], help="face alignment: dlib (detect + 5 landmarks) or none "
                    "(photos are already face crops); default dlib, none for synthetic faces")

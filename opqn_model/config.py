@@ -108,7 +108,9 @@ class TrainConfig:
             stores beside its first-pass codes to re-score search candidates; 0 fits none; None = 256
             (32 bytes) when the embedding splits into 32 equal chunks (dlib's 128-d, resnet20's 512-d), else none.
         center_weight, quant_weight: method dmh: weights of the center loss and the quantization loss.
-        compact_weight: method dagh: weight of the intra-identity Hamming compactness term.
+        compact_weight: method dagh: weight of the intra-identity Hamming compactness term (LFW validation
+            people, dlib, 64 bits, best epoch's code mAP: 0.780 at 1.0 over 20 epochs; 0.928 at 0.1, 0.925 at
+            0.01, 0.916 at 0 over 10 epochs).
     """
 
     method: str = "opqn"
@@ -132,7 +134,7 @@ class TrainConfig:
     refine_bits: int | None = None
     center_weight: float = 0.1
     quant_weight: float = 0.1
-    compact_weight: float = 1.0
+    compact_weight: float = 0.1
 
     def resolved_epochs(self, frozen_trunk: bool) -> int:
         """`epochs`, or its default for this kind of trunk (see Args)."""

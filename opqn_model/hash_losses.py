@@ -50,7 +50,7 @@ class DAGHLoss(nn.Module):
         scale: logit scale of the classifier on b / sqrt(B) (unit-length codes).
     """
 
-    def __init__(self, bits: int, num_classes: int, compact_weight: float = 1.0, scale: float = 16.0):
+    def __init__(self, bits: int, num_classes: int, compact_weight: float = 0.1, scale: float = 16.0):
         super().__init__()
         self.classifier = nn.Linear(bits, num_classes, bias=False)
         self.compact_weight, self.scale = compact_weight, scale
