@@ -75,3 +75,21 @@ def test_hamming_search_through_two_nodes_and_a_coordinator_equals_brute_force(s
         assert top1 >= 1  # the photo itself (or a same-code photo) ranks first
     finally:
         cluster.close()
+
+
+@pytest.mark.parametrize("method", ["dmh", "dagh"])
+def test_a_head_on_the_dlib_embedding_trains_and_evaluates_on_orl(method, att_faces, orl, tmp_path):
+    """The frozen-trunk path: `facepq train --trunk dlib --method M` on ORL, then `facepq eval --method M`."""
+    import json
+
+    from tests.support.processes import run_cli
+
+    model = train_cli(tmp_path / "model", att_faces, "--trunk", "dlib", "--method", method, "--bits", "32",
+                      "--epochs", "5")
+    done = run_cli("eval", "--model", model, "--data", att_faces, "--method", method, "--json", "--no-progress",
+                   timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout)
+    # 32-bit Hamming codes of unseen ORL people: well above chance (~0.1 with 10 test people)
+    assert result["method"] == method
+    assert result["map"] > 0.5, result
