@@ -112,7 +112,8 @@ def run_eval(args) -> int:
         return 0
     print(f"{args.protocol} protocol: {result['n_queries']} queries, gallery {result['n_gallery']}, "
           f"{result['n_people']} people, {result['bits']}-bit codes ({result['M']}x{result['K']}), trunk {result['trunk']}")
-    rows = [("OPQN codes (asymmetric LUT)", result["map"], result["p_at_1"], result["p_at_5"], result["r_at_10"]),
+    codes = f"{result.get('method', 'opqn').upper()} codes (lookup tables)"
+    rows = [(codes, result["map"], result["p_at_1"], result["p_at_5"], result["r_at_10"]),
             ("float, trunk embedding", result["map_float"], result["p_at_1_float"], None, None),
             ("float, head before quantization", result["map_float_head"], None, None, None)]
     print(f"{'':34} {'mAP@all':>8} {'P@1':>7} {'P@5':>7} {'R@10':>7}")

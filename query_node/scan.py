@@ -335,4 +335,5 @@ def warmup() -> None:
             for mask in (None, np.zeros(64, dtype=np.bool_)):
                 heap = TopKHeap(2, 5)
                 heap.scan(c, tables, mask)
-    log.info("scan kernels ready; 4-bit codes scan with %s", fastscan.status())
+    log.info("scan kernels ready; 4-bit codes scan with %s, Hamming codes with %s", fastscan.status(),
+             hamming_scan.status())
