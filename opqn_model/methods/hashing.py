@@ -124,7 +124,7 @@ class HashingMethod:
         best_epoch, head_state, trunk_state = best
         head.load_state_dict(head_state)
         head.eval()
-        codec = head.export_codec()
+        codec = head.export_codec().with_scoring(cfg.scoring)
         model_path = setup.out_dir / "model.pt"
         metrics = history[best_epoch - 1]
         fingerprint = save_checkpoint(model_path, model_config, head_state, trunk_state, method=self.name,

@@ -172,6 +172,28 @@ def test_a_checkpoint_of_another_method_or_codec_is_refused_in_one_line(tiny_dmh
     assert "trained with method 'dmh', not 'opqn'" in out.stderr and len(out.stderr.strip().splitlines()) == 1
 
 
+def test_asymmetric_scoring_is_a_training_option_the_codec_keeps(tmp_path):
+    from opqn_model.api import FaceEncoder
+    from opqn_model.config import ModelConfig, TrainConfig
+    from opqn_model.face_pipeline import FacePipeline
+    from opqn_model.synthetic import write_faces
+    from opqn_model.train import train
+    from query_node import hamming_scan
+    from query_node.scan import scan_tables
+
+    data = write_faces(tmp_path / "faces", 6, 3, size=32, seed=1)
+    summary = train(data, tmp_path / "model", ModelConfig(trunk="densenet", bits=16, input_size=32, trunk_width=16,
+                                                          pipeline=FacePipeline(size=32, mode="none").to_dict()),
+                    TrainConfig(method="dmh", scoring="asymmetric", epochs=1, device="cpu", test_people=0.0,
+                                val_people=0.0, queries_per_person=0), progress=False)
+    codec = FaceEncoder.load(summary["model"]).codec
+    assert codec.scoring == "asymmetric"
+    feats = np.random.default_rng(0).normal(size=(2, codec.embedding_dim)).astype(np.float32)
+    assert scan_tables(codec.query_tables(feats), False, 2).hamming is None  # the nodes' table kernel scores it
+    hamming = scan_tables(codec.with_scoring("hamming").query_tables(feats), False, 2).hamming
+    assert (hamming is not None) == hamming_scan.available()
+
+
 def test_dagh_refuses_a_trainable_trunk_without_attention(tmp_path):
     from facepq_core.errors import ConfigError
     from tests.support.models import train_tiny_model
