@@ -86,13 +86,13 @@ class HashHead(nn.Module):
     @torch.no_grad()
     def export_codec(self):
         """The numpy codec computing these signs: BinaryCodec, or GatedBinaryCodec with a gate."""
-        std = torch.sqrt(self.norm.running_var + self.norm.eps).double()
-        mean = self.norm.running_mean.double().numpy()
-        weight = self.proj.weight.double()  # [B, E]
+        std = torch.sqrt(self.norm.running_var + self.norm.eps).double().cpu()
+        mean = self.norm.running_mean.double().cpu().numpy()
+        weight = self.proj.weight.double().cpu()  # [B, E]
         if isinstance(self.gate, FeatureGate):
             from facepq_core.codecs.binary_gated import GatedBinaryCodec
 
-            return GatedBinaryCodec(weight.T.numpy(), mean, (1.0 / std).numpy(),
-                                    self.gate.fc1.weight.numpy(), self.gate.fc1.bias.numpy(),
-                                    self.gate.fc2.weight.numpy(), self.gate.fc2.bias.numpy())
+            gate = [p.detach().cpu().numpy() for p in (self.gate.fc1.weight, self.gate.fc1.bias, self.gate.fc2.weight,
+                                                        self.gate.fc2.bias)]
+            return GatedBinaryCodec(weight.T.numpy(), mean, (1.0 / std).numpy(), *gate)
         return BinaryCodec((weight / std[None, :]).T.numpy(), mean, normalize=False)
