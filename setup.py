@@ -57,8 +57,8 @@ setup(
     ext_modules=[
         Extension(
             "query_node._fastscan",
-            sources=["query_node/_fastscan.c", "query_node/fastscan_kernels.c"],
-            depends=["query_node/fastscan_kernels.h"],
+            sources=["query_node/_fastscan.c", "query_node/fastscan_kernels.c", "query_node/popcount_kernels.c"],
+            depends=["query_node/fastscan_kernels.h", "query_node/popcount_kernels.h"],
             extra_compile_args=FLAGS,
             optional=True,
         )

@@ -18,6 +18,8 @@ Rows per code length:
   float          cosine of the dlib embeddings (the reference)
   FAISS OPQ+PQ   8-bit sub-quantizers, asymmetric distances
   OPQN / ITQ     the codecs, scored as the query nodes score them
+  DMH / DAGH     hash heads on the dlib embedding (`facepq train --trunk dlib --method dmh|dagh`, their
+                 defaults), B-bit codes scored by Hamming distance
   OPQN + gallery the OPQN model trained with `--unlabelled`: the distractors and the gallery
                  photos of half the query people ("indexed") join the fit of the codes; the
                  other half's photos ("enrolled later") never reach it. mAP is reported for
@@ -50,6 +52,7 @@ PHOTOS_PER_QUERY_PERSON = 5
 QUERIES_PER_PERSON = 2
 CANDIDATES = (50, 100, 500)
 REFINE_KINDS = ("codes:256", "float16")
+HASHING_METHODS = ("dmh", "dagh")
 
 
 def split(records, seed: int) -> dict:
@@ -106,13 +109,14 @@ def _refined(codec, q_emb, g_emb) -> np.ndarray:
     return np.stack([rescore(codec.kernel, t, rows) for t in codec.query_tables(q_emb)])
 
 
-def _train(records, out_dir, bits, seed, unlabelled=None):
+def _train(records, out_dir, bits, seed, unlabelled=None, method: str = "opqn"):
     from opqn_model.api import FaceEncoder
     from opqn_model.config import ModelConfig, TrainConfig
     from opqn_model.train import train
 
     summary = train(None, out_dir, ModelConfig(trunk="dlib", bits=bits),
-                    TrainConfig(seed=seed, test_people=0.0, queries_per_person=0), records=records, progress=False,
+                    TrainConfig(method=method, seed=seed, test_people=0.0, queries_per_person=0), records=records,
+                    progress=False,
                     unlabelled=unlabelled)
     return FaceEncoder.load(summary["model"])
 
@@ -164,6 +168,9 @@ def run(data: str, bits_list, seed: int, out_dir: pathlib.Path, time_rows: int =
             if bits <= emb["train"].shape[1] else None,
             "OPQN + gallery": (first_gallery, enc_gallery.codec.code_bytes, 0),
         }
+        for method in HASHING_METHODS:
+            hashed = _train(parts["train"], out_dir / f"dlib-{bits}-{method}", bits, seed, method=method)
+            rows[method.upper()] = (_codec_scores(hashed.codec, q_emb, g_emb), hashed.codec.code_bytes, 0)
         for kind in REFINE_KINDS:
             refine = enc.refine_codec(kind)
             refined = _refined(refine, q_emb, g_emb)

@@ -19,6 +19,7 @@ SOURCE_ROOT = pathlib.Path(__file__).resolve().parent.parent
 # name -> (module in bench/, help)
 BENCHES = {
     "scan": ("scan_bench", "scan kernel vs FAISS IndexPQ / IndexPQFastScan (one thread, same codes)"),
+    "popcount": ("popcount_bench", "popcount Hamming kernel vs FAISS IndexBinaryFlat (one thread, same 64-bit codes)"),
     "quality": ("model_quality", ("codes (OPQN, ITQ, two-stage) vs FAISS OPQ+PQ vs float embeddings: unseen people "
                                   "among distractors (--protocol unseen: the older gallery without distractors)")),
     "openset": ("open_set", "open-set identification (DIR@FAR) of codes vs float on unseen people with distractors"),

@@ -120,10 +120,11 @@ def save_checkpoint(path: str | os.PathLike, model_config: ModelConfig, head_sta
     return fingerprint
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict:
+def load_checkpoint(path: str | os.PathLike, method: str | None = None) -> dict:
     """Read and validate a checkpoint (file or `facepq train --out` folder); raises CheckpointError with what is wrong.
 
     The returned payload has `model_config` as a resolved ModelConfig and `method` filled in.
+    `method`: the method the caller expects (e.g. `--method`); a checkpoint of another one is refused.
     """
     from opqn_model.methods import get_method
 
@@ -141,18 +142,24 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         payload["method"] = "opqn"
     try:
         model_config = ModelConfig.from_dict(payload["model_config"]).resolved()
-        method = get_method(str(payload.get("method")))
+        method_obj = get_method(str(payload.get("method")))
     except (KeyError, TypeError, ConfigError) as exc:
         raise CheckpointError(f"{path} has an invalid model config or method: {exc}") from None
+    if method is not None and method != method_obj.name:
+        raise CheckpointError(f"{path} was trained with method {method_obj.name!r}, not {method!r} "
+                              f"(drop --method, or pass --method {method_obj.name})")
+    if fmt not in LEGACY_FORMATS and payload.get("codec") != method_obj.codec_name:
+        raise CheckpointError(f"{path}: codec {payload.get('codec')!r} does not match method {method_obj.name!r}, "
+                              f"whose codes are {method_obj.codec_name!r} (file edited, or a newer facepq wrote it)")
     if model_config.trunk != payload.get("trunk"):
         raise CheckpointError(f"{path}: trunk {payload.get('trunk')!r} does not match its config ({model_config.trunk!r})")
-    method.verify(payload, model_config, path)
-    fingerprint = model_fingerprint(model_config, payload["head"], payload["trunk_state"], method.name,
+    method_obj.verify(payload, model_config, path)
+    fingerprint = model_fingerprint(model_config, payload["head"], payload["trunk_state"], method_obj.name,
                                     payload.get("codec_state"), payload.get("refine_codecs"))
     if fingerprint != payload.get("fingerprint"):
         raise CheckpointError(
             f"{path}: model fingerprint mismatch (stored {payload.get('fingerprint')}, weights give {fingerprint}); "
             "the file was modified or damaged")
     payload["model_config"] = model_config
-    payload["codec"] = method.codec_name
+    payload["codec"] = method_obj.codec_name
     return payload

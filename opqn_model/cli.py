@@ -17,7 +17,7 @@ def register(sub) -> None:
     from opqn_model.config_flags import add_config_flags
     from opqn_model.methods import method_names
 
-    p = sub.add_parser("train", help="train a model (trunk + code head: OPQN, or ITQ binary codes)",
+    p = sub.add_parser("train", help="train a model (trunk + code head: OPQN, or binary codes: ITQ, DMH, DAGH)",
                        description="Train a model. Without --data it trains on generated synthetic faces. "
                                    "Every option's default comes from opqn_model.config (ModelConfig, TrainConfig).")
     p.add_argument("--data", help="folder of <person>/<photo> or a CSV/Parquet list (path, person); "
@@ -25,7 +25,7 @@ def register(sub) -> None:
     p.add_argument("--out", default=str(DEFAULT_WORKDIR / "model"), help="checkpoint folder (default %(default)s)")
     add_config_flags(p, ModelConfig, names={"M": ["--codebooks", "-M"], "K": ["--codewords", "-K"],
                                             "trunk_width": ["--width"]},
-                     extra_help={"trunk": "Known: resnet20, dlib."})
+                     extra_help={"trunk": "Known: resnet20, dlib, densenet, densenet_attention."})
     add_config_flags(p, TrainConfig, extra_help={"method": f"Known: {', '.join(method_names())}."})
     p.add_argument("--align", choices=["dlib", "none"], help="face alignment: dlib (detect + 5 landmarks) or none "
                    "(photos are already face crops); default dlib, none for synthetic faces")
@@ -47,6 +47,7 @@ def register(sub) -> None:
     e.add_argument("--protocol", choices=["seen", "unseen"], default="unseen")
     e.add_argument("--queries-per-person", type=int, default=1)
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--method", help=f"refuse a checkpoint not trained with this method ({', '.join(method_names())})")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(handler=run_eval)
@@ -106,6 +107,10 @@ def run_train(args) -> int:
         align = align or "none"
         log.info("training on generated synthetic faces in %s", data)
     model_config.code_spec()  # refuse an invalid code before loading any data
+    if args.resume and args.method is not None:
+        from opqn_model.checkpoint import load_checkpoint
+
+        load_checkpoint(args.resume, args.method)  # a run resumes with its own method, never another
     if align or args.no_face != "skip":  # else train() takes the trunk's default alignment
         model_config.pipeline = build_pipeline(model_config, build_trunk(model_config), mode=align,
                                                on_no_face=args.no_face).to_dict()
@@ -129,14 +134,15 @@ def run_eval(args) -> int:
     from opqn_model.evaluate import evaluate_checkpoint
 
     result = evaluate_checkpoint(args.model, args.data, args.protocol, args.queries_per_person, args.seed,
-                                 progress=bars_enabled(not args.no_progress))
+                                 progress=bars_enabled(not args.no_progress), method=args.method)
     if args.json:
         json.dump({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in result.items()}, sys.stdout)
         print()
         return 0
     print(f"{args.protocol} protocol: {result['n_queries']} queries, gallery {result['n_gallery']}, "
           f"{result['n_people']} people, {result['bits']}-bit codes ({result['M']}x{result['K']}), trunk {result['trunk']}")
-    rows = [("OPQN codes (asymmetric LUT)", result["map"], result["p_at_1"], result["p_at_5"], result["r_at_10"]),
+    codes = f"{result.get('method', 'opqn').upper()} codes (lookup tables)"
+    rows = [(codes, result["map"], result["p_at_1"], result["p_at_5"], result["r_at_10"]),
             ("float, trunk embedding", result["map_float"], result["p_at_1_float"], None, None),
             ("float, head before quantization", result["map_float_head"], None, None, None)]
     print(f"{'':34} {'mAP@all':>8} {'P@1':>7} {'P@5':>7} {'R@10':>7}")

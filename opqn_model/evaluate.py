@@ -87,8 +87,11 @@ def protocol_records(records, split: dict, protocol: str, queries_per_person: in
 
 
 def evaluate_checkpoint(model_path, data, protocol: str = "unseen", queries_per_person: int = 1, seed: int = 0,
-                        progress: bool = True) -> dict:
-    """Load a checkpoint, embed the protocol's photos (cached for frozen trunks) and score codes vs float."""
+                        progress: bool = True, method: str | None = None) -> dict:
+    """Load a checkpoint, embed the protocol's photos (cached for frozen trunks) and score codes vs float.
+
+    `method`: the method the checkpoint must have been trained with (CheckpointError otherwise); None = any.
+    """
     import torch
 
     from opqn_model.api import FaceEncoder
@@ -96,7 +99,7 @@ def evaluate_checkpoint(model_path, data, protocol: str = "unseen", queries_per_
     from opqn_model.datasets import list_photos
     from opqn_model.training_data import embeddings_of, model_inputs
 
-    payload = load_checkpoint(model_path)
+    payload = load_checkpoint(model_path, method)
     split = payload.get("split") or {}
     encoder = FaceEncoder.from_checkpoint(payload)
     queries, gallery = protocol_records(list_photos(data), split, protocol, queries_per_person, seed)

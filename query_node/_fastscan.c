@@ -14,12 +14,14 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <string.h>
 
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "fastscan_kernels.h"
+#include "popcount_kernels.h"
 
 /* Calls are split over threads only where kernels exist (gcc/clang on x86-64) and pthreads with them. */
 #if FASTSCAN_X86 && !defined(_WIN32)
@@ -34,7 +36,8 @@ static PyObject *self_module;   /* borrowed: use() updates its `kernels` */
 static fs4_scan_fn fs4_impl;
 static pq8_scan_fn pq8_impl;
 static q8_scan_fn q8_impl;
-static const char *fs4_isa, *pq8_isa, *q8_isa;
+static hamming_scan_fn hamming_impl;
+static const char *fs4_isa, *pq8_isa, *q8_isa, *hamming_isa;
 
 /* Instruction sets, best first; FACEPQ_SIMD=<isa> (or _fastscan.use) caps the pick at one of them. */
 static const char *const ISAS[] = {"avx512", "avx2"};
@@ -42,8 +45,9 @@ static const char *const ISAS[] = {"avx512", "avx2"};
 
 /* The position of `isa` in ISAS (N_ISAS when unknown). */
 static int isa_rank(const char *isa) {
-    for (int i = 0; i < N_ISAS; i++)
-        if (!strcmp(ISAS[i], isa)) return i;
+    for (int i = 0; i < N_ISAS; i++)   /* a variant named for an extension ranks as its set: avx512_vpopcntdq */
+        if (!strncmp(ISAS[i], isa, strlen(ISAS[i])) && (!isa[strlen(ISAS[i])] || isa[strlen(ISAS[i])] == '_'))
+            return i;
     return N_ISAS;
 }
 
@@ -74,6 +78,19 @@ static const struct {
     {"avx2", cpu_has_avx2, pq8_scan_avx2},
 };
 
+static int cpu_has_avx512_vpopcntdq(void) {
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vpopcntdq");
+}
+
+static const struct {
+    const char *isa;
+    int (*runs_here)(void);
+    hamming_scan_fn fn;
+} HAMMING_VARIANTS[] = {
+    {"avx512_vpopcntdq", cpu_has_avx512_vpopcntdq, hamming_scan_avx512},
+    {"avx2", cpu_has_avx2, hamming_scan_avx2},
+};
+
 static const quantized_variant_t Q8_VARIANTS[] = {
     {"avx512", cpu_has_avx512, q8_scan_avx512},
 };
@@ -98,6 +115,7 @@ static void pick_kernels(int cap) {
     PICK(FS4_VARIANTS, fs4_impl, fs4_isa, cap)
     PICK(PQ8_VARIANTS, pq8_impl, pq8_isa, cap)
     PICK(Q8_VARIANTS, q8_impl, q8_isa, cap)
+    PICK(HAMMING_VARIANTS, hamming_impl, hamming_isa, cap)
 #else
     (void)cap;
 #endif
@@ -383,6 +401,76 @@ static PyObject *use(PyObject *self, PyObject *args) {
         return NULL;
     }
     return kernels;
+
+PyDoc_STRVAR(hamming_scan_doc,
+             "hamming_scan(codes, width, queries, skip, has_skip, row_offset, heap_s, heap_r, k, isa)\n--\n\n"
+             "Exact top-k Hamming scan of binary codes (score = -distance); updates the heaps in place.\n"
+             "isa: '' for the best variant this CPU runs, or a variant's name (hamming_variants).\n"
+             "Arguments: query_node.hamming_scan.scan_into.");
+
+/* check_common's checks with query codes uint8 [nq, width] in place of byte tables. */
+static int check_hamming(const Py_buffer *codes, int width, const Py_buffer *queries, const Py_buffer *skip,
+                         int has_skip, const Py_buffer *heap_s, const Py_buffer *heap_r, int k, long long *n,
+                         int *nq) {
+    if (width < 1 || k < 1 || codes->len % width) {
+        PyErr_Format(PyExc_ValueError, "hamming_scan: codes of %zd bytes are not rows of width %d (k=%d)",
+                     codes->len, width, k);
+        return -1;
+    }
+    if (queries->len % width || queries->len / width > INT32_MAX) {
+        PyErr_Format(PyExc_ValueError, "hamming_scan: queries hold %zd bytes, not rows of %d", queries->len, width);
+        return -1;
+    }
+    *n = codes->len / width;
+    *nq = (int)(queries->len / width);
+    if (check_size("hamming_scan", "heap scores (float32 [nq, k])", heap_s, (long long)*nq * k * 4) ||
+        check_size("hamming_scan", "heap rows (int64 [nq, k])", heap_r, (long long)*nq * k * 8))
+        return -1;
+    if (has_skip && check_size("hamming_scan", "skip mask (bool [n])", skip, *n)) return -1;
+    return 0;
+}
+
+/* The variant named `isa` ('' = the one picked at import); NULL with an exception when it does not run here. */
+static hamming_scan_fn hamming_variant(const char *isa) {
+    if (!*isa) {
+        if (!hamming_impl) no_variant("hamming_scan");
+        return hamming_impl;
+    }
+#if FASTSCAN_X86
+    for (size_t i = 0; i < sizeof(HAMMING_VARIANTS) / sizeof(HAMMING_VARIANTS[0]); i++)
+        if (!strcmp(HAMMING_VARIANTS[i].isa, isa)) {
+            if (HAMMING_VARIANTS[i].runs_here()) return HAMMING_VARIANTS[i].fn;
+            PyErr_Format(PyExc_RuntimeError, "hamming_scan: this CPU does not run the %s variant", isa);
+            return NULL;
+        }
+#endif
+    PyErr_Format(PyExc_ValueError, "hamming_scan: no variant named '%s'", isa);
+    return NULL;
+}
+
+static PyObject *hamming_scan(PyObject *self, PyObject *args) {
+    Py_buffer codes, queries, skip, heap_s, heap_r;
+    int width, has_skip, k, nq, rc;
+    long long row_offset, n;
+    const char *isa;
+    PyObject *result = NULL;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*iy*y*pLw*w*is:hamming_scan", &codes, &width, &queries, &skip, &has_skip,
+                          &row_offset, &heap_s, &heap_r, &k, &isa))
+        return NULL;
+    hamming_scan_fn fn = hamming_variant(isa);
+    if (fn && check_hamming(&codes, width, &queries, &skip, has_skip, &heap_s, &heap_r, k, &n, &nq) == 0) {
+        Py_BEGIN_ALLOW_THREADS
+        rc = fn(codes.buf, n, width, nq, queries.buf, skip.buf, has_skip, row_offset, heap_s.buf, heap_r.buf, k);
+        Py_END_ALLOW_THREADS
+        if (check_rc("hamming_scan", rc) == 0) result = Py_NewRef(Py_None);
+    }
+    PyBuffer_Release(&codes);
+    PyBuffer_Release(&queries);
+    PyBuffer_Release(&skip);
+    PyBuffer_Release(&heap_s);
+    PyBuffer_Release(&heap_r);
+    return result;
 }
 
 static PyMethodDef methods[] = {
@@ -390,6 +478,7 @@ static PyMethodDef methods[] = {
     {"q8_scan", q8_scan, METH_VARARGS, q8_scan_doc},
     {"pq8_scan", pq8_scan, METH_VARARGS, pq8_scan_doc},
     {"use", use, METH_VARARGS, use_doc},
+    {"hamming_scan", hamming_scan, METH_VARARGS, hamming_scan_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -414,11 +503,26 @@ static int add_isa(PyObject *kernels, const char *kernel, const char *isa) {
 static PyObject *kernels_dict(void) {
     PyObject *kernels = PyDict_New();
     if (!kernels || add_isa(kernels, "fs4_scan", fs4_isa) || add_isa(kernels, "q8_scan", q8_isa) ||
-        add_isa(kernels, "pq8_scan", pq8_isa)) {
+        add_isa(kernels, "pq8_scan", pq8_isa) ||
+        add_isa(kernels, "hamming_scan", hamming_isa)) {
         Py_XDECREF(kernels);
         return NULL;
     }
     return kernels;
+}
+
+/* hamming_variants: {variant: whether this CPU runs it} (tests and the benchmark force each one). */
+static int add_hamming_variants(PyObject *m) {
+    PyObject *variants = PyDict_New();
+    int rc = !variants;
+#if FASTSCAN_X86
+    for (size_t i = 0; !rc && i < sizeof(HAMMING_VARIANTS) / sizeof(HAMMING_VARIANTS[0]); i++)
+        rc = PyDict_SetItemString(variants, HAMMING_VARIANTS[i].isa,
+                                  HAMMING_VARIANTS[i].runs_here() ? Py_True : Py_False);
+#endif
+    rc = rc || PyModule_AddObjectRef(m, "hamming_variants", variants);
+    Py_XDECREF(variants);
+    return rc;
 }
 
 PyMODINIT_FUNC PyInit__fastscan(void) {
@@ -433,7 +537,7 @@ PyMODINIT_FUNC PyInit__fastscan(void) {
     if (!m) return NULL;
     self_module = m;
     PyObject *kernels = kernels_dict();
-    int failed = !kernels || PyModule_AddObjectRef(m, "kernels", kernels) ||
+    int failed = !kernels || add_hamming_variants(m) || PyModule_AddObjectRef(m, "kernels", kernels) ||
                  PyModule_AddIntConstant(m, "FS4_MAX_CODE_BYTES", FS4_MAX_CODE_BYTES);
     Py_XDECREF(kernels);
     if (failed) Py_CLEAR(m);

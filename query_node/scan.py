@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-from query_node import fastscan
+from query_node import fastscan, hamming_scan
 
 log = logging.getLogger(__name__)
 
@@ -216,13 +216,18 @@ class ScanTables:
     byte: np.ndarray                           # float32 [Q, code_bytes * 256] exact byte tables
     nibble: fastscan.NibbleTables | None = None  # packed codes on the native kernel
     quant8: fastscan.ByteQuantTables | None = None  # 8-bit codes on the native AVX-512 kernel
+    hamming: np.ndarray | None = None          # uint8 [Q, code_bytes]: the query codes of Hamming tables
 
 
 def scan_tables(lookup_tables: np.ndarray, packed: bool, code_bytes: int) -> ScanTables:
     """Per-query lookup tables float32 [Q, M, K] -> the tables the fastest available kernel takes."""
     if not packed:
-        table = byte_tables(lookup_tables, packed, code_bytes)
-        return ScanTables(table, quant8=fastscan.byte_quant_tables(table) if fastscan.quantized8_available() else None)
+        byte = byte_tables(lookup_tables, packed, code_bytes)
+        # binary codes scored by Hamming distance: the popcount kernel (query_node.hamming_scan)
+        hamming = hamming_scan.hamming_queries(byte) if hamming_scan.available() else None
+        if hamming is not None:
+            return ScanTables(byte, hamming=hamming)
+        return ScanTables(byte, quant8=fastscan.byte_quant_tables(byte) if fastscan.quantized8_available() else None)
     nib = _packed_nibble_values(_as_tables(lookup_tables), code_bytes)  # one pass serves the float and the quantized tables
     return ScanTables(_pair_tables(nib), fastscan.nibble_tables(nib) if fastscan.available() else None)
 
@@ -256,9 +261,9 @@ class TopKHeap:
         Rows of this segment are numbered from `rows_scanned` (the rows of the segments
         scanned before), so ties are broken across segments by scan order.
         """
-        nibble = quant8 = None
+        nibble = quant8 = hamming = None
         if isinstance(tables, ScanTables):
-            tables, nibble, quant8 = tables.byte, tables.nibble, tables.quant8
+            tables, nibble, quant8, hamming = tables.byte, tables.nibble, tables.quant8, tables.hamming
         if codes.ndim != 2 or codes.dtype != np.uint8 or not codes.flags.c_contiguous:
             raise ValueError(f"codes must be C-contiguous uint8 [N, B], got {codes.dtype} {codes.shape}")
         if tables.shape != (self.scores.shape[0], codes.shape[1] * 256) or tables.dtype != np.float32:
@@ -273,7 +278,9 @@ class TopKHeap:
                 raise ValueError(f"skip_mask must be bool [{n}], got {skip.shape}")
         tables = np.ascontiguousarray(tables)
         at, threads = self.rows_scanned, self.threads
-        if n and self.native and nibble is not None:
+        if n and self.native and hamming is not None:
+            hamming_scan.scan_into(codes, hamming, skip, has_skip, at, self.scores, self.rows)
+        elif n and self.native and nibble is not None:
             fastscan.scan_into(codes, tables, nibble, skip, has_skip, at, self.scores, self.rows, threads)
         elif n and self.native and quant8 is not None:
             fastscan.scan_q8_into(codes, tables, quant8, skip, has_skip, at, self.scores, self.rows, threads)
@@ -414,4 +421,5 @@ def warmup() -> None:
             for mask in (None, np.zeros(64, dtype=np.bool_)):
                 heap = TopKHeap(2, 5)
                 heap.scan(c, tables, mask)
-    log.info("scan kernels ready; 4-bit codes scan with %s", fastscan.status())
+    log.info("scan kernels ready; 4-bit codes scan with %s, Hamming codes with %s", fastscan.status(),
+             hamming_scan.status())

@@ -25,7 +25,7 @@ MAX_EMBEDDING_VALUE = 1e15
 _CODECS: dict[str, type["Codec"]] = {}
 # Modules that register codecs; imported on first lookup so importing the package stays light.
 _CODEC_MODULES = ("facepq_core.codecs.opqn", "facepq_core.codecs.binary", "facepq_core.codecs.pq",
-                  "facepq_core.codecs.float16")
+                  "facepq_core.codecs.float16", "facepq_core.codecs.binary_gated")
 
 
 def register_codec(cls: type["Codec"]) -> type["Codec"]:

@@ -9,6 +9,8 @@ and the name of the codec it produces (`codec_name`). The checkpoint records the
 
     opqn   the OPQN head: orthonormal product quantization (the paper's method)
     itq    ITQ binary codes of a frozen trunk's embedding, scored by Hamming distance
+    dmh    Deep Metric Hashing: hash head + softmax, center and quantization losses (binary codes)
+    dagh   Deep Discrete Attention Guided Hashing: attention + discrete sign layer (binary_gated codes)
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ import importlib
 from facepq_core.errors import ConfigError
 
 _METHODS: dict[str, object] = {}
-_METHOD_MODULES = ("opqn_model.methods.opqn", "opqn_model.methods.itq")
+_METHOD_MODULES = ("opqn_model.methods.opqn", "opqn_model.methods.itq", "opqn_model.methods.dmh",
+                   "opqn_model.methods.dagh")
 
 
 def register_method(cls):

@@ -23,7 +23,7 @@ from facepq_core.errors import ConfigError
 _TRUNK_BUILDERS: dict[str, Callable] = {}
 _UNAVAILABLE: dict[str, str] = {}
 # Modules that register trunks; imported on first use so `import opqn_model` stays light.
-_TRUNK_MODULES = ("opqn_model.trunks.resnet", "opqn_model.trunks.dlib")
+_TRUNK_MODULES = ("opqn_model.trunks.resnet", "opqn_model.trunks.dlib", "opqn_model.trunks.densenet")
 
 
 def register_trunk(fn: Callable) -> Callable:

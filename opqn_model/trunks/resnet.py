@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from opqn_model.trunks import register_trunk
+from opqn_model.trunks.inference import torch_features
 
 
 def conv_bn(cin: int, cout: int, stride: int, act_layer: type[nn.Module]) -> nn.Sequential:
@@ -65,20 +66,9 @@ class SphereResNet(nn.Module):
             images = (images.float() - 127.5) / 128.0
         return self.fc(self.stages(images).flatten(1))
 
-    @torch.no_grad()
     def features(self, crops: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """Inference on aligned crops uint8 [N, S, S, 3] -> float32 [N, feature_dim]."""
-        was_training = self.training
-        self.eval()
-        device = next(self.parameters()).device
-        out = []
-        try:
-            for i in range(0, len(crops), batch_size):
-                batch = torch.from_numpy(np.ascontiguousarray(crops[i:i + batch_size])).permute(0, 3, 1, 2)
-                out.append(self(batch.to(device)).float().cpu().numpy())
-        finally:
-            self.train(was_training)
-        return np.concatenate(out) if out else np.zeros((0, self.feature_dim), np.float32)
+        return torch_features(self, crops, batch_size)
 
 
 @register_trunk

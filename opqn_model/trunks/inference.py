@@ -1,0 +1,21 @@
+"""Inference of a torch trunk on aligned crops, shared by the trainable trunks' `features()`."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+@torch.no_grad()
+def torch_features(trunk: torch.nn.Module, crops: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Aligned crops uint8 [N, S, S, 3] -> float32 [N, trunk.feature_dim], in eval mode (the mode is restored)."""
+    was_training = trunk.training
+    trunk.eval()
+    device = next(trunk.parameters()).device
+    out = []
+    try:
+        for i in range(0, len(crops), batch_size):
+            batch = torch.from_numpy(np.ascontiguousarray(crops[i:i + batch_size])).permute(0, 3, 1, 2)
+            out.append(trunk(batch.to(device)).float().cpu().numpy())
+    finally:
+        trunk.train(was_training)
+    return np.concatenate(out) if out else np.zeros((0, trunk.feature_dim), np.float32)
