@@ -401,6 +401,7 @@ static PyObject *use(PyObject *self, PyObject *args) {
         return NULL;
     }
     return kernels;
+}
 
 PyDoc_STRVAR(hamming_scan_doc,
              "hamming_scan(codes, width, queries, skip, has_skip, row_offset, heap_s, heap_r, k, isa)\n--\n\n"
