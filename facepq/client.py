@@ -89,9 +89,15 @@ class SearchReply:
     node_scan_ms: float  # the slowest answering node's kernel time (part of took_ms)
     latency_ms: float = 0.0  # as this client saw it (not part of the JSON form: it is the caller's)
     query: str = ""      # what was searched, as the caller named it (a path, "FILE:ROW", ...)
+    expansion: tuple[int, float] | None = None  # the αQE the coordinator applied: (n, alpha); None: none
 
     def to_json(self) -> dict:
-        """The search answer's one JSON form (also clients/node/search.js's output)."""
+        """The search answer's one JSON form (also clients/node/search.js's output; an "expansion" key
+        {"n", "alpha"} is added only to an answer the coordinator expanded)."""
+        extra = {"expansion": {"n": self.expansion[0], "alpha": _f32(self.expansion[1])}} if self.expansion else {}
+        return {**self._json_core(), **extra}
+
+    def _json_core(self) -> dict:
         return {"query": self.query,
                 "hits": [{"rank": h.rank, "face_id": str(h.face_id), "person": h.person, "score": _f32(h.score),
                           "source": h.source, "shard": h.shard} for h in self.hits],
@@ -184,11 +190,14 @@ class CoordinatorClient:
 
     # ---- calls -------------------------------------------------------------------------------
     def search(self, photo: bytes | None = None, embedding: Sequence[float] | None = None, k: int = 10,
-               timeout: float | None = None, query: str = "", candidates: int | None = None) -> SearchReply:
+               timeout: float | None = None, query: str = "", candidates: int | None = None,
+               expansion: tuple[int, float] | None = None) -> SearchReply:
         """The top-k faces for a photo (encoded image bytes) or a trunk embedding (floats); give one.
 
         `candidates`: on an index with a refinement tier, first-pass candidates re-scored per shard
         (None: the coordinator's default, 100; 0: the first pass alone).
+        `expansion`: (n, alpha) for α-query expansion: the answer is a second search with the query combined
+        with its first search's top n hits, each weighted by similarity^alpha (n = 0 or None: none).
 
         Raises:
             InvalidRequest: no or both queries, k outside 1..1000, a photo that is no image, a bad embedding.
@@ -207,13 +216,19 @@ class CoordinatorClient:
             request = self._pb.SearchRequest(embedding=self._pb.Embedding(values=values.tolist()), top_k=int(k))
         if candidates is not None:
             request.refine_candidates = int(candidates)
+        if expansion is not None and expansion[0]:
+            from facepq_core.expansion import check_expansion
+
+            checked = check_expansion(expansion[0], expansion[1])
+            request.expansion.n, request.expansion.alpha = checked.n, checked.alpha
         t0 = time.perf_counter()
         reply = self._call("Search", request, timeout)
         latency = (time.perf_counter() - t0) * 1e3
         hits = [Hit(i + 1, int(h.face_id), h.person, h.source, float(h.score), int(h.shard))
                 for i, h in enumerate(reply.hits)]
+        applied = (int(reply.expansion.n), float(reply.expansion.alpha)) if reply.expansion.n else None
         return SearchReply(hits, bool(reply.complete), [int(s) for s in reply.missing_shards], reply.index_version,
-                           float(reply.took_ms), float(reply.node_scan_ms), latency, query)
+                           float(reply.took_ms), float(reply.node_scan_ms), latency, query, applied)
 
     def search_many(self, queries: Iterable[tuple[str, dict]], k: int = 10, concurrency: int = 4,
                     timeout: float | None = None):

@@ -66,6 +66,12 @@ def register(subparsers) -> None:
     p.add_argument("--candidates", type=int, default=None, metavar="R",
                    help="on an index with a refinement tier: first-pass candidates re-scored per shard "
                         "(default the coordinator's, 100; 0 = the first pass alone)")
+    p.add_argument("--qe-n", type=int, default=0, metavar="N",
+                   help="alpha-query expansion: search again with the query combined with its first answer's top N "
+                        "hits (as their codes reconstruct them), 0..100 (default 0: no expansion)")
+    p.add_argument("--qe-alpha", type=float, default=3.0, metavar="A",
+                   help="alpha-query expansion: weigh each of the N hits by its similarity to the query to the "
+                        "power A (0 = plain average; default 3)")
     _add_connection(p)
     p.set_defaults(handler=_search)
 
@@ -167,14 +173,18 @@ def _queries(args) -> list[tuple[str, dict]]:
 def _search(args) -> int:
     from facepq.client import CoordinatorClient
 
+    from facepq_core.expansion import check_expansion
+
+    check_expansion(args.qe_n, args.qe_alpha)  # a bad option is the command's error before any query is sent
     queries = _queries(args)
+    options = {"candidates": args.candidates, "expansion": (args.qe_n, args.qe_alpha) if args.qe_n else None}
     incomplete, failed = [], []
     with CoordinatorClient.from_args(args) as client:
         if len(queries) == 1:  # one query: its error is the command's error (exit 2)
             name, kwargs = queries[0]
-            results = [(name, client.search(k=args.k, query=name, candidates=args.candidates, **kwargs))]
+            results = [(name, client.search(k=args.k, query=name, **options, **kwargs))]
         else:
-            results = client.search_many([(name, dict(kwargs, candidates=args.candidates)) for name, kwargs in queries],
+            results = client.search_many([(name, dict(kwargs, **options)) for name, kwargs in queries],
                                          k=args.k, concurrency=args.concurrency)
         batch = len(queries) > 1
         if not args.json:

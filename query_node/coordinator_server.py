@@ -32,6 +32,7 @@ import os
 import time
 
 from facepq_core.errors import ConfigError
+from facepq_core.expansion import Expansion
 from facepq_proto.facepq.v1 import facepq_pb2, facepq_pb2_grpc
 from query_node.admission import Admission
 from query_node.grpc_server import GrpcServer, ServedByGrpc, status_on_error
@@ -89,10 +90,15 @@ class CoordinatorServicer(facepq_pb2_grpc.CoordinatorServicer):
         gate = self.photo_admission.slot(context.time_remaining()) if kind == "photo" else contextlib.nullcontext()
         with status_on_error(context), gate:
             candidates = request.refine_candidates if request.HasField("refine_candidates") else None
-            result = self.service.search(query, request.top_k, SearchOptions(context.time_remaining(), candidates))
+            expansion = Expansion(request.expansion.n, request.expansion.alpha) \
+                if request.HasField("expansion") else None
+            result = self.service.search(query, request.top_k,
+                                         SearchOptions(context.time_remaining(), candidates, expansion))
         reply = facepq_pb2.SearchResponse(complete=result.complete, missing_shards=result.missing_shards,
                                           index_version=result.index_version, node_scan_ms=result.node_scan_ms,
                                           refine_candidates=result.refine_candidates)
+        if result.expansion.n:
+            reply.expansion.n, reply.expansion.alpha = result.expansion.n, result.expansion.alpha
         reply.hits.extend(hit_messages(facepq_pb2, result.hits))
         reply.took_ms = (time.perf_counter() - t0) * 1e3
         return reply

@@ -45,15 +45,16 @@ class IndexView:
         return sorted(s for s, d in self.shards.items() if d.serving)
 
     def search(self, lookup_tables: np.ndarray, k: int, shards: list[int],
-               stats: ScanStats | None = None, refine=None) -> list[list[Hit]]:
+               stats: ScanStats | None = None, refine=None, with_codes: bool = False) -> list[list[Hit]]:
         """Exact top-k over `shards` (all serving) for float32 [Q, M, K] tables; one list per query.
 
         `stats` (optional) accumulates the kernel's seconds and rows over the shards scanned.
         `refine` (optional query_node.two_stage.RefineQuery): two stages; each shard answers the top k of
         its first-pass candidates re-scored by the refinement tier, merged exactly on those scores.
+        `with_codes`: each hit carries its stored code (the coordinator's query expansion).
         """
         tables = scan_tables(lookup_tables, self.model.packed, self.model.code_bytes)
-        per_shard = [self.shards[s].search(tables, k, stats, refine) for s in shards]
+        per_shard = [self.shards[s].search(tables, k, stats, refine, with_codes) for s in shards]
         return [merge_shard_lists([res[q] for res in per_shard], k) for q in range(tables.byte.shape[0])]
 
 

@@ -63,7 +63,8 @@ def table_message(pb, table: np.ndarray):
 
 def hit_message(pb, hit):
     """A query_node.merge.Hit (or anything with its fields) -> a Hit message."""
-    return pb.Hit(face_id=hit.face_id, person=hit.person, source=hit.source, score=hit.score, shard=hit.shard)
+    return pb.Hit(face_id=hit.face_id, person=hit.person, source=hit.source, score=hit.score, shard=hit.shard,
+                  code=getattr(hit, "code", b""))
 
 
 def hit_messages(pb, hits) -> list:
