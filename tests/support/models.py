@@ -34,7 +34,7 @@ class TinyModel:
 def train_tiny_model(root: pathlib.Path, *, bits: int = 32, K: int | None = None, people: int = 24,
                      photos: int = 6, photo_size: int = 64, input_size: int = 32, trunk_width: int = 16,
                      epochs: int = 2, batch_size: int = 64, hold_out_people: bool = True, seed: int = 0,
-                     data_seed: int = 0) -> TinyModel:
+                     data_seed: int = 0, pooling: str = "flat") -> TinyModel:
     """Train resnet20 (width `trunk_width`) + an OPQN head of `bits` bits on `people` x `photos` generated
     faces of `photo_size` px, read at `input_size` px without face detection (`mode="none"`).
 
@@ -48,7 +48,7 @@ def train_tiny_model(root: pathlib.Path, *, bits: int = 32, K: int | None = None
 
     data = write_faces(root / "faces", people, photos, size=photo_size, seed=data_seed)
     model_config = ModelConfig(trunk="resnet20", bits=bits, K=K, input_size=input_size, trunk_width=trunk_width,
-                               pipeline=FacePipeline(size=input_size, mode="none").to_dict())
+                               pooling=pooling, pipeline=FacePipeline(size=input_size, mode="none").to_dict())
     split = {} if hold_out_people else dict(test_people=0.0, val_people=0.0, queries_per_person=0)
     train_config = TrainConfig(epochs=epochs, batch_size=batch_size, seed=seed, device="cpu", **split)
     summary = train(data, root / "model", model_config, train_config, progress=False)
