@@ -35,15 +35,23 @@ class Expansion:
 def check_expansion(n, alpha) -> Expansion:
     """The options as an Expansion; InvalidRequest for n outside 0..MAX_EXPANSION_N or alpha outside
     0..MAX_EXPANSION_ALPHA (or not a finite number)."""
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 0 <= n <= MAX_EXPANSION_N:
-        raise InvalidRequest(f"expansion n must be an integer in 0..{MAX_EXPANSION_N}, got {n!r}")
+    return Expansion(*checked_weighting("expansion", "n", n, 0, MAX_EXPANSION_N, alpha, MAX_EXPANSION_ALPHA,
+                                        InvalidRequest))
+
+
+def checked_weighting(what: str, count_name: str, count, lo: int, hi: int, alpha, max_alpha: float,
+                      error: type) -> tuple[int, float]:
+    """(count, alpha) of a neighbour weighting (αQE here, DBA in indexer.dba): `error` naming `what` unless count
+    is an integer in lo..hi and alpha a finite number in 0..max_alpha."""
+    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or not lo <= count <= hi:
+        raise error(f"{what} {count_name} must be an integer in {lo}..{hi}, got {count!r}")
     try:
         a = float(alpha)
     except (TypeError, ValueError):
-        raise InvalidRequest(f"expansion alpha must be a number, got {alpha!r}") from None
-    if not math.isfinite(a) or not 0.0 <= a <= MAX_EXPANSION_ALPHA:
-        raise InvalidRequest(f"expansion alpha must be a finite number in 0..{MAX_EXPANSION_ALPHA:g}, got {alpha!r}")
-    return Expansion(int(n), a)
+        raise error(f"{what} alpha must be a number, got {alpha!r}") from None
+    if not math.isfinite(a) or not 0.0 <= a <= max_alpha:
+        raise error(f"{what} alpha must be a finite number in 0..{max_alpha:g}, got {alpha!r}")
+    return int(count), a
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

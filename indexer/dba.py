@@ -16,7 +16,6 @@ whole gallery into a new index recomputes it.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +23,7 @@ import numpy as np
 from facepq_core.errors import ConfigError
 
 MAX_DBA_K = 100
+MAX_DBA_ALPHA = 1000.0
 BLOCK = 2048  # rows of the similarity matrix computed at once
 
 
@@ -40,16 +40,10 @@ class DBA:
 
 
 def check_dba(k, alpha) -> DBA:
-    """DBA options as a DBA; ConfigError for k outside 1..MAX_DBA_K or alpha not a finite number >= 0."""
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= MAX_DBA_K:
-        raise ConfigError(f"DBA k must be an integer in 1..{MAX_DBA_K}, got {k!r}")
-    try:
-        a = float(alpha)
-    except (TypeError, ValueError):
-        raise ConfigError(f"DBA alpha must be a number, got {alpha!r}") from None
-    if not math.isfinite(a) or a < 0:
-        raise ConfigError(f"DBA alpha must be a finite number >= 0, got {alpha!r}")
-    return DBA(int(k), a)
+    """DBA options as a DBA; ConfigError for k outside 1..MAX_DBA_K or alpha outside 0..MAX_DBA_ALPHA."""
+    from facepq_core.expansion import checked_weighting
+
+    return DBA(*checked_weighting("DBA", "k", k, 1, MAX_DBA_K, alpha, MAX_DBA_ALPHA, ConfigError))
 
 
 def nearest_neighbours(features: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -100,23 +100,15 @@ class SphereResNet(nn.Module):
         [N, S, S, 3], training photos) under the current weights; returns the regions used (0: not R-MAC)."""
         if self.pooling != "rmac" or not len(crops):
             return 0
-        was_training = self.training
-        self.eval()
-        device = next(self.parameters()).device
-        regions = []
-        try:
-            for i in range(0, len(crops), batch_size):
-                batch = torch.from_numpy(np.ascontiguousarray(crops[i:i + batch_size])).permute(0, 3, 1, 2)
-                regions.append(self.rmac.regions(self.feature_map(batch.to(device))).flatten(0, 1).double().cpu())
-        finally:
-            self.train(was_training)
+        regions = self._in_eval(crops, batch_size,
+                                lambda b: self.rmac.regions(self.feature_map(b)).flatten(0, 1).double().cpu())
         samples = torch.cat(regions).numpy()
         self.rmac.whiten.init_pca(samples)
         return len(samples)
 
-    @torch.no_grad()
-    def features(self, crops: np.ndarray, batch_size: int = 256) -> np.ndarray:
-        """Inference on aligned crops uint8 [N, S, S, 3] -> float32 [N, feature_dim]."""
+    def _in_eval(self, crops: np.ndarray, batch_size: int, fn) -> list:
+        """fn(batch) for each batch of crops uint8 [N, S, S, 3] as [b, 3, S, S] on the model's device, in eval mode
+        (the previous mode restored after)."""
         was_training = self.training
         self.eval()
         device = next(self.parameters()).device
@@ -124,9 +116,15 @@ class SphereResNet(nn.Module):
         try:
             for i in range(0, len(crops), batch_size):
                 batch = torch.from_numpy(np.ascontiguousarray(crops[i:i + batch_size])).permute(0, 3, 1, 2)
-                out.append(self(batch.to(device)).float().cpu().numpy())
+                out.append(fn(batch.to(device)))
         finally:
             self.train(was_training)
+        return out
+
+    @torch.no_grad()
+    def features(self, crops: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """Inference on aligned crops uint8 [N, S, S, 3] -> float32 [N, feature_dim]."""
+        out = self._in_eval(crops, batch_size, lambda b: self(b).float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, self.feature_dim), np.float32)
 
 

@@ -57,7 +57,7 @@ def _starts(length: int, side: int, count: int) -> list[int]:
     if count <= 1 or length <= side:
         return [0]
     step = (length - side) / (count - 1)
-    return sorted({int(math.floor(i * step)) for i in range(count)})
+    return sorted({math.floor(i * step) for i in range(count)})
 
 
 class Whitening(nn.Module):
