@@ -58,13 +58,35 @@ def test_bad_dba_options_are_config_errors(k, alpha):
         check_dba(k, alpha)
 
 
+def _codes(store) -> dict:
+    """source -> stored code bytes of every row of the current version."""
+    from indexer.segment import open_segment
+
+    out = {}
+    for ref in store.load_manifest().segments:
+        view = open_segment(store, ref)
+        for i in range(view.rows):
+            out[view.source_at(i)] = view.codes[i].tobytes()
+    return out
+
+
+def test_bad_dba_flags_fail_the_command_in_one_line(trained_model, tmp_path, capsys):
+    from facepq.cli import main as facepq_main
+
+    np.save(tmp_path / "e.npy", np.zeros((3, 4), np.float32))
+    code = facepq_main(["ingest", "--model", str(trained_model), "--gallery", str(tmp_path / "e.npy"), "--index",
+                        str(tmp_path / "idx"), "--dba-k", "-1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "DBA k must be an integer in 1..100" in err and "Traceback" not in err
+    assert not (tmp_path / "idx" / "CURRENT").exists()
+
+
 @pytest.mark.slow
 def test_ingest_with_dba_encodes_augmented_embeddings_records_it_and_goes_stale(ray_local, trained_model, tmp_path,
                                                                                   capsys):
     from facepq.cli import main as facepq_main
     from indexer.commit import delete_faces
     from indexer.job import run_ingest
-    from indexer.segment import open_segment
     from indexer.store import IndexStore
     from indexer.writer import IndexWriter
     from opqn_model.api import FaceEncoder
@@ -83,11 +105,7 @@ def test_ingest_with_dba_encodes_augmented_embeddings_records_it_and_goes_stale(
     store = IndexStore(str(index))
     expected = enc.codec.encode(augment(emb, DBA(4, 2.0)))
     plain = enc.codec.encode(emb)
-    codes = {}
-    for ref in store.load_manifest().segments:
-        view = open_segment(store, ref)
-        for i in range(view.rows):
-            codes[view.source_at(i)] = view.codes[i].tobytes()
+    codes = _codes(store)
     assert all(codes[f"emb.npy#{i}"] == expected[i].tobytes() for i in range(120))
     assert any(expected[i].tobytes() != plain[i].tobytes() for i in range(120))  # the augmentation changed codes
     assert store.load_manifest().augmentation == {"kind": "dba", "k": 4, "alpha": 2.0, "faces": 120, "stale": False}
@@ -105,8 +123,12 @@ def test_ingest_with_dba_encodes_augmented_embeddings_records_it_and_goes_stale(
     assert facepq_main(["index", "info", "--index", str(index)]) == 0
     assert "(STALE: faces were enrolled or deleted since" in capsys.readouterr().out
 
-    fresh = tmp_path / "fresh"
-    run_ingest(str(trained_model), str(tmp_path / "emb.npy"), str(fresh), shards=2, progress=False, dba=(4, 2.0))
+    fresh = tmp_path / "fresh"  # the command's flags: the same codes
+    assert facepq_main(["ingest", "--model", str(trained_model), "--gallery", str(tmp_path / "emb.npy"),
+                        "--index", str(fresh), "--shards", "2", "--no-progress", "--dba-k", "4",
+                        "--dba-alpha", "2"]) == 0
+    assert "database-side augmentation: k=4 alpha=2 over 120 faces" in capsys.readouterr().out
+    assert _codes(IndexStore(str(fresh))) == codes
     delete_faces(IndexStore(str(fresh)), person="p3")
     assert IndexStore(str(fresh)).load_manifest().augmentation["stale"] is True
 
