@@ -30,6 +30,13 @@ Rows per code length:
                  500. The ranking for mAP@all is the R re-scored candidates, then the rest in
                  first-pass order: what a node computes (tests/query_node/test_two_stage.py
                  checks the nodes against this definition).
+  OPQN + aQE     alpha-query expansion as the coordinator runs it (query_node.service): the query's top n
+                 gallery codes by the OPQN first pass, reconstructed by the codec, combined with the query
+                 (similarity^alpha weights; facepq_core.expansion), and the gallery re-ranked by the expanded
+                 query's tables. n = 1, 2, 3 at alpha = 3.
+  OPQN + DBA     database-side augmentation as `facepq ingest --dba-k K --dba-alpha 3` makes the gallery
+                 (indexer.dba: exact kNN over the whole gallery, distractors included): K = 1, 2, 4; the
+                 queries are not augmented. Row "DBA k=2 + aQE n=2" combines both.
 Search time is measured apart, at 1M codes (`facepq bench twostage`), because this gallery
 is too small to time; `--time-rows N` runs it here too.
 """
@@ -51,6 +58,8 @@ QUERY_SHARE = 25 / 55       # of the held-out people
 PHOTOS_PER_QUERY_PERSON = 5
 QUERIES_PER_PERSON = 2
 CANDIDATES = (50, 100, 500)
+QE_SETTINGS = ((1, 3.0), (2, 3.0), (3, 3.0))   # alpha-query expansion (n, alpha)
+DBA_SETTINGS = ((1, 3.0), (2, 3.0), (4, 3.0))  # database-side augmentation (k, alpha)
 REFINE_KINDS = ("codes:256", "float16")
 HASHING_METHODS = ("dmh", "dagh")
 
@@ -109,6 +118,22 @@ def _refined(codec, q_emb, g_emb) -> np.ndarray:
     return np.stack([rescore(codec.kernel, t, rows) for t in codec.query_tables(q_emb)])
 
 
+def expanded_scores(codec, q_emb, g_codes: np.ndarray, n: int, alpha: float) -> np.ndarray:
+    """[Q, G] scores of an alpha-QE search as the coordinator runs it: the first pass's top n (ties by the lower
+    row) reconstructed from their codes, combined with the query, the gallery scored by the expanded tables."""
+    from facepq_core.codes import score_codes
+    from facepq_core.expansion import alpha_expand
+
+    first = score_codes(codec.query_tables(q_emb), g_codes, codec.spec)
+    vectors = codec.expansion_vector(q_emb)
+    out = np.empty(first.shape, dtype=np.float64)
+    for q in range(len(q_emb)):
+        top = np.argsort(-first[q], kind="stable")[:n]
+        expanded = alpha_expand(vectors[q], codec.reconstruct(g_codes[top]), alpha)
+        out[q] = score_codes(codec.tables_from_vector(expanded[None])[0], g_codes, codec.spec)
+    return out
+
+
 def _train(records, out_dir, bits, seed, unlabelled=None, method: str = "opqn"):
     from opqn_model.api import FaceEncoder
     from opqn_model.config import ModelConfig, TrainConfig
@@ -123,6 +148,8 @@ def _train(records, out_dir, bits, seed, unlabelled=None, method: str = "opqn"):
 
 def run(data: str, bits_list, seed: int, out_dir: pathlib.Path, time_rows: int = 0) -> dict:
     from bench.model_quality import faiss_opq_pq_scores
+    from facepq_core.codes import score_codes
+    from indexer.dba import DBA, augment
     from opqn_model.api import build_trunk
     from opqn_model.config import ModelConfig
     from opqn_model.datasets import list_photos
@@ -177,6 +204,17 @@ def run(data: str, bits_list, seed: int, out_dir: pathlib.Path, time_rows: int =
             for r in CANDIDATES:
                 rows[f"OPQN + {kind}, R={r}"] = (two_stage_scores(first, refined, r), enc.codec.code_bytes,
                                                  refine.code_bytes)
+        g_codes = enc.codec.encode(g_emb)
+        for n, alpha in QE_SETTINGS:
+            rows[f"OPQN + aQE n={n} a={alpha:g}"] = (expanded_scores(enc.codec, q_emb, g_codes, n, alpha),
+                                                    enc.codec.code_bytes, 0)
+        for k, alpha in DBA_SETTINGS:
+            dba_codes = enc.codec.encode(augment(g_emb, DBA(k, alpha)))
+            rows[f"OPQN + DBA k={k} a={alpha:g}"] = (score_codes(enc.codec.query_tables(q_emb), dba_codes,
+                                                                 enc.codec.spec), enc.codec.code_bytes, 0)
+            if k == 2:
+                rows["OPQN + DBA k=2 + aQE n=2"] = (expanded_scores(enc.codec, q_emb, dba_codes, 2, 3.0),
+                                                   enc.codec.code_bytes, 0)
         for name, row in rows.items():
             if row is None:
                 continue

@@ -103,6 +103,7 @@ class SearchReply:
     threshold: float | None = None
     faces: list[FaceAnswer] = field(default_factory=list)
     calibrated: bool = False
+    expansion: tuple[int, float] | None = None  # the αQE the coordinator applied: (n, alpha); None: none
 
     def to_json(self) -> dict:
         """The search answer's one JSON form (query_node.json_form; also the HTTP API's and search.js's)."""
@@ -200,7 +201,8 @@ class CoordinatorClient:
     def search(self, photo: bytes | None = None, embedding: Sequence[float] | None = None, k: int = 10,
                timeout: float | None = None, query: str = "", candidates: int | None = None,
                far: float | None = None, threshold: float | None = None, group_by: str = "face",
-               faces_per_person: int = 0, faces: str = "largest", min_face_px: int = 0) -> SearchReply:
+               faces_per_person: int = 0, faces: str = "largest", min_face_px: int = 0,
+               expansion: tuple[int, float] | None = None) -> SearchReply:
         """The top-k faces for a photo (encoded image bytes) or a trunk embedding (floats); give one.
 
         Args:
@@ -210,6 +212,8 @@ class CoordinatorClient:
                 this per-comparison false-accept rate (a calibrated model) or this raw score; `unknown` when none.
             group_by: "face" (the top k faces) or "person" (the top k people, `faces_per_person` faces each).
             faces: "largest" (a photo's largest face) or "all" (every face at least `min_face_px` wide).
+            expansion: (n, alpha) for α-query expansion: the answer is a second search with the query combined
+                with its first search's top n hits, each weighted by similarity^alpha (n = 0 or None: none).
         Raises:
             InvalidRequest: no or both queries, k outside 1..1000, a photo that is no image, a bad embedding.
             NoFaceFound: no face in the photo.  NotCalibrated: far for a model without calibration.
@@ -235,6 +239,11 @@ class CoordinatorClient:
             request.far = far
         if threshold is not None:
             request.threshold = threshold
+        if expansion is not None and expansion[0]:
+            from facepq_core.expansion import check_expansion
+
+            checked = check_expansion(expansion[0], expansion[1])
+            request.expansion.n, request.expansion.alpha = checked.n, checked.alpha
         t0 = time.perf_counter()
         reply = self._call("Search", request, timeout)
         latency = (time.perf_counter() - t0) * 1e3
@@ -244,7 +253,9 @@ class CoordinatorClient:
                            threshold=float(reply.threshold) if reply.HasField("threshold") else None,
                            faces=[FaceAnswer(_hits(f.hits), [_person(p) for p in f.people], bool(f.unknown),
                                              (f.box.left, f.box.top, f.box.right, f.box.bottom)) for f in reply.faces],
-                           calibrated=bool(reply.calibrated))
+                           calibrated=bool(reply.calibrated),
+                           expansion=(int(reply.expansion.n), float(reply.expansion.alpha))
+                           if reply.expansion.n else None)
 
     def verify(self, photo_a: bytes | None = None, embedding_a: Sequence[float] | None = None,
                photo_b: bytes | None = None, embedding_b: Sequence[float] | None = None, person: str | None = None,

@@ -83,6 +83,12 @@ def register(subparsers) -> None:
     p.add_argument("--all-faces", action="store_true",
                    help="search every face of a photo at least --min-face-px wide (default: its largest face)")
     p.add_argument("--min-face-px", type=int, default=0, help="--all-faces: smallest face side in pixels (default 40)")
+    p.add_argument("--qe-n", type=int, default=0, metavar="N",
+                   help="alpha-query expansion: search again with the query combined with its first answer's top N "
+                        "hits (as their codes reconstruct them), 0..100 (default 0: no expansion)")
+    p.add_argument("--qe-alpha", type=float, default=3.0, metavar="A",
+                   help="alpha-query expansion: weigh each of the N hits by its similarity to the query to the "
+                        "power A (0 = plain average; default 3)")
     _add_connection(p)
     p.set_defaults(handler=_search)
 
@@ -196,12 +202,16 @@ def _queries(args) -> list[tuple[str, dict]]:
 def _search(args) -> int:
     from facepq.client import CoordinatorClient
 
+    from facepq_core.expansion import check_expansion
+
+    check_expansion(args.qe_n, args.qe_alpha)  # a bad option is the command's error before any query is sent
     queries = _queries(args)
     incomplete, failed = [], []
     with CoordinatorClient.from_args(args) as client:
         options = {"far": args.far, "threshold": args.threshold, "group_by": args.group_by,
                    "faces_per_person": args.faces_per_person, "faces": "all" if args.all_faces else "largest",
-                   "min_face_px": args.min_face_px, "candidates": args.candidates}
+                   "min_face_px": args.min_face_px, "candidates": args.candidates,
+                   "expansion": (args.qe_n, args.qe_alpha) if args.qe_n else None}
         if len(queries) == 1:  # one query: its error is the command's error (exit 2)
             name, kwargs = queries[0]
             results = [(name, client.search(k=args.k, query=name, **kwargs, **options))]

@@ -52,6 +52,13 @@ def register(subparsers) -> None:
                         "first-pass candidates at search time: codes:BITS = the model's longer product codes "
                         "(e.g. codes:256, 32 bytes a face), float16 = the embedding itself (a biometric "
                         "template: 2 bytes a dimension). Default: an existing index's own tier, none for a new one")
+    p.add_argument("--dba-k", type=int, default=0, metavar="K",
+                   help="database-side augmentation of a NEW index: encode each face from the weighted average of "
+                        "its embedding and its K nearest gallery neighbours' (exact kNN in the job: O(N^2); "
+                        "default 0 = none). Stale once faces are enrolled or deleted (see `index info`)")
+    p.add_argument("--dba-alpha", type=float, default=3.0, metavar="A",
+                   help="database-side augmentation: weigh each neighbour by its cosine to the face to the power A "
+                        "(0 = plain average; default 3)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (drawn only on a terminal anyway)")
     p.set_defaults(handler=_ingest)
 
@@ -125,7 +132,8 @@ def _ingest(args: argparse.Namespace) -> int:
                          actors=args.actors, batch_size=args.batch_size, redis_url=args.redis,
                          progress=bars_enabled(not args.no_progress),
                          segment_rows=args.segment_rows or DEFAULT_SEGMENT_ROWS,
-                         read_cpus=args.read_cpus, refine=args.refine)
+                         read_cpus=args.read_cpus, refine=args.refine,
+                         dba=(args.dba_k, args.dba_alpha) if args.dba_k else None)
     print("\n".join(summary.summary_lines()))
     return 0
 
@@ -151,6 +159,12 @@ def _info(args: argparse.Namespace) -> int:
         print(f"    shard {sh['shard']}: {sh['faces']} faces in {sh['segments']} segments, {sh['bytes']} bytes")
     if args.verify:
         print(f"  verified: all {info['segments']} segments match their sha256")
+    aug = info.get("augmentation")
+    if aug and aug.get("kind") == "dba":
+        state = ("STALE: faces were enrolled or deleted since; re-ingest into a new index to recompute"
+                 if aug.get("stale") else "current")
+        print(f"  database-side augmentation: k={aug.get('k')} alpha={aug.get('alpha')} over {aug.get('faces')} "
+              f"faces ({state})")
     print(f"  last commit: {info['message']}")
     return 0
 

@@ -122,7 +122,7 @@ def commit_change(store: IndexStore, change, redis_url: str | None = None, lock_
 def commit_segments(store: IndexStore, new_refs_by_shard: dict[int, list[SegmentRef]], model_meta: ModelMeta,
                     shard_count: int, message: str, redis_url: str | None = None, base_version: int | None = None,
                     lock_timeout: float = 60.0, verify_new: bool = True, counts: dict | None = None,
-                    on_conflict: str = "raise") -> int:
+                    on_conflict: str = "raise", augmentation: dict | None = None) -> int:
     """Add written segments to the index in one new version (creating the index on first commit).
 
     Args:
@@ -136,6 +136,8 @@ def commit_segments(store: IndexStore, new_refs_by_shard: dict[int, list[Segment
             writer committed their face ids meanwhile, "conflicts": those of them refused by the enrol rule
             (indexer.enrol_rule.Conflict: the face is live as another person)}.
         on_conflict: "raise" (AlreadyEnrolled, nothing committed) or "skip" (commit the rest, report them).
+        augmentation: how these codes were made (the manifest's `augmentation`, e.g. indexer.dba), written into
+            the new version; None: an augmentation the index already records becomes stale (new neighbours).
     Returns:
         The new version.
     Raises:
@@ -169,6 +171,10 @@ def commit_segments(store: IndexStore, new_refs_by_shard: dict[int, list[Segment
             counts.update(added=added, dropped=sum(r.rows for refs in new_refs_by_shard.values() for r in refs) - added,
                           conflicts=conflicts)
         new.message = f"{message} (+{added} faces)" if message else f"+{added} faces"
+        if augmentation is not None:
+            new.augmentation = dict(augmentation)
+        elif added:
+            new.mark_augmentation_stale()
         return _publish(store, new)
 
 
@@ -236,6 +242,7 @@ def delete_faces(store: IndexStore, person: str | None = None, face_ids=None, re
     with commit_lock(store, redis_url, lock_timeout):
         old = store.load_manifest()
         new = old.successor("")
+        new.mark_augmentation_stale()  # a deleted face was a neighbour averaged into others' codes
         if person is not None:
             found = person_live_ids(store, old, person)
             if not found.size:

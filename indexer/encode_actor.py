@@ -107,9 +107,12 @@ class EncoderActor:
     Args:
         model_path: checkpoint path (must be readable where the actor runs).
         refine: the index's refinement tier ('codes:256', 'float16'), whose rows are made beside the codes.
+        features: emit the trunk embeddings ("feature" float32 [n, E]) instead of codes: the driver encodes
+            them after database-side augmentation (indexer.dba), which needs every face's embedding first.
     """
 
-    def __init__(self, model_path: str, threads: int | None = None, refine: str | None = None):
+    def __init__(self, model_path: str, threads: int | None = None, refine: str | None = None,
+                 features: bool = False):
         import torch
 
         from opqn_model.api import FaceEncoder
@@ -119,6 +122,7 @@ class EncoderActor:
         self.encoder = FaceEncoder.load(model_path)
         self.code_bytes = self.encoder.codec.spec.code_bytes
         self.refine = self.encoder.refine_codec(refine) if refine else None
+        self.features = bool(features)
         log.debug("encoder actor pid %d loaded %s", os.getpid(), model_path)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -141,7 +145,18 @@ class EncoderActor:
         return out
 
     def _encode(self, feats, out: dict, ok) -> None:
-        """Codes (and refinement rows) of embeddings `feats` into `out`; rows outside `ok` stay zero."""
+        """Codes (and refinement rows) of embeddings `feats` into `out`; rows outside `ok` stay zero.
+        With `features`: the embeddings themselves ("feature"), checked as the codec would check them."""
+        if self.features:
+            from facepq_core.codecs import check_embeddings
+
+            dim = self.encoder.codec.embedding_dim
+            rows = np.zeros((len(ok) if ok is not None else len(feats), dim), dtype=np.float32)
+            if feats is not None:
+                checked = check_embeddings(feats, dim)
+                rows[ok if ok is not None else slice(None)] = checked
+            out["feature"] = rows
+            return
         tiers = [("code", self.encoder.codec)] + ([("refine", self.refine)] if self.refine is not None else [])
         for key, codec in tiers:
             if ok is None:

@@ -38,6 +38,7 @@ def index_info(index_uri, verify: bool = False) -> dict:
         "shard_count": manifest.shard_count, "segments": len(manifest.segments),
         "tombstones": manifest.tombstone_count, "bytes": manifest.bytes, "shards": shards,
         "tiers": storage_tiers(manifest.model),
+        **({"augmentation": dict(manifest.augmentation)} if manifest.augmentation is not None else {}),
     }
 
 

@@ -67,6 +67,8 @@ class IngestSummary:
     refine: str = "none"          # the index's refinement tier
     steady_rate: float = 0.0      # faces/s once every actor delivered a batch (what more actors speed up)
     steady_seconds: float = 0.0   # the window `steady_rate` is measured over (start-up's end -> last batch)
+    dba: str = ""                 # database-side augmentation applied ("" = none): "k=.. alpha=.. over N faces"
+    dba_seconds: float = 0.0      # its exact kNN, averaging and encoding in the driver
 
     def timing_line(self) -> str:
         """Where the wall time went; a rate only where its window is long enough to mean something."""
@@ -94,6 +96,9 @@ class IngestSummary:
         lines.append(f"  segments written: {self.segments_written} in shards {self.shards_written or '-'}")
         if self.refine != "none":
             lines.append(f"  refinement tier: {self.refine} (stored beside the codes)")
+        if self.dba:
+            lines.append(f"  database-side augmentation: {self.dba} (exact kNN, {self.dba_seconds:.1f} s; stale "
+                         f"once faces are enrolled or deleted: re-ingest into a new index to recompute)")
         if self.version == self.previous_version:
             lines.append(f"  index version: {self.version} (unchanged: nothing new)")
         else:
@@ -233,7 +238,8 @@ def run_ingest(model_path: str, gallery: str, index_uri: str, shards: int | None
                ray_address: str | None = None, actors: int | None = None, batch_size: int = 64,
                redis_url: str | None = None, progress: bool = True,
                segment_rows: int = DEFAULT_SEGMENT_ROWS, read_cpus: float | None = None,
-               actor_start_timeout: float = ACTOR_START_TIMEOUT_S, refine: str | None = None) -> IngestSummary:
+               actor_start_timeout: float = ACTOR_START_TIMEOUT_S, refine: str | None = None,
+               dba: tuple[int, float] | None = None) -> IngestSummary:
     """Encode a gallery with the model at `model_path` and commit it to the index at `index_uri`.
 
     Args:
@@ -250,6 +256,9 @@ def run_ingest(model_path: str, gallery: str, index_uri: str, shards: int | None
         refine: refinement tier of a NEW index ('none', 'codes:BITS', 'float16'; facepq_core.refine). None: an
             existing index's own tier, none for a new index. An existing index keeps the tier it was created
             with (another one is refused).
+        dba: (k, alpha): database-side augmentation (indexer.dba): the actors return embeddings, the driver
+            averages each with its k nearest neighbours' (exact kNN over this job's faces) and encodes them. Only
+            into a new index (the neighbours of faces already indexed cannot be recomputed from their codes).
     Raises:
         DataError / ConfigError / CheckpointError / IndexFormatError for unusable inputs, a model that
         does not match the index, or a Ray cluster that cannot be reached.
@@ -268,6 +277,16 @@ def run_ingest(model_path: str, gallery: str, index_uri: str, shards: int | None
     writer = IndexWriter(index_uri, meta, shard_count=shards, redis_url=redis_url, segment_rows=segment_rows,
                          on_conflict="skip")
     previous = writer.base_version
+    collector = None
+    if dba is not None:
+        from indexer.dba import check_dba
+
+        collector = _Collected(check_dba(*dba))
+        if previous is not None:
+            writer.abort()
+            raise ConfigError(f"database-side augmentation averages every face with its neighbours in the gallery "
+                              f"being ingested, and {writer.store.uri} already holds version {previous} (faces whose "
+                              f"neighbours cannot be recomputed from codes): ingest with --dba-k into a new index")
     inputs = list_inputs(gallery, embedding_dim=embedding_dim)
     log.info("ingest %s (%d %s) into %s with model %s", gallery, inputs.count, inputs.kind, writer.store.uri,
              meta.fingerprint)
@@ -278,7 +297,12 @@ def run_ingest(model_path: str, gallery: str, index_uri: str, shards: int | None
     summary.ray_seconds = time.monotonic() - t_ray
     try:
         _run_pipeline(inputs, model_path, pipeline, writer, summary, actors, batch_size, progress, gallery,
-                      ACTOR_CPUS if read_cpus is None else read_cpus, actor_start_timeout)
+                      ACTOR_CPUS if read_cpus is None else read_cpus, actor_start_timeout, collector)
+        if collector is not None:
+            t_dba = time.monotonic()
+            collector.encode_into(writer, model_path)
+            summary.dba_seconds = time.monotonic() - t_dba
+            summary.dba = f"k={collector.dba.k} alpha={collector.dba.alpha:g} over {collector.faces} faces"
         summary.refine = meta.refine.kind if meta.refine else "none"
         message = f"ingest {gallery} (model {meta.fingerprint})"
         summary.version = writer.commit(message)
@@ -307,7 +331,7 @@ def run_ingest(model_path: str, gallery: str, index_uri: str, shards: int | None
 
 def _run_pipeline(inputs: Inputs, model_path: str, pipeline: dict, writer: IndexWriter, summary: IngestSummary,
                   actors: int | None, batch_size: int, progress: bool, gallery: str, read_cpus: float,
-                  actor_start_timeout: float) -> None:
+                  actor_start_timeout: float, collector=None) -> None:
     import ray
 
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
@@ -326,17 +350,19 @@ def _run_pipeline(inputs: Inputs, model_path: str, pipeline: dict, writer: Index
     ctx.wait_for_min_actors_s = actor_start_timeout
     try:
         refine = writer.model.refine.kind if writer.model.refine else None
-        _stream(ray, build_dataset(ray, inputs, pipeline, model_path, actors, batch_size, gallery, read_cpus, refine),
-                inputs, writer, summary, progress, actors, actor_start_timeout)
+        _stream(ray, build_dataset(ray, inputs, pipeline, model_path, actors, batch_size, gallery, read_cpus, refine,
+                                   features=collector is not None),
+                inputs, writer if collector is None else collector, summary, progress, actors, actor_start_timeout)
     finally:
         ctx.enable_progress_bars, ctx.wait_for_min_actors_s = saved
 
 
 def build_dataset(ray, inputs: Inputs, pipeline: dict, model_path: str, actors: int, batch_size: int, gallery: str,
-           read_cpus: float, refine: str | None = None):
+           read_cpus: float, refine: str | None = None, features: bool = False):
     """The Ray Data pipeline: inputs -> read stage -> encoder actor pool (lazy; nothing runs yet).
 
-    `refine`: the index's refinement tier, whose rows the encoder actors make beside the codes."""
+    `refine`: the index's refinement tier, whose rows the encoder actors make beside the codes.
+    `features`: the actors return embeddings instead of codes (database-side augmentation)."""
     from indexer.encode_actor import EncoderActor, read_and_align, read_embedding_chunk
 
     if inputs.kind == "photos":
@@ -350,16 +376,17 @@ def build_dataset(ray, inputs: Inputs, pipeline: dict, model_path: str, actors: 
                                                              "kind": inputs.kind},
                             batch_size=1, batch_format="numpy", num_cpus=read_cpus)
     ds = ds.map_batches(EncoderActor, fn_constructor_kwargs={"model_path": model_path, "threads": ACTOR_THREADS,
-                                                             "refine": refine},
+                                                             "refine": refine, "features": features},
                         compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=ACTOR_CPUS,
                         batch_size=batch_size if inputs.kind == "photos" else max(batch_size, 4096),
                         batch_format="numpy")
     return ds
 
 
-def _stream(ray, ds, inputs: Inputs, writer: IndexWriter, summary: IngestSummary, progress: bool,
+def _stream(ray, ds, inputs: Inputs, writer, summary: IngestSummary, progress: bool,
             actors: int = 1, actor_start_timeout: float = ACTOR_START_TIMEOUT_S) -> None:
-    """Pull encoded batches into the writer, counting skips and reporting progress.
+    """Pull encoded batches into the writer (an IndexWriter, or a _Collected gathering embeddings for
+    database-side augmentation: the same `add` taking embeddings for codes), counting skips and reporting progress.
 
     The steady rate counts from the `actors`-th batch on: each actor's first batch lands at about the
     same time, so counting those would credit a larger pool with work done before the clock started.
@@ -387,15 +414,16 @@ def _stream(ray, ds, inputs: Inputs, writer: IndexWriter, summary: IngestSummary
                     skips.add(str(reason), str(source))
                 for note, source in zip(batch["note"][ok], batch["source"][ok]):
                     skips.add_note(str(note) or None, str(source))
-                writer.add(batch["face_id"][ok], batch["person"][ok], batch["source"][ok], batch["code"][ok],
+                writer.add(batch["face_id"][ok], batch["person"][ok], batch["source"][ok],
+                           batch["feature" if "feature" in batch else "code"][ok],
                            batch["refine"][ok] if "refine" in batch else None)
                 summary.faces_encoded += int(ok.sum())
             else:
                 import pyarrow as pa
 
                 rows = pa.array(batch["row"])
-                writer.add(batch["face_id"], inputs.persons.take(rows), inputs.sources.take(rows), batch["code"],
-                           batch.get("refine"))
+                writer.add(batch["face_id"], inputs.persons.take(rows), inputs.sources.take(rows),
+                           batch["feature" if "feature" in batch else "code"], batch.get("refine"))
                 summary.faces_encoded += n
             done += n
             bar.update(n)
@@ -423,6 +451,42 @@ def _stream(ray, ds, inputs: Inputs, writer: IndexWriter, summary: IngestSummary
         summary.steady_rate = (done - first_n) / steady if steady > 0 else 0.0
     summary.skipped, summary.converted = dict(skips.skipped), dict(skips.converted)
     summary.examples = {k: list(v) for k, v in skips.examples.items() if k in skips.skipped}
+
+
+class _Collected:
+    """Every face of a DBA ingest, gathered in the driver (N x E float32), then augmented, encoded and added."""
+
+    def __init__(self, dba):
+        self.dba = dba
+        self.ids, self.persons, self.sources, self.features = [], [], [], []
+
+    @property
+    def faces(self) -> int:
+        return sum(len(i) for i in self.ids)
+
+    def add(self, face_ids, persons, sources, features, refine=None) -> None:
+        self.ids.append(np.asarray(face_ids, dtype=np.uint64))
+        self.persons += [str(p) for p in (persons.to_pylist() if hasattr(persons, "to_pylist") else persons)]
+        self.sources += [str(s) for s in (sources.to_pylist() if hasattr(sources, "to_pylist") else sources)]
+        self.features.append(np.asarray(features, dtype=np.float32))
+
+    def encode_into(self, writer: IndexWriter, model_path: str) -> None:
+        """Augment (indexer.dba), encode with the model's codec (and the index's tier) and add to `writer`,
+        which records the augmentation in the commit's manifest."""
+        from indexer.dba import augment
+        from opqn_model.api import refine_codec, refine_codecs_of
+        from opqn_model.checkpoint import load_checkpoint
+        from opqn_model.methods import get_method
+
+        if not self.ids:
+            return
+        payload = load_checkpoint(model_path)
+        codec = get_method(payload["method"]).codec(payload)
+        feats = augment(np.concatenate(self.features), self.dba)
+        tier = writer.model.refine
+        rows = refine_codec(refine_codecs_of(payload), codec.embedding_dim, tier.kind).encode(feats) if tier else None
+        writer.add(np.concatenate(self.ids), self.persons, self.sources, codec.encode(feats), rows)
+        writer.augmentation = self.dba.record(len(feats))
 
 
 def _translate_ray_error(exc: Exception) -> Exception:

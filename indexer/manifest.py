@@ -209,6 +209,9 @@ class Manifest:
     created_at: str = field(default_factory=utc_now)
     message: str = ""
     format_version: int = FORMAT_VERSION
+    # How the codes were made beyond the model, e.g. database-side augmentation (indexer.dba): {"kind": "dba",
+    # "k", "alpha", "faces", "stale"}; None: plain codes. Advisory (a reader that ignores it serves the same codes).
+    augmentation: dict | None = None
 
     @classmethod
     def empty(cls, model: ModelMeta, shard_count: int) -> "Manifest":
@@ -266,6 +269,7 @@ class Manifest:
             "shards": [{"shard": i, "segments": [s.to_dict() for s in sh.segments],
                         "tombstones": sorted(sh.tombstones)} for i, sh in enumerate(self.shards)],
             "message": self.message,
+            **({"augmentation": dict(self.augmentation)} if self.augmentation is not None else {}),
         }
 
     def to_json(self) -> str:
@@ -323,11 +327,18 @@ class Manifest:
         parent = d.get("parent_version")
         return cls(version=version, model=ModelMeta.from_dict(d.get("model") or {}), shard_count=shard_count,
                    shards=shards, parent_version=None if parent is None else int(parent),
-                   created_at=str(d.get("created_at", "")), message=str(d.get("message", "")), format_version=fmt)
+                   created_at=str(d.get("created_at", "")), message=str(d.get("message", "")), format_version=fmt,
+                   augmentation=dict(d["augmentation"]) if isinstance(d.get("augmentation"), dict) else None)
 
     def successor(self, message: str) -> "Manifest":
         """A deep copy with version + 1, this version as parent, fresh timestamp and `message`."""
         return Manifest(version=self.version + 1, model=self.model, shard_count=self.shard_count,
                         shards=[ShardState(list(sh.segments), set(sh.tombstones)) for sh in self.shards],
                         parent_version=self.version if self.version > 0 else None, message=message,
-                        format_version=self.model.format_version)
+                        format_version=self.model.format_version,
+                        augmentation=None if self.augmentation is None else dict(self.augmentation))
+
+    def mark_augmentation_stale(self) -> None:
+        """The gallery changed after its augmentation was computed (faces added or deleted change neighbours)."""
+        if self.augmentation is not None:
+            self.augmentation["stale"] = True

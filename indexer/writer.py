@@ -101,6 +101,9 @@ class IndexWriter:
         if segment_rows < 1:
             raise ConfigError(f"segment_rows must be >= 1, got {segment_rows}")
         self.segment_rows = segment_rows
+        # The manifest's `augmentation` the next commit records (the DBA ingest sets it); None: an augmentation
+        # the index records becomes stale with these faces.
+        self.augmentation: dict | None = None
         if not self.store.is_local and not redis_url:
             raise ConfigError(f"{self.store.uri} is on an object store, which has no file lock: pass a Redis URL "
                               f"(--redis) so concurrent commits are serialised")
@@ -394,7 +397,8 @@ class IndexWriter:
             counts: dict = {}
             version = commit_segments(self.store, self._refs, self.model, self.shard_count, message,
                                       redis_url=self.redis_url, base_version=self._pending_base, verify_new=False,
-                                      counts=counts, on_conflict=self.on_conflict)
+                                      counts=counts, on_conflict=self.on_conflict,
+                                      augmentation=self.augmentation)
             self.conflicts.extend(counts["conflicts"])
             self.stats.rows_added -= counts["dropped"]
             self.stats.duplicates_skipped += counts["dropped"]

@@ -33,8 +33,12 @@ log = logging.getLogger(__name__)
 
 
 def build_trunk(config: ModelConfig):
-    return create_trunk(config.trunk, **trunk_options(config.trunk, input_size=config.input_size,
-                                                      width=config.trunk_width))
+    options = trunk_options(config.trunk, input_size=config.input_size, width=config.trunk_width,
+                            pooling=config.pooling)
+    if config.pooling != "flat" and "pooling" not in options:
+        raise ConfigError(f"pooling {config.pooling!r} needs a convolutional trunk's feature maps; trunk "
+                          f"{config.trunk!r} gives a vector (leave --pooling at flat)")
+    return create_trunk(config.trunk, **options)
 
 
 def build_pipeline(config: ModelConfig, trunk, **overrides):

@@ -24,6 +24,8 @@ class ModelConfig:
             at least 32 so small K still gets a usable projection.
         input_size: side of the aligned face crop the trunk takes.
         trunk_width: base channels of resnet20 (64 in the paper; smaller trains faster on CPU).
+        pooling: how a convolutional trunk pools its last feature map: flat (the paper's flatten + FC),
+            gap (global average) or rmac (R-MAC regions with learned whitening, Gordo et al. 2016).
         dropout: dropout in the head's projection (BN -> dropout -> FC -> BN).
         pipeline: FacePipeline settings (FacePipeline.to_dict()), stored so encoding
             aligns faces exactly as training did.
@@ -36,6 +38,7 @@ class ModelConfig:
     sub_dim: int | None = None
     input_size: int = 32
     trunk_width: int = 64
+    pooling: str = "flat"
     dropout: float = 0.2
     pipeline: dict = field(default_factory=dict)
 
@@ -57,12 +60,21 @@ class ModelConfig:
         return dataclasses.replace(self, M=spec.M, K=spec.K, sub_dim=self.d)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The fields; those added after checkpoints existed are left out at their defaults, so the
+        fingerprints (which hash this dict) of earlier checkpoints still verify."""
+        out = dataclasses.asdict(self)
+        for name, default in _LATER_FIELDS.items():
+            if out.get(name) == default:
+                del out[name]
+        return out
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+_LATER_FIELDS = {"pooling": "flat"}
 
 
 @dataclass

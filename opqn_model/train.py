@@ -35,6 +35,7 @@ from opqn_model.evaluate import evaluate_embeddings
 from opqn_model.training_data import embeddings_of, model_inputs
 
 log = logging.getLogger(__name__)
+WHITENING_PHOTOS = 2000  # training photos whose R-MAC regions initialise the whitening (a PCA of C-d vectors)
 
 
 @dataclasses.dataclass
@@ -225,6 +226,13 @@ def train(data, out_dir, model_config: ModelConfig, train_config: TrainConfig, r
     for line in skips.summary_lines():
         log.info("skipped while loading training photos: %s", line)
     extra = _unlabelled_embeddings(unlabelled, trunk, pipeline, progress) if unlabelled is not None else None
+    if resumed is None and hasattr(trunk, "init_whitening"):
+        # R-MAC's learned whitening starts as the PCA-whitening of training region descriptors (a resumed
+        # run restores it with the trunk's weights)
+        regions = trunk.init_whitening(inputs[:WHITENING_PHOTOS])
+        if regions:
+            log.info("R-MAC whitening initialised from the PCA of %d regions of %d training photos", regions,
+                     min(len(inputs), WHITENING_PHOTOS))
     setup = TrainSetup(str(data) if data else ".", out_dir, model_config, train_config, trunk, pipeline, split,
                        people, inputs, labels, val_inputs, [r.person for r in val_kept], skips, extra, resumed,
                        resume, progress, started, input_seconds)

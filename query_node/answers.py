@@ -22,6 +22,7 @@ import math
 from dataclasses import dataclass, field
 
 from facepq_core.errors import InvalidRequest, NotCalibrated
+from facepq_core.expansion import Expansion
 from query_node.merge import Hit
 from query_node.wire import MAX_TOP_K
 
@@ -45,10 +46,12 @@ class SearchOptions:
     faces: for a photo, "largest" (its largest face) or "all" (every face at least `min_face_px` wide).
     refine_candidates: candidates per shard a two-stage search re-scores (None = the default; 0 = the first
     pass alone); ignored on an index without a refinement tier.
+    expansion: α-query expansion (n top hits, alpha); None or n = 0: none.
     """
 
     time_remaining: float | None = None
     refine_candidates: int | None = None
+    expansion: Expansion | None = None    # αQE (checked by the service: facepq_core.expansion.check_expansion)
     far: float | None = None
     threshold: float | None = None
     group_by: str = "face"

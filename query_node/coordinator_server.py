@@ -35,6 +35,7 @@ import os
 import time
 
 from facepq_core.errors import ConfigError
+from facepq_core.expansion import Expansion
 from facepq_proto.facepq.v1 import facepq_pb2, facepq_pb2_grpc
 from query_node.admission import Admission
 from query_node.grpc_server import GrpcServer, ServedByGrpc, status_on_error
@@ -97,7 +98,9 @@ class CoordinatorServicer(facepq_pb2_grpc.CoordinatorServicer):
             group_by="person" if request.group_by == facepq_pb2.GROUP_BY_PERSON else "face",
             faces_per_person=request.faces_per_person or SearchOptions.faces_per_person,
             faces="all" if request.faces == facepq_pb2.FACES_ALL else "largest",
-            min_face_px=request.min_face_px or SearchOptions.min_face_px)
+            min_face_px=request.min_face_px or SearchOptions.min_face_px,
+            expansion=Expansion(request.expansion.n, request.expansion.alpha)
+            if request.HasField("expansion") else None)
         gate = self.photo_admission.slot(context.time_remaining()) if kind == "photo" else contextlib.nullcontext()
         with status_on_error(context), gate:
             result = self.service.search(query, request.top_k, options)
@@ -105,6 +108,8 @@ class CoordinatorServicer(facepq_pb2_grpc.CoordinatorServicer):
                                           index_version=result.index_version, node_scan_ms=result.node_scan_ms,
                                           refine_candidates=result.refine_candidates, unknown=result.unknown,
                                           calibrated=result.calibrated)
+        if result.expansion.n:
+            reply.expansion.n, reply.expansion.alpha = result.expansion.n, result.expansion.alpha
         reply.hits.extend(hit_messages(facepq_pb2, result.hits))
         reply.people.extend(person_match_message(facepq_pb2, p) for p in result.people)
         if result.threshold is not None:

@@ -77,6 +77,23 @@ class FaceModel:
         feats = self._photo_embedding(query)
         return self.codec.query_tables(feats), refine.query_tables(feats)
 
+    def expansion_start(self, query, tier=None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """The first round of an αQE search, from one trunk pass: (lookup tables float32 [1, M, K], the
+        tier's refinement tables [1, a, b] or None when `tier` is None, the query's vector float32 [1, D]
+        in the codec's expansion space). Errors as `tables_for`; ConfigError for a codec without expansion."""
+        feats = self._photo_embedding(query) if is_photo(query) else checked_embedding(self.codec, query)
+        refine = self.refine_codec(tier).query_tables(feats) if tier is not None else None
+        return self.codec.query_tables(feats), refine, self.codec.expansion_vector(feats)
+
+    def expanded_tables(self, vector: np.ndarray, codes: list[bytes], alpha: float) -> np.ndarray:
+        """Lookup tables float32 [1, M, K] of the query `vector` [1, D] expanded with the stored `codes` of its
+        top hits (facepq_core.expansion.alpha_expand over codec.reconstruct)."""
+        from facepq_core.expansion import alpha_expand
+
+        stored = np.frombuffer(b"".join(codes), np.uint8).reshape(len(codes), self.codec.code_bytes)
+        expanded = alpha_expand(vector[0], self.codec.reconstruct(stored), alpha)
+        return self.codec.tables_from_vector(expanded[None])
+
     def _photo_embedding(self, photo) -> np.ndarray:
         """The embedding float32 [1, E] of a query photo's face (NoFaceFound / InvalidRequest otherwise)."""
         feats, kept, skipped = photo_features(self.encoder, [photo])
@@ -158,11 +175,17 @@ def embedding_tables(codec, values) -> np.ndarray:
     ConfigError for a wrong length, NaN/inf or values beyond the one embedding policy
     (facepq_core.codecs.check_embeddings), and for an embedding whose tables are not finite.
     """
+    return codec.query_tables(checked_embedding(codec, values))
+
+
+def checked_embedding(codec, values) -> np.ndarray:
+    """Embedding floats -> float32 [1, E] of `codec`'s length (ConfigError otherwise; values are checked by the
+    codec's own calls)."""
     emb = np.asarray(values, dtype=np.float32)
     if emb.ndim != 1 or emb.shape[0] != codec.embedding_dim:
         raise ConfigError(f"embedding must have {codec.embedding_dim} values for this model, "
                           f"got {emb.shape[0] if emb.ndim == 1 else emb.shape}")
-    return codec.query_tables(emb[None])
+    return emb[None]
 
 
 def photo_features(encoder, contents: list[bytes]) -> tuple[np.ndarray, list[int], dict[int, str]]:

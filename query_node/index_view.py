@@ -45,16 +45,18 @@ class IndexView:
         return sorted(s for s, d in self.shards.items() if d.serving)
 
     def search(self, lookup_tables: np.ndarray, k: int, shards: list[int],
-               stats: ScanStats | None = None, refine=None, threads: int = 1) -> list[list[Hit]]:
+               stats: ScanStats | None = None, refine=None, threads: int = 1,
+               with_codes: bool = False) -> list[list[Hit]]:
         """Exact top-k over `shards` (all serving) for float32 [Q, M, K] tables; one list per query.
 
         `stats` (optional) accumulates the kernel's seconds and rows over the shards scanned.
         `refine` (optional query_node.two_stage.RefineQuery): two stages; each shard answers the top k of
         its first-pass candidates re-scored by the refinement tier, merged exactly on those scores.
         `threads`: native threads a segment's scan may be split over (query_node.scan_threads; same answer).
+        `with_codes`: each hit carries its stored code (the coordinator's query expansion).
         """
         tables = scan_tables(lookup_tables, self.model.packed, self.model.code_bytes)
-        per_shard = [self.shards[s].search(tables, k, stats, refine, threads) for s in shards]
+        per_shard = [self.shards[s].search(tables, k, stats, refine, threads, with_codes) for s in shards]
         return [merge_shard_lists([res[q] for res in per_shard], k) for q in range(tables.byte.shape[0])]
 
 

@@ -59,4 +59,16 @@ def search_json(reply, query: str = "", took_ms: float = 0.0) -> dict:
     if reply.faces:
         out["faces"] = [{"box": [int(v) for v in f.box], "hits": hits_json(f.hits), **answer_json(f, reply.threshold)}
                         for f in reply.faces]
+    n, alpha = _expansion(getattr(reply, "expansion", None))
+    if n:  # only on an answer the coordinator expanded
+        out["expansion"] = {"n": n, "alpha": f32(alpha)}
     return out
+
+
+def _expansion(applied) -> tuple[int, float]:
+    """(n, alpha) of an applied αQE: a facepq_core.expansion.Expansion (the service's answer), an (n, alpha)
+    tuple (the client's), or None."""
+    if applied is None:
+        return 0, 0.0
+    n, alpha = (applied.n, applied.alpha) if hasattr(applied, "n") else applied
+    return int(n), float(alpha)

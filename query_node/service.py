@@ -25,6 +25,14 @@ On an index with a refinement tier (facepq_core.refine) a search has two stages 
 told otherwise: each shard re-scores its top `refine_candidates` first-pass candidates
 (default facepq_core.refine.DEFAULT_CANDIDATES) and the merge ranks by those scores.
 `refine_candidates=0` asks for the first pass alone. Enrolments store the tier's rows too.
+
+α-query expansion (`SearchOptions.expansion`, facepq_core.expansion) searches twice: the first
+round's top n hits come back with their stored codes (one fan-out, the nodes' ordinary Search
+with `with_codes`), the model's codec reconstructs them in the query's space, the query is
+combined with them and the second round, with the expanded query's tables, is the answer. The
+second round is the first pass alone (the expanded vector lives in the codes' space, not the
+refinement tier's); the first round keeps the two stages asked for, so its n hits are the better
+ones. Both rounds share one deadline; a shard missing from either is in `missing_shards`.
 """
 from __future__ import annotations
 
@@ -45,6 +53,7 @@ from facepq_core.errors import (
     NotFound,
     Unavailable,
 )
+from facepq_core.expansion import Expansion, check_expansion
 from facepq_core.limits import MAX_DELETE_FACE_IDS, MAX_ENROL_PHOTOS, MAX_PERSON_CHARS, MAX_SOURCE_CHARS
 from facepq_core.names import check_person
 from query_node import answers, metrics
@@ -79,6 +88,7 @@ class SearchResult:
     threshold: float | None = None        # the operating point's score threshold
     faces: list[FaceAnswer] = field(default_factory=list)     # faces="all": one per face (the above: the first)
     calibrated: bool = False              # hits carry a calibrated similarity
+    expansion: Expansion = field(default_factory=Expansion)  # the αQE applied (n = 0: none)
 
     @property
     def complete(self) -> bool:
@@ -182,6 +192,12 @@ class CoordinatorService(PeopleOperations):
         if query is None:
             raise InvalidRequest("send a photo (bytes) or an embedding")
         options.check()
+        expansion = check_expansion(options.expansion.n, options.expansion.alpha) if options.expansion else None
+        if expansion is not None and expansion.n:
+            answer = self._expanded_search(query, k, expansion, options)
+            metrics.record_search(answer)
+            return answer
+        options.check()
         calibration = self.calibration
         point = answers.operating_point(calibration, options.far, options.threshold)
         candidates = self._candidates_for(options, point)
@@ -238,6 +254,41 @@ class CoordinatorService(PeopleOperations):
         """1:1 verification of `a` (photo bytes or embedding) against `b` (photo or embedding) or `person_b`
         (their best live face); query_node.verify."""
         return verify(self.model, self.store, a, b, person_b, far, threshold)
+
+    def _expanded_search(self, query, k: int, expansion: Expansion, options: SearchOptions) -> SearchResult:
+        """αQE: the top `expansion.n` with their codes, then the expanded query's exact top-k (first pass)."""
+        import time
+
+        if options.far is not None or options.threshold is not None or options.group_by != "face" \
+                or options.faces == "all":
+            # the expanded query's scores are on no calibrated scale, and its answer is one list of faces
+            raise InvalidRequest("query expansion answers the top faces of the expanded query: it does not "
+                                 "combine with far, threshold, group_by=person or faces=all")
+        tier = self._refine_tier()
+        candidates = _candidates(tier, options.refine_candidates)
+        deadline = time.monotonic() + self._timeout(options)
+        tables, refine_tables, vector = self.model.expansion_start(query, tier if candidates else None)
+        refine = (refine_tables, candidates) if candidates else None
+        required = self._required_version()
+        first = self.coordinator.search_tables(tables, expansion.n, timeout=self._timeout(options), min_version=required,
+                                               refine=refine, with_codes=True)
+        codes = [h.code for h in first.hits[0]]
+        expanded = self.model.expanded_tables(vector, codes, expansion.alpha)
+        at_least = max(required or 0, int(first.index_version or 0)) or None  # never an older version than round 1
+        second = self.coordinator.search_tables(expanded, k, timeout=max(0.0, deadline - time.monotonic()),
+                                                min_version=at_least)
+        return SearchResult(hits=second.hits[0], missing_shards=sorted(set(first.missing_shards)
+                                                                        | set(second.missing_shards)),
+                            index_version=second.index_version,
+                            node_scan_ms=first.node_scan_ms + second.node_scan_ms, refine_candidates=0,
+                            expansion=expansion)
+
+    def _required_version(self):
+        """The version current now: the oldest a search may see (deletes acknowledged before it)."""
+        try:
+            return self.store.current_version()
+        except FacepqError as exc:
+            raise Unavailable(f"cannot read the index version: {exc}") from exc
 
     def _refine_tier(self):
         """The index's refinement tier (None: none, or no index yet). Fixed when an index is created, so read once."""

@@ -43,12 +43,14 @@ class ShardData:
     reason: str = ""
 
     def search(self, tables: ScanTables, k: int, stats: ScanStats | None = None,
-               refine: RefineQuery | None = None, threads: int = 1) -> list[list[Hit]]:
+               refine: RefineQuery | None = None, threads: int = 1, with_codes: bool = False) -> list[list[Hit]]:
         """Top-k of this shard for `query_node.scan.ScanTables`; one best-first list per query.
 
         `stats` (optional) accumulates the seconds spent in the scan kernel and the rows scanned.
         `refine` (optional): two stages, the top max(R, k) of the scan re-scored by the refinement
         tier, whose scores the hits then carry. `threads`: native threads per segment scan (same answer).
+        `with_codes`: each hit carries its stored code (read through
+        the map the scan just read, so no page becomes resident that the scan did not already touch).
         """
         keep = max(k, refine.candidates) if refine is not None else k
         sizes = [seg.codes.shape[0] for seg in self.segments]
@@ -67,11 +69,16 @@ class ShardData:
         out = []
         for q in range(scores.shape[0]):
             hits = []
-            for score, row in zip(scores[q].tolist(), rows[q].tolist()):
+            for j, (score, row) in enumerate(zip(scores[q].tolist(), rows[q].tolist())):
                 if row < 0:
                     break
                 face_id, person, source = meta[row]
-                hits.append(Hit(face_id=face_id, person=person, source=source, score=score, shard=self.shard))
+                code = b""
+                if with_codes:
+                    s = int(seg_of[q, j])
+                    code = self.segments[s].codes[row - int(starts[s])].tobytes()
+                hits.append(Hit(face_id=face_id, person=person, source=source, score=score, shard=self.shard,
+                                code=code))
             out.append(hits)
         return out
 

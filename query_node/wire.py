@@ -63,7 +63,8 @@ def table_message(pb, table: np.ndarray):
 
 def hit_message(pb, hit):
     """A query_node.merge.Hit (or anything with its fields) -> a Hit message."""
-    msg = pb.Hit(face_id=hit.face_id, person=hit.person, source=hit.source, score=hit.score, shard=hit.shard)
+    msg = pb.Hit(face_id=hit.face_id, person=hit.person, source=hit.source, score=hit.score, shard=hit.shard,
+                 code=getattr(hit, "code", b""))
     similarity = getattr(hit, "similarity", None)
     if similarity is not None:
         msg.similarity = similarity

@@ -133,6 +133,38 @@ class Codec(ABC):
         """What an index records about the codes (besides the model fingerprint)."""
         return {"codec": self.name, **self.spec.to_dict()}
 
+    # ---- query expansion (facepq_core.expansion): codes seen in the query's space -------------------
+    def expansion_vector(self, features) -> np.ndarray:
+        """Embeddings float32 [N, E] -> the queries' representations float32 [N, D], the space `reconstruct`
+        maps codes into and `tables_from_vector` takes (ConfigError: this codec offers no expansion)."""
+        raise ConfigError(f"the {self.name} codec offers no query expansion")
+
+    def reconstruct(self, codes) -> np.ndarray:
+        """Stored codes uint8 [N, code_bytes] -> float32 [N, D]: what each code stands for in the space of
+        `expansion_vector` (ConfigError: this codec offers no expansion, or codes of another layout)."""
+        raise ConfigError(f"the {self.name} codec offers no query expansion")
+
+    def tables_from_vector(self, vectors) -> np.ndarray:
+        """Vectors float32 [N, D] of `expansion_vector`'s space -> lookup tables float32 [N, M, K]; for
+        v = expansion_vector(f) they equal query_tables(f) (to float rounding)."""
+        raise ConfigError(f"the {self.name} codec offers no query expansion")
+
+    def _stored_sub_codes(self, codes) -> np.ndarray:
+        """Stored codes -> sub-codes intp [N, M]; ConfigError when they are not uint8 [N, code_bytes]."""
+        from facepq_core.codes import unpack_codes
+
+        arr = np.asarray(codes)
+        if arr.dtype != np.uint8 or arr.ndim != 2 or arr.shape[1] != self.spec.code_bytes:
+            raise ConfigError(f"{self.name} codes must be uint8 [N, {self.spec.code_bytes}], got "
+                              f"{arr.dtype} {list(arr.shape)}")
+        return unpack_codes(arr, self.spec).astype(np.intp)
+
+    def _checked_vectors(self, vectors, dim: int) -> np.ndarray:
+        v = np.asarray(vectors, dtype=np.float32)
+        if v.ndim != 2 or v.shape[1] != dim or not np.isfinite(v).all():
+            raise ConfigError(f"{self.name} expansion vectors must be finite float32 [N, {dim}], got {list(v.shape)}")
+        return v
+
     # ---- what a codec implements ------------------------------------------------------------------
     @abstractmethod
     def _sub_codes(self, x: np.ndarray) -> np.ndarray:

@@ -70,7 +70,10 @@ class BinaryCodec(Codec):
         return np.packbits(self.project(x) > 0, axis=1, bitorder="little")
 
     def _tables(self, x: np.ndarray) -> np.ndarray:
-        h = self.project(x)
+        return self._tables_of(self.project(x))
+
+    def _tables_of(self, h: np.ndarray) -> np.ndarray:
+        """Tables from real values [N, B] (hamming: their signs' bits; asymmetric: the values)."""
         if self.scoring == "hamming":
             q = np.packbits(h > 0, axis=1, bitorder="little")  # [N, M]
             return -_POPCOUNT[q[:, :, None] ^ np.arange(256, dtype=np.uint8)[None, None, :]]
@@ -78,6 +81,19 @@ class BinaryCodec(Codec):
 
     def float_features(self, features) -> np.ndarray:
         return self.project(features)
+
+    # Expansion space: the projection h (whose signs are the bits); a code stands for its bits as +-1.
+    # Tables of a vector are those of h = that vector: with Hamming scoring only its signs count, so the
+    # expanded query is the sign of the weighted vote of the query's and its hits' bits.
+    def expansion_vector(self, features) -> np.ndarray:
+        return np.ascontiguousarray(self.project(features), dtype=np.float32)
+
+    def reconstruct(self, codes) -> np.ndarray:
+        bits = np.unpackbits(self._stored_sub_codes(codes).astype(np.uint8), axis=1, bitorder="little")
+        return (2.0 * bits.astype(np.float32) - 1.0)[:, : self.bits]
+
+    def tables_from_vector(self, vectors) -> np.ndarray:
+        return np.ascontiguousarray(self._tables_of(self._checked_vectors(vectors, self.bits)), dtype=np.float32)
 
     def state(self) -> dict:
         return {"projection": self.projection, "mean": self.mean, "normalize": int(self.normalize),

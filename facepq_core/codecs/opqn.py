@@ -69,12 +69,38 @@ class OPQNCodec(Codec):
         return self._logits(unit).argmax(-1).astype(np.uint8)
 
     def _tables(self, x: np.ndarray) -> np.ndarray:
-        unit, norms = self._project(x)
+        return self._tables_of(*self._project(x))
+
+    def _tables_of(self, unit: np.ndarray, norms: np.ndarray) -> np.ndarray:
+        """Tables from unit sub-vectors [N, M, d] and their lengths [N, M, 1]."""
         logits = self._logits(unit)
         logits -= logits.max(-1, keepdims=True)
         tables = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
         tables *= (norms / np.maximum(norms.mean(axis=1, keepdims=True), 1e-12)).astype(np.float32)
         return tables
+
+    # Expansion space: the projection z = W f + b scaled to unit length (its sub-vectors' lengths, which
+    # weigh the subspaces' tables, are kept relative to each other). A sub-code c_m stands for the unit
+    # assignment vector A_m[:, c_m]: the table scores x̂_m . A_m, so that direction is what c_m means in the
+    # query's space (the codec holds no other codeword); a code is the M of them, scaled to unit length.
+    def expansion_vector(self, features) -> np.ndarray:
+        from facepq_core.codecs.base import check_embeddings
+
+        unit, norms = self._project(check_embeddings(features, self.embedding_dim))
+        z = (unit * norms).reshape(len(unit), -1)
+        return (z / np.maximum(np.sqrt(np.square(z).sum(1, keepdims=True)), 1e-12)).astype(np.float32)
+
+    def reconstruct(self, codes) -> np.ndarray:
+        sub = self._stored_sub_codes(codes)  # [N, M]
+        words = self.assignment / np.maximum(np.linalg.norm(self.assignment, axis=1, keepdims=True), 1e-12)
+        picked = words[np.arange(self.M)[None, :], :, sub]  # [N, M, d]
+        return (picked.reshape(len(sub), -1) / np.sqrt(self.M)).astype(np.float32)
+
+    def tables_from_vector(self, vectors) -> np.ndarray:
+        z = self._checked_vectors(vectors, self.M * self.d).reshape(-1, self.M, self.d)
+        norms = np.sqrt(np.square(z, dtype=np.float64).sum(-1, keepdims=True))
+        return np.ascontiguousarray(self._tables_of((z / np.maximum(norms, 1e-12)).astype(np.float32), norms),
+                                    dtype=np.float32)
 
     def float_features(self, features) -> np.ndarray:
         """Per-subspace normalised sub-vectors flattened, float32 [N, M*d]: the codes' float counterpart."""

@@ -69,6 +69,23 @@ class PQCodec(Codec):
     def _tables(self, x: np.ndarray) -> np.ndarray:
         return np.einsum("nmd,mkd->nmk", self.rotated(x), self.centroids)
 
+    # Expansion space: the rotated, centred unit embedding z; a code stands for its reconstruction, the
+    # concatenated centroids C_m[c_m]; tables of a vector are its chunks' inner products with the centroids.
+    def expansion_vector(self, features) -> np.ndarray:
+        from facepq_core.codecs.base import check_embeddings
+
+        z = self.rotated(check_embeddings(features, self.embedding_dim))
+        return np.ascontiguousarray(z.reshape(len(z), -1), dtype=np.float32)
+
+    def reconstruct(self, codes) -> np.ndarray:
+        sub = self._stored_sub_codes(codes)
+        picked = self.centroids[np.arange(self.spec.M)[None, :], sub]  # [N, M, d]
+        return np.ascontiguousarray(picked.reshape(len(sub), -1), dtype=np.float32)
+
+    def tables_from_vector(self, vectors) -> np.ndarray:
+        z = self._checked_vectors(vectors, self.embedding_dim).reshape(-1, self.spec.M, self.d)
+        return np.ascontiguousarray(np.einsum("nmd,mkd->nmk", z, self.centroids), dtype=np.float32)
+
     def float_features(self, features) -> np.ndarray:
         from facepq_core.codecs.base import check_embeddings
 

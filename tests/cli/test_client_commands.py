@@ -217,3 +217,24 @@ def test_delete_of_an_unknown_person_is_not_found(cluster):
     with CoordinatorClient(cluster["address"]) as client, pytest.raises(NotFound) as err:
         client.delete(person="nobody by that name")
     assert err.value.status == "NOT_FOUND" and "facepq index people" in str(err.value)
+
+
+def test_search_with_query_expansion_sends_the_options_and_prints_their_echo(cluster, gallery, tmp_path):
+    source = sorted(gallery["embeddings"])[0]
+    np.save(tmp_path / "q.npy", np.asarray(gallery["embeddings"][source], np.float32))
+    out = run_cli("search", "--embedding", tmp_path / "q.npy", "--coordinator", cluster["address"], "-k", "20",
+                  "--qe-n", "3", "--qe-alpha", "2", "--json")
+    assert out.returncode == 0, out.stderr
+    answer = json.loads(out.stdout)
+    assert answer["expansion"] == {"n": 3, "alpha": 2.0} and answer["complete"] and len(answer["hits"]) == 20
+    assert set(answer) == SCHEMA | {"expansion"}
+    plain = json.loads(run_cli("search", "--embedding", tmp_path / "q.npy", "--coordinator", cluster["address"],
+                               "-k", "20", "--json").stdout)
+    assert "expansion" not in plain
+    for flags, text in [(("--qe-n", "-1"), "expansion n"), (("--qe-n", "101"), "expansion n"),
+                        (("--qe-n", "2", "--qe-alpha", "-1"), "expansion alpha")]:
+        bad = run_cli("search", "--embedding", tmp_path / "q.npy", "--coordinator", cluster["address"], *flags)
+        assert bad.returncode == 2 and text in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+    with CoordinatorClient(cluster["address"]) as client:  # the Python client: the same echo
+        reply = client.search(embedding=gallery["embeddings"][source], k=5, expansion=(4, 0.0))
+        assert reply.expansion == (4, 0.0) and len(reply.hits) == 5

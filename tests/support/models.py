@@ -35,9 +35,10 @@ def train_tiny_model(root: pathlib.Path, *, bits: int = 32, K: int | None = None
                      photos: int = 6, photo_size: int = 64, input_size: int = 32, trunk_width: int = 16,
                      epochs: int = 2, batch_size: int = 64, hold_out_people: bool = True, seed: int = 0,
                      data_seed: int = 0, head_refit: str = "off", trunk: str = "resnet20",
-                     method: str = "opqn") -> TinyModel:
-    """Train `trunk` (resnet20, width `trunk_width`) + the head of `method` (OPQN) of `bits` bits on `people` x
-    `photos` generated faces of `photo_size` px, read at `input_size` px without face detection (`mode="none"`).
+                     method: str = "opqn", pooling: str = "flat") -> TinyModel:
+    """Train `trunk` (resnet20, width `trunk_width`, pooling `pooling`) + the head of `method` (OPQN) of `bits`
+    bits on `people` x `photos` generated faces of `photo_size` px, read at `input_size` px without face
+    detection (`mode="none"`).
 
     With `hold_out_people` the default protocol splits off test and validation people and seen-protocol
     queries (so `facepq eval` has unseen people to score); without it every photo trains. `head_refit="data"`
@@ -50,7 +51,7 @@ def train_tiny_model(root: pathlib.Path, *, bits: int = 32, K: int | None = None
 
     data = write_faces(root / "faces", people, photos, size=photo_size, seed=data_seed)
     model_config = ModelConfig(trunk=trunk, bits=bits, K=K, input_size=input_size, trunk_width=trunk_width,
-                               pipeline=FacePipeline(size=input_size, mode="none").to_dict())
+                               pooling=pooling, pipeline=FacePipeline(size=input_size, mode="none").to_dict())
     split = {} if hold_out_people else dict(test_people=0.0, val_people=0.0, queries_per_person=0)
     train_config = TrainConfig(method=method, epochs=epochs, batch_size=batch_size, seed=seed, device="cpu",
                                head_refit=head_refit, **split)
