@@ -65,5 +65,5 @@ def merge_node_replies(replies: Iterable[tuple[Iterable[int], list]], k: int) ->
         allowed = set(shards)
         keyed.append([(-h.score, h.shard, pos, h) for pos, h in enumerate(hits) if h.shard in allowed])
     merged = heapq.merge(*keyed, key=lambda t: t[:3])
-    return [Hit(h.face_id, h.person, h.source, h.score, h.shard, bytes(getattr(h, "code", b"")))
+    return [Hit(h.face_id, h.person, h.source, h.score, h.shard, code=bytes(getattr(h, "code", b"")))
             for *_, h in itertools.islice(merged, k)]
