@@ -161,8 +161,11 @@ def init_ray(ray_address: str | None = None) -> bool:
     the session's log files.
     """
     local = not ray_address and not os.environ.get("RAY_ADDRESS")
-    if local:
-        _ray_on_loopback()
+    with _ray_on_loopback() if local else contextlib.nullcontext():
+        return _init_ray(ray_address, local)
+
+
+def _init_ray(ray_address: str | None, local: bool) -> bool:
     import ray
 
     from facepq_core.progress import is_quiet
@@ -216,14 +219,19 @@ def _quiet_ray_data_console(quiet: bool) -> None:
                 handler.setLevel(logging.ERROR)
 
 
-def _ray_on_loopback() -> None:
-    """Make a Ray started by this process use node IP 127.0.0.1, so all its servers bind to loopback.
+@contextlib.contextmanager
+def _ray_on_loopback():
+    """While Ray starts: make a Ray started by this process use node IP 127.0.0.1, so all its servers bind to
+    loopback.
 
     Ray maps an explicit `_node_ip_address="127.0.0.1"` back to the host's address; its single-machine
     mode (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0) does not. The constant is read at import, so it is also set
-    on an already imported Ray.
+    on an already imported Ray. The environment variable is restored afterwards: child processes of this
+    one (a `ray start` of a real cluster, say) must not inherit single-machine mode.
     """
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    var = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+    previous = os.environ.get(var)
+    os.environ[var] = "0"
     constants = sys.modules.get("ray._private.ray_constants")
     if constants is not None:
         if hasattr(constants, "ENABLE_RAY_CLUSTER"):
@@ -231,6 +239,13 @@ def _ray_on_loopback() -> None:
         else:  # a Ray without this switch: say so rather than silently listening everywhere
             log.warning("cannot keep the local Ray on loopback with this Ray version; it may listen on every "
                         "interface")
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(var, None)
+        else:
+            os.environ[var] = previous
 
 
 # ---- the job -----------------------------------------------------------------------------------

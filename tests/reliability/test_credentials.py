@@ -126,8 +126,11 @@ def test_node_proofs_bind_the_reply_and_the_nonce():
 def test_a_local_ray_started_for_an_ingest_listens_on_loopback_only():
     script = textwrap.dedent("""
         import json, time, psutil
+        import os
         from indexer.job import init_ray
         assert init_ray(None)
+        # single-machine mode was for this Ray's start only: a `ray start` run from here later may join hosts
+        assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ
         import ray
         ray.get(ray.remote(lambda: 1).remote())  # a worker is up too
         time.sleep(1)

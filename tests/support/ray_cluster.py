@@ -26,8 +26,10 @@ def ray_env(extra: dict | None = None) -> dict:
     """Environment of every Ray process and command: this interpreter's bin folder first on PATH (the `ray`
     and `facepq` commands), no usage reporting, no auth token."""
     bin_dir = os.path.dirname(sys.executable)
+    # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1: a cluster of several hosts on purpose, whatever this process
+    # inherited (an in-process ingest sets it to 0 to keep its own Ray on loopback: indexer.job)
     return dict(os.environ, PATH=f"{bin_dir}:{os.environ.get('PATH', '')}", RAY_AUTH_MODE="disabled",
-                RAY_USAGE_STATS_ENABLED="0", **(extra or {}))
+                RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="1", **(extra or {}))
 
 
 class RayCluster:
