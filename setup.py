@@ -58,7 +58,7 @@ setup(
         Extension(
             "query_node._fastscan",
             sources=["query_node/_fastscan.c", "query_node/fastscan_kernels.c", "query_node/popcount_kernels.c"],
-            depends=["query_node/fastscan_kernels.h", "query_node/popcount_kernels.h"],
+            depends=["query_node/fastscan_kernels.h", "query_node/popcount_kernels.h", "query_node/topk_heap.h"],
             extra_compile_args=FLAGS,
             optional=True,
         )

@@ -28,6 +28,7 @@
  * so a row can reach threshold T only if Q(row) > floor((T - base) / delta) - terms - slack.
  */
 #include "fastscan_kernels.h"
+#include "topk_heap.h"
 
 #if FASTSCAN_X86   /* the whole file: on other machines the module has no kernels */
 
@@ -44,30 +45,6 @@
 #endif
 
 #define EMPTY_ROW INT64_MAX
-
-static inline int worse(float sa, int64_t ra, float sb, int64_t rb) {
-    return sa < sb || (sa == sb && ra > rb);
-}
-
-/* Put (s, r) at the root of the min-heap (hs, hr) of size k and sift it down. */
-static void replace_root(float *hs, int64_t *hr, int k, float s, int64_t r) {
-    int pos = 0;
-    for (;;) {
-        int child = 2 * pos + 1;
-        if (child >= k) break;
-        int right = child + 1;
-        if (right < k && worse(hs[right], hr[right], hs[child], hr[child])) child = right;
-        if (worse(hs[child], hr[child], s, r)) {
-            hs[pos] = hs[child];
-            hr[pos] = hr[child];
-            pos = child;
-        } else {
-            break;
-        }
-    }
-    hs[pos] = s;
-    hr[pos] = r;
-}
 
 typedef struct {
     const float *pair;      /* [width * 256] exact byte tables of this query */

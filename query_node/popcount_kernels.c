@@ -16,6 +16,7 @@
  * stay in cache while every query of the batch scans them).
  */
 #include "popcount_kernels.h"
+#include "topk_heap.h"
 
 #if FASTSCAN_X86
 
@@ -26,26 +27,6 @@
 #define BLOCK 8192
 #define NO_THRESHOLD INT64_MAX   /* an empty heap slot (-inf) lets every row in */
 
-static inline int heap_worse(float sa, int64_t ra, float sb, int64_t rb) {
-    return sa < sb || (sa == sb && ra > rb);
-}
-
-/* Replace the root of the min-heap (hs, hr) of size k with (s, r) and sift it down. */
-static void heap_replace_root(float *hs, int64_t *hr, int k, float s, int64_t r) {
-    int pos = 0;
-    for (;;) {
-        int child = 2 * pos + 1;
-        if (child >= k) break;
-        if (child + 1 < k && heap_worse(hs[child + 1], hr[child + 1], hs[child], hr[child])) child++;
-        if (!heap_worse(hs[child], hr[child], s, r)) break;
-        hs[pos] = hs[child];
-        hr[pos] = hr[child];
-        pos = child;
-    }
-    hs[pos] = s;
-    hr[pos] = r;
-}
-
 /* Rows with a distance below this may enter the heap (its root is the k-th best). */
 static inline int64_t threshold_of(const float *hs) {
     return hs[0] == -INFINITY ? NO_THRESHOLD : (int64_t)(-hs[0]);
@@ -55,7 +36,7 @@ static inline int64_t threshold_of(const float *hs) {
 static inline int64_t offer(float *hs, int64_t *hr, int k, int64_t d, int64_t row, const uint8_t *skip,
                             int32_t has_skip, int64_t local, int64_t thr) {
     if (d >= thr || (has_skip && skip[local])) return thr;
-    heap_replace_root(hs, hr, k, -(float)d, row);
+    replace_root(hs, hr, k, -(float)d, row);
     return threshold_of(hs);
 }
 
