@@ -7,6 +7,10 @@ it kept. A two-stage search keeps R candidates instead and re-scores them with t
 index's refinement tier before the lookup (query_node.two_stage). A shard that could
 not be opened (a missing or corrupt segment) is kept as NOT_SERVING with its reason:
 it is never scanned, so it never returns wrong scores.
+
+A search limited to some cells of a partitioned index scans, in each segment grouped by cell,
+only those cells' row ranges, numbering rows as the whole scan would (shard row numbers), so
+its hits are exactly the exhaustive scan's scores and tie order restricted to those rows.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from facepq_core.partition import cell_ranges
 from query_node.merge import Hit
 from query_node.scan import ScanTables, TopKHeap
 from query_node.two_stage import RefineQuery, timed_rescore
@@ -43,22 +48,35 @@ class ShardData:
     reason: str = ""
 
     def search(self, tables: ScanTables, k: int, stats: ScanStats | None = None,
-               refine: RefineQuery | None = None) -> list[list[Hit]]:
+               refine: RefineQuery | None = None, cells: np.ndarray | None = None) -> list[list[Hit]]:
         """Top-k of this shard for `query_node.scan.ScanTables`; one best-first list per query.
 
         `stats` (optional) accumulates the seconds spent in the scan kernel and the rows scanned.
         `refine` (optional): two stages, the top max(R, k) of the scan re-scored by the refinement
         tier, whose scores the hits then carry.
+        `cells` (optional, sorted cell ids): scan only these cells of segments grouped by cell
+        (a segment without cell offsets is scanned whole).
         """
         heap = TopKHeap(tables.byte.shape[0], max(k, refine.candidates) if refine is not None else k)
         offsets = []
+        scanned = 0
         t0 = time.perf_counter()
+        start = 0
         for seg, skip in zip(self.segments, self.skips):
-            offsets.append(heap.rows_scanned)
-            heap.scan(seg.codes, tables, skip)
+            offsets.append(start)
+            if cells is None or seg.cell_offsets is None:
+                heap.rows_scanned = start
+                heap.scan(seg.codes, tables, skip)
+                scanned += seg.rows
+            else:
+                for lo, hi in cell_ranges(seg.cell_offsets, cells):
+                    heap.rows_scanned = start + lo  # rows keep their shard numbers: same ties as a full scan
+                    heap.scan(seg.codes[lo:hi], tables, None if skip is None else skip[lo:hi])
+                    scanned += hi - lo
+            start += seg.rows
         if stats is not None:
             stats.scan_seconds += time.perf_counter() - t0
-            stats.rows += heap.rows_scanned
+            stats.rows += scanned
         scores, rows = heap.result()
         starts = np.asarray(offsets, dtype=np.int64)
         if refine is not None:

@@ -1,0 +1,180 @@
+"""Cell partitions (facepq_core.partition): written by the real IndexWriter, served by the real IndexView."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from facepq_core.codes import CodeSpec, pack_codes
+from facepq_core.errors import ConfigError, IndexFormatError
+from indexer.commit import compact, delete_faces
+from indexer.manifest import ModelMeta
+from indexer.partition_store import load_partition
+from indexer.segment import open_segment
+from indexer.store import IndexStore
+from indexer.writer import IndexWriter
+from query_node.index_view import load_view
+from tests.support.index import dyadic_lut
+
+M, K, CELLS = 8, 256, 16
+
+
+def clustered_codes(rng, n: int, spec: CodeSpec, centers: int = 24, keep: float = 0.75) -> np.ndarray:
+    """Stored codes of `n` faces around `centers` random codes (each sub-code kept with probability `keep`)."""
+    center = rng.integers(0, spec.K, size=(centers, spec.M), dtype=np.uint8)
+    sub = center[rng.integers(0, centers, size=n)]
+    noise = rng.random((n, spec.M)) > keep
+    sub[noise] = rng.integers(0, spec.K, size=int(noise.sum()), dtype=np.uint8)
+    return pack_codes(sub, spec)
+
+
+def write_index(path, rng, rows=4000, cells=CELLS, spec=CodeSpec(M, K), shards=2, segment_rows=900):
+    meta = ModelMeta.from_code_spec(spec, fingerprint="f" * 16, trunk="test")
+    ids = rng.choice(2**62, size=rows, replace=False).astype(np.uint64)
+    codes = clustered_codes(rng, rows, spec)
+    writer = IndexWriter(str(path), meta, shard_count=shards, segment_rows=segment_rows, cells=cells)
+    writer.add(ids, [f"p{i % 40}" for i in range(rows)], [f"s{i}" for i in range(rows)], codes)
+    writer.commit("test")
+    return meta, ids, codes
+
+
+def hits_of(view, luts, k, nprobe):
+    return [[(h.face_id, h.score, h.shard) for h in q]
+            for q in view.search(luts, k, view.serving_shards(), nprobe=nprobe)]
+
+
+def assert_grouped(store):
+    """Every segment's rows are grouped by the cell the partition assigns their codes, offsets exact."""
+    manifest = store.load_manifest()
+    partition = load_partition(store, manifest.model)
+    checked = 0
+    for ref in manifest.segments:
+        seg = open_segment(store, ref, model=manifest.model)
+        cells = partition.assign(seg.codes)
+        assert seg.cell_offsets is not None
+        assert (np.diff(cells) >= 0).all()
+        assert np.array_equal(seg.cell_offsets, np.concatenate(([0], np.cumsum(np.bincount(cells, minlength=partition.cells)))))
+        checked += seg.rows
+    return checked
+
+
+def test_nprobe_all_is_exhaustive_and_fewer_cells_a_subset_scored_identically(tmp_path):
+    rng = np.random.default_rng(1)
+    write_index(tmp_path / "idx", rng)
+    store = IndexStore(str(tmp_path / "idx"))
+    manifest = store.load_manifest()
+    assert manifest.model.partition.cells == CELLS and manifest.format_version == 4
+    assert assert_grouped(store) == 4000
+    view = load_view(store, [0, 1])
+    luts = np.stack([dyadic_lut(rng, M, K) for _ in range(6)])
+    k = 50
+    exhaustive = hits_of(view, luts, k, 0)
+    assert hits_of(view, luts, k, CELLS) == exhaustive
+    assert hits_of(view, luts, k, CELLS + 5) == exhaustive
+    for q in range(len(luts)):  # one query at a time: exactly its nprobe cells
+        full = dict((fid, score) for fid, score, _ in hits_of(view, luts[q:q + 1], 4000, 0)[0])
+        for nprobe in (1, 4):
+            part = hits_of(view, luts[q:q + 1], k, nprobe)[0]
+            assert part and all(full[fid] == score for fid, score, _ in part)  # same rows, same scores
+            # and they are the best of the rows in the scanned cells: the exhaustive order restricted to them
+            scanned = set(view.probe_cells(luts[q:q + 1], nprobe).tolist())
+            expected = [fid for fid, _, _ in hits_of(view, luts[q:q + 1], 4000, 0)[0]
+                        if _cell_of(view, store, fid) in scanned][:k]
+            assert [fid for fid, _, _ in part] == expected
+
+
+def _cell_of(view, store, fid):
+    for data in view.shards.values():
+        for seg in data.segments:
+            rows = np.flatnonzero(seg.face_ids == np.uint64(fid))
+            if rows.size:
+                return int(np.searchsorted(seg.cell_offsets, rows[0], side="right") - 1)
+    raise AssertionError(fid)
+
+
+def test_enrol_into_a_partitioned_index_lands_in_its_cell(tmp_path):
+    rng = np.random.default_rng(2)
+    meta, _, _ = write_index(tmp_path / "idx", rng)
+    store = IndexStore(str(tmp_path / "idx"))
+    partition = load_partition(store, store.load_manifest().model)
+    writer = IndexWriter(str(tmp_path / "idx"), meta)  # a model from a checkpoint names no partition: adopted
+    new_codes = clustered_codes(rng, 30, CodeSpec(M, K))
+    new_ids = np.arange(1, 31, dtype=np.uint64)
+    writer.add(new_ids, ["new"] * 30, [f"n{i}" for i in range(30)], new_codes)
+    writer.commit("enrol")
+    assert assert_grouped(store) == 4030
+    want = dict(zip(new_ids.tolist(), partition.assign(new_codes).tolist()))
+    view = load_view(store, [0, 1])
+    assert {fid: _cell_of(view, store, fid) for fid in want} == want
+    with pytest.raises(ConfigError, match="cells are chosen when an index is created"):
+        IndexWriter(str(tmp_path / "idx"), meta, cells=CELLS * 2)
+
+
+def test_delete_and_compaction_keep_cells_valid(tmp_path):
+    rng = np.random.default_rng(3)
+    _, ids, _ = write_index(tmp_path / "idx", rng)
+    store = IndexStore(str(tmp_path / "idx"))
+    luts = np.stack([dyadic_lut(rng, M, K) for _ in range(4)])
+    gone = ids[::7]
+    delete_faces(store, face_ids=gone)
+    before = hits_of(load_view(store, [0, 1]), luts, 30, 3)
+    assert not {fid for q in before for fid, _, _ in q} & set(gone.tolist())
+    stats = compact(store, grace_seconds=0)
+    assert stats.rows_removed == len(gone)
+    assert assert_grouped(store) == len(ids) - len(gone)
+    view = load_view(store, [0, 1])
+    assert hits_of(view, luts, 30, CELLS) == hits_of(view, luts, 30, 0)
+    # same scores and faces as before compaction (row numbers, hence tie order, may differ)
+    after = hits_of(view, luts, 30, 3)
+    assert [sorted(q) for q in after] == [sorted(q) for q in before]
+
+
+def test_index_without_cells_serves_every_nprobe_exhaustively(tmp_path):
+    rng = np.random.default_rng(4)
+    write_index(tmp_path / "idx", rng, cells=None)
+    store = IndexStore(str(tmp_path / "idx"))
+    manifest = store.load_manifest()
+    assert manifest.model.partition is None and manifest.format_version == 2
+    view = load_view(store, [0, 1])
+    luts = np.stack([dyadic_lut(rng, M, K) for _ in range(3)])
+    assert view.probe_cells(luts, 2) is None
+    assert hits_of(view, luts, 20, 2) == hits_of(view, luts, 20, 0)
+
+
+def test_four_bit_codes_partition_too(tmp_path):
+    rng = np.random.default_rng(5)
+    spec = CodeSpec(16, 16)
+    write_index(tmp_path / "idx", rng, spec=spec, cells=8)
+    store = IndexStore(str(tmp_path / "idx"))
+    assert assert_grouped(store) == 4000
+    view = load_view(store, [0, 1])
+    luts = np.stack([dyadic_lut(rng, 16, 16) for _ in range(2)])
+    assert hits_of(view, luts, 20, 8) == hits_of(view, luts, 20, 0)
+    full = {fid: s for fid, s, _ in hits_of(view, luts[:1], 4000, 0)[0]}
+    assert all(full[fid] == s for fid, s, _ in hits_of(view, luts[:1], 20, 2)[0])
+
+
+def test_a_partition_of_another_model_or_altered_is_refused(tmp_path):
+    rng = np.random.default_rng(6)
+    write_index(tmp_path / "idx", rng)
+    store = IndexStore(str(tmp_path / "idx"))
+    model = store.load_manifest().model
+    from dataclasses import replace
+
+    from indexer import partition_store
+
+    partition_store._CACHE.clear()
+    with pytest.raises(IndexFormatError, match="another model|partitions codes of model"):
+        load_partition(store, replace(model, fingerprint="e" * 16))
+    path = tmp_path / "idx" / model.partition.path
+    path.write_bytes(path.read_bytes()[:-10])
+    partition_store._CACHE.clear()
+    with pytest.raises(IndexFormatError, match="sha256"):
+        load_view(store, [0, 1])
+
+
+def test_too_few_faces_for_the_cells_is_a_config_error(tmp_path):
+    rng = np.random.default_rng(7)
+    with pytest.raises(ConfigError, match="need at least"):
+        write_index(tmp_path / "idx", rng, rows=10, cells=32)
+    assert not IndexStore(str(tmp_path / "idx")).exists()
+
