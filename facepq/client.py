@@ -184,11 +184,13 @@ class CoordinatorClient:
 
     # ---- calls -------------------------------------------------------------------------------
     def search(self, photo: bytes | None = None, embedding: Sequence[float] | None = None, k: int = 10,
-               timeout: float | None = None, query: str = "", candidates: int | None = None) -> SearchReply:
+               timeout: float | None = None, query: str = "", candidates: int | None = None,
+               nprobe: int = 0) -> SearchReply:
         """The top-k faces for a photo (encoded image bytes) or a trunk embedding (floats); give one.
 
         `candidates`: on an index with a refinement tier, first-pass candidates re-scored per shard
         (None: the coordinator's default, 100; 0: the first pass alone).
+        `nprobe`: on an index with a cell partition, cells each shard scans (0: all, exhaustive).
 
         Raises:
             InvalidRequest: no or both queries, k outside 1..1000, a photo that is no image, a bad embedding.
@@ -207,6 +209,8 @@ class CoordinatorClient:
             request = self._pb.SearchRequest(embedding=self._pb.Embedding(values=values.tolist()), top_k=int(k))
         if candidates is not None:
             request.refine_candidates = int(candidates)
+        if nprobe:
+            request.nprobe = int(nprobe)
         t0 = time.perf_counter()
         reply = self._call("Search", request, timeout)
         latency = (time.perf_counter() - t0) * 1e3

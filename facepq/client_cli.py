@@ -23,6 +23,19 @@ EXIT_OK, EXIT_SOME_FAILED, EXIT_INCOMPLETE = 0, 1, 3
 ENV_COORDINATOR = "FACEPQ_COORDINATOR"
 
 
+def _nprobe(text: str) -> int:
+    """--nprobe: a whole number >= 0, or 'all' (0: every cell)."""
+    if text == "all":
+        return 0
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--nprobe must be a whole number or 'all', got {text!r}") from None
+    if not 0 <= n < 2**32:
+        raise argparse.ArgumentTypeError(f"--nprobe must be >= 0 (0 or all: every cell), got {n}")
+    return n
+
+
 def _top_k(text: str) -> int:
     from query_node.wire import MAX_TOP_K
 
@@ -66,6 +79,9 @@ def register(subparsers) -> None:
     p.add_argument("--candidates", type=int, default=None, metavar="R",
                    help="on an index with a refinement tier: first-pass candidates re-scored per shard "
                         "(default the coordinator's, 100; 0 = the first pass alone)")
+    p.add_argument("--nprobe", type=_nprobe, default=0, metavar="N",
+                   help="on an index with a cell partition (ingest --cells): cells each shard scans, the N "
+                        "nearest the query (fewer = faster, may miss faces); 0 or all = every cell (default)")
     _add_connection(p)
     p.set_defaults(handler=_search)
 
@@ -172,9 +188,11 @@ def _search(args) -> int:
     with CoordinatorClient.from_args(args) as client:
         if len(queries) == 1:  # one query: its error is the command's error (exit 2)
             name, kwargs = queries[0]
-            results = [(name, client.search(k=args.k, query=name, candidates=args.candidates, **kwargs))]
+            results = [(name, client.search(k=args.k, query=name, candidates=args.candidates, nprobe=args.nprobe,
+                                            **kwargs))]
         else:
-            results = client.search_many([(name, dict(kwargs, candidates=args.candidates)) for name, kwargs in queries],
+            results = client.search_many([(name, dict(kwargs, candidates=args.candidates, nprobe=args.nprobe))
+                                          for name, kwargs in queries],
                                          k=args.k, concurrency=args.concurrency)
         batch = len(queries) > 1
         if not args.json:

@@ -51,6 +51,10 @@ def register(subparsers) -> None:
                         "first-pass candidates at search time: codes:BITS = the model's longer product codes "
                         "(e.g. codes:256, 32 bytes a face), float16 = the embedding itself (a biometric "
                         "template: 2 bytes a dimension). Default: an existing index's own tier, none for a new one")
+    p.add_argument("--cells", type=int, default=None, metavar="L",
+                   help="partition a NEW index into L cells (k-means of the codes, fitted on the first faces "
+                        "written), so a search may scan only the --nprobe cells nearest the query; default none: "
+                        "exhaustive only. An existing index keeps its partition")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (drawn only on a terminal anyway)")
     p.set_defaults(handler=_ingest)
 
@@ -99,7 +103,7 @@ def _ingest(args: argparse.Namespace) -> int:
                          actors=args.actors, batch_size=args.batch_size, redis_url=args.redis,
                          progress=bars_enabled(not args.no_progress),
                          segment_rows=args.segment_rows or DEFAULT_SEGMENT_ROWS,
-                         read_cpus=args.read_cpus, refine=args.refine)
+                         read_cpus=args.read_cpus, refine=args.refine, cells=args.cells)
     print("\n".join(summary.summary_lines()))
     return 0
 

@@ -65,6 +65,7 @@ class IngestSummary:
     ray_seconds: float = 0.0      # connecting to / starting Ray
     startup_seconds: float = 0.0  # pipeline start -> every actor's first batch (actor start, model load)
     refine: str = "none"          # the index's refinement tier
+    cells: int = 0                # the index's cell partition (0: none, exhaustive only)
     steady_rate: float = 0.0      # faces/s once every actor delivered a batch (what more actors speed up)
     steady_seconds: float = 0.0   # the window `steady_rate` is measured over (start-up's end -> last batch)
 
@@ -92,6 +93,8 @@ class IngestSummary:
         if self.converted:
             lines.append("  photos converted: " + ", ".join(f"{k}: {v}" for k, v in sorted(self.converted.items())))
         lines.append(f"  segments written: {self.segments_written} in shards {self.shards_written or '-'}")
+        if self.cells:
+            lines.append(f"  cell partition: {self.cells} cells (searches may scan a few: --nprobe)")
         if self.refine != "none":
             lines.append(f"  refinement tier: {self.refine} (stored beside the codes)")
         if self.version == self.previous_version:
@@ -233,7 +236,8 @@ def run_ingest(model_path: str, gallery: str, index_uri: str, shards: int | None
                ray_address: str | None = None, actors: int | None = None, batch_size: int = 64,
                redis_url: str | None = None, progress: bool = True,
                segment_rows: int = DEFAULT_SEGMENT_ROWS, read_cpus: float | None = None,
-               actor_start_timeout: float = ACTOR_START_TIMEOUT_S, refine: str | None = None) -> IngestSummary:
+               actor_start_timeout: float = ACTOR_START_TIMEOUT_S, refine: str | None = None,
+               cells: int | None = None) -> IngestSummary:
     """Encode a gallery with the model at `model_path` and commit it to the index at `index_uri`.
 
     Args:
@@ -250,6 +254,8 @@ def run_ingest(model_path: str, gallery: str, index_uri: str, shards: int | None
         refine: refinement tier of a NEW index ('none', 'codes:BITS', 'float16'; facepq_core.refine). None: an
             existing index's own tier, none for a new index. An existing index keeps the tier it was created
             with (another one is refused).
+        cells: cell partition of a NEW index (facepq_core.partition; None/0: none). An existing index keeps
+            its own (another cell count is refused).
     Raises:
         DataError / ConfigError / CheckpointError / IndexFormatError for unusable inputs, a model that
         does not match the index, or a Ray cluster that cannot be reached.
@@ -266,7 +272,7 @@ def run_ingest(model_path: str, gallery: str, index_uri: str, shards: int | None
     # Open the writer first: a model/index mismatch fails before any encoding.
     # The enrol rule (indexer.enrol_rule): photos already enrolled as another person are skipped and reported.
     writer = IndexWriter(index_uri, meta, shard_count=shards, redis_url=redis_url, segment_rows=segment_rows,
-                         on_conflict="skip")
+                         on_conflict="skip", cells=cells)
     previous = writer.base_version
     inputs = list_inputs(gallery, embedding_dim=embedding_dim)
     log.info("ingest %s (%d %s) into %s with model %s", gallery, inputs.count, inputs.kind, writer.store.uri,
@@ -282,6 +288,7 @@ def run_ingest(model_path: str, gallery: str, index_uri: str, shards: int | None
         summary.refine = meta.refine.kind if meta.refine else "none"
         message = f"ingest {gallery} (model {meta.fingerprint})"
         summary.version = writer.commit(message)
+        summary.cells = writer.model.partition.cells if writer.model.partition else 0
     except BaseException:
         writer.abort()  # the segments of a failed job are removed now, not left to garbage collection
         raise

@@ -120,7 +120,8 @@ class Coordinator:
         return replicas_by_shard(self.nodes(), self.shard_count, self._rr)
 
     def search_tables(self, lookup_tables: np.ndarray, k: int, timeout: float = 5.0,
-                      min_version: int | None = None, refine: tuple[np.ndarray, int] | None = None) -> FanOutResult:
+                      min_version: int | None = None, refine: tuple[np.ndarray, int] | None = None,
+                      nprobe: int = 0) -> FanOutResult:
         """Exact global top-k for float32 [Q, M, K] tables across every shard, all from ONE index version.
 
         Args:
@@ -132,6 +133,7 @@ class Coordinator:
                 failed, so a face deleted before the search began is never returned.
             refine: a two-stage search: (refinement tables float32 [Q, a, b], candidates per shard); the
                 nodes' hits then carry the refined scores, merged exactly as first-pass scores are.
+            nprobe: on a partitioned index, the cells each shard scans (0: all of them).
         Returns:
             FanOutResult; shards no replica answered (at the agreed version) are `missing_shards`.
         Raises:
@@ -139,7 +141,7 @@ class Coordinator:
             NodeRefused: a node refused the request itself (INVALID_ARGUMENT, UNAUTHENTICATED, ...).
         """
         deadline = time.monotonic() + timeout
-        tables = self.node_clients.prepare(lookup_tables, refine)
+        tables = self.node_clients.prepare(lookup_tables, refine, nprobe)
         now = time.monotonic()
         replicas = {s: self.health.order([n.address for n in nodes], now) for s, nodes in self.replicas().items()}
         fan = FanOut(replicas, self.shard_count, min_version)

@@ -89,7 +89,8 @@ class CoordinatorServicer(facepq_pb2_grpc.CoordinatorServicer):
         gate = self.photo_admission.slot(context.time_remaining()) if kind == "photo" else contextlib.nullcontext()
         with status_on_error(context), gate:
             candidates = request.refine_candidates if request.HasField("refine_candidates") else None
-            result = self.service.search(query, request.top_k, SearchOptions(context.time_remaining(), candidates))
+            result = self.service.search(query, request.top_k, SearchOptions(context.time_remaining(), candidates,
+                                                                                   request.nprobe))
         reply = facepq_pb2.SearchResponse(complete=result.complete, missing_shards=result.missing_shards,
                                           index_version=result.index_version, node_scan_ms=result.node_scan_ms,
                                           refine_candidates=result.refine_candidates)

@@ -35,9 +35,10 @@ log = logging.getLogger(__name__)
 
 
 class NodeClients(Protocol):
-    def prepare(self, lookup_tables: np.ndarray, refine: tuple[np.ndarray, int] | None = None) -> object:
-        """float32 [Q, M, K] (and a two-stage search's (refinement tables [Q, a, b], candidates per shard))
-        -> what `search` sends (built once per search)."""
+    def prepare(self, lookup_tables: np.ndarray, refine: tuple[np.ndarray, int] | None = None,
+                nprobe: int = 0) -> object:
+        """float32 [Q, M, K] (and a two-stage search's (refinement tables [Q, a, b], candidates per shard), and
+        the cells to scan on a partitioned index, 0 = all) -> what `search` sends (built once per search)."""
 
     def search(self, address: str, tables: object, k: int, shards: Sequence[int], index_version: str,
                timeout: float) -> NodeReply:
@@ -76,8 +77,11 @@ class GrpcNodeClients:
                 self._channels[address] = (channel, facepq_pb2_grpc.QueryNodeStub(channel))
             return self._channels[address][1]
 
-    def prepare(self, lookup_tables: np.ndarray, refine: tuple[np.ndarray, int] | None = None) -> dict:
+    def prepare(self, lookup_tables: np.ndarray, refine: tuple[np.ndarray, int] | None = None,
+                nprobe: int = 0) -> dict:
         fields = {"tables": [table_message(facepq_pb2, t) for t in lookup_tables]}
+        if nprobe:
+            fields["nprobe"] = int(nprobe)
         if refine is not None:
             fields.update(refine_tables=[table_message(facepq_pb2, t) for t in refine[0]], refine_candidates=refine[1])
         return fields

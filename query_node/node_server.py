@@ -113,7 +113,7 @@ class QueryNodeServicer(facepq_pb2_grpc.QueryNodeServicer):
             tables, k, shards = validate_search(request.tables, request.top_k, request.shards, view)
             refine = validate_refine(request.refine_tables, request.refine_candidates, view, len(tables))
         stats = ScanStats()
-        results = view.search(tables, k, shards, stats, refine)
+        results = view.search(tables, k, shards, stats, refine, nprobe=request.nprobe)
         with self._lock:
             self.queries_served += len(results)
         reply = facepq_pb2.NodeSearchResponse(shards_searched=shards, index_version=view.version,

@@ -56,10 +56,12 @@ DEADLINE_MARGIN = 0.05  # seconds kept back from a caller's deadline to build an
 class SearchOptions:
     """time_remaining: seconds left of the caller's deadline (None = no deadline: the service's own timeout).
     refine_candidates: candidates per shard a two-stage search re-scores (None = the default; 0 = the first
-    pass alone); ignored on an index without a refinement tier."""
+    pass alone); ignored on an index without a refinement tier.
+    nprobe: on an index with a cell partition, the cells each shard scans (0 = all: exhaustive)."""
 
     time_remaining: float | None = None
     refine_candidates: int | None = None
+    nprobe: int = 0
 
 
 @dataclass
@@ -176,7 +178,7 @@ class CoordinatorService:
         except FacepqError as exc:
             raise Unavailable(f"cannot read the index version: {exc}") from exc
         result = self.coordinator.search_tables(tables, k, timeout=self._timeout(options), min_version=required,
-                                                refine=refine)
+                                                refine=refine, nprobe=options.nprobe)
         return SearchResult(hits=result.hits[0], missing_shards=result.missing_shards,
                             index_version=result.index_version, node_scan_ms=result.node_scan_ms,
                             refine_candidates=candidates)

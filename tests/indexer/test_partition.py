@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from facepq_core.codes import CodeSpec, pack_codes
+from facepq_core.codes import CodeSpec
 from facepq_core.errors import ConfigError, IndexFormatError
 from indexer.commit import compact, delete_faces
 from indexer.manifest import ModelMeta
@@ -13,18 +13,9 @@ from indexer.segment import open_segment
 from indexer.store import IndexStore
 from indexer.writer import IndexWriter
 from query_node.index_view import load_view
-from tests.support.index import dyadic_lut
+from tests.support.index import clustered_codes, dyadic_lut
 
 M, K, CELLS = 8, 256, 16
-
-
-def clustered_codes(rng, n: int, spec: CodeSpec, centers: int = 24, keep: float = 0.75) -> np.ndarray:
-    """Stored codes of `n` faces around `centers` random codes (each sub-code kept with probability `keep`)."""
-    center = rng.integers(0, spec.K, size=(centers, spec.M), dtype=np.uint8)
-    sub = center[rng.integers(0, centers, size=n)]
-    noise = rng.random((n, spec.M)) > keep
-    sub[noise] = rng.integers(0, spec.K, size=int(noise.sum()), dtype=np.uint8)
-    return pack_codes(sub, spec)
 
 
 def write_index(path, rng, rows=4000, cells=CELLS, spec=CodeSpec(M, K), shards=2, segment_rows=900):
