@@ -1,16 +1,18 @@
 """Cell partitions (inverted file): faces grouped into L coarse cells, a query scans a few of them.
 
-Space. The cells live in the space the codes quantize, seen through the codes themselves:
-a face is the one-hot vector of its M sub-codes (M*K dims, M ones), and a cell's centroid
-C[l] (float32 [M, K]) is the mean one-hot vector of its faces, i.e. the histogram of
-sub-code values per subspace. The k-means in that space needs only codes, so ingest,
-Enrol, compaction and merging (which all see codes) assign cells with no embeddings, and
-any "lut" codec (OPQN, PQ, binary, 4- or 8-bit) works unchanged inside a cell.
+Space. The cells live in the head space the codes quantize, seen through the codes: a face is
+where its code decodes to, x(face) = concat_m W[m, c_m] (float [M*s]), with W the codec's
+codewords (`Codec.codewords()`: OPQN's unit assignment vectors, PQ's centroids, a byte's bit
+signs; the identity, i.e. one-hot sub-codes, for a codec that does not say). k-means of x fits
+the centroids. Only codes are needed, so ingest, Enrol, compaction and merging (which all see
+codes) assign cells with no embeddings, and any "lut" codec works unchanged inside a cell.
 
-    assignment:  cell(face) = argmin_l |onehot(face) - C[l]|^2 = argmax_l 2 sum_m C[l, m, c_m] - |C[l]|^2
-    probing:     a query scans the `nprobe` cells with the highest  sum_{m,k} T[m, k] C[l, m, k],
-                 the mean score of the cell's faces under the query's lookup table T (score =
-                 sum_m T[m, c_m]), so a node picks cells from the tables it already receives.
+    assignment:  cell(face) = argmin_l |x(face) - mu_l|^2
+    probing:     a query scans the `nprobe` cells with the highest  sum_{m,k} T[m, k] H[l, m, k],
+                 where H[l, m, k] is the fraction of cell l's faces (of the fitting sample) with
+                 sub-code k in subspace m: the mean score of the cell's faces under the query's lookup
+                 table T (score = sum_m T[m, c_m]), so a node picks cells from the tables it already
+                 receives, whatever the codec's scoring.
 
 The partition is exact inside the cells it scans (the same kernels, the same scores); it can
 only miss faces of cells it skips, so its recall is measured against the exhaustive answer
@@ -35,7 +37,7 @@ PARTITION_DIR = "partition"
 SAMPLE_PER_CELL = 64
 FIT_ITERATIONS = 12
 MAX_CELLS = 65536
-_ASSIGN_BLOCK = 65536
+_ASSIGN_BLOCK = 16384
 
 
 @dataclass(frozen=True)
@@ -72,33 +74,48 @@ def check_cells(cells: int) -> int:
 
 
 class CellPartition:
-    """L cell centroids of one model's codes.
+    """L cells of one model's codes.
 
     Args:
-        centroids: float32 [L, M, K], per cell the fraction of its faces with sub-code k in subspace m.
-        spec: the code layout the centroids describe.
-        fingerprint: the model whose codes were partitioned.
+        codewords: float32 [M, K, s], what each sub-code value decodes to (Codec.codewords()).
+        centroids: float32 [L, M*s], the cells' centres in that space.
+        histograms: float32 [L, M, K], per cell the fraction of its faces with sub-code k in subspace m.
+        spec: the code layout.  fingerprint: the model whose codes were partitioned.
     """
 
-    def __init__(self, centroids: np.ndarray, spec: CodeSpec, fingerprint: str):
+    def __init__(self, codewords: np.ndarray, centroids: np.ndarray, histograms: np.ndarray, spec: CodeSpec,
+                 fingerprint: str):
+        self.codewords = np.ascontiguousarray(codewords, dtype=np.float32)
         self.centroids = np.ascontiguousarray(centroids, dtype=np.float32)
+        self.histograms = np.ascontiguousarray(histograms, dtype=np.float32)
         self.spec = spec
         self.fingerprint = str(fingerprint)
-        if self.centroids.ndim != 3 or self.centroids.shape[1:] != (spec.M, spec.K) or not len(self.centroids):
-            raise ConfigError(f"cell centroids must be float32 [L, {spec.M}, {spec.K}], got {self.centroids.shape}")
-        self._sq = np.square(self.centroids).sum(axis=(1, 2))  # |C[l]|^2, float32 [L]
-        # Per subspace a [K, L] table, so assignment is M row gathers: sum_m C[:, m, c_m].
-        self._by_code = np.ascontiguousarray(self.centroids.transpose(1, 2, 0))
+        M, K = spec.M, spec.K
+        if self.codewords.ndim != 3 or self.codewords.shape[:2] != (M, K):
+            raise ConfigError(f"codewords must be float32 [{M}, {K}, s], got {self.codewords.shape}")
+        L = self.centroids.shape[0] if self.centroids.ndim == 2 else 0
+        if not L or self.centroids.shape[1] != M * self.codewords.shape[2] or self.histograms.shape != (L, M, K):
+            raise ConfigError(f"cells: centroids {self.centroids.shape} and histograms {self.histograms.shape} do "
+                              f"not fit codewords {self.codewords.shape}")
+        self._sq = np.square(self.centroids).sum(1)  # |mu_l|^2, float32 [L]
 
     @property
     def cells(self) -> int:
         return self.centroids.shape[0]
 
+    @property
+    def nbytes(self) -> int:
+        return self.codewords.nbytes + self.centroids.nbytes + self.histograms.nbytes
+
+    def decode(self, sub: np.ndarray) -> np.ndarray:
+        """Sub-codes int [N, M] -> their head-space points float32 [N, M*s]."""
+        return self.codewords[np.arange(self.spec.M)[None, :], sub].reshape(len(sub), -1)
+
     # ---- ingest side -----------------------------------------------------------------------------
     @classmethod
-    def fit(cls, codes: np.ndarray, spec: CodeSpec, cells: int, fingerprint: str, seed: int = 0,
-            iterations: int = FIT_ITERATIONS) -> "CellPartition":
-        """k-means (Lloyd) of stored codes uint8 [N, code_bytes] in one-hot space into `cells` cells.
+    def fit(cls, codes: np.ndarray, spec: CodeSpec, cells: int, fingerprint: str, codewords: np.ndarray | None = None,
+            seed: int = 0, iterations: int = FIT_ITERATIONS) -> "CellPartition":
+        """k-means (Lloyd) of stored codes uint8 [N, code_bytes], decoded by `codewords` (None: one-hot).
 
         Fits on a uniform sample of at most SAMPLE_PER_CELL * cells faces. Cells left empty are
         re-seeded with a random face. Raises ConfigError when there are fewer faces than cells.
@@ -108,34 +125,45 @@ class CellPartition:
         if codes.shape[0] < cells:
             raise ConfigError(f"{cells} cells need at least {cells} faces to fit on; the first write has "
                               f"{codes.shape[0]} (use fewer --cells, or none for a small gallery)")
+        if codewords is None:
+            codewords = np.broadcast_to(np.eye(spec.K, dtype=np.float32), (spec.M, spec.K, spec.K))
         rng = np.random.default_rng(seed)
         if codes.shape[0] > SAMPLE_PER_CELL * cells:
             codes = codes[np.sort(rng.choice(codes.shape[0], SAMPLE_PER_CELL * cells, replace=False))]
         sub = unpack_codes(codes, spec).astype(np.intp)
-        part = cls(_histograms(sub[rng.choice(sub.shape[0], cells, replace=False)], np.arange(cells), cells, spec),
-                   spec, fingerprint)
+        empty_hist = np.zeros((cells, spec.M, spec.K), np.float32)
+        part = cls(codewords, np.zeros((cells, spec.M * codewords.shape[2]), np.float32), empty_hist, spec, fingerprint)
+        x = part.decode(sub)
+        centroids = x[rng.choice(len(x), cells, replace=False)]
         for _ in range(iterations):
-            labels = part._assign_sub(sub)
-            centroids = _histograms(sub, labels, cells, spec)
-            empty = np.flatnonzero(np.bincount(labels, minlength=cells) == 0)
+            part = cls(codewords, centroids, empty_hist, spec, fingerprint)
+            labels = part._nearest(x)
+            sums = np.zeros_like(centroids, dtype=np.float64)
+            np.add.at(sums, labels, x)
+            sizes = np.bincount(labels, minlength=cells)
+            centroids = (sums / np.maximum(sizes, 1)[:, None]).astype(np.float32)
+            empty = np.flatnonzero(sizes == 0)
             if empty.size:
-                centroids[empty] = _histograms(sub[rng.choice(sub.shape[0], empty.size, replace=False)],
-                                               np.arange(empty.size), empty.size, spec)
-            part = cls(centroids, spec, fingerprint)
-        return part
+                centroids[empty] = x[rng.choice(len(x), empty.size, replace=False)]
+        part = cls(codewords, centroids, empty_hist, spec, fingerprint)
+        return cls(codewords, centroids, _histograms(sub, part._nearest(x), cells, spec), spec, fingerprint)
 
     def assign(self, codes: np.ndarray) -> np.ndarray:
         """Stored codes uint8 [N, code_bytes] -> cell of each face, int32 [N] (ties: the lower cell)."""
-        return self._assign_sub(unpack_codes(codes, self.spec).astype(np.intp))
-
-    def _assign_sub(self, sub: np.ndarray) -> np.ndarray:
+        sub = unpack_codes(codes, self.spec).astype(np.intp)
         out = np.empty(sub.shape[0], dtype=np.int32)
         for lo in range(0, sub.shape[0], _ASSIGN_BLOCK):
-            block = sub[lo:lo + _ASSIGN_BLOCK]
-            score = np.zeros((block.shape[0], self.cells), dtype=np.float32)
-            for m in range(self.spec.M):
-                score += self._by_code[m][block[:, m]]
-            out[lo:lo + block.shape[0]] = np.argmax(2 * score - self._sq, axis=1)
+            out[lo:lo + _ASSIGN_BLOCK] = self._nearest(self.decode(sub[lo:lo + _ASSIGN_BLOCK]))
+        return out
+
+    def _nearest(self, x: np.ndarray) -> np.ndarray:
+        """Points float32 [N, F] -> nearest centroid int32 [N]: argmax 2 x.mu - |mu|^2, in blocks."""
+        out = np.empty(len(x), dtype=np.int32)
+        for lo in range(0, len(x), _ASSIGN_BLOCK):
+            score = x[lo:lo + _ASSIGN_BLOCK] @ self.centroids.T
+            score *= 2
+            score -= self._sq
+            out[lo:lo + len(score)] = np.argmax(score, axis=1)
         return out
 
     # ---- query side ------------------------------------------------------------------------------
@@ -145,7 +173,9 @@ class CellPartition:
         Best = highest mean score of the cell's faces; ties go to the lower cell.
         """
         tables = np.asarray(lookup_tables, dtype=np.float32).reshape(-1, self.spec.M * self.spec.K)
-        score = tables @ self.centroids.reshape(self.cells, -1).T  # [Q, L]
+        # einsum loops, not BLAS: a few queries per call, and OpenBLAS's threads busy-wait after every
+        # call (measured 20 ms for 16 queries x 64 cells on a loaded 2-core machine; see codecs/opqn.py).
+        score = np.einsum("qf,lf->ql", tables, self.histograms.reshape(self.cells, -1))  # [Q, L]
         nprobe = min(int(nprobe), self.cells)
         best = np.argsort(-score, axis=1, kind="stable")[:, :nprobe]
         return np.sort(best, axis=1)
@@ -153,8 +183,8 @@ class CellPartition:
     # ---- storage ---------------------------------------------------------------------------------
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
-        np.savez(buf, centroids=self.centroids, M=self.spec.M, K=self.spec.K,
-                 fingerprint=np.array(self.fingerprint))
+        np.savez(buf, codewords=self.codewords, centroids=self.centroids, histograms=self.histograms,
+                 M=self.spec.M, K=self.spec.K, fingerprint=np.array(self.fingerprint))
         return buf.getvalue()
 
     @classmethod
@@ -163,19 +193,19 @@ class CellPartition:
         try:
             with np.load(io.BytesIO(data), allow_pickle=False) as z:
                 spec = CodeSpec(M=int(z["M"]), K=int(z["K"]))
-                part = cls(z["centroids"], spec, str(z["fingerprint"]))
+                part = cls(z["codewords"], z["centroids"], z["histograms"], spec, str(z["fingerprint"]))
         except (ValueError, KeyError, OSError, EOFError, ConfigError) as exc:
             raise IndexFormatError(f"{where} is not a readable cell partition: {exc}"[:300]) from None
         if part.fingerprint != expect_fingerprint:
             raise IndexFormatError(f"{where} partitions codes of model {part.fingerprint}, the index model is "
                                    f"{expect_fingerprint}; refusing it")
-        if not np.isfinite(part.centroids).all():
-            raise IndexFormatError(f"{where} has non-finite centroids")
+        if not all(np.isfinite(a).all() for a in (part.codewords, part.centroids, part.histograms)):
+            raise IndexFormatError(f"{where} has non-finite values")
         return part
 
 
 def _histograms(sub: np.ndarray, labels: np.ndarray, cells: int, spec: CodeSpec) -> np.ndarray:
-    """Mean one-hot vector per label: float32 [cells, M, K] (zeros for a label with no faces)."""
+    """Fraction of each label's rows with sub-code k in subspace m: float32 [cells, M, K] (zeros: no rows)."""
     counts = np.zeros((cells, spec.M, spec.K), dtype=np.float64)
     for m in range(spec.M):
         np.add.at(counts[:, m, :], (labels, sub[:, m]), 1.0)

@@ -130,6 +130,15 @@ def load_model_info(model_path: str, refine: str | None = None) -> tuple[ModelMe
     return meta, pipeline, codec.embedding_dim
 
 
+def _codewords(model_path: str):
+    """The model codec's codewords (the space a new index's cells are fitted in; facepq_core.partition)."""
+    from opqn_model.checkpoint import load_checkpoint
+    from opqn_model.methods import get_method
+
+    payload = load_checkpoint(model_path)
+    return get_method(payload["method"]).codec(payload).codewords()
+
+
 def _index_refine(index_uri, refine: str | None) -> str | None:
     """The refinement tier an ingest writes: the one asked for, else an existing index's own (None: none)."""
     from facepq_core.refine import parse_refine
@@ -272,7 +281,7 @@ def run_ingest(model_path: str, gallery: str, index_uri: str, shards: int | None
     # Open the writer first: a model/index mismatch fails before any encoding.
     # The enrol rule (indexer.enrol_rule): photos already enrolled as another person are skipped and reported.
     writer = IndexWriter(index_uri, meta, shard_count=shards, redis_url=redis_url, segment_rows=segment_rows,
-                         on_conflict="skip", cells=cells)
+                         on_conflict="skip", cells=cells, codewords=_codewords(model_path) if cells else None)
     previous = writer.base_version
     inputs = list_inputs(gallery, embedding_dim=embedding_dim)
     log.info("ingest %s (%d %s) into %s with model %s", gallery, inputs.count, inputs.kind, writer.store.uri,

@@ -94,11 +94,13 @@ class IndexWriter:
         cells: a NEW index gets a cell partition of this many cells (facepq_core.partition), fitted on the
             codes of the first segments it writes; None/0: no partition. An existing index keeps its own
             partition (the writer adopts it: Enrol lands each face in its cell); asking another is a ConfigError.
+        codewords: with `cells`, the model codec's `codewords()` (float32 [M, K, s]): the space the cells are
+            fitted in (None: one-hot sub-codes).
     """
 
     def __init__(self, index_uri, model_meta: ModelMeta, shard_count: int | None = None,
                  redis_url: str | None = None, segment_rows: int = DEFAULT_SEGMENT_ROWS, on_conflict: str = "raise",
-                 cells: int | None = None):
+                 cells: int | None = None, codewords: np.ndarray | None = None):
         self.store = index_uri if isinstance(index_uri, IndexStore) else IndexStore(index_uri)
         self.model = model_meta
         self.redis_url = redis_url
@@ -116,6 +118,7 @@ class IndexWriter:
                 raise ConfigError(f"shard count must be >= 1, got {shard_count}")
             self._seen = [np.empty(0, dtype=np.uint64) for _ in range(self.shard_count)]
             self.cells = check_cells(int(cells)) if cells else None
+            self.codewords = codewords
         else:
             manifest = self.store.load_manifest(self.base_version)
             self.model = model_meta = _with_index_partition(model_meta, manifest.model, cells, self.store.uri)
@@ -331,7 +334,8 @@ class IndexWriter:
         from indexer.partition_store import save_partition
 
         codes = np.concatenate([b.codes[lo:hi] for parts in self._buffers for b, lo, hi in parts])
-        partition = CellPartition.fit(codes, self.model.code_spec(), self.cells, self.model.fingerprint)
+        partition = CellPartition.fit(codes, self.model.code_spec(), self.cells, self.model.fingerprint,
+                                      self.codewords)
         self.model = replace(self.model, partition=save_partition(self.store, partition))
         log.info("fitted %d cells on %d faces for %s", self.cells, codes.shape[0], self.store.uri)
 

@@ -69,6 +69,10 @@ class PQCodec(Codec):
     def _tables(self, x: np.ndarray) -> np.ndarray:
         return np.einsum("nmd,mkd->nmk", self.rotated(x), self.centroids)
 
+    def codewords(self) -> np.ndarray:
+        """float32 [M, K, d]: the centroids (a code decodes to its reconstruction in the rotated space)."""
+        return self.centroids
+
     def float_features(self, features) -> np.ndarray:
         from facepq_core.codecs.base import check_embeddings
 

@@ -169,3 +169,45 @@ def test_too_few_faces_for_the_cells_is_a_config_error(tmp_path):
         write_index(tmp_path / "idx", rng, rows=10, cells=32)
     assert not IndexStore(str(tmp_path / "idx")).exists()
 
+
+
+def test_cells_are_fitted_where_codes_decode_to():
+    """With codewords, sub-codes that decode to the same point are one place: faces whose codes differ only
+    among such sub-codes share a cell; one-hot (no codewords) cannot see that."""
+    from facepq_core.partition import CellPartition
+
+    rng = np.random.default_rng(9)
+    spec = CodeSpec(4, 256)
+    groups = rng.standard_normal((4, 16, 2)).astype(np.float32) * 10  # 16 far-apart points per subspace
+    codewords = groups[:, np.arange(256) // 16]  # sub-code k decodes to point k // 16 of its subspace
+    centre = rng.integers(0, 16, size=(8, 4))  # 8 clusters of decoded points
+    which = rng.integers(0, 8, size=4000)
+    sub = (centre[which] * 16 + rng.integers(0, 16, size=(4000, 4))).astype(np.uint8)  # any code of the point
+    part = CellPartition.fit(sub, spec, 8, "f" * 16, codewords)
+    cells = part.assign(sub)
+    for c in range(8):  # each cluster lands in exactly one cell
+        assert len(set(cells[which == c].tolist())) == 1
+    assert len(set(cells.tolist())) == 8
+    # the probe ranks first the cell whose faces a query scores best
+    table = np.zeros((4, 256), np.float32)
+    table[np.arange(4)[:, None], centre[3][:, None] * 16 + np.arange(16)] = 1.0  # high on cluster 3's sub-codes
+    assert part.probe(table[None], 1)[0].tolist() == [int(cells[which == 3][0])]
+
+
+def test_codec_codewords_decode_to_their_head_space():
+    """Each codec's codewords are the points its sub-codes stand for: encoding a codeword gives its own code."""
+    from facepq_core.codecs.binary import BinaryCodec
+    from facepq_core.codecs.pq import PQCodec
+
+    rng = np.random.default_rng(10)
+    pq = PQCodec(np.eye(16, dtype=np.float32), np.zeros(16, np.float32), rng.standard_normal((4, 16, 4)))
+    words = pq.codewords()
+    assert words.shape == (4, 16, 4)
+    x = rng.standard_normal((20, 16)).astype(np.float32)
+    z = pq.rotated(x)  # the space the codes quantize: each sub-code is its nearest codeword there
+    nearest = np.argmin(((z[:, :, None, :] - words[None]) ** 2).sum(-1), axis=2)
+    assert (pq._sub_codes(x) == nearest).all()
+    binary = BinaryCodec(np.eye(16, dtype=np.float32), np.zeros(16, np.float32), normalize=False)
+    assert binary.codewords().shape == (2, 256, 8)
+    signs = binary.codewords()[np.arange(2), binary.encode(rng.standard_normal((1, 16)))[0]].reshape(-1)
+    assert (signs == np.sign(binary.project(np.asarray(signs[None], np.float32))[0])).all()
