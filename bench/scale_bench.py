@@ -318,9 +318,10 @@ def run_real(model_path: str, n: int, args, work: pathlib.Path, nprobes, log) ->
         return (y / np.linalg.norm(y, axis=1, keepdims=True)).astype(np.float32)
 
     def codes_iter():
+        step = 1 << 16  # the codec's logits are [rows, M, K] float32: 8 KiB a row for 8x256
         for i, lo in enumerate(range(0, n, CHUNK)):
-            m = min(CHUNK, n - lo)
-            yield codec.encode(noisy(gallery_base[np.arange(lo, lo + m) % len(gallery_base)], args.seed + i))
+            x = noisy(gallery_base[np.arange(lo, lo + min(CHUNK, n - lo)) % len(gallery_base)], args.seed + i)
+            yield np.concatenate([codec.encode(x[j:j + step]) for j in range(0, len(x), step)])
 
     cells = args.cells or default_cells(n)
     root = work / f"real-{n}"
@@ -339,7 +340,7 @@ def default_cells(n: int) -> int:
     return int(min(1024, max(16, 2 ** round(math.log2(4 * math.sqrt(n))))))
 
 
-def run_size(n: int, args, work: pathlib.Path, log) -> list[dict]:
+def run_size(n: int, args, work: pathlib.Path, log, report=lambda rows: None) -> list[dict]:
     from facepq_core.codes import CodeSpec
     from indexer.manifest import ModelMeta
 
@@ -373,8 +374,10 @@ def run_size(n: int, args, work: pathlib.Path, log) -> list[dict]:
         rows += family + fam
         log(f"  process RSS {rss_bytes() / 2**20:.0f} MiB (was {rss0 / 2**20:.0f} MiB before this layout)")
         del flat, ivf, keep
+        report(rows)
     if args.model:
         rows += run_real(args.model, n, args, work, nprobes, log)
+        report(rows)
     return rows
 
 
@@ -481,9 +484,12 @@ def main(argv=None) -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="facepq-scale-", dir=args.work) as work:
         for n in sizes:
-            rows += run_size(n, args, pathlib.Path(work), log)
-            header["load average at end"] = load_average()
-            write_report(pathlib.Path(args.out), rows, header)  # after every size: a partial run still reports
+            def report(partial, done=list(rows)):  # after every layout: a partial run still reports
+                header["load average at end"] = load_average()
+                write_report(pathlib.Path(args.out), done + partial, header)
+
+            rows += run_size(n, args, pathlib.Path(work), log, report)
+            report([], rows)
     log(f"report: {pathlib.Path(args.out) / 'scale.md'}; load at end {load_average()}")
     return 0
 

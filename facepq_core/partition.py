@@ -14,6 +14,15 @@ codes) assign cells with no embeddings, and any "lut" codec works unchanged insi
                  table T (score = sum_m T[m, c_m]), so a node picks cells from the tables it already
                  receives, whatever the codec's scoring.
 
+Computing that sum costs L*M*K per query (2M multiply-adds at 1024 cells of 8x256 codes: ~3 ms
+in numpy loops, far more than the scan it saves). Every codec's tables are affine in a few
+features of its codewords, phi(m, k) = [1, W[m, k], |W[m, k]|^2] (OPQN: log-softmax of x.W, PQ
+inner products, Hamming tables over bit signs, L2 tables), so T[m, :] = phi_m beta_m, with beta_m
+the least-squares fit (a pseudo-inverse fixed per partition), and the sum is exactly
+sum_m beta_m . E_l[phi_m], E_l[phi_m] = H[l, m, :] phi_m fixed per cell: L*M*(s+2) per query.
+For tables outside that span the fit is the closest such table (the probe is then approximate,
+the scan within the probed cells exact as always).
+
 The partition is exact inside the cells it scans (the same kernels, the same scores); it can
 only miss faces of cells it skips, so its recall is measured against the exhaustive answer
 (`facepq bench scale`), never assumed. nprobe = 0 or >= L scans everything.
@@ -98,6 +107,21 @@ class CellPartition:
             raise ConfigError(f"cells: centroids {self.centroids.shape} and histograms {self.histograms.shape} do "
                               f"not fit codewords {self.codewords.shape}")
         self._sq = np.square(self.centroids).sum(1)  # |mu_l|^2, float32 [L]
+        self._probe_terms: tuple[np.ndarray, np.ndarray] | None = None  # built on the first probe
+
+    def warm(self) -> None:
+        """Build what `probe` needs (a reader does it when it loads the partition, not in a search)."""
+        self._terms()
+
+    def _terms(self) -> tuple[np.ndarray, np.ndarray]:
+        """(pseudo-inverse of phi per subspace float32 [M, s+2, K], each cell's mean phi float32 [L, M, s+2])."""
+        if self._probe_terms is None:
+            M, K = self.spec.M, self.spec.K
+            phi = np.concatenate([np.ones((M, K, 1), np.float32), self.codewords,
+                                  np.square(self.codewords).sum(-1, keepdims=True)], axis=2).astype(np.float64)
+            self._probe_terms = (np.linalg.pinv(phi).astype(np.float32),
+                                 np.einsum("lmk,mkp->lmp", self.histograms.astype(np.float64), phi).astype(np.float32))
+        return self._probe_terms
 
     @property
     def cells(self) -> int:
@@ -172,13 +196,21 @@ class CellPartition:
 
         Best = highest mean score of the cell's faces; ties go to the lower cell.
         """
-        tables = np.asarray(lookup_tables, dtype=np.float32).reshape(-1, self.spec.M * self.spec.K)
+        tables = np.asarray(lookup_tables, dtype=np.float32).reshape(-1, self.spec.M, self.spec.K)
         # einsum loops, not BLAS: a few queries per call, and OpenBLAS's threads busy-wait after every
         # call (measured 20 ms for 16 queries x 64 cells on a loaded 2-core machine; see codecs/opqn.py).
-        score = np.einsum("qf,lf->ql", tables, self.histograms.reshape(self.cells, -1))  # [Q, L]
+        phi_pinv, cell_phi = self._terms()
+        beta = np.einsum("mpk,qmk->qmp", phi_pinv, tables)
+        score = np.einsum("qmp,lmp->ql", beta, cell_phi)  # [Q, L]: mean score of each cell's faces
         nprobe = min(int(nprobe), self.cells)
         best = np.argsort(-score, axis=1, kind="stable")[:, :nprobe]
         return np.sort(best, axis=1)
+
+    def mean_scores(self, lookup_tables: np.ndarray) -> np.ndarray:
+        """float32 [Q, L]: the mean score of each cell's faces, summed over the histograms directly (the
+        reference `probe` agrees with when the tables are affine in the codeword features)."""
+        tables = np.asarray(lookup_tables, dtype=np.float32).reshape(-1, self.spec.M * self.spec.K)
+        return np.einsum("qf,lf->ql", tables, self.histograms.reshape(self.cells, -1))
 
     # ---- storage ---------------------------------------------------------------------------------
     def to_bytes(self) -> bytes:

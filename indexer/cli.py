@@ -123,6 +123,8 @@ def _info(args: argparse.Namespace) -> int:
     tiers = ", ".join(f"{t['tier']} {t.get('kind', t['codec'])} {t['bytes_per_face']} B/face "
                       f"({'in memory' if t['resident'] else 'read for candidates only'})" for t in info["tiers"])
     print(f"  bytes per face: {tiers}")
+    if info["model"].get("partition"):
+        print(f"  cell partition: {info['model']['partition']['cells']} cells (searches may scan a few: --nprobe)")
     print(f"  faces: {info['faces']} live ({info['rows']} rows, {info['tombstones']} tombstoned), people: {info['people']}")
     print(f"  shards: {info['shard_count']}, segments: {info['segments']}, bytes: {info['bytes']}")
     for sh in info["shards"]:

@@ -98,6 +98,8 @@ def load_view(store, shard_ids: list[int], previous: IndexView | None = None, ve
         raise ConfigError(f"shard(s) {bad} do not exist: the index at {store.uri} has {manifest.shard_count} "
                           f"shards (0..{manifest.shard_count - 1})")
     partition = load_partition(store, manifest.model)  # IndexFormatError when missing, altered or another model's
+    if partition is not None:
+        partition.warm()  # the probe's terms are built now, not inside the first search
     reuse = {}
     if previous is not None:
         for data in previous.shards.values():

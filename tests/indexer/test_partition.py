@@ -211,3 +211,31 @@ def test_codec_codewords_decode_to_their_head_space():
     assert binary.codewords().shape == (2, 256, 8)
     signs = binary.codewords()[np.arange(2), binary.encode(rng.standard_normal((1, 16)))[0]].reshape(-1)
     assert (signs == np.sign(binary.project(np.asarray(signs[None], np.float32))[0])).all()
+
+
+@pytest.mark.parametrize("kind", ["pq-ip", "l2", "onehot"])
+def test_probe_ranks_cells_by_their_faces_mean_score(kind):
+    """The probe's fast form (tables fitted on codeword features) equals the mean score over the histograms
+    for tables affine in those features: inner products, L2 distances, and any table when sub-codes are
+    one-hot."""
+    from facepq_core.partition import CellPartition
+
+    rng = np.random.default_rng(11)
+    spec = CodeSpec(8, 256)
+    words = None if kind == "onehot" else rng.standard_normal((8, 256, 4)).astype(np.float32)
+    codes = clustered_codes(rng, 3000, spec)
+    part = CellPartition.fit(codes, spec, 32, "f" * 16, words)
+    q = rng.standard_normal((5, 8, 4)).astype(np.float32)
+    if kind == "pq-ip":
+        tables = np.einsum("qmd,mkd->qmk", q, words)
+    elif kind == "l2":
+        tables = -np.square(q[:, :, None, :] - words[None]).sum(-1)
+    else:
+        tables = rng.standard_normal((5, 8, 256)).astype(np.float32)
+    exact = part.mean_scores(tables)
+    phi_pinv, cell_phi = part._terms()
+    fast = np.einsum("qmp,lmp->ql", np.einsum("mpk,qmk->qmp", phi_pinv, tables), cell_phi)
+    np.testing.assert_allclose(fast, exact, rtol=1e-3, atol=1e-3 * np.abs(exact).max())
+    for qi in range(5):  # the probed cells are the best by the exact mean score (up to float ties)
+        got = part.probe(tables[qi:qi + 1], 4)[0]
+        assert exact[qi, got].min() >= np.sort(exact[qi])[-4] - 1e-3 * np.abs(exact).max()

@@ -59,7 +59,7 @@ def test_a_real_node_scans_the_cells_asked_over_grpc(tmp_path):
         coord = Coordinator(StaticRegistry([n.address]), shard_count=2)
         for nprobe in (0, 1, 4, CELLS):
             luts = np.stack([dyadic_lut(rng, M, K) for _ in range(2)])
-            res = coord.search_tables(luts, 20, nprobe=nprobe)
+            res = coord.search_tables(luts, 20, timeout=60, nprobe=nprobe)
             assert res.complete
             want = view.search(luts, 20, [0, 1], nprobe=nprobe)
             assert [_hits(h) for h in res.hits] == [_hits(h) for h in want]
