@@ -6,8 +6,8 @@ For each size N and code layout (8-bit M=8 K=256 and 4-bit M=16 K=16, both 64-bi
   one FAISS product quantizer (L2). Our index stores exactly those codes; our lookup tables are
   -|q_m - c_mk|^2 from the same quantizer, so our scores are FAISS's ADC distances, negated.
   `--model` adds a row set on the model's real code distribution: cached trunk embeddings
-  (FACEPQ_CACHE) replicated with noise to N and encoded by the model's codec (ours only: FAISS has no
-  such codec).
+  (FACEPQ_CACHE) replicated with noise (up to 2^19 distinct noisy codes, tiled to N) and encoded by the
+  model's codec; held-out embeddings with noise are the queries (ours only: FAISS has no such codec).
 * ours: a real index written by IndexWriter (1 shard; `--cells` cells, default 4*sqrt(N) rounded to a
   power of two, at most 1024) and searched through the node's in-process path (IndexView.search:
   kernels, cell ranges, metadata lookup), exhaustive (nprobe=0) and at each --nprobe.
@@ -40,6 +40,7 @@ import numpy as np
 DIM = 32
 LAYOUTS = {"8bit": (8, 8), "4bit": (16, 4)}  # name -> (M, nbits)
 CHUNK = 1_000_000
+REAL_POOL = 1 << 19  # distinct noisy codes of real embeddings (tiled to larger sizes)
 
 
 def rss_bytes() -> int:
@@ -317,18 +318,24 @@ def run_real(model_path: str, n: int, args, work: pathlib.Path, nprobes, log) ->
         y = x + 0.15 * r.standard_normal(x.shape, dtype=np.float32) / math.sqrt(dim)
         return (y / np.linalg.norm(y, axis=1, keepdims=True)).astype(np.float32)
 
+    # At most REAL_POOL noisy copies are encoded (the codec's logits cost M*d*K per row in numpy loops:
+    # minutes per million rows here); the gallery tiles that pool of codes to N rows.
+    pool_rows = min(n, REAL_POOL)
+    step = 1 << 16  # the codec's logits are [rows, M, K] float32: 8 KiB a row for 8x256
+    x = noisy(gallery_base[np.arange(pool_rows) % len(gallery_base)], args.seed)
+    pool = np.concatenate([codec.encode(x[j:j + step]) for j in range(0, len(x), step)])
+    del x
+
     def codes_iter():
-        step = 1 << 16  # the codec's logits are [rows, M, K] float32: 8 KiB a row for 8x256
-        for i, lo in enumerate(range(0, n, CHUNK)):
-            x = noisy(gallery_base[np.arange(lo, lo + min(CHUNK, n - lo)) % len(gallery_base)], args.seed + i)
-            yield np.concatenate([codec.encode(x[j:j + step]) for j in range(0, len(x), step)])
+        for lo in range(0, n, CHUNK):
+            yield pool[np.arange(lo, lo + min(CHUNK, n - lo)) % pool_rows]
 
     cells = args.cells or default_cells(n)
     root = work / f"real-{n}"
     build_s = build_ours(root, codes_iter(), meta, cells, codec.codewords())
     tables = codec.query_tables(noisy(query_base, args.seed + 99991))
     log(f"  real codes ({meta.trunk} {meta.codec} M={meta.M} K={meta.K}, {len(gallery_base)} embeddings replicated "
-        f"with noise to {n:,}; {cells} cells): built in {build_s:.1f} s")
+        f"with noise to {pool_rows:,} codes, tiled to {n:,}; {cells} cells): built in {build_s:.1f} s")
     rows = measure_ours(root, tables, args, nprobes, log)
     for r in rows:
         r.update(build_s=build_s, data="real", layout=f"{meta.codec} M={meta.M} K={meta.K}", n=n)

@@ -110,8 +110,11 @@ class CellPartition:
         self._probe_terms: tuple[np.ndarray, np.ndarray] | None = None  # built on the first probe
 
     def warm(self) -> None:
-        """Build what `probe` needs (a reader does it when it loads the partition, not in a search)."""
+        """Build what `probe` needs (a reader does it when it loads the partition, not in a search) and drop
+        the histograms, which nothing else reads: L*M*K floats (8 MiB for 1024 cells of 8x256 codes) against
+        the L*M*(s+2) of the terms (192 KiB), so a node's memory stays that of its codes."""
         self._terms()
+        self.histograms = None
 
     def _terms(self) -> tuple[np.ndarray, np.ndarray]:
         """(pseudo-inverse of phi per subspace float32 [M, s+2, K], each cell's mean phi float32 [L, M, s+2])."""
@@ -129,7 +132,9 @@ class CellPartition:
 
     @property
     def nbytes(self) -> int:
-        return self.codewords.nbytes + self.centroids.nbytes + self.histograms.nbytes
+        """Bytes this object holds (after `warm`: no histograms, the probe's terms instead)."""
+        held = [self.codewords, self.centroids, self.histograms, *(self._probe_terms or ())]
+        return sum(a.nbytes for a in held if a is not None)
 
     def decode(self, sub: np.ndarray) -> np.ndarray:
         """Sub-codes int [N, M] -> their head-space points float32 [N, M*s]."""
@@ -209,11 +214,15 @@ class CellPartition:
     def mean_scores(self, lookup_tables: np.ndarray) -> np.ndarray:
         """float32 [Q, L]: the mean score of each cell's faces, summed over the histograms directly (the
         reference `probe` agrees with when the tables are affine in the codeword features)."""
+        if self.histograms is None:
+            raise ValueError("this partition was warmed for serving: its histograms were dropped")
         tables = np.asarray(lookup_tables, dtype=np.float32).reshape(-1, self.spec.M * self.spec.K)
         return np.einsum("qf,lf->ql", tables, self.histograms.reshape(self.cells, -1))
 
     # ---- storage ---------------------------------------------------------------------------------
     def to_bytes(self) -> bytes:
+        if self.histograms is None:
+            raise ValueError("this partition was warmed for serving: its histograms were dropped")
         buf = io.BytesIO()
         np.savez(buf, codewords=self.codewords, centroids=self.centroids, histograms=self.histograms,
                  M=self.spec.M, K=self.spec.K, fingerprint=np.array(self.fingerprint))
