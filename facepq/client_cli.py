@@ -24,16 +24,12 @@ ENV_COORDINATOR = "FACEPQ_COORDINATOR"
 
 
 def _nprobe(text: str) -> int:
-    """--nprobe: a whole number >= 0, or 'all' (0: every cell)."""
+    """--nprobe: cells per shard, a whole number (0 or 'all': every cell)."""
     if text == "all":
         return 0
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--nprobe must be a whole number or 'all', got {text!r}") from None
-    if not 0 <= n < 2**32:
-        raise argparse.ArgumentTypeError(f"--nprobe must be >= 0 (0 or all: every cell), got {n}")
-    return n
+    if not (text.isascii() and text.isdigit()) or int(text) >= 2**32:
+        raise argparse.ArgumentTypeError(f"--nprobe takes a whole number of cells or 'all', got {text!r}")
+    return int(text)
 
 
 def _top_k(text: str) -> int:

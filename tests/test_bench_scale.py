@@ -1,24 +1,18 @@
 """`facepq bench scale --small` as a real subprocess, at an even smaller size: report structure and exactness."""
 import json
 import math
-import pathlib
-import subprocess
-import sys
 
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
-# A guard against a hang, not a performance bound.
-SCALE_TIMEOUT_S = 1200
+from tests.support.processes import run_cli
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(SCALE_TIMEOUT_S + 120)
+@pytest.mark.timeout(1400)  # a guard against a hang, not a performance bound
 def test_small_scale_report(tmp_path):
     out = tmp_path / "scale"
-    proc = subprocess.run([sys.executable, "-m", "facepq.cli", "bench", "scale", "--small", "--sizes", "20000",
-                           "--queries", "16", "--batch", "8", "--nprobe", "1,4", "--cells", "16", "--out", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=SCALE_TIMEOUT_S)
+    proc = run_cli("bench", "scale", "--small", "--sizes", "20000", "--queries", "16", "--batch", "8", "--nprobe", "1,4",
+                   "--cells", "16", "--out", out, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "scale.json").read_text())
     assert report["header"]["sizes"] == [20000] and report["header"]["threads"] == [1, 2]

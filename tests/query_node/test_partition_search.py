@@ -67,3 +67,11 @@ def test_a_real_node_scans_the_cells_asked_over_grpc(tmp_path):
                 assert _hits(res.hits[0]) == brute_force(path, luts[0], 20)
     finally:
         n.kill()
+
+
+def test_search_cli_refuses_a_bad_nprobe_in_one_line():
+    from tests.support.processes import run_cli
+
+    proc = run_cli("search", "--coordinator", "127.0.0.1:1", "--nprobe", "some", "face.jpg")
+    assert proc.returncode == 2 and "--nprobe takes a whole number of cells or 'all'" in proc.stderr
+    assert "Traceback" not in proc.stderr
