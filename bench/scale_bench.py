@@ -156,7 +156,7 @@ def measure_ours(root, tables, args, nprobes, log) -> list[dict]:
 
     view = load_view(IndexStore(str(root)), [0])
     data = view.shards[0]
-    part_bytes = view.partition.nbytes if view.partition is not None else 0
+    part_bytes = view.cell_probe.nbytes if view.cell_probe is not None else 0
     offsets_bytes = sum(s.cell_offsets.nbytes for s in data.segments if s.cell_offsets is not None)
 
     def ids(hits):
@@ -165,7 +165,7 @@ def measure_ours(root, tables, args, nprobes, log) -> list[dict]:
     truth10 = [ids(view.search(tables[i:i + 1], 10, [0])[0]) for i in range(len(tables))]
     truth100 = [ids(view.search(tables[i:i + 1], 100, [0])[0]) for i in range(len(tables))]
     rows = []
-    for nprobe in [0] + [p for p in nprobes if view.partition is not None and p < view.partition.cells]:
+    for nprobe in [0] + [p for p in nprobes if view.cell_probe is not None and p < view.cell_probe.cells]:
         view.search(tables[:1], 10, [0], nprobe=nprobe)  # warm
         scan_ms = []
 
@@ -181,7 +181,7 @@ def measure_ours(root, tables, args, nprobes, log) -> list[dict]:
                                     len(tables), args.batch, t) for t in args.threads}
         p50, p99 = percentiles(lat)
         rows.append(dict(method="ours exhaustive" if not nprobe else "ours cells", nprobe=nprobe or "all",
-                         cells=view.partition.cells if view.partition is not None else 0, p50_ms=p50, p99_ms=p99,
+                         cells=view.cell_probe.cells if view.cell_probe is not None else 0, p50_ms=p50, p99_ms=p99,
                          scan_p50_ms=float(np.median(scan_ms)),
                          qps={str(t): q for t, q in tput.items()}, recall10=recall(got10, truth10, 10),
                          recall100=recall(got100, truth100, 100),

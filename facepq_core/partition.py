@@ -107,24 +107,6 @@ class CellPartition:
             raise ConfigError(f"cells: centroids {self.centroids.shape} and histograms {self.histograms.shape} do "
                               f"not fit codewords {self.codewords.shape}")
         self._sq = np.square(self.centroids).sum(1)  # |mu_l|^2, float32 [L]
-        self._probe_terms: tuple[np.ndarray, np.ndarray] | None = None  # built on the first probe
-
-    def warm(self) -> None:
-        """Build what `probe` needs (a reader does it when it loads the partition, not in a search) and drop
-        the histograms, which nothing else reads: L*M*K floats (8 MiB for 1024 cells of 8x256 codes) against
-        the L*M*(s+2) of the terms (192 KiB), so a node's memory stays that of its codes."""
-        self._terms()
-        self.histograms = None
-
-    def _terms(self) -> tuple[np.ndarray, np.ndarray]:
-        """(pseudo-inverse of phi per subspace float32 [M, s+2, K], each cell's mean phi float32 [L, M, s+2])."""
-        if self._probe_terms is None:
-            M, K = self.spec.M, self.spec.K
-            phi = np.concatenate([np.ones((M, K, 1), np.float32), self.codewords,
-                                  np.square(self.codewords).sum(-1, keepdims=True)], axis=2).astype(np.float64)
-            self._probe_terms = (np.linalg.pinv(phi).astype(np.float32),
-                                 np.einsum("lmk,mkp->lmp", self.histograms.astype(np.float64), phi).astype(np.float32))
-        return self._probe_terms
 
     @property
     def cells(self) -> int:
@@ -132,9 +114,7 @@ class CellPartition:
 
     @property
     def nbytes(self) -> int:
-        """Bytes this object holds (after `warm`: no histograms, the probe's terms instead)."""
-        held = [self.codewords, self.centroids, self.histograms, *(self._probe_terms or ())]
-        return sum(a.nbytes for a in held if a is not None)
+        return self.codewords.nbytes + self.centroids.nbytes + self.histograms.nbytes
 
     def decode(self, sub: np.ndarray) -> np.ndarray:
         """Sub-codes int [N, M] -> their head-space points float32 [N, M*s]."""
@@ -196,33 +176,32 @@ class CellPartition:
         return out
 
     # ---- query side ------------------------------------------------------------------------------
-    def probe(self, lookup_tables: np.ndarray, nprobe: int) -> np.ndarray:
-        """Lookup tables float32 [Q, M, K] -> the `nprobe` best cells of each query, int64 [Q, nprobe], sorted.
+    def prober(self) -> "CellProbe":
+        """What a node keeps to pick cells (the partition itself stays with writers).
 
-        Best = highest mean score of the cell's faces; ties go to the lower cell.
+        The cheaper exact form of the mean-score sum: codeword features when s + 2 < K (tables affine in
+        them, see the module docstring), else the histograms themselves (one-hot, or codewords as wide as K).
         """
-        tables = np.asarray(lookup_tables, dtype=np.float32).reshape(-1, self.spec.M, self.spec.K)
-        # einsum loops, not BLAS: a few queries per call, and OpenBLAS's threads busy-wait after every
-        # call (measured 20 ms for 16 queries x 64 cells on a loaded 2-core machine; see codecs/opqn.py).
-        phi_pinv, cell_phi = self._terms()
-        beta = np.einsum("mpk,qmk->qmp", phi_pinv, tables)
-        score = np.einsum("qmp,lmp->ql", beta, cell_phi)  # [Q, L]: mean score of each cell's faces
-        nprobe = min(int(nprobe), self.cells)
-        best = np.argsort(-score, axis=1, kind="stable")[:, :nprobe]
-        return np.sort(best, axis=1)
+        M, K = self.spec.M, self.spec.K
+        if self.codewords.shape[2] + 2 < K:
+            phi = np.concatenate([np.ones((M, K, 1), np.float32), self.codewords,
+                                  np.square(self.codewords).sum(-1, keepdims=True)], axis=2).astype(np.float64)
+            return CellProbe(np.linalg.pinv(phi).astype(np.float32),
+                             np.einsum("lmk,mkp->lmp", self.histograms.astype(np.float64), phi).astype(np.float32))
+        return CellProbe(None, self.histograms)
+
+    def probe(self, lookup_tables: np.ndarray, nprobe: int) -> np.ndarray:
+        """The cells a query scans; see `CellProbe.probe` (built for each call here: a node keeps a prober)."""
+        return self.prober().probe(lookup_tables, nprobe)
 
     def mean_scores(self, lookup_tables: np.ndarray) -> np.ndarray:
         """float32 [Q, L]: the mean score of each cell's faces, summed over the histograms directly (the
-        reference `probe` agrees with when the tables are affine in the codeword features)."""
-        if self.histograms is None:
-            raise ValueError("this partition was warmed for serving: its histograms were dropped")
+        reference the probe's features form agrees with when the tables are affine in the codeword features)."""
         tables = np.asarray(lookup_tables, dtype=np.float32).reshape(-1, self.spec.M * self.spec.K)
         return np.einsum("qf,lf->ql", tables, self.histograms.reshape(self.cells, -1))
 
     # ---- storage ---------------------------------------------------------------------------------
     def to_bytes(self) -> bytes:
-        if self.histograms is None:
-            raise ValueError("this partition was warmed for serving: its histograms were dropped")
         buf = io.BytesIO()
         np.savez(buf, codewords=self.codewords, centroids=self.centroids, histograms=self.histograms,
                  M=self.spec.M, K=self.spec.K, fingerprint=np.array(self.fingerprint))
@@ -243,6 +222,46 @@ class CellPartition:
         if not all(np.isfinite(a).all() for a in (part.codewords, part.centroids, part.histograms)):
             raise IndexFormatError(f"{where} has non-finite values")
         return part
+
+
+class CellProbe:
+    """What a node needs to pick cells from a query's tables: the mean score of each cell's faces.
+
+    Args:
+        phi_pinv: float32 [M, s+2, K], the least-squares fit of a table on codeword features per subspace;
+            None when `cell_terms` are the histograms themselves.
+        cell_terms: float32 [L, M, s+2], each cell's mean codeword features; or [L, M, K] histograms.
+    """
+
+    def __init__(self, phi_pinv: np.ndarray | None, cell_terms: np.ndarray):
+        self.phi_pinv, self.cell_terms = phi_pinv, np.ascontiguousarray(cell_terms, dtype=np.float32)
+
+    @property
+    def cells(self) -> int:
+        return self.cell_terms.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return self.cell_terms.nbytes + (self.phi_pinv.nbytes if self.phi_pinv is not None else 0)
+
+    def scores(self, lookup_tables: np.ndarray) -> np.ndarray:
+        """Tables float32 [Q, M, K] -> float32 [Q, L], the mean score of each cell's faces."""
+        tables = np.asarray(lookup_tables, dtype=np.float32)
+        tables = tables.reshape(-1, *tables.shape[-2:])
+        # einsum loops, not BLAS: a few queries per call, and OpenBLAS's threads busy-wait after every
+        # call (measured 20 ms for 16 queries x 64 cells on a loaded 2-core machine; see codecs/opqn.py).
+        beta = tables if self.phi_pinv is None else np.einsum("mpk,qmk->qmp", self.phi_pinv, tables)
+        return np.einsum("qmp,lmp->ql", beta, self.cell_terms)
+
+    def probe(self, lookup_tables: np.ndarray, nprobe: int) -> np.ndarray:
+        """Lookup tables float32 [Q, M, K] -> the `nprobe` best cells of each query, int64 [Q, nprobe], sorted.
+
+        Best = highest mean score of the cell's faces; ties go to the lower cell.
+        """
+        score = self.scores(lookup_tables)
+        nprobe = min(int(nprobe), self.cells)
+        best = np.argsort(-score, axis=1, kind="stable")[:, :nprobe]
+        return np.sort(best, axis=1)
 
 
 def _histograms(sub: np.ndarray, labels: np.ndarray, cells: int, spec: CodeSpec) -> np.ndarray:

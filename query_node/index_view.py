@@ -7,7 +7,7 @@ columns out of the map, and turns tombstones into per-segment skip masks. A shar
 whose segment is missing or corrupt is NOT_SERVING with the reason recorded.
 A view is immutable once built; query_node.live_index swaps whole views.
 
-A partitioned index (facepq_core.partition) loads its cell partition with the view; a search
+A partitioned index (facepq_core.partition) loads its cell probe with the view; a search
 with `nprobe` (1..L-1) scans only the cells its lookup tables score best, 0 or >= L everything.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 class IndexView:
     """The served shards of one index version (immutable once built)."""
 
-    def __init__(self, manifest, shards: dict[int, ShardData], partition=None):
+    def __init__(self, manifest, shards: dict[int, ShardData], cell_probe=None):
         from facepq_core.codecs import codec_class
 
         self.manifest = manifest
@@ -43,7 +43,7 @@ class IndexView:
         self.refine_kernel = refine_kernel
         self.version = str(manifest.version)
         self.shards = shards
-        self.partition = partition  # facepq_core.partition.CellPartition, or None (exhaustive only)
+        self.cell_probe = cell_probe  # facepq_core.partition.CellProbe, or None (exhaustive only)
 
     def serving_shards(self) -> list[int]:
         return sorted(s for s, d in self.shards.items() if d.serving)
@@ -69,9 +69,9 @@ class IndexView:
         queries' nprobe best cells (one pass for all of them: a superset of each query's own cells,
         so each query's hits are still exact scores of rows the exhaustive scan also sees).
         """
-        if self.partition is None or not nprobe or nprobe >= self.partition.cells:
+        if self.cell_probe is None or not nprobe or nprobe >= self.cell_probe.cells:
             return None
-        return np.unique(self.partition.probe(lookup_tables, nprobe))
+        return np.unique(self.cell_probe.probe(lookup_tables, nprobe))
 
 
 def load_view(store, shard_ids: list[int], previous: IndexView | None = None, verify: bool = True,
@@ -89,7 +89,7 @@ def load_view(store, shard_ids: list[int], previous: IndexView | None = None, ve
         IndexFormatError: no index / unreadable manifest. ConfigError: a shard outside the index.
     """
     from indexer.errors import SegmentCorrupt
-    from indexer.partition_store import load_partition
+    from indexer.partition_store import load_prober
     from indexer.segment import open_segment
 
     manifest = manifest if manifest is not None else store.load_manifest()
@@ -97,9 +97,7 @@ def load_view(store, shard_ids: list[int], previous: IndexView | None = None, ve
     if bad:
         raise ConfigError(f"shard(s) {bad} do not exist: the index at {store.uri} has {manifest.shard_count} "
                           f"shards (0..{manifest.shard_count - 1})")
-    partition = load_partition(store, manifest.model)  # IndexFormatError when missing, altered or another model's
-    if partition is not None:
-        partition.warm()  # the probe's terms are built now, not inside the first search
+    cell_probe = load_prober(store, manifest.model)  # IndexFormatError when missing, altered or another model's
     reuse = {}
     if previous is not None:
         for data in previous.shards.values():
@@ -121,7 +119,7 @@ def load_view(store, shard_ids: list[int], previous: IndexView | None = None, ve
             continue
         _mask_tombstones(data, state.tombstones)
         shards[shard] = data
-    return IndexView(manifest, shards, partition)
+    return IndexView(manifest, shards, cell_probe)
 
 
 def _mask_tombstones(data: ShardData, tombstones) -> None:

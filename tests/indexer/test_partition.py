@@ -18,11 +18,12 @@ from tests.support.index import clustered_codes, dyadic_lut
 M, K, CELLS = 8, 256, 16
 
 
-def write_index(path, rng, rows=4000, cells=CELLS, spec=CodeSpec(M, K), shards=2, segment_rows=900):
+def write_index(path, rng, rows=4000, cells=CELLS, spec=CodeSpec(M, K), shards=2, segment_rows=900, codewords=None):
     meta = ModelMeta.from_code_spec(spec, fingerprint="f" * 16, trunk="test")
     ids = rng.choice(2**62, size=rows, replace=False).astype(np.uint64)
     codes = clustered_codes(rng, rows, spec)
-    writer = IndexWriter(str(path), meta, shard_count=shards, segment_rows=segment_rows, cells=cells)
+    writer = IndexWriter(str(path), meta, shard_count=shards, segment_rows=segment_rows, cells=cells,
+                         codewords=codewords)
     writer.add(ids, [f"p{i % 40}" for i in range(rows)], [f"s{i}" for i in range(rows)], codes)
     writer.commit("test")
     return meta, ids, codes
@@ -158,7 +159,8 @@ def test_a_partition_of_another_model_or_altered_is_refused(tmp_path):
         load_partition(store, replace(model, fingerprint="e" * 16))
     path = tmp_path / "idx" / model.partition.path
     path.write_bytes(path.read_bytes()[:-10])
-    partition_store._CACHE.clear()
+    partition_store._CACHE.clear()  # a process that never read it: a node starting on the altered file
+    partition_store._PROBES.clear()
     with pytest.raises(IndexFormatError, match="sha256"):
         load_view(store, [0, 1])
 
@@ -233,9 +235,27 @@ def test_probe_ranks_cells_by_their_faces_mean_score(kind):
     else:
         tables = rng.standard_normal((5, 8, 256)).astype(np.float32)
     exact = part.mean_scores(tables)
-    phi_pinv, cell_phi = part._terms()
-    fast = np.einsum("qmp,lmp->ql", np.einsum("mpk,qmk->qmp", phi_pinv, tables), cell_phi)
+    prober = part.prober()
+    assert (prober.phi_pinv is None) == (kind == "onehot")  # features only where they are the cheaper form
+    fast = prober.scores(tables)
     np.testing.assert_allclose(fast, exact, rtol=1e-3, atol=1e-3 * np.abs(exact).max())
     for qi in range(5):  # the probed cells are the best by the exact mean score (up to float ties)
         got = part.probe(tables[qi:qi + 1], 4)[0]
         assert exact[qi, got].min() >= np.sort(exact[qi])[-4] - 1e-3 * np.abs(exact).max()
+
+
+def test_a_node_keeps_only_the_probe(tmp_path):
+    """The view holds the probe (a few floats per cell), not the partition's histograms or centroids."""
+    from indexer import partition_store
+
+    rng = np.random.default_rng(12)
+    write_index(tmp_path / "idx", rng, codewords=rng.standard_normal((M, K, 4)).astype(np.float32))
+    store = IndexStore(str(tmp_path / "idx"))
+    partition_store._CACHE.clear()
+    partition_store._PROBES.clear()
+    view = load_view(store, [0, 1])
+    assert not partition_store._CACHE  # read, turned into a probe, dropped
+    partition = load_partition(store, store.load_manifest().model)
+    assert view.cell_probe.cells == CELLS and view.cell_probe.nbytes < partition.histograms.nbytes
+    luts = np.stack([dyadic_lut(rng, M, K) for _ in range(3)])
+    assert np.array_equal(view.cell_probe.probe(luts, 3), partition.probe(luts, 3))
