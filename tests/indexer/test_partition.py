@@ -259,3 +259,22 @@ def test_a_node_keeps_only_the_probe(tmp_path):
     assert view.cell_probe.cells == CELLS and view.cell_probe.nbytes < partition.histograms.nbytes
     luts = np.stack([dyadic_lut(rng, M, K) for _ in range(3)])
     assert np.array_equal(view.cell_probe.probe(luts, 3), partition.probe(luts, 3))
+
+
+def test_wide_codewords_are_fitted_on_their_leading_directions():
+    """Codewords wider than MAX_CODEWORD_DIMS are projected per subspace: faces are grouped as before when the
+    codewords' spread lies in a few directions (here 3 of 64)."""
+    from facepq_core.partition import MAX_CODEWORD_DIMS, CellPartition
+
+    rng = np.random.default_rng(13)
+    spec = CodeSpec(4, 256)
+    basis = np.linalg.qr(rng.standard_normal((64, 64)))[0][:, :3].T  # 3 directions in 64 dims
+    groups = (rng.standard_normal((4, 16, 3)) * 10) @ basis  # 16 far-apart points per subspace, 64-d
+    codewords = (groups[:, np.arange(256) // 16] + 0.01 * rng.standard_normal((4, 256, 64))).astype(np.float32)
+    centre = rng.integers(0, 16, size=(8, 4))
+    which = rng.integers(0, 8, size=4000)
+    sub = (centre[which] * 16 + rng.integers(0, 16, size=(4000, 4))).astype(np.uint8)
+    part = CellPartition.fit(sub, spec, 8, "f" * 16, codewords)
+    assert part.codewords.shape == (4, 256, MAX_CODEWORD_DIMS)
+    cells = part.assign(sub)
+    assert all(len(set(cells[which == c].tolist())) == 1 for c in range(8)) and len(set(cells.tolist())) == 8
