@@ -278,3 +278,20 @@ def test_wide_codewords_are_fitted_on_their_leading_directions():
     assert part.codewords.shape == (4, 256, MAX_CODEWORD_DIMS)
     cells = part.assign(sub)
     assert all(len(set(cells[which == c].tolist())) == 1 for c in range(8)) and len(set(cells.tolist())) == 8
+
+
+def test_merging_small_segments_keeps_cells_valid(tmp_path):
+    from indexer.upkeep import MergePolicy, merge_small_segments
+
+    rng = np.random.default_rng(14)
+    write_index(tmp_path / "idx", rng, rows=3000, segment_rows=200)  # 8 segments per shard
+    store = IndexStore(str(tmp_path / "idx"))
+    luts = np.stack([dyadic_lut(rng, M, K) for _ in range(3)])
+    before = hits_of(load_view(store, [0, 1]), luts, 25, 0)
+    segments = len(store.load_manifest().segments)
+    stats = merge_small_segments(store, MergePolicy(fanout=2))
+    assert stats.merges and len(store.load_manifest().segments) < segments
+    assert assert_grouped(store) == 3000
+    view = load_view(store, [0, 1])
+    assert [sorted(q) for q in hits_of(view, luts, 25, 0)] == [sorted(q) for q in before]
+    assert hits_of(view, luts, 25, CELLS) == hits_of(view, luts, 25, 0)
