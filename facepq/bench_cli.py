@@ -28,6 +28,8 @@ BENCHES = {
     "twostage": ("two_stage_bench", ("two-stage search (first pass + refinement tier) vs single-stage time at "
                                      "1M codes, node's in-process search path")),
     "load": ("load_bench", "N clients x T s through the coordinator vs nodes direct; hot-reload soak of RSS/fds"),
+    "scale": ("scale_bench", ("exhaustive vs cell-partitioned search, 1M..100M codes, vs FAISS IndexPQ / IVFPQ / "
+                              "(IVF)PQFastScan on the same codes: latency, throughput, recall, memory, build time")),
     "report": ("report", "all of the above, measured once, as DIR/report.md with PNG plots (--small: CI-sized)"),
 }
 

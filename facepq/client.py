@@ -202,7 +202,7 @@ class CoordinatorClient:
                timeout: float | None = None, query: str = "", candidates: int | None = None,
                far: float | None = None, threshold: float | None = None, group_by: str = "face",
                faces_per_person: int = 0, faces: str = "largest", min_face_px: int = 0,
-               expansion: tuple[int, float] | None = None) -> SearchReply:
+               expansion: tuple[int, float] | None = None, nprobe: int = 0) -> SearchReply:
         """The top-k faces for a photo (encoded image bytes) or a trunk embedding (floats); give one.
 
         Args:
@@ -214,6 +214,7 @@ class CoordinatorClient:
             faces: "largest" (a photo's largest face) or "all" (every face at least `min_face_px` wide).
             expansion: (n, alpha) for α-query expansion: the answer is a second search with the query combined
                 with its first search's top n hits, each weighted by similarity^alpha (n = 0 or None: none).
+            nprobe: on an index with a cell partition, cells each shard scans (0: all, exhaustive).
         Raises:
             InvalidRequest: no or both queries, k outside 1..1000, a photo that is no image, a bad embedding.
             NoFaceFound: no face in the photo.  NotCalibrated: far for a model without calibration.
@@ -244,6 +245,8 @@ class CoordinatorClient:
 
             checked = check_expansion(expansion[0], expansion[1])
             request.expansion.n, request.expansion.alpha = checked.n, checked.alpha
+        if nprobe:
+            request.nprobe = int(nprobe)
         t0 = time.perf_counter()
         reply = self._call("Search", request, timeout)
         latency = (time.perf_counter() - t0) * 1e3

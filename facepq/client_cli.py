@@ -25,6 +25,15 @@ EXIT_OK, EXIT_SOME_FAILED, EXIT_INCOMPLETE = 0, 1, 3
 ENV_COORDINATOR = "FACEPQ_COORDINATOR"
 
 
+def _nprobe(text: str) -> int:
+    """--nprobe: cells per shard, a whole number (0 or 'all': every cell)."""
+    if text == "all":
+        return 0
+    if not (text.isascii() and text.isdigit()) or int(text) >= 2**32:
+        raise argparse.ArgumentTypeError(f"--nprobe takes a whole number of cells or 'all', got {text!r}")
+    return int(text)
+
+
 def _top_k(text: str) -> int:
     from query_node.wire import MAX_TOP_K
 
@@ -89,6 +98,9 @@ def register(subparsers) -> None:
     p.add_argument("--qe-alpha", type=float, default=3.0, metavar="A",
                    help="alpha-query expansion: weigh each of the N hits by its similarity to the query to the "
                         "power A (0 = plain average; default 3)")
+    p.add_argument("--nprobe", type=_nprobe, default=0, metavar="N",
+                   help="on an index with a cell partition (ingest --cells): cells each shard scans, the N "
+                        "nearest the query (fewer = faster, may miss faces); 0 or all = every cell (default)")
     _add_connection(p)
     p.set_defaults(handler=_search)
 
@@ -211,7 +223,7 @@ def _search(args) -> int:
         options = {"far": args.far, "threshold": args.threshold, "group_by": args.group_by,
                    "faces_per_person": args.faces_per_person, "faces": "all" if args.all_faces else "largest",
                    "min_face_px": args.min_face_px, "candidates": args.candidates,
-                   "expansion": (args.qe_n, args.qe_alpha) if args.qe_n else None}
+                   "expansion": (args.qe_n, args.qe_alpha) if args.qe_n else None, "nprobe": args.nprobe}
         if len(queries) == 1:  # one query: its error is the command's error (exit 2)
             name, kwargs = queries[0]
             results = [(name, client.search(k=args.k, query=name, **kwargs, **options))]

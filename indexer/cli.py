@@ -59,6 +59,10 @@ def register(subparsers) -> None:
     p.add_argument("--dba-alpha", type=float, default=3.0, metavar="A",
                    help="database-side augmentation: weigh each neighbour by its cosine to the face to the power A "
                         "(0 = plain average; default 3)")
+    p.add_argument("--cells", type=int, default=None, metavar="L",
+                   help="partition a NEW index into L cells (k-means of the codes, fitted on the first faces "
+                        "written), so a search may scan only the --nprobe cells nearest the query; default none: "
+                        "exhaustive only. An existing index keeps its partition")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (drawn only on a terminal anyway)")
     p.set_defaults(handler=_ingest)
 
@@ -133,7 +137,7 @@ def _ingest(args: argparse.Namespace) -> int:
                          progress=bars_enabled(not args.no_progress),
                          segment_rows=args.segment_rows or DEFAULT_SEGMENT_ROWS,
                          read_cpus=args.read_cpus, refine=args.refine,
-                         dba=(args.dba_k, args.dba_alpha) if args.dba_k else None)
+                         dba=(args.dba_k, args.dba_alpha) if args.dba_k else None, cells=args.cells)
     print("\n".join(summary.summary_lines()))
     return 0
 
@@ -153,6 +157,8 @@ def _info(args: argparse.Namespace) -> int:
     tiers = ", ".join(f"{t['tier']} {t.get('kind', t['codec'])} {t['bytes_per_face']} B/face "
                       f"({'in memory' if t['resident'] else 'read for candidates only'})" for t in info["tiers"])
     print(f"  bytes per face: {tiers}")
+    if info["model"].get("partition"):
+        print(f"  cell partition: {info['model']['partition']['cells']} cells (searches may scan a few: --nprobe)")
     print(f"  faces: {info['faces']} live ({info['rows']} rows, {info['tombstones']} tombstoned), people: {info['people']}")
     print(f"  shards: {info['shard_count']}, segments: {info['segments']}, bytes: {info['bytes']}")
     for sh in info["shards"]:

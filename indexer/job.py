@@ -65,6 +65,7 @@ class IngestSummary:
     ray_seconds: float = 0.0      # connecting to / starting Ray
     startup_seconds: float = 0.0  # pipeline start -> every actor's first batch (actor start, model load)
     refine: str = "none"          # the index's refinement tier
+    cells: int = 0                # the index's cell partition (0: none, exhaustive only)
     steady_rate: float = 0.0      # faces/s once every actor delivered a batch (what more actors speed up)
     steady_seconds: float = 0.0   # the window `steady_rate` is measured over (start-up's end -> last batch)
     dba: str = ""                 # database-side augmentation applied ("" = none): "k=.. alpha=.. over N faces"
@@ -94,6 +95,8 @@ class IngestSummary:
         if self.converted:
             lines.append("  photos converted: " + ", ".join(f"{k}: {v}" for k, v in sorted(self.converted.items())))
         lines.append(f"  segments written: {self.segments_written} in shards {self.shards_written or '-'}")
+        if self.cells:
+            lines.append(f"  cell partition: {self.cells} cells (searches may scan a few: --nprobe)")
         if self.refine != "none":
             lines.append(f"  refinement tier: {self.refine} (stored beside the codes)")
         if self.dba:
@@ -130,6 +133,15 @@ def load_model_info(model_path: str, refine: str | None = None) -> tuple[ModelMe
 
         pipeline = FaceEncoder.from_checkpoint(payload).pipeline.to_dict()
     return meta, pipeline, codec.embedding_dim
+
+
+def _codewords(model_path: str):
+    """The model codec's codewords (the space a new index's cells are fitted in; facepq_core.partition)."""
+    from opqn_model.checkpoint import load_checkpoint
+    from opqn_model.methods import get_method
+
+    payload = load_checkpoint(model_path)
+    return get_method(payload["method"]).codec(payload).codewords()
 
 
 def _index_refine(index_uri, refine: str | None) -> str | None:
@@ -254,7 +266,7 @@ def run_ingest(model_path: str, gallery: str, index_uri: str, shards: int | None
                redis_url: str | None = None, progress: bool = True,
                segment_rows: int = DEFAULT_SEGMENT_ROWS, read_cpus: float | None = None,
                actor_start_timeout: float = ACTOR_START_TIMEOUT_S, refine: str | None = None,
-               dba: tuple[int, float] | None = None) -> IngestSummary:
+               dba: tuple[int, float] | None = None, cells: int | None = None) -> IngestSummary:
     """Encode a gallery with the model at `model_path` and commit it to the index at `index_uri`.
 
     Args:
@@ -274,6 +286,8 @@ def run_ingest(model_path: str, gallery: str, index_uri: str, shards: int | None
         dba: (k, alpha): database-side augmentation (indexer.dba): the actors return embeddings, the driver
             averages each with its k nearest neighbours' (exact kNN over this job's faces) and encodes them. Only
             into a new index (the neighbours of faces already indexed cannot be recomputed from their codes).
+        cells: cell partition of a NEW index (facepq_core.partition; None/0: none). An existing index keeps
+            its own (another cell count is refused).
     Raises:
         DataError / ConfigError / CheckpointError / IndexFormatError for unusable inputs, a model that
         does not match the index, or a Ray cluster that cannot be reached.
@@ -290,7 +304,7 @@ def run_ingest(model_path: str, gallery: str, index_uri: str, shards: int | None
     # Open the writer first: a model/index mismatch fails before any encoding.
     # The enrol rule (indexer.enrol_rule): photos already enrolled as another person are skipped and reported.
     writer = IndexWriter(index_uri, meta, shard_count=shards, redis_url=redis_url, segment_rows=segment_rows,
-                         on_conflict="skip")
+                         on_conflict="skip", cells=cells, codewords=_codewords(model_path) if cells else None)
     previous = writer.base_version
     collector = None
     if dba is not None:
@@ -321,6 +335,7 @@ def run_ingest(model_path: str, gallery: str, index_uri: str, shards: int | None
         summary.refine = meta.refine.kind if meta.refine else "none"
         message = f"ingest {gallery} (model {meta.fingerprint})"
         summary.version = writer.commit(message)
+        summary.cells = writer.model.partition.cells if writer.model.partition else 0
     except BaseException:
         writer.abort()  # the segments of a failed job are removed now, not left to garbage collection
         raise

@@ -18,12 +18,15 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from facepq_core.errors import ConfigError, FacepqError, IndexFormatError
+from facepq_core.partition import PartitionRef
 from facepq_core.refine import RefineTier
 
 # 2: the model section names its codec (and no longer stores `packed`, derived from K).
 # 3: the model section may name a refinement tier (`refine`); written only by indexes that have one,
 #    so readers of format 2 keep reading every index without a tier.
-FORMAT_VERSION = 3
+# 4: the model section may name a cell partition (`partition`, facepq_core.partition); written only by
+#    partitioned indexes, so every other index keeps its format (and older readers keep reading it).
+FORMAT_VERSION = 4
 _SEGMENT_ID = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._-]{0,127}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -66,6 +69,8 @@ class ModelMeta:
         codec: the registered code type (`facepq_core.codecs`): what the codes mean and which scan
             kernel family serves them. Manifests of format 1 predate codecs: their codes are 'opqn'.
         refine: the refinement tier stored beside the codes (facepq_core.refine), None for codes only.
+        partition: the index's cell partition (facepq_core.partition), None for exhaustive only. Chosen when
+            the index is created; segments keep their rows grouped by its cells.
     """
 
     fingerprint: str
@@ -76,6 +81,7 @@ class ModelMeta:
     code_bytes: int
     codec: str = "opqn"
     refine: RefineTier | None = None
+    partition: PartitionRef | None = None
 
     @classmethod
     def from_code_spec(cls, spec, fingerprint: str, trunk: str, codec: str = "opqn",
@@ -105,6 +111,8 @@ class ModelMeta:
                "bits": self.bits, "code_bytes": self.code_bytes}
         if self.refine is not None:
             out["refine"] = self.refine.to_dict()
+        if self.partition is not None:
+            out["partition"] = self.partition.to_dict()
         return out
 
     @classmethod
@@ -114,8 +122,11 @@ class ModelMeta:
             if not all(isinstance(v, str) for v in names.values()):
                 raise TypeError(f"fingerprint, trunk and codec must be strings, got {names!r}")
             refine = RefineTier.from_dict(d["refine"]) if d.get("refine") is not None else None
+            partition = PartitionRef.from_dict(d["partition"]) if d.get("partition") is not None else None
             meta = cls(M=int(d["M"]), K=int(d["K"]), bits=int(d["bits"]), code_bytes=int(d["code_bytes"]),
-                       refine=refine, **names)
+                       refine=refine, partition=partition, **names)
+        except IndexFormatError:
+            raise
         except (KeyError, TypeError, ValueError, AttributeError, OverflowError, ConfigError) as exc:
             raise IndexFormatError(f"manifest 'model' section is incomplete or malformed: {exc!r}"[:300]) from None
         try:
@@ -143,12 +154,20 @@ class ModelMeta:
             return (f"the index stores refinement tier {name(self.refine)} beside its codes, this writer "
                     f"{name(other.refine)}; an index keeps the tier it was created with (--refine "
                     f"{name(self.refine)}, or a new index)")
+        if self.partition != other.partition:
+            def cells(ref):
+                return f"{ref.cells} cells ({ref.sha256[:12]})" if ref else "no cell partition"
+            return (f"the index has {cells(self.partition)}, this writer {cells(other.partition)}; an index keeps "
+                    f"the partition it was created with (--cells, or a new index)")
         return None
 
     @property
     def format_version(self) -> int:
-        """The manifest format an index of this model is written in: 3 with a refinement tier, else 2."""
-        return FORMAT_VERSION if self.refine is not None else 2
+        """The manifest format an index of this model is written in: 4 with a partition, 3 with a refinement
+        tier, else 2 (each reader reads every older format)."""
+        if self.partition is not None:
+            return 4
+        return 3 if self.refine is not None else 2
 
 
 @dataclass(frozen=True)

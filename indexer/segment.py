@@ -14,6 +14,12 @@ so a query node that looked hits up through the map grew towards the whole file.
 A long-lived reader also advises the kernel to keep those pages out of the map
 (`SegmentView.advise_random_access`).
 
+A partitioned index (facepq_core.partition) writes each segment's rows grouped by cell, in
+cell order (stable: rows of one cell keep their order), and records the partition's sha256
+and the per-cell row offsets in the schema metadata (`facepq.partition`,
+`facepq.cell_offsets`, L + 1 comma-separated ints): every write path (ingest, Enrol,
+compaction, merging) goes through `write_segment`, so none can break the grouping.
+
 An index with a refinement tier (facepq_core.refine) has a fifth column, `refine`
 (fixed_size_binary(tier bytes)), after the codes: read the same way, for a search's
 candidates only (`SegmentView.refine_rows`), so it never becomes resident either.
@@ -48,6 +54,7 @@ _PAGE = mmap.PAGESIZE
 __all__ = ["SegmentCorrupt", "SegmentView", "write_segment", "open_segment", "segment_schema", "segment_path"]
 
 COLUMNS = ("face_id", "person", "source", "code")
+PARTITION_KEY, OFFSETS_KEY = "facepq.partition", "facepq.cell_offsets"
 REFINE_COLUMN = "refine"
 
 
@@ -101,8 +108,11 @@ def _binary_column(values, n: int, width: int, what: str) -> pa.Array:
     return pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), n, [None, pa.py_buffer(values)])
 
 
-def build_batch(face_ids, persons, sources, codes, model: ModelMeta, refine=None) -> pa.RecordBatch:
+def build_batch(face_ids, persons, sources, codes, model: ModelMeta, refine=None, partition=None) -> pa.RecordBatch:
     """Validate the columns and assemble one record batch (codes are wrapped without a copy).
+
+    With `partition` (the index's facepq_core.partition.CellPartition) the rows are grouped by cell
+    (a copy) and the schema metadata records the cell offsets.
 
     Args:
         face_ids: uint64 [n].
@@ -121,7 +131,23 @@ def build_batch(face_ids, persons, sources, codes, model: ModelMeta, refine=None
                          f"({model.refine.kind if model.refine else 'none'})")
     if refine is not None:
         columns.append(_binary_column(refine, n, model.refine.code_bytes, "refine rows"))
-    return pa.RecordBatch.from_arrays(columns, schema=segment_schema(model))
+    batch = pa.RecordBatch.from_arrays(columns, schema=segment_schema(model))
+    return batch if partition is None else _grouped_by_cell(batch, np.ascontiguousarray(codes), partition, model)
+
+
+def _grouped_by_cell(batch: pa.RecordBatch, codes: np.ndarray, partition, model: ModelMeta) -> pa.RecordBatch:
+    """`batch` with its rows in cell order (stable) and the cell offsets in its schema metadata."""
+    from facepq_core.partition import cell_offsets
+
+    cells = partition.assign(codes)
+    order = np.argsort(cells, kind="stable")
+    if (np.diff(cells) < 0).any():
+        batch = batch.take(pa.array(order))
+    offsets = cell_offsets(cells, partition.cells)
+    metadata = dict(batch.schema.metadata or {})
+    metadata.update({PARTITION_KEY.encode(): model.partition.sha256.encode(),
+                     OFFSETS_KEY.encode(): ",".join(map(str, offsets.tolist())).encode()})
+    return batch.replace_schema_metadata(metadata)
 
 
 class _HashingWriter(io.RawIOBase):
@@ -155,7 +181,9 @@ def write_segment(store: IndexStore, shard: int, face_ids, persons, sources, cod
     it is not part of the index until a commit references it. `refine`: the refinement
     rows (uint8 [n, tier bytes]) when the index has a tier.
     """
-    batch = build_batch(face_ids, persons, sources, codes, model, refine)
+    from indexer.partition_store import load_partition
+
+    batch = build_batch(face_ids, persons, sources, codes, model, refine, load_partition(store, model))
     if batch.num_rows == 0:
         raise ValueError("refusing to write an empty segment")
     seg_id = new_segment_id()
@@ -181,6 +209,8 @@ class SegmentView:
         persons, sources: pyarrow string arrays [rows].
         fingerprint: model fingerprint from the file's schema metadata.
         refine: uint8 [rows, tier bytes], zero-copy view of the refine column (None without a tier).
+        cell_offsets: int64 [L + 1], the rows of cell l are cell_offsets[l]..cell_offsets[l+1], when the
+            segment is grouped by the index model's partition (None otherwise: scanned whole).
 
     `face_ids`, `persons`, `sources` and `refine` read through the map: every page they touch
     stays resident in this process. Long-lived readers (a query node) use `hit_metadata`,
@@ -198,6 +228,7 @@ class SegmentView:
     file_map: mmap.mmap | None = field(default=None, repr=False, compare=False)  # a local file's map, if any
     map_address: int = field(default=0, repr=False, compare=False)  # where that map starts in memory
     refine: np.ndarray | None = field(default=None, repr=False, compare=False)
+    cell_offsets: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def rows(self) -> int:
@@ -453,4 +484,20 @@ def _view(batch: pa.RecordBatch, ref: SegmentRef, where: str, model: ModelMeta |
         refine = column_view(refine_col, np.uint8, width)
     return SegmentView(ref=ref, batch=batch, face_ids=column_view(ids_col, np.uint64, 1),
                        codes=column_view(code_col, np.uint8, code_bytes), persons=batch.column(1),
-                       sources=batch.column(2), fingerprint=meta.get("facepq.model_fingerprint", ""), refine=refine)
+                       sources=batch.column(2), fingerprint=meta.get("facepq.model_fingerprint", ""), refine=refine,
+                       cell_offsets=_cell_offsets(meta, batch.num_rows, where, model))
+
+
+def _cell_offsets(meta: dict, rows: int, where: str, model: ModelMeta | None) -> np.ndarray | None:
+    """The segment's per-cell row offsets when grouped by `model`'s partition, else None (SegmentCorrupt if malformed)."""
+    if model is None or model.partition is None or meta.get(PARTITION_KEY) != model.partition.sha256:
+        return None
+    try:
+        offsets = np.array([int(v) for v in meta.get(OFFSETS_KEY, "").split(",")], dtype=np.int64)
+    except ValueError:
+        raise SegmentCorrupt(f"{where} has unreadable cell offsets") from None
+    if (offsets.shape != (model.partition.cells + 1,) or offsets[0] != 0 or offsets[-1] != rows
+            or (np.diff(offsets) < 0).any()):
+        raise SegmentCorrupt(f"{where} has cell offsets that do not fit its {rows} rows and "
+                             f"{model.partition.cells} cells")
+    return offsets

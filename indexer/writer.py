@@ -28,7 +28,7 @@ import logging
 import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pyarrow as pa
@@ -36,6 +36,7 @@ import pyarrow.compute as pc
 
 from facepq_core.errors import ConfigError, FacepqError, InvalidRequest
 from facepq_core.limits import MAX_SOURCE_CHARS
+from facepq_core.partition import CellPartition, check_cells
 from facepq_core.routing import shard_of
 from indexer.commit import commit_segments
 from indexer.enrol_rule import Conflict, PersonKeys, check_on_conflict, conflict_error, repeat_conflicts
@@ -91,10 +92,16 @@ class IndexWriter:
         segment_rows: rows per segment file; a shard's buffer is written when it reaches this.
         on_conflict: what the enrol rule does with a face already enrolled as another person: "raise"
             (AlreadyEnrolled; the Enrol RPC) or "skip" (recorded in `conflicts`; the ingest job).
+        cells: a NEW index gets a cell partition of this many cells (facepq_core.partition), fitted on the
+            codes of the first segments it writes; None/0: no partition. An existing index keeps its own
+            partition (the writer adopts it: Enrol lands each face in its cell); asking another is a ConfigError.
+        codewords: with `cells`, the model codec's `codewords()` (float32 [M, K, s]): the space the cells are
+            fitted in (None: one-hot sub-codes).
     """
 
     def __init__(self, index_uri, model_meta: ModelMeta, shard_count: int | None = None,
-                 redis_url: str | None = None, segment_rows: int = DEFAULT_SEGMENT_ROWS, on_conflict: str = "raise"):
+                 redis_url: str | None = None, segment_rows: int = DEFAULT_SEGMENT_ROWS, on_conflict: str = "raise",
+                 cells: int | None = None, codewords: np.ndarray | None = None):
         self.store = index_uri if isinstance(index_uri, IndexStore) else IndexStore(index_uri)
         self.model = model_meta
         self.redis_url = redis_url
@@ -114,8 +121,12 @@ class IndexWriter:
             if self.shard_count < 1:
                 raise ConfigError(f"shard count must be >= 1, got {shard_count}")
             self._seen = [np.empty(0, dtype=np.uint64) for _ in range(self.shard_count)]
+            self.cells = check_cells(int(cells)) if cells else None
+            self.codewords = codewords
         else:
             manifest = self.store.load_manifest(self.base_version)
+            self.model = model_meta = _with_index_partition(model_meta, manifest.model, cells, self.store.uri)
+            self.cells = None
             manifest.check_compatible(model_meta, shard_count, self.store.uri)
             self.shard_count = manifest.shard_count
             self._seen = self._live_ids(manifest)
@@ -292,6 +303,8 @@ class IndexWriter:
         if not shards:
             return
         self.lease.acquire()
+        if self.cells and self.model.partition is None:
+            self._fit_partition()
         if len(shards) == 1:
             outcomes = [_outcome(self._write_shard, shards[0])]
         else:
@@ -319,6 +332,16 @@ class IndexWriter:
             self.stats.segments_written += len(refs)
             if refs:
                 self.stats.shards_written.add(shard)
+
+    def _fit_partition(self) -> None:
+        """Fit the new index's cells on every buffered code (CellPartition.fit samples them) and store them."""
+        from indexer.partition_store import save_partition
+
+        codes = np.concatenate([b.codes[lo:hi] for parts in self._buffers for b, lo, hi in parts])
+        partition = CellPartition.fit(codes, self.model.code_spec(), self.cells, self.model.fingerprint,
+                                      self.codewords)
+        self.model = replace(self.model, partition=save_partition(self.store, partition))
+        log.info("fitted %d cells on %d faces for %s", self.cells, codes.shape[0], self.store.uri)
 
     def _write_shard(self, shard: int) -> tuple[list[SegmentRef], np.ndarray, int]:
         """Gather, deduplicate and write one shard's buffer; changes no state of the writer.
@@ -410,6 +433,19 @@ class IndexWriter:
             if self.store.load_manifest(version).parent_version == self.base_version:
                 self.base_version = version
             return version
+
+
+def _with_index_partition(model: ModelMeta, index_model: ModelMeta, cells: int | None, uri: str) -> ModelMeta:
+    """`model` with the existing index's partition (a model from a checkpoint names none); ConfigError when
+    `cells` asks for another partition than the index has."""
+    ref = index_model.partition
+    if cells and (ref is None or ref.cells != cells):
+        have = f"{ref.cells} cells" if ref else "no cell partition"
+        raise ConfigError(f"{uri} exists with {have}; cells are chosen when an index is created (drop --cells, "
+                          f"or write a new index)")
+    if model.partition is None and ref is not None and model.fingerprint == index_model.fingerprint:
+        return replace(model, partition=ref)
+    return model
 
 
 def _outcome(fn, *args):

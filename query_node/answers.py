@@ -47,11 +47,13 @@ class SearchOptions:
     refine_candidates: candidates per shard a two-stage search re-scores (None = the default; 0 = the first
     pass alone); ignored on an index without a refinement tier.
     expansion: α-query expansion (n top hits, alpha); None or n = 0: none.
+    nprobe: on an index with a cell partition, the cells each shard scans (0 = all: exhaustive).
     """
 
     time_remaining: float | None = None
     refine_candidates: int | None = None
     expansion: Expansion | None = None    # αQE (checked by the service: facepq_core.expansion.check_expansion)
+    nprobe: int = 0                       # on an index with a cell partition: cells each shard scans (0: all)
     far: float | None = None
     threshold: float | None = None
     group_by: str = "face"
@@ -67,6 +69,8 @@ class SearchOptions:
             raise InvalidRequest(f"faces must be one of {', '.join(FACE_SELECTION)}, got {self.faces!r}")
         if not 1 <= self.faces_per_person <= MAX_FACES_PER_PERSON:
             raise InvalidRequest(f"faces_per_person must be in 1..{MAX_FACES_PER_PERSON}, got {self.faces_per_person}")
+        if self.nprobe < 0:
+            raise InvalidRequest(f"nprobe must be >= 0 (0: every cell), got {self.nprobe}")
         if not 0 <= self.min_face_px <= 10_000:
             raise InvalidRequest(f"min_face_px must be in 0..10000, got {self.min_face_px}")
 

@@ -121,7 +121,7 @@ class Coordinator:
 
     def search_tables(self, lookup_tables: np.ndarray, k: int, timeout: float = 5.0,
                       min_version: int | None = None, refine: tuple[np.ndarray, int] | None = None,
-                      with_codes: bool = False) -> FanOutResult:
+                      with_codes: bool = False, nprobe: int = 0) -> FanOutResult:
         """Exact global top-k for float32 [Q, M, K] tables across every shard, all from ONE index version.
 
         Args:
@@ -134,6 +134,7 @@ class Coordinator:
             refine: a two-stage search: (refinement tables float32 [Q, a, b], candidates per shard); the
                 nodes' hits then carry the refined scores, merged exactly as first-pass scores are.
             with_codes: each hit carries its stored code (query expansion reads its top hits' codes).
+            nprobe: on a partitioned index, the cells each shard scans (0: all of them).
         Returns:
             FanOutResult; shards no replica answered (at the agreed version) are `missing_shards`.
         Raises:
@@ -141,8 +142,9 @@ class Coordinator:
             NodeRefused: a node refused the request itself (INVALID_ARGUMENT, UNAUTHENTICATED, ...).
         """
         deadline = time.monotonic() + timeout
-        tables = self.node_clients.prepare(lookup_tables, refine, with_codes=True) if with_codes \
-            else self.node_clients.prepare(lookup_tables, refine)
+        # only what differs from a plain search: node clients that never scan cells or read codes stay simple
+        options = {**({"with_codes": True} if with_codes else {}), **({"nprobe": nprobe} if nprobe else {})}
+        tables = self.node_clients.prepare(lookup_tables, refine, **options)
         now = time.monotonic()
         replicas = {s: self.health.order([n.address for n in nodes], now) for s, nodes in self.replicas().items()}
         fan = FanOut(replicas, self.shard_count, min_version)

@@ -100,7 +100,7 @@ class CoordinatorServicer(facepq_pb2_grpc.CoordinatorServicer):
             faces="all" if request.faces == facepq_pb2.FACES_ALL else "largest",
             min_face_px=request.min_face_px or SearchOptions.min_face_px,
             expansion=Expansion(request.expansion.n, request.expansion.alpha)
-            if request.HasField("expansion") else None)
+            if request.HasField("expansion") else None, nprobe=request.nprobe)
         gate = self.photo_admission.slot(context.time_remaining()) if kind == "photo" else contextlib.nullcontext()
         with status_on_error(context), gate:
             result = self.service.search(query, request.top_k, options)

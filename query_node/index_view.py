@@ -6,6 +6,9 @@ verifies each segment's sha256 once, advises the kernel to keep the metadata
 columns out of the map, and turns tombstones into per-segment skip masks. A shard
 whose segment is missing or corrupt is NOT_SERVING with the reason recorded.
 A view is immutable once built; query_node.live_index swaps whole views.
+
+A partitioned index (facepq_core.partition) loads its cell probe with the view; a search
+with `nprobe` (1..L-1) scans only the cells its lookup tables score best, 0 or >= L everything.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ log = logging.getLogger(__name__)
 class IndexView:
     """The served shards of one index version (immutable once built)."""
 
-    def __init__(self, manifest, shards: dict[int, ShardData]):
+    def __init__(self, manifest, shards: dict[int, ShardData], cell_probe=None):
         from facepq_core.codecs import codec_class
 
         self.manifest = manifest
@@ -40,13 +43,14 @@ class IndexView:
         self.refine_kernel = refine_kernel
         self.version = str(manifest.version)
         self.shards = shards
+        self.cell_probe = cell_probe  # facepq_core.partition.CellProbe, or None (exhaustive only)
 
     def serving_shards(self) -> list[int]:
         return sorted(s for s, d in self.shards.items() if d.serving)
 
     def search(self, lookup_tables: np.ndarray, k: int, shards: list[int],
                stats: ScanStats | None = None, refine=None, threads: int = 1,
-               with_codes: bool = False) -> list[list[Hit]]:
+               with_codes: bool = False, nprobe: int = 0) -> list[list[Hit]]:
         """Exact top-k over `shards` (all serving) for float32 [Q, M, K] tables; one list per query.
 
         `stats` (optional) accumulates the kernel's seconds and rows over the shards scanned.
@@ -54,10 +58,23 @@ class IndexView:
         its first-pass candidates re-scored by the refinement tier, merged exactly on those scores.
         `threads`: native threads a segment's scan may be split over (query_node.scan_threads; same answer).
         `with_codes`: each hit carries its stored code (the coordinator's query expansion).
+        `nprobe`: on a partitioned index, scan only the cells `probe_cells` picks; 0 scans everything.
         """
         tables = scan_tables(lookup_tables, self.model.packed, self.model.code_bytes)
-        per_shard = [self.shards[s].search(tables, k, stats, refine, threads, with_codes) for s in shards]
+        cells = self.probe_cells(lookup_tables, nprobe)
+        per_shard = [self.shards[s].search(tables, k, stats, refine, threads, with_codes, cells) for s in shards]
         return [merge_shard_lists([res[q] for res in per_shard], k) for q in range(tables.byte.shape[0])]
+
+    def probe_cells(self, lookup_tables: np.ndarray, nprobe: int) -> np.ndarray | None:
+        """Sorted cell ids int64 [n] a search of these tables [Q, M, K] scans, or None for all of them.
+
+        None without a partition, for nprobe 0 or nprobe >= L. A batch scans the union of its
+        queries' nprobe best cells (one pass for all of them: a superset of each query's own cells,
+        so each query's hits are still exact scores of rows the exhaustive scan also sees).
+        """
+        if self.cell_probe is None or not nprobe or nprobe >= self.cell_probe.cells:
+            return None
+        return np.unique(self.cell_probe.probe(lookup_tables, nprobe))
 
 
 def load_view(store, shard_ids: list[int], previous: IndexView | None = None, verify: bool = True,
@@ -75,6 +92,7 @@ def load_view(store, shard_ids: list[int], previous: IndexView | None = None, ve
         IndexFormatError: no index / unreadable manifest. ConfigError: a shard outside the index.
     """
     from indexer.errors import SegmentCorrupt
+    from indexer.partition_store import load_prober
     from indexer.segment import open_segment
 
     manifest = manifest if manifest is not None else store.load_manifest()
@@ -82,6 +100,7 @@ def load_view(store, shard_ids: list[int], previous: IndexView | None = None, ve
     if bad:
         raise ConfigError(f"shard(s) {bad} do not exist: the index at {store.uri} has {manifest.shard_count} "
                           f"shards (0..{manifest.shard_count - 1})")
+    cell_probe = load_prober(store, manifest.model)  # IndexFormatError when missing, altered or another model's
     reuse = {}
     if previous is not None:
         for data in previous.shards.values():
@@ -103,7 +122,7 @@ def load_view(store, shard_ids: list[int], previous: IndexView | None = None, ve
             continue
         _mask_tombstones(data, state.tombstones)
         shards[shard] = data
-    return IndexView(manifest, shards)
+    return IndexView(manifest, shards, cell_probe)
 
 
 def _mask_tombstones(data: ShardData, tombstones) -> None:

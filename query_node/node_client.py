@@ -36,9 +36,10 @@ log = logging.getLogger(__name__)
 
 class NodeClients(Protocol):
     def prepare(self, lookup_tables: np.ndarray, refine: tuple[np.ndarray, int] | None = None,
-                with_codes: bool = False) -> object:
-        """float32 [Q, M, K] (and a two-stage search's (refinement tables [Q, a, b], candidates per shard))
-        -> what `search` sends (built once per search). `with_codes`: hits carry their stored codes."""
+                with_codes: bool = False, nprobe: int = 0) -> object:
+        """float32 [Q, M, K] (and a two-stage search's (refinement tables [Q, a, b], candidates per shard), and
+        the cells to scan on a partitioned index, 0 = all) -> what `search` sends (built once per search).
+        `with_codes`: hits carry their stored codes."""
 
     def search(self, address: str, tables: object, k: int, shards: Sequence[int], index_version: str,
                timeout: float) -> NodeReply:
@@ -78,10 +79,12 @@ class GrpcNodeClients:
             return self._channels[address][1]
 
     def prepare(self, lookup_tables: np.ndarray, refine: tuple[np.ndarray, int] | None = None,
-                with_codes: bool = False) -> dict:
+                with_codes: bool = False, nprobe: int = 0) -> dict:
         fields = {"tables": [table_message(facepq_pb2, t) for t in lookup_tables]}
         if with_codes:
             fields["with_codes"] = True
+        if nprobe:
+            fields["nprobe"] = int(nprobe)
         if refine is not None:
             fields.update(refine_tables=[table_message(facepq_pb2, t) for t in refine[0]], refine_candidates=refine[1])
         return fields

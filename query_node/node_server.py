@@ -104,19 +104,19 @@ class QueryNodeServicer(facepq_pb2_grpc.QueryNodeServicer):
         self.batcher = batcher if batcher is not None else SearchBatcher(window=0)
 
     def _scan(self, view: IndexView, tables, k: int, shards: list[int], refine,
-              with_codes: bool = False) -> tuple[list, ScanStats]:
+              with_codes: bool = False, nprobe: int = 0) -> tuple[list, ScanStats]:
         """Scan on this node's share of threads; single-stage searches may share a batched scan."""
         def scan(batch_tables):
             stats = ScanStats()
             with self.threads.share() as threads:
-                results = view.search(batch_tables, k, shards, stats, refine, threads, with_codes)
+                results = view.search(batch_tables, k, shards, stats, refine, threads, with_codes, nprobe)
             # once per pass over the codes: the members of a batched scan share it
             metrics.record_scan(stats.scan_seconds, stats.rows, len(batch_tables))
             return results, stats
 
         if refine is not None:
             return scan(tables)
-        return self.batcher.run((view.version, id(view), k, tuple(shards), with_codes), tables, scan)
+        return self.batcher.run((view.version, id(view), k, tuple(shards), with_codes, nprobe), tables, scan)
 
     def _sign(self, reply, context) -> None:
         """Prove to the coordinator that this reply comes from a node holding the node token."""
@@ -133,7 +133,7 @@ class QueryNodeServicer(facepq_pb2_grpc.QueryNodeServicer):
         with status_on_error(context):
             tables, k, shards = validate_search(request.tables, request.top_k, request.shards, view)
             refine = validate_refine(request.refine_tables, request.refine_candidates, view, len(tables))
-        results, stats = self._scan(view, tables, k, shards, refine, request.with_codes)
+        results, stats = self._scan(view, tables, k, shards, refine, request.with_codes, request.nprobe)
         with self._lock:
             self.queries_served += len(results)
         reply = facepq_pb2.NodeSearchResponse(shards_searched=shards, index_version=view.version,

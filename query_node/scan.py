@@ -326,9 +326,12 @@ def _segment_pool(threads: int) -> ThreadPoolExecutor:
 
 
 def scan_segments(segments: list[tuple[np.ndarray, np.ndarray | None]], tables: np.ndarray | ScanTables, k: int,
-                  threads: int = 1, native: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+                  threads: int = 1, native: bool | None = None, starts=None) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k over several segments (codes uint8 [N_i, B], skip mask or None), rows numbered across
     them in order; the result of one `TopKHeap` scanning them one after the other.
+
+    `starts` (optional, increasing): the row number of each segment's first row, when the pieces are not
+    contiguous (the probed cells of a partitioned shard keep their shard row numbers); default: contiguous.
 
     With `threads` > 1 the segments are cut into up to `threads` contiguous groups of about equal
     rows, each scanned on its own thread into its own heap, and the heaps are merged by the same
@@ -341,11 +344,14 @@ def scan_segments(segments: list[tuple[np.ndarray, np.ndarray | None]], tables: 
     # one segment holding half the rows or more: the kernel splits it better than groups would
     grouped = threads > 1 and total >= 2 * MIN_SPLIT_ROWS and max(sizes) < total / 2
     groups = _groups(sizes, threads) if grouped else [range(len(segments))]
-    starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64) if starts is None else \
+        np.asarray(list(starts) + [0], dtype=np.int64)
 
     def scan_group(group, kernel_threads):
-        heap = TopKHeap(queries, k, native=native, threads=kernel_threads, first_row=int(starts[group.start]))
+        heap = TopKHeap(queries, k, native=native, threads=kernel_threads,
+                        first_row=int(starts[group.start]) if len(group) else 0)
         for i in group:
+            heap.rows_scanned = int(starts[i])
             heap.scan(segments[i][0], tables, segments[i][1])
         return heap
 

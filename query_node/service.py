@@ -216,7 +216,8 @@ class CoordinatorService(PeopleOperations):
             raise Unavailable(f"cannot read the index version: {exc}") from exc
         timeout = self._timeout(options)
         result = answers.gather(lambda n: self.coordinator.search_tables(tables, n, timeout=timeout,
-                                                                         min_version=required, refine=refine),
+                                                                         min_version=required, refine=refine,
+                                                                         nprobe=options.nprobe),
                                 k, options, point)
         # re-scored hits carry the tier's scores, which the calibration never measured: no similarity then
         scored_by = calibration if not candidates else None
@@ -271,12 +272,12 @@ class CoordinatorService(PeopleOperations):
         refine = (refine_tables, candidates) if candidates else None
         required = self._required_version()
         first = self.coordinator.search_tables(tables, expansion.n, timeout=self._timeout(options), min_version=required,
-                                               refine=refine, with_codes=True)
+                                               refine=refine, with_codes=True, nprobe=options.nprobe)
         codes = [h.code for h in first.hits[0]]
         expanded = self.model.expanded_tables(vector, codes, expansion.alpha)
         at_least = max(required or 0, int(first.index_version or 0)) or None  # never an older version than round 1
         second = self.coordinator.search_tables(expanded, k, timeout=max(0.0, deadline - time.monotonic()),
-                                                min_version=at_least)
+                                                min_version=at_least, nprobe=options.nprobe)
         return SearchResult(hits=second.hits[0], missing_shards=sorted(set(first.missing_shards)
                                                                         | set(second.missing_shards)),
                             index_version=second.index_version,

@@ -7,6 +7,10 @@ it kept. A two-stage search keeps R candidates instead and re-scores them with t
 index's refinement tier before the lookup (query_node.two_stage). A shard that could
 not be opened (a missing or corrupt segment) is kept as NOT_SERVING with its reason:
 it is never scanned, so it never returns wrong scores.
+
+A search limited to some cells of a partitioned index scans, in each segment grouped by cell,
+only those cells' row ranges, numbering rows as the whole scan would (shard row numbers), so
+its hits are exactly the exhaustive scan's scores and tie order restricted to those rows.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from facepq_core.partition import cell_ranges
 from query_node.merge import Hit
 from query_node.scan import ScanTables, scan_segments
 from query_node.two_stage import RefineQuery, timed_rescore
@@ -43,7 +48,8 @@ class ShardData:
     reason: str = ""
 
     def search(self, tables: ScanTables, k: int, stats: ScanStats | None = None,
-               refine: RefineQuery | None = None, threads: int = 1, with_codes: bool = False) -> list[list[Hit]]:
+               refine: RefineQuery | None = None, threads: int = 1, with_codes: bool = False,
+               cells: np.ndarray | None = None) -> list[list[Hit]]:
         """Top-k of this shard for `query_node.scan.ScanTables`; one best-first list per query.
 
         `stats` (optional) accumulates the seconds spent in the scan kernel and the rows scanned.
@@ -51,16 +57,27 @@ class ShardData:
         tier, whose scores the hits then carry. `threads`: native threads per segment scan (same answer).
         `with_codes`: each hit carries its stored code (read through
         the map the scan just read, so no page becomes resident that the scan did not already touch).
+        `cells` (optional, sorted cell ids): scan only these cells of segments grouped by cell
+        (a segment without cell offsets is scanned whole).
         """
         keep = max(k, refine.candidates) if refine is not None else k
-        sizes = [seg.codes.shape[0] for seg in self.segments]
+        pieces, piece_starts, offsets, start = [], [], [], 0
+        for seg, skip in zip(self.segments, self.skips):
+            offsets.append(start)
+            if cells is None or seg.cell_offsets is None:
+                pieces.append((seg.codes, skip))
+                piece_starts.append(start)
+            else:
+                for lo, hi in cell_ranges(seg.cell_offsets, cells):
+                    pieces.append((seg.codes[lo:hi], None if skip is None else skip[lo:hi]))
+                    piece_starts.append(start + lo)  # rows keep their shard numbers: same ties as a full scan
+            start += seg.rows
         t0 = time.perf_counter()
-        scores, rows = scan_segments([(seg.codes, skip) for seg, skip in zip(self.segments, self.skips)], tables,
-                                     keep, threads)
+        scores, rows = scan_segments(pieces, tables, keep, threads, starts=piece_starts)
         if stats is not None:
             stats.scan_seconds += time.perf_counter() - t0
-            stats.rows += sum(sizes)
-        starts = np.cumsum([0] + sizes)[:-1].astype(np.int64)
+            stats.rows += sum(codes.shape[0] for codes, _ in pieces)
+        starts = np.asarray(offsets, dtype=np.int64)
         if refine is not None:
             scores, rows = timed_rescore(stats, self.segments, starts, scores, rows, refine, k)
         # One searchsorted for every hit of every query, not one per hit.

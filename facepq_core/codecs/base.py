@@ -125,6 +125,12 @@ class Codec(ABC):
         """Shape of one query's table: (M, K) for the "lut" kernel."""
         return (self.spec.M, self.spec.K)
 
+    def codewords(self) -> np.ndarray | None:
+        """float32 [M, K, s]: the head-space point each sub-code value stands for (what a code decodes to,
+        subspace by subspace), so cell partitions (facepq_core.partition) group faces by where their codes
+        lie; None: not known (cells then treat different sub-codes as unrelated)."""
+        return None
+
     def float_features(self, features) -> np.ndarray | None:
         """The codec's float counterpart of the codes, [N, F] (compared by cosine), or None."""
         return None

@@ -79,6 +79,10 @@ class BinaryCodec(Codec):
             return -_POPCOUNT[q[:, :, None] ^ np.arange(256, dtype=np.uint8)[None, None, :]]
         return np.einsum("nmj,vj->nmv", h.reshape(len(h), -1, 8), _SIGNS)
 
+    def codewords(self) -> np.ndarray:
+        """float32 [B/8, 256, 8]: each byte value as the signs (+-1) of its 8 bits."""
+        return np.broadcast_to(_SIGNS.astype(np.float32), (self.spec.M, 256, 8)).copy()
+
     def float_features(self, features) -> np.ndarray:
         return self.project(features)
 

@@ -102,6 +102,10 @@ class OPQNCodec(Codec):
         return np.ascontiguousarray(self._tables_of((z / np.maximum(norms, 1e-12)).astype(np.float32), norms),
                                     dtype=np.float32)
 
+    def codewords(self) -> np.ndarray:
+        """float32 [M, K, d]: the unit assignment vector of each sub-code (what x̂_m is closest to)."""
+        return np.ascontiguousarray(self.assignment.transpose(0, 2, 1) / np.sqrt(self.d), dtype=np.float32)
+
     def float_features(self, features) -> np.ndarray:
         """Per-subspace normalised sub-vectors flattened, float32 [N, M*d]: the codes' float counterpart."""
         from facepq_core.codecs.base import check_embeddings

@@ -86,6 +86,10 @@ class PQCodec(Codec):
         z = self._checked_vectors(vectors, self.embedding_dim).reshape(-1, self.spec.M, self.d)
         return np.ascontiguousarray(np.einsum("nmd,mkd->nmk", z, self.centroids), dtype=np.float32)
 
+    def codewords(self) -> np.ndarray:
+        """float32 [M, K, d]: the centroids (a code decodes to its reconstruction in the rotated space)."""
+        return self.centroids
+
     def float_features(self, features) -> np.ndarray:
         from facepq_core.codecs.base import check_embeddings
 

@@ -141,7 +141,7 @@ def test_a_format_1_manifest_is_read_as_opqn_codes_and_the_next_commit_writes_fo
     writer.add(ids[:3] + np.uint64(1), persons[:3], sources[:3], codes[:3])
     version = writer.commit("after the upgrade")
     on_disk = json.loads(store.read_bytes(f"manifests/{version:08d}.json"))
-    assert on_disk["format_version"] == 2 and FORMAT_VERSION == 3  # format 3 only with a refinement tier
+    assert on_disk["format_version"] == 2 and FORMAT_VERSION == 4  # 3 only with a refinement tier, 4 with cells
     assert on_disk["model"]["codec"] == "opqn" and "packed" not in on_disk["model"]
 
 

@@ -313,3 +313,37 @@ def test_ingest_with_a_refinement_tier_keeps_it_for_later_ingests(ray_local, tra
     with pytest.raises(ConfigError, match="no refinement tier codes:64; it offers codes:256, float16"):
         run_ingest(str(trained_model), str(tmp_path / "more.npy"), str(tmp_path / "new"), progress=False,
                    refine="codes:64")
+
+
+def test_ingest_with_cells_partitions_the_new_index_and_keeps_it(ray_local, trained_model, tmp_path):
+    """--cells on a new index: a partition fitted in the model codec's codeword space, bound to the model, every
+    segment grouped by cell; a later ingest without --cells lands its faces in their cells; another count is refused."""
+    from facepq_core.errors import ConfigError
+    from indexer.partition_store import load_partition
+    from indexer.segment import open_segment
+    from indexer.store import IndexStore
+
+    enc = _encoder(trained_model)
+    emb = np.random.default_rng(5).normal(size=(200, enc.embedding_dim)).astype(np.float32)
+    np.save(tmp_path / "emb.npy", emb)
+    (tmp_path / "emb.csv").write_text("person\n" + "\n".join(f"p{i % 5}" for i in range(200)) + "\n")
+    index = tmp_path / "idx"
+    s = run_ingest(str(trained_model), str(tmp_path / "emb.npy"), str(index), shards=2, progress=False, cells=4)
+    assert (s.faces_added, s.cells) == (200, 4)
+    assert "  cell partition: 4 cells (searches may scan a few: --nprobe)" in s.summary_lines()
+    np.save(tmp_path / "more.npy", emb[:20] * 2)
+    (tmp_path / "more.csv").write_text("person\n" + "\n".join("q" for _ in range(20)) + "\n")
+    assert run_ingest(str(trained_model), str(tmp_path / "more.npy"), str(index), progress=False).cells == 4
+    store = IndexStore(str(index))
+    manifest = store.load_manifest()
+    partition = load_partition(store, manifest.model)
+    assert partition.fingerprint == enc.fingerprint and partition.codewords.shape == enc.codec.codewords().shape
+    rows = 0
+    for ref in manifest.segments:
+        seg = open_segment(store, ref, model=manifest.model)
+        cells = partition.assign(seg.codes)
+        assert (np.diff(cells) >= 0).all() and seg.cell_offsets[-1] == seg.rows
+        rows += seg.rows
+    assert rows == 220
+    with pytest.raises(ConfigError, match="exists with 4 cells"):
+        run_ingest(str(trained_model), str(tmp_path / "more.npy"), str(index), progress=False, cells=8)

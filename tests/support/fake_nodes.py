@@ -77,14 +77,15 @@ class LiveNode:
 
         self.live = LiveIndex(str(path), list(shards))
 
-    def search(self, tables, k: int, shards, index_version: str, refine=None, with_codes=False) -> NodeReply:
+    def search(self, tables, k: int, shards, index_version: str, refine=None, with_codes=False,
+               nprobe: int = 0) -> NodeReply:
         from query_node.two_stage import RefineQuery
 
         view = self.live.view_at(index_version) if index_version else self.live.view
         second = None if refine is None else RefineQuery(refine[0], refine[1], view.model.refine.kernel)
         return NodeReply(version=int(view.version), shards=list(shards),
-                         results=view.search(tables, k, list(shards), refine=second, with_codes=with_codes),
-                         scan_ms=0.5)
+                         results=view.search(tables, k, list(shards), refine=second, with_codes=with_codes,
+                                             nprobe=nprobe), scan_ms=0.5)
 
 
 class HangingNode:
@@ -120,18 +121,19 @@ class FakeNodeClients:
     nodes: dict = field(default_factory=dict)  # address -> MemoryNode / LiveNode
     calls: list[Call] = field(default_factory=list)
 
-    def prepare(self, lookup_tables, refine=None, with_codes=False):
-        return lookup_tables, refine, with_codes
+    def prepare(self, lookup_tables, refine=None, with_codes=False, nprobe=0):
+        return lookup_tables, refine, with_codes, nprobe
 
     def search(self, address, prepared, k, shards, index_version, timeout) -> NodeReply:
         self.calls.append(Call(address, list(shards), index_version, timeout, threading.current_thread().name))
-        tables, refine, with_codes = prepared
+        tables, refine, with_codes, nprobe = prepared
         node = self.nodes[address]
+        extra = {"nprobe": nprobe} if nprobe else {}  # only a LiveNode scans cells
         if getattr(node, "takes_timeout", False):
-            return node.search(tables, k, shards, index_version, timeout, refine)
-        if with_codes:
-            return node.search(tables, k, shards, index_version, refine, with_codes=True)
-        return node.search(tables, k, shards, index_version, refine)
+            return node.search(tables, k, shards, index_version, timeout, refine, **extra)
+        if with_codes:  # only a LiveNode reads codes
+            extra["with_codes"] = True
+        return node.search(tables, k, shards, index_version, refine, **extra)
 
     def close(self) -> None:
         pass

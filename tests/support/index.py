@@ -4,11 +4,14 @@ from __future__ import annotations
 import numpy as np
 
 
-def build_index(path, rows=3000, shard_count=3, M=8, K=256, seed=0, segments_per_shard=2, refine=None):
+def build_index(path, rows=3000, shard_count=3, M=8, K=256, seed=0, segments_per_shard=2, refine=None,
+                cells=None):
     """An index of random codes written by the real IndexWriter; returns (ModelMeta, face_ids, codes).
 
     `refine`: a refinement tier (facepq_core.refine.RefineTier, e.g. `make_tier(...)`) whose random rows
     are stored beside the codes (read them back with `refine_rows`).
+    `cells`: a cell partition of that many cells (facepq_core.partition); the codes are then clustered
+    (`clustered_codes`), as codes of faces are, so that cells mean something.
     """
     from facepq_core.codes import CodeSpec, pack_codes
     from indexer.manifest import ModelMeta
@@ -18,13 +21,28 @@ def build_index(path, rows=3000, shard_count=3, M=8, K=256, seed=0, segments_per
     meta = ModelMeta.from_code_spec(spec, fingerprint="f" * 16, trunk="test", refine=refine)
     rng = np.random.default_rng(seed)
     ids = rng.choice(2**62, size=rows, replace=False).astype(np.uint64)
-    codes = pack_codes(rng.integers(0, K, size=(rows, M), dtype=np.uint8), spec)
+    if cells:
+        codes = clustered_codes(rng, rows, spec)
+    else:
+        codes = pack_codes(rng.integers(0, K, size=(rows, M), dtype=np.uint8), spec)
     per = max(1, rows // (shard_count * segments_per_shard) + 1)
-    writer = IndexWriter(str(path), meta, shard_count=shard_count, segment_rows=per)
+    writer = IndexWriter(str(path), meta, shard_count=shard_count, segment_rows=per, cells=cells)
     writer.add(ids, [f"p{i % 50}" for i in range(rows)], [f"src{i}" for i in range(rows)], codes,
                None if refine is None else random_refine_rows(rng, refine, rows))
     writer.commit("test index")
     return meta, ids, codes
+
+
+def clustered_codes(rng, n: int, spec, centers: int = 24, keep: float = 0.75) -> np.ndarray:
+    """Stored codes uint8 [n, code_bytes] of `n` faces around `centers` random codes (each sub-code of a face
+    is its center's with probability `keep`, else random)."""
+    from facepq_core.codes import pack_codes
+
+    center = rng.integers(0, spec.K, size=(centers, spec.M), dtype=np.uint8)
+    sub = center[rng.integers(0, centers, size=n)]
+    noise = rng.random((n, spec.M)) > keep
+    sub[noise] = rng.integers(0, spec.K, size=int(noise.sum()), dtype=np.uint8)
+    return pack_codes(sub, spec)
 
 
 def make_tier(kind: str = "codes:64", dim: int = 16):

@@ -1,0 +1,38 @@
+"""`facepq bench scale --small` as a real subprocess, at an even smaller size: report structure and exactness."""
+import json
+import math
+
+import pytest
+
+from tests.support.processes import run_cli
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1400)  # a guard against a hang, not a performance bound
+def test_small_scale_report(tmp_path):
+    out = tmp_path / "scale"
+    proc = run_cli("bench", "scale", "--small", "--sizes", "20000", "--queries", "16", "--batch", "8", "--nprobe", "1,4",
+                   "--cells", "16", "--out", out, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "scale.json").read_text())
+    assert report["header"]["sizes"] == [20000] and report["header"]["threads"] == [1, 2]
+    rows = report["rows"]
+    methods = {(r["layout"].split()[0], r["method"], str(r["nprobe"])) for r in rows}
+    for layout, flat, ivf in (("8bit", "FAISS IndexPQ", "FAISS IndexIVFPQ"),
+                              ("4bit", "FAISS IndexPQFastScan", "FAISS IndexIVFPQFastScan")):
+        assert {(layout, "ours exhaustive", "all"), (layout, "ours cells", "1"), (layout, "ours cells", "4"),
+                (layout, flat, "all"), (layout, ivf, "1"), (layout, ivf, "4")} <= methods
+    for r in rows:
+        assert r["n"] == 20000 and r["data"] == "synthetic"
+        for key in ("p50_ms", "p99_ms", "recall10", "recall100", "build_s"):
+            assert math.isfinite(r[key]) and r[key] >= 0, (key, r)
+        assert r["p99_ms"] >= r["p50_ms"] > 0 and set(r["qps"]) == {"1", "2"} and min(r["qps"].values()) > 0
+        assert 0 <= r["recall10"] <= 1 and r["memory_bytes"] > 0
+        if r["nprobe"] == "all":  # the exhaustive answer against itself (nprobe = all cells)
+            assert r["recall10"] == 1.0 and r["recall100"] == 1.0
+        if r["method"] == "ours cells":
+            assert r["cells"] == 16 and r["scan_p50_ms"] <= r["p50_ms"]
+    text = (out / "scale.md").read_text()
+    assert "| synthetic | 8bit M=8 K=256 | 20,000 | ours cells | 16 | 1 |" in text
+    assert "![single-query p50 latency against N](latency_vs_n.png)" in text
+    assert (out / "latency_vs_n.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
