@@ -337,7 +337,11 @@ def test_ingest_with_cells_partitions_the_new_index_and_keeps_it(ray_local, trai
     store = IndexStore(str(index))
     manifest = store.load_manifest()
     partition = load_partition(store, manifest.model)
-    assert partition.fingerprint == enc.fingerprint and partition.codewords.shape == enc.codec.codewords().shape
+    from facepq_core.partition import MAX_CODEWORD_DIMS
+
+    full = enc.codec.codewords().shape  # [M, K, d]; the partition keeps at most MAX_CODEWORD_DIMS directions of d
+    assert partition.fingerprint == enc.fingerprint
+    assert partition.codewords.shape == (*full[:2], min(full[2], MAX_CODEWORD_DIMS))
     rows = 0
     for ref in manifest.segments:
         seg = open_segment(store, ref, model=manifest.model)
