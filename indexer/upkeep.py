@@ -128,4 +128,7 @@ def _merge(store: IndexStore, shard: int, refs: list[SegmentRef], manifest: Mani
     codes = np.concatenate([column_view(v.batch.column(3), np.uint8, model.code_bytes) for v in views])
     persons = pa.concat_arrays([v.persons for v in views])
     sources = pa.concat_arrays([v.sources for v in views])
-    return write_segment(store, shard, ids, persons, sources, codes, model)
+    # an index with a refinement tier keeps each face's row beside its code (as compaction does)
+    refine = np.concatenate([column_view(v.batch.column(4), np.uint8, model.refine.code_bytes) for v in views]) \
+        if model.refine is not None else None
+    return write_segment(store, shard, ids, persons, sources, codes, model, refine)

@@ -72,3 +72,29 @@ def test_rounds_bound_the_segments_per_shard_and_keep_every_face_and_score(tmp_p
         assert all(tiers.count(t) < policy.fanout for t in set(tiers))
     assert sorted(live_row_ids(index).tolist()) == live and manifest.tombstone_count == tombstones
     assert merge_small_segments(store, policy).version is None  # nothing due: no new version
+
+
+def test_merging_keeps_each_faces_refinement_row(tmp_path):
+    """An index with a refinement tier: the merged segment carries every face's row beside its code."""
+    from indexer.segment import open_segment
+    from indexer.writer import IndexWriter
+    from tests.support.index import build_index, make_tier, random_refine_rows
+
+    index, tier = tmp_path / "idx", make_tier("codes:64")
+    meta, _, _ = build_index(index, rows=40, shard_count=1, segments_per_shard=1, refine=tier)
+    rng = np.random.default_rng(9)
+    for i in range(8):  # eight one-face enrolments: eight small segments
+        w = IndexWriter(str(index), meta)
+        w.add(np.array([2**62 + i], np.uint64), [f"e{i}"], [f"s{i}"], rng.integers(0, 256, (1, 8), dtype=np.uint8),
+              random_refine_rows(rng, tier, 1))
+        w.commit(f"enrol {i}")
+    store = IndexStore(index)
+
+    def rows_by_face():
+        manifest = store.load_manifest()
+        return {int(f): (v.codes[i].tobytes(), v.refine[i].tobytes()) for ref in manifest.segments
+                for v in [open_segment(store, ref, model=manifest.model)] for i, f in enumerate(v.face_ids)}
+
+    before, segments = rows_by_face(), len(store.load_manifest().segments)
+    assert merge_small_segments(store, MergePolicy(small_rows=1000, fanout=4)).merges
+    assert len(store.load_manifest().segments) < segments and rows_by_face() == before
