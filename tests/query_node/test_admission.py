@@ -37,10 +37,11 @@ def test_slots_queue_and_refusals_with_retry_advice():
 
     waiter = threading.Thread(target=wait_for_slot)
     waiter.start()
-    for _ in range(200):  # until the waiter is queued
+    for _ in range(3000):  # until the waiter is queued (generous: a busy machine may start it late)
         if gate.waiting == 1:
             break
         threading.Event().wait(0.01)
+    assert gate.waiting == 1, "the waiter never queued"
     with pytest.raises(Overloaded), gate.slot():  # the queue (1) is full: refused at once
         pass
     release.set()
