@@ -34,6 +34,17 @@ def hits_of(view, luts, k, nprobe):
             for q in view.search(luts, k, view.serving_shards(), nprobe=nprobe)]
 
 
+def same_answer_up_to_ties(a, b) -> bool:
+    """Two top-k lists of (face_id, score, shard) that may number rows differently (a merge regroups them):
+    the same scores, and the same faces above the k-th score; which of the faces tied at the k-th score made
+    the list follows row order, so those may differ."""
+    scores = sorted(s for _, s, _ in a)
+    if scores != sorted(s for _, s, _ in b):
+        return False
+    last = scores[0] if scores else None
+    return {h for h in a if h[1] > last} == {h for h in b if h[1] > last}
+
+
 def assert_grouped(store):
     """Every segment's rows are grouped by the cell the partition assigns their codes, offsets exact."""
     manifest = store.load_manifest()
@@ -293,5 +304,5 @@ def test_merging_small_segments_keeps_cells_valid(tmp_path):
     assert stats.merges and len(store.load_manifest().segments) < segments
     assert assert_grouped(store) == 3000
     view = load_view(store, [0, 1])
-    assert [sorted(q) for q in hits_of(view, luts, 25, 0)] == [sorted(q) for q in before]
+    assert [same_answer_up_to_ties(a, b) for a, b in zip(hits_of(view, luts, 25, 0), before)] == [True] * 3
     assert hits_of(view, luts, 25, CELLS) == hits_of(view, luts, 25, 0)
