@@ -22,6 +22,8 @@ BENCHES = {
     "popcount": ("popcount_bench", "popcount Hamming kernel vs FAISS IndexBinaryFlat (one thread, same 64-bit codes)"),
     "quality": ("model_quality", ("codes (OPQN, ITQ, two-stage) vs FAISS OPQ+PQ vs float embeddings: unseen people "
                                   "among distractors (--protocol unseen: the older gallery without distractors)")),
+    "scratch": ("scratch_quality", ("from-scratch networks (OPQN, OPQN+R-MAC, DMH, DAGH, ITQ) vs their float "
+                                    "trunks on face crops: people absent from training (ORL)")),
     "openset": ("open_set", "open-set identification (DIR@FAR) of codes vs float on unseen people with distractors"),
     "http": ("http_bench", "the same searches through the coordinator's HTTP/JSON API and through gRPC"),
     "ingest": ("ingest_bench", "encode throughput 1 vs 2 actors, writer codes/s, 1M-embedding ingest"),
