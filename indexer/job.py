@@ -172,6 +172,10 @@ def init_ray(ray_address: str | None = None) -> bool:
     restart would fail, which a one-shot job never does) are kept out of the output; they still reach
     the session's log files.
     """
+    import ray
+
+    if ray.is_initialized():
+        return False  # a Ray this process already runs is used as it is (nothing of its mode is touched)
     local = not ray_address and not os.environ.get("RAY_ADDRESS")
     with _ray_on_loopback() if local else contextlib.nullcontext():
         return _init_ray(ray_address, local)
@@ -182,8 +186,6 @@ def _init_ray(ray_address: str | None, local: bool) -> bool:
 
     from facepq_core.progress import is_quiet
 
-    if ray.is_initialized():
-        return False
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     quiet = is_quiet("indexer")
@@ -245,19 +247,24 @@ def _ray_on_loopback():
     previous = os.environ.get(var)
     os.environ[var] = "0"
     constants = sys.modules.get("ray._private.ray_constants")
-    if constants is not None:
-        if hasattr(constants, "ENABLE_RAY_CLUSTER"):
-            constants.ENABLE_RAY_CLUSTER = False
-        else:  # a Ray without this switch: say so rather than silently listening everywhere
-            log.warning("cannot keep the local Ray on loopback with this Ray version; it may listen on every "
-                        "interface")
+    switch = constants is not None and hasattr(constants, "ENABLE_RAY_CLUSTER")
+    was = constants.ENABLE_RAY_CLUSTER if switch else None
+    if switch:
+        constants.ENABLE_RAY_CLUSTER = False
+    elif constants is not None:  # a Ray without this switch: say so rather than silently listening everywhere
+        log.warning("cannot keep the local Ray on loopback with this Ray version; it may listen on every "
+                    "interface")
     try:
         yield
     finally:
+        # Both back as they were (a running Ray keeps its node address; the switch only matters at a start):
+        # a later Ray started here, or a `ray start` child, must not inherit single-machine mode half-way.
         if previous is None:
             os.environ.pop(var, None)
         else:
             os.environ[var] = previous
+        if switch:
+            constants.ENABLE_RAY_CLUSTER = was
 
 
 # ---- the job -----------------------------------------------------------------------------------
