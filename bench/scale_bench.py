@@ -187,6 +187,28 @@ def measure_ours(root, tables, args, nprobes, log) -> list[dict]:
                          recall100=recall(got100, truth100, 100),
                          memory_bytes=data.code_bytes + part_bytes + offsets_bytes))
         log_row(log, rows[-1])
+        if not nprobe:
+            rows += split_rows(view, tables, args, truth10, rows[-1], log)
+    return rows
+
+
+def split_rows(view, tables, args, truth10, exhaustive: dict, log) -> list[dict]:
+    """One query's exhaustive scan split over t native threads (the node's `--threads`): its latency, and
+    its answer against the one-thread answer (the same by construction; measured, not assumed)."""
+    rows = []
+    for t in [t for t in args.threads if t > 1]:
+        def search(i):
+            return [h.face_id for h in view.search(tables[i:i + 1], 10, [0], threads=t)[0]]
+
+        search(0)  # warm
+        lat = time_single(search, len(tables))
+        got10 = [search(i) for i in range(len(tables))]
+        p50, p99 = percentiles(lat)
+        row = {k: v for k, v in exhaustive.items() if k != "scan_p50_ms"}  # the kernel's share is not split out
+        row.update(method=f"ours exhaustive, one query on {t} threads", p50_ms=p50, p99_ms=p99, qps={},
+                   recall10=recall(got10, truth10, 10))
+        rows.append(row)
+        log_row(log, rows[-1])
     return rows
 
 
