@@ -37,8 +37,11 @@ Rows per code length:
   OPQN + DBA     database-side augmentation as `facepq ingest --dba-k K --dba-alpha 3` makes the gallery
                  (indexer.dba: exact kNN over the whole gallery, distractors included): K = 1, 2, 4; the
                  queries are not augmented. Row "DBA k=2 + aQE n=2" combines both.
-Search time is measured apart, at 1M codes (`facepq bench twostage`), because this gallery
-is too small to time; `--time-rows N` runs it here too.
+This gallery is too small to time, so every row's search time is measured on 1M of its own codes
+(bench/scan_time.py: the gallery's embeddings repeated with noise, each row's codec; one query's
+tables + the node's kernel, one thread; float = FAISS IndexFlatIP, FAISS OPQ+PQ = its IndexPQ; off
+with `--no-scan-time`). Through a node's whole search path (hit metadata, positional reads of the
+refinement rows): `facepq bench twostage`, or `--time-rows N` here.
 """
 from __future__ import annotations
 
@@ -146,8 +149,9 @@ def _train(records, out_dir, bits, seed, unlabelled=None, method: str = "opqn"):
     return FaceEncoder.load(summary["model"])
 
 
-def run(data: str, bits_list, seed: int, out_dir: pathlib.Path, time_rows: int = 0) -> dict:
-    from bench.model_quality import faiss_opq_pq_scores
+def run(data: str, bits_list, seed: int, out_dir: pathlib.Path, time_rows: int = 0, scan_time: bool = True) -> dict:
+    from bench import scan_time as st
+    from bench.model_quality import faiss_opq_pq, faiss_scores
     from facepq_core.codes import score_codes
     from indexer.dba import DBA, augment
     from opqn_model.api import build_trunk
@@ -179,6 +183,13 @@ def run(data: str, bits_list, seed: int, out_dir: pathlib.Path, time_rows: int =
     float_scores = cosine_scores(q_emb, g_emb)
     reference = _metrics(float_scores, q_lab, g_lab)
     result["float"] = reference
+    # Search time per query at 1M codes (bench.scan_time): every row's own codes of one gallery-like million.
+    million = st.gallery_like(g_emb, st.MILLION, seed) if scan_time else None
+    if scan_time:
+        reference["ms_1m"] = st.float_ms(million, q_emb)
+
+    def timed(fn, *args):
+        return fn(*args) if scan_time else None
     for bits in bits_list:
         t0 = time.monotonic()
         enc = _train(parts["train"], out_dir / f"dlib-{bits}", bits, seed)
@@ -186,41 +197,62 @@ def run(data: str, bits_list, seed: int, out_dir: pathlib.Path, time_rows: int =
         first = _codec_scores(enc.codec, q_emb, g_emb)
         first_gallery = _codec_scores(enc_gallery.codec, q_emb, g_emb)
         faiss_ok = len(emb["train"]) >= 256  # FAISS's k-means needs as many points as centroids
+
+        def codec_row(codec, scores):
+            """(scores, bytes/face, refinement bytes/face, ms/query at 1M of this codec's codes)."""
+            return scores, codec.code_bytes, 0, timed(lambda: st.codec_ms(codec, q_emb, st.encode(codec, million)))
+
+        def faiss_row(train, bits=bits):
+            index, prep = faiss_opq_pq(train, bits)
+            scores = faiss_scores(index, prep, q_emb, g_emb)
+            if scan_time:
+                index.add(prep(million))
+            return scores, bits // 8, 0, timed(st.faiss_ms, index, prep(q_emb))
+
+        itq = fit_itq(emb["train"], bits) if bits <= emb["train"].shape[1] else None
         rows = {
-            "FAISS OPQ+PQ": (faiss_opq_pq_scores(emb["train"], q_emb, g_emb, bits), bits // 8, 0) if faiss_ok else None,
-            "FAISS OPQ+PQ + gallery": (faiss_opq_pq_scores(np.concatenate([emb["train"], extra_emb]), q_emb, g_emb,
-                                                           bits), bits // 8, 0) if faiss_ok else None,
-            "OPQN": (first, enc.codec.code_bytes, 0),
-            "ITQ": (_codec_scores(fit_itq(emb["train"], bits), q_emb, g_emb), bits // 8, 0)
-            if bits <= emb["train"].shape[1] else None,
-            "OPQN + gallery": (first_gallery, enc_gallery.codec.code_bytes, 0),
+            "FAISS OPQ+PQ": faiss_row(emb["train"]) if faiss_ok else None,
+            "FAISS OPQ+PQ + gallery": faiss_row(np.concatenate([emb["train"], extra_emb])) if faiss_ok else None,
+            "OPQN": codec_row(enc.codec, first),
+            "ITQ": codec_row(itq, _codec_scores(itq, q_emb, g_emb)) if itq is not None else None,
+            "OPQN + gallery": codec_row(enc_gallery.codec, first_gallery),
         }
         for method in HASHING_METHODS:
             hashed = _train(parts["train"], out_dir / f"dlib-{bits}-{method}", bits, seed, method=method)
-            rows[method.upper()] = (_codec_scores(hashed.codec, q_emb, g_emb), hashed.codec.code_bytes, 0)
+            rows[method.upper()] = codec_row(hashed.codec, _codec_scores(hashed.codec, q_emb, g_emb))
+        million_codes = st.encode(enc.codec, million) if scan_time else None
         for kind in REFINE_KINDS:
             refine = enc.refine_codec(kind)
             refined = _refined(refine, q_emb, g_emb)
+            million_rows = st.encode(refine, million) if scan_time else None
             for r in CANDIDATES:
                 rows[f"OPQN + {kind}, R={r}"] = (two_stage_scores(first, refined, r), enc.codec.code_bytes,
-                                                 refine.code_bytes)
+                                                 refine.code_bytes, timed(st.two_stage_ms, enc.codec, refine, q_emb,
+                                                                          million_codes, million_rows, r))
+            del million_rows
         g_codes = enc.codec.encode(g_emb)
+        qe_ms = {}
         for n, alpha in QE_SETTINGS:
+            qe_ms[n] = timed(st.expansion_ms, enc.codec, q_emb, million_codes, n, alpha)
             rows[f"OPQN + aQE n={n} a={alpha:g}"] = (expanded_scores(enc.codec, q_emb, g_codes, n, alpha),
-                                                    enc.codec.code_bytes, 0)
+                                                    enc.codec.code_bytes, 0, qe_ms[n])
+        # DBA changes which codes are stored, not their layout or kernel: OPQN's time (the million is not
+        # augmented: its exact kNN is O(N^2)).
         for k, alpha in DBA_SETTINGS:
             dba_codes = enc.codec.encode(augment(g_emb, DBA(k, alpha)))
             rows[f"OPQN + DBA k={k} a={alpha:g}"] = (score_codes(enc.codec.query_tables(q_emb), dba_codes,
-                                                                 enc.codec.spec), enc.codec.code_bytes, 0)
+                                                                 enc.codec.spec), enc.codec.code_bytes, 0,
+                                                     rows["OPQN"][3])
             if k == 2:
                 rows["OPQN + DBA k=2 + aQE n=2"] = (expanded_scores(enc.codec, q_emb, dba_codes, 2, 3.0),
-                                                   enc.codec.code_bytes, 0)
+                                                   enc.codec.code_bytes, 0, qe_ms.get(2))
+        del million_codes
         for name, row in rows.items():
             if row is None:
                 continue
-            scores, code_bytes, refine_bytes = row
+            scores, code_bytes, refine_bytes, ms_1m = row
             m = _metrics(scores, q_lab, g_lab)
-            m.update(bits=bits, method=name, code_bytes=code_bytes, refine_bytes=refine_bytes,
+            m.update(bits=bits, method=name, code_bytes=code_bytes, refine_bytes=refine_bytes, ms_1m=ms_1m,
                      map_vs_float=m["map"] / reference["map"],
                      map_indexed=_metrics(scores, q_lab, g_lab, ~later)["map"],
                      map_later=_metrics(scores, q_lab, g_lab, later)["map"])
@@ -240,14 +272,19 @@ def print_table(result: dict) -> None:
           f"{result['distractor_people']} distractor people nobody queries; codes trained on "
           f"{result['train_photos']} photos of {result['train_people']} other people")
     f = result["float"]
+    float_ms = f" {f['ms_1m']:.2f} ms/query at 1M (FAISS IndexFlatIP, one thread)" if f.get("ms_1m") else ""
     print(f"float (dlib, cosine): mAP {f['map']:.4f}  P@1 {f['p_at_1']:.4f}  R@10 {f['r_at_10']:.4f}  (512 B/face "
-          f"as float32, 256 B as float16)")
+          f"as float32, 256 B as float16){float_ms}")
     print(f"{'bits':>4} {'method':28} {'mAP@all':>8} {'x float':>7} {'P@1':>6} {'R@10':>6} {'B/face mem':>10} "
-          f"{'B/face refine':>13} {'mAP indexed':>11} {'mAP later':>9}")
+          f"{'B/face refine':>13} {'ms at 1M':>8} {'mAP indexed':>11} {'mAP later':>9}")
     for r in result["rows"]:
+        ms = f"{r['ms_1m']:8.3f}" if r.get("ms_1m") is not None else f"{'-':>8}"
         print(f"{r['bits']:>4} {r['method']:28} {r['map']:8.4f} {r['map_vs_float']:7.3f} {r['p_at_1']:6.3f} "
-              f"{r['r_at_10']:6.3f} {r['code_bytes']:>10} {r['refine_bytes'] or '-':>13} {r['map_indexed']:11.4f} "
+              f"{r['r_at_10']:6.3f} {r['code_bytes']:>10} {r['refine_bytes'] or '-':>13} {ms} {r['map_indexed']:11.4f} "
               f"{r['map_later']:9.4f}")
+    if f.get("ms_1m"):
+        print("(ms at 1M: one query's tables + the node's scan kernel over 1M of the row's own codes, one thread, "
+              "top-10, median; bench/scan_time.py says what is and is not included)")
     print(f"('indexed' / 'later': the {result['queries'] - result['later_queries']} / {result['later_queries']} "
           f"queries of people whose gallery photos were / were not in the unlabelled fit of the + gallery rows)")
     if "search_time" in result:
@@ -263,11 +300,13 @@ def main(argv=None) -> int:
     ap.add_argument("--bits", type=int, nargs="+", default=[32, 48, 64])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--time-rows", type=int, default=0, help="also time two-stage search at this many codes")
+    ap.add_argument("--no-scan-time", action="store_true",
+                    help="skip the search time per query at 1M codes of each row (~1.5 GiB of memory, ~1 min a length)")
     ap.add_argument("--out", default=".facepq/bench-distractor-quality")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    result = run(args.data, args.bits, args.seed, pathlib.Path(args.out), args.time_rows)
+    result = run(args.data, args.bits, args.seed, pathlib.Path(args.out), args.time_rows, not args.no_scan_time)
     print_table(result)
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(result, indent=1))

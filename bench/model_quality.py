@@ -35,9 +35,8 @@ log = logging.getLogger("bench.model_quality")
 OPQ_ITERATIONS = 50
 
 
-def faiss_opq_pq_scores(train: np.ndarray, queries: np.ndarray, gallery: np.ndarray, bits: int,
-                        centre: bool = True) -> np.ndarray:
-    """Scores [Q, G] (negated asymmetric L2 distance) from FAISS OPQ + PQ with 8-bit sub-quantizers.
+def faiss_opq_pq(train: np.ndarray, bits: int, centre: bool = True):
+    """FAISS OPQ + PQ with 8-bit sub-quantizers trained on `train`: (index, prep), prep(x) the input it takes.
 
     Features are L2-normalised; with `centre` they are first centred on the training
     mean, the best setting for PQ on face embeddings (they sit in a narrow cone).
@@ -58,8 +57,21 @@ def faiss_opq_pq_scores(train: np.ndarray, queries: np.ndarray, gallery: np.ndar
     pq = faiss.IndexPQ(d_out, m, 8)
     index = faiss.IndexPreTransform(opq, pq)
     index.train(prep(train))
+    return index, prep
+
+
+def faiss_opq_pq_scores(train: np.ndarray, queries: np.ndarray, gallery: np.ndarray, bits: int,
+                        centre: bool = True) -> np.ndarray:
+    """Scores [Q, G] (negated asymmetric L2 distance) of `faiss_opq_pq` on `gallery`."""
+    index, prep = faiss_opq_pq(train, bits, centre)
+    return faiss_scores(index, prep, queries, gallery)
+
+
+def faiss_scores(index, prep, queries: np.ndarray, gallery: np.ndarray) -> np.ndarray:
+    """Scores [Q, G] (negated distances) of a trained, empty FAISS index holding `gallery`; left empty again."""
     index.add(prep(gallery))
     dist, ids = index.search(prep(queries), len(gallery))
+    index.reset()
     scores = np.full((len(queries), len(gallery)), -np.inf, np.float32)
     np.put_along_axis(scores, ids, -dist, axis=1)
     return scores
