@@ -11,6 +11,7 @@ while it is full, and the requests it does take finish in time.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -77,3 +78,16 @@ class Admission:
                 self.in_progress -= 1
                 self._seconds += 0.2 * ((time.monotonic() - t0) - self._seconds)
                 self._cond.notify()
+
+
+def default_photo_limit() -> int:
+    """Photo work in progress at once: one per CPU (detection and the trunk are CPU-bound), at most 4."""
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def photo_gate(limit: int | None = None) -> Admission:
+    """The gate for photo work (a photo Search or Verify, an Enrol: face detection and the trunk, up to seconds
+    of CPU each): `limit` (default `default_photo_limit()`) at work, four times as many waiting up to 2 s each
+    (they hold server threads: the gRPC shell's WORKERS leaves room beside them), the rest refused."""
+    limit = limit or default_photo_limit()
+    return Admission("photo searches and enrolments", limit, queue=4 * limit, max_wait=2.0)

@@ -29,15 +29,13 @@ query_node.grpc_server.status_on_error answers it: the servicer aborts nothing i
 """
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import time
 
 from facepq_core.errors import ConfigError
 from facepq_core.expansion import Expansion
 from facepq_proto.facepq.v1 import facepq_pb2, facepq_pb2_grpc
-from query_node.admission import Admission
+from query_node.admission import default_photo_limit, photo_gate
 from query_node.grpc_server import GrpcServer, ServedByGrpc, status_on_error
 from query_node.service import CoordinatorService, Photo, SearchOptions
 from query_node.upkeep import Upkeep
@@ -46,17 +44,6 @@ from query_node.wire import hit_messages, person_match_message
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "facepq.v1.Coordinator"
-
-
-def default_photo_limit() -> int:
-    """Photo work in progress at once: one per CPU (detection and the trunk are CPU-bound), at most 4."""
-    return max(1, min(4, os.cpu_count() or 1))
-
-
-def photo_gate(limit: int) -> Admission:
-    """`limit` photo requests at work, four times as many waiting up to 2 s each (they hold worker threads:
-    WORKERS leaves room beside them for embedding searches and health checks), the rest refused."""
-    return Admission("photo searches and enrolments", limit, queue=4 * limit, max_wait=2.0)
 
 
 WORKERS = 32  # gRPC threads: photo work in progress and waiting (at most 20), the rest for everything else
@@ -77,14 +64,13 @@ def _warn_about_posture(host: str, auth_search: bool, node_tls, node_token) -> N
 class CoordinatorServicer(facepq_pb2_grpc.CoordinatorServicer):
     """Each RPC: read the request, call the CoordinatorService, build the reply.
 
-    Photo work (a photo Search, an Enrol: face detection and the trunk, up to seconds of CPU each) is
-    admitted through `photo_admission` (query_node.admission): a bounded number at once, a few waiting,
-    the rest refused at once with RESOURCE_EXHAUSTED and retry advice.
+    Photo work (a photo Search or Verify, an Enrol) passes the service's photo gate (query_node.admission),
+    the same for this shell and the HTTP one: a bounded number at once, a few waiting (never past the
+    call's deadline), the rest refused at once with RESOURCE_EXHAUSTED and retry advice.
     """
 
-    def __init__(self, service: CoordinatorService, photo_admission: Admission | None = None):
+    def __init__(self, service: CoordinatorService):
         self.service = service
-        self.photo_admission = photo_admission or photo_gate(default_photo_limit())
 
     def Search(self, request, context):
         t0 = time.perf_counter()
@@ -101,8 +87,7 @@ class CoordinatorServicer(facepq_pb2_grpc.CoordinatorServicer):
             min_face_px=request.min_face_px or SearchOptions.min_face_px,
             expansion=Expansion(request.expansion.n, request.expansion.alpha)
             if request.HasField("expansion") else None, nprobe=request.nprobe)
-        gate = self.photo_admission.slot(context.time_remaining()) if kind == "photo" else contextlib.nullcontext()
-        with status_on_error(context), gate:
+        with status_on_error(context):
             result = self.service.search(query, request.top_k, options)
         reply = facepq_pb2.SearchResponse(complete=result.complete, missing_shards=result.missing_shards,
                                           index_version=result.index_version, node_scan_ms=result.node_scan_ms,
@@ -126,12 +111,11 @@ class CoordinatorServicer(facepq_pb2_grpc.CoordinatorServicer):
         a_kind, b_kind = request.WhichOneof("a"), request.WhichOneof("b")
         a = request.photo_a if a_kind == "photo_a" else request.embedding_a.values if a_kind == "embedding_a" else None
         b = request.photo_b if b_kind == "photo_b" else request.embedding_b.values if b_kind == "embedding_b" else None
-        photos = a_kind == "photo_a" or b_kind == "photo_b"
-        gate = self.photo_admission.slot(context.time_remaining()) if photos else contextlib.nullcontext()
-        with status_on_error(context), gate:
+        with status_on_error(context):
             r = self.service.verify(a, b, person_b=request.person_b if b_kind == "person_b" else None,
                                     far=request.far if request.HasField("far") else None,
-                                    threshold=request.threshold if request.HasField("threshold") else None)
+                                    threshold=request.threshold if request.HasField("threshold") else None,
+                                    time_remaining=context.time_remaining())
         reply = facepq_pb2.VerifyResponse(score=r.score, same=r.same, threshold=r.threshold,
                                           best_face_id=r.best_face_id, faces_compared=r.faces_compared)
         if r.similarity is not None:
@@ -142,10 +126,11 @@ class CoordinatorServicer(facepq_pb2_grpc.CoordinatorServicer):
 
     def Enrol(self, request, context):
         photos = [Photo(content=p.content, source=p.source) for p in request.photos]
-        with status_on_error(context), self.photo_admission.slot(context.time_remaining()):
+        with status_on_error(context):
             result = self.service.enrol(request.person, photos,
                                         faces="all" if request.faces == facepq_pb2.FACES_ALL else "largest",
-                                        min_face_px=request.min_face_px or SearchOptions.min_face_px)
+                                        min_face_px=request.min_face_px or SearchOptions.min_face_px,
+                                        time_remaining=context.time_remaining())
         return facepq_pb2.EnrolResponse(face_ids=result.face_ids, skipped=result.skipped,
                                         index_version=result.index_version,
                                         boxes=[facepq_pb2.Box(left=b[0], top=b[1], right=b[2], bottom=b[3])
@@ -242,7 +227,6 @@ class CoordinatorServer(ServedByGrpc):
         photo_limit = default_photo_limit() if max_inflight_photos is None else int(max_inflight_photos)
         if photo_limit < 1:
             raise ConfigError(f"--max-inflight-photos must be >= 1, got {max_inflight_photos}")
-        self.photo_admission = photo_gate(photo_limit)
         self.encoder = FaceEncoder.load(model_path)
         manifest = IndexStore(index_uri).load_manifest()
         if manifest.model.fingerprint != self.encoder.fingerprint:
@@ -253,7 +237,7 @@ class CoordinatorServer(ServedByGrpc):
             registry.check()  # refuses credentials Redis rejects instead of serving empty answers
         self.coordinator = Coordinator(registry, manifest.shard_count, tls=node_tls, node_token=node_token)
         self.service = CoordinatorService(self.coordinator, FaceModel(self.encoder), index_uri, redis_url=redis_url,
-                                          search_timeout=search_timeout)
+                                          search_timeout=search_timeout, photo_admission=photo_gate(photo_limit))
         # Enrolments add small segments; merge them in the background (indexer.upkeep), 0 = never.
         self.upkeep = Upkeep(IndexStore(index_uri), redis_url=redis_url, interval=upkeep_seconds) \
             if upkeep_seconds != 0 else None
@@ -268,7 +252,7 @@ class CoordinatorServer(ServedByGrpc):
     def start(self) -> "CoordinatorServer":
         from query_node import metrics
 
-        servicer = CoordinatorServicer(self.service, self.photo_admission)
+        servicer = CoordinatorServicer(self.service)
         self.grpc_server.start(lambda server: facepq_pb2_grpc.add_CoordinatorServicer_to_server(servicer, server))
         metrics.add_source(self, metrics.CoordinatorGauges(self.address, self.service))
         if self.upkeep is not None:

@@ -32,6 +32,7 @@ Routes (OpenAPI document at /openapi.json, interactive at /docs):
 """
 import io
 import logging
+import math
 import os
 import pathlib
 import time
@@ -41,7 +42,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel
 
-from facepq_core.errors import HTTP_STATUS, FacepqError, InvalidRequest, NotFound
+from facepq_core.errors import HTTP_STATUS, FacepqError, InvalidRequest, NotFound, Overloaded
 from query_node import metrics
 from query_node.json_form import search_json
 from query_node.service import CoordinatorService, Photo, SearchOptions
@@ -146,7 +147,10 @@ def build_app(service: CoordinatorService, tokens=(), auth_search: bool = False,
 
     @app.exception_handler(FacepqError)
     async def _facepq_error(request, exc: FacepqError):
-        return _error(exc.status, str(exc))
+        response = _error(exc.status, str(exc))
+        if isinstance(exc, Overloaded):  # the photo gate's advice, as gRPC sends it in grpc-retry-pushback-ms
+            response.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_ms / 1000)))
+        return response
 
     @app.exception_handler(Exception)
     async def _unexpected(request, exc: Exception):

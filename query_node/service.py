@@ -57,6 +57,7 @@ from facepq_core.expansion import Expansion, check_expansion
 from facepq_core.limits import MAX_DELETE_FACE_IDS, MAX_ENROL_PHOTOS, MAX_PERSON_CHARS, MAX_SOURCE_CHARS
 from facepq_core.names import check_person
 from query_node import answers, metrics
+from query_node.admission import Admission, photo_gate
 from query_node.answers import FaceAnswer, PersonMatch, SearchOptions
 from query_node.face_model import is_photo
 from query_node.fanout import replicas_by_shard
@@ -156,12 +157,16 @@ class CoordinatorService(PeopleOperations):
         index_uri: the index (its current version, and where enrolments and deletions commit).
         redis_url: Redis for the commit lock (None: a file lock next to a local index).
         search_timeout: seconds a search may take at most (all retries included).
+        photo_admission: the gate every photo's work passes (query_node.admission; default `photo_gate()`):
+            a photo Search or Verify and every Enrol, whichever shell (gRPC, HTTP) the request came through.
     """
 
-    def __init__(self, coordinator, model, index_uri, redis_url: str | None = None, search_timeout: float = 5.0):
+    def __init__(self, coordinator, model, index_uri, redis_url: str | None = None, search_timeout: float = 5.0,
+                 photo_admission: Admission | None = None):
         from indexer.store import IndexStore
 
         self.coordinator, self.model = coordinator, model
+        self.photo_admission = photo_admission or photo_gate()
         self.index_uri, self.redis_url, self.search_timeout = index_uri, redis_url, search_timeout
         self.store = IndexStore(index_uri)
         self._tier: tuple | None = None  # (the index's refinement tier or None,), once an index exists
@@ -170,6 +175,10 @@ class CoordinatorService(PeopleOperations):
     def calibration(self):
         """The model's score calibration (facepq_core.calibration.Calibration), None when not measured."""
         return getattr(self.model, "calibration", None)
+
+    def _photo_work(self, photo: bool, time_remaining: float | None = None):
+        """A slot of the photo gate for photo work (raises Overloaded when none frees up in time); no gate else."""
+        return self.photo_admission.slot(time_remaining) if photo else contextlib.nullcontext()
 
     # ---- search ------------------------------------------------------------------------------
     def search(self, query, k: int = 0, options: SearchOptions = SearchOptions()) -> SearchResult:
@@ -184,8 +193,13 @@ class CoordinatorService(PeopleOperations):
             NoFaceFound: the photo holds no face.  Unavailable: the index version cannot be read.
             NotCalibrated: a far for a model without calibration.
             VersionConflict: the index changed too often during the search.  NodeRefused: a node
-                refused the search (coordinator and nodes disagree).
+                refused the search (coordinator and nodes disagree).  Overloaded: a photo found the photo gate
+                full (retry later).
         """
+        with self._photo_work(is_photo(query), options.time_remaining):
+            return self._search(query, k, options)
+
+    def _search(self, query, k: int, options: SearchOptions) -> SearchResult:
         k = k or DEFAULT_TOP_K
         if not 1 <= k <= MAX_TOP_K:
             raise InvalidRequest(f"top_k must be in 1..{MAX_TOP_K}, got {k}")
@@ -251,10 +265,11 @@ class CoordinatorService(PeopleOperations):
         return 0 if options.faces == "all" else candidates
 
     def verify(self, a, b, person_b: str | None = None, far: float | None = None,
-               threshold: float | None = None) -> VerifyResult:
+               threshold: float | None = None, time_remaining: float | None = None) -> VerifyResult:
         """1:1 verification of `a` (photo bytes or embedding) against `b` (photo or embedding) or `person_b`
-        (their best live face); query_node.verify."""
-        return verify(self.model, self.store, a, b, person_b, far, threshold)
+        (their best live face); query_node.verify. Photos pass the photo gate (Overloaded when it is full)."""
+        with self._photo_work(is_photo(a) or is_photo(b), time_remaining):
+            return verify(self.model, self.store, a, b, person_b, far, threshold)
 
     def _expanded_search(self, query, k: int, expansion: Expansion, options: SearchOptions) -> SearchResult:
         """αQE: the top `expansion.n` with their codes, then the expanded query's exact top-k (first pass)."""
@@ -317,7 +332,7 @@ class CoordinatorService(PeopleOperations):
 
     # ---- enrol / delete / compact ------------------------------------------------------------
     def enrol(self, person: str, photos: Sequence[Photo], faces: str = "largest",
-              min_face_px: int = answers.DEFAULT_MIN_FACE_PX) -> EnrolResult:
+              min_face_px: int = answers.DEFAULT_MIN_FACE_PX, time_remaining: float | None = None) -> EnrolResult:
         """Encode the photos' faces and commit them as `person`; photos without a usable face are skipped.
 
         Args:
@@ -329,8 +344,13 @@ class CoordinatorService(PeopleOperations):
             NoFaceFound: no photo had a usable face (nothing is committed).
             AlreadyEnrolled: a photo is enrolled as another person (nothing is committed; the message
                 names that person). The same photo under the same person is not an error: it is there.
-            Unavailable: another writer held the commit lock too long.
+            Unavailable: another writer held the commit lock too long.  Overloaded: the photo gate is full
+                (`time_remaining`: seconds of the caller's deadline a request may wait for a slot).
         """
+        with self._photo_work(True, time_remaining):
+            return self._enrol(person, photos, faces, min_face_px)
+
+    def _enrol(self, person: str, photos: Sequence[Photo], faces: str, min_face_px: int) -> EnrolResult:
         from indexer.face_id import face_id_for_photo
         from indexer.writer import IndexWriter
 

@@ -4,7 +4,9 @@
   photo sources used to be accepted, after which every search near that person exceeded the reply limit;
 * a burst of concurrent photo searches beyond what the coordinator may run at once is shed at once with
   RESOURCE_EXHAUSTED and retry advice (message + `grpc-retry-pushback-ms`), instead of queueing until the
-  callers' deadlines pass; the server stays responsive, and callers that follow the advice all get answers.
+  callers' deadlines pass; the server stays responsive, and callers that follow the advice all get answers;
+* the HTTP API's photo routes pass the same gate as gRPC (they used to bypass it: an HTTP burst ran
+  every photo at once, and it did not count against gRPC's limit either).
 (Pixel bounds before detection are the face pipeline's, issue 17.)
 """
 from __future__ import annotations
@@ -124,3 +126,45 @@ def test_a_burst_of_photo_searches_is_shed_with_retry_advice(gallery, index, pro
         t.join()
     assert all(not isinstance(o, grpc.RpcError) and o.complete for o in outcomes)
     assert coord.alive()
+
+
+def test_http_photo_searches_share_the_grpc_photo_gate(gallery, index, procs):
+    import requests
+
+    from tests.reliability.test_http_api import _url
+
+    node = procs.node(index, [0, 1])
+    coord = procs.coordinator(gallery["model"], index, "--nodes", node.address, "--max-inflight-photos", "1",
+                              "--http-port", "0")
+    http, stub = _url(coord, "http serving"), _stub(coord.address)
+    photos = [_big_photo(100 + i) for i in range(16)]
+    start = threading.Barrier(len(photos) + 1)
+    outcomes = [None] * len(photos)
+
+    def client(i):  # even clients over gRPC, odd ones over HTTP: one gate for both
+        start.wait()
+        if i % 2 == 0:
+            try:
+                outcomes[i] = ("grpc", stub.Search(facepq_pb2.SearchRequest(photo=photos[i], top_k=3), timeout=120))
+            except grpc.RpcError as exc:
+                outcomes[i] = ("grpc", exc.code().name)
+            return
+        r = requests.post(f"{http}/v1/search", files={"photo": ("p.png", photos[i], "image/png")}, data={"k": "3"},
+                          timeout=120)
+        outcomes[i] = ("http", r.status_code, r.json(), r.headers.get("Retry-After"))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(photos))]
+    for t in threads:
+        t.start()
+    start.wait()
+    for t in threads:
+        t.join()
+    http_refused = [o for o in outcomes if o[0] == "http" and o[1] != 200]
+    assert http_refused, f"8 HTTP photo searches beside 8 gRPC ones against a limit of 1 shed nothing: {outcomes}"
+    for _, status, body, retry_after in http_refused:
+        assert status == 429 and body["error"]["status"] == "RESOURCE_EXHAUSTED", body
+        assert "server busy" in body["error"]["message"] and int(retry_after) >= 1
+    grpc_codes = {o[1] for o in outcomes if o[0] == "grpc" and isinstance(o[1], str)}
+    assert grpc_codes <= {"RESOURCE_EXHAUSTED"}, outcomes
+    assert any(o[0] == "http" and o[1] == 200 for o in outcomes) or any(
+        o[0] == "grpc" and not isinstance(o[1], str) for o in outcomes), "nothing was answered"
