@@ -46,13 +46,14 @@ refinement rows): `facepq bench twostage`, or `--time-rows N` here.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import pathlib
 import sys
 import time
 
 import numpy as np
+
+from bench.entry import run_main
 
 log = logging.getLogger("bench.distractor_quality")
 
@@ -304,13 +305,8 @@ def main(argv=None) -> int:
                     help="skip the search time per query at 1M codes of each row (~1.5 GiB of memory, ~1 min a length)")
     ap.add_argument("--out", default=".facepq/bench-distractor-quality")
     ap.add_argument("--json")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    result = run(args.data, args.bits, args.seed, pathlib.Path(args.out), args.time_rows, not args.no_scan_time)
-    print_table(result)
-    if args.json:
-        pathlib.Path(args.json).write_text(json.dumps(result, indent=1))
-    return 0
+    return run_main(ap, argv, lambda a: run(a.data, a.bits, a.seed, pathlib.Path(a.out), a.time_rows,
+                                                        not a.no_scan_time), print_table)
 
 
 if __name__ == "__main__":

@@ -22,13 +22,14 @@ the same trunk's embeddings.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import pathlib
 import sys
 import time
 
 import numpy as np
+
+from bench.entry import run_main
 
 log = logging.getLogger("bench.model_quality")
 # OPQ alternation rounds (FAISS default 50); a CI-sized report lowers it, OPQ being the slow part there
@@ -200,14 +201,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sub-dim", type=int, help="d, dims per subspace (default max(K, 32))")
     ap.add_argument("--out", default=".facepq/bench-model-quality")
     ap.add_argument("--json")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    result = run(args.data, args.bits, args.epochs, args.test_people, args.seed, pathlib.Path(args.out),
-                 args.codewords, args.sub_dim)
-    print_table(result)
-    if args.json:
-        pathlib.Path(args.json).write_text(json.dumps(result, indent=2))
-    return 0
+    return run_main(ap, argv, lambda a: run(a.data, a.bits, a.epochs, a.test_people, a.seed, pathlib.Path(a.out),
+                                                        a.codewords, a.sub_dim), print_table)
 
 
 if __name__ == "__main__":

@@ -22,13 +22,14 @@ another gallery plugs in without changing it.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import pathlib
 import sys
 import time
 
 import numpy as np
+
+from bench.entry import run_main
 
 log = logging.getLogger("bench.open_set")
 FARS = (1e-2, 1e-3)
@@ -154,13 +155,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=".facepq/bench-open-set")
     ap.add_argument("--json")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    result = run(args.data, args.bits, args.seed, pathlib.Path(args.out), args.gallery_photos)
-    print_table(result)
-    if args.json:
-        pathlib.Path(args.json).write_text(json.dumps(result, indent=2))
-    return 0
+    return run_main(ap, argv, lambda a: run(a.data, a.bits, a.seed, pathlib.Path(a.out), a.gallery_photos), print_table)
 
 
 if __name__ == "__main__":

@@ -24,13 +24,13 @@ opqn_model.metrics'. The crops are read without face detection (`mode="none"`), 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import pathlib
-import sys
 import time
 
 import numpy as np
+
+from bench.entry import run_main
 
 log = logging.getLogger("bench.scratch_quality")
 
@@ -176,14 +176,9 @@ def main(argv=None) -> int:
                     help="one run per seed: its own split of people, initialisation and batch order")
     ap.add_argument("--out", default=".facepq/bench-scratch")
     ap.add_argument("--json")
-    args = ap.parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    result = run(args.data, args.bits, args.methods, args.epochs, args.unseen_people, args.queries_per_person,
-                 args.seeds, pathlib.Path(args.out), args.input_size, args.width, args.batch_size)
-    print_table(result)
-    if args.json:
-        pathlib.Path(args.json).write_text(json.dumps(result, indent=2))
-    return 0
+    return run_main(ap, argv, lambda a: run(a.data, a.bits, a.methods, a.epochs, a.unseen_people,
+                                                        a.queries_per_person, a.seeds, pathlib.Path(a.out),
+                                                        a.input_size, a.width, a.batch_size), print_table)
 
 
 if __name__ == "__main__":

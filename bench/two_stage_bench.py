@@ -19,13 +19,14 @@ the float embeddings costs) and IndexPQ with 8 x 8-bit codes (FAISS OPQ+PQ's sca
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import sys
 import tempfile
 import time
 
 import numpy as np
+
+from bench.entry import run_main
 
 TIERS = ("codes:256", "float16")
 EMBEDDING_DIM = 128  # dlib's
@@ -181,12 +182,7 @@ def main(argv=None) -> int:
     ap.add_argument("--candidates", default="50,100,500")
     ap.add_argument("--work", type=pathlib.Path, help="folder for the indexes (default: a temporary folder)")
     ap.add_argument("--json")
-    args = ap.parse_args(argv)
-    result = run(args.rows, args.queries, [int(c) for c in args.candidates.split(",")], args.work)
-    print_table(result)
-    if args.json:
-        pathlib.Path(args.json).write_text(json.dumps(result, indent=1))
-    return 0
+    return run_main(ap, argv, lambda a: run(a.rows, a.queries, [int(c) for c in a.candidates.split(",")], a.work), print_table)
 
 
 if __name__ == "__main__":
