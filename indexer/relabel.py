@@ -71,6 +71,17 @@ def _relabel(store: IndexStore, old: Manifest, new: Manifest, ids: np.ndarray, n
     return rewritten
 
 
+def _commit_relabel(store: IndexStore, target: str, find_ids, describe, redis_url, lock_timeout) -> RelabelResult:
+    """One commit giving the live faces `find_ids(old manifest)` (sorted unique uint64; it raises when the
+    request names faces that are not there) the person `target`; `describe(ids)` is the commit's message."""
+    def change(old, new):
+        ids = find_ids(old)
+        return describe(ids), (ids.size, _relabel(store, old, new, ids, target))
+
+    version, (faces, segments) = commit_change(store, change, redis_url, lock_timeout)
+    return RelabelResult(version, int(faces), segments)
+
+
 def rename_person(index, person: str, new_name: str, redis_url: str | None = None,
                   lock_timeout: float = 60.0) -> RelabelResult:
     """Every live face of `person` becomes `new_name`'s, in one commit.
@@ -84,18 +95,17 @@ def rename_person(index, person: str, new_name: str, redis_url: str | None = Non
     if target == normalise_person(person):
         raise InvalidRequest(f"{person!r} already has that name")
 
-    def change(old, new):
+    def find(old):
         ids = sorted_unique(person_live_ids(store, old, person))
         if not ids.size:
             raise _unknown(store, person)
         if person_live_ids(store, old, target).size:
             raise AlreadyExists(f"{target!r} already has faces in {store.uri}; to join the two people, merge "
                                 f"{person!r} into {target!r}")
-        n = _relabel(store, old, new, ids, target)
-        return f"rename {person!r} to {target!r} ({ids.size} faces)", (ids.size, n)
+        return ids
 
-    version, (faces, segments) = commit_change(store, change, redis_url, lock_timeout)
-    return RelabelResult(version, int(faces), segments)
+    return _commit_relabel(store, target, find, lambda ids: f"rename {person!r} to {target!r} ({ids.size} faces)",
+                           redis_url, lock_timeout)
 
 
 def merge_people(index, people, into: str, redis_url: str | None = None, lock_timeout: float = 60.0) -> RelabelResult:
@@ -111,19 +121,18 @@ def merge_people(index, people, into: str, redis_url: str | None = None, lock_ti
     if not sources:
         raise InvalidRequest(f"name at least one person other than {target!r} to merge into {target!r}")
 
-    def change(old, new):
+    def find(old):
         found = []
         for p in sources:
             ids = person_live_ids(store, old, p)
             if not ids.size:
                 raise _unknown(store, p)
             found.append(ids)
-        ids = sorted_unique(np.concatenate(found))
-        n = _relabel(store, old, new, ids, target)
-        return f"merge {', '.join(map(repr, sources))} into {target!r} ({ids.size} faces)", (ids.size, n)
+        return sorted_unique(np.concatenate(found))
 
-    version, (faces, segments) = commit_change(store, change, redis_url, lock_timeout)
-    return RelabelResult(version, int(faces), segments)
+    return _commit_relabel(store, target, find,
+                           lambda ids: f"merge {', '.join(map(repr, sources))} into {target!r} ({ids.size} faces)",
+                           redis_url, lock_timeout)
 
 
 def move_faces(index, face_ids, person: str, redis_url: str | None = None, lock_timeout: float = 60.0) -> RelabelResult:
@@ -138,13 +147,12 @@ def move_faces(index, face_ids, person: str, redis_url: str | None = None, lock_
     if not wanted.size:
         raise InvalidRequest("face_ids is empty: send at least one face id to move")
 
-    def change(old, new):
+    def find(old):
         try:
             present_face_ids(store, old, wanted)
         except DataError as exc:  # its way of saying some id is not live
             raise NotFound(str(exc).replace("nothing deleted", "nothing moved")) from None
-        n = _relabel(store, old, new, wanted, target)
-        return f"move {wanted.size} faces to {target!r}", (wanted.size, n)
+        return wanted
 
-    version, (faces, segments) = commit_change(store, change, redis_url, lock_timeout)
-    return RelabelResult(version, int(faces), segments)
+    return _commit_relabel(store, target, find, lambda ids: f"move {ids.size} faces to {target!r}", redis_url,
+                           lock_timeout)
