@@ -10,13 +10,13 @@ keep the table kernels.
 
 Variants (picked at import of query_node._fastscan; `status()` says which runs):
 avx512_vpopcntdq (8 rows of 64-bit codes per vpopcntq), else avx2 (nibble-lookup popcount).
-FACEPQ_POPCOUNT_ISA=avx2 forces a variant; FACEPQ_NATIVE=0 (or no extension) leaves the
+FACEPQ_SIMD=avx2 keeps the avx2 variant, as it does for every kernel (query_node.fastscan); tests and
+the benchmark force each variant by name (`isa`). FACEPQ_NATIVE=0 (or no extension) leaves the
 table kernels of query_node.scan, which give the same results.
 """
 from __future__ import annotations
 
 import functools
-import os
 
 import numpy as np
 
@@ -45,17 +45,12 @@ def variants() -> dict[str, bool]:
     return dict(native.hamming_variants) if native is not None else {}
 
 
-def forced_isa() -> str:
-    """The variant FACEPQ_POPCOUNT_ISA forces ('' = the best this CPU runs)."""
-    return os.environ.get("FACEPQ_POPCOUNT_ISA", "")
-
-
 def status() -> str:
     """The variant a scan runs ('avx512_vpopcntdq' or 'avx2'), or 'tables (why)' when none does."""
     native = _module()
     if native is None:
         return f"tables ({fastscan.status()})"
-    return forced_isa() or native.kernels["hamming_scan"]
+    return native.kernels["hamming_scan"]
 
 
 def hamming_queries(byte_tables: np.ndarray) -> np.ndarray | None:
@@ -71,7 +66,7 @@ def hamming_queries(byte_tables: np.ndarray) -> np.ndarray | None:
 
 
 def scan_into(codes: np.ndarray, queries: np.ndarray, skip: np.ndarray, has_skip: bool, row_offset: int,
-              heap_s: np.ndarray, heap_r: np.ndarray, isa: str | None = None) -> None:
+              heap_s: np.ndarray, heap_r: np.ndarray, isa: str = "") -> None:
     """Exact top-k by Hamming distance into the heaps of `query_node.scan.TopKHeap` (same rules).
 
     Args:
@@ -79,7 +74,7 @@ def scan_into(codes: np.ndarray, queries: np.ndarray, skip: np.ndarray, has_skip
         queries: C-contiguous uint8 [Q, B] query codes.
         skip: bool/uint8 [N] tombstones, read only when has_skip.
         heap_s, heap_r: writable C-contiguous float32 / int64 [Q, k] heaps, updated in place.
-        isa: a variant name to force, '' for the best; None = FACEPQ_POPCOUNT_ISA.
+        isa: a variant name to force (hamming_variants), '' for the one picked at import.
     Raises:
         ValueError for arrays that do not fit; RuntimeError when the variant does not run here.
     """
@@ -94,4 +89,4 @@ def scan_into(codes: np.ndarray, queries: np.ndarray, skip: np.ndarray, has_skip
         raise ValueError(f"{queries.shape[0]} queries for {heap_s.shape[0]} heaps")
     fastscan._check_arrays(codes, np.zeros(1, np.float32), skip, has_skip, heap_s, heap_r)
     native.hamming_scan(codes, codes.shape[1], queries, skip, has_skip, row_offset, heap_s, heap_r,
-                        heap_s.shape[-1], forced_isa() if isa is None else isa)
+                        heap_s.shape[-1], isa)
