@@ -134,25 +134,29 @@ def nibble_tables(nibble_values: np.ndarray) -> NibbleTables | None:
     Returns None when the kernel cannot take them (non-finite values, more than
     MAX_CODE_BYTES bytes), so the caller scans with float tables. The unaddressed
     entries are 0 in the float pair tables too (`query_node.scan.byte_tables`), so
-    the pruning bound holds for every byte value.
+    the pruning bound holds for every byte value. Per query: lo = each table's minimum,
+    delta = the largest table range / QUANT_LEVELS, q = floor((value - lo) / delta); the bound's
+    slack covers float32 rounding of the exact sums (a pair add, then one add per byte): 2B terms
+    a row, eps = 4 (B + 2) 2B max|value| 2^-24 (`_quantize`).
     """
     nq, code_bytes = nibble_values.shape[:2]
-    if code_bytes > MAX_CODE_BYTES or not np.isfinite(nibble_values).all():
+    if code_bytes > MAX_CODE_BYTES:
         return None
-    values = nibble_values.astype(np.float64)
-    lo = values.min(axis=3)
-    delta = (values.max(axis=3) - lo).max(axis=(1, 2)) / QUANT_LEVELS
-    delta[delta == 0] = 1.0
-    q = np.floor((values - lo[..., None]) / delta[:, None, None, None])
     width8 = (code_bytes + 7) // 8 * 8
-    nib = np.zeros((nq, width8, 2, 32), dtype=np.uint8)
-    nib[:, :code_bytes, :, :16] = np.clip(q, 0, QUANT_LEVELS)
-    nib[:, :code_bytes, :, 16:] = nib[:, :code_bytes, :, :16]
-    # float32 rounding of the exact sums (a pair add, then one add per byte): a generous bound
-    eps = 4.0 * (code_bytes + 2) * (2 * code_bytes) * np.abs(values).max(axis=(1, 2, 3)) * 2.0 ** -24
-    # (a huge slack only makes every row a candidate: slower, still exact)
-    terms = np.minimum(2 * code_bytes + np.ceil(eps / delta) + 2, 1 << 20)
-    return NibbleTables(nib, lo.sum(axis=(1, 2)), delta, terms.astype(np.int32))
+    nib = np.empty((nq, width8, 2, 32), dtype=np.uint8)  # (low, high) nibble, 16 entries twice (both lanes)
+    done = _quantize(nibble_values, nq, 2 * code_bytes, 16, nib, 2 * width8, 32, 2, code_bytes, 2 * code_bytes)
+    return NibbleTables(nib, *done) if done is not None else None
+
+
+def _quantize(values, nq, cols, nv, out, out_cols, stride, copies, code_bytes, row_terms):
+    """(base, delta, terms) of the native quantizer (_fastscan.quantize_tables: the formulas above,
+    in one native call instead of ~60 us of small numpy calls), `out` filled; None for non-finite values."""
+    base, delta, terms = np.empty(nq), np.empty(nq), np.empty(nq, dtype=np.int32)
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    if not _native().quantize_tables(values, nq, cols, nv, out, out_cols, stride, copies, code_bytes, row_terms,
+                                     QUANT_LEVELS, base, delta, terms):
+        return None
+    return base, delta, terms
 
 
 @dataclass(frozen=True)
@@ -170,23 +174,15 @@ def byte_quant_tables(byte_tables: np.ndarray) -> ByteQuantTables | None:
 
     Every entry of a column is quantized, also those no code addresses (0 in the byte
     tables), so the bound holds for every byte value. Bound as `nibble_tables`':
-    exact = base + delta * (sum q + F), 0 <= F < width, plus float32 rounding.
+    exact = base + delta * (sum q + F), 0 <= F < width, plus float32 rounding (width terms a row).
     """
     nq, cols = byte_tables.shape
     width = cols // 256
-    if width > MAX_CODE_BYTES or not np.isfinite(byte_tables).all():
+    if width > MAX_CODE_BYTES:
         return None
-    values = byte_tables.reshape(nq, width, 256).astype(np.float64)
-    lo = values.min(axis=2)
-    delta = (values.max(axis=2) - lo).max(axis=1) / QUANT_LEVELS
-    delta[delta == 0] = 1.0
-    q = np.floor((values - lo[..., None]) / delta[:, None, None])
-    width8 = (width + 7) // 8 * 8
-    qt = np.zeros((nq, width8, 256), dtype=np.uint8)
-    qt[:, :width] = np.clip(q, 0, QUANT_LEVELS)
-    eps = 4.0 * (width + 2) * width * np.abs(values).max(axis=(1, 2)) * 2.0 ** -24
-    terms = np.minimum(width + np.ceil(eps / delta) + 2, 1 << 20)
-    return ByteQuantTables(qt, lo.sum(axis=1), delta, terms.astype(np.int32))
+    qt = np.empty((nq, (width + 7) // 8 * 8, 256), dtype=np.uint8)
+    done = _quantize(byte_tables, nq, width, 256, qt, qt.shape[1], 256, 1, width, width)
+    return ByteQuantTables(qt, *done) if done is not None else None
 
 
 def scan_q8_into(codes: np.ndarray, byte_tables: np.ndarray, tables: ByteQuantTables, skip: np.ndarray,

@@ -59,6 +59,9 @@ def hamming_queries(byte_tables: np.ndarray) -> np.ndarray | None:
     nq, size = byte_tables.shape
     if size % 256 or not nq:
         return None
+    first = byte_tables[0, :256]  # a Hamming table's column runs from 0 (the query's byte) to -8 (its complement):
+    if first.max() != 0 or first.min() != -8:  # a cheap refusal of the other tables every 8-bit query brings
+        return None
     tables = byte_tables.reshape(nq, size // 256, 256)
     queries = tables.argmax(axis=2).astype(np.uint8)
     expected = -_POPCOUNT[queries[:, :, None] ^ _VALUES[None, None, :]]

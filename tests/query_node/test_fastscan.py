@@ -253,3 +253,59 @@ def test_4bit_kernel_checks_its_nibble_tables_against_the_heaps():
     with pytest.raises(ValueError, match=r"fs4_scan: nibble tables .* holds 512 bytes, expected 1024"):
         fastscan.scan_into(args["codes"], tables.byte, one_query, args["skip"], True, 0, args["heap_s"],
                            args["heap_r"])
+
+
+def _reference_quantize(values: np.ndarray, row_terms: int, code_bytes: int):
+    """The quantization formulas in numpy (float64; what the native quantize_tables must reproduce):
+    values [Q, C, V] -> (q uint8 [Q, C, V], base, delta, terms)."""
+    v = values.astype(np.float64)
+    lo = v.min(axis=2)
+    delta = (v.max(axis=2) - lo).max(axis=1) / fastscan.QUANT_LEVELS
+    delta[delta == 0] = 1.0
+    q = np.clip(np.floor((v - lo[..., None]) / delta[:, None, None]), 0, fastscan.QUANT_LEVELS).astype(np.uint8)
+    eps = 4.0 * (code_bytes + 2) * row_terms * np.abs(v).max(axis=(1, 2)) * 2.0 ** -24
+    terms = np.minimum(row_terms + np.ceil(eps / delta) + 2, 1 << 20).astype(np.int32)
+    return q, lo.sum(axis=1), delta, terms
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_native_quantizer_gives_the_reference_tables(seed):
+    """nibble_tables / byte_quant_tables (one native call) equal the numpy formulas: the same quantized
+    entries, steps and slack, the padding zero, the nibble tables' second lane a copy of the first."""
+    rng = np.random.default_rng(seed)
+    nq = 1 + seed
+    scale = [1.0, 1e-6, 1e4, 0.0][seed]  # 0.0: every table constant (the step falls back to 1)
+    for code_bytes in (1, 3, 8, 9):
+        luts = (scale * rng.standard_normal((nq, 2 * code_bytes - seed % 2, 16))).astype(np.float32)
+        nib_values = fastscan.nibble_values(luts)
+        got = fastscan.nibble_tables(nib_values)
+        q, base, delta, terms = _reference_quantize(nib_values.reshape(nq, 2 * code_bytes, 16), 2 * code_bytes,
+                                                    code_bytes)
+        width8 = (code_bytes + 7) // 8 * 8
+        assert got.nib.shape == (nq, width8, 2, 32)
+        np.testing.assert_array_equal(got.nib[:, :code_bytes, :, :16], q.reshape(nq, code_bytes, 2, 16))
+        np.testing.assert_array_equal(got.nib[..., 16:], got.nib[..., :16])
+        assert not got.nib[:, code_bytes:].any()
+        np.testing.assert_array_equal(got.delta, delta)
+        np.testing.assert_array_equal(got.terms, terms)
+        np.testing.assert_allclose(got.base, base, rtol=1e-12, atol=0)
+
+        tables = byte_tables((scale * rng.standard_normal((nq, code_bytes, 256))).astype(np.float32), False,
+                             code_bytes)
+        got8 = fastscan.byte_quant_tables(tables)
+        q8, base8, delta8, terms8 = _reference_quantize(tables.reshape(nq, code_bytes, 256), code_bytes, code_bytes)
+        assert got8.qt.shape == (nq, width8, 256)
+        np.testing.assert_array_equal(got8.qt[:, :code_bytes], q8)
+        assert not got8.qt[:, code_bytes:].any()
+        np.testing.assert_array_equal(got8.delta, delta8)
+        np.testing.assert_array_equal(got8.terms, terms8)
+        np.testing.assert_allclose(got8.base, base8, rtol=1e-12, atol=0)
+
+
+def test_native_quantizer_refuses_non_finite_tables():
+    luts = np.zeros((2, 4, 16), np.float32)
+    luts[1, 2, 3] = np.nan
+    assert fastscan.nibble_tables(fastscan.nibble_values(luts)) is None
+    tables = np.zeros((1, 4 * 256), np.float32)
+    tables[0, 7] = np.inf
+    assert fastscan.byte_quant_tables(tables) is None
