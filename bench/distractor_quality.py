@@ -14,12 +14,14 @@ Models are trained with the product's defaults on the training people's photos o
 validation people, plus the 32-byte refinement codes codes:256); FAISS OPQ+PQ (centred)
 and ITQ are fitted on the same photos' embeddings.
 
-Rows per code length:
+Rows per code length (`--rows` picks groups of them; OPQN and float are always there):
   float          cosine of the dlib embeddings (the reference)
   FAISS OPQ+PQ   8-bit sub-quantizers, asymmetric distances
   OPQN / ITQ     the codecs, scored as the query nodes score them
   DMH / DAGH     hash heads on the dlib embedding (`facepq train --trunk dlib --method dmh|dagh`, their
                  defaults), B-bit codes scored by Hamming distance
+  OPQN + whitening  `facepq train --whitening D` (D = 128, 64): the learned whitening (shift + linear started
+                 as the PCA-whitening of the training embeddings, then L2-normalised) in front of the OPQN head
   OPQN + gallery the OPQN model trained with `--unlabelled`: the distractors and the gallery
                  photos of half the query people ("indexed") join the fit of the codes; the
                  other half's photos ("enrolled later") never reach it. mAP is reported for
@@ -66,6 +68,9 @@ QE_SETTINGS = ((1, 3.0), (2, 3.0), (3, 3.0))   # alpha-query expansion (n, alpha
 DBA_SETTINGS = ((1, 3.0), (2, 3.0), (4, 3.0))  # database-side augmentation (k, alpha)
 REFINE_KINDS = ("codes:256", "float16")
 HASHING_METHODS = ("dmh", "dagh")
+WHITENING_DIMS = (128, 64)  # `facepq train --whitening D`: the learned whitening in front of the OPQN head
+# Row groups (`--rows`); OPQN and float are always measured: every other row is read against them.
+ROW_GROUPS = ("faiss", "itq", "gallery", "hashing", "whitening", "twostage", "aqe", "dba")
 
 
 def split(records, seed: int) -> dict:
@@ -138,19 +143,21 @@ def expanded_scores(codec, q_emb, g_codes: np.ndarray, n: int, alpha: float) -> 
     return out
 
 
-def _train(records, out_dir, bits, seed, unlabelled=None, method: str = "opqn"):
+def _train(records, out_dir, bits, seed, unlabelled=None, method: str = "opqn", whitening: int = 0):
     from opqn_model.api import FaceEncoder
     from opqn_model.config import ModelConfig, TrainConfig
     from opqn_model.train import train
 
-    summary = train(None, out_dir, ModelConfig(trunk="dlib", bits=bits),
+    config = ModelConfig(trunk="dlib", bits=bits, **({"whitening": whitening} if whitening else {}))
+    summary = train(None, out_dir, config,
                     TrainConfig(method=method, seed=seed, test_people=0.0, queries_per_person=0), records=records,
                     progress=False,
                     unlabelled=unlabelled)
     return FaceEncoder.load(summary["model"])
 
 
-def run(data: str, bits_list, seed: int, out_dir: pathlib.Path, time_rows: int = 0, scan_time: bool = True) -> dict:
+def run(data: str, bits_list, seed: int, out_dir: pathlib.Path, time_rows: int = 0, scan_time: bool = True,
+        groups=ROW_GROUPS) -> dict:
     from bench import scan_time as st
     from bench.model_quality import faiss_opq_pq, faiss_scores
     from facepq_core.codes import score_codes
@@ -193,11 +200,10 @@ def run(data: str, bits_list, seed: int, out_dir: pathlib.Path, time_rows: int =
         return fn(*args) if scan_time else None
     for bits in bits_list:
         t0 = time.monotonic()
-        enc = _train(parts["train"], out_dir / f"dlib-{bits}", bits, seed)
-        enc_gallery = _train(parts["train"], out_dir / f"dlib-{bits}-gallery", bits, seed, unlabelled=fit_extra)
+        want = set(groups)
+        enc = _train(parts["train"], out_dir / f"dlib-{bits}", bits, seed)  # OPQN: every group compares with it
         first = _codec_scores(enc.codec, q_emb, g_emb)
-        first_gallery = _codec_scores(enc_gallery.codec, q_emb, g_emb)
-        faiss_ok = len(emb["train"]) >= 256  # FAISS's k-means needs as many points as centroids
+        faiss_ok = len(emb["train"]) >= 256 and "faiss" in want  # FAISS's k-means needs as many points as centroids
 
         def codec_row(codec, scores):
             """(scores, bytes/face, refinement bytes/face, ms/query at 1M of this codec's codes)."""
@@ -210,19 +216,26 @@ def run(data: str, bits_list, seed: int, out_dir: pathlib.Path, time_rows: int =
                 index.add(prep(million))
             return scores, bits // 8, 0, timed(st.faiss_ms, index, prep(q_emb))
 
-        itq = fit_itq(emb["train"], bits) if bits <= emb["train"].shape[1] else None
+        itq = fit_itq(emb["train"], bits) if bits <= emb["train"].shape[1] and "itq" in want else None
         rows = {
             "FAISS OPQ+PQ": faiss_row(emb["train"]) if faiss_ok else None,
-            "FAISS OPQ+PQ + gallery": faiss_row(np.concatenate([emb["train"], extra_emb])) if faiss_ok else None,
+            "FAISS OPQ+PQ + gallery": faiss_row(np.concatenate([emb["train"], extra_emb]))
+            if faiss_ok and "gallery" in want else None,
             "OPQN": codec_row(enc.codec, first),
             "ITQ": codec_row(itq, _codec_scores(itq, q_emb, g_emb)) if itq is not None else None,
-            "OPQN + gallery": codec_row(enc_gallery.codec, first_gallery),
         }
-        for method in HASHING_METHODS:
+        if "gallery" in want:
+            enc_gallery = _train(parts["train"], out_dir / f"dlib-{bits}-gallery", bits, seed, unlabelled=fit_extra)
+            rows["OPQN + gallery"] = codec_row(enc_gallery.codec, _codec_scores(enc_gallery.codec, q_emb, g_emb))
+        for method in HASHING_METHODS if "hashing" in want else ():
             hashed = _train(parts["train"], out_dir / f"dlib-{bits}-{method}", bits, seed, method=method)
             rows[method.upper()] = codec_row(hashed.codec, _codec_scores(hashed.codec, q_emb, g_emb))
-        million_codes = st.encode(enc.codec, million) if scan_time else None
-        for kind in REFINE_KINDS:
+        for dims in WHITENING_DIMS if "whitening" in want else ():
+            whitened = _train(parts["train"], out_dir / f"dlib-{bits}-whitening{dims}", bits, seed, whitening=dims)
+            rows[f"OPQN + whitening D={dims}"] = codec_row(whitened.codec,
+                                                           _codec_scores(whitened.codec, q_emb, g_emb))
+        million_codes = st.encode(enc.codec, million) if scan_time and want & {"twostage", "aqe", "dba"} else None
+        for kind in REFINE_KINDS if "twostage" in want else ():
             refine = enc.refine_codec(kind)
             refined = _refined(refine, q_emb, g_emb)
             million_rows = st.encode(refine, million) if scan_time else None
@@ -233,18 +246,18 @@ def run(data: str, bits_list, seed: int, out_dir: pathlib.Path, time_rows: int =
             del million_rows
         g_codes = enc.codec.encode(g_emb)
         qe_ms = {}
-        for n, alpha in QE_SETTINGS:
+        for n, alpha in QE_SETTINGS if "aqe" in want else ():
             qe_ms[n] = timed(st.expansion_ms, enc.codec, q_emb, million_codes, n, alpha)
             rows[f"OPQN + aQE n={n} a={alpha:g}"] = (expanded_scores(enc.codec, q_emb, g_codes, n, alpha),
                                                     enc.codec.code_bytes, 0, qe_ms[n])
         # DBA changes which codes are stored, not their layout or kernel: OPQN's time (the million is not
         # augmented: its exact kNN is O(N^2)).
-        for k, alpha in DBA_SETTINGS:
+        for k, alpha in DBA_SETTINGS if "dba" in want else ():
             dba_codes = enc.codec.encode(augment(g_emb, DBA(k, alpha)))
             rows[f"OPQN + DBA k={k} a={alpha:g}"] = (score_codes(enc.codec.query_tables(q_emb), dba_codes,
                                                                  enc.codec.spec), enc.codec.code_bytes, 0,
                                                      rows["OPQN"][3])
-            if k == 2:
+            if k == 2 and "aqe" in want:
                 rows["OPQN + DBA k=2 + aQE n=2"] = (expanded_scores(enc.codec, q_emb, dba_codes, 2, 3.0),
                                                    enc.codec.code_bytes, 0, qe_ms.get(2))
         del million_codes
@@ -301,12 +314,14 @@ def main(argv=None) -> int:
     ap.add_argument("--bits", type=int, nargs="+", default=[32, 48, 64])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--time-rows", type=int, default=0, help="also time two-stage search at this many codes")
+    ap.add_argument("--rows", nargs="+", choices=ROW_GROUPS, default=list(ROW_GROUPS),
+                    help="row groups to measure besides OPQN and float (default: all)")
     ap.add_argument("--no-scan-time", action="store_true",
                     help="skip the search time per query at 1M codes of each row (~1.5 GiB of memory, ~1 min a length)")
     ap.add_argument("--out", default=".facepq/bench-distractor-quality")
     ap.add_argument("--json")
     return run_main(ap, argv, lambda a: run(a.data, a.bits, a.seed, pathlib.Path(a.out), a.time_rows,
-                                                        not a.no_scan_time), print_table)
+                                                        not a.no_scan_time, a.rows), print_table)
 
 
 if __name__ == "__main__":
