@@ -31,7 +31,7 @@ class ModelConfig:
             n(P (f - m)) with D dims out (1..128 for dlib): a shift + linear layer started as the
             PCA-whitening of the training embeddings, then L2-normalised; trained with the head
             (opqn, dmh, dagh), kept at its PCA start by itq; folded into the codec ('whitened').
-            0 (default): none.
+            0 (the default; leave the flag out): none.
         pipeline: FacePipeline settings (FacePipeline.to_dict()), stored so encoding
             aligns faces exactly as training did.
     """

@@ -2,8 +2,6 @@
 start, the numpy codec it folds into, and real training runs of every method on generated dlib embeddings."""
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
@@ -17,7 +15,7 @@ from opqn_model.head import OPQNHead
 from opqn_model.head_init import init_head_from_features
 from opqn_model.input_whitening import InputWhitening
 from opqn_model.trunks.rmac import Whitening
-from tests.support.dlib_like import generated_embeddings, write_dlib_like
+from tests.support.dlib_like import dlib_like_photos, generated_embeddings, train_whitened
 
 D = 32
 
@@ -159,30 +157,14 @@ def test_without_whitening_heads_configs_and_their_state_keys_are_unchanged():
 
 @pytest.fixture(scope="module")
 def dlib_like(tmp_path_factory):
-    made = write_dlib_like(tmp_path_factory.mktemp("dlib_like"), people=30, photos=8)
-    saved = os.environ.get("FACEPQ_CACHE")
-    os.environ["FACEPQ_CACHE"] = str(made.cache)
-    yield made
-    if saved is None:
-        os.environ.pop("FACEPQ_CACHE", None)
-    else:
-        os.environ["FACEPQ_CACHE"] = saved
-
-
-def _train(dlib_like, out, method, whitening=D, **train):
-    from opqn_model.config import ModelConfig, TrainConfig
-    from opqn_model.train import train as run_train
-
-    settings = dict(method=method, device="cpu", opq_iterations=3, refine_bits=32, seed=0)
-    settings.update(train)
-    return run_train(str(dlib_like.data), out, ModelConfig(trunk="dlib", bits=32, whitening=whitening),
-                     TrainConfig(**settings), progress=False)
+    with dlib_like_photos(tmp_path_factory.mktemp("dlib_like"), people=30, photos=8) as made:
+        yield made
 
 
 @pytest.fixture(scope="module")
 def opqn_model(dlib_like, tmp_path_factory):
     """OPQN with whitening: data start (epoch 0) then 1 trained epoch; validation people pick one."""
-    return _train(dlib_like, tmp_path_factory.mktemp("opqn_whitened"), "opqn", epochs=1, batch_size=64)
+    return train_whitened(dlib_like, tmp_path_factory.mktemp("opqn_whitened"), "opqn", epochs=1, batch_size=64)
 
 
 def test_a_whitened_opqn_checkpoint_carries_the_wrapper_and_its_codes(dlib_like, opqn_model):
@@ -235,7 +217,7 @@ def test_the_whitening_trains_with_the_head(dlib_like, tmp_path):
     from opqn_model.datasets import list_photos
     from opqn_model.train import make_split
 
-    summary = _train(dlib_like, tmp_path, "opqn", epochs=2, batch_size=32, head_init="random", val_people=0.0,
+    summary = train_whitened(dlib_like, tmp_path, "opqn", epochs=2, batch_size=32, head_init="random", val_people=0.0,
                      lr=0.5)
     head = load_checkpoint(summary["model"], "opqn")["head"]
     # the PCA start: of the training photos of the same split
@@ -253,7 +235,7 @@ def test_every_method_trains_a_whitened_model_whose_checkpoint_round_trips(dlib_
     from opqn_model.api import FaceEncoder
     from opqn_model.checkpoint import load_checkpoint
 
-    summary = _train(dlib_like, tmp_path, method, epochs=None if method == "itq" else 2, batch_size=64)
+    summary = train_whitened(dlib_like, tmp_path, method, epochs=None if method == "itq" else 2, batch_size=64)
     payload = load_checkpoint(summary["model"], method)
     enc = FaceEncoder.load(summary["model"])
     assert payload["codec"] == enc.codec.name == "whitened" and enc.codec.inner.name == inner
@@ -271,7 +253,7 @@ def test_every_method_trains_a_whitened_model_whose_checkpoint_round_trips(dlib_
 
 def test_itq_bits_are_checked_against_the_whitened_length(dlib_like, tmp_path):
     with pytest.raises(ConfigError, match="whitened length 16"):
-        _train(dlib_like, tmp_path, "itq", whitening=16)
+        train_whitened(dlib_like, tmp_path, "itq", whitening=16)
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -10,7 +10,9 @@ model file must be present (the test is skipped with the reason otherwise).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 import pathlib
 from dataclasses import dataclass
 
@@ -46,13 +48,14 @@ def generated_embeddings(people: int, photos: int, seed: int = 0) -> tuple[np.nd
 def write_dlib_like(root: pathlib.Path, people: int = 30, photos: int = 8, seed: int = 0) -> DlibLike:
     from PIL import Image
 
+    from facepq_core.errors import ConfigError
     from opqn_model.feature_cache import FeatureCache, model_key
     from opqn_model.trunks import create_trunk
 
     trunk = create_trunk("dlib")
     try:
         key = model_key(trunk, trunk.default_pipeline())
-    except Exception as exc:  # the dlib weights are not on this machine
+    except ConfigError as exc:  # the dlib weights are not on this machine
         pytest.skip(f"the dlib model file is needed for its feature-cache key: {exc}")
     embeddings, persons = generated_embeddings(people, photos, seed)
     rng = np.random.default_rng(seed + 1)
@@ -69,3 +72,31 @@ def write_dlib_like(root: pathlib.Path, people: int = 30, photos: int = 8, seed:
     store.put_many(key, entries)
     store.close()
     return DlibLike(data, cache, paths, persons, embeddings)
+
+
+@contextlib.contextmanager
+def dlib_like_photos(root: pathlib.Path, people: int = 30, photos: int = 8, seed: int = 0):
+    """`write_dlib_like`, with FACEPQ_CACHE pointing at its cache (this process and subprocesses started
+    meanwhile) until the block ends."""
+    made = write_dlib_like(root, people, photos, seed)
+    saved = os.environ.get("FACEPQ_CACHE")
+    os.environ["FACEPQ_CACHE"] = str(made.cache)
+    try:
+        yield made
+    finally:
+        if saved is None:
+            os.environ.pop("FACEPQ_CACHE", None)
+        else:
+            os.environ["FACEPQ_CACHE"] = saved
+
+
+def train_whitened(dlib_like: DlibLike, out, method: str = "opqn", whitening: int = 32, bits: int = 32, **train):
+    """`opqn_model.train.train` of a dlib-trunk model with `--whitening` on the generated photos (every other
+    setting the default but a quick OPQ and a CPU; `train` overrides TrainConfig fields); returns its summary."""
+    from opqn_model.config import ModelConfig, TrainConfig
+    from opqn_model.train import train as run_train
+
+    settings = dict(method=method, device="cpu", opq_iterations=3, refine_bits=32, seed=0)
+    settings.update(train)
+    return run_train(str(dlib_like.data), out, ModelConfig(trunk="dlib", bits=bits, whitening=whitening),
+                     TrainConfig(**settings), progress=False)
