@@ -72,11 +72,9 @@ class HashHead(nn.Module):
 
     def __init__(self, in_dim: int, bits: int, gate: bool = False, input_whitening: InputWhitening | None = None):
         super().__init__()
-        if input_whitening is not None:  # registered only when present: unwhitened state dicts keep their keys
-            self.input_whitening = input_whitening
+        self.input_whitening = input_whitening  # a module only when given: unwhitened state dicts keep their keys
+        if input_whitening is not None:
             in_dim = input_whitening.proj.out_features
-        else:
-            self.input_whitening = None
         self.norm = nn.BatchNorm1d(in_dim, affine=False)
         self.gate = FeatureGate(in_dim) if gate else nn.Identity()
         self.proj = nn.Linear(in_dim, bits, bias=False)

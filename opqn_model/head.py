@@ -45,7 +45,7 @@ class OPQNHead(nn.Module):
         assignment_init_scale: A_m starts as this times C_m. For a frozen trunk, training
             replaces this start by a product quantizer of the data (head_init.py).
         input_whitening: an InputWhitening (opqn_model.input_whitening) in front of the projection, or None;
-            the projection then takes its D-d output (`in_dim` stays the trunk embedding's length).
+            the projection then takes its D-d output instead of the `in_dim`-d embedding.
     """
 
     def __init__(self, in_dim: int, M: int, K: int, d: int, dropout: float = 0.2, assignment_init_scale: float = 4.0,
@@ -53,11 +53,9 @@ class OPQNHead(nn.Module):
         super().__init__()
         self.M, self.K, self.d = M, K, d
         self.logit_scale = math.sqrt(d)
-        if input_whitening is not None:  # registered only when present: unwhitened state dicts keep their keys
-            self.input_whitening = input_whitening
+        self.input_whitening = input_whitening  # a module only when given: unwhitened state dicts keep their keys
+        if input_whitening is not None:
             in_dim = input_whitening.proj.out_features
-        else:
-            self.input_whitening = None
         self.projection = nn.Sequential(
             nn.BatchNorm1d(in_dim),
             nn.Dropout(dropout) if dropout > 0 else nn.Identity(),

@@ -12,6 +12,9 @@ Unsupervised and training-free apart from the fit: no epochs, no identities used
 it is the baseline every learned code here is measured against (`facepq bench quality`).
 Needs a frozen trunk (its embeddings exist before any training) and B <= the embedding
 length. Validation people score the fit; model.pt is then fitted again with them included.
+With ModelConfig.whitening = D (`--whitening D`) the codes are fitted to n(P (f - m)), the PCA-whitening
+of the same embeddings to D dims, normalised (opqn_model.input_whitening; no gradient here, so it stays
+the PCA), and the codec is 'whitened' around the binary one.
 """
 from __future__ import annotations
 
