@@ -4,7 +4,8 @@ A checkpoint is one torch file holding named keys:
     format            CHECKPOINT_FORMAT ("facepq-opqn/1" files, written before methods existed,
                       are read as method 'opqn')
     method            training method (opqn_model.methods): says how the file becomes a codec
-    codec             the codec it produces (facepq_core.codecs), e.g. 'opqn', 'binary'
+    codec             the codec it produces (facepq_core.codecs), e.g. 'opqn', 'binary'; 'whitened' (around the
+                      method's own) for a model with ModelConfig.whitening (`checkpoint_codec_name`)
     model_config      ModelConfig.to_dict() (resolved: M, K, d filled in)
     train_config      TrainConfig.to_dict()
     trunk             trunk registry name (also in model_config)
@@ -73,6 +74,14 @@ def model_fingerprint(model_config: ModelConfig, head_state: dict, trunk_state: 
     return h.hexdigest()[:16]
 
 
+def checkpoint_codec_name(method_obj, model_config: ModelConfig) -> str:
+    """The codec a checkpoint of `method_obj` with `model_config` produces: the method's own, or the
+    whitened codec around it when the config puts a whitening in front of the head (opqn_model.input_whitening)."""
+    from facepq_core.codecs.whitened import WhitenedCodec
+
+    return WhitenedCodec.name if model_config.whitening else method_obj.codec_name
+
+
 def tensor_state(state: dict) -> dict:
     """A codec's state with numpy arrays as tensors (what `torch.load(weights_only=True)` reads back)."""
     return {k: torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v for k, v in state.items()}
@@ -104,7 +113,7 @@ def save_checkpoint(path: str | os.PathLike, model_config: ModelConfig, head_sta
     payload = {
         "format": CHECKPOINT_FORMAT,
         "method": method,
-        "codec": get_method(method).codec_name,
+        "codec": checkpoint_codec_name(get_method(method), model_config),
         "model_config": model_config.to_dict(),
         "trunk": model_config.trunk,
         "head": head_state,
@@ -148,9 +157,10 @@ def load_checkpoint(path: str | os.PathLike, method: str | None = None) -> dict:
     if method is not None and method != method_obj.name:
         raise CheckpointError(f"{path} was trained with method {method_obj.name!r}, not {method!r} "
                               f"(drop --method, or pass --method {method_obj.name})")
-    if fmt not in LEGACY_FORMATS and payload.get("codec") != method_obj.codec_name:
+    codec_name = checkpoint_codec_name(method_obj, model_config)
+    if fmt not in LEGACY_FORMATS and payload.get("codec") != codec_name:
         raise CheckpointError(f"{path}: codec {payload.get('codec')!r} does not match method {method_obj.name!r}, "
-                              f"whose codes are {method_obj.codec_name!r} (file edited, or a newer facepq wrote it)")
+                              f"whose codes here are {codec_name!r} (file edited, or a newer facepq wrote it)")
     if model_config.trunk != payload.get("trunk"):
         raise CheckpointError(f"{path}: trunk {payload.get('trunk')!r} does not match its config ({model_config.trunk!r})")
     method_obj.verify(payload, model_config, path)
@@ -161,5 +171,5 @@ def load_checkpoint(path: str | os.PathLike, method: str | None = None) -> dict:
             f"{path}: model fingerprint mismatch (stored {payload.get('fingerprint')}, weights give {fingerprint}); "
             "the file was modified or damaged")
     payload["model_config"] = model_config
-    payload["codec"] = method_obj.codec_name
+    payload["codec"] = codec_name
     return payload

@@ -100,6 +100,7 @@ def run_train(args) -> int:
     t_start = time.monotonic()  # the summary's time is the whole command's (data generation included)
     model_config = config_from_flags(ModelConfig, args)
     train_config = config_from_flags(TrainConfig, args)
+    _check_whitening_flag(args.whitening, model_config)
     data, align = args.data, args.align
     if data is None:
         data = synthetic_data(DEFAULT_WORKDIR / f"synthetic-{args.synthetic_people}x{args.synthetic_photos}",
@@ -127,6 +128,19 @@ def run_train(args) -> int:
     print(f"model: {summary['model']}  (fingerprint {summary['fingerprint']})")
     print(f"next: facepq eval --model {summary['model']} --data {data} --protocol unseen")
     return 0
+
+
+def _check_whitening_flag(dims, model_config) -> None:
+    """`--whitening D`: refused unless 1..E on a frozen trunk (0 is the default "none", not a value to ask for)."""
+    from facepq_core.errors import ConfigError
+    from opqn_model.api import build_trunk
+    from opqn_model.input_whitening import check_whitening
+
+    if dims is None:
+        return
+    if dims < 1:
+        raise ConfigError(f"--whitening takes the whitened length D >= 1, got {dims} (leave it out for no whitening)")
+    check_whitening(model_config, build_trunk(model_config))
 
 
 def run_eval(args) -> int:

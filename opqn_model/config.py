@@ -27,6 +27,11 @@ class ModelConfig:
         pooling: how a convolutional trunk pools its last feature map: flat (the paper's flatten + FC),
             gap (global average) or rmac (R-MAC regions with learned whitening, Gordo et al. 2016).
         dropout: dropout in the head's projection (BN -> dropout -> FC -> BN).
+        whitening: frozen trunk (dlib) only: D > 0 puts a learned whitening in front of the head,
+            n(P (f - m)) with D dims out (1..128 for dlib): a shift + linear layer started as the
+            PCA-whitening of the training embeddings, then L2-normalised; trained with the head
+            (opqn, dmh, dagh), kept at its PCA start by itq; folded into the codec ('whitened').
+            0 (the default; leave the flag out): none.
         pipeline: FacePipeline settings (FacePipeline.to_dict()), stored so encoding
             aligns faces exactly as training did.
     """
@@ -40,6 +45,7 @@ class ModelConfig:
     trunk_width: int = 64
     pooling: str = "flat"
     dropout: float = 0.2
+    whitening: int = 0
     pipeline: dict = field(default_factory=dict)
 
     def code_spec(self) -> CodeSpec:
@@ -74,7 +80,7 @@ class ModelConfig:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
-_LATER_FIELDS = {"pooling": "flat"}
+_LATER_FIELDS = {"pooling": "flat", "whitening": 0}
 
 
 @dataclass

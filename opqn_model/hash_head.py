@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from facepq_core.codecs.binary import BinaryCodec
+from opqn_model.input_whitening import InputWhitening
 
 
 class SignSTE(torch.autograd.Function):
@@ -65,27 +66,43 @@ class HashHead(nn.Module):
         in_dim: trunk feature length (channels of its last maps, or the descriptor length).
         bits: code length B (a multiple of 8).
         gate: a FeatureGate between the standardisation and the projection (DAGH on a frozen trunk).
+        input_whitening: an InputWhitening (opqn_model.input_whitening) before the standardisation, or None;
+            the rest of the head then takes its D-d output.
     """
 
-    def __init__(self, in_dim: int, bits: int, gate: bool = False):
+    def __init__(self, in_dim: int, bits: int, gate: bool = False, input_whitening: InputWhitening | None = None):
         super().__init__()
+        self.input_whitening = input_whitening  # a module only when given: unwhitened state dicts keep their keys
+        if input_whitening is not None:
+            in_dim = input_whitening.proj.out_features
         self.norm = nn.BatchNorm1d(in_dim, affine=False)
         self.gate = FeatureGate(in_dim) if gate else nn.Identity()
         self.proj = nn.Linear(in_dim, bits, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_whitening is not None:
+            x = self.input_whitening(x)
         return self.proj(self.gate(self.norm(x)))
 
     @torch.no_grad()
     def init_statistics(self, features: np.ndarray) -> None:
-        """Start the standardisation from the features' own mean and variance (a frozen trunk's are known)."""
+        """Start the standardisation from the features' own mean and variance (a frozen trunk's are known);
+        with an input whitening, start that as the features' PCA-whitening and standardise its output."""
+        if self.input_whitening is not None:
+            features = self.input_whitening.start(features)
         x = torch.as_tensor(np.asarray(features, np.float32))
         self.norm.running_mean.copy_(x.mean(0))
         self.norm.running_var.copy_(x.var(0, unbiased=True))
 
     @torch.no_grad()
-    def export_codec(self):
-        """The numpy codec computing these signs: BinaryCodec, or GatedBinaryCodec with a gate."""
+    def export_codec(self, scoring: str = "hamming"):
+        """The numpy codec computing these signs: BinaryCodec, or GatedBinaryCodec with a gate, scored by
+        `scoring`; behind a WhitenedCodec when the head whitens its input."""
+        codec = self._export_binary(scoring)
+        return codec if self.input_whitening is None else self.input_whitening.export_codec(codec)
+
+    @torch.no_grad()
+    def _export_binary(self, scoring: str):
         std = torch.sqrt(self.norm.running_var + self.norm.eps).double().cpu()
         mean = self.norm.running_mean.double().cpu().numpy()
         weight = self.proj.weight.double().cpu()  # [B, E]
@@ -94,5 +111,5 @@ class HashHead(nn.Module):
 
             gate = [p.detach().cpu().numpy() for p in (self.gate.fc1.weight, self.gate.fc1.bias, self.gate.fc2.weight,
                                                         self.gate.fc2.bias)]
-            return GatedBinaryCodec(weight.T.numpy(), mean, (1.0 / std).numpy(), *gate)
-        return BinaryCodec((weight / std[None, :]).T.numpy(), mean, normalize=False)
+            return GatedBinaryCodec(weight.T.numpy(), mean, (1.0 / std).numpy(), *gate, scoring=scoring)
+        return BinaryCodec((weight / std[None, :]).T.numpy(), mean, normalize=False, scoring=scoring)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from facepq_core.codecs.opqn import OPQNCodec
 from opqn_model.codebooks import orthonormal_codebooks
+from opqn_model.input_whitening import InputWhitening
 
 
 class OPQNHead(nn.Module):
@@ -43,12 +44,18 @@ class OPQNHead(nn.Module):
         dropout: dropout probability inside the projection.
         assignment_init_scale: A_m starts as this times C_m. For a frozen trunk, training
             replaces this start by a product quantizer of the data (head_init.py).
+        input_whitening: an InputWhitening (opqn_model.input_whitening) in front of the projection, or None;
+            the projection then takes its D-d output instead of the `in_dim`-d embedding.
     """
 
-    def __init__(self, in_dim: int, M: int, K: int, d: int, dropout: float = 0.2, assignment_init_scale: float = 4.0):
+    def __init__(self, in_dim: int, M: int, K: int, d: int, dropout: float = 0.2, assignment_init_scale: float = 4.0,
+                 input_whitening: InputWhitening | None = None):
         super().__init__()
         self.M, self.K, self.d = M, K, d
         self.logit_scale = math.sqrt(d)
+        self.input_whitening = input_whitening  # a module only when given: unwhitened state dicts keep their keys
+        if input_whitening is not None:
+            in_dim = input_whitening.proj.out_features
         self.projection = nn.Sequential(
             nn.BatchNorm1d(in_dim),
             nn.Dropout(dropout) if dropout > 0 else nn.Identity(),
@@ -67,12 +74,15 @@ class OPQNHead(nn.Module):
         """A head with the weights of `state` (a saved `state_dict()`) and the shape `model_config` resolves."""
         spec = model_config.code_spec()
         in_dim = int(state["projection.2.weight"].shape[1])  # the linear layer's input: the trunk embedding
-        head = cls(in_dim, spec.M, spec.K, model_config.sub_dim, model_config.dropout)
+        head = cls(in_dim, spec.M, spec.K, model_config.sub_dim, model_config.dropout,
+                   input_whitening=InputWhitening.from_state_dict(state))
         head.load_state_dict(state)
         return head
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """features [N, in_dim] -> sub-vectors x [N, M, d] (not normalised)."""
+        if self.input_whitening is not None:
+            features = self.input_whitening(features)
         return self.projection(features).view(-1, self.M, self.d)
 
     def assignment_logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -109,7 +119,13 @@ class OPQNHead(nn.Module):
         return self.linear.in_features
 
     @torch.no_grad()
-    def export_codec(self) -> OPQNCodec:
+    def export_codec(self):
+        """The eval-mode head as a numpy codec: OPQNCodec, behind a WhitenedCodec when the head whitens its input."""
+        codec = self._export_opqn()
+        return codec if self.input_whitening is None else self.input_whitening.export_codec(codec)
+
+    @torch.no_grad()
+    def _export_opqn(self) -> OPQNCodec:
         """The eval-mode head as a numpy codec (`facepq_core.codecs.opqn`): the one implementation of
         codes and query tables that serving, ingest and evaluation use.
 

@@ -93,8 +93,9 @@ def init_head_from_features(head, features: np.ndarray, opq_iterations: int = 30
 
     Parameters
     ----------
-    head : OPQNHead.
-    features : float32 [N, in_dim] training embeddings of the frozen trunk. With fewer than K
+    head : OPQNHead. One that whitens its input (opqn_model.input_whitening) has the whitening started
+        as the PCA-whitening of `features` too, and the quantizer is fitted to the whitened vectors.
+    features : float32 [N, E] training embeddings of the frozen trunk. With fewer than K
         of them (a small gallery) min(N, K) codewords are fitted per subspace and the others
         repeat them: a repeated codeword never changes a code's score (log-softmax only
         shifts every entry of a subspace's table by the same amount), so small galleries
@@ -104,6 +105,8 @@ def init_head_from_features(head, features: np.ndarray, opq_iterations: int = 30
     progress : progress bars (the OPQ iterations dominate the time).
     """
     M, K, d = head.M, head.K, head.d
+    if head.input_whitening is not None:
+        features = head.input_whitening.start(features)
     x = torch.as_tensor(np.asarray(features, dtype=np.float32))
     n, dim = x.shape
     if n < 2:

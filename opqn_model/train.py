@@ -32,6 +32,7 @@ from facepq_core.errors import DataError
 from opqn_model.checkpoint import load_checkpoint
 from opqn_model.config import ModelConfig, TrainConfig
 from opqn_model.evaluate import evaluate_embeddings
+from opqn_model.input_whitening import check_whitening
 from opqn_model.training_data import embeddings_of, model_inputs
 
 log = logging.getLogger(__name__)
@@ -200,7 +201,8 @@ def train(data, out_dir, model_config: ModelConfig, train_config: TrainConfig, r
     trunk = build_trunk(model_config)
     pipeline = build_pipeline(model_config, trunk)
     model_config.pipeline = pipeline.to_dict()
-    method.check_config(model_config, train_config, trunk)  # refuse before any photo is read
+    check_whitening(model_config, trunk)  # refuse before any photo is read
+    method.check_config(model_config, train_config, trunk)
     if train_config.resolved_refine_bits(trunk.feature_dim):
         from opqn_model.refine_fit import refine_shape
 

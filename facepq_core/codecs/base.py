@@ -25,7 +25,8 @@ MAX_EMBEDDING_VALUE = 1e15
 _CODECS: dict[str, type["Codec"]] = {}
 # Modules that register codecs; imported on first lookup so importing the package stays light.
 _CODEC_MODULES = ("facepq_core.codecs.opqn", "facepq_core.codecs.binary", "facepq_core.codecs.pq",
-                  "facepq_core.codecs.float16", "facepq_core.codecs.binary_gated")
+                  "facepq_core.codecs.float16", "facepq_core.codecs.binary_gated",
+                  "facepq_core.codecs.whitened")
 
 
 def register_codec(cls: type["Codec"]) -> type["Codec"]:
@@ -58,6 +59,20 @@ def codec_class(name: str) -> type["Codec"]:
 def codec_from_state(name: str, state: dict) -> "Codec":
     """Rebuild a codec from its `state()` (ConfigError for an unknown name or a malformed state)."""
     return codec_class(name).from_state(state)
+
+
+# Below this many rows a codec's matrix products run in einsum loops rather than BLAS: OpenBLAS's threads
+# busy-wait after every call and burned ~25 ms of a core per single query in the coordinator, taken from
+# the query nodes on a shared machine. Batches (ingest, evaluation) take the BLAS product, where that spin
+# is paid once per batch.
+BLAS_MIN_ROWS = 64
+
+
+def rows_times(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """x [N, E] @ weight.T ([O, E]) -> [N, O]: BLAS for batches, einsum loops for a few rows (BLAS_MIN_ROWS)."""
+    if len(x) >= BLAS_MIN_ROWS:
+        return x @ weight.T
+    return np.einsum("ne,oe->no", x, weight)
 
 
 def check_embeddings(features, dim: int) -> np.ndarray:

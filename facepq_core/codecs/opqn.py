@@ -12,20 +12,15 @@ the query's soft assignment, each subspace weighted by the length of the query's
 sub-vector (see README, "The OPQN model", for why log-probabilities and why w_m).
 
 Single queries (the coordinator) run in numpy loops (einsum without `optimize`), never
-BLAS: OpenBLAS's threads busy-wait after every call and burned ~25 ms of a core per
-query, taken from the query nodes on a shared machine. Batches (ingest, evaluation)
-take the BLAS product, where that spin is paid once per batch.
+BLAS (facepq_core.codecs.base.rows_times says why).
 """
 from __future__ import annotations
 
 import numpy as np
 
-from facepq_core.codecs.base import Codec, register_codec, state_array
+from facepq_core.codecs.base import Codec, register_codec, rows_times, state_array
 from facepq_core.codes import CodeSpec
 from facepq_core.errors import ConfigError
-
-# Below this many rows the projection runs in einsum loops rather than BLAS (see the module docstring).
-BLAS_MIN_ROWS = 64
 
 
 @register_codec
@@ -52,11 +47,7 @@ class OPQNCodec(Codec):
 
     def _project(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(normalised sub-vectors x̂ float32 [N, M, d], their lengths float64 [N, M, 1])."""
-        if len(x) >= BLAS_MIN_ROWS:
-            z = x @ self.weight.T + self.bias
-        else:
-            z = np.einsum("ne,oe->no", x, self.weight) + self.bias
-        z = z.reshape(-1, self.M, self.d)
+        z = (rows_times(x, self.weight) + self.bias).reshape(-1, self.M, self.d)
         # float64 norms: squares of large projections overflow float32.
         norms = np.sqrt(np.square(z, dtype=np.float64).sum(-1, keepdims=True))
         return (z / np.maximum(norms, 1e-12)).astype(np.float32), norms

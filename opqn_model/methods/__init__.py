@@ -4,7 +4,8 @@ A method owns three things for the models it trains:
     train(setup)      -> summary dict; writes `model.pt` (and resumable checkpoints) under setup.out_dir
     codec(payload)    -> the numpy codec (facepq_core.codecs) of a validated checkpoint payload
     verify(payload)   -> raises CheckpointError when the payload does not prove what it claims
-and the name of the codec it produces (`codec_name`). The checkpoint records the method;
+and the name of the codec it produces (`codec_name`; with ModelConfig.whitening the checkpoint's codec is
+'whitened' around it: opqn_model.checkpoint.checkpoint_codec_name). The checkpoint records the method;
 `facepq train --method NAME` picks one. Registered like trunks (opqn_model.trunks):
 
     opqn   the OPQN head: orthonormal product quantization (the paper's method)

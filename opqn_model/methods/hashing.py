@@ -21,6 +21,7 @@ from facepq_core.codecs import codec_from_state
 from facepq_core.errors import CheckpointError, ConfigError
 from opqn_model.checkpoint import save_checkpoint
 from opqn_model.hash_head import HashHead
+from opqn_model.input_whitening import make_input_whitening
 from opqn_model.methods.opqn import _augment
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ class HashingMethod:
                                   f"the {model_config.bits} bits its config says")
 
     def codec(self, payload: dict):
-        return codec_from_state(self.codec_name, payload["codec_state"])
+        return codec_from_state(payload["codec"], payload["codec_state"])  # this method's codec, or it whitened
 
     # ---- training ----------------------------------------------------------------------------------
     def check_config(self, model_config, train_config, trunk) -> None:
@@ -65,8 +66,8 @@ class HashingMethod:
     def loss_input(self, h: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def build_head(self, in_dim: int, bits: int) -> HashHead:
-        return HashHead(in_dim, bits, gate=self.gate)
+    def build_head(self, in_dim: int, bits: int, whitening: int = 0) -> HashHead:
+        return HashHead(in_dim, bits, gate=self.gate, input_whitening=make_input_whitening(in_dim, whitening))
 
     def train(self, setup) -> dict:
         model_config, cfg, trunk = setup.model_config, setup.train_config, setup.trunk
@@ -74,8 +75,8 @@ class HashingMethod:
             raise ConfigError(f"method {self.name} does not resume (a run is minutes); train again without --resume")
         device = torch.device(cfg.resolved_device())
         trainable = setup.trainable_trunk
-        head = self.build_head(trunk.feature_dim, model_config.bits).to(device)
-        if not trainable:  # a frozen trunk's features are known: standardise them with their own statistics
+        head = self.build_head(trunk.feature_dim, model_config.bits, model_config.whitening).to(device)
+        if not trainable:  # a frozen trunk's features are known: standardise (and whiten) them with their own statistics
             head.init_statistics(setup.fit_embeddings())
         criterion = self.make_loss(model_config.bits, len(setup.people), cfg).to(device)
         params = list(head.parameters()) + list(criterion.parameters())
@@ -124,7 +125,7 @@ class HashingMethod:
         best_epoch, head_state, trunk_state = best
         head.load_state_dict(head_state)
         head.eval()
-        codec = head.export_codec().with_scoring(cfg.scoring)
+        codec = head.export_codec(scoring=cfg.scoring)
         model_path = setup.out_dir / "model.pt"
         metrics = history[best_epoch - 1]
         fingerprint = save_checkpoint(model_path, model_config, head_state, trunk_state, method=self.name,

@@ -12,6 +12,9 @@ Unsupervised and training-free apart from the fit: no epochs, no identities used
 it is the baseline every learned code here is measured against (`facepq bench quality`).
 Needs a frozen trunk (its embeddings exist before any training) and B <= the embedding
 length. Validation people score the fit; model.pt is then fitted again with them included.
+With ModelConfig.whitening = D (`--whitening D`) the codes are fitted to n(P (f - m)), the PCA-whitening
+of the same embeddings to D dims, normalised (opqn_model.input_whitening; no gradient here, so it stays
+the PCA), and the codec is 'whitened' around the binary one.
 """
 from __future__ import annotations
 
@@ -19,9 +22,11 @@ import logging
 
 import numpy as np
 
+from facepq_core.codecs import codec_from_state
 from facepq_core.codecs.binary import BinaryCodec
 from facepq_core.errors import CheckpointError, ConfigError, DataError
 from opqn_model.checkpoint import save_checkpoint
+from opqn_model.input_whitening import make_input_whitening
 from opqn_model.methods import register_method
 
 log = logging.getLogger(__name__)
@@ -68,28 +73,38 @@ class ITQMethod:
             raise CheckpointError(f"{path}: itq projection {tuple(state['projection'].shape)} does not give the "
                                   f"{model_config.bits} bits its config says")
 
-    def codec(self, payload: dict) -> BinaryCodec:
-        return BinaryCodec.from_state(payload["codec_state"])
+    def codec(self, payload: dict):
+        return codec_from_state(payload["codec"], payload["codec_state"])  # binary, or binary whitened
 
     # ---- training ----------------------------------------------------------------------------------
     def check_config(self, model_config, train_config, trunk) -> None:
         if getattr(trunk, "trainable", False):
             raise ConfigError(f"method itq fits binary codes to a frozen trunk's embeddings; trunk "
                               f"{model_config.trunk!r} is trained end to end (use --trunk dlib, or --method opqn)")
-        if model_config.bits % 8 or not 8 <= model_config.bits <= trunk.feature_dim:
-            raise ConfigError(f"itq codes need --bits a multiple of 8 up to the embedding length "
-                              f"{trunk.feature_dim}, got {model_config.bits}")
+        dim = model_config.whitening or trunk.feature_dim  # what the codes are fitted to
+        if model_config.bits % 8 or not 8 <= model_config.bits <= dim:
+            what = f"the whitened length {dim}" if model_config.whitening else f"the embedding length {dim}"
+            raise ConfigError(f"itq codes need --bits a multiple of 8 up to {what}, got {model_config.bits}")
+
+    @staticmethod
+    def _fit(setup, with_val: bool = False):
+        """ITQ of the fit embeddings; with ModelConfig.whitening, of their PCA-whitening (not trained: ITQ has
+        no gradient), folded in front of the codes."""
+        cfg, embeddings = setup.train_config, setup.fit_embeddings(with_val=with_val)
+        whitening = make_input_whitening(embeddings.shape[1], setup.model_config.whitening)
+        features = embeddings if whitening is None else whitening.start(embeddings)
+        codec = fit_itq(features, setup.model_config.bits, cfg.itq_iterations, cfg.seed)
+        return codec if whitening is None else whitening.export_codec(codec)
 
     def train(self, setup) -> dict:
         cfg = setup.train_config
-        codec = fit_itq(setup.fit_embeddings(), setup.model_config.bits, cfg.itq_iterations, cfg.seed)
+        codec = self._fit(setup)
         val_map = setup.validation_map(codec)
         log.info("itq fit on %d embeddings: %d bits, validation code mAP %.4f", len(setup.inputs),
                  setup.model_config.bits, val_map)
         refit = len(setup.val_inputs) > 0
         if refit:  # as opqn's data start: more people give a better fit
-            codec = fit_itq(setup.fit_embeddings(with_val=True), setup.model_config.bits,
-                            cfg.itq_iterations, cfg.seed)
+            codec = self._fit(setup, with_val=True)
         model_path = setup.out_dir / "model.pt"
         metrics = {"epoch": 0, "val_map": val_map}
         fingerprint = save_checkpoint(model_path, setup.model_config, {}, {}, method=self.name,

@@ -27,6 +27,7 @@ from opqn_model.checkpoint import load_checkpoint, save_checkpoint
 from opqn_model.codebooks import codebook_fingerprint, orthonormal_codebooks
 from opqn_model.head import OPQNHead
 from opqn_model.head_init import init_head_from_features
+from opqn_model.input_whitening import make_input_whitening
 from opqn_model.losses import OPQNLoss
 from opqn_model.methods import register_method
 
@@ -48,7 +49,8 @@ def _augment(batch: torch.Tensor) -> torch.Tensor:
 
 def build_head(model_config, in_dim: int) -> OPQNHead:
     spec = model_config.code_spec()
-    return OPQNHead(in_dim, spec.M, spec.K, model_config.sub_dim, model_config.dropout)
+    return OPQNHead(in_dim, spec.M, spec.K, model_config.sub_dim, model_config.dropout,
+                    input_whitening=make_input_whitening(in_dim, model_config.whitening))
 
 
 @register_method
@@ -111,9 +113,11 @@ class OPQNMethod:
         if epochs < (0 if data_init else 1):
             raise ConfigError(f"epochs={epochs} trains nothing: 0 epochs keep a frozen trunk's data-initialised "
                               "head (head_init='data'); anything else needs at least 1")
-        if data_init:
+        if data_init:  # (an input whitening starts there too, as the embeddings' PCA-whitening)
             init_head_from_features(head, setup.fit_embeddings(), train_config.opq_iterations, train_config.seed,
                                     progress=setup.progress)
+        elif head.input_whitening is not None and not resumed:
+            head.input_whitening.init_pca(setup.fit_embeddings())
         log.info("training on %s", device)
         optimizer = torch.optim.SGD(params, lr=train_config.lr, momentum=train_config.momentum,
                                     weight_decay=train_config.weight_decay)

@@ -20,21 +20,10 @@ from indexer.info import index_info
 from indexer.job import run_ingest
 from indexer.segment import open_segment
 from indexer.store import IndexStore
-from tests.support.index import live_row_ids
+from tests.support.index import codes_by_source, live_row_ids
 
 # Every test but the first starts Ray (ray_local) or `facepq ingest` processes, so is marked slow; the first
 # runs the encoder's stages on a plain batch without Ray (STYLE.md) and stays in the fast lane.
-
-
-def _codes_by_source(index, column: str = "codes") -> dict[str, bytes]:
-    """source -> the bytes of that face's row in `column` ('codes' or 'refine')."""
-    store = IndexStore(index)
-    out = {}
-    for ref in store.load_manifest().segments:
-        view = open_segment(store, ref)
-        for i in range(view.rows):
-            out[view.source_at(i)] = getattr(view, column)[i].tobytes()
-    return out
 
 
 def _encoder(model):
@@ -82,7 +71,7 @@ def test_ingest_photos_twice_gives_the_same_faces(ray_local, trained_model, synt
     from opqn_model.images import load_image
 
     expected = enc.codec.encode(enc.trunk_features(enc.pipeline(load_image(photo))[None]))[0].tobytes()
-    assert _codes_by_source(index)[str(photo)] == expected
+    assert codes_by_source(index)[str(photo)] == expected
 
 
 @pytest.mark.slow
@@ -95,7 +84,7 @@ def test_ingest_of_embedding_files(ray_local, trained_model, tmp_path):
     index = tmp_path / "idx"
     s = run_ingest(str(trained_model), str(tmp_path / "emb.npy"), str(index), shards=3, progress=False)
     assert (s.faces_added, s.version) == (300, 1)
-    codes = _codes_by_source(index)
+    codes = codes_by_source(index)
     expected = enc.codec.encode(emb)
     assert all(codes[f"emb.npy#{i}"] == expected[i].tobytes() for i in range(300))
     assert index_info(index)["people"] == 7 and IndexStore(index).load_manifest().shard_count == 3
@@ -105,7 +94,7 @@ def test_ingest_of_embedding_files(ray_local, trained_model, tmp_path):
     pq.write_table(table, tmp_path / "more.parquet", row_group_size=40)
     s = run_ingest(str(trained_model), str(tmp_path / "more.parquet"), str(index), progress=False)
     assert (s.faces_added, s.version) == (100, 2)  # same vectors, other sources: other faces
-    assert _codes_by_source(index)["cam/7"] == expected[7].tobytes()
+    assert codes_by_source(index)["cam/7"] == expected[7].tobytes()
     s = run_ingest(str(trained_model), str(tmp_path / "more.parquet"), str(index), progress=False)
     assert (s.faces_added, s.duplicates_skipped, s.version) == (0, 100, 2)
 
@@ -297,14 +286,14 @@ def test_ingest_with_a_refinement_tier_keeps_it_for_later_ingests(ray_local, tra
     assert (s.faces_added, s.refine) == (120, "codes:256")
     assert "  refinement tier: codes:256 (stored beside the codes)" in s.summary_lines()
     expected = enc.refine_codec("codes:256").encode(emb)
-    rows = _codes_by_source(index, "refine")
+    rows = codes_by_source(index, "refine")
     assert all(rows[f"emb.npy#{i}"] == expected[i].tobytes() for i in range(120))
     assert index_info(index)["tiers"][1]["bytes_per_face"] == 32
     np.save(tmp_path / "more.npy", emb[:10] * 2)
     (tmp_path / "more.csv").write_text("person\n" + "\n".join("q" for _ in range(10)) + "\n")
     s = run_ingest(str(trained_model), str(tmp_path / "more.npy"), str(index), progress=False)
     assert (s.faces_added, s.refine) == (10, "codes:256")
-    assert _codes_by_source(index, "refine")["more.npy#3"] == enc.refine_codec("codes:256").encode(emb[3:4] * 2)[0].tobytes()
+    assert codes_by_source(index, "refine")["more.npy#3"] == enc.refine_codec("codes:256").encode(emb[3:4] * 2)[0].tobytes()
     with pytest.raises(IndexFormatError, match="stores refinement tier codes:256 beside its codes, this writer "
                                                "float16"):
         run_ingest(str(trained_model), str(tmp_path / "more.npy"), str(index), progress=False, refine="float16")

@@ -92,6 +92,20 @@ def live_row_ids(index) -> np.ndarray:
     return np.concatenate(out)
 
 
+def codes_by_source(index, column: str = "codes") -> dict[str, bytes]:
+    """source -> the bytes of that face's row in `column` ('codes' or 'refine') of every segment of the index."""
+    from indexer.segment import open_segment
+    from indexer.store import IndexStore
+
+    store = IndexStore(str(index))
+    out = {}
+    for ref in store.load_manifest().segments:
+        view = open_segment(store, ref)
+        for i in range(view.rows):
+            out[view.source_at(i)] = getattr(view, column)[i].tobytes()
+    return out
+
+
 def brute_force(index_path, lut, k):
     """Reference: score every live row of every shard with facepq_core.codes.score_codes, global order."""
     from facepq_core.codes import score_codes
