@@ -314,13 +314,12 @@ def cell_offsets(cells_of_rows: np.ndarray, cells: int) -> np.ndarray:
 
 def cell_ranges(offsets: np.ndarray, cells: np.ndarray) -> list[tuple[int, int]]:
     """Row ranges [(lo, hi)] of the given sorted cells in a segment, adjacent cells merged, empty ones dropped."""
-    out: list[tuple[int, int]] = []
-    for c in cells.tolist():
-        lo, hi = int(offsets[c]), int(offsets[c + 1])
-        if hi == lo:
-            continue
-        if out and out[-1][1] == lo:
-            out[-1] = (out[-1][0], hi)
-        else:
-            out.append((lo, hi))
-    return out
+    cells = np.asarray(cells, dtype=np.intp)
+    lo, hi = offsets[cells], offsets[cells + 1]
+    lo, hi = lo[hi > lo], hi[hi > lo]
+    if not lo.size:
+        return []
+    first = np.ones(lo.size, dtype=bool)  # a range starts where the previous kept cell does not end
+    first[1:] = lo[1:] != hi[:-1]
+    last = np.append(first[1:], True)
+    return list(zip(lo[first].tolist(), hi[last].tolist()))

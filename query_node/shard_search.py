@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from facepq_core.partition import cell_ranges
+from query_node.cell_gather import gather
 from query_node.merge import Hit
 from query_node.scan import ScanTables, scan_segments
 from query_node.two_stage import RefineQuery, timed_rescore
@@ -73,7 +74,12 @@ class ShardData:
                     piece_starts.append(start + lo)  # rows keep their shard numbers: same ties as a full scan
             start += seg.rows
         t0 = time.perf_counter()
+        row_map = None
+        if cells is not None:  # many small ranges: one gathered piece, one kernel call (query_node.cell_gather)
+            pieces, piece_starts, row_map = gather(pieces, piece_starts)
         scores, rows = scan_segments(pieces, tables, keep, threads, starts=piece_starts)
+        if row_map is not None:
+            rows = row_map.shard_rows(rows)
         if stats is not None:
             stats.scan_seconds += time.perf_counter() - t0
             stats.rows += sum(codes.shape[0] for codes, _ in pieces)
