@@ -213,9 +213,9 @@ def split_rows(view, tables, args, truth10, exhaustive: dict, log) -> list[dict]
 
 
 # ---------------------------------------------------------------- FAISS
-def build_faiss(data: Synthetic, m: int, nbits: int, cells: int, seed: int):
-    """(flat index, IVF index, seconds to build each, the codes (uint8 chunks), objects the indexes point at
-    without owning them: keep them alive while the indexes are used)."""
+def build_faiss(data: Synthetic, m: int, nbits: int, cells: int, seed: int, with_ivf: bool = True):
+    """(flat index, IVF index (None without `with_ivf`), seconds to build each, the codes (uint8 chunks), objects
+    the indexes point at without owning them: keep them alive while the indexes are used)."""
     import faiss
 
     sample = data.sample(max(256 * 40, 40 * cells))
@@ -241,7 +241,8 @@ def build_faiss(data: Synthetic, m: int, nbits: int, cells: int, seed: int):
         pq_index.add_sa_codes(c)
         flat_s += time.perf_counter() - t
         t = time.perf_counter()
-        ivf.add(x)
+        if with_ivf:
+            ivf.add(x)
         ivf_s += time.perf_counter() - t
         codes.append(c)
     if nbits == 4:
@@ -249,12 +250,12 @@ def build_faiss(data: Synthetic, m: int, nbits: int, cells: int, seed: int):
         flat = faiss.IndexPQFastScan(pq_index)
         flat_s += time.perf_counter() - t
         t = time.perf_counter()
-        ivf = faiss.IndexIVFPQFastScan(ivf)
+        ivf = faiss.IndexIVFPQFastScan(ivf) if with_ivf else ivf
         ivf_s += time.perf_counter() - t
     else:
         flat = pq_index
     # The indexes point at these without owning them: kept alive for as long as the indexes are used.
-    return flat, ivf, train_s + flat_s, ivf_train_s + ivf_s, codes, [quant, pq_index]
+    return flat, ivf if with_ivf else None, train_s + flat_s, ivf_train_s + ivf_s, codes, [quant, pq_index]
 
 
 def measure_faiss(flat, ivf, queries, nprobes, args, nbits, log) -> list[dict]:
@@ -267,7 +268,8 @@ def measure_faiss(flat, ivf, queries, nprobes, args, nbits, log) -> list[dict]:
     rows = []
     flat_name = "FAISS IndexPQFastScan" if nbits == 4 else "FAISS IndexPQ"
     ivf_name = "FAISS IndexIVFPQFastScan" if nbits == 4 else "FAISS IndexIVFPQ"
-    for name, index, nprobe in [(flat_name, flat, None)] + [(ivf_name, ivf, p) for p in nprobes if p < ivf.nlist]:
+    ivf_rows = [(ivf_name, ivf, p) for p in nprobes if p < ivf.nlist] if ivf is not None else []
+    for name, index, nprobe in [(flat_name, flat, None)] + ivf_rows:
         if nprobe is not None:
             index.nprobe = nprobe
         faiss.omp_set_num_threads(1)
@@ -380,7 +382,7 @@ def run_size(n: int, args, work: pathlib.Path, log, report=lambda rows: None) ->
         m, nbits = LAYOUTS[layout]
         data = Synthetic(n, args.seed, args.queries)
         rss0 = rss_bytes()
-        flat, ivf, flat_s, ivf_s, codes, keep = build_faiss(data, m, nbits, cells, args.seed)
+        flat, ivf, flat_s, ivf_s, codes, keep = build_faiss(data, m, nbits, cells, args.seed, not args.no_faiss_ivf)
         spec = CodeSpec(M=m, K=2 ** nbits)
         meta = ModelMeta.from_code_spec(spec, fingerprint="bench-pq-%d-%d" % (m, nbits), trunk="synthetic", codec="pq")
         pq = keep[1].pq  # the flat IndexPQ the others copied their quantizer from
@@ -481,6 +483,8 @@ def main(argv=None) -> int:
     ap.add_argument("--queries", type=int, default=64)
     ap.add_argument("--batch", type=int, default=16, help="queries per call in the throughput rows")
     ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--no-faiss-ivf", action="store_true",
+                    help="skip FAISS's IVF rows (its build: ~10 min at 100M); its flat index stays the reference")
     ap.add_argument("--model", default=None, help="an OPQN checkpoint: add rows on its real code distribution")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="bench-scale", help="report folder")
