@@ -115,6 +115,7 @@ static inline uint64_t load64(const uint8_t *p) {
     return v;
 }
 
+
 /*
  * Transpose bytes [8g, 8g+8) of 32 rows (row stride `stride`, rows at `src`) into
  * out[0..7]: out[c] holds byte column 8g+c of the 32 rows. Within out[c], 16-bit
@@ -174,7 +175,10 @@ AVX2 int fs4_scan_avx2(const uint8_t *codes, int64_t n, int32_t width, int32_t n
         const uint8_t *block = codes + (size_t)start * width;
         const uint8_t *src = block;
         size_t stride = (size_t)width;
-        if (width % 8) {   /* pad rows to whole 8-byte groups; padding bytes are 0, their tables 0 */
+        /* Rows of width % 8 bytes are read as whole 8-byte groups: the bytes past a row's width belong to the
+         * next row, and the tables of those columns are all 0, so they add nothing. Near the end of the
+         * codes, where that read would pass the last row, the rows are copied to zero-padded ones. */
+        if (width % 8 && start + 32 + 8 > n) {
             memset(padded, 0, (size_t)32 * width8);
             for (int r = 0; r < 32; r++) memcpy(padded + (size_t)r * width8, block + (size_t)r * width, width);
             src = padded;
@@ -422,15 +426,29 @@ static inline __attribute__((always_inline)) AVX512 int scan64(
     transpose_idx_t tidx;
     transpose_indices(&tidx);
     __m512i cols[MAX_WIDTH8_512];
+    /* Rows narrower than 8 bytes (4- and 6-byte codes: 32 and 48 bits): one vpermb per 8 rows spreads them
+     * to 8-byte groups straight from the codes. Byte b >= width of a row is then a byte of the next row;
+     * the tables of those columns are all 0, so it adds nothing. (Copying the rows to a padded buffer
+     * first cost 2.5x the 8-byte scan: its small stores stall the wide loads that read them back.) */
+    uint8_t spread_bytes[64];
+    for (int j = 0; j < 64; j++) spread_bytes[j] = (uint8_t)((j / 8) * width + j % 8);
+    const __m512i spread = _mm512_loadu_si512(spread_bytes);
     int64_t full = n / 64 * 64;
     for (int64_t start = 0; start < full; start += 64) {
         const uint8_t *src = codes + (size_t)start * width;
-        if (padded) {   /* pad rows to whole 8-byte groups; padding bytes are 0, their tables 0 */
-            memset(padded, 0, (size_t)64 * width8);
-            for (int r = 0; r < 64; r++) memcpy(padded + (size_t)r * width8, src + (size_t)r * width, width);
-            src = padded;
+        if (width < 8 && start + 128 <= n) {   /* the last load reads up to 64 bytes past row 56: in the codes */
+            __m512i z[8];
+            for (int i = 0; i < 8; i++)
+                z[i] = _mm512_permutexvar_epi8(spread, _mm512_loadu_si512(src + (size_t)8 * i * width));
+            transpose64x8(z, &tidx, cols);
+        } else {
+            if (padded) {   /* pad rows to whole 8-byte groups; padding bytes are 0, their tables 0 */
+                memset(padded, 0, (size_t)64 * width8);
+                for (int r = 0; r < 64; r++) memcpy(padded + (size_t)r * width8, src + (size_t)r * width, width);
+                src = padded;
+            }
+            load_columns64(src, width8, &tidx, cols);
         }
-        load_columns64(src, width8, &tidx, cols);
         for (int q = 0; q < nq; q++) {
             query_t *qq = &qs[q];
             __m512i acc0 = _mm512_setzero_si512(), acc1 = _mm512_setzero_si512();

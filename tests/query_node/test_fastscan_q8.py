@@ -37,7 +37,7 @@ def byte_luts(rng, kind, nq, width):
 
 @needs_avx512
 @pytest.mark.parametrize("kind", ["random", "ties", "lopsided"])
-@pytest.mark.parametrize("width", [1, 3, 8, 16, 24, 64])
+@pytest.mark.parametrize("width", [1, 3, 4, 6, 8, 16, 24, 64])
 def test_quantized_8bit_kernel_matches_numba(kind, width):
     rng = np.random.default_rng(width * 10 + len(kind))
     for _ in range(12):
