@@ -273,6 +273,7 @@ def test_the_encode_stage_makes_refinement_rows_beside_the_codes(trained_model, 
     assert out["refine"].shape == (4, 32) and not out["refine"][3].any()
 
 
+@pytest.mark.slow
 def test_ingest_with_a_refinement_tier_keeps_it_for_later_ingests(ray_local, trained_model, tmp_path):
     """--refine codes:256 on a new index: every face's row is the model's refinement code of its embedding; a
     later ingest without --refine writes the index's tier, one asking for another tier is refused."""
@@ -304,6 +305,7 @@ def test_ingest_with_a_refinement_tier_keeps_it_for_later_ingests(ray_local, tra
                    refine="codes:64")
 
 
+@pytest.mark.slow
 def test_ingest_with_cells_partitions_the_new_index_and_keeps_it(ray_local, trained_model, tmp_path):
     """--cells on a new index: a partition fitted in the model codec's codeword space, bound to the model, every
     segment grouped by cell; a later ingest without --cells lands its faces in their cells; another count is refused."""
