@@ -488,6 +488,8 @@ PyDoc_STRVAR(quantize_tables_doc,
 /* The numpy formulas of fastscan.py in one pass (they cost ~60 us of numpy calls per query, 15-20% of
  * a 1M-row 4-bit scan); float64 throughout, the same operations in the same order, so the tables and
  * steps are the numpy ones exactly (base may differ in the last bit: its sum order is numpy's own). */
+#define QUANTIZE_MAX_COLS 256   /* 2 x 64 nibble columns, or 64 byte columns: the kernels' widest tables */
+
 static PyObject *quantize_tables(PyObject *self, PyObject *args) {
     Py_buffer values, out, base, delta, terms;
     int nq, cols, nv, out_cols, stride, copies, code_bytes, row_terms, levels;
@@ -496,7 +498,8 @@ static PyObject *quantize_tables(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "y*iiiw*iiiiiiw*w*w*:quantize_tables", &values, &nq, &cols, &nv, &out, &out_cols,
                           &stride, &copies, &code_bytes, &row_terms, &levels, &base, &delta, &terms))
         return NULL;
-    if (nq < 0 || cols < 1 || nv < 1 || copies < 1 || cols > out_cols || (long long)nv * copies > stride ||
+    if (nq < 0 || cols < 1 || cols > QUANTIZE_MAX_COLS || nv < 1 || copies < 1 || cols > out_cols ||
+        (long long)nv * copies > stride ||
         levels < 1 || levels > 255) {
         PyErr_SetString(PyExc_ValueError, "quantize_tables: inconsistent shapes");
     } else if (!check_size("quantize_tables", "values (float32 [nq, cols, nv])", &values,
@@ -509,6 +512,7 @@ static PyObject *quantize_tables(PyObject *self, PyObject *args) {
         const float *v = values.buf;
         int finite = 1;
         for (long long i = 0; i < (long long)nq * cols * nv && finite; i++) finite = isfinite(v[i]);
+        double col_lo[QUANTIZE_MAX_COLS];   /* each column's minimum, from the first pass */
         if (finite) {
             uint8_t *o = out.buf;
             double *b = base.buf, *d = delta.buf;
@@ -527,15 +531,14 @@ static PyObject *quantize_tables(PyObject *self, PyObject *args) {
                     }
                     range = hi - lo > range ? hi - lo : range;
                     sum += lo;
+                    col_lo[c] = lo;
                 }
                 double step = range / levels;
                 if (step == 0.0) step = 1.0;
                 uint8_t *oq = o + (long long)q * out_cols * stride;
                 for (int c = 0; c < cols; c++) {
-                    double lo = vq[c * nv];
-                    for (int i = 1; i < nv; i++) lo = vq[c * nv + i] < lo ? vq[c * nv + i] : lo;
                     for (int i = 0; i < nv; i++) {
-                        double level = floor(((double)vq[c * nv + i] - lo) / step);
+                        double level = floor(((double)vq[c * nv + i] - col_lo[c]) / step);
                         uint8_t u = (uint8_t)(level < 0 ? 0 : level > levels ? levels : level);
                         for (int j = 0; j < copies; j++) oq[(long long)c * stride + j * nv + i] = u;
                     }
