@@ -130,13 +130,14 @@ def recall(found: list[list[int]], truth: list[list[int]], k: int) -> float:
 
 
 # ---------------------------------------------------------------- ours
-def build_ours(root: pathlib.Path, codes_iter, meta, cells: int | None, codewords=None):
-    from indexer.writer import IndexWriter
+def build_ours(root: pathlib.Path, codes_iter, meta, cells: int | None, codewords=None, segment_rows=None):
+    from indexer.writer import DEFAULT_SEGMENT_ROWS, IndexWriter
 
     t0 = time.perf_counter()
     import pyarrow as pa
 
-    writer = IndexWriter(str(root), meta, shard_count=1, cells=cells, codewords=codewords)
+    writer = IndexWriter(str(root), meta, shard_count=1, cells=cells, codewords=codewords,
+                         segment_rows=segment_rows or DEFAULT_SEGMENT_ROWS)
     first = 0
     for codes in codes_iter:
         n = len(codes)
@@ -356,7 +357,7 @@ def run_real(model_path: str, n: int, args, work: pathlib.Path, nprobes, log) ->
 
     cells = args.cells or default_cells(n)
     root = work / f"real-{n}"
-    build_s = build_ours(root, codes_iter(), meta, cells, codec.codewords())
+    build_s = build_ours(root, codes_iter(), meta, cells, codec.codewords(), args.segment_rows)
     tables = codec.query_tables(noisy(query_base, args.seed + 99991))
     log(f"  real codes ({meta.trunk} {meta.codec} M={meta.M} K={meta.K}, {len(gallery_base)} embeddings replicated "
         f"with noise to {pool_rows:,} codes, tiled to {n:,}; {cells} cells): built in {build_s:.1f} s")
@@ -391,7 +392,7 @@ def run_size(n: int, args, work: pathlib.Path, log, report=lambda rows: None) ->
             f"IVF in {ivf_s:.1f} s")
         # One index with cells: nprobe=all scans every cell, which is the exhaustive scan (same rows, same scores).
         root = work / f"{layout}-{n}"
-        build_s = build_ours(root, iter(codes), meta, cells, pq_centroids(pq))
+        build_s = build_ours(root, iter(codes), meta, cells, pq_centroids(pq), args.segment_rows)
         log(f"  ours built in {build_s:.1f} s (index writer: cells fitted and assigned, segments written and hashed)")
         family = measure_ours(root, tables, args, nprobes, log)
         for r in family:
@@ -485,6 +486,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--no-faiss-ivf", action="store_true",
                     help="skip FAISS's IVF rows (its build: ~10 min at 100M); its flat index stays the reference")
+    ap.add_argument("--segment-rows", type=int, default=None,
+                    help="rows per segment file (default: the writer's, 1,000,000); fewer rows per segment "
+                         "give a smaller gallery as many segments (and cell ranges per search) as a larger one")
     ap.add_argument("--model", default=None, help="an OPQN checkpoint: add rows on its real code distribution")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="bench-scale", help="report folder")
@@ -503,6 +507,8 @@ def main(argv=None) -> int:
         raise ConfigError(f"--layouts takes {', '.join(LAYOUTS)}, got {args.layouts}")
     if args.queries < args.batch or min(sizes) < 1000:
         raise ConfigError("need --queries >= --batch and sizes >= 1000")
+    if args.segment_rows is not None and args.segment_rows < 1000:
+        raise ConfigError(f"--segment-rows must be >= 1000, got {args.segment_rows}")
     import numba
 
     from query_node import fastscan

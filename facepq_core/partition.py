@@ -50,8 +50,14 @@ SAMPLE_PER_CELL = 64
 # distances between codewords, all that k-means and the probe use, survive in a few dimensions.
 MAX_CODEWORD_DIMS = 16
 FIT_ITERATIONS = 12
+# k-means++ picks its seeds one by one, each after a pass over the points; on at most this many points per
+# cell (a uniform subsample of the fitting sample), Lloyd's iterations then see the whole sample. Seeding all
+# 64 x 4096 points of a 4096-cell fit took 116 s of its 126 s; on 16 x 4096 it takes ~3 s.
+SEED_SAMPLE_PER_CELL = 16
 MAX_CELLS = 65536
-_ASSIGN_BLOCK = 16384
+# Rows per assignment block: the [rows, L] score block (64 MiB at 4096 cells) is written by one matrix
+# product and read by one argmax, so a block stays large enough for BLAS and small enough for the caches.
+_ASSIGN_BLOCK = 4096
 
 
 @dataclass(frozen=True)
@@ -111,7 +117,10 @@ class CellPartition:
         if not L or self.centroids.shape[1] != M * self.codewords.shape[2] or self.histograms.shape != (L, M, K):
             raise ConfigError(f"cells: centroids {self.centroids.shape} and histograms {self.histograms.shape} do "
                               f"not fit codewords {self.codewords.shape}")
-        self._sq = np.square(self.centroids).sum(1)  # |mu_l|^2, float32 [L]
+        # argmax_l 2 x.mu_l - |mu_l|^2 as one product: [x, 1] . [2 mu_l, -|mu_l|^2] (no pass over the scores
+        # to scale and shift them: 4.3 s instead of 8.6 s per 1M faces at 4096 cells of 32-d points).
+        self._scorer = np.ascontiguousarray(np.concatenate(
+            [2 * self.centroids, -np.square(self.centroids).sum(1, keepdims=True)], axis=1).T)  # [F + 1, L]
 
     @property
     def cells(self) -> int:
@@ -175,11 +184,14 @@ class CellPartition:
     def _nearest(self, x: np.ndarray) -> np.ndarray:
         """Points float32 [N, F] -> nearest centroid int32 [N]: argmax 2 x.mu - |mu|^2, in blocks."""
         out = np.empty(len(x), dtype=np.int32)
-        for lo in range(0, len(x), _ASSIGN_BLOCK):
-            score = x[lo:lo + _ASSIGN_BLOCK] @ self.centroids.T
-            score *= 2
-            score -= self._sq
-            out[lo:lo + len(score)] = np.argmax(score, axis=1)
+        block = min(_ASSIGN_BLOCK, len(x))
+        points = np.ones((block, x.shape[1] + 1), np.float32)  # [x, 1]
+        score = np.empty((block, self.cells), np.float32)
+        for lo in range(0, len(x), block):
+            n = min(block, len(x) - lo)
+            points[:n, :-1] = x[lo:lo + n]
+            np.matmul(points[:n], self._scorer, out=score[:n])
+            out[lo:lo + n] = np.argmax(score[:n], axis=1)
         return out
 
     # ---- query side ------------------------------------------------------------------------------
@@ -281,16 +293,29 @@ def _histograms(sub: np.ndarray, labels: np.ndarray, cells: int, spec: CodeSpec)
 
 
 def _seeds(x: np.ndarray, cells: int, rng: np.random.Generator) -> np.ndarray:
-    """k-means++ seeding (Arthur & Vassilvitskii 2007): each next seed drawn with probability proportional to
-    its squared distance from the nearest seed so far; float32 [cells, F]."""
+    """k-means++ seeding (Arthur & Vassilvitskii 2007) on at most SEED_SAMPLE_PER_CELL * cells of the points:
+    each next seed drawn with probability proportional to its squared distance from the nearest seed so far;
+    float32 [cells, F]. Distances as |x|^2 - 2 x.s + |s|^2: one matrix-vector product per seed."""
+    if len(x) > SEED_SAMPLE_PER_CELL * cells:
+        x = x[np.sort(rng.choice(len(x), SEED_SAMPLE_PER_CELL * cells, replace=False))]
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    sq = np.square(x).sum(1)
+
+    def distances(seed: np.ndarray) -> np.ndarray:
+        d = x @ (-2 * seed)
+        d += sq
+        d += float(np.square(seed).sum())
+        return np.maximum(d, 0, out=d).astype(np.float64)  # rounding can make a distance slightly negative
+
     seeds = np.empty((cells, x.shape[1]), np.float32)
     seeds[0] = x[rng.integers(len(x))]
-    nearest = np.square(x - seeds[0]).sum(1, dtype=np.float64)
+    nearest = distances(seeds[0])
     for i in range(1, cells):
-        total = nearest.sum()
-        pick = rng.integers(len(x)) if total <= 0 else int(np.searchsorted(np.cumsum(nearest), rng.random() * total))
+        running = np.cumsum(nearest)
+        total = running[-1]
+        pick = rng.integers(len(x)) if total <= 0 else int(np.searchsorted(running, rng.random() * total))
         seeds[i] = x[min(pick, len(x) - 1)]
-        np.minimum(nearest, np.square(x - seeds[i]).sum(1, dtype=np.float64), out=nearest)
+        np.minimum(nearest, distances(seeds[i]), out=nearest)
     return seeds
 
 

@@ -207,6 +207,34 @@ def test_cells_are_fitted_where_codes_decode_to():
     assert part.probe(table[None], 1)[0].tolist() == [int(cells[which == 3][0])]
 
 
+def test_assignment_is_the_nearest_centroid_and_seeds_are_spread():
+    """`assign` (one matrix product per block, constants folded in) is the brute-force nearest centroid, across
+    block boundaries; and the k-means++ seeds, drawn from a subsample when the sample is large, still give every
+    one of many well-separated clusters its own cell."""
+    from facepq_core.codes import pack_codes, unpack_codes
+    from facepq_core.partition import SEED_SAMPLE_PER_CELL, CellPartition
+
+    rng = np.random.default_rng(21)
+    spec = CodeSpec(4, 16)
+    codewords = (rng.standard_normal((4, 16, 2)) * 10).astype(np.float32)
+    centre = rng.integers(0, 16, size=(64, 4))  # 64 clusters of one code each, 40 faces each
+    assert len({tuple(c) for c in centre.tolist()}) == 64
+    which = np.repeat(np.arange(64), 40)
+    assert len(which) > SEED_SAMPLE_PER_CELL * 64  # seeded on a subsample
+    codes = pack_codes(centre[which].astype(np.uint8), spec)
+    part = CellPartition.fit(codes, spec, 64, "f" * 16, codewords)
+    cells = part.assign(codes)
+    assert len(set(cells.tolist())) == 64 and all(len(set(cells[which == c].tolist())) == 1 for c in range(64))
+
+    other = pack_codes(rng.integers(0, 16, size=(10000, 4), dtype=np.uint8), spec)  # > one assignment block
+    x = part.decode(unpack_codes(other, spec).astype(np.intp))
+    dist = np.square(x[:, None, :] - part.centroids[None]).sum(-1)
+    best = np.sort(dist, axis=1)
+    clear = best[:, 1] - best[:, 0] > 1e-3 * best[:, 1]  # the formulations may round differently on near-ties
+    assert clear.mean() > 0.9
+    assert np.array_equal(part.assign(other)[clear], np.argmin(dist, axis=1)[clear])
+
+
 def test_codec_codewords_decode_to_their_head_space():
     """Each codec's codewords are the points its sub-codes stand for: encoding a codeword gives its own code."""
     from facepq_core.codecs.binary import BinaryCodec
