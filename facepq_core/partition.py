@@ -335,16 +335,3 @@ def principal_codewords(codewords: np.ndarray, dims: int) -> np.ndarray:
 def cell_offsets(cells_of_rows: np.ndarray, cells: int) -> np.ndarray:
     """Cells int [N] of rows already grouped by cell -> row offsets int64 [cells + 1] (cell l: rows off[l]..off[l+1])."""
     return np.concatenate(([0], np.cumsum(np.bincount(cells_of_rows, minlength=cells)))).astype(np.int64)
-
-
-def cell_ranges(offsets: np.ndarray, cells: np.ndarray) -> list[tuple[int, int]]:
-    """Row ranges [(lo, hi)] of the given sorted cells in a segment, adjacent cells merged, empty ones dropped."""
-    cells = np.asarray(cells, dtype=np.intp)
-    lo, hi = offsets[cells], offsets[cells + 1]
-    lo, hi = lo[hi > lo], hi[hi > lo]
-    if not lo.size:
-        return []
-    first = np.ones(lo.size, dtype=bool)  # a range starts where the previous kept cell does not end
-    first[1:] = lo[1:] != hi[:-1]
-    last = np.append(first[1:], True)
-    return list(zip(lo[first].tolist(), hi[last].tolist()))

@@ -560,6 +560,79 @@ static PyObject *quantize_tables(PyObject *self, PyObject *args) {
     return result;
 }
 
+PyDoc_STRVAR(gather_rows_doc,
+             "gather_rows(sources, width, seg, lo, hi, out) -> None\n\n"
+             "Copy row ranges of several sources into one buffer, in order: range p is rows lo[p]..hi[p]\n"
+             "of sources[seg[p]]. sources: buffers of whole rows of `width` bytes (read-only maps too);\n"
+             "seg: int32 [P]; lo, hi: int64 [P]; out: exactly the ranges' rows (sum (hi - lo) * width\n"
+             "bytes). ValueError for a range outside its source; the copy runs without the GIL.");
+
+/* A partitioned search's many small cell ranges (~6,400 of ~250 rows at 100M faces) in one call:
+ * numpy slicing and concatenating them cost ~1 us of interpreter work per range. */
+static PyObject *gather_rows(PyObject *self, PyObject *args) {
+    PyObject *sources, *seq = NULL, *result = NULL;
+    int width;
+    Py_buffer seg, lo, hi, out;
+    Py_buffer *bufs = NULL;
+    Py_ssize_t n_sources = 0, acquired = 0;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "Oiy*y*y*w*:gather_rows", &sources, &width, &seg, &lo, &hi, &out)) return NULL;
+    long long n_ranges = (long long)seg.len / 4;
+    seq = PySequence_Fast(sources, "gather_rows: sources must be a sequence of buffers");
+    if (!seq) goto done;
+    n_sources = PySequence_Fast_GET_SIZE(seq);
+    bufs = calloc(n_sources ? (size_t)n_sources : 1, sizeof(Py_buffer));
+    if (!bufs) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if (width < 1 || seg.len % 4 || check_size("gather_rows", "lo (int64 [P])", &lo, n_ranges * 8) ||
+        check_size("gather_rows", "hi (int64 [P])", &hi, n_ranges * 8)) {
+        if (!PyErr_Occurred()) PyErr_Format(PyExc_ValueError, "gather_rows: width %d or seg (int32 [P]) invalid", width);
+        goto done;
+    }
+    for (; acquired < n_sources; acquired++) {
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(seq, acquired), &bufs[acquired], PyBUF_SIMPLE)) goto done;
+        if (bufs[acquired].len % width) {
+            PyErr_Format(PyExc_ValueError, "gather_rows: source %zd holds %zd bytes, not whole rows of %d bytes",
+                         acquired, bufs[acquired].len, width);
+            acquired++;
+            goto done;
+        }
+    }
+    const int32_t *sp = seg.buf;
+    const int64_t *lp = lo.buf, *hp = hi.buf;
+    long long total = 0;
+    for (long long p = 0; p < n_ranges; p++) {
+        if (sp[p] < 0 || sp[p] >= n_sources || lp[p] < 0 || hp[p] < lp[p] ||
+            hp[p] > (long long)(bufs[sp[p]].len / width)) {
+            PyErr_Format(PyExc_ValueError, "gather_rows: range %lld (source %d, rows %lld..%lld) is outside its source",
+                         p, (int)sp[p], (long long)lp[p], (long long)hp[p]);
+            goto done;
+        }
+        total += hp[p] - lp[p];
+    }
+    if (check_size("gather_rows", "out (the ranges' rows)", &out, total * width)) goto done;
+    Py_BEGIN_ALLOW_THREADS
+    uint8_t *o = out.buf;
+    for (long long p = 0; p < n_ranges; p++) {
+        size_t bytes = (size_t)(hp[p] - lp[p]) * (size_t)width;
+        memcpy(o, (const uint8_t *)bufs[sp[p]].buf + (size_t)lp[p] * (size_t)width, bytes);
+        o += bytes;
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    for (Py_ssize_t i = 0; i < acquired; i++) PyBuffer_Release(&bufs[i]);
+    free(bufs);
+    Py_XDECREF(seq);
+    PyBuffer_Release(&seg);
+    PyBuffer_Release(&lo);
+    PyBuffer_Release(&hi);
+    PyBuffer_Release(&out);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"fs4_scan", fs4_scan, METH_VARARGS, fs4_scan_doc},
     {"q8_scan", q8_scan, METH_VARARGS, q8_scan_doc},
@@ -567,6 +640,7 @@ static PyMethodDef methods[] = {
     {"use", use, METH_VARARGS, use_doc},
     {"hamming_scan", hamming_scan, METH_VARARGS, hamming_scan_doc},
     {"quantize_tables", quantize_tables, METH_VARARGS, quantize_tables_doc},
+    {"gather_rows", gather_rows, METH_VARARGS, gather_rows_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -1,18 +1,24 @@
-"""A partitioned search's many small row ranges, gathered into one piece for one kernel call.
+"""A partitioned search's many small row ranges, found for all segments at once and gathered into one piece.
 
 A search of `nprobe` cells scans, in each segment grouped by cell, every probed cell's row range.
-At 100M faces in 100 segments with 4096 cells, 64 probed cells are ~6,400 ranges of ~250 rows, and
-one kernel call per range cost ~7 us of argument handling each: 47 ms of a 57 ms search, while the
-1.6M rows themselves take ~1 ms (`facepq bench scale`, 2026-12-01). Copying the ranges' codes (and
-tombstones) into one buffer and scanning it with one call costs a copy of the rows scanned instead
-(8 bytes a row). Gathered rows keep their order, so ties still break by the lower shard row, and the
-kernel's row numbers are mapped back to shard row numbers for the kept rows only.
+At 100M faces in 100 segments with 4096 cells, 64 probed cells are ~6,400 ranges of ~250 rows:
+one kernel call per range cost ~7 us of argument handling each (47 ms of a 57 ms search, `facepq
+bench scale`, 2026-12-01), and slicing and concatenating them in numpy still ~1 us each. So:
+
+* `CellLayout` keeps a shard's cell offsets as one table [segments, L + 1]: a search's ranges in
+  every segment are two indexing operations, not a loop over segments;
+* `gather_ranges` copies the ranges' codes (and tombstones) into one buffer with one native call
+  (`_fastscan.gather_rows`; numpy's concatenate where the extension is not built), scanned with one
+  kernel call: a copy of the rows scanned (8 bytes a row) instead of a call per range.
+
+Ranges are in shard row order (segment, then cell), so ties still break by the lower shard row, and
+the kernel's row numbers are mapped back to shard row numbers (`RowMap`) for the kept rows only.
 """
 from __future__ import annotations
 
 import numpy as np
 
-GATHER_MIN_PIECES = 8          # fewer ranges: one call each costs less than the copy
+GATHER_MIN_RANGES = 8          # fewer ranges: one call each costs less than the copy
 GATHER_MAX_BYTES = 256 << 20   # more rows than this to scan: range by range (no large transient buffer)
 
 
@@ -30,18 +36,84 @@ class RowMap:
         return np.where(rows < 0, rows, out)
 
 
-def gather(pieces: list, starts: list) -> tuple[list, list, RowMap | None]:
-    """(codes uint8 [n_i, B], skip bool [n_i] or None) pieces with their shard row starts -> one piece
-    and a RowMap, or the pieces unchanged (and None) when there are few of them or too many rows."""
-    if len(pieces) < GATHER_MIN_PIECES:
-        return pieces, starts, None
-    sizes = np.fromiter((codes.shape[0] for codes, _ in pieces), dtype=np.int64, count=len(pieces))
-    if int(sizes.sum()) * pieces[0][0].shape[1] > GATHER_MAX_BYTES:
-        return pieces, starts, None
-    codes = np.concatenate([c for c, _ in pieces])
+class CellLayout:
+    """Where each cell's rows lie in every segment of a shard.
+
+    Args:
+        cell_offsets: per segment, in scan order, its int64 [L + 1] cell offsets, or None for a segment
+            not grouped by cell (scanned whole by every search).
+        rows: per segment, its row count.
+    """
+
+    def __init__(self, cell_offsets: list, rows: list[int]):
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.starts = np.zeros(len(rows), dtype=np.int64)  # each segment's first shard row
+        np.cumsum(self.rows[:-1], out=self.starts[1:])
+        grouped = [i for i, off in enumerate(cell_offsets) if off is not None]
+        self.grouped = np.asarray(grouped, dtype=np.int32)
+        self.offsets = (np.stack([cell_offsets[i] for i in grouped]).astype(np.int64) if grouped
+                        else np.zeros((0, 1), np.int64))  # [G, L + 1]
+        self.whole = np.asarray([i for i, off in enumerate(cell_offsets) if off is None], dtype=np.int32)
+
+    @property
+    def nbytes(self) -> int:
+        return self.offsets.nbytes + self.rows.nbytes + self.starts.nbytes
+
+    def ranges(self, cells: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Sorted cell ids -> (segment int32 [P], lo int64 [P], hi int64 [P]): segment-local row ranges of those
+        cells in every grouped segment, and every ungrouped segment whole; in shard row order, empty ranges
+        dropped, adjacent cells of one segment merged into one range."""
+        cells = np.asarray(cells, dtype=np.intp)
+        lo, hi = self.offsets[:, cells], self.offsets[:, cells + 1]  # [G, c]
+        seg = np.broadcast_to(self.grouped[:, None], lo.shape)
+        keep = hi > lo
+        seg, lo, hi = seg[keep], lo[keep], hi[keep]  # row-major: segment, then cell
+        if lo.size:
+            first = np.ones(lo.size, dtype=bool)  # a range starts where the previous kept cell does not end
+            first[1:] = (lo[1:] != hi[:-1]) | (seg[1:] != seg[:-1])
+            last = np.append(first[1:], True)
+            seg, lo, hi = seg[first], lo[first], hi[last]
+        if self.whole.size:
+            whole = self.whole[self.rows[self.whole] > 0]
+            seg = np.concatenate([seg, whole])
+            lo = np.concatenate([lo, np.zeros(whole.size, np.int64)])
+            hi = np.concatenate([hi, self.rows[whole]])
+            order = np.argsort(seg, kind="stable")
+            seg, lo, hi = seg[order], lo[order], hi[order]
+        return seg.astype(np.int32), lo, hi
+
+
+def gather_ranges(codes: list, skips: list, layout: CellLayout, seg: np.ndarray, lo: np.ndarray,
+                  hi: np.ndarray) -> tuple[list, list, RowMap | None]:
+    """Row ranges of the segments (codes uint8 [n_s, B], skips bool [n_s] or None) -> (pieces, shard row
+    starts, RowMap): one gathered piece and its RowMap, or the ranges as pieces (and None) when there are
+    few of them or too many rows to copy."""
+    shard_starts = layout.starts[seg] + lo
+    width = codes[0].shape[1] if codes else 0
+    total = int((hi - lo).sum())
+    if seg.size < GATHER_MIN_RANGES or total * width > GATHER_MAX_BYTES:
+        pieces = [(codes[s][a:b], None if skips[s] is None else skips[s][a:b])
+                  for s, a, b in zip(seg.tolist(), lo.tolist(), hi.tolist())]
+        return pieces, shard_starts.tolist(), None
+    out = np.empty((total, width), dtype=np.uint8)
+    _copy_rows(codes, width, seg, lo, hi, out)
     skip = None
-    if any(s is not None for _, s in pieces):
-        skip = np.concatenate([s if s is not None else np.zeros(c.shape[0], np.bool_) for c, s in pieces])
-    gathered_starts = np.zeros(len(pieces), dtype=np.int64)
-    np.cumsum(sizes[:-1], out=gathered_starts[1:])
-    return [(codes, skip)], [0], RowMap(gathered_starts, np.asarray(starts, dtype=np.int64))
+    if any(skips[s] is not None for s in np.unique(seg).tolist()):
+        none = np.zeros(int(layout.rows.max()), dtype=np.bool_)  # a segment without tombstones reads as all-kept
+        skip = np.empty(total, dtype=np.bool_)
+        _copy_rows([s if s is not None else none for s in skips], 1, seg, lo, hi, skip)
+    gathered_starts = np.zeros(seg.size, dtype=np.int64)
+    np.cumsum((hi - lo)[:-1], out=gathered_starts[1:])
+    return [(out, skip)], [0], RowMap(gathered_starts, shard_starts)
+
+
+def _copy_rows(sources: list, width: int, seg: np.ndarray, lo: np.ndarray, hi: np.ndarray, out: np.ndarray) -> None:
+    """out <- the ranges' rows, in order (one native call; numpy where the extension is not built)."""
+    from query_node import fastscan
+
+    native = fastscan.native_module()
+    if native is not None:
+        native.gather_rows(sources, width, np.ascontiguousarray(seg, np.int32), np.ascontiguousarray(lo, np.int64),
+                           np.ascontiguousarray(hi, np.int64), out)
+    else:
+        np.concatenate([sources[s][a:b] for s, a, b in zip(seg.tolist(), lo.tolist(), hi.tolist())], out=out)

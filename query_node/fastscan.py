@@ -76,6 +76,11 @@ def available() -> bool:
     return _load()[0] is not None
 
 
+def native_module():
+    """The extension module when its kernels run here, else None (callers then take their numpy path)."""
+    return _load()[0]
+
+
 def status() -> str:
     """The 4-bit kernel's instruction set ('avx512', 'avx2'), or 'numba (<why the native kernel is not used>)'."""
     native, why = _load()

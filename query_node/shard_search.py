@@ -19,8 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from facepq_core.partition import cell_ranges
-from query_node.cell_gather import gather
+from query_node.cell_gather import CellLayout, gather_ranges
 from query_node.merge import Hit
 from query_node.scan import ScanTables, scan_segments
 from query_node.two_stage import RefineQuery, timed_rescore
@@ -47,6 +46,7 @@ class ShardData:
     code_bytes: int = 0
     serving: bool = True
     reason: str = ""
+    _layout: CellLayout | None = field(default=None, init=False, repr=False, compare=False)
 
     def search(self, tables: ScanTables, k: int, stats: ScanStats | None = None,
                refine: RefineQuery | None = None, threads: int = 1, with_codes: bool = False,
@@ -62,28 +62,21 @@ class ShardData:
         (a segment without cell offsets is scanned whole).
         """
         keep = max(k, refine.candidates) if refine is not None else k
-        pieces, piece_starts, offsets, start = [], [], [], 0
-        for seg, skip in zip(self.segments, self.skips):
-            offsets.append(start)
-            if cells is None or seg.cell_offsets is None:
-                pieces.append((seg.codes, skip))
-                piece_starts.append(start)
-            else:
-                for lo, hi in cell_ranges(seg.cell_offsets, cells):
-                    pieces.append((seg.codes[lo:hi], None if skip is None else skip[lo:hi]))
-                    piece_starts.append(start + lo)  # rows keep their shard numbers: same ties as a full scan
-            start += seg.rows
+        layout = self.cell_layout()
         t0 = time.perf_counter()
         row_map = None
-        if cells is not None:  # many small ranges: one gathered piece, one kernel call (query_node.cell_gather)
-            pieces, piece_starts, row_map = gather(pieces, piece_starts)
+        if cells is None:
+            pieces, piece_starts = list(zip(self.segments_codes(), self.skips)), layout.starts.tolist()
+        else:  # the probed cells' ranges in every segment, gathered into one piece (query_node.cell_gather)
+            seg, lo, hi = layout.ranges(cells)
+            pieces, piece_starts, row_map = gather_ranges(self.segments_codes(), self.skips, layout, seg, lo, hi)
         scores, rows = scan_segments(pieces, tables, keep, threads, starts=piece_starts)
         if row_map is not None:
             rows = row_map.shard_rows(rows)
         if stats is not None:
             stats.scan_seconds += time.perf_counter() - t0
             stats.rows += sum(codes.shape[0] for codes, _ in pieces)
-        starts = np.asarray(offsets, dtype=np.int64)
+        starts = layout.starts
         if refine is not None:
             scores, rows = timed_rescore(stats, self.segments, starts, scores, rows, refine, k)
         # One searchsorted for every hit of every query, not one per hit.
@@ -104,6 +97,15 @@ class ShardData:
                                 code=code))
             out.append(hits)
         return out
+
+    def segments_codes(self) -> list:
+        return [seg.codes for seg in self.segments]
+
+    def cell_layout(self) -> CellLayout:
+        """The segments' row starts and cell offsets as tables (built on first use; segments never change)."""
+        if self._layout is None:
+            self._layout = CellLayout([seg.cell_offsets for seg in self.segments], [seg.rows for seg in self.segments])
+        return self._layout
 
     def _hit_metadata(self, rows: np.ndarray, seg_of: np.ndarray, starts: np.ndarray) -> dict:
         """{shard row: (face_id, person, source)} for every hit (rows >= 0) of every query.
