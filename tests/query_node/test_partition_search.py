@@ -6,9 +6,11 @@ scale`, not assumed here.
 """
 from __future__ import annotations
 
+import grpc
 import numpy as np
 import pytest
 
+from facepq_proto.facepq.v1 import facepq_pb2, facepq_pb2_grpc
 from indexer.commit import delete_faces
 from indexer.store import IndexStore
 from query_node.coordinator import Coordinator
@@ -56,6 +58,9 @@ def test_a_real_node_scans_the_cells_asked_over_grpc(tmp_path):
     rng = np.random.default_rng(6)
     n = node(path, [0, 1])
     try:
+        with grpc.insecure_channel(n.address) as channel:  # operators see the partition in the node's Status
+            status = facepq_pb2_grpc.QueryNodeStub(channel).Status(facepq_pb2.NodeStatusRequest(), timeout=10)
+        assert status.cells == CELLS
         coord = Coordinator(StaticRegistry([n.address]), shard_count=2)
         for nprobe in (0, 1, 4, CELLS):
             luts = np.stack([dyadic_lut(rng, M, K) for _ in range(2)])
