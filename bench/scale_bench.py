@@ -9,8 +9,11 @@ For each size N and code layout (8-bit M=8 K=256 and 4-bit M=16 K=16, both 64-bi
   (FACEPQ_CACHE) replicated with noise (up to 2^19 distinct noisy codes, tiled to N) and encoded by the
   model's codec; held-out embeddings with noise are the queries (ours only: FAISS has no such codec).
 * ours: a real index written by IndexWriter (1 shard; `--cells` cells, default 4*sqrt(N) rounded to a
-  power of two, at most 1024) and searched through the node's in-process path (IndexView.search:
-  kernels, cell ranges, metadata lookup), exhaustive (nprobe=0) and at each --nprobe.
+  power of two, at most 1024; segments of `--segment-rows` rows, default the writer's 1M) and searched
+  through the node's in-process path (IndexView.search: kernels, cell ranges, metadata lookup),
+  exhaustive (nprobe=0) and at each --nprobe. A search of some cells reads a row range per cell in
+  every segment, so `--segment-rows` lets a smaller gallery have as many ranges as a larger one
+  (10M rows in segments of 100k: the 100 segments of a 100M index).
 * FAISS: IndexPQ (8-bit) or IndexPQFastScan (4-bit) on the same codes; IndexIVFPQ (8-bit) or
   IndexIVFPQFastScan (4-bit) with by_residual=False and the same quantizer (so the same codes inside
   its lists), its coarse quantizer k-means on the vectors, the same number of lists, at each nprobe.
@@ -130,7 +133,10 @@ def recall(found: list[list[int]], truth: list[list[int]], k: int) -> float:
 
 
 # ---------------------------------------------------------------- ours
-def build_ours(root: pathlib.Path, codes_iter, meta, cells: int | None, codewords=None, segment_rows=None):
+def build_ours(root: pathlib.Path, codes_iter, meta, cells: int | None, codewords=None, segment_rows=None,
+               total: int = 0, log=lambda line: None):
+    """Write the codes as a one-shard index with the real IndexWriter; seconds taken. Logs progress every
+    tenth of `total` rows (a 100M build takes many minutes)."""
     from indexer.writer import DEFAULT_SEGMENT_ROWS, IndexWriter
 
     t0 = time.perf_counter()
@@ -138,13 +144,16 @@ def build_ours(root: pathlib.Path, codes_iter, meta, cells: int | None, codeword
 
     writer = IndexWriter(str(root), meta, shard_count=1, cells=cells, codewords=codewords,
                          segment_rows=segment_rows or DEFAULT_SEGMENT_ROWS)
-    first = 0
+    first, next_report = 0, total // 10
     for codes in codes_iter:
         n = len(codes)
         ids = np.arange(first, first + n, dtype=np.uint64)
         names = pa.repeat(pa.scalar("x"), n)
         writer.add(ids, names, names, codes)
         first += n
+        if total >= 10 and first >= next_report and first < total:
+            log(f"    ours: {first:,} of {total:,} codes written ({time.perf_counter() - t0:.0f} s)")
+            next_report = first + total // 10
     writer.commit("bench scale")
     return time.perf_counter() - t0
 
@@ -357,7 +366,7 @@ def run_real(model_path: str, n: int, args, work: pathlib.Path, nprobes, log) ->
 
     cells = args.cells or default_cells(n)
     root = work / f"real-{n}"
-    build_s = build_ours(root, codes_iter(), meta, cells, codec.codewords(), args.segment_rows)
+    build_s = build_ours(root, codes_iter(), meta, cells, codec.codewords(), args.segment_rows, n, log)
     tables = codec.query_tables(noisy(query_base, args.seed + 99991))
     log(f"  real codes ({meta.trunk} {meta.codec} M={meta.M} K={meta.K}, {len(gallery_base)} embeddings replicated "
         f"with noise to {pool_rows:,} codes, tiled to {n:,}; {cells} cells): built in {build_s:.1f} s")
@@ -392,7 +401,7 @@ def run_size(n: int, args, work: pathlib.Path, log, report=lambda rows: None) ->
             f"IVF in {ivf_s:.1f} s")
         # One index with cells: nprobe=all scans every cell, which is the exhaustive scan (same rows, same scores).
         root = work / f"{layout}-{n}"
-        build_s = build_ours(root, iter(codes), meta, cells, pq_centroids(pq), args.segment_rows)
+        build_s = build_ours(root, iter(codes), meta, cells, pq_centroids(pq), args.segment_rows, n, log)
         log(f"  ours built in {build_s:.1f} s (index writer: cells fitted and assigned, segments written and hashed)")
         family = measure_ours(root, tables, args, nprobes, log)
         for r in family:
@@ -511,12 +520,14 @@ def main(argv=None) -> int:
         raise ConfigError(f"--segment-rows must be >= 1000, got {args.segment_rows}")
     import numba
 
+    from indexer.writer import DEFAULT_SEGMENT_ROWS
     from query_node import fastscan
 
     numba.set_num_threads(1)
     header = {"machine": machine_line(), "load average at start": load_average(),
               "4-bit kernel": fastscan.status(), "sizes": sizes, "queries": args.queries, "batch": args.batch,
-              "threads": args.threads, "nprobe": args.nprobe, "command": "facepq bench scale " + " ".join(argv or
+              "threads": args.threads, "nprobe": args.nprobe,
+              "segment rows": args.segment_rows or DEFAULT_SEGMENT_ROWS, "command": "facepq bench scale " + " ".join(argv or
                                                                                                           sys.argv[1:])}
     log = print
     log(f"scale benchmark: {header['machine']}; load {header['load average at start']}")

@@ -159,6 +159,10 @@ def _info(args: argparse.Namespace) -> int:
     print(f"  bytes per face: {tiers}")
     if info["model"].get("partition"):
         print(f"  cell partition: {info['model']['partition']['cells']} cells (searches may scan a few: --nprobe)")
+    if info.get("cells"):
+        c = info["cells"]
+        print(f"    rows per cell: mean {c['mean_rows']:.1f}, largest {c['largest_rows']} "
+              f"({c['largest_over_mean']:.1f}x the mean), empty cells {c['empty']}")
     print(f"  faces: {info['faces']} live ({info['rows']} rows, {info['tombstones']} tombstoned), people: {info['people']}")
     print(f"  shards: {info['shard_count']}, segments: {info['segments']}, bytes: {info['bytes']}")
     for sh in info["shards"]:

@@ -1,6 +1,7 @@
 """Summary of an index: what `facepq index info` prints (and tests read)."""
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -21,10 +22,14 @@ def index_info(index_uri, verify: bool = False) -> dict:
     manifest = store.load_manifest()
     people: set[str] = set()
     shards = []
+    cell_rows = None  # rows per cell over every segment (a partitioned index)
     for i, state in enumerate(manifest.shards):
         dead = tombstone_ids(state)
         for ref in state.segments:
             view = open_segment(store, ref, verify=verify, model=manifest.model)
+            if view.cell_offsets is not None:
+                sizes = np.diff(view.cell_offsets)
+                cell_rows = sizes if cell_rows is None else cell_rows + sizes
             persons = view.persons
             if dead.size:
                 persons = persons.filter(pa.array(segment_live_mask(view, dead)))
@@ -39,7 +44,18 @@ def index_info(index_uri, verify: bool = False) -> dict:
         "tombstones": manifest.tombstone_count, "bytes": manifest.bytes, "shards": shards,
         "tiers": storage_tiers(manifest.model),
         **({"augmentation": dict(manifest.augmentation)} if manifest.augmentation is not None else {}),
+        **({"cells": cell_balance(cell_rows)} if cell_rows is not None else {}),
     }
+
+
+def cell_balance(cell_rows: np.ndarray) -> dict:
+    """How evenly a partitioned index's rows fill its cells. The cells are fitted once, on the first faces
+    written; if later faces fall unevenly, the largest cells grow and searches that probe them slow down
+    (recall is unchanged: faces are always in their nearest cell)."""
+    mean = float(cell_rows.mean()) if cell_rows.size else 0.0
+    return {"cells": int(cell_rows.size), "largest_rows": int(cell_rows.max(initial=0)), "mean_rows": mean,
+            "largest_over_mean": float(cell_rows.max(initial=0) / mean) if mean else 0.0,
+            "empty": int((cell_rows == 0).sum())}
 
 
 def storage_tiers(model) -> list[dict]:

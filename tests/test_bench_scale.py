@@ -12,10 +12,11 @@ from tests.support.processes import run_cli
 def test_small_scale_report(tmp_path):
     out = tmp_path / "scale"
     proc = run_cli("bench", "scale", "--small", "--sizes", "20000", "--queries", "16", "--batch", "8", "--nprobe", "1,4",
-                   "--cells", "16", "--out", out, timeout=1200)
+                   "--cells", "16", "--segment-rows", "5000", "--out", out, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "scale.json").read_text())
     assert report["header"]["sizes"] == [20000] and report["header"]["threads"] == [1, 2]
+    assert report["header"]["segment rows"] == 5000  # 4 segments: cells are ranges in each, gathered
     rows = report["rows"]
     methods = {(r["layout"].split()[0], r["method"], str(r["nprobe"])) for r in rows}
     for layout, flat, ivf in (("8bit", "FAISS IndexPQ", "FAISS IndexIVFPQ"),

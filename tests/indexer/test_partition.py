@@ -131,6 +131,29 @@ def test_delete_and_compaction_keep_cells_valid(tmp_path):
     assert [same_answer_up_to_ties(a, b) for a, b in zip(after, before)] == [True] * len(before)
 
 
+def test_index_info_reports_how_evenly_the_cells_are_filled(tmp_path):
+    """`facepq index info` counts each cell's rows over every segment: what the partition assigns the codes."""
+    from indexer.info import index_info
+    from tests.support.processes import run_cli
+
+    rng = np.random.default_rng(11)
+    _, _, codes = write_index(tmp_path / "idx", rng)
+    store = IndexStore(str(tmp_path / "idx"))
+    sizes = np.bincount(load_partition(store, store.load_manifest().model).assign(codes), minlength=CELLS)
+    cells = index_info(str(tmp_path / "idx"))["cells"]
+    assert cells == {"cells": CELLS, "largest_rows": int(sizes.max()), "mean_rows": 4000 / CELLS,
+                     "largest_over_mean": sizes.max() / (4000 / CELLS), "empty": int((sizes == 0).sum())}
+    proc = run_cli("index", "info", "--index", tmp_path / "idx")
+    assert proc.returncode == 0, proc.stderr
+    assert f"rows per cell: mean 250.0, largest {sizes.max()} ({sizes.max() / 250:.1f}x the mean)" in proc.stdout
+    assert "cells" not in index_info(str(write_unpartitioned(tmp_path / "plain", rng)))
+
+
+def write_unpartitioned(path, rng):
+    write_index(path, rng, rows=500, cells=None)
+    return path
+
+
 def test_index_without_cells_serves_every_nprobe_exhaustively(tmp_path):
     rng = np.random.default_rng(4)
     write_index(tmp_path / "idx", rng, cells=None)
