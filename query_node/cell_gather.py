@@ -54,6 +54,14 @@ class CellLayout:
         self.offsets = (np.stack([cell_offsets[i] for i in grouped]).astype(np.int64) if grouped
                         else np.zeros((0, 1), np.int64))  # [G, L + 1]
         self.whole = np.asarray([i for i, off in enumerate(cell_offsets) if off is None], dtype=np.int32)
+        self._all_kept = None  # zeros as long as the longest segment: the tombstones of a segment without any
+
+    def all_kept(self) -> np.ndarray:
+        """bool [longest segment], all False: what a segment without tombstones reads as (made once; untouched
+        pages of it cost no memory)."""
+        if self._all_kept is None:
+            self._all_kept = np.zeros(int(self.rows.max(initial=0)), dtype=np.bool_)
+        return self._all_kept
 
     @property
     def nbytes(self) -> int:
@@ -99,9 +107,9 @@ def gather_ranges(codes: list, skips: list, layout: CellLayout, seg: np.ndarray,
     _copy_rows(codes, width, seg, lo, hi, out)
     skip = None
     if any(skips[s] is not None for s in np.unique(seg).tolist()):
-        none = np.zeros(int(layout.rows.max()), dtype=np.bool_)  # a segment without tombstones reads as all-kept
+        kept = layout.all_kept()
         skip = np.empty(total, dtype=np.bool_)
-        _copy_rows([s if s is not None else none for s in skips], 1, seg, lo, hi, skip)
+        _copy_rows([s if s is not None else kept for s in skips], 1, seg, lo, hi, skip)
     gathered_starts = np.zeros(seg.size, dtype=np.int64)
     np.cumsum((hi - lo)[:-1], out=gathered_starts[1:])
     return [(out, skip)], [0], RowMap(gathered_starts, shard_starts)
