@@ -140,6 +140,21 @@ def _batched(row: Row, batch: int, codes, centroids, index, m, dsub, k, packed, 
         f"(batched answers equal single answers: {row.exact_vs_reference})")
 
 
+def faiss_simd(simd: str | None) -> str:
+    """Cap FAISS at the same instruction set as our kernels (`--simd avx2`: both sides as on an AVX2-only CPU;
+    FAISS's wheel picks its SIMD level at run time too); returns the level FAISS runs at."""
+    import faiss
+
+    config = getattr(faiss, "SIMDConfig", None)
+    if config is None:  # an older FAISS: one level, chosen when it was built
+        return "its build's SIMD level"
+    if simd:
+        level = {"avx2": faiss.SIMDLevel_AVX2, "avx512": faiss.SIMDLevel_AVX512}[simd]
+        if config.is_simd_level_available(level):
+            config.set_level(level)
+    return config.get_level_name()
+
+
 def run(sizes: list[int], k: int = 100, queries: int = 3, repeats: int = 3, seed: int = 0, log=print,
         simd: str | None = None, batch: int = 0) -> list[Row]:
     """Benchmark every configuration at every size; returns the rows (also logged)."""
@@ -154,7 +169,7 @@ def run(sizes: list[int], k: int = 100, queries: int = 3, repeats: int = 3, seed
     if simd and fastscan.available():
         fastscan.use_simd(simd)
     log(f"scan benchmark: one thread, top-{k}, {queries} queries x best of {repeats}; "
-        f"4-bit kernel: {fastscan.status()}; 8-bit kernel: {fastscan.status8()}")
+        f"4-bit kernel: {fastscan.status()}; 8-bit kernel: {fastscan.status8()}; FAISS: {faiss_simd(simd)}")
     rows = []
     for n in sizes:
         for name, m, nbits, kind in CONFIGS:

@@ -518,15 +518,19 @@ static AVX512 int fs4_scan_w8_avx512(const uint8_t *codes, int64_t n, int32_t nq
             const __m512i tl0 = _mm512_loadu_si512(tab[q][0]), tl1 = _mm512_loadu_si512(tab[q][0] + 64);
             const __m512i th0 = _mm512_loadu_si512(tab[q][1]), th1 = _mm512_loadu_si512(tab[q][1] + 64);
             const __m512i thr = _mm512_set1_epi64(qq->thr);
+            /* The 8 groups' masks first, one branch per 64 rows: nearly every block has no candidate, and
+             * 8 independent lookup chains keep the vector units busy. A mask computed before an offer
+             * raised the threshold only lets more rows through; offer() checks each one exactly. */
+            uint64_t mask = 0;
             for (int t = 0; t < 8; t++) {
                 __m512i r = _mm512_add_epi8(_mm512_permutex2var_epi8(tl0, lo[t], tl1),
                                             _mm512_permutex2var_epi8(th0, hi[t], th1));
-                uint32_t m = _mm512_cmpgt_epi64_mask(_mm512_sad_epu8(r, zero), thr);
-                while (m) {   /* lane i: row 8t + i */
-                    int i = __builtin_ctz(m);
-                    offer(qq, codes, 8, start + 8 * t + i, skip, has_skip, row_offset);
-                    m &= m - 1;
-                }
+                mask |= (uint64_t)_mm512_cmpgt_epi64_mask(_mm512_sad_epu8(r, zero), thr) << (8 * t);
+            }
+            while (mask) {   /* bit 8t + i: row 8t + i */
+                int i = __builtin_ctzll(mask);
+                offer(qq, codes, 8, start + i, skip, has_skip, row_offset);
+                mask &= mask - 1;
             }
         }
     }
