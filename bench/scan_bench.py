@@ -10,7 +10,8 @@ checked against the numpy reference (`facepq_core.codes.score_codes`, exact top-
 Targets (issue 16): 8-bit >= 4x FAISS IndexPQ throughput; 4-bit >= 1.3x FastScan
 (which is approximate: 8-bit-quantized tables). The kernels' instruction set (AVX-512
 or AVX2, picked at run time) is printed; `--simd avx2` runs the AVX2 kernels on an
-AVX-512 CPU.
+AVX-512 CPU and caps FAISS (which picks its SIMD level at run time too) at AVX2: both sides
+as on an AVX2-only CPU.
 
 Run: python bench/scan_bench.py --sizes 1000000,10000000   (or `facepq bench scan`)
 """
@@ -192,7 +193,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--batch", type=int, default=0,
                     help="also time this many queries per call (ours: one pass for all; FAISS: one search call)")
     ap.add_argument("--simd", choices=["avx512", "avx2"], default=None,
-                    help="use kernels no better than this instruction set (default: the best this CPU runs)")
+                    help="use kernels no better than this instruction set, ours and FAISS's (default: the best this CPU runs)")
 
 
 def main_args(args) -> int:
