@@ -527,8 +527,8 @@ def main(argv=None) -> int:
     header = {"machine": machine_line(), "load average at start": load_average(),
               "4-bit kernel": fastscan.status(), "sizes": sizes, "queries": args.queries, "batch": args.batch,
               "threads": args.threads, "nprobe": args.nprobe,
-              "segment rows": args.segment_rows or DEFAULT_SEGMENT_ROWS, "command": "facepq bench scale " + " ".join(argv or
-                                                                                                          sys.argv[1:])}
+              "segment rows": args.segment_rows or DEFAULT_SEGMENT_ROWS,
+              "command": "facepq bench scale " + " ".join(argv or sys.argv[1:])}
     log = print
     log(f"scale benchmark: {header['machine']}; load {header['load average at start']}")
     rows = []

@@ -193,7 +193,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--batch", type=int, default=0,
                     help="also time this many queries per call (ours: one pass for all; FAISS: one search call)")
     ap.add_argument("--simd", choices=["avx512", "avx2"], default=None,
-                    help="use kernels no better than this instruction set, ours and FAISS's (default: the best this CPU runs)")
+                    help="use kernels no better than this instruction set, ours and FAISS's "
+                         "(default: the best this CPU runs)")
 
 
 def main_args(args) -> int:

@@ -152,7 +152,8 @@ class QueryNodeServicer(facepq_pb2_grpc.QueryNodeServicer):
             node_id=self.node_id, address=self.address, index_version=view.version, m=model.M, k=model.K,
             code_bytes=model.code_bytes, codec=model.codec, model_fingerprint=model.fingerprint,
             shard_count=view.manifest.shard_count, queries_served=self.queries_served,
-            refine=model.refine.kind if model.refine else "", refine_bytes=model.refine.code_bytes if model.refine else 0,
+            refine=model.refine.kind if model.refine else "",
+            refine_bytes=model.refine.code_bytes if model.refine else 0,
             cells=view.cell_probe.cells if view.cell_probe is not None else 0)
         for s in sorted(view.shards):
             d = view.shards[s]
