@@ -226,11 +226,49 @@ def native_stderr_hidden(hidden: bool = True):
 
 
 def _quiet_ray_data_console(quiet: bool) -> None:
-    """Ray Data logs INFO lines to the console through its own handler (its file handler keeps them)."""
-    if quiet:
-        for handler in logging.getLogger("ray.data").handlers:
-            if handler.name == "console":
-                handler.setLevel(logging.ERROR)
+    """Ray Data logs INFO lines to the console through its own handler (its file handler keeps them).
+
+    Lowering that handler's level once does not hold: Ray Data rebuilds its handlers from its logging
+    config whenever a context with another dataset logger becomes current (`DataContext._set_current`), and
+    a rebuilt console handler logged "Dataset ... execution finished" to stderr of a quiet ingest (CI,
+    2026-12-02). So the config it rebuilds from becomes a copy of Ray Data's default with the console at
+    ERROR (`RAY_DATA_LOGGING_CONFIG`, unless the user names one), and the handlers of now are lowered too.
+    """
+    if not quiet:
+        return
+    if "RAY_DATA_LOGGING_CONFIG" not in os.environ:
+        path = _quiet_ray_data_logging_config()
+        if path:
+            os.environ["RAY_DATA_LOGGING_CONFIG"] = path
+    for handler in logging.getLogger("ray.data").handlers:
+        if handler.name == "console":
+            handler.setLevel(logging.ERROR)
+
+
+def _quiet_ray_data_logging_config() -> str | None:
+    """A file holding Ray Data's default logging config with its console handler at ERROR (named by its
+    content, written once, atomically); None when this Ray has no such default to copy."""
+    import copy
+    import hashlib
+    import tempfile
+
+    import yaml
+
+    try:
+        from ray.data._internal.logging import DEFAULT_CONFIG
+        config = copy.deepcopy(DEFAULT_CONFIG)
+        config["handlers"]["console"]["level"] = "ERROR"
+    except (ImportError, KeyError, TypeError):
+        return None
+    text = yaml.safe_dump(config)
+    path = os.path.join(tempfile.gettempdir(),
+                        f"facepq-ray-data-logging-{hashlib.sha256(text.encode()).hexdigest()[:16]}.yaml")
+    if not os.path.exists(path):
+        part = f"{path}.{os.getpid()}.part"
+        with open(part, "w") as f:
+            f.write(text)
+        os.replace(part, path)
+    return path
 
 
 @contextlib.contextmanager
