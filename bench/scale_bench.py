@@ -168,6 +168,7 @@ def measure_ours(root, tables, args, nprobes, log) -> list[dict]:
     data = view.shards[0]
     part_bytes = view.cell_probe.nbytes if view.cell_probe is not None else 0
     offsets_bytes = sum(s.cell_offsets.nbytes for s in data.segments if s.cell_offsets is not None)
+    offsets_bytes += data.cell_layout().nbytes  # the shard's table of all segments' offsets, a second copy
 
     def ids(hits):
         return [h.face_id for h in hits]

@@ -115,7 +115,6 @@ static inline uint64_t load64(const uint8_t *p) {
     return v;
 }
 
-
 /*
  * Transpose bytes [8g, 8g+8) of 32 rows (row stride `stride`, rows at `src`) into
  * out[0..7]: out[c] holds byte column 8g+c of the 32 rows. Within out[c], 16-bit

@@ -99,6 +99,7 @@ class ShardData:
         return out
 
     def segments_codes(self) -> list:
+        """Each segment's codes (uint8 [rows, code_bytes], memory-mapped), in scan order."""
         return [seg.codes for seg in self.segments]
 
     def cell_layout(self) -> CellLayout:
