@@ -88,6 +88,7 @@ def run_config(name, m, nbits, kind, n, k, queries, repeats, rng, log=print, bat
     codes = pack_codes(sub, spec)  # FAISS packs 4-bit codes low nibble first, like ours
     del sub
     pq_index.add_sa_codes(codes)
+    scanned = _as_node_holds(codes, spec.packed)
     index = faiss.IndexPQFastScan(pq_index) if kind == "fastscan" else pq_index
     faiss_name = "IndexPQFastScan" if kind == "fastscan" else "IndexPQ"
     centroids = faiss.vector_to_array(pq_index.pq.centroids).reshape(m, spec.K, dsub)
@@ -95,15 +96,15 @@ def run_config(name, m, nbits, kind, n, k, queries, repeats, rng, log=print, bat
     luts = np.einsum("qmd,mkd->qmk", q.reshape(queries, m, dsub), centroids).astype(np.float32)
 
     # warm both (numba compile / FAISS table allocation)
-    scan_topk(codes[:1000], luts[0], k, spec.packed)
+    scan_topk(codes[:1000], luts[0], k, spec.packed)  # (a slice of the codes: the same kernels)
     index.search(q[:1], k)
     ours_ms = faiss_ms = 0.0
     overlap = 0.0
     exact = True
     for i in range(queries):
-        ours_ms += _best_ms(lambda: scan_topk(codes, luts[i], k, spec.packed), repeats)
+        ours_ms += _best_ms(lambda: scan_topk(scanned, luts[i], k, spec.packed), repeats)
         faiss_ms += _best_ms(lambda: index.search(q[i:i + 1], k), repeats)
-        s, rows = scan_topk(codes, luts[i], k, spec.packed)
+        s, rows = scan_topk(scanned, luts[i], k, spec.packed)
         _, ids = index.search(q[i:i + 1], k)
         overlap += len(set(rows.tolist()) & set(ids[0].tolist())) / k
         ref_s, ref_rows = _reference_topk(codes, luts[i], spec, k)
@@ -113,7 +114,7 @@ def run_config(name, m, nbits, kind, n, k, queries, repeats, rng, log=print, bat
             len(set(rows.tolist()) & set(ref_rows.tolist())) >= k - 1
     row = Row(name, n, ours_ms / queries, faiss_ms / queries, faiss_name, overlap / queries, exact)
     if batch:
-        _batched(row, batch, codes, centroids, index, m, dsub, k, spec.packed, repeats, rng, log)
+        _batched(row, batch, scanned, centroids, index, m, dsub, k, spec.packed, repeats, rng, log)
     log(f"  {name:18s} N={n:>10,d}  ours {row.ours_ms:8.2f} ms ({n / row.ours_ms / 1e3:7.1f} M codes/s)  "
         f"{faiss_name} {row.faiss_ms:8.2f} ms  ratio {row.ratio:5.2f}x  "
         f"top-{k} overlap with FAISS {row.overlap_faiss * 100:5.1f}%  matches reference: {row.exact_vs_reference}")
@@ -121,6 +122,15 @@ def run_config(name, m, nbits, kind, n, k, queries, repeats, rng, log=print, bat
 
 
 TARGET_8BIT, TARGET_4BIT = 4.0, 1.3
+
+
+def _as_node_holds(codes: np.ndarray, packed: bool):
+    """The codes as a query node scans them: 4-bit ones as `CodeBlocks` where the kernel prefers them
+    (made once when a node opens a segment, so not timed), else the row-major array itself."""
+    from query_node import fastscan
+    from query_node.code_blocks import CodeBlocks
+
+    return CodeBlocks.of(codes) if packed and fastscan.blocks_preferred() else codes
 
 
 def _batched(row: Row, batch: int, codes, centroids, index, m, dsub, k, packed, repeats, rng, log) -> None:
@@ -169,8 +179,10 @@ def run(sizes: list[int], k: int = 100, queries: int = 3, repeats: int = 3, seed
 
     if simd and fastscan.available():
         fastscan.use_simd(simd)
+    layout = "32-row blocks (query_node.code_blocks)" if fastscan.blocks_preferred() else "row-major"
     log(f"scan benchmark: one thread, top-{k}, {queries} queries x best of {repeats}; "
-        f"4-bit kernel: {fastscan.status()}; 8-bit kernel: {fastscan.status8()}; FAISS: {faiss_simd(simd)}")
+        f"4-bit kernel: {fastscan.status()} on {layout} codes; 8-bit kernel: {fastscan.status8()}; "
+        f"FAISS: {faiss_simd(simd)}")
     rows = []
     for n in sizes:
         for name, m, nbits, kind in CONFIGS:

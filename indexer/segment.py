@@ -326,6 +326,17 @@ class SegmentView:
         hi = max(b.address + b.size for b in bufs) - self.map_address
         self._advise_away(lo, hi - lo)
 
+    def release_code_pages(self) -> bool:
+        """Unmap the code column's resident pages, for a reader that keeps its own copy of the codes (a query
+        node's `query_node.code_blocks`): they stay in the page cache, and a later read of `codes` faults a
+        page back in. False, and nothing done, unless the codes are a local file's map (a remote segment's
+        codes are a heap copy, which no advice frees)."""
+        if self.reader is None or self.file_map is None or not hasattr(self.file_map, "madvise"):
+            return False
+        if self.codes.nbytes:
+            self._advise_away(self.codes.ctypes.data - self.map_address, self.codes.nbytes)
+        return True
+
     def _advise_away(self, lo: int, size: int) -> None:
         """MADV_RANDOM on the whole pages of [lo, lo + size) of the map, then MADV_DONTNEED on every page it touches."""
         hi = lo + size

@@ -33,11 +33,11 @@
 
 static PyObject *self_module;   /* borrowed: use() updates its `kernels` */
 
-static fs4_scan_fn fs4_impl;
+static fs4_scan_fn fs4_impl, fs4_blocks_impl;
 static pq8_scan_fn pq8_impl;
 static q8_scan_fn q8_impl;
 static hamming_scan_fn hamming_impl;
-static const char *fs4_isa, *pq8_isa, *q8_isa, *hamming_isa;
+static const char *fs4_isa, *fs4_blocks_isa, *pq8_isa, *q8_isa, *hamming_isa;
 
 /* Instruction sets, best first; FACEPQ_SIMD=<isa> (or _fastscan.use) caps the pick at one of them. */
 static const char *const ISAS[] = {"avx512", "avx2"};
@@ -68,6 +68,11 @@ typedef struct {
 static const quantized_variant_t FS4_VARIANTS[] = {
     {"avx512", cpu_has_avx512, fs4_scan_avx512},
     {"avx2", cpu_has_avx2, fs4_scan_avx2},
+};
+
+/* 4-bit codes in 32-row blocks (query_node.code_blocks): a node keeps them where fs4_scan runs AVX2. */
+static const quantized_variant_t FS4_BLOCK_VARIANTS[] = {
+    {"avx2", cpu_has_avx2, fs4_scan_blocks_avx2},
 };
 
 static const struct {
@@ -113,6 +118,7 @@ static void pick_kernels(int cap) {
 #if FASTSCAN_X86
     __builtin_cpu_init();
     PICK(FS4_VARIANTS, fs4_impl, fs4_isa, cap)
+    PICK(FS4_BLOCK_VARIANTS, fs4_blocks_impl, fs4_blocks_isa, cap)
     PICK(PQ8_VARIANTS, pq8_impl, pq8_isa, cap)
     PICK(Q8_VARIANTS, q8_impl, q8_isa, cap)
     PICK(HAMMING_VARIANTS, hamming_impl, hamming_isa, cap)
@@ -129,12 +135,14 @@ static int check_size(const char *kernel, const char *what, const Py_buffer *buf
 }
 
 /*
- * Shapes shared by both kernels, from the codes and heap buffers: n rows of `width` bytes,
+ * Shapes shared by every kernel, from the codes and heap buffers: n rows of `width` bytes,
  * nq heaps of k entries. Checks the heaps, the byte tables and the tombstones against them.
+ * `rows` >= 0: the codes are 32-row blocks (query_node.code_blocks) of that many rows, padded to
+ * whole blocks; -1: row-major codes, n = their bytes / width.
  */
-static int check_common(const char *kernel, const Py_buffer *codes, int width, const Py_buffer *tables,
-                        const Py_buffer *skip, int has_skip, const Py_buffer *heap_s, const Py_buffer *heap_r,
-                        int k, long long *n, int *nq) {
+static int check_shapes(const char *kernel, const Py_buffer *codes, long long rows, int width,
+                        const Py_buffer *tables, const Py_buffer *skip, int has_skip, const Py_buffer *heap_s,
+                        const Py_buffer *heap_r, int k, long long *n, int *nq) {
     if (width < 1 || k < 1) {
         PyErr_Format(PyExc_ValueError, "%s: width and k must be >= 1, got %d and %d", kernel, width, k);
         return -1;
@@ -144,19 +152,31 @@ static int check_common(const char *kernel, const Py_buffer *codes, int width, c
                      codes->len, width);
         return -1;
     }
+    if (rows >= 0 && (rows + 31) / 32 * 32 * width != (long long)codes->len) {
+        PyErr_Format(PyExc_ValueError, "%s: code blocks hold %zd bytes, expected %lld for %lld rows of %d bytes",
+                     kernel, codes->len, (rows + 31) / 32 * 32 * width, rows, width);
+        return -1;
+    }
     long long heap_bytes = (long long)k * (long long)sizeof(float);
     if (heap_s->len == 0 || heap_s->len % heap_bytes || heap_s->len / heap_bytes > INT32_MAX) {
         PyErr_Format(PyExc_ValueError, "%s: heap scores hold %zd bytes, not whole float32 heaps of k=%d",
                      kernel, heap_s->len, k);
         return -1;
     }
-    *n = codes->len / width;
+    *n = rows >= 0 ? rows : codes->len / width;
     *nq = (int)(heap_s->len / heap_bytes);
     if (check_size(kernel, "heap rows (int64 [nq, k])", heap_r, (long long)*nq * k * 8) ||
         check_size(kernel, "byte tables (float32 [nq, width * 256])", tables, (long long)*nq * width * 256 * 4))
         return -1;
     if (has_skip && check_size(kernel, "skip mask (bool [n])", skip, *n)) return -1;
     return 0;
+}
+
+/* check_shapes of row-major codes. */
+static int check_common(const char *kernel, const Py_buffer *codes, int width, const Py_buffer *tables,
+                        const Py_buffer *skip, int has_skip, const Py_buffer *heap_s, const Py_buffer *heap_r,
+                        int k, long long *n, int *nq) {
+    return check_shapes(kernel, codes, -1, width, tables, skip, has_skip, heap_s, heap_r, k, n, nq);
 }
 
 /* Map a kernel's return code to an exception; 0 when it succeeded. */
@@ -289,18 +309,27 @@ PyDoc_STRVAR(q8_scan_doc,
              "Scan 8-bit codes with 7-bit quantized byte tables and re-score candidates exactly;\n"
              "updates the heaps in place. Arguments: query_node.fastscan.scan_q8_into.");
 
-/* fs4_scan and q8_scan: the same arguments, tables of `per_column` bytes per byte column. */
+/*
+ * fs4_scan, q8_scan and fs4_scan_blocks: the same arguments, tables of `per_column` bytes per byte
+ * column; `blocked`: the codes are 32-row blocks and their row count follows them.
+ */
 static PyObject *quantized_scan(const char *kernel, fs4_scan_fn impl, long long per_column, const char *what,
-                                PyObject *args) {
+                                int blocked, PyObject *args) {
     Py_buffer codes, pair, qt, base, delta, terms, skip, heap_s, heap_r;
     int width, has_skip, k, nq, rc, threads = 1;
-    long long row_offset, n, width8;
+    long long rows = -1, row_offset, n, width8;
     PyObject *result = NULL;
     if (!impl) return no_variant(kernel);
-    if (!PyArg_ParseTuple(args, "y*iy*y*y*y*y*y*pLw*w*i|i", &codes, &width, &pair, &qt, &base, &delta, &terms,
-                          &skip, &has_skip, &row_offset, &heap_s, &heap_r, &k, &threads))
+    if (blocked ? !PyArg_ParseTuple(args, "y*Liy*y*y*y*y*y*pLw*w*i|i", &codes, &rows, &width, &pair, &qt, &base,
+                                    &delta, &terms, &skip, &has_skip, &row_offset, &heap_s, &heap_r, &k, &threads)
+                : !PyArg_ParseTuple(args, "y*iy*y*y*y*y*y*pLw*w*i|i", &codes, &width, &pair, &qt, &base, &delta,
+                                    &terms, &skip, &has_skip, &row_offset, &heap_s, &heap_r, &k, &threads))
         return NULL;
-    if (check_common(kernel, &codes, width, &pair, &skip, has_skip, &heap_s, &heap_r, k, &n, &nq)) goto done;
+    if (blocked && rows < 0) {
+        PyErr_Format(PyExc_ValueError, "%s: rows must be >= 0, got %lld", kernel, rows);
+        goto done;
+    }
+    if (check_shapes(kernel, &codes, rows, width, &pair, &skip, has_skip, &heap_s, &heap_r, k, &n, &nq)) goto done;
     if (width > FS4_MAX_CODE_BYTES) {
         PyErr_Format(PyExc_ValueError, "%s: codes of %d bytes, at most %d", kernel, width, FS4_MAX_CODE_BYTES);
         goto done;
@@ -333,12 +362,24 @@ done:
 
 static PyObject *fs4_scan(PyObject *self, PyObject *args) {
     (void)self;
-    return quantized_scan("fs4_scan", fs4_impl, 64, "nibble tables (uint8 [nq, width8, 2, 32])", args);
+    return quantized_scan("fs4_scan", fs4_impl, 64, "nibble tables (uint8 [nq, width8, 2, 32])", 0, args);
+}
+
+PyDoc_STRVAR(fs4_scan_blocks_doc,
+             "fs4_scan_blocks(blocks, rows, width, byte_tables, nib, base, delta, terms, skip, has_skip, row_offset,"
+             " heap_s, heap_r, k, threads=1)\n--\n\n"
+             "fs4_scan of 4-bit codes in 32-row blocks (query_node.code_blocks); same results.\n"
+             "Arguments: query_node.fastscan.scan_blocks_into.");
+
+static PyObject *fs4_scan_blocks(PyObject *self, PyObject *args) {
+    (void)self;
+    return quantized_scan("fs4_scan_blocks", fs4_blocks_impl, 64, "nibble tables (uint8 [nq, width8, 2, 32])", 1,
+                          args);
 }
 
 static PyObject *q8_scan(PyObject *self, PyObject *args) {
     (void)self;
-    return quantized_scan("q8_scan", q8_impl, 256, "quantized byte tables (uint8 [nq, width8, 256])", args);
+    return quantized_scan("q8_scan", q8_impl, 256, "quantized byte tables (uint8 [nq, width8, 256])", 0, args);
 }
 
 PyDoc_STRVAR(pq8_scan_doc,
@@ -635,6 +676,7 @@ done:
 
 static PyMethodDef methods[] = {
     {"fs4_scan", fs4_scan, METH_VARARGS, fs4_scan_doc},
+    {"fs4_scan_blocks", fs4_scan_blocks, METH_VARARGS, fs4_scan_blocks_doc},
     {"q8_scan", q8_scan, METH_VARARGS, q8_scan_doc},
     {"pq8_scan", pq8_scan, METH_VARARGS, pq8_scan_doc},
     {"use", use, METH_VARARGS, use_doc},
@@ -664,7 +706,8 @@ static int add_isa(PyObject *kernels, const char *kernel, const char *isa) {
 /* {kernel: the instruction set of its picked variant, or None}. */
 static PyObject *kernels_dict(void) {
     PyObject *kernels = PyDict_New();
-    if (!kernels || add_isa(kernels, "fs4_scan", fs4_isa) || add_isa(kernels, "q8_scan", q8_isa) ||
+    if (!kernels || add_isa(kernels, "fs4_scan", fs4_isa) || add_isa(kernels, "fs4_scan_blocks", fs4_blocks_isa) ||
+        add_isa(kernels, "q8_scan", q8_isa) ||
         add_isa(kernels, "pq8_scan", pq8_isa) ||
         add_isa(kernels, "hamming_scan", hamming_isa)) {
         Py_XDECREF(kernels);

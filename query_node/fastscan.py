@@ -2,7 +2,8 @@
 
 * 4-bit codes: quantized nibble tables + vpshufb lookups of 32 rows (AVX2) or 64 rows
   (AVX-512) at once prune the rows that cannot reach the k-th best; the rest are
-  re-scored with the float tables.
+  re-scored with the float tables. Where that kernel runs AVX2, a node scans the codes
+  in 32-row blocks instead (`query_node.code_blocks`, kernel fs4_scan_blocks).
 * 8-bit codes with AVX-512 VBMI: 7-bit quantized byte tables, each held in four zmm
   registers and looked up 64 rows at a time (two vpermi2b + a blend), prune the same
   way (`byte_quant_tables`, kernel q8_scan).
@@ -85,6 +86,14 @@ def status() -> str:
     """The 4-bit kernel's instruction set ('avx512', 'avx2'), or 'numba (<why the native kernel is not used>)'."""
     native, why = _load()
     return native.kernels["fs4_scan"] if native is not None else f"numba ({why})"
+
+
+def blocks_preferred() -> bool:
+    """True when 4-bit codes scan faster as `query_node.code_blocks.CodeBlocks` here: the 4-bit kernel
+    runs AVX2 (the AVX-512 one reads row-major codes without a transpose in registers)."""
+    native = _load()[0]
+    return native is not None and native.kernels["fs4_scan"] == "avx2" and \
+        native.kernels.get("fs4_scan_blocks") is not None
 
 
 def status8() -> str:
@@ -221,6 +230,20 @@ def scan_into(codes: np.ndarray, byte_tables: np.ndarray, tables: NibbleTables, 
                   ("base", tables.base, _FLOAT64), ("delta", tables.delta, _FLOAT64), ("terms", tables.terms, _INT32))
     _native().fs4_scan(codes, codes.shape[1], byte_tables, tables.nib, tables.base, tables.delta, tables.terms,
                        skip, has_skip, row_offset, heap_s, heap_r, heap_s.shape[-1], threads)
+
+
+def scan_blocks_into(blocks, byte_tables: np.ndarray, tables: NibbleTables, skip: np.ndarray, has_skip: bool,
+                     row_offset: int, heap_s: np.ndarray, heap_r: np.ndarray, threads: int = 1) -> None:
+    """`scan_into` for codes held as `query_node.code_blocks.CodeBlocks` (same heap, same results).
+
+    Args and errors as `scan_into`, `blocks` in place of the codes.
+    """
+    _check_arrays(blocks.blocks.reshape(-1, blocks.width), byte_tables, skip, has_skip, heap_s, heap_r,
+                  ("nib", tables.nib, _UINT8), ("base", tables.base, _FLOAT64), ("delta", tables.delta, _FLOAT64),
+                  ("terms", tables.terms, _INT32))
+    _native().fs4_scan_blocks(blocks.blocks, blocks.rows, blocks.width, byte_tables, tables.nib, tables.base,
+                              tables.delta, tables.terms, skip, has_skip, row_offset, heap_s, heap_r,
+                              heap_s.shape[-1], threads)
 
 
 def scan8_into(codes: np.ndarray, byte_tables: np.ndarray, skip: np.ndarray, has_skip: bool, row_offset: int,

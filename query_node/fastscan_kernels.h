@@ -62,6 +62,11 @@ int fs4_scan_avx2(const uint8_t *codes, int64_t n, int32_t width, int32_t nq, co
                   const uint8_t *nib, const double *base, const double *delta, const int32_t *terms,
                   const uint8_t *skip, int32_t has_skip, int64_t row_offset, float *heap_s, int64_t *heap_r,
                   int32_t k);
+/* fs4_scan of codes in 32-row blocks (query_node/code_blocks.py), ceil(n / 32) * 32 * width bytes. */
+int fs4_scan_blocks_avx2(const uint8_t *codes, int64_t n, int32_t width, int32_t nq, const float *pair,
+                         const uint8_t *nib, const double *base, const double *delta, const int32_t *terms,
+                         const uint8_t *skip, int32_t has_skip, int64_t row_offset, float *heap_s,
+                         int64_t *heap_r, int32_t k);
 int pq8_scan_avx2(const uint8_t *codes, int64_t n, int32_t width, int32_t nq, const float *tables,
                   const uint8_t *skip, int32_t has_skip, int64_t row_offset, float *heap_s, int64_t *heap_r,
                   int32_t k);

@@ -9,6 +9,10 @@ A view is immutable once built; query_node.live_index swaps whole views.
 
 A partitioned index (facepq_core.partition) loads its cell probe with the view; a search
 with `nprobe` (1..L-1) scans only the cells its lookup tables score best, 0 or >= L everything.
+
+Where the 4-bit kernel runs AVX2, a node keeps an unpartitioned 4-bit index's codes as 32-row blocks
+(query_node.code_blocks: the layout that kernel reads without transposing) in place of the map's code
+pages, made once per segment and reused by later views like the segment itself.
 """
 from __future__ import annotations
 
@@ -17,6 +21,8 @@ import logging
 import numpy as np
 
 from facepq_core.errors import ConfigError, IndexFormatError
+from query_node import fastscan
+from query_node.code_blocks import CodeBlocks
 from query_node.merge import Hit, merge_shard_lists
 from query_node.scan import scan_tables
 from query_node.shard_search import ScanStats, ShardData
@@ -78,7 +84,7 @@ class IndexView:
 
 
 def load_view(store, shard_ids: list[int], previous: IndexView | None = None, verify: bool = True,
-              manifest=None, recheck: frozenset = frozenset()) -> IndexView:
+              manifest=None, recheck: frozenset = frozenset(), code_blocks: bool | None = None) -> IndexView:
     """Open the current manifest's segments of `shard_ids`.
 
     Args:
@@ -88,6 +94,8 @@ def load_view(store, shard_ids: list[int], previous: IndexView | None = None, ve
         verify: check every newly opened segment's size and sha256.
         manifest: the manifest to open (default: the current one).
         recheck: segment ids never reused from `previous` (their files changed on disk).
+        code_blocks: keep 4-bit codes as `CodeBlocks` (None: where `fastscan.blocks_preferred()` and the
+            index has no cells, whose gather reads the map's rows).
     Raises:
         IndexFormatError: no index / unreadable manifest. ConfigError: a shard outside the index.
     """
@@ -101,10 +109,14 @@ def load_view(store, shard_ids: list[int], previous: IndexView | None = None, ve
         raise ConfigError(f"shard(s) {bad} do not exist: the index at {store.uri} has {manifest.shard_count} "
                           f"shards (0..{manifest.shard_count - 1})")
     cell_probe = load_prober(store, manifest.model)  # IndexFormatError when missing, altered or another model's
-    reuse = {}
+    if code_blocks is None:
+        code_blocks = manifest.model.packed and cell_probe is None and fastscan.blocks_preferred()
+    reuse, reuse_blocks = {}, {}
     if previous is not None:
         for data in previous.shards.values():
             reuse.update({seg.ref.id: seg for seg in data.segments if seg.ref.id not in recheck})
+            reuse_blocks.update({seg.ref.id: b for seg, b in zip(data.segments, data.blocks)
+                                 if b is not None and reuse.get(seg.ref.id) is seg})
     shards = {}
     for shard in shard_ids:
         state = manifest.shards[shard]
@@ -116,6 +128,9 @@ def load_view(store, shard_ids: list[int], previous: IndexView | None = None, ve
                     seg = open_segment(store, ref, verify=verify or ref.id in recheck, model=manifest.model)
                     seg.advise_random_access()
                 data.segments.append(seg)
+                if code_blocks:  # a reused segment keeps its blocks
+                    reused = reuse_blocks.get(ref.id) if reuse.get(ref.id) is seg else None
+                    data.blocks.append(reused if reused is not None else _code_blocks(seg))
         except SegmentCorrupt as exc:
             log.error("shard %d NOT_SERVING at version %d: %s", shard, manifest.version, exc)
             shards[shard] = ShardData(shard=shard, serving=False, reason=str(exc))
@@ -123,6 +138,16 @@ def load_view(store, shard_ids: list[int], previous: IndexView | None = None, ve
         _mask_tombstones(data, state.tombstones)
         shards[shard] = data
     return IndexView(manifest, shards, cell_probe)
+
+
+def _code_blocks(seg) -> CodeBlocks | None:
+    """The segment's codes as `CodeBlocks`, its map's code pages released; None for a segment whose codes
+    are not a local file's map (a remote segment's heap copy: blocks would double the node's memory)."""
+    if seg.file_map is None or seg.reader is None:
+        return None
+    blocks = CodeBlocks.of(seg.codes)
+    seg.release_code_pages()
+    return blocks
 
 
 def _mask_tombstones(data: ShardData, tombstones) -> None:

@@ -49,6 +49,7 @@ import numba
 import numpy as np
 
 from query_node import fastscan, hamming_scan
+from query_node.code_blocks import CodeBlocks
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +257,8 @@ class TopKHeap:
 
     def scan(self, codes: np.ndarray, tables: np.ndarray | ScanTables, skip_mask: np.ndarray | None = None,
              block: int = 4096) -> None:
-        """Scan one segment's codes uint8 [N, B] with `ScanTables` or byte tables float32 [Q, B*256].
+        """Scan one segment's codes uint8 [N, B] (or its `CodeBlocks`) with `ScanTables` or byte tables
+        float32 [Q, B*256].
 
         Rows of this segment are numbered from `rows_scanned` (the rows of the segments
         scanned before), so ties are broken across segments by scan order.
@@ -264,7 +266,11 @@ class TopKHeap:
         nibble = quant8 = hamming = None
         if isinstance(tables, ScanTables):
             tables, nibble, quant8, hamming = tables.byte, tables.nibble, tables.quant8, tables.hamming
-        if codes.ndim != 2 or codes.dtype != np.uint8 or not codes.flags.c_contiguous:
+        blocks = codes if isinstance(codes, CodeBlocks) else None
+        if blocks is not None and not (self.native and nibble is not None):
+            # only the native 4-bit kernel reads blocks (tables it cannot take, e.g. non-finite: float scan)
+            codes, blocks = blocks.codes(), None
+        if blocks is None and (codes.ndim != 2 or codes.dtype != np.uint8 or not codes.flags.c_contiguous):
             raise ValueError(f"codes must be C-contiguous uint8 [N, B], got {codes.dtype} {codes.shape}")
         if tables.shape != (self.scores.shape[0], codes.shape[1] * 256) or tables.dtype != np.float32:
             raise ValueError(f"byte tables must be float32 [{self.scores.shape[0]}, {codes.shape[1] * 256}], "
@@ -278,7 +284,9 @@ class TopKHeap:
                 raise ValueError(f"skip_mask must be bool [{n}], got {skip.shape}")
         tables = np.ascontiguousarray(tables)
         at, threads = self.rows_scanned, self.threads
-        if n and self.native and hamming is not None:
+        if n and blocks is not None:
+            fastscan.scan_blocks_into(blocks, tables, nibble, skip, has_skip, at, self.scores, self.rows, threads)
+        elif n and self.native and hamming is not None:
             hamming_scan.scan_into(codes, hamming, skip, has_skip, at, self.scores, self.rows)
         elif n and self.native and nibble is not None:
             fastscan.scan_into(codes, tables, nibble, skip, has_skip, at, self.scores, self.rows, threads)
@@ -381,7 +389,7 @@ def scan_topk_batch(codes: np.ndarray, lookup_tables: np.ndarray, k: int, packed
     """Exact top-k of several queries in one pass over the codes.
 
     Args:
-        codes: uint8 [N, code_bytes] stored codes (layout of `facepq_core.codes`).
+        codes: uint8 [N, code_bytes] stored codes (layout of `facepq_core.codes`), or their `CodeBlocks`.
         lookup_tables: float32 [Q, M, K].
         k: results per query (>= 1).
         packed: True for 4-bit codes (two sub-codes per byte).
@@ -390,9 +398,10 @@ def scan_topk_batch(codes: np.ndarray, lookup_tables: np.ndarray, k: int, packed
         scores float32 [Q, k] and rows int64 [Q, k], best first (ties: lower row first);
         when fewer than k rows are live the tail is -inf / -1.
     """
-    codes = np.ascontiguousarray(codes, dtype=np.uint8)
-    if codes.ndim != 2:
-        raise ValueError(f"codes must be uint8 [N, code_bytes], got shape {codes.shape}")
+    if not isinstance(codes, CodeBlocks):
+        codes = np.ascontiguousarray(codes, dtype=np.uint8)
+        if codes.ndim != 2:
+            raise ValueError(f"codes must be uint8 [N, code_bytes], got shape {codes.shape}")
     tables = scan_tables(lookup_tables, packed, codes.shape[1])
     heap = TopKHeap(tables.byte.shape[0], k)
     heap.scan(codes, tables, skip_mask)

@@ -41,6 +41,7 @@ class ShardData:
     shard: int
     segments: list = field(default_factory=list)   # indexer.segment.SegmentView, scan order
     skips: list = field(default_factory=list)      # bool [rows] per segment (True = tombstoned) or None
+    blocks: list = field(default_factory=list)     # per segment: its codes as CodeBlocks, or None (see load_view)
     rows: int = 0
     live_rows: int = 0
     code_bytes: int = 0
@@ -56,8 +57,8 @@ class ShardData:
         `stats` (optional) accumulates the seconds spent in the scan kernel and the rows scanned.
         `refine` (optional): two stages, the top max(R, k) of the scan re-scored by the refinement
         tier, whose scores the hits then carry. `threads`: native threads per segment scan (same answer).
-        `with_codes`: each hit carries its stored code (read through
-        the map the scan just read, so no page becomes resident that the scan did not already touch).
+        `with_codes`: each hit carries its stored code (read from what the scan just read: the segment's
+        blocks or its map, so no page becomes resident that the scan did not already touch).
         `cells` (optional, sorted cell ids): scan only these cells of segments grouped by cell
         (a segment without cell offsets is scanned whole).
         """
@@ -66,7 +67,7 @@ class ShardData:
         t0 = time.perf_counter()
         row_map = None
         if cells is None:
-            pieces, piece_starts = list(zip(self.segments_codes(), self.skips)), layout.starts.tolist()
+            pieces, piece_starts = list(zip(self.scanned_codes(), self.skips)), layout.starts.tolist()
         else:  # the probed cells' ranges in every segment, gathered into one piece (query_node.cell_gather)
             seg, lo, hi = layout.ranges(cells)
             pieces, piece_starts, row_map = gather_ranges(self.segments_codes(), self.skips, layout, seg, lo, hi)
@@ -91,8 +92,7 @@ class ShardData:
                 face_id, person, source = meta[row]
                 code = b""
                 if with_codes:
-                    s = int(seg_of[q, j])
-                    code = self.segments[s].codes[row - int(starts[s])].tobytes()
+                    code = self._code_of(int(seg_of[q, j]), row - int(starts[seg_of[q, j]]))
                 hits.append(Hit(face_id=face_id, person=person, source=source, score=score, shard=self.shard,
                                 code=code))
             out.append(hits)
@@ -101,6 +101,18 @@ class ShardData:
     def segments_codes(self) -> list:
         """Each segment's codes (uint8 [rows, code_bytes], memory-mapped), in scan order."""
         return [seg.codes for seg in self.segments]
+
+    def scanned_codes(self) -> list:
+        """What an exhaustive scan reads of each segment: its `CodeBlocks` where the node made them, else its codes."""
+        if not self.blocks:
+            return self.segments_codes()
+        return [b if b is not None else seg.codes for seg, b in zip(self.segments, self.blocks)]
+
+    def _code_of(self, s: int, row: int) -> bytes:
+        """Segment s's stored code of `row`: from its blocks where the node keeps them (the map's code pages
+        were released), else through the map the scan just read (no page becomes resident that it did not)."""
+        blocks = self.blocks[s] if self.blocks else None
+        return blocks.row(row) if blocks is not None else self.segments[s].codes[row].tobytes()
 
     def cell_layout(self) -> CellLayout:
         """The segments' row starts and cell offsets as tables (built on first use; segments never change)."""

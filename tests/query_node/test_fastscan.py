@@ -18,6 +18,7 @@ import pytest
 
 from facepq_core.codes import CodeSpec, pack_codes
 from query_node import fastscan
+from query_node.code_blocks import CodeBlocks
 from query_node.scan import TopKHeap, byte_tables, scan_tables
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -58,23 +59,33 @@ def test_the_extension_module_is_what_runs_here():
 
     assert fastscan.available(), fastscan.status()
     assert fastscan.status() == BEST
-    assert _fastscan.kernels == {"fs4_scan": BEST, "q8_scan": "avx512" if HAS_AVX512 else None, "pq8_scan": "avx2",
+    assert _fastscan.kernels == {"fs4_scan": BEST, "fs4_scan_blocks": "avx2",
+                                 "q8_scan": "avx512" if HAS_AVX512 else None, "pq8_scan": "avx2",
                                  "hamming_scan": next(isa for isa, runs in _fastscan.hamming_variants.items() if runs)}
     assert _fastscan.__file__.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
     assert _fastscan.FS4_MAX_CODE_BYTES == fastscan.MAX_CODE_BYTES
 
 
 def scan_both(codes_list, luts, k, skips):
-    """(native scores, rows), (numba scores, rows) over several segments scanned into one heap."""
+    """(native scores, rows), (numba scores, rows) over several segments scanned into one heap.
+
+    The same segments as `CodeBlocks` (the AVX2 block kernel, whichever `simd` runs) must give the
+    numba answer too: asserted here, so every case below covers both layouts.
+    """
     packed_bytes = codes_list[0].shape[1]
     native_tables = scan_tables(luts, True, packed_bytes)
     assert native_tables.nibble is not None
     float_tables = byte_tables(luts, True, packed_bytes)
     native, numba_heap = TopKHeap(len(luts), k, native=True), TopKHeap(len(luts), k, native=False)
+    blocked = TopKHeap(len(luts), k, native=True)
     for codes, skip in zip(codes_list, skips):
         native.scan(codes, native_tables, skip)
         numba_heap.scan(codes, float_tables, skip)
-    return native.result(), numba_heap.result()
+        blocked.scan(CodeBlocks.of(codes), native_tables, skip)
+    expected = numba_heap.result()
+    for got, want in zip(blocked.result(), expected):
+        np.testing.assert_array_equal(got, want, err_msg="scanned as CodeBlocks")
+    return native.result(), expected
 
 
 def random_case(rng, tables: str):
@@ -178,6 +189,7 @@ import sys
 import numpy as np
 from facepq_core.codes import CodeSpec, pack_codes
 from query_node import fastscan
+from query_node.code_blocks import CodeBlocks
 from query_node.scan import scan_topk_batch
 
 rng = np.random.default_rng(7)

@@ -1,0 +1,184 @@
+"""4-bit codes held as 32-row blocks (query_node.code_blocks): the layout, and a node that scans them.
+
+Where the 4-bit kernel runs AVX2, a node keeps an unpartitioned 4-bit index's codes as `CodeBlocks` in
+place of the map's code pages. These tests force the AVX2 kernels (`use_simd("avx2")`, or FACEPQ_SIMD=avx2
+for a node process) so they run the block path on AVX-512 CPUs too, and check answers against brute
+force, the map's pages against /proc, and reuse across index versions.
+"""
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from indexer.store import IndexStore
+from query_node import fastscan
+from query_node.code_blocks import CodeBlocks
+from query_node.index_view import load_view
+from tests.query_node.test_fastscan import _why_no_native
+from tests.support.index import brute_force, build_index, dyadic_lut
+
+pytestmark = pytest.mark.timeout(180)
+native_only = pytest.mark.skipif(_why_no_native() is not None, reason=str(_why_no_native()))
+
+
+@pytest.fixture
+def avx2():
+    fastscan.use_simd("avx2")
+    yield
+    fastscan.use_simd(None)
+
+
+@pytest.mark.parametrize("rows", [0, 1, 31, 32, 33, 1000, 70_000])
+@pytest.mark.parametrize("width", [1, 3, 8, 16])
+def test_blocks_hold_the_rows_column_by_column_and_give_them_back(rows, width):
+    codes = np.random.default_rng(rows + width).integers(0, 256, size=(rows, width), dtype=np.uint8)
+    blocks = CodeBlocks.of(codes)
+    assert blocks.shape == (rows, width)
+    assert blocks.blocks.shape == (-(-rows // 32), width, 32)
+    np.testing.assert_array_equal(blocks.codes(), codes)
+    if rows > 40:   # byte v of column c of block j is byte c of row 32j + v
+        assert blocks.blocks[1, width - 1, 7] == codes[39, width - 1]
+    if rows % 32:   # the padding rows of the last block are zero
+        assert not blocks.blocks[-1, :, rows % 32:].any()
+
+
+def test_blocks_refuse_what_is_not_a_code_matrix():
+    with pytest.raises(ValueError, match="uint8"):
+        CodeBlocks.of(np.zeros((4, 8), dtype=np.int32))
+    with pytest.raises(ValueError, match="uint8"):
+        CodeBlocks.of(np.zeros(8, dtype=np.uint8))
+
+
+@native_only
+def test_the_block_kernel_checks_its_buffer_against_the_rows():
+    from query_node import _fastscan
+
+    blocks = np.zeros((2 * 32, 8), dtype=np.uint8)   # two blocks: 33..64 rows
+    heap_s, heap_r = np.full((1, 5), -np.inf, np.float32), np.full((1, 5), np.iinfo(np.int64).max)
+    args = (np.zeros((1, 8 * 256), np.float32), np.zeros((1, 8, 2, 32), np.uint8), np.zeros(1), np.ones(1),
+            np.zeros(1, np.int32), np.zeros(1, np.uint8), False, 0, heap_s, heap_r, 5)
+    with pytest.raises(ValueError, match="hold 512 bytes, expected 256 for 20 rows"):
+        _fastscan.fs4_scan_blocks(blocks, 20, 8, *args)
+    with pytest.raises(ValueError, match="rows must be >= 0"):
+        _fastscan.fs4_scan_blocks(blocks, -1, 8, *args)
+    _fastscan.fs4_scan_blocks(blocks, 64, 8, *args)   # the right row count scans
+
+
+@native_only
+def test_split_scans_of_blocks_equal_one_thread_with_tombstones(avx2):
+    """Rows split over native threads at block boundaries, a partial last block, tombstones: same heaps."""
+    from query_node.scan import TopKHeap, byte_tables, scan_tables
+
+    rng = np.random.default_rng(3)
+    codes = rng.integers(0, 256, size=(300_017, 8), dtype=np.uint8)
+    skip = rng.random(len(codes)) < 0.1
+    luts = rng.standard_normal((3, 16, 16)).astype(np.float32)
+    blocks = CodeBlocks.of(codes)
+    reference = TopKHeap(3, 50, native=False)
+    reference.scan(codes, byte_tables(luts, True, 8), skip)
+    for threads in (1, 2, 3):
+        heap = TopKHeap(3, 50, threads=threads)
+        heap.scan(blocks, scan_tables(luts, True, 8), skip)
+        for got, want in zip(heap.result(), reference.result()):
+            np.testing.assert_array_equal(got, want)
+
+
+def _resident_pages(address: int, size: int) -> int:
+    from tests.query_node.test_shard_view_memory import _resident_pages as resident
+
+    return resident(address, size)
+
+
+@native_only
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="residency is read from /proc")
+def test_a_view_scans_blocks_with_the_maps_code_pages_released_and_answers_exactly(tmp_path, avx2):
+    from indexer.commit import delete_faces
+    from tests.query_node.test_shard_view_memory import _code_pages
+
+    path = tmp_path / "idx"
+    _, ids, codes = build_index(path, rows=60_000, shard_count=2, M=15, K=16)
+    store = IndexStore(str(path))
+    delete_faces(store, face_ids=[int(i) for i in ids[::9]])
+    stored = dict(zip(ids.tolist(), map(bytes, codes)))
+    view = load_view(store, [0, 1])
+    for shard in view.shards.values():
+        assert len(shard.blocks) == len(shard.segments) and all(b is not None for b in shard.blocks)
+    rng = np.random.default_rng(4)
+    for _ in range(3):
+        lut = dyadic_lut(rng, 15, 16)
+        hits = view.search(lut[None], 40, [0, 1], with_codes=True)[0]
+        assert [(h.face_id, h.score) for h in hits] == [r[:2] for r in brute_force(path, lut, 40)]
+        assert all(h.code == stored[h.face_id] for h in hits)   # read from the blocks
+    pages = [_code_pages(seg) for shard in view.shards.values() for seg in shard.segments]
+    assert sum(max(size, 0) for _, size in pages) > 80 * 4096   # the check spans the codes, not a sliver
+    assert sum(_resident_pages(at, size) for at, size in pages) == 0   # the scans read the blocks, not the map
+    for shard in view.shards.values():   # (reading the map faults its pages back in: after the check above)
+        for seg, blocks in zip(shard.segments, shard.blocks):
+            np.testing.assert_array_equal(blocks.codes(), seg.codes)
+    row_major = load_view(store, [0, 1], code_blocks=False)
+    assert not row_major.shards[0].blocks
+    lut = dyadic_lut(rng, 15, 16)
+    assert [h.face_id for h in row_major.search(lut[None], 40, [0, 1])[0]] == \
+        [h.face_id for h in view.search(lut[None], 40, [0, 1])[0]]
+
+
+@native_only
+def test_a_new_version_reuses_the_blocks_of_unchanged_segments(tmp_path, avx2):
+    from indexer.commit import delete_faces
+
+    path = tmp_path / "idx"
+    _, ids, _ = build_index(path, rows=4000, shard_count=1, M=16, K=16)
+    store = IndexStore(str(path))
+    first = load_view(store, [0])
+    delete_faces(store, face_ids=[int(ids[0])])   # new version, same segment files
+    second = load_view(store, [0], previous=first)
+    assert len(second.shards[0].blocks) == 2
+    assert all(a is b for a, b in zip(first.shards[0].blocks, second.shards[0].blocks))
+
+
+@native_only
+def test_a_partitioned_index_keeps_row_major_codes_for_its_cell_gather(tmp_path, avx2):
+    path = tmp_path / "idx"
+    build_index(path, rows=4000, shard_count=1, M=16, K=16, cells=8)
+    view = load_view(IndexStore(str(path)), [0])
+    assert view.cell_probe is not None and not view.shards[0].blocks
+
+
+@native_only
+def test_an_8bit_index_keeps_row_major_codes(tmp_path, avx2):
+    path = tmp_path / "idx"
+    build_index(path, rows=2000, shard_count=1, M=8, K=256)
+    assert not load_view(IndexStore(str(path)), [0]).shards[0].blocks
+
+
+@native_only
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="residency is read from /proc")
+def test_a_node_process_on_avx2_holds_blocks_not_the_maps_code_pages(tmp_path):
+    """A real `facepq node` with FACEPQ_SIMD=avx2 over gRPC: exact answers, and after the searches the segment
+    files' maps hold a few pages (header, footer, pages shared with other columns), not the codes."""
+    from query_node.coordinator import Coordinator
+    from query_node.registry import StaticRegistry
+    from tests.support.memory import smaps_rss
+    from tests.support.processes import ServerProcess
+
+    path = tmp_path / "idx"
+    _, ids, _ = build_index(path, rows=200_000, shard_count=1, M=16, K=16, segments_per_shard=1)
+    store = IndexStore(str(path))
+    ref = store.load_manifest().shards[0].segments[0]
+    seg_path = os.path.realpath(store.local_path(ref.path))
+    rng = np.random.default_rng(11)
+    node = ServerProcess(["node", "--index", str(path), "--shards", "0", "--port", "0"],
+                         env={"FACEPQ_SIMD": "avx2"})
+    try:
+        coord = Coordinator(StaticRegistry([node.address]), shard_count=1)
+        for _ in range(5):
+            lut = dyadic_lut(rng, 16, 16)
+            res = coord.search_tables(lut[None], 30, timeout=30)
+            assert res.complete
+            assert [(h.face_id, h.score) for h in res.hits[0]] == [r[:2] for r in brute_force(path, lut, 30)]
+        _, total_kb = smaps_rss(node.pid, seg_path)
+    finally:
+        node.kill()
+    code_bytes = ref.rows * 8
+    assert total_kb * 1024 <= 0.1 * code_bytes, f"{total_kb} kB of the file mapped for {code_bytes} code bytes"
