@@ -436,5 +436,5 @@ def warmup() -> None:
             for mask in (None, np.zeros(64, dtype=np.bool_)):
                 heap = TopKHeap(2, 5)
                 heap.scan(c, tables, mask)
-    log.info("scan kernels ready; 4-bit codes scan with %s, Hamming codes with %s", fastscan.status(),
-             hamming_scan.status())
+    log.info("scan kernels ready; 4-bit codes scan with %s%s, Hamming codes with %s", fastscan.status(),
+             " (unpartitioned indexes as 32-row blocks)" if fastscan.blocks_preferred() else "", hamming_scan.status())
