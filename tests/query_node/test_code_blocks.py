@@ -163,7 +163,7 @@ def test_a_node_process_on_avx2_holds_blocks_not_the_maps_code_pages(tmp_path):
     from tests.support.processes import ServerProcess
 
     path = tmp_path / "idx"
-    _, ids, _ = build_index(path, rows=200_000, shard_count=1, M=16, K=16, segments_per_shard=1)
+    build_index(path, rows=200_000, shard_count=1, M=16, K=16, segments_per_shard=1)
     store = IndexStore(str(path))
     ref = store.load_manifest().shards[0].segments[0]
     seg_path = os.path.realpath(store.local_path(ref.path))
