@@ -315,7 +315,7 @@ class SegmentView:
         The code column keeps the default advice: it is scanned front to back. Best effort: a
         platform without madvise, or a kernel that refuses it, leaves the map as it is.
         """
-        if self.reader is None or self.file_map is None or not hasattr(self.file_map, "madvise"):
+        if not self.local_map:
             return
         if self.refine is not None:  # after the codes: its own VMA, so the scan's fault-around stops at it
             self._advise_away(self.refine.ctypes.data - self.map_address, self.refine.nbytes)
@@ -326,16 +326,18 @@ class SegmentView:
         hi = max(b.address + b.size for b in bufs) - self.map_address
         self._advise_away(lo, hi - lo)
 
-    def release_code_pages(self) -> bool:
+    @property
+    def local_map(self) -> bool:
+        """True when the columns are a local file's map with a positional reader, so pages of it can be
+        advised away (a remote segment's columns are a heap copy: DONTNEED on it would zero it)."""
+        return self.reader is not None and self.file_map is not None and hasattr(self.file_map, "madvise")
+
+    def release_code_pages(self) -> None:
         """Unmap the code column's resident pages, for a reader that keeps its own copy of the codes (a query
         node's `query_node.code_blocks`): they stay in the page cache, and a later read of `codes` faults a
-        page back in. False, and nothing done, unless the codes are a local file's map (a remote segment's
-        codes are a heap copy, which no advice frees)."""
-        if self.reader is None or self.file_map is None or not hasattr(self.file_map, "madvise"):
-            return False
-        if self.codes.nbytes:
+        page back in. Only for a `local_map` (nothing done otherwise)."""
+        if self.local_map and self.codes.nbytes:
             self._advise_away(self.codes.ctypes.data - self.map_address, self.codes.nbytes)
-        return True
 
     def _advise_away(self, lo: int, size: int) -> None:
         """MADV_RANDOM on the whole pages of [lo, lo + size) of the map, then MADV_DONTNEED on every page it touches."""

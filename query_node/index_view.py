@@ -143,7 +143,7 @@ def load_view(store, shard_ids: list[int], previous: IndexView | None = None, ve
 def _code_blocks(seg) -> CodeBlocks | None:
     """The segment's codes as `CodeBlocks`, its map's code pages released; None for a segment whose codes
     are not a local file's map (a remote segment's heap copy: blocks would double the node's memory)."""
-    if seg.file_map is None or seg.reader is None:
+    if not seg.local_map:
         return None
     blocks = CodeBlocks.of(seg.codes)
     seg.release_code_pages()
