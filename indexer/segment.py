@@ -332,12 +332,15 @@ class SegmentView:
         advised away (a remote segment's columns are a heap copy: DONTNEED on it would zero it)."""
         return self.reader is not None and self.file_map is not None and hasattr(self.file_map, "madvise")
 
-    def release_code_pages(self) -> None:
-        """Unmap the code column's resident pages, for a reader that keeps its own copy of the codes (a query
-        node's `query_node.code_blocks`): they stay in the page cache, and a later read of `codes` faults a
-        page back in. Only for a `local_map` (nothing done otherwise)."""
-        if self.local_map and self.codes.nbytes:
-            self._advise_away(self.codes.ctypes.data - self.map_address, self.codes.nbytes)
+    def release_code_pages(self, first: int = 0, stop: int | None = None) -> None:
+        """Unmap the resident pages of rows [first, stop) of the code column (default: all), for a reader that
+        keeps its own copy of the codes (a query node's `query_node.code_blocks`): they stay in the page
+        cache, and a later read of `codes` faults a page back in. Only for a `local_map` (nothing done
+        otherwise)."""
+        stop = self.rows if stop is None else stop
+        width = self.codes.shape[1] if self.codes.ndim == 2 else 0
+        if self.local_map and stop > first and width:
+            self._advise_away(self.codes.ctypes.data - self.map_address + first * width, (stop - first) * width)
 
     def _advise_away(self, lo: int, size: int) -> None:
         """MADV_RANDOM on the whole pages of [lo, lo + size) of the map, then MADV_DONTNEED on every page it touches."""

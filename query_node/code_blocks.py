@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 BLOCK_ROWS = 32
-_CHUNK_BLOCKS = 1 << 15   # blocks transposed per numpy call (1M rows): bounds the temporary copy
+CHUNK_ROWS = 1 << 20   # rows transposed per numpy call (a multiple of BLOCK_ROWS)
 
 
 @dataclass(frozen=True, eq=False)
@@ -31,21 +31,30 @@ class CodeBlocks:
     rows: int
 
     @classmethod
-    def of(cls, codes: np.ndarray) -> CodeBlocks:
-        """The blocks of row-major codes uint8 [N, B] (read once, front to back; N = 0 allowed)."""
+    def of(cls, codes: np.ndarray, on_chunk=None, chunk_rows: int = CHUNK_ROWS) -> CodeBlocks:
+        """The blocks of row-major codes uint8 [N, B] (read once, front to back; N = 0 allowed).
+
+        `on_chunk(first, stop)` (optional) is called once rows [first, stop) are copied, in order, covering
+        all rows: a node releases those rows' map pages there, so building the blocks of a big segment never
+        holds more than one chunk of its map besides the blocks.
+        """
         if codes.ndim != 2 or codes.dtype != np.uint8:
             raise ValueError(f"codes must be uint8 [N, B], got {codes.dtype} {codes.shape}")
+        if chunk_rows < BLOCK_ROWS or chunk_rows % BLOCK_ROWS:
+            raise ValueError(f"chunk_rows must be a positive multiple of {BLOCK_ROWS}, got {chunk_rows}")
         rows, width = codes.shape
-        full = rows // BLOCK_ROWS
         blocks = np.empty((-(-rows // BLOCK_ROWS), width, BLOCK_ROWS), dtype=np.uint8)
-        for lo in range(0, full, _CHUNK_BLOCKS):
-            hi = min(lo + _CHUNK_BLOCKS, full)
-            part = codes[lo * BLOCK_ROWS:hi * BLOCK_ROWS].reshape(hi - lo, BLOCK_ROWS, width)
-            blocks[lo:hi] = part.transpose(0, 2, 1)
-        if rows % BLOCK_ROWS:   # the last, partial block: its rows past N are zero (never offered)
-            tail = np.zeros((BLOCK_ROWS, width), dtype=np.uint8)
-            tail[:rows % BLOCK_ROWS] = codes[full * BLOCK_ROWS:]
-            blocks[full] = tail.T
+        for first in range(0, rows, chunk_rows):
+            stop = min(first + chunk_rows, rows)
+            whole = (stop - first) // BLOCK_ROWS   # whole blocks in this chunk (only the last chunk has a rest)
+            part = codes[first:first + whole * BLOCK_ROWS].reshape(whole, BLOCK_ROWS, width)
+            blocks[first // BLOCK_ROWS:first // BLOCK_ROWS + whole] = part.transpose(0, 2, 1)
+            if stop - first > whole * BLOCK_ROWS:   # the last, partial block: rows past N are zero (never offered)
+                tail = np.zeros((BLOCK_ROWS, width), dtype=np.uint8)
+                tail[:stop - first - whole * BLOCK_ROWS] = codes[first + whole * BLOCK_ROWS:stop]
+                blocks[-1] = tail.T
+            if on_chunk is not None:
+                on_chunk(first, stop)
         return cls(blocks, rows)
 
     @property

@@ -145,9 +145,7 @@ def _code_blocks(seg) -> CodeBlocks | None:
     are not a local file's map (a remote segment's heap copy: blocks would double the node's memory)."""
     if not seg.local_map:
         return None
-    blocks = CodeBlocks.of(seg.codes)
-    seg.release_code_pages()
-    return blocks
+    return CodeBlocks.of(seg.codes, on_chunk=seg.release_code_pages)
 
 
 def _mask_tombstones(data: ShardData, tombstones) -> None:

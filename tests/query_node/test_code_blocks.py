@@ -43,11 +43,23 @@ def test_blocks_hold_the_rows_column_by_column_and_give_them_back(rows, width):
         assert not blocks.blocks[-1, :, rows % 32:].any()
 
 
+@pytest.mark.parametrize("chunk_rows", [32, 96, 1 << 20])
+def test_blocks_are_built_chunk_by_chunk_and_report_each_chunk_once_in_order(chunk_rows):
+    codes = np.random.default_rng(1).integers(0, 256, size=(1000, 8), dtype=np.uint8)
+    calls = []
+    blocks = CodeBlocks.of(codes, on_chunk=lambda first, stop: calls.append((first, stop)), chunk_rows=chunk_rows)
+    np.testing.assert_array_equal(blocks.codes(), codes)
+    edges = list(range(0, 1000, chunk_rows)) + [1000]
+    assert calls == list(zip(edges[:-1], edges[1:]))
+
+
 def test_blocks_refuse_what_is_not_a_code_matrix():
     with pytest.raises(ValueError, match="uint8"):
         CodeBlocks.of(np.zeros((4, 8), dtype=np.int32))
     with pytest.raises(ValueError, match="uint8"):
         CodeBlocks.of(np.zeros(8, dtype=np.uint8))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        CodeBlocks.of(np.zeros((4, 8), dtype=np.uint8), chunk_rows=100)
 
 
 @native_only
@@ -121,6 +133,30 @@ def test_a_view_scans_blocks_with_the_maps_code_pages_released_and_answers_exact
     lut = dyadic_lut(rng, 15, 16)
     assert [h.face_id for h in row_major.search(lut[None], 40, [0, 1])[0]] == \
         [h.face_id for h in view.search(lut[None], 40, [0, 1])[0]]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="residency is read from /proc")
+def test_building_a_segments_blocks_holds_at_most_about_one_chunk_of_its_map(tmp_path):
+    """Each chunk's map pages are released once copied: while the blocks of a 6.4 MB segment are built in
+    128 KiB chunks, the map never holds more than a chunk and what one fault maps around it (a folio of
+    the page cache, up to 2 MiB; 237 pages at most measured here), not the segment (1,562 pages)."""
+    from tests.query_node.test_shard_view_memory import _code_pages
+
+    path = tmp_path / "idx"
+    build_index(path, rows=800_000, shard_count=1, M=16, K=16, segments_per_shard=1)
+    seg = load_view(IndexStore(str(path)), [0], code_blocks=False).shards[0].segments[0]
+    code_at, code_size = _code_pages(seg)
+    assert code_size >= 1500 * 4096
+    most = []
+
+    def release(first, stop):
+        seg.release_code_pages(first, stop)
+        most.append(_resident_pages(code_at, code_size))
+
+    blocks = CodeBlocks.of(seg.codes, on_chunk=release, chunk_rows=16_384)
+    assert len(most) == 49 and max(most) <= 32 + 512, most   # 32 pages a chunk; a fault maps <= 512 more
+    assert _resident_pages(code_at, code_size) == 0
+    np.testing.assert_array_equal(blocks.codes(), seg.codes)
 
 
 @native_only
