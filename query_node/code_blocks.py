@@ -10,8 +10,9 @@ machine, capped at AVX2 (`facepq bench scan --simd avx2`), see the README's scan
 
 A query node keeps this copy in place of the map's code pages (`SegmentView.release_code_pages`), so
 a node's memory stays about the code bytes; only a node whose 4-bit kernel runs AVX2 makes it
-(`query_node.fastscan.blocks_preferred`): the AVX-512 kernels read row-major codes as fast, and the
-cell gather of a partitioned index copies row ranges of the map (`query_node.cell_gather`).
+(`query_node.fastscan.blocks_preferred`): the AVX-512 kernels look 64 rows up at once from row-major
+codes (8-byte ones, the 16x16 code, without any transpose), and the cell gather of a partitioned
+index copies row ranges of the map (`query_node.cell_gather`).
 """
 from __future__ import annotations
 

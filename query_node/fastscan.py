@@ -90,7 +90,7 @@ def status() -> str:
 
 def blocks_preferred() -> bool:
     """True when 4-bit codes scan faster as `query_node.code_blocks.CodeBlocks` here: the 4-bit kernel
-    runs AVX2 (the AVX-512 one reads row-major codes without a transpose in registers)."""
+    runs AVX2 (blocks are its 32-row vectors; the AVX-512 kernels read row-major codes 64 rows at a time)."""
     native = _load()[0]
     return native is not None and native.kernels["fs4_scan"] == "avx2" and \
         native.kernels.get("fs4_scan_blocks") is not None
