@@ -167,26 +167,39 @@ static inline AVX2 void transpose32x8(const uint8_t *src, size_t stride, int g, 
 
 /*
  * The quantized scores of 32 rows held as byte columns cols[0..ncols) (one vector per byte column): sets
- * *me / *mo to the rows whose score exceeds the query's threshold, bit 2e of each standing for the low
+ * *me / *mo to the rows that can still reach the query's threshold, bit 2e of each standing for the low
  * (*me) and high (*mo) byte of the columns' 16-bit element e (which rows those are depends on the layout).
+ *
+ * Two columns' byte sums r_a, r_b (each <= 254) are averaged before they are widened: vpavgb gives
+ * ceil((r_a + r_b) / 2), so S = the sum of the averages is at least Q / 2 (Q: the row's quantized score)
+ * and 2S > thr whenever Q > thr. The test keeps every row the bound Q > thr keeps, plus the few whose
+ * rounding lifts them over (all re-scored exactly), and widens half as many vectors: 0.265 -> 0.240 ms
+ * per 1M 8-byte codes in a C harness (candidates 198 -> 214 for one top-100 query).
  */
-static inline AVX2 void candidates32(const query_t *qq, const __m256i *cols, int ncols, uint32_t *me, uint32_t *mo) {
+static inline AVX2 __m256i column_sums(const query_t *qq, const __m256i *cols, int c) {
     const __m256i low4 = _mm256_set1_epi8(0x0F);
+    const __m256i tlo = _mm256_loadu_si256((const __m256i *)(qq->nib + (size_t)c * 64));
+    const __m256i thi = _mm256_loadu_si256((const __m256i *)(qq->nib + (size_t)c * 64 + 32));
+    __m256i v = _mm256_loadu_si256(cols + c);
+    __m256i lo = _mm256_and_si256(v, low4);
+    __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+    /* each table entry <= 127, so the pair sum fits a byte */
+    return _mm256_add_epi8(_mm256_shuffle_epi8(tlo, lo), _mm256_shuffle_epi8(thi, hi));
+}
+
+static inline AVX2 void candidates32(const query_t *qq, const __m256i *cols, int ncols, uint32_t *me, uint32_t *mo) {
     __m256i acc0 = _mm256_setzero_si256(), acc1 = _mm256_setzero_si256();
-    for (int c = 0; c < ncols; c++) {
-        const __m256i tlo = _mm256_loadu_si256((const __m256i *)(qq->nib + (size_t)c * 64));
-        const __m256i thi = _mm256_loadu_si256((const __m256i *)(qq->nib + (size_t)c * 64 + 32));
-        __m256i v = _mm256_loadu_si256(cols + c);
-        __m256i lo = _mm256_and_si256(v, low4);
-        __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
-        /* each table entry <= 127, so the pair sum fits a byte */
-        __m256i r = _mm256_add_epi8(_mm256_shuffle_epi8(tlo, lo), _mm256_shuffle_epi8(thi, hi));
+    for (int c = 0; c < ncols; c += 2) {
+        __m256i r = column_sums(qq, cols, c);
+        /* an odd last column is averaged with 0: ceil(r / 2) >= r / 2 still */
+        r = _mm256_avg_epu8(r, c + 1 < ncols ? column_sums(qq, cols, c + 1) : _mm256_setzero_si256());
         /* 16-bit sums of the even (low byte) and odd (high byte) rows */
         acc0 = _mm256_add_epi16(acc0, r);
         acc1 = _mm256_add_epi16(acc1, _mm256_srli_epi16(r, 8));
     }
     __m256i even = _mm256_sub_epi16(acc0, _mm256_slli_epi16(acc1, 8));
-    __m256i thr = _mm256_set1_epi16(qq->thr);
+    /* 2S > thr <=> S > floor(thr / 2) for integer S (thr >= -1) */
+    __m256i thr = _mm256_set1_epi16((int16_t)(qq->thr < 0 ? -1 : qq->thr / 2));
     /* two mask bits per 16-bit element: keep one */
     *me = (uint32_t)_mm256_movemask_epi8(_mm256_cmpgt_epi16(even, thr)) & 0x55555555u;
     *mo = (uint32_t)_mm256_movemask_epi8(_mm256_cmpgt_epi16(acc1, thr)) & 0x55555555u;
