@@ -172,13 +172,6 @@ static int check_shapes(const char *kernel, const Py_buffer *codes, long long ro
     return 0;
 }
 
-/* check_shapes of row-major codes. */
-static int check_common(const char *kernel, const Py_buffer *codes, int width, const Py_buffer *tables,
-                        const Py_buffer *skip, int has_skip, const Py_buffer *heap_s, const Py_buffer *heap_r,
-                        int k, long long *n, int *nq) {
-    return check_shapes(kernel, codes, -1, width, tables, skip, has_skip, heap_s, heap_r, k, n, nq);
-}
-
 /* Map a kernel's return code to an exception; 0 when it succeeded. */
 static int check_rc(const char *kernel, int rc) {
     if (rc == SCAN_OK) return 0;
@@ -397,7 +390,7 @@ static PyObject *pq8_scan(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "y*iy*y*pLw*w*i|i:pq8_scan", &codes, &width, &tables, &skip, &has_skip,
                           &row_offset, &heap_s, &heap_r, &k, &threads))
         return NULL;
-    if (check_common("pq8_scan", &codes, width, &tables, &skip, has_skip, &heap_s, &heap_r, k, &n, &nq) == 0) {
+    if (check_shapes("pq8_scan", &codes, -1, width, &tables, &skip, has_skip, &heap_s, &heap_r, k, &n, &nq) == 0) {
         job_t job = {.ffn = pq8_impl, .codes = codes.buf, .n = n, .row_offset = row_offset, .width = width,
                      .nq = nq, .has_skip = has_skip, .k = k, .tables = tables.buf, .skip = skip.buf,
                      .hs = heap_s.buf, .hr = heap_r.buf};
@@ -450,7 +443,7 @@ PyDoc_STRVAR(hamming_scan_doc,
              "isa: '' for the best variant this CPU runs, or a variant's name (hamming_variants).\n"
              "Arguments: query_node.hamming_scan.scan_into.");
 
-/* check_common's checks with query codes uint8 [nq, width] in place of byte tables. */
+/* check_shapes' checks with query codes uint8 [nq, width] in place of byte tables. */
 static int check_hamming(const Py_buffer *codes, int width, const Py_buffer *queries, const Py_buffer *skip,
                          int has_skip, const Py_buffer *heap_s, const Py_buffer *heap_r, int k, long long *n,
                          int *nq) {
