@@ -338,8 +338,8 @@ class SegmentView:
         cache, and a later read of `codes` faults a page back in. Only for a `local_map` (nothing done
         otherwise)."""
         stop = self.rows if stop is None else stop
-        width = self.codes.shape[1] if self.codes.ndim == 2 else 0
-        if self.local_map and stop > first and width:
+        width = self.codes.shape[1]
+        if self.local_map and stop > first:
             self._advise_away(self.codes.ctypes.data - self.map_address + first * width, (stop - first) * width)
 
     def _advise_away(self, lo: int, size: int) -> None:

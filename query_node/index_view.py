@@ -21,8 +21,7 @@ import logging
 import numpy as np
 
 from facepq_core.errors import ConfigError, IndexFormatError
-from query_node import fastscan
-from query_node.code_blocks import CodeBlocks
+from query_node.code_blocks import CodeBlocks, node_keeps_blocks
 from query_node.merge import Hit, merge_shard_lists
 from query_node.scan import scan_tables
 from query_node.shard_search import ScanStats, ShardData
@@ -94,8 +93,7 @@ def load_view(store, shard_ids: list[int], previous: IndexView | None = None, ve
         verify: check every newly opened segment's size and sha256.
         manifest: the manifest to open (default: the current one).
         recheck: segment ids never reused from `previous` (their files changed on disk).
-        code_blocks: keep 4-bit codes as `CodeBlocks` (None: where `fastscan.blocks_preferred()` and the
-            index has no cells, whose gather reads the map's rows).
+        code_blocks: keep 4-bit codes as `CodeBlocks` (None: where `code_blocks.node_keeps_blocks` says so).
     Raises:
         IndexFormatError: no index / unreadable manifest. ConfigError: a shard outside the index.
     """
@@ -110,13 +108,12 @@ def load_view(store, shard_ids: list[int], previous: IndexView | None = None, ve
                           f"shards (0..{manifest.shard_count - 1})")
     cell_probe = load_prober(store, manifest.model)  # IndexFormatError when missing, altered or another model's
     if code_blocks is None:
-        code_blocks = manifest.model.packed and cell_probe is None and fastscan.blocks_preferred()
+        code_blocks = node_keeps_blocks(manifest.model.packed, partitioned=cell_probe is not None)
     reuse, reuse_blocks = {}, {}
     if previous is not None:
         for data in previous.shards.values():
             reuse.update({seg.ref.id: seg for seg in data.segments if seg.ref.id not in recheck})
-            reuse_blocks.update({seg.ref.id: b for seg, b in zip(data.segments, data.blocks)
-                                 if b is not None and reuse.get(seg.ref.id) is seg})
+            reuse_blocks.update({seg.ref.id: b for seg, b in zip(data.segments, data.blocks) if b is not None})
     shards = {}
     for shard in shard_ids:
         state = manifest.shards[shard]
