@@ -132,10 +132,9 @@ TARGET_8BIT, TARGET_4BIT = 4.0, 1.3
 def _as_node_holds(codes: np.ndarray, packed: bool):
     """The codes as a query node scans them: 4-bit ones as `CodeBlocks` where the kernel prefers them
     (made once when a node opens a segment, so not timed), else the row-major array itself."""
-    from query_node import fastscan
-    from query_node.code_blocks import CodeBlocks
+    from query_node.code_blocks import CodeBlocks, node_keeps_blocks
 
-    return CodeBlocks.of(codes) if packed and fastscan.blocks_preferred() else codes
+    return CodeBlocks.of(codes) if node_keeps_blocks(packed, partitioned=False) else codes
 
 
 def _batched(row: Row, batch: int, codes, centroids, index, m, dsub, k, packed, repeats, rng, log) -> None:

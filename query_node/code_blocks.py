@@ -10,9 +10,9 @@ machine, capped at AVX2 (`facepq bench scan --simd avx2`), see the README's scan
 
 A query node keeps this copy in place of the map's code pages (`SegmentView.release_code_pages`), so
 a node's memory stays about the code bytes; only a node whose 4-bit kernel runs AVX2 makes it
-(`query_node.fastscan.blocks_preferred`): the AVX-512 kernels look 64 rows up at once from row-major
-codes (8-byte ones, the 16x16 code, without any transpose), and the cell gather of a partitioned
-index copies row ranges of the map (`query_node.cell_gather`).
+(`node_keeps_blocks`): the AVX-512 kernels look 64 rows up at once from row-major codes (8-byte
+ones, the 16x16 code, without any transpose), and the cell gather of a partitioned index copies row
+ranges of the map (`query_node.cell_gather`).
 """
 from __future__ import annotations
 
@@ -20,8 +20,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from query_node import fastscan
+
 BLOCK_ROWS = 32
 CHUNK_ROWS = 1 << 20   # rows transposed per numpy call (a multiple of BLOCK_ROWS)
+
+
+def node_keeps_blocks(packed: bool, partitioned: bool) -> bool:
+    """Whether a query node holds an index's codes as `CodeBlocks`: 4-bit codes, an index without cells
+    (the cell gather copies row ranges of the map), and a 4-bit kernel that runs AVX2 here."""
+    return packed and not partitioned and fastscan.blocks_preferred()
 
 
 @dataclass(frozen=True, eq=False)
