@@ -37,7 +37,7 @@ from facepq_core.expansion import Expansion
 from facepq_proto.facepq.v1 import facepq_pb2, facepq_pb2_grpc
 from query_node.admission import default_photo_limit, photo_gate
 from query_node.grpc_server import GrpcServer, ServedByGrpc, status_on_error
-from query_node.service import CoordinatorService, Photo, SearchOptions
+from query_node.service import SEARCH_TIMEOUT, CoordinatorService, Photo, SearchOptions
 from query_node.upkeep import Upkeep
 from query_node.wire import hit_messages, person_match_message
 
@@ -214,8 +214,8 @@ class CoordinatorServer(ServedByGrpc):
     """
 
     def __init__(self, model_path, index_uri, redis_url=None, nodes=None, host="127.0.0.1", port=0,
-                 search_timeout=5.0, workers=WORKERS, tls=None, auth_tokens=(), auth_search=False, node_tls=None,
-                 node_token=None, upkeep_seconds=30.0, max_inflight_photos=None, thumbnail_roots=()):
+                 search_timeout=SEARCH_TIMEOUT, workers=WORKERS, tls=None, auth_tokens=(), auth_search=False,
+                 node_tls=None, node_token=None, upkeep_seconds=30.0, max_inflight_photos=None, thumbnail_roots=()):
         from indexer.store import IndexStore
         from opqn_model.api import FaceEncoder
         from query_node.coordinator import Coordinator

@@ -70,6 +70,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TOP_K = 10
 DEFAULT_COMPACT_GRACE = 3600.0
+SEARCH_TIMEOUT = 5.0  # seconds a search may take at most, retries included, unless the caller's deadline is sooner
 DEADLINE_MARGIN = 0.05  # seconds kept back from a caller's deadline to build and send the reply
 
 
@@ -161,8 +162,8 @@ class CoordinatorService(PeopleOperations):
             a photo Search or Verify and every Enrol, whichever shell (gRPC, HTTP) the request came through.
     """
 
-    def __init__(self, coordinator, model, index_uri, redis_url: str | None = None, search_timeout: float = 5.0,
-                 photo_admission: Admission | None = None):
+    def __init__(self, coordinator, model, index_uri, redis_url: str | None = None,
+                 search_timeout: float = SEARCH_TIMEOUT, photo_admission: Admission | None = None):
         from indexer.store import IndexStore
 
         self.coordinator, self.model = coordinator, model

@@ -26,6 +26,7 @@ import signal
 import time
 from dataclasses import dataclass
 
+from query_node.service import SEARCH_TIMEOUT
 from tests.support.history import History
 
 FAULT_KINDS: dict[str, type] = {}
@@ -43,6 +44,7 @@ class FaultKind:
     kind = ""
     fixed_target = ""      # the one host this kind acts on (else: a query node drawn by the schedule)
     takes_replica = True   # the target is a replica the coordinator loses
+    min_hold = 0.0         # seconds the fault must last for its effect to be seen (the schedule holds it longer)
 
     def __init__(self, cluster, target: str):
         self.cluster, self.net, self.target = cluster, cluster.net, target
@@ -132,7 +134,14 @@ class IsolateNode(FaultKind):
 
 @fault_kind("isolate-shard")
 class IsolateShard(FaultKind):
-    """Every replica of one shard cut off: answers must say that shard is missing."""
+    """Every replica of one shard cut off: answers must say that shard is missing.
+
+    A search that starts as the links go down waits out the coordinator's search timeout before it can
+    name the shard missing; healed sooner, its retry is answered complete and nothing in the window says
+    the shard was missing. So the cut outlasts that timeout, with a margin for a search already running.
+    """
+
+    min_hold = SEARCH_TIMEOUT + 2.0
 
     @classmethod
     def choose(cls, cluster, rng):
@@ -165,12 +174,17 @@ class PlannedFault:
 
 
 def schedule(cluster, seed: int, extra: int = 2, hold=(4.0, 7.0)) -> list[PlannedFault]:
-    """Every fault kind once in a seeded order, then `extra` random ones; targets and holds seeded too."""
+    """Every fault kind once in a seeded order, then `extra` random ones; targets and holds seeded too
+    (a hold no shorter than its kind's `min_hold`)."""
     rng = random.Random(seed)
     kinds = sorted(FAULT_KINDS)
     rng.shuffle(kinds)
     kinds += [rng.choice(sorted(FAULT_KINDS)) for _ in range(extra)]
-    return [PlannedFault(k, FAULT_KINDS[k].choose(cluster, rng), round(rng.uniform(*hold), 1)) for k in kinds]
+    plan = []
+    for k in kinds:
+        target, held = FAULT_KINDS[k].choose(cluster, rng), rng.uniform(*hold)
+        plan.append(PlannedFault(k, target, round(max(held, FAULT_KINDS[k].min_hold), 1)))
+    return plan
 
 
 class Nemesis:
