@@ -33,11 +33,11 @@
 
 static PyObject *self_module;   /* borrowed: use() updates its `kernels` */
 
-static fs4_scan_fn fs4_impl, fs4_blocks_impl;
+static fs4_scan_fn fs4_impl, fs4_blocks_impl, q8_blocks_impl;
 static pq8_scan_fn pq8_impl;
 static q8_scan_fn q8_impl;
 static hamming_scan_fn hamming_impl;
-static const char *fs4_isa, *fs4_blocks_isa, *pq8_isa, *q8_isa, *hamming_isa;
+static const char *fs4_isa, *fs4_blocks_isa, *q8_blocks_isa, *pq8_isa, *q8_isa, *hamming_isa;
 
 /* Instruction sets, best first; FACEPQ_SIMD=<isa> (or _fastscan.use) caps the pick at one of them. */
 static const char *const ISAS[] = {"avx512", "avx2"};
@@ -73,6 +73,11 @@ static const quantized_variant_t FS4_VARIANTS[] = {
 /* 4-bit codes in 32-row blocks (query_node.code_blocks): a node keeps them where fs4_scan runs AVX2. */
 static const quantized_variant_t FS4_BLOCK_VARIANTS[] = {
     {"avx2", cpu_has_avx2, fs4_scan_blocks_avx2},
+};
+
+/* 8-bit codes in 32-row blocks, pruned by their nibble bounds: where no AVX-512 q8_scan runs. */
+static const quantized_variant_t Q8_BLOCK_VARIANTS[] = {
+    {"avx2", cpu_has_avx2, q8_scan_blocks_avx2},
 };
 
 static const struct {
@@ -119,6 +124,7 @@ static void pick_kernels(int cap) {
     __builtin_cpu_init();
     PICK(FS4_VARIANTS, fs4_impl, fs4_isa, cap)
     PICK(FS4_BLOCK_VARIANTS, fs4_blocks_impl, fs4_blocks_isa, cap)
+    PICK(Q8_BLOCK_VARIANTS, q8_blocks_impl, q8_blocks_isa, cap)
     PICK(PQ8_VARIANTS, pq8_impl, pq8_isa, cap)
     PICK(Q8_VARIANTS, q8_impl, q8_isa, cap)
     PICK(HAMMING_VARIANTS, hamming_impl, hamming_isa, cap)
@@ -303,7 +309,7 @@ PyDoc_STRVAR(q8_scan_doc,
              "updates the heaps in place. Arguments: query_node.fastscan.scan_q8_into.");
 
 /*
- * fs4_scan, q8_scan and fs4_scan_blocks: the same arguments, tables of `per_column` bytes per byte
+ * fs4_scan, q8_scan, fs4_scan_blocks and q8_scan_blocks: the same arguments, tables of `per_column` bytes per byte
  * column; `blocked`: the codes are 32-row blocks and their row count follows them.
  */
 static PyObject *quantized_scan(const char *kernel, fs4_scan_fn impl, long long per_column, const char *what,
@@ -367,6 +373,18 @@ PyDoc_STRVAR(fs4_scan_blocks_doc,
 static PyObject *fs4_scan_blocks(PyObject *self, PyObject *args) {
     (void)self;
     return quantized_scan("fs4_scan_blocks", fs4_blocks_impl, 64, "nibble tables (uint8 [nq, width8, 2, 32])", 1,
+                          args);
+}
+
+PyDoc_STRVAR(q8_scan_blocks_doc,
+             "q8_scan_blocks(blocks, rows, width, byte_tables, bound, base, delta, terms, skip, has_skip, row_offset,"
+             " heap_s, heap_r, k, threads=1)\n--\n\n"
+             "Scan 8-bit codes in 32-row blocks, pruned by nibble bound tables, re-scored exactly;\n"
+             "updates the heaps in place. Arguments: query_node.fastscan.scan_q8_blocks_into.");
+
+static PyObject *q8_scan_blocks(PyObject *self, PyObject *args) {
+    (void)self;
+    return quantized_scan("q8_scan_blocks", q8_blocks_impl, 128, "bound tables (uint8 [nq, width8, 4, 32])", 1,
                           args);
 }
 
@@ -505,6 +523,107 @@ static PyObject *hamming_scan(PyObject *self, PyObject *args) {
     PyBuffer_Release(&skip);
     PyBuffer_Release(&heap_s);
     PyBuffer_Release(&heap_r);
+    return result;
+}
+
+PyDoc_STRVAR(bound8_tables_doc,
+             "bound8_tables(byte_tables, nq, width, levels, out, base, delta, terms) -> bool\n--\n\n"
+             "The nibble bound tables of query_node.fastscan.bound8_tables in one call (its docstring has the\n"
+             "formulas). byte_tables: float32 [nq, width * 256]; out: uint8 [nq, width8, 4, 32] (A, B, R, C\n"
+             "of each column, both lanes; padding columns 0); base, delta: float64 [nq]; terms: int32 [nq].\n"
+             "False (nothing written) when a value is not finite.");
+
+/* ~100 us of numpy calls a query in Python (a tenth of a 1M-row 8-bit scan), a few here. */
+static PyObject *bound8_tables(PyObject *self, PyObject *args) {
+    Py_buffer tables, out, base, delta, terms;
+    int nq, width;
+    double levels;
+    PyObject *result = NULL;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*iidw*w*w*w*:bound8_tables", &tables, &nq, &width, &levels, &out, &base, &delta,
+                          &terms))
+        return NULL;
+    int width8 = (width + 7) / 8 * 8;
+    if (nq < 0 || width < 1 || width > FS4_MAX_CODE_BYTES || !(levels >= 1.0 && levels <= 127.0)) {
+        PyErr_SetString(PyExc_ValueError, "bound8_tables: inconsistent shapes");
+    } else if (!check_size("bound8_tables", "byte tables (float32 [nq, width * 256])", &tables,
+                           (long long)nq * width * 256 * 4) &&
+               !check_size("bound8_tables", "out (uint8 [nq, width8, 4, 32])", &out, (long long)nq * width8 * 128) &&
+               !check_size("bound8_tables", "base (float64 [nq])", &base, (long long)nq * 8) &&
+               !check_size("bound8_tables", "delta (float64 [nq])", &delta, (long long)nq * 8) &&
+               !check_size("bound8_tables", "terms (int32 [nq])", &terms, (long long)nq * 4)) {
+        const float *v = tables.buf;
+        int finite = 1;
+        for (long long i = 0; i < (long long)nq * width * 256 && finite; i++) finite = isfinite(v[i]);
+        if (finite) {
+            /* per column: A, B, R, C (16 each) and the bases of A and B */
+            double cover[FS4_MAX_CODE_BYTES][4][16], lo_a[FS4_MAX_CODE_BYTES], lo_b[FS4_MAX_CODE_BYTES];
+            uint8_t *o = out.buf;
+            memset(o, 0, (size_t)nq * width8 * 128);
+            for (int q = 0; q < nq; q++) {
+                double steps = 0.0, amax = 0.0, sum = 0.0;
+                for (int c = 0; c < width; c++) {
+                    const float *t = v + ((long long)q * width + c) * 256;
+                    double (*x)[16] = cover[c];
+                    for (int h = 0; h < 16; h++) {
+                        double total = 0.0, top = t[16 * h];
+                        for (int l = 0; l < 16; l++) {
+                            double e = t[16 * h + l];
+                            total += e;
+                            top = e > top ? e : top;
+                            amax = fabs(e) > amax ? fabs(e) : amax;
+                        }
+                        x[0][h] = total / 16.0;
+                        x[2][h] = top;
+                    }
+                    for (int l = 0; l < 16; l++) {
+                        double b = t[l] - x[0][0], top = t[l];
+                        for (int h = 1; h < 16; h++) {
+                            double e = t[16 * h + l];
+                            b = e - x[0][h] > b ? e - x[0][h] : b;
+                            top = e > top ? e : top;
+                        }
+                        x[1][l] = b;
+                        x[3][l] = top;
+                    }
+                    double a0 = x[0][0], a1 = x[0][0], b0 = x[1][0], b1 = x[1][0];
+                    for (int i = 1; i < 16; i++) {
+                        a0 = x[0][i] < a0 ? x[0][i] : a0;
+                        a1 = x[0][i] > a1 ? x[0][i] : a1;
+                        b0 = x[1][i] < b0 ? x[1][i] : b0;
+                        b1 = x[1][i] > b1 ? x[1][i] : b1;
+                    }
+                    lo_a[c] = a0;
+                    lo_b[c] = b0;
+                    steps = a1 - a0 > steps ? a1 - a0 : steps;
+                    steps = b1 - b0 > steps ? b1 - b0 : steps;
+                    sum += a0 + b0;
+                }
+                double step = steps > 0.0 ? steps / levels : 1.0;
+                uint8_t *oq = o + (long long)q * width8 * 128;
+                for (int c = 0; c < width; c++) {
+                    double lo[4] = {lo_a[c], lo_b[c], lo_a[c] + lo_b[c], lo_a[c] + lo_b[c]};
+                    for (int i = 0; i < 4; i++)
+                        for (int e = 0; e < 16; e++) {
+                            double level = ceil((cover[c][i][e] - lo[i]) / step);
+                            uint8_t u = (uint8_t)(level < 0 ? 0 : level > 255 ? 255 : level);
+                            oq[c * 128 + i * 32 + e] = oq[c * 128 + i * 32 + 16 + e] = u;
+                        }
+                }
+                double eps = 4.0 * (width + 2) * width * amax * 0x1p-24;
+                double n_terms = ceil(eps / step) + 2;
+                ((double *)base.buf)[q] = sum;
+                ((double *)delta.buf)[q] = step;
+                ((int32_t *)terms.buf)[q] = (int32_t)(n_terms < (double)(1 << 20) ? n_terms : (double)(1 << 20));
+            }
+        }
+        result = PyBool_FromLong(finite);
+    }
+    PyBuffer_Release(&tables);
+    PyBuffer_Release(&out);
+    PyBuffer_Release(&base);
+    PyBuffer_Release(&delta);
+    PyBuffer_Release(&terms);
     return result;
 }
 
@@ -671,10 +790,12 @@ static PyMethodDef methods[] = {
     {"fs4_scan", fs4_scan, METH_VARARGS, fs4_scan_doc},
     {"fs4_scan_blocks", fs4_scan_blocks, METH_VARARGS, fs4_scan_blocks_doc},
     {"q8_scan", q8_scan, METH_VARARGS, q8_scan_doc},
+    {"q8_scan_blocks", q8_scan_blocks, METH_VARARGS, q8_scan_blocks_doc},
     {"pq8_scan", pq8_scan, METH_VARARGS, pq8_scan_doc},
     {"use", use, METH_VARARGS, use_doc},
     {"hamming_scan", hamming_scan, METH_VARARGS, hamming_scan_doc},
     {"quantize_tables", quantize_tables, METH_VARARGS, quantize_tables_doc},
+    {"bound8_tables", bound8_tables, METH_VARARGS, bound8_tables_doc},
     {"gather_rows", gather_rows, METH_VARARGS, gather_rows_doc},
     {NULL, NULL, 0, NULL},
 };
@@ -700,7 +821,7 @@ static int add_isa(PyObject *kernels, const char *kernel, const char *isa) {
 static PyObject *kernels_dict(void) {
     PyObject *kernels = PyDict_New();
     if (!kernels || add_isa(kernels, "fs4_scan", fs4_isa) || add_isa(kernels, "fs4_scan_blocks", fs4_blocks_isa) ||
-        add_isa(kernels, "q8_scan", q8_isa) ||
+        add_isa(kernels, "q8_scan", q8_isa) || add_isa(kernels, "q8_scan_blocks", q8_blocks_isa) ||
         add_isa(kernels, "pq8_scan", pq8_isa) ||
         add_isa(kernels, "hamming_scan", hamming_isa)) {
         Py_XDECREF(kernels);

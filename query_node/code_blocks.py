@@ -1,4 +1,4 @@
-"""A segment's 4-bit codes in 32-row blocks: the layout the AVX2 4-bit kernel reads without transposing.
+"""A segment's codes in 32-row blocks: the layout the AVX2 block kernels read without transposing.
 
 The stored codes are row-major (a row's bytes together, `facepq_core.codes`). The AVX2 kernel looks
 32 rows up at once with one vpshufb per byte column, so it needs each column's 32 bytes in one
@@ -8,8 +8,11 @@ already in that order, block j being rows [32j, 32j + 32) as `width` columns of 
 column c is byte c of row 32j + v; the last block zero-padded). Measured on the 2-vCPU AMD EPYC
 machine, capped at AVX2 (`facepq bench scan --simd avx2`), see the README's scan kernel table.
 
+The AVX2 kernel of 8-bit codes reads the same blocks: it bounds each byte through its two nibbles
+with four 16-entry tables (`query_node.fastscan.bound8_tables`), the 4-bit kernel's lookups.
+
 A query node keeps this copy in place of the map's code pages (`SegmentView.release_code_pages`), so
-a node's memory stays about the code bytes; only a node whose 4-bit kernel runs AVX2 makes it
+a node's memory stays about the code bytes; only a node whose kernel for its codes runs AVX2 makes it
 (`node_keeps_blocks`): the AVX-512 kernels look 64 rows up at once from row-major codes (8-byte
 ones, the 16x16 code, without any transpose), and the cell gather of a partitioned index copies row
 ranges of the map (`query_node.cell_gather`).
@@ -26,10 +29,14 @@ BLOCK_ROWS = 32
 CHUNK_ROWS = 1 << 20   # rows transposed per numpy call (a multiple of BLOCK_ROWS)
 
 
-def node_keeps_blocks(packed: bool, partitioned: bool) -> bool:
-    """Whether a query node holds an index's codes as `CodeBlocks`: 4-bit codes, an index without cells
-    (the cell gather copies row ranges of the map), and a 4-bit kernel that runs AVX2 here."""
-    return packed and not partitioned and fastscan.blocks_preferred()
+def node_keeps_blocks(packed: bool, partitioned: bool, hamming: bool = False) -> bool:
+    """Whether a query node holds an index's codes as `CodeBlocks`: an index without cells (the cell gather
+    copies row ranges of the map), and a block kernel that runs here: 4-bit codes where the 4-bit kernel runs
+    AVX2, 8-bit codes where the nibble-bound kernel does (no AVX-512), unless their codec's tables may be
+    Hamming tables (`hamming`: the popcount kernel reads row-major codes)."""
+    if partitioned:
+        return False
+    return fastscan.blocks_preferred() if packed else not hamming and fastscan.blocks8_preferred()
 
 
 @dataclass(frozen=True, eq=False)

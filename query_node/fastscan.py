@@ -7,7 +7,10 @@
 * 8-bit codes with AVX-512 VBMI: 7-bit quantized byte tables, each held in four zmm
   registers and looked up 64 rows at a time (two vpermi2b + a blend), prune the same
   way (`byte_quant_tables`, kernel q8_scan).
-* any byte tables (8-bit codes without AVX-512, or 4-bit pair tables): one fused scalar
+* 8-bit codes without AVX-512, held in 32-row blocks: each byte's 256-entry table, seen as 16 x 16
+  by the byte's nibbles, is bounded by four 16-entry tables looked up with vpshufb like the 4-bit
+  ones (`bound8_tables`, kernel q8_scan_blocks); the few rows the bound keeps are re-scored exactly.
+* any byte tables (other 8-bit codes without AVX-512, or 4-bit pair tables): one fused scalar
   loop that scores a row and compares it with the heap's threshold.
 
 Every kernel takes `threads`: one call's rows are split into runs scanned on native
@@ -96,14 +99,23 @@ def blocks_preferred() -> bool:
         native.kernels.get("fs4_scan_blocks") is not None
 
 
+def blocks8_preferred() -> bool:
+    """True when 8-bit codes scan fastest as `query_node.code_blocks.CodeBlocks` here: no AVX-512 q8_scan
+    (it reads row-major codes 64 rows at a time) and the AVX2 nibble-bound kernel q8_scan_blocks runs."""
+    native = _load()[0]
+    return native is not None and native.kernels["q8_scan"] is None and \
+        native.kernels.get("q8_scan_blocks") is not None
+
+
 def status8() -> str:
-    """What scans 8-bit codes: 'avx512 (quantized tables)', 'avx2 (fused float loop)' or 'numba (...)'."""
+    """What scans 8-bit codes: 'avx512 (quantized tables)', 'avx2 (nibble bounds ...)' or 'numba (...)'."""
     native, why = _load()
     if native is None:
         return f"numba ({why})"
     if native.kernels["q8_scan"] is not None:
         return f"{native.kernels['q8_scan']} (quantized tables)"
-    return f"{native.kernels['pq8_scan']} (fused float loop for {FUSED_WIDTH}-byte codes, numba otherwise)"
+    return (f"{native.kernels['q8_scan_blocks']} (nibble bounds on 32-row blocks; fused float loop for "
+            f"{FUSED_WIDTH}-byte codes of partitioned indexes, numba otherwise)")
 
 
 def quantized8_available() -> bool:
@@ -197,6 +209,73 @@ def byte_quant_tables(byte_tables: np.ndarray) -> ByteQuantTables | None:
     qt = np.empty((nq, (width + 7) // 8 * 8, 256), dtype=np.uint8)
     done = _quantize(byte_tables, nq, width, 256, qt, qt.shape[1], 256, 1, width, width)
     return ByteQuantTables(qt, *done) if done is not None else None
+
+
+BOUND_LEVELS = 126.5  # A and B steps (ceil: <= 127 each, so their sum fits a byte; R and C stay <= 254)
+
+
+@dataclass(frozen=True)
+class Bound8Tables:
+    """Per-query nibble bounds of 8-bit codes' byte tables: exact(byte b = 16h + l) <= base_b + delta *
+    min(A[h] + B[l], R[h], C[l]), base = the sum of the columns' base_b."""
+
+    bound: np.ndarray   # uint8 [Q, width8, 4, 32]: byte column, (A, B, R, C), 16 entries twice (both lanes)
+    base: np.ndarray    # float64 [Q]
+    delta: np.ndarray   # float64 [Q]
+    terms: np.ndarray   # int32 [Q]: rounding slack in steps, for the pruning bound
+
+
+def bound8_tables(byte_tables: np.ndarray) -> Bound8Tables | None:
+    """Nibble bounds of exact byte tables float32 [Q, width * 256] for q8_scan_blocks (None: it cannot take them).
+
+    Column b's table T[h, l] (h, l: the byte's high and low nibble) is covered three ways: R[h] = max_l T,
+    C[l] = max_h T, and A[h] + B[l] with A the row means and B[l] = max_h (T[h, l] - A[h]). Quantized
+    upwards with base_b = min A + min B and one delta per query (the widest A or B range / BOUND_LEVELS):
+    q = ceil((x - base) / delta), at least 0 (a bound rounded up is still a bound), so
+    T[h, l] <= base_b + delta * min(qA[h] + qB[l], qR[h], qC[l]); R[h] - base_b <= (max A - min A) +
+    (max B - min B), so qR, qC <= 254 and qA + qB <= 254 fit a byte. The slack in `terms` covers float32
+    rounding of the exact sums as in `nibble_tables` (a row's width terms) and float64 rounding here (2).
+    Every entry of a column is bounded, also those no code addresses (0 in the byte tables). Computed by the
+    extension (`_fastscan.bound8_tables`, ~100 us of numpy calls a query otherwise); NativeUnavailableError
+    where it does not run.
+    """
+    nq, cols = byte_tables.shape
+    width = cols // 256
+    if width > MAX_CODE_BYTES:
+        return None
+    bound = np.empty((nq, (width + 7) // 8 * 8, 4, 32), dtype=np.uint8)
+    base, delta, terms = np.empty(nq), np.empty(nq), np.empty(nq, dtype=np.int32)
+    if not _native().bound8_tables(np.ascontiguousarray(byte_tables, dtype=np.float32), nq, width, BOUND_LEVELS,
+                                   bound, base, delta, terms):
+        return None
+    return Bound8Tables(bound, base, delta, terms)
+
+
+def bound8_row_bounds(tables: Bound8Tables, codes: np.ndarray) -> np.ndarray:
+    """What the kernel's bound allows each row, float64 [Q, N] (numpy, for tests and the benchmark): a row's
+    exact score is at most this (base + delta * (quantized bound + terms)); it is re-scored when this
+    reaches the current k-th best. codes: uint8 [N, width]."""
+    width = codes.shape[1]
+    cols = np.arange(width)
+    hi, lo = (codes >> 4).astype(np.intp), (codes & 15).astype(np.intp)
+    out = np.empty((len(tables.base), len(codes)))
+    for q in range(len(tables.base)):
+        a, b, r, c = (tables.bound[q, :width, i, :16].astype(np.int64) for i in range(4))
+        per_byte = np.minimum(np.minimum(a[cols, hi] + b[cols, lo], r[cols, hi]), c[cols, lo])
+        out[q] = tables.base[q] + tables.delta[q] * (per_byte.sum(1) + tables.terms[q])
+    return out
+
+
+def scan_q8_blocks_into(blocks, byte_tables: np.ndarray, tables: Bound8Tables, skip: np.ndarray, has_skip: bool,
+                        row_offset: int, heap_s: np.ndarray, heap_r: np.ndarray, threads: int = 1) -> None:
+    """Native twin of `query_node.scan._scan_into` for 8-bit codes held as `query_node.code_blocks.CodeBlocks`,
+    pruned by `Bound8Tables` (same heap, same results). Args and errors as `scan_into`."""
+    _check_arrays(blocks.blocks.reshape(-1, blocks.width), byte_tables, skip, has_skip, heap_s, heap_r,
+                  ("bound", tables.bound, _UINT8), ("base", tables.base, _FLOAT64), ("delta", tables.delta, _FLOAT64),
+                  ("terms", tables.terms, _INT32))
+    _native().q8_scan_blocks(blocks.blocks, blocks.rows, blocks.width, byte_tables, tables.bound, tables.base,
+                             tables.delta, tables.terms, skip, has_skip, row_offset, heap_s, heap_r,
+                             heap_s.shape[-1], threads)
 
 
 def scan_q8_into(codes: np.ndarray, byte_tables: np.ndarray, tables: ByteQuantTables, skip: np.ndarray,

@@ -176,7 +176,7 @@ static inline AVX2 void transpose32x8(const uint8_t *src, size_t stride, int g, 
  * rounding lifts them over (all re-scored exactly), and widens half as many vectors: 0.265 -> 0.240 ms
  * per 1M 8-byte codes in a C harness (candidates 198 -> 214 for one top-100 query).
  */
-static inline AVX2 __m256i column_sums(const query_t *qq, const __m256i *cols, int c) {
+static inline __attribute__((always_inline)) AVX2 __m256i column_sums(const query_t *qq, const __m256i *cols, int c) {
     const __m256i low4 = _mm256_set1_epi8(0x0F);
     const __m256i tlo = _mm256_loadu_si256((const __m256i *)(qq->nib + (size_t)c * 64));
     const __m256i thi = _mm256_loadu_si256((const __m256i *)(qq->nib + (size_t)c * 64 + 32));
@@ -187,12 +187,43 @@ static inline AVX2 __m256i column_sums(const query_t *qq, const __m256i *cols, i
     return _mm256_add_epi8(_mm256_shuffle_epi8(tlo, lo), _mm256_shuffle_epi8(thi, hi));
 }
 
-static inline AVX2 void candidates32(const query_t *qq, const __m256i *cols, int ncols, uint32_t *me, uint32_t *mo) {
+/*
+ * 8-bit codes (one sub-code per byte, K <= 256) bounded through their nibbles: byte column c's 256-entry
+ * table T, seen as 16 x 16 (row: the byte's high nibble h, column: its low nibble l), is bounded by
+ * min(A[h] + B[l], R[h], C[l]) with R / C the row / column maxima and A[h] + B[l] >= T[h, l] an additive
+ * cover (query_node/fastscan.py, bound8_tables). Four 16-entry tables, four vpshufb a column: the
+ * lookups of the 4-bit kernel plus two, and an exact re-score of the few rows that pass (0.1-0.4% at 1M
+ * codes when the codewords are in nibble order, facepq_core/nibble_order.py).
+ */
+static inline __attribute__((always_inline)) AVX2 __m256i column_bound8(const query_t *qq, const __m256i *cols,
+                                                                         int c) {
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    const uint8_t *t = qq->nib + (size_t)c * 128;
+    __m256i v = _mm256_loadu_si256(cols + c);
+    __m256i lo = _mm256_and_si256(v, low4);
+    __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+    /* A, B entries <= 127: their sum fits a byte */
+    __m256i add = _mm256_add_epi8(_mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)t), hi),
+                                  _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)(t + 32)), lo));
+    __m256i rc = _mm256_min_epu8(_mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)(t + 64)), hi),
+                                 _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)(t + 96)), lo));
+    return _mm256_min_epu8(add, rc);
+}
+
+/* A column's quantized byte values: the 4-bit kernel's nibble sums, or (bound8) the 8-bit nibble bound. */
+static inline __attribute__((always_inline)) AVX2 __m256i column_value(const query_t *qq, const __m256i *cols,
+                                                                        int c, int bound8) {
+    return bound8 ? column_bound8(qq, cols, c) : column_sums(qq, cols, c);
+}
+
+static inline __attribute__((always_inline)) AVX2 void candidates32_of(const query_t *qq, const __m256i *cols,
+                                                                        int ncols, uint32_t *me, uint32_t *mo,
+                                                                        int bound8) {
     __m256i acc0 = _mm256_setzero_si256(), acc1 = _mm256_setzero_si256();
     for (int c = 0; c < ncols; c += 2) {
-        __m256i r = column_sums(qq, cols, c);
+        __m256i r = column_value(qq, cols, c, bound8);
         /* an odd last column is averaged with 0: ceil(r / 2) >= r / 2 still */
-        r = _mm256_avg_epu8(r, c + 1 < ncols ? column_sums(qq, cols, c + 1) : _mm256_setzero_si256());
+        r = _mm256_avg_epu8(r, c + 1 < ncols ? column_value(qq, cols, c + 1, bound8) : _mm256_setzero_si256());
         /* 16-bit sums of the even (low byte) and odd (high byte) rows */
         acc0 = _mm256_add_epi16(acc0, r);
         acc1 = _mm256_add_epi16(acc1, _mm256_srli_epi16(r, 8));
@@ -203,6 +234,10 @@ static inline AVX2 void candidates32(const query_t *qq, const __m256i *cols, int
     /* two mask bits per 16-bit element: keep one */
     *me = (uint32_t)_mm256_movemask_epi8(_mm256_cmpgt_epi16(even, thr)) & 0x55555555u;
     *mo = (uint32_t)_mm256_movemask_epi8(_mm256_cmpgt_epi16(acc1, thr)) & 0x55555555u;
+}
+
+static inline AVX2 void candidates32(const query_t *qq, const __m256i *cols, int ncols, uint32_t *me, uint32_t *mo) {
+    candidates32_of(qq, cols, ncols, me, mo, 0);
 }
 
 /* Arguments: fastscan_kernels.h. */
@@ -259,15 +294,17 @@ AVX2 int fs4_scan_avx2(const uint8_t *codes, int64_t n, int32_t width, int32_t n
  * where fs4_scan_avx2 transposes every block of row-major codes in registers first (~40 of its ~130
  * vector operations per block, most on the shuffle port that the lookups need too): 0.41 -> 0.26 ms per
  * 1M 8-byte codes in a C harness on this machine. Candidates are re-scored from the block itself.
- * Arguments: fastscan_kernels.h; `codes` is the blocks, ceil(n / 32) * 32 * width bytes.
+ * Arguments: fastscan_kernels.h; `codes` is the blocks, ceil(n / 32) * 32 * width bytes. This loop serves
+ * both block kernels: per_column table bytes a byte column, `bound8` picks the column values.
  */
-AVX2 int fs4_scan_blocks_avx2(const uint8_t *codes, int64_t n, int32_t width, int32_t nq, const float *pair,
-                              const uint8_t *nib, const double *base, const double *delta, const int32_t *terms,
-                              const uint8_t *skip, int32_t has_skip, int64_t row_offset, float *heap_s,
-                              int64_t *heap_r, int32_t k) {
+static inline __attribute__((always_inline)) AVX2 int scan_blocks(
+        const uint8_t *codes, int64_t n, int32_t width, int32_t nq, const float *pair, const uint8_t *nib,
+        const double *base, const double *delta, const int32_t *terms, const uint8_t *skip, int32_t has_skip,
+        int64_t row_offset, float *heap_s, int64_t *heap_r, int32_t k, size_t per_column, int bound8) {
     int width8 = (width + 7) / 8 * 8;
     if (width < 1 || width8 > MAX_WIDTH8 || nq < 1 || k < 1) return SCAN_BAD_ARGS;
-    query_t *qs = make_queries(nq, width, pair, nib, (size_t)width8 * 64, base, delta, terms, heap_s, heap_r, k);
+    query_t *qs = make_queries(nq, width, pair, nib, (size_t)width8 * per_column, base, delta, terms, heap_s,
+                               heap_r, k);
     if (!qs) return SCAN_NO_MEMORY;
     for (int64_t start = 0; start < n; start += 32) {
         const uint8_t *block = codes + (size_t)start * width;
@@ -276,23 +313,39 @@ AVX2 int fs4_scan_blocks_avx2(const uint8_t *codes, int64_t n, int32_t width, in
         for (int q = 0; q < nq; q++) {
             query_t *qq = &qs[q];
             uint32_t me, mo;
-            candidates32(qq, (const __m256i *)block, width, &me, &mo);
-            if (!(me | mo)) continue;
-            me &= live;
-            mo &= live >> 1;
-            while (me | mo) {   /* bit 2e: rows 2e (me) and 2e + 1 (mo) of the block */
-                uint32_t m = me | mo;
-                int bit = __builtin_ctz(m);
-                if (me & (1u << bit)) offer_at(qq, block + bit, 32, width, start + bit, skip, has_skip, row_offset);
-                if (mo & (1u << bit))
-                    offer_at(qq, block + bit + 1, 32, width, start + bit + 1, skip, has_skip, row_offset);
-                me &= ~(1u << bit);
-                mo &= ~(1u << bit);
+            candidates32_of(qq, (const __m256i *)block, width, &me, &mo, bound8);
+            /* bit 2e of me / mo: rows 2e / 2e + 1 of the block; bit r of `rows`: row r */
+            uint32_t rows = (me | (mo << 1)) & live;
+            while (rows) {
+                int r = __builtin_ctz(rows);
+                offer_at(qq, block + r, 32, width, start + r, skip, has_skip, row_offset);
+                rows &= rows - 1;
             }
         }
     }
     free(qs);
     return SCAN_OK;
+}
+
+AVX2 int fs4_scan_blocks_avx2(const uint8_t *codes, int64_t n, int32_t width, int32_t nq, const float *pair,
+                              const uint8_t *nib, const double *base, const double *delta, const int32_t *terms,
+                              const uint8_t *skip, int32_t has_skip, int64_t row_offset, float *heap_s,
+                              int64_t *heap_r, int32_t k) {
+    return scan_blocks(codes, n, width, nq, pair, nib, base, delta, terms, skip, has_skip, row_offset, heap_s,
+                       heap_r, k, 64, 0);
+}
+
+/*
+ * 8-bit codes in 32-row blocks, pruned by the nibble bound (column_bound8) and re-scored exactly from the
+ * block with the float byte tables `pair` [width * 256]: results bit-identical to pq8_scan's. Arguments:
+ * fastscan_kernels.h, `nib` being the bound tables uint8 [nq, width8, 4, 32].
+ */
+AVX2 int q8_scan_blocks_avx2(const uint8_t *codes, int64_t n, int32_t width, int32_t nq, const float *pair,
+                             const uint8_t *nib, const double *base, const double *delta, const int32_t *terms,
+                             const uint8_t *skip, int32_t has_skip, int64_t row_offset, float *heap_s,
+                             int64_t *heap_r, int32_t k) {
+    return scan_blocks(codes, n, width, nq, pair, nib, base, delta, terms, skip, has_skip, row_offset, heap_s,
+                       heap_r, k, 128, 1);
 }
 
 /* ---- 8-bit codes (one sub-code per byte, K <= 256): float tables, fused score + select ---- */

@@ -67,6 +67,12 @@ int fs4_scan_blocks_avx2(const uint8_t *codes, int64_t n, int32_t width, int32_t
                          const uint8_t *nib, const double *base, const double *delta, const int32_t *terms,
                          const uint8_t *skip, int32_t has_skip, int64_t row_offset, float *heap_s,
                          int64_t *heap_r, int32_t k);
+/* 8-bit codes in 32-row blocks, pruned by nibble bound tables nib: uint8 [nq, width8, 4, 32]
+ * (query_node.fastscan.bound8_tables), re-scored exactly with the byte tables. */
+int q8_scan_blocks_avx2(const uint8_t *codes, int64_t n, int32_t width, int32_t nq, const float *pair,
+                        const uint8_t *nib, const double *base, const double *delta, const int32_t *terms,
+                        const uint8_t *skip, int32_t has_skip, int64_t row_offset, float *heap_s,
+                        int64_t *heap_r, int32_t k);
 int pq8_scan_avx2(const uint8_t *codes, int64_t n, int32_t width, int32_t nq, const float *tables,
                   const uint8_t *skip, int32_t has_skip, int64_t row_offset, float *heap_s, int64_t *heap_r,
                   int32_t k);

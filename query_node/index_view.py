@@ -10,9 +10,10 @@ A view is immutable once built; query_node.live_index swaps whole views.
 A partitioned index (facepq_core.partition) loads its cell probe with the view; a search
 with `nprobe` (1..L-1) scans only the cells its lookup tables score best, 0 or >= L everything.
 
-Where the 4-bit kernel runs AVX2, a node keeps an unpartitioned 4-bit index's codes as 32-row blocks
-(query_node.code_blocks: the layout that kernel reads without transposing) in place of the map's code
-pages, made once per segment and reused by later views like the segment itself.
+Where the kernel of its codes runs AVX2 (4-bit codes; 8-bit ones without AVX-512), a node keeps an
+unpartitioned index's codes as 32-row blocks (query_node.code_blocks: the layout those kernels read
+without transposing) in place of the map's code pages, made once per segment and reused by later views
+like the segment itself.
 """
 from __future__ import annotations
 
@@ -93,7 +94,7 @@ def load_view(store, shard_ids: list[int], previous: IndexView | None = None, ve
         verify: check every newly opened segment's size and sha256.
         manifest: the manifest to open (default: the current one).
         recheck: segment ids never reused from `previous` (their files changed on disk).
-        code_blocks: keep 4-bit codes as `CodeBlocks` (None: where `code_blocks.node_keeps_blocks` says so).
+        code_blocks: keep the codes as `CodeBlocks` (None: where `code_blocks.node_keeps_blocks` says so).
     Raises:
         IndexFormatError: no index / unreadable manifest. ConfigError: a shard outside the index.
     """
@@ -108,7 +109,8 @@ def load_view(store, shard_ids: list[int], previous: IndexView | None = None, ve
                           f"shards (0..{manifest.shard_count - 1})")
     cell_probe = load_prober(store, manifest.model)  # IndexFormatError when missing, altered or another model's
     if code_blocks is None:
-        code_blocks = node_keeps_blocks(manifest.model.packed, partitioned=cell_probe is not None)
+        code_blocks = node_keeps_blocks(manifest.model.packed, partitioned=cell_probe is not None,
+                                        hamming=_hamming_tables(manifest.model.codec))
     reuse, reuse_blocks = {}, {}
     if previous is not None:
         for data in previous.shards.values():
@@ -135,6 +137,17 @@ def load_view(store, shard_ids: list[int], previous: IndexView | None = None, ve
         _mask_tombstones(data, state.tombstones)
         shards[shard] = data
     return IndexView(manifest, shards, cell_probe)
+
+
+def _hamming_tables(codec: str) -> bool:
+    """Whether the codec's byte tables may be Hamming tables (True for an unknown codec: `IndexView` refuses
+    to serve it, with the reason)."""
+    from facepq_core.codecs import codec_class
+
+    try:
+        return codec_class(codec).hamming_tables
+    except ConfigError:
+        return True
 
 
 def _code_blocks(seg) -> CodeBlocks | None:

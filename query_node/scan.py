@@ -18,8 +18,10 @@ Why the kernel looks the way it does (measured, see ARCHITECTURE.md):
 * where the extension is built and AVX2 exists, the native kernels run instead
   (`query_node.fastscan`): for 4-bit codes 7-bit quantized 16-entry tables looked
   up 32 rows per vpshufb prune rows that cannot reach the k-th best, and the rest
-  are re-scored with the same pair tables in the same order; for 8-byte codes a
-  fused scalar score-and-compare loop (measured ~10% faster than these two numba
+  are re-scored with the same pair tables in the same order; 8-bit codes held as
+  32-row blocks are pruned the same way through each byte's two nibbles (four
+  16-entry bound tables a byte, `ScanTables.bound8`); 8-byte codes of partitioned
+  indexes take a fused scalar score-and-compare loop (measured ~10% faster than these two numba
   loops: 8 lookups are load-bound, so vectorising them gains nothing, and the
   second pass costs; at 16 bytes a row's serial chain of adds makes the scalar loop
   latency-bound and the vectorised numba loop wins); with AVX-512 VBMI, 8-bit codes
@@ -217,6 +219,7 @@ class ScanTables:
     byte: np.ndarray                           # float32 [Q, code_bytes * 256] exact byte tables
     nibble: fastscan.NibbleTables | None = None  # packed codes on the native kernel
     quant8: fastscan.ByteQuantTables | None = None  # 8-bit codes on the native AVX-512 kernel
+    bound8: fastscan.Bound8Tables | None = None     # 8-bit codes in 32-row blocks on the native AVX2 kernel
     hamming: np.ndarray | None = None          # uint8 [Q, code_bytes]: the query codes of Hamming tables
 
 
@@ -228,7 +231,9 @@ def scan_tables(lookup_tables: np.ndarray, packed: bool, code_bytes: int) -> Sca
         hamming = hamming_scan.hamming_queries(byte) if hamming_scan.available() else None
         if hamming is not None:
             return ScanTables(byte, hamming=hamming)
-        return ScanTables(byte, quant8=fastscan.byte_quant_tables(byte) if fastscan.quantized8_available() else None)
+        if fastscan.quantized8_available():
+            return ScanTables(byte, quant8=fastscan.byte_quant_tables(byte))
+        return ScanTables(byte, bound8=fastscan.bound8_tables(byte) if fastscan.blocks8_preferred() else None)
     nib = _packed_nibble_values(_as_tables(lookup_tables), code_bytes)  # one pass serves the float and the quantized tables
     return ScanTables(_pair_tables(nib), fastscan.nibble_tables(nib) if fastscan.available() else None)
 
@@ -263,12 +268,13 @@ class TopKHeap:
         Rows of this segment are numbered from `rows_scanned` (the rows of the segments
         scanned before), so ties are broken across segments by scan order.
         """
-        nibble = quant8 = hamming = None
+        nibble = quant8 = bound8 = hamming = None
         if isinstance(tables, ScanTables):
-            tables, nibble, quant8, hamming = tables.byte, tables.nibble, tables.quant8, tables.hamming
+            tables, nibble, quant8, bound8, hamming = (tables.byte, tables.nibble, tables.quant8, tables.bound8,
+                                                       tables.hamming)
         blocks = codes if isinstance(codes, CodeBlocks) else None
-        if blocks is not None and not (self.native and nibble is not None):
-            # only the native 4-bit kernel reads blocks (tables it cannot take, e.g. non-finite: float scan)
+        if blocks is not None and not (self.native and (nibble is not None or bound8 is not None)):
+            # only the native block kernels read blocks (tables they cannot take, e.g. non-finite: float scan)
             codes, blocks = blocks.codes(), None
         if blocks is None and (codes.ndim != 2 or codes.dtype != np.uint8 or not codes.flags.c_contiguous):
             raise ValueError(f"codes must be C-contiguous uint8 [N, B], got {codes.dtype} {codes.shape}")
@@ -284,8 +290,10 @@ class TopKHeap:
                 raise ValueError(f"skip_mask must be bool [{n}], got {skip.shape}")
         tables = np.ascontiguousarray(tables)
         at, threads = self.rows_scanned, self.threads
-        if n and blocks is not None:
+        if n and blocks is not None and nibble is not None:
             fastscan.scan_blocks_into(blocks, tables, nibble, skip, has_skip, at, self.scores, self.rows, threads)
+        elif n and blocks is not None:
+            fastscan.scan_q8_blocks_into(blocks, tables, bound8, skip, has_skip, at, self.scores, self.rows, threads)
         elif n and self.native and hamming is not None:
             hamming_scan.scan_into(codes, hamming, skip, has_skip, at, self.scores, self.rows)
         elif n and self.native and nibble is not None:
@@ -436,5 +444,6 @@ def warmup() -> None:
             for mask in (None, np.zeros(64, dtype=np.bool_)):
                 heap = TopKHeap(2, 5)
                 heap.scan(c, tables, mask)
-    log.info("scan kernels ready; 4-bit codes scan with %s%s, Hamming codes with %s", fastscan.status(),
-             " (unpartitioned indexes as 32-row blocks)" if fastscan.blocks_preferred() else "", hamming_scan.status())
+    log.info("scan kernels ready; 4-bit codes scan with %s%s, 8-bit codes with %s, Hamming codes with %s",
+             fastscan.status(), " (unpartitioned indexes as 32-row blocks)" if fastscan.blocks_preferred() else "",
+             fastscan.status8(), hamming_scan.status())

@@ -106,6 +106,9 @@ class Codec(ABC):
 
     name: ClassVar[str]
     kernel: ClassVar[str] = "lut"
+    # Its byte tables may be Hamming tables, which the popcount kernel (query_node.hamming_scan) scans
+    # from row-major codes: a node then keeps the codes as they are stored (query_node.code_blocks).
+    hamming_tables: ClassVar[bool] = False
 
     def __init__(self, spec: CodeSpec, embedding_dim: int):
         self.spec = spec

@@ -39,6 +39,7 @@ class BinaryCodec(Codec):
     """
 
     name = "binary"
+    hamming_tables = True
 
     def __init__(self, projection: np.ndarray, mean: np.ndarray, normalize: bool = True, scoring: str = "hamming"):
         projection = np.ascontiguousarray(projection, dtype=np.float32)

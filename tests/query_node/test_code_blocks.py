@@ -1,7 +1,7 @@
-"""4-bit codes held as 32-row blocks (query_node.code_blocks): the layout, and a node that scans them.
+"""Codes held as 32-row blocks (query_node.code_blocks): the layout, and a node that scans them.
 
 Where the 4-bit kernel runs AVX2, a node keeps an unpartitioned 4-bit index's codes as `CodeBlocks` in
-place of the map's code pages. These tests force the AVX2 kernels (`use_simd("avx2")`, or FACEPQ_SIMD=avx2
+place of the map's code pages; where no AVX-512 kernel scans 8-bit codes, their index's codes too. These tests force the AVX2 kernels (`use_simd("avx2")`, or FACEPQ_SIMD=avx2
 for a node process) so they run the block path on AVX-512 CPUs too, and check answers against brute
 force, the map's pages against /proc, and reuse across index versions.
 """
@@ -182,9 +182,38 @@ def test_a_partitioned_index_keeps_row_major_codes_for_its_cell_gather(tmp_path,
 
 
 @native_only
-def test_an_8bit_index_keeps_row_major_codes(tmp_path, avx2):
+def test_an_8bit_index_on_avx2_is_held_as_blocks_and_answers_exactly(tmp_path, avx2):
+    """The AVX2 8-bit kernel (nibble bounds, query_node.fastscan.bound8_tables) reads blocks too."""
+    from indexer.commit import delete_faces
+
+    path = tmp_path / "idx"
+    _, ids, codes = build_index(path, rows=5000, shard_count=2, M=8, K=256)
+    store = IndexStore(str(path))
+    delete_faces(store, face_ids=[int(i) for i in ids[::7]])
+    stored = dict(zip(ids.tolist(), map(bytes, codes)))
+    view = load_view(store, [0, 1])
+    assert all(len(s.blocks) == len(s.segments) and all(b is not None for b in s.blocks) for s in view.shards.values())
+    rng = np.random.default_rng(6)
+    for _ in range(3):
+        lut = dyadic_lut(rng, 8, 256)
+        hits = view.search(lut[None], 30, [0, 1], with_codes=True)[0]
+        assert [(h.face_id, h.score) for h in hits] == [r[:2] for r in brute_force(path, lut, 30)]
+        assert all(h.code == stored[h.face_id] for h in hits)
+
+
+@native_only
+def test_8bit_codes_are_blocks_only_where_the_block_kernel_is_the_8bit_kernel(tmp_path):
+    """Without a cap, this CPU's own choice: AVX-512 scans 8-bit codes row-major (q8_scan), AVX2 as blocks."""
     path = tmp_path / "idx"
     build_index(path, rows=2000, shard_count=1, M=8, K=256)
+    blocks = load_view(IndexStore(str(path)), [0]).shards[0].blocks
+    assert bool(blocks) == fastscan.blocks8_preferred() == (not fastscan.quantized8_available())
+
+
+@native_only
+def test_an_index_of_hamming_codes_keeps_row_major_codes_for_the_popcount_kernel(tmp_path, avx2):
+    path = tmp_path / "idx"
+    build_index(path, rows=2000, shard_count=1, M=8, K=256, codec="binary")
     assert not load_view(IndexStore(str(path)), [0]).shards[0].blocks
 
 

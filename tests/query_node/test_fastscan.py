@@ -60,7 +60,8 @@ def test_the_extension_module_is_what_runs_here():
     assert fastscan.available(), fastscan.status()
     assert fastscan.status() == BEST
     assert _fastscan.kernels == {"fs4_scan": BEST, "fs4_scan_blocks": "avx2",
-                                 "q8_scan": "avx512" if HAS_AVX512 else None, "pq8_scan": "avx2",
+                                 "q8_scan": "avx512" if HAS_AVX512 else None, "q8_scan_blocks": "avx2",
+                                 "pq8_scan": "avx2",
                                  "hamming_scan": next(isa for isa, runs in _fastscan.hamming_variants.items() if runs)}
     assert _fastscan.__file__.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
     assert _fastscan.FS4_MAX_CODE_BYTES == fastscan.MAX_CODE_BYTES

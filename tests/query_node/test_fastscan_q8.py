@@ -125,6 +125,7 @@ import sys
 import numpy as np
 from facepq_core.codes import CodeSpec, pack_codes
 from query_node import fastscan
+from query_node.code_blocks import CodeBlocks
 from query_node.scan import scan_topk_batch
 
 rng = np.random.default_rng(7)
@@ -136,6 +137,9 @@ for width in (8, 16):
     codes8 = rng.integers(0, 256, size=(5000, width), dtype=np.uint8)
     luts8 = rng.standard_normal((3, width, 256)).astype(np.float32)
     out[f"s{width}"], out[f"r{width}"] = scan_topk_batch(codes8, luts8, 50, packed=False, skip_mask=skip)
+    # as a node holds them where the AVX2 8-bit kernel runs (elsewhere the same rows, row-major)
+    out[f"bs{width}"], out[f"br{width}"] = scan_topk_batch(CodeBlocks.of(codes8), luts8, 50, packed=False,
+                                                           skip_mask=skip)
 out["s4"], out["r4"] = scan_topk_batch(codes4, luts4, 50, packed=True, skip_mask=skip)
 np.savez(sys.argv[1], **out)
 print(fastscan.status(), "|", fastscan.status8())
@@ -153,9 +157,12 @@ def test_facepq_simd_avx2_runs_the_avx2_kernels_with_identical_results(tmp_path)
         assert out.returncode == 0, out.stderr
         results[simd] = (out.stdout.strip(), dict(np.load(out_file)))
     assert results[""][0].startswith(f"{BEST} | ")
-    assert results["avx2"][0].startswith("avx2 | avx2 (fused float loop")
+    assert results["avx2"][0].startswith("avx2 | avx2 (nibble bounds on 32-row blocks")
     for key in results[""][1]:
         np.testing.assert_array_equal(results[""][1][key], results["avx2"][1][key], err_msg=key)
+    for width in (8, 16):   # blocks and row-major codes: the same answers
+        np.testing.assert_array_equal(results["avx2"][1][f"br{width}"], results["avx2"][1][f"r{width}"])
+        np.testing.assert_array_equal(results["avx2"][1][f"bs{width}"], results["avx2"][1][f"s{width}"])
 
 
 def test_facepq_simd_unknown_value_says_so():

@@ -5,20 +5,21 @@ import numpy as np
 
 
 def build_index(path, rows=3000, shard_count=3, M=8, K=256, seed=0, segments_per_shard=2, refine=None,
-                cells=None):
+                cells=None, codec="opqn"):
     """An index of random codes written by the real IndexWriter; returns (ModelMeta, face_ids, codes).
 
     `refine`: a refinement tier (facepq_core.refine.RefineTier, e.g. `make_tier(...)`) whose random rows
     are stored beside the codes (read them back with `refine_rows`).
     `cells`: a cell partition of that many cells (facepq_core.partition); the codes are then clustered
     (`clustered_codes`), as codes of faces are, so that cells mean something.
+    `codec`: the codec name the manifest records (the codes stay random bytes of the layout).
     """
     from facepq_core.codes import CodeSpec, pack_codes
     from indexer.manifest import ModelMeta
     from indexer.writer import IndexWriter
 
     spec = CodeSpec(M, K)
-    meta = ModelMeta.from_code_spec(spec, fingerprint="f" * 16, trunk="test", refine=refine)
+    meta = ModelMeta.from_code_spec(spec, fingerprint="f" * 16, trunk="test", codec=codec, refine=refine)
     rng = np.random.default_rng(seed)
     ids = rng.choice(2**62, size=rows, replace=False).astype(np.uint64)
     if cells:

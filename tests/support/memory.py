@@ -18,3 +18,25 @@ def smaps_rss(pid: int, path: str) -> tuple[int, int]:
             elif current and parts[0] == "VmFlags:" and "rr" in parts[1:]:
                 meta += rss
     return meta, total
+
+
+def smaps_mapped_kb(pid: int, path: str) -> int:
+    """kB of `path` mapped in the process (resident or not): shows a measurement of `smaps_rss` saw the map."""
+    size = 0
+    current = False
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            parts = line.split()
+            if "-" in parts[0] and ":" not in parts[0]:
+                current = len(parts) > 5 and parts[5] == path
+            elif current and parts[0] == "Size:":
+                size += int(parts[1])
+    return size
+
+
+def node_holds_code_blocks(packed: bool) -> bool:
+    """Whether a `facepq node` started now, with this environment (FACEPQ_SIMD) on this CPU, keeps an unpartitioned
+    index's codes as 32-row blocks (query_node.code_blocks) instead of the map's code pages."""
+    from query_node.code_blocks import node_keeps_blocks
+
+    return node_keeps_blocks(packed, partitioned=False)
