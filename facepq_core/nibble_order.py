@@ -14,10 +14,10 @@ table, a linear function of the codeword, is nearly additive). `nibble_order` nu
            (minimum total squared distance of codeword - group mean to v_l, a 16 x 16 assignment),
            the v_l being refitted as the mean of what was matched to them, a few rounds.
 
-Measured with a top-100 query over 1M random 8-byte codes (FAISS-trained 8 x 256 codebooks on Gaussian
-data, the `facepq bench scan` set-up), the share of rows whose bound still reaches the 100th score
-(re-scored exactly): any order ~75-93%, this order 0.3-0.5%; on the dlib OPQN model's codes of LFW
-faces 0.08% (0.5% without the order).
+Measured with top-100 queries over 1M random 8-byte codes (FAISS-trained 8 x 256 codebooks on Gaussian
+data, the `facepq bench scan` set-up), the share of rows whose quantized bound still reaches the 100th
+score: 54-83% as FAISS numbered the codewords, 0.45-0.76% in this order; on the dlib OPQN model's codes
+of LFW faces 0.14% (0.37% as k-means left them). See the README's scan kernel section.
 """
 from __future__ import annotations
 

@@ -380,7 +380,7 @@ PyDoc_STRVAR(q8_scan_blocks_doc,
              "q8_scan_blocks(blocks, rows, width, byte_tables, bound, base, delta, terms, skip, has_skip, row_offset,"
              " heap_s, heap_r, k, threads=1)\n--\n\n"
              "Scan 8-bit codes in 32-row blocks, pruned by nibble bound tables, re-scored exactly;\n"
-             "updates the heaps in place. Arguments: query_node.fastscan.scan_q8_blocks_into.");
+             "updates the heaps in place. Arguments: query_node.fastscan.scan_blocks_into.");
 
 static PyObject *q8_scan_blocks(PyObject *self, PyObject *args) {
     (void)self;

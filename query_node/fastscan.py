@@ -266,18 +266,6 @@ def bound8_row_bounds(tables: Bound8Tables, codes: np.ndarray) -> np.ndarray:
     return out
 
 
-def scan_q8_blocks_into(blocks, byte_tables: np.ndarray, tables: Bound8Tables, skip: np.ndarray, has_skip: bool,
-                        row_offset: int, heap_s: np.ndarray, heap_r: np.ndarray, threads: int = 1) -> None:
-    """Native twin of `query_node.scan._scan_into` for 8-bit codes held as `query_node.code_blocks.CodeBlocks`,
-    pruned by `Bound8Tables` (same heap, same results). Args and errors as `scan_into`."""
-    _check_arrays(blocks.blocks.reshape(-1, blocks.width), byte_tables, skip, has_skip, heap_s, heap_r,
-                  ("bound", tables.bound, _UINT8), ("base", tables.base, _FLOAT64), ("delta", tables.delta, _FLOAT64),
-                  ("terms", tables.terms, _INT32))
-    _native().q8_scan_blocks(blocks.blocks, blocks.rows, blocks.width, byte_tables, tables.bound, tables.base,
-                             tables.delta, tables.terms, skip, has_skip, row_offset, heap_s, heap_r,
-                             heap_s.shape[-1], threads)
-
-
 def scan_q8_into(codes: np.ndarray, byte_tables: np.ndarray, tables: ByteQuantTables, skip: np.ndarray,
                  has_skip: bool, row_offset: int, heap_s: np.ndarray, heap_r: np.ndarray, threads: int = 1) -> None:
     """Native twin of `query_node.scan._scan_into` for 8-bit codes with `ByteQuantTables` (same results).
@@ -311,18 +299,21 @@ def scan_into(codes: np.ndarray, byte_tables: np.ndarray, tables: NibbleTables, 
                        skip, has_skip, row_offset, heap_s, heap_r, heap_s.shape[-1], threads)
 
 
-def scan_blocks_into(blocks, byte_tables: np.ndarray, tables: NibbleTables, skip: np.ndarray, has_skip: bool,
-                     row_offset: int, heap_s: np.ndarray, heap_r: np.ndarray, threads: int = 1) -> None:
-    """`scan_into` for codes held as `query_node.code_blocks.CodeBlocks` (same heap, same results).
+def scan_blocks_into(blocks, byte_tables: np.ndarray, tables: NibbleTables | Bound8Tables, skip: np.ndarray,
+                     has_skip: bool, row_offset: int, heap_s: np.ndarray, heap_r: np.ndarray, threads: int = 1) -> None:
+    """`scan_into` for codes held as `query_node.code_blocks.CodeBlocks` (same heap, same results): 4-bit codes
+    with their `NibbleTables` (kernel fs4_scan_blocks), 8-bit codes with their `Bound8Tables` (q8_scan_blocks).
 
     Args and errors as `scan_into`, `blocks` in place of the codes.
     """
+    kernel, name, quantized = (("fs4_scan_blocks", "nib", tables.nib) if isinstance(tables, NibbleTables)
+                               else ("q8_scan_blocks", "bound", tables.bound))
     _check_arrays(blocks.blocks.reshape(-1, blocks.width), byte_tables, skip, has_skip, heap_s, heap_r,
-                  ("nib", tables.nib, _UINT8), ("base", tables.base, _FLOAT64), ("delta", tables.delta, _FLOAT64),
+                  (name, quantized, _UINT8), ("base", tables.base, _FLOAT64), ("delta", tables.delta, _FLOAT64),
                   ("terms", tables.terms, _INT32))
-    _native().fs4_scan_blocks(blocks.blocks, blocks.rows, blocks.width, byte_tables, tables.nib, tables.base,
-                              tables.delta, tables.terms, skip, has_skip, row_offset, heap_s, heap_r,
-                              heap_s.shape[-1], threads)
+    getattr(_native(), kernel)(blocks.blocks, blocks.rows, blocks.width, byte_tables, quantized, tables.base,
+                               tables.delta, tables.terms, skip, has_skip, row_offset, heap_s, heap_r,
+                               heap_s.shape[-1], threads)
 
 
 def scan8_into(codes: np.ndarray, byte_tables: np.ndarray, skip: np.ndarray, has_skip: bool, row_offset: int,

@@ -290,10 +290,9 @@ class TopKHeap:
                 raise ValueError(f"skip_mask must be bool [{n}], got {skip.shape}")
         tables = np.ascontiguousarray(tables)
         at, threads = self.rows_scanned, self.threads
-        if n and blocks is not None and nibble is not None:
-            fastscan.scan_blocks_into(blocks, tables, nibble, skip, has_skip, at, self.scores, self.rows, threads)
-        elif n and blocks is not None:
-            fastscan.scan_q8_blocks_into(blocks, tables, bound8, skip, has_skip, at, self.scores, self.rows, threads)
+        if n and blocks is not None:
+            fastscan.scan_blocks_into(blocks, tables, nibble if nibble is not None else bound8, skip, has_skip, at,
+                                      self.scores, self.rows, threads)
         elif n and self.native and hamming is not None:
             hamming_scan.scan_into(codes, hamming, skip, has_skip, at, self.scores, self.rows)
         elif n and self.native and nibble is not None:

@@ -235,7 +235,8 @@ def test_unlabelled_photos_join_the_fit_of_a_frozen_trunks_codes(tmp_path, monke
         train(data, tmp_path / "r", resnet, TrainConfig(epochs=1), progress=False, unlabelled=str(extra))
 
 
-@pytest.mark.skipif(not fastscan.available(), reason=f"the bound tables are the native extension's: {fastscan.status()}")
+@pytest.mark.skipif(not fastscan.available(),
+                    reason=f"the bound tables are the native extension's: {fastscan.status()}")
 def test_a_fitted_256_codeword_head_is_numbered_in_nibble_order_for_the_8bit_scan(data):
     """With the codewords in nibble order (facepq_core.nibble_order) the AVX2 8-bit scan's bound leaves far
     fewer rows to re-score than with the same codewords numbered at random: measured, not assumed."""

@@ -1,9 +1,10 @@
 """Codes held as 32-row blocks (query_node.code_blocks): the layout, and a node that scans them.
 
 Where the 4-bit kernel runs AVX2, a node keeps an unpartitioned 4-bit index's codes as `CodeBlocks` in
-place of the map's code pages; where no AVX-512 kernel scans 8-bit codes, their index's codes too. These tests force the AVX2 kernels (`use_simd("avx2")`, or FACEPQ_SIMD=avx2
-for a node process) so they run the block path on AVX-512 CPUs too, and check answers against brute
-force, the map's pages against /proc, and reuse across index versions.
+place of the map's code pages; where no AVX-512 kernel scans 8-bit codes, their index's codes too. These
+tests force the AVX2 kernels (`use_simd("avx2")`, or FACEPQ_SIMD=avx2 for a node process) so they run the
+block path on AVX-512 CPUs too, and check answers against brute force, the map's pages against /proc, and
+reuse across index versions.
 """
 import os
 import sys
@@ -21,12 +22,6 @@ from tests.support.index import brute_force, build_index, dyadic_lut
 pytestmark = pytest.mark.timeout(180)
 native_only = pytest.mark.skipif(_why_no_native() is not None, reason=str(_why_no_native()))
 
-
-@pytest.fixture
-def avx2():
-    fastscan.use_simd("avx2")
-    yield
-    fastscan.use_simd(None)
 
 
 @pytest.mark.parametrize("rows", [0, 1, 31, 32, 33, 1000, 70_000])

@@ -21,12 +21,6 @@ from tests.query_node.test_fastscan_q8 import byte_luts
 native_only = pytest.mark.skipif(_why_no_native() is not None, reason=str(_why_no_native()))
 
 
-@pytest.fixture
-def avx2():
-    fastscan.use_simd("avx2")
-    yield
-    fastscan.use_simd(None)
-
 
 @functools.cache
 def _codebooks(ordered: bool, dsub: int = 4) -> np.ndarray:
