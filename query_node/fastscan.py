@@ -114,8 +114,8 @@ def status8() -> str:
         return f"numba ({why})"
     if native.kernels["q8_scan"] is not None:
         return f"{native.kernels['q8_scan']} (quantized tables)"
-    return (f"{native.kernels['q8_scan_blocks']} (nibble bounds on 32-row blocks; fused float loop for "
-            f"{FUSED_WIDTH}-byte codes of partitioned indexes, numba otherwise)")
+    return (f"{native.kernels['q8_scan_blocks']} (nibble bounds on 32-row blocks; row-major codes: fused float "
+            f"loop for {FUSED_WIDTH}-byte codes, numba otherwise)")
 
 
 def quantized8_available() -> bool:

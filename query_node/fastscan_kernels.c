@@ -1,6 +1,7 @@
 /*
  * Native scan kernels: exact top-k of packed 4-bit PQ codes with quantized SIMD lookup
- * tables (fs4_scan_avx2), and of 8-bit codes with float tables (pq8_scan_avx2, at the end).
+ * tables (fs4_scan_avx2; fs4_scan_blocks_avx2 on 32-row blocks), of 8-bit codes in 32-row blocks
+ * through nibble bounds (q8_scan_blocks_avx2), and of 8-bit codes with float tables (pq8_scan_avx2).
  *
  * Built at install time into the extension module query_node._fastscan (setup.py; the
  * Python side is _fastscan.c and query_node/fastscan.py). The file is compiled without
@@ -192,8 +193,9 @@ static inline __attribute__((always_inline)) AVX2 __m256i column_sums(const quer
  * table T, seen as 16 x 16 (row: the byte's high nibble h, column: its low nibble l), is bounded by
  * min(A[h] + B[l], R[h], C[l]) with R / C the row / column maxima and A[h] + B[l] >= T[h, l] an additive
  * cover (query_node/fastscan.py, bound8_tables). Four 16-entry tables, four vpshufb a column: the
- * lookups of the 4-bit kernel plus two, and an exact re-score of the few rows that pass (0.1-0.4% at 1M
- * codes when the codewords are in nibble order, facepq_core/nibble_order.py).
+ * lookups of the 4-bit kernel plus two, and an exact re-score of the rows that pass (1-3% of 1M random 8-byte
+ * codes for a top-100 query when the codewords are in nibble order, facepq_core/nibble_order.py; most of
+ * 1M in any other order).
  */
 static inline __attribute__((always_inline)) AVX2 __m256i column_bound8(const query_t *qq, const __m256i *cols,
                                                                          int c) {

@@ -214,16 +214,18 @@ def test_an_index_of_hamming_codes_keeps_row_major_codes_for_the_popcount_kernel
 
 @native_only
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="residency is read from /proc")
-def test_a_node_process_on_avx2_holds_blocks_not_the_maps_code_pages(tmp_path):
-    """A real `facepq node` with FACEPQ_SIMD=avx2 over gRPC: exact answers, and after the searches the segment
-    files' maps hold a few pages (header, footer, pages shared with other columns), not the codes."""
+@pytest.mark.parametrize("m, kk", [(16, 16), (8, 256)], ids=["4-bit", "8-bit"])
+def test_a_node_process_on_avx2_holds_blocks_not_the_maps_code_pages(tmp_path, m, kk):
+    """A real `facepq node` with FACEPQ_SIMD=avx2 over gRPC: exact answers, its start-up log names the block
+    kernels, and after the searches the segment file's map holds a few pages (header, footer, pages shared
+    with other columns), not the codes."""
     from query_node.coordinator import Coordinator
     from query_node.registry import StaticRegistry
-    from tests.support.memory import smaps_rss
+    from tests.support.memory import smaps_mapped_kb, smaps_rss
     from tests.support.processes import ServerProcess
 
     path = tmp_path / "idx"
-    build_index(path, rows=200_000, shard_count=1, M=16, K=16, segments_per_shard=1)
+    build_index(path, rows=200_000, shard_count=1, M=m, K=kk, segments_per_shard=1)
     store = IndexStore(str(path))
     ref = store.load_manifest().shards[0].segments[0]
     seg_path = os.path.realpath(store.local_path(ref.path))
@@ -233,12 +235,16 @@ def test_a_node_process_on_avx2_holds_blocks_not_the_maps_code_pages(tmp_path):
     try:
         coord = Coordinator(StaticRegistry([node.address]), shard_count=1)
         for _ in range(5):
-            lut = dyadic_lut(rng, 16, 16)
+            lut = dyadic_lut(rng, m, kk)
             res = coord.search_tables(lut[None], 30, timeout=30)
             assert res.complete
             assert [(h.face_id, h.score) for h in res.hits[0]] == [r[:2] for r in brute_force(path, lut, 30)]
         _, total_kb = smaps_rss(node.pid, seg_path)
+        mapped_kb = smaps_mapped_kb(node.pid, seg_path)
     finally:
         node.kill()
     code_bytes = ref.rows * 8
+    assert mapped_kb * 1024 >= code_bytes   # the measurement sees the map
     assert total_kb * 1024 <= 0.1 * code_bytes, f"{total_kb} kB of the file mapped for {code_bytes} code bytes"
+    log = node.text()
+    assert "unpartitioned indexes as 32-row blocks" in log and "8-bit codes with avx2 (nibble bounds" in log, log[-2000:]
