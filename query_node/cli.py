@@ -24,16 +24,24 @@ def _shard_list(text: str) -> list[int]:
     return shards
 
 
-def _wait_for_signal() -> None:
-    """Block until SIGTERM or SIGINT."""
-    import signal
-    import threading
+def _wait_for_signal(poll: float = 0.2) -> int:
+    """Block until SIGTERM or SIGINT; returns the signal's number.
 
-    stop = threading.Event()
+    The handler only records the signal. It used to set a threading.Event the main thread was waiting
+    on, but a handler runs in the main thread between bytecodes, and Event.set() takes the lock that
+    Event.wait() holds around its timed wait: a signal arriving in that window deadlocked the process
+    for good (a node SIGTERMed by its launcher's death stayed up, found by the demo's SIGKILL test).
+    time.sleep resumes after a handler returns (PEP 475), so the flag is seen within `poll` seconds.
+    """
+    import signal
+    import time
+
+    received: list[int] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    while not stop.wait(1.0):
-        pass
+        signal.signal(sig, lambda signum, _frame: received.append(signum))
+    while not received:
+        time.sleep(poll)
+    return received[0]
 
 
 def _serve_metrics(args) -> None:
