@@ -300,7 +300,8 @@ def scan_into(codes: np.ndarray, byte_tables: np.ndarray, tables: NibbleTables, 
 
 
 def scan_blocks_into(blocks, byte_tables: np.ndarray, tables: NibbleTables | Bound8Tables, skip: np.ndarray,
-                     has_skip: bool, row_offset: int, heap_s: np.ndarray, heap_r: np.ndarray, threads: int = 1) -> None:
+                     has_skip: bool, row_offset: int, heap_s: np.ndarray, heap_r: np.ndarray,
+                     threads: int = 1) -> None:
     """`scan_into` for codes held as `query_node.code_blocks.CodeBlocks` (same heap, same results): 4-bit codes
     with their `NibbleTables` (kernel fs4_scan_blocks), 8-bit codes with their `Bound8Tables` (q8_scan_blocks).
 
