@@ -33,23 +33,18 @@ log = logging.getLogger(__name__)
 class IndexView:
     """The served shards of one index version (immutable once built)."""
 
-    def __init__(self, manifest, shards: dict[int, ShardData], cell_probe=None):
-        from facepq_core.codecs import codec_class
-
+    def __init__(self, manifest, shards: dict[int, ShardData], cell_probe=None, codec=None):
+        """`codec`: the codec class `served_codec` returned for this manifest (looked up here when None)."""
+        codec = codec if codec is not None else served_codec(manifest.model)
         self.manifest = manifest
         self.model = manifest.model
-        try:  # the scan kernel family of the index's codec; an index of an unknown codec is never scanned
-            self.kernel = codec_class(manifest.model.codec).kernel
-            refine_kernel = manifest.model.refine.kernel if manifest.model.refine is not None else None
-        except ConfigError as exc:
-            raise IndexFormatError(f"cannot serve this index: {exc}") from None
-        if self.kernel != "lut":
-            raise IndexFormatError(f"cannot serve this index: its codec {manifest.model.codec} (kernel {self.kernel}) "
-                                   f"can only be a refinement tier, not the scanned codes")
-        self.refine_kernel = refine_kernel
+        self.kernel = codec.kernel   # the scan kernel family of the index's codec
+        self.refine_kernel = manifest.model.refine.kernel if manifest.model.refine is not None else None
         self.version = str(manifest.version)
         self.shards = shards
         self.cell_probe = cell_probe  # facepq_core.partition.CellProbe, or None (exhaustive only)
+        # 8-bit bound tables are only read from blocks: a view without them is spared building them per query
+        self.holds_blocks = any(data.blocks for data in shards.values())
 
     def serving_shards(self) -> list[int]:
         return sorted(s for s, d in self.shards.items() if d.serving)
@@ -66,7 +61,7 @@ class IndexView:
         `with_codes`: each hit carries its stored code (the coordinator's query expansion).
         `nprobe`: on a partitioned index, scan only the cells `probe_cells` picks; 0 scans everything.
         """
-        tables = scan_tables(lookup_tables, self.model.packed, self.model.code_bytes)
+        tables = scan_tables(lookup_tables, self.model.packed, self.model.code_bytes, blocks=self.holds_blocks)
         cells = self.probe_cells(lookup_tables, nprobe)
         per_shard = [self.shards[s].search(tables, k, stats, refine, threads, with_codes, cells) for s in shards]
         return [merge_shard_lists([res[q] for res in per_shard], k) for q in range(tables.byte.shape[0])]
@@ -107,10 +102,11 @@ def load_view(store, shard_ids: list[int], previous: IndexView | None = None, ve
     if bad:
         raise ConfigError(f"shard(s) {bad} do not exist: the index at {store.uri} has {manifest.shard_count} "
                           f"shards (0..{manifest.shard_count - 1})")
+    codec = served_codec(manifest.model)
     cell_probe = load_prober(store, manifest.model)  # IndexFormatError when missing, altered or another model's
     if code_blocks is None:
         code_blocks = node_keeps_blocks(manifest.model.packed, partitioned=cell_probe is not None,
-                                        hamming=_hamming_tables(manifest.model.codec))
+                                        hamming=codec.hamming_tables)
     reuse, reuse_blocks = {}, {}
     if previous is not None:
         for data in previous.shards.values():
@@ -136,18 +132,24 @@ def load_view(store, shard_ids: list[int], previous: IndexView | None = None, ve
             continue
         _mask_tombstones(data, state.tombstones)
         shards[shard] = data
-    return IndexView(manifest, shards, cell_probe)
+    return IndexView(manifest, shards, cell_probe, codec)
 
 
-def _hamming_tables(codec: str) -> bool:
-    """Whether the codec's byte tables may be Hamming tables (True for an unknown codec: `IndexView` refuses
-    to serve it, with the reason)."""
+def served_codec(model):
+    """The codec class of an index's codes, which a node can scan; an index of an unknown codec, or of one
+    that can only be a refinement tier, is never served (IndexFormatError saying why)."""
     from facepq_core.codecs import codec_class
 
     try:
-        return codec_class(codec).hamming_tables
-    except ConfigError:
-        return True
+        codec = codec_class(model.codec)
+        if model.refine is not None:  # an unknown refinement codec is refused here, not at the first search
+            codec_class(model.refine.codec)
+    except ConfigError as exc:
+        raise IndexFormatError(f"cannot serve this index: {exc}") from None
+    if codec.kernel != "lut":
+        raise IndexFormatError(f"cannot serve this index: its codec {model.codec} (kernel {codec.kernel}) "
+                               f"can only be a refinement tier, not the scanned codes")
+    return codec
 
 
 def _code_blocks(seg) -> CodeBlocks | None:

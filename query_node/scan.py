@@ -223,8 +223,12 @@ class ScanTables:
     hamming: np.ndarray | None = None          # uint8 [Q, code_bytes]: the query codes of Hamming tables
 
 
-def scan_tables(lookup_tables: np.ndarray, packed: bool, code_bytes: int) -> ScanTables:
-    """Per-query lookup tables float32 [Q, M, K] -> the tables the fastest available kernel takes."""
+def scan_tables(lookup_tables: np.ndarray, packed: bool, code_bytes: int, blocks: bool = True) -> ScanTables:
+    """Per-query lookup tables float32 [Q, M, K] -> the tables the fastest available kernel takes.
+
+    `blocks`: whether the codes may be `CodeBlocks`; False spares 8-bit codes the bound tables only the
+    block kernel reads (row-major codes: partitioned indexes, remote segments).
+    """
     if not packed:
         byte = byte_tables(lookup_tables, packed, code_bytes)
         # binary codes scored by Hamming distance: the popcount kernel (query_node.hamming_scan)
@@ -233,7 +237,7 @@ def scan_tables(lookup_tables: np.ndarray, packed: bool, code_bytes: int) -> Sca
             return ScanTables(byte, hamming=hamming)
         if fastscan.quantized8_available():
             return ScanTables(byte, quant8=fastscan.byte_quant_tables(byte))
-        return ScanTables(byte, bound8=fastscan.bound8_tables(byte) if fastscan.blocks8_preferred() else None)
+        return ScanTables(byte, bound8=fastscan.bound8_tables(byte) if blocks and fastscan.blocks8_preferred() else None)
     nib = _packed_nibble_values(_as_tables(lookup_tables), code_bytes)  # one pass serves the float and the quantized tables
     return ScanTables(_pair_tables(nib), fastscan.nibble_tables(nib) if fastscan.available() else None)
 

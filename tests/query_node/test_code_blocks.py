@@ -97,26 +97,35 @@ def _resident_pages(address: int, size: int) -> int:
     return resident(address, size)
 
 
-@native_only
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="residency is read from /proc")
-def test_a_view_scans_blocks_with_the_maps_code_pages_released_and_answers_exactly(tmp_path, avx2):
+def _view_of_blocks_answering_exactly(tmp_path, m: int, kk: int, rows: int, delete_every: int, seed: int):
+    """An index of two shards with every `delete_every`-th face deleted, its view holding each segment's
+    codes as blocks, and three searches of it equal to brute force, their codes read from the blocks.
+    Returns (store, view, rng)."""
     from indexer.commit import delete_faces
-    from tests.query_node.test_shard_view_memory import _code_pages
 
     path = tmp_path / "idx"
-    _, ids, codes = build_index(path, rows=60_000, shard_count=2, M=15, K=16)
+    _, ids, codes = build_index(path, rows=rows, shard_count=2, M=m, K=kk)
     store = IndexStore(str(path))
-    delete_faces(store, face_ids=[int(i) for i in ids[::9]])
+    delete_faces(store, face_ids=[int(i) for i in ids[::delete_every]])
     stored = dict(zip(ids.tolist(), map(bytes, codes)))
     view = load_view(store, [0, 1])
-    for shard in view.shards.values():
-        assert len(shard.blocks) == len(shard.segments) and all(b is not None for b in shard.blocks)
-    rng = np.random.default_rng(4)
+    assert view.holds_blocks
+    assert all(len(s.blocks) == len(s.segments) and all(b is not None for b in s.blocks) for s in view.shards.values())
+    rng = np.random.default_rng(seed)
     for _ in range(3):
-        lut = dyadic_lut(rng, 15, 16)
+        lut = dyadic_lut(rng, m, kk)
         hits = view.search(lut[None], 40, [0, 1], with_codes=True)[0]
         assert [(h.face_id, h.score) for h in hits] == [r[:2] for r in brute_force(path, lut, 40)]
         assert all(h.code == stored[h.face_id] for h in hits)   # read from the blocks
+    return store, view, rng
+
+
+@native_only
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="residency is read from /proc")
+def test_a_view_scans_blocks_with_the_maps_code_pages_released_and_answers_exactly(tmp_path, avx2):
+    from tests.query_node.test_shard_view_memory import _code_pages
+
+    store, view, rng = _view_of_blocks_answering_exactly(tmp_path, 15, 16, rows=60_000, delete_every=9, seed=4)
     pages = [_code_pages(seg) for shard in view.shards.values() for seg in shard.segments]
     assert sum(max(size, 0) for _, size in pages) > 80 * 4096   # the check spans the codes, not a sliver
     assert sum(_resident_pages(at, size) for at, size in pages) == 0   # the scans read the blocks, not the map
@@ -173,27 +182,13 @@ def test_a_partitioned_index_keeps_row_major_codes_for_its_cell_gather(tmp_path,
     path = tmp_path / "idx"
     build_index(path, rows=4000, shard_count=1, M=16, K=16, cells=8)
     view = load_view(IndexStore(str(path)), [0])
-    assert view.cell_probe is not None and not view.shards[0].blocks
+    assert view.cell_probe is not None and not view.shards[0].blocks and not view.holds_blocks
 
 
 @native_only
 def test_an_8bit_index_on_avx2_is_held_as_blocks_and_answers_exactly(tmp_path, avx2):
     """The AVX2 8-bit kernel (nibble bounds, query_node.fastscan.bound8_tables) reads blocks too."""
-    from indexer.commit import delete_faces
-
-    path = tmp_path / "idx"
-    _, ids, codes = build_index(path, rows=5000, shard_count=2, M=8, K=256)
-    store = IndexStore(str(path))
-    delete_faces(store, face_ids=[int(i) for i in ids[::7]])
-    stored = dict(zip(ids.tolist(), map(bytes, codes)))
-    view = load_view(store, [0, 1])
-    assert all(len(s.blocks) == len(s.segments) and all(b is not None for b in s.blocks) for s in view.shards.values())
-    rng = np.random.default_rng(6)
-    for _ in range(3):
-        lut = dyadic_lut(rng, 8, 256)
-        hits = view.search(lut[None], 30, [0, 1], with_codes=True)[0]
-        assert [(h.face_id, h.score) for h in hits] == [r[:2] for r in brute_force(path, lut, 30)]
-        assert all(h.code == stored[h.face_id] for h in hits)
+    _view_of_blocks_answering_exactly(tmp_path, 8, 256, rows=5000, delete_every=7, seed=6)
 
 
 @native_only

@@ -34,13 +34,15 @@ def _segment_vmas(paths):
 
 
 def test_metadata_is_advised_random_and_codes_keep_readahead(tmp_path):
+    """Codes read through the map (row-major: what a node scans unless it keeps `CodeBlocks`, whose map pages
+    are released instead, tests/query_node/test_code_blocks.py) keep the default readahead."""
     from indexer.store import IndexStore
     from query_node.index_view import load_view
 
     index = tmp_path / "idx"
     build_index(index, rows=60_000, shard_count=1, segments_per_shard=1)  # ~0.5 MB of codes, more metadata
     store = IndexStore(str(index))
-    view = load_view(store, [0])
+    view = load_view(store, [0], code_blocks=False)
     seg = view.shards[0].segments[0]
     path = str(store.local_path(seg.ref.path))
     vmas = _segment_vmas({path})
@@ -101,14 +103,16 @@ def big_index(tmp_path_factory):
     return path, ids
 
 
-def test_hit_lookups_leave_no_metadata_pages_resident(big_index):
-    """300 searches whose top-100 hits land on ~27k different rows: the codes are resident (the scan
-    reads them), but not one whole page of face ids, names or sources is mapped into the process."""
+@pytest.mark.parametrize("code_blocks", [False, True], ids=["row-major", "blocks"])
+def test_hit_lookups_leave_no_metadata_pages_resident(big_index, code_blocks):
+    """300 searches whose top-100 hits land on ~27k different rows: not one whole page of face ids, names or
+    sources is mapped into the process. Row-major codes are resident (the scan reads them through the map);
+    codes kept as `CodeBlocks` are not (their map pages were released and the scan reads the blocks)."""
     from indexer.store import IndexStore
     from query_node.index_view import load_view
 
     path, ids = big_index
-    view = load_view(IndexStore(str(path)), [0])
+    view = load_view(IndexStore(str(path)), [0], code_blocks=code_blocks)
     seg = view.shards[0].segments[0]
     meta_at, meta_size = _metadata_pages(seg)
     assert meta_size >= 500 * _PAGE  # the check below spans the file's metadata, not a sliver of it
@@ -124,7 +128,10 @@ def test_hit_lookups_leave_no_metadata_pages_resident(big_index):
                 seen.add(h.face_id)
     assert len(seen) > 20_000
     code_at, code_size = _code_pages(seg)
-    assert _resident_pages(code_at, code_size) * _PAGE >= 0.9 * code_size  # the measurement sees the map
+    if code_blocks:
+        assert _resident_pages(code_at, code_size) == 0
+    else:
+        assert _resident_pages(code_at, code_size) * _PAGE >= 0.9 * code_size  # the measurement sees the map
     assert _resident_pages(meta_at, meta_size) == 0
 
 
