@@ -72,6 +72,7 @@ class RedisServer:
         self.workdir = workdir
         self.password = password
         self.proc: subprocess.Popen | None = None
+        self.started = False   # once started, a restart keeps the port
 
     @property
     def url(self) -> str:
@@ -79,20 +80,42 @@ class RedisServer:
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
+        """Start redis-server and wait until it answers as itself: its INFO names its own pid, not another
+        server's that took the port first (another process's on this machine). A first start whose port was
+        taken meanwhile moves to another free port; a restart keeps its port (clients know it)."""
+        for _ in range(5):
+            why = self._start_once()
+            if why is None:
+                self.started = True
+                return
+            if self.started:
+                break
+            self.port = free_port()
+        pytest.fail(f"redis-server did not start on port {self.port}: {why}")
+
+    def _start_once(self) -> str | None:
+        import redis
+
         args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                 "--dir", str(self.workdir)]
         if self.password:
             args += ["--requirepass", self.password]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(host="127.0.0.1", port=self.port, password=self.password, socket_timeout=1)
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return
-            except OSError:
+        try:
+            while time.monotonic() < deadline and self.proc.poll() is None:
+                try:
+                    if int(client.info("server")["process_id"]) == self.proc.pid:
+                        return None
+                except (redis.RedisError, OSError):
+                    pass
                 time.sleep(0.05)
+        finally:
+            client.close()
+        exited = self.proc.poll()
         self.stop()
-        pytest.fail(f"redis-server did not start on port {self.port} within 10 s")
+        return f"it exited with {exited} (port taken?)" if exited is not None else "no answer within 10 s"
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
