@@ -64,9 +64,10 @@ class Cluster:
             s.kill()
 
 
-def start_cluster(model: str, index: str, poll: float = 0.2, node_args: tuple = ()) -> Cluster:
-    """Two nodes (shard halves, started with `node_args`) and a coordinator with a static node list; the
-    caller closes it."""
+def start_cluster(model: str, index: str, poll: float = 0.2, node_args: tuple = (),
+                  coordinator_args: tuple = ()) -> Cluster:
+    """Two nodes (shard halves, started with `node_args`) and a coordinator with a static node list (and
+    `coordinator_args`); the caller closes it."""
     from indexer.store import IndexStore
 
     shards = IndexStore(index).load_manifest().shard_count
@@ -77,7 +78,7 @@ def start_cluster(model: str, index: str, poll: float = 0.2, node_args: tuple = 
             nodes.append(ServerProcess(["node", "--index", index, "--shards", ",".join(map(str, part)), "--poll", poll,
                                         *node_args], timeout=SERVER_START_TIMEOUT))
         coord = ServerProcess(["coordinator", "--model", model, "--index", index, "--port", "0", "--nodes",
-                               ",".join(n.address for n in nodes)], timeout=SERVER_START_TIMEOUT)
+                               ",".join(n.address for n in nodes), *coordinator_args], timeout=SERVER_START_TIMEOUT)
     except BaseException:
         for n in nodes:
             n.kill()
@@ -476,22 +477,38 @@ def soak(cluster: Cluster, reloads: int, timeout: float = 30.0, on_reload=None) 
 # ---------------------------------------------------------------- main
 
 
-def compare_batching(model: str, index: str, clients: int, seconds: float, top_k: int) -> float:
-    """Nodes-direct load on nodes without batching, then with (the default); returns the throughput ratio."""
+def compare_batching(model: str, index: str, clients: int, seconds: float, top_k: int) -> tuple[float, float]:
+    """Batching off, then on (the default), in the same run: nodes-direct load on nodes started with
+    --batch-window-ms 0 and without it; then load through a coordinator started with --batch-window-ms 0
+    and without it (its nodes batching). Returns (node ratio, coordinator ratio), on / off."""
+    from opqn_model.api import FaceEncoder
+
+    dim = FaceEncoder.load(model).embedding_dim
+    off = ("--batch-window-ms", "0")
+    runs = (("nodes direct, node batching off", dict(node_args=off), "node"),
+            ("nodes direct, node batching on", {}, "node"),
+            ("coordinator, fan-out batching off", dict(coordinator_args=off), "coordinator"),
+            ("coordinator, fan-out batching on", {}, "coordinator"))
     results = {}
-    for name, node_args in (("off", ("--batch-window-ms", "0")), ("on", ())):
-        cluster = start_cluster(model, index, node_args=node_args)
+    for name, cluster_args, path in runs:
+        cluster = start_cluster(model, index, **cluster_args)
         try:
-            results[name] = node_load(cluster, model, clients, seconds, top_k)
+            results[name] = node_load(cluster, model, clients, seconds, top_k) if path == "node" else \
+                coordinator_load(cluster, dim, clients, seconds, top_k)
         finally:
             cluster.close()
-    print(f"{'nodes direct, batching':32s} {'clients':>7} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}  "
-          f"({load_avg()})")
+    print(f"{'batching':36s} {'clients':>7} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}  ({load_avg()})")
     for name, r in results.items():
-        print(f"{name:32s} {clients:>7} {r.qps:>9.1f} {r.pct(50):>8.2f} {r.pct(99):>8.2f} {r.errors:>7}")
-    ratio = results["on"].qps / results["off"].qps if results["off"].qps else float("nan")
-    print(f"node throughput with batching = {ratio:.2f} x without (target >= 1.5)")
-    return ratio
+        print(f"{name:36s} {clients:>7} {r.qps:>9.1f} {r.pct(50):>8.2f} {r.pct(99):>8.2f} {r.errors:>7}")
+
+    def ratio(on: str, off: str) -> float:
+        return results[on].qps / results[off].qps if results[off].qps else float("nan")
+
+    node = ratio("nodes direct, node batching on", "nodes direct, node batching off")
+    coordinator = ratio("coordinator, fan-out batching on", "coordinator, fan-out batching off")
+    print(f"node throughput with batching = {node:.2f} x without (target >= 1.5)")
+    print(f"coordinator throughput with fan-out batching = {coordinator:.2f} x without")
+    return node, coordinator
 
 
 def main(argv=None) -> int:
@@ -507,8 +524,8 @@ def main(argv=None) -> int:
     ap.add_argument("--top-k", type=int, default=10)
     ap.add_argument("--reloads", type=int, default=50, help="hot reloads in the soak (0 = no soak)")
     ap.add_argument("--compare-batching", action="store_true",
-                    help="also run the nodes-direct load against nodes started with --batch-window-ms 0 and print "
-                         "node throughput with batching / without")
+                    help="also run the nodes-direct load and the coordinator load with batching off "
+                         "(--batch-window-ms 0) and on, and print throughput with batching / without for each")
     ap.add_argument("--overhead", type=int, default=0, metavar="N",
                     help="N sequential searches timed as bare kernel / nodes direct / coordinator (0 = skip)")
     args = ap.parse_args(argv)

@@ -13,6 +13,9 @@ together. `SearchBatcher.run` decides per request:
 
 Bounded: a request waits at most `window` plus one batched scan. Requests with
 different keys (index version, k, shards) never share a batch.
+
+Nodes batch their scans with it; the coordinator batches whole searches with it too (one
+fan-out, one call per node, for the searches that arrive together: query_node.coordinator).
 """
 from __future__ import annotations
 
@@ -20,6 +23,9 @@ import threading
 from collections.abc import Callable
 
 import numpy as np
+
+DEFAULT_WINDOW = 0.001      # seconds a batch leader waits for more queries (the --batch-window-ms default)
+DEFAULT_MAX_QUERIES = 16    # queries per batch (the --batch-max default)
 
 
 class _Batch:
@@ -50,7 +56,7 @@ class SearchBatcher:
         max_queries: queries per batched scan (a batch closes when full).
     """
 
-    def __init__(self, window: float = 0.001, max_queries: int = 16):
+    def __init__(self, window: float = DEFAULT_WINDOW, max_queries: int = DEFAULT_MAX_QUERIES):
         if window < 0 or max_queries < 1:
             raise ValueError(f"window must be >= 0 and max_queries >= 1, got {window} and {max_queries}")
         self.window = window

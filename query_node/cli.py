@@ -62,14 +62,10 @@ def _node(args) -> int:
 
     if args.threads is not None and args.threads < 1:
         raise ConfigError(f"--threads must be >= 1, got {args.threads}")
-    if args.batch_window_ms < 0 or args.batch_max < 1:
-        raise ConfigError(f"--batch-window-ms must be >= 0 and --batch-max >= 1, got {args.batch_window_ms} and "
-                          f"{args.batch_max}")
     tls, tokens = server_security(args)
     server = NodeServer(args.index, args.shards, host=args.host, port=args.port, node_id=args.node_id,
                         poll_seconds=args.poll, tls=tls, auth_tokens=tokens, view_grace=args.view_grace,
-                        threads=args.threads, batch_window=args.batch_window_ms / 1e3,
-                        batch_max=args.batch_max).start()
+                        threads=args.threads, **_batching(args)).start()
     heartbeat = None
     try:
         _serve_metrics(args)
@@ -120,7 +116,7 @@ def _coordinator(args) -> int:
                                port=args.port, tls=tls, auth_tokens=tokens, auth_search=args.auth_search,
                                node_tls=node_tls, node_token=node_token, upkeep_seconds=args.upkeep_seconds,
                                max_inflight_photos=args.max_inflight_photos,
-                               thumbnail_roots=args.thumbnail_root).start()
+                               thumbnail_roots=args.thumbnail_root, **_batching(args)).start()
     try:
         _serve_metrics(args)
         if args.http_port is not None:
@@ -133,6 +129,26 @@ def _coordinator(args) -> int:
     finally:
         server.stop()
     return 0
+
+
+def _add_batch_flags(p, what: str) -> None:
+    from query_node.batcher import DEFAULT_MAX_QUERIES, DEFAULT_WINDOW
+
+    p.add_argument("--batch-window-ms", type=float, default=DEFAULT_WINDOW * 1e3,
+                   help=f"while a {what} runs, gather arriving queries this long into one batched {what} (0 = off; "
+                        f"a query arriving when none is in flight never waits; default %(default)s)")
+    p.add_argument("--batch-max", type=int, default=DEFAULT_MAX_QUERIES,
+                   help=f"queries per batched {what} (default %(default)s)")
+
+
+def _batching(args) -> dict:
+    """--batch-window-ms / --batch-max as the servers' batch_window (seconds) and batch_max."""
+    from facepq_core.errors import ConfigError
+
+    if not args.batch_window_ms >= 0 or args.batch_max < 1:  # (not >= 0: NaN too)
+        raise ConfigError(f"--batch-window-ms must be >= 0 and --batch-max >= 1, got {args.batch_window_ms} and "
+                          f"{args.batch_max}")
+    return {"batch_window": args.batch_window_ms / 1e3, "batch_max": args.batch_max}
 
 
 def _add_metrics_flags(p) -> None:
@@ -157,10 +173,7 @@ def register(subparsers) -> None:
     p.add_argument("--ttl", type=float, default=5.0, help="registry heartbeat TTL in seconds")
     p.add_argument("--threads", type=int, default=None,
                    help="native scan threads (default: the cores in this process's CPU affinity mask)")
-    p.add_argument("--batch-window-ms", type=float, default=1.0,
-                   help="while a scan runs, gather arriving queries this long into one batched scan (0 = off; "
-                        "a query arriving at an idle node never waits)")
-    p.add_argument("--batch-max", type=int, default=16, help="queries per batched scan")
+    _add_batch_flags(p, "scan")
     p.add_argument("--poll", type=float, default=0.5, help="seconds between checks for a new index version")
     p.add_argument("--view-grace", type=float, default=10.0,
                    help="seconds a replaced index version stays answerable for searches in flight (default 10)")
@@ -199,5 +212,6 @@ def register(subparsers) -> None:
     p.add_argument("--thumbnail-root", action="append", default=[], metavar="DIR",
                    help="the web page may show thumbnails of gallery photos whose source is a file under DIR "
                         "(repeatable; default: none, the page shows the source)")
+    _add_batch_flags(p, "fan-out to the nodes")
     _add_metrics_flags(p)
     p.set_defaults(handler=_coordinator, log_level=logging.INFO)

@@ -36,6 +36,7 @@ from facepq_core.errors import ConfigError
 from facepq_core.expansion import Expansion
 from facepq_proto.facepq.v1 import facepq_pb2, facepq_pb2_grpc
 from query_node.admission import default_photo_limit, photo_gate
+from query_node.batcher import DEFAULT_MAX_QUERIES
 from query_node.grpc_server import GrpcServer, ServedByGrpc, status_on_error
 from query_node.service import SEARCH_TIMEOUT, CoordinatorService, Photo, SearchOptions
 from query_node.upkeep import Upkeep
@@ -46,7 +47,8 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = "facepq.v1.Coordinator"
 
 
-WORKERS = 32  # gRPC threads: photo work in progress and waiting (at most 20), the rest for everything else
+PHOTO_THREADS = 20  # photo work in progress and waiting, at most (query_node.admission: 4 + 4 x 4)
+WORKERS = 32  # gRPC threads: PHOTO_THREADS, the rest for everything else
 
 
 def _warn_about_posture(host: str, auth_search: bool, node_tls, node_token) -> None:
@@ -211,11 +213,14 @@ class CoordinatorServer(ServedByGrpc):
         upkeep_seconds: seconds between rounds of small-segment merging (query_node.upkeep); 0 = none.
         max_inflight_photos: photo searches and enrolments in progress at once (default: the CPU count, at
             most 4); four times as many may wait up to 2 s, the rest are refused (RESOURCE_EXHAUSTED).
+        batch_window, batch_max: searches arriving together share one fan-out (query_node.coordinator;
+            window 0 = off); with batching on, `workers` is raised to at least batch_max + the photo slots.
     """
 
     def __init__(self, model_path, index_uri, redis_url=None, nodes=None, host="127.0.0.1", port=0,
                  search_timeout=SEARCH_TIMEOUT, workers=WORKERS, tls=None, auth_tokens=(), auth_search=False,
-                 node_tls=None, node_token=None, upkeep_seconds=30.0, max_inflight_photos=None, thumbnail_roots=()):
+                 node_tls=None, node_token=None, upkeep_seconds=30.0, max_inflight_photos=None, thumbnail_roots=(),
+                 batch_window=0.0, batch_max=DEFAULT_MAX_QUERIES):
         from indexer.store import IndexStore
         from opqn_model.api import FaceEncoder
         from query_node.coordinator import Coordinator
@@ -235,7 +240,10 @@ class CoordinatorServer(ServedByGrpc):
         registry = RedisRegistry(redis_url) if redis_url else StaticRegistry(nodes, tls=node_tls, token=node_token)
         if redis_url:
             registry.check()  # refuses credentials Redis rejects instead of serving empty answers
-        self.coordinator = Coordinator(registry, manifest.shard_count, tls=node_tls, node_token=node_token)
+        self.coordinator = Coordinator(registry, manifest.shard_count, tls=node_tls, node_token=node_token,
+                                       batch_window=batch_window, batch_max=batch_max)
+        if self.coordinator.batcher.enabled:  # room for a whole batch of searches beside the photo work
+            workers = max(workers, PHOTO_THREADS + batch_max)
         self.service = CoordinatorService(self.coordinator, FaceModel(self.encoder), index_uri, redis_url=redis_url,
                                           search_timeout=search_timeout, photo_admission=photo_gate(photo_limit))
         # Enrolments add small segments; merge them in the background (indexer.upkeep), 0 = never.

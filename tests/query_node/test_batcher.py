@@ -1,8 +1,8 @@
-"""Batched scans (query_node.batcher) and the node's thread budget (query_node.scan_threads).
+"""Batched scans and fan-outs (query_node.batcher) and the node's thread budget (query_node.scan_threads).
 
 The batcher's decisions are tested with a scan that blocks until the test lets it go (so
-"a scan is in flight" is a fact, not a timing guess); the node tests run real gRPC nodes
-under concurrent clients and compare every answer with the same query asked alone.
+"a scan is in flight" is a fact, not a timing guess); the node and coordinator tests run real gRPC
+nodes under concurrent clients and compare every answer with the same query asked alone.
 """
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -126,6 +126,34 @@ def test_a_batching_node_under_concurrent_clients_answers_like_single_queries(tm
         server.stop()
 
 
+def test_a_batching_coordinator_shares_fan_outs_and_answers_like_single_queries(tmp_path):
+    """8 clients through a coordinator that batches (long window) over two real nodes that do not: searches
+    meet in shared fan-outs, and each gets exactly the answer it gets alone."""
+    from query_node.node_server import NodeServer
+
+    path = tmp_path / "idx"
+    build_index(path, rows=6000, shard_count=2)
+    rng = np.random.default_rng(12)
+    luts = [dyadic_lut(rng, 8, 256) for _ in range(16)]
+    expected = [brute_force(path, lut, 20) for lut in luts]
+    servers = [NodeServer(str(path), [s]).start() for s in (0, 1)]
+    try:
+        coord = Coordinator(StaticRegistry([s.address for s in servers]), shard_count=2, batch_window=0.05,
+                            batch_max=8)
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda lut: coord.search_tables(lut[None], 20, timeout=60), luts * 3))
+        for i, res in enumerate(answers):
+            assert res.complete and len(res.hits) == 1
+            assert _ids(res.hits[0]) == expected[i % len(luts)], f"query {i % len(luts)}"
+        assert coord.batcher.batches > 0 and coord.batcher.batched_requests > coord.batcher.batches
+        alone = Coordinator(StaticRegistry([s.address for s in servers]), shard_count=2)
+        assert alone.batcher.enabled is False   # off unless asked for (the CLI's default asks)
+        assert _ids(alone.search_tables(luts[0][None], 20, timeout=60).hits[0]) == expected[0]
+    finally:
+        for s in servers:
+            s.stop()
+
+
 @pytest.mark.slow
 def test_node_process_flags_threads_and_batching(tmp_path):
     path = tmp_path / "idx"
@@ -143,14 +171,17 @@ def test_node_process_flags_threads_and_batching(tmp_path):
         n.kill()
 
 
-@pytest.mark.parametrize("flags, message", [
-    (("--threads", "0"), "--threads must be >= 1, got 0"),
-    (("--batch-window-ms", "-1"), "--batch-window-ms must be >= 0 and --batch-max >= 1"),
-    (("--batch-max", "0"), "--batch-window-ms must be >= 0 and --batch-max >= 1"),
+@pytest.mark.parametrize("command, flags, message", [
+    ("node", ("--threads", "0"), "--threads must be >= 1, got 0"),
+    ("node", ("--batch-window-ms", "-1"), "--batch-window-ms must be >= 0 and --batch-max >= 1"),
+    ("node", ("--batch-max", "0"), "--batch-window-ms must be >= 0 and --batch-max >= 1"),
+    ("coordinator", ("--batch-window-ms", "nan"), "--batch-window-ms must be >= 0 and --batch-max >= 1"),
+    ("coordinator", ("--batch-max", "0"), "--batch-window-ms must be >= 0 and --batch-max >= 1"),
 ])
-def test_node_refuses_bad_thread_and_batch_flags(tmp_path, flags, message):
+def test_servers_refuse_bad_thread_and_batch_flags(tmp_path, command, flags, message):
     from tests.support.processes import run_cli
 
-    out = run_cli("node", "--index", tmp_path / "none", "--shards", "0", *flags)
+    where = ("--shards", "0") if command == "node" else ("--model", tmp_path / "none.pt", "--nodes", "127.0.0.1:1")
+    out = run_cli(command, "--index", tmp_path / "none", *where, *flags)
     assert out.returncode == 2, out.stderr
     assert message in out.stderr and "Traceback" not in out.stderr
