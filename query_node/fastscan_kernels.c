@@ -56,6 +56,8 @@ typedef struct {
     int64_t *hr;
     int k;
     int16_t thr;            /* a row is a candidate when its quantized score > thr */
+    int blocks, passed;     /* 8-bit blocks: blocks bounded in this window (heap full), rows their bound passed */
+    int dense_left;         /* 8-bit blocks: blocks still to score densely (dense_block8) before bounding again */
 } query_t;
 
 /* Offer (s, r) to a full or filling min-heap of size k (rows merged from another thread's heap). */
@@ -96,20 +98,26 @@ static query_t *make_queries(int nq, int width, const float *pair, const uint8_t
         qs[q].hs = heap_s + (size_t)q * k;
         qs[q].hr = heap_r + (size_t)q * k;
         qs[q].k = k;
+        qs[q].blocks = qs[q].passed = qs[q].dense_left = 0;
         update_threshold(&qs[q]);
     }
     return qs;
 }
 
-/* Re-score row i (its first byte at `row`, bytes `stride` apart) exactly and offer it to the query's heap. */
-static inline void offer_at(query_t *q, const uint8_t *row, size_t stride, int width, int64_t i, const uint8_t *skip,
-                            int has_skip, int64_t row_offset) {
-    float s = exact_score(q->pair, row, stride, width);
+/* Offer row i, of exact score s, to the query's heap, and move its quantized threshold. */
+static inline void offer_exact(query_t *q, float s, int64_t i, const uint8_t *skip, int has_skip,
+                               int64_t row_offset) {
     int64_t r = row_offset + i;
     if (s >= q->hs[0] && worse(q->hs[0], q->hr[0], s, r) && !(has_skip && skip[i])) {
         replace_root(q->hs, q->hr, q->k, s, r);
         update_threshold(q);
     }
+}
+
+/* Re-score row i (its first byte at `row`, bytes `stride` apart) exactly and offer it to the query's heap. */
+static inline void offer_at(query_t *q, const uint8_t *row, size_t stride, int width, int64_t i, const uint8_t *skip,
+                            int has_skip, int64_t row_offset) {
+    offer_exact(q, exact_score(q->pair, row, stride, width), i, skip, has_skip, row_offset);
 }
 
 /* offer_at for row i of row-major codes [n, width]. */
@@ -291,6 +299,57 @@ AVX2 int fs4_scan_avx2(const uint8_t *codes, int64_t n, int32_t width, int32_t n
 }
 
 /*
+ * Dense mode of the 8-bit block kernel. The nibble bound prunes only where a codebook is numbered so that a
+ * byte's two nibbles say much about its table entry (facepq_core/nibble_order.py) and a query's top scores
+ * stand out. Where they do not (heads whose codewords have no nibble structure, e.g. nearly orthogonal ones
+ * of a short OPQN training), most rows pass, and bounding then re-scoring each one costs 1.5-2x the float
+ * loop (8.9 vs 4.4-6.3 ms per 1M rows, 60% passing). So a query watches its bound over windows of
+ * DENSE_WINDOW blocks (once its heap is full): when more than DENSE_ROWS_PER_BLOCK of 32 rows a block passed,
+ * it scores the next DENSE_BLOCKS blocks' every row exactly instead, then bounds a window again (the k-th
+ * best may have risen enough meanwhile). Dense scoring reads one 8-byte word a byte column for 8 rows and
+ * keeps 8 independent sums, each in byte order from 0.0f like exact_score (so bit-identical); only rows
+ * reaching the current k-th best go to the heap. Gathers (vpgatherdd, 8 rows a column) measured slower here.
+ * Break-even, from those figures, is near 30% passing; 25% is the switch.
+ */
+#define DENSE_WINDOW 64
+#define DENSE_ROWS_PER_BLOCK 8
+#define DENSE_BLOCKS 512
+
+static inline AVX2 void dense_block8(query_t *q, const uint8_t *block, int width, uint32_t live, int64_t start,
+                                     const uint8_t *skip, int has_skip, int64_t row_offset) {
+    float s[32];
+    for (int g = 0; g < 4; g++) {   /* 8 rows at a time: one 8-byte load a column, 8 independent sums */
+        float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f, s4 = 0.0f, s5 = 0.0f, s6 = 0.0f, s7 = 0.0f;
+        for (int c = 0; c < width; c++) {
+            const float *t = q->pair + (size_t)c * 256;
+            uint64_t w = load64(block + (size_t)c * 32 + 8 * g);
+            s0 += t[w & 255];
+            s1 += t[(w >> 8) & 255];
+            s2 += t[(w >> 16) & 255];
+            s3 += t[(w >> 24) & 255];
+            s4 += t[(w >> 32) & 255];
+            s5 += t[(w >> 40) & 255];
+            s6 += t[(w >> 48) & 255];
+            s7 += t[w >> 56];
+        }
+        s[8 * g] = s0, s[8 * g + 1] = s1, s[8 * g + 2] = s2, s[8 * g + 3] = s3;
+        s[8 * g + 4] = s4, s[8 * g + 5] = s5, s[8 * g + 6] = s6, s[8 * g + 7] = s7;
+    }
+    __m256 acc[4];
+    for (int g = 0; g < 4; g++) acc[g] = _mm256_loadu_ps(s + 8 * g);
+    __m256 kth = _mm256_set1_ps(q->hs[0]);
+    uint32_t rows = 0;
+    for (int g = 0; g < 4; g++)
+        rows |= (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(acc[g], kth, _CMP_GE_OQ)) << (8 * g);
+    rows &= live;
+    while (rows) {   /* the k-th best only rises: offer_exact checks each row against the current one */
+        int r = __builtin_ctz(rows);
+        offer_exact(q, s[r], start + r, skip, has_skip, row_offset);
+        rows &= rows - 1;
+    }
+}
+
+/*
  * 4-bit codes in 32-row blocks (query_node/code_blocks.py): block j holds rows [32j, 32j + 32) as `width`
  * byte columns of 32 bytes, byte v of column c being byte c of row 32j + v. The columns load as they are,
  * where fs4_scan_avx2 transposes every block of row-major codes in registers first (~40 of its ~130
@@ -314,10 +373,22 @@ static inline __attribute__((always_inline)) AVX2 int scan_blocks(
         uint32_t live = n - start >= 32 ? 0xFFFFFFFFu : (uint32_t)((1ull << (n - start)) - 1);
         for (int q = 0; q < nq; q++) {
             query_t *qq = &qs[q];
+            if (bound8 && qq->dense_left > 0) {
+                qq->dense_left--;
+                dense_block8(qq, block, width, live, start, skip, has_skip, row_offset);
+                continue;
+            }
             uint32_t me, mo;
             candidates32_of(qq, (const __m256i *)block, width, &me, &mo, bound8);
             /* bit 2e of me / mo: rows 2e / 2e + 1 of the block; bit r of `rows`: row r */
             uint32_t rows = (me | (mo << 1)) & live;
+            if (bound8 && qq->hr[0] != EMPTY_ROW) {   /* (a heap still filling passes every row) */
+                qq->passed += __builtin_popcount(rows);
+                if (++qq->blocks == DENSE_WINDOW) {
+                    qq->dense_left = qq->passed > DENSE_ROWS_PER_BLOCK * DENSE_WINDOW ? DENSE_BLOCKS : 0;
+                    qq->blocks = qq->passed = 0;
+                }
+            }
             while (rows) {
                 int r = __builtin_ctz(rows);
                 offer_at(qq, block + r, 32, width, start + r, skip, has_skip, row_offset);

@@ -91,6 +91,36 @@ def test_many_rows_batched_and_split_over_threads_give_the_one_query_answer(avx2
 
 
 @native_only
+@pytest.mark.parametrize("kind", ["unordered", "gaussian", "equal"])
+@pytest.mark.parametrize("width", [8, 12, 16])
+def test_where_the_bound_passes_most_rows_the_kernel_scores_densely_with_the_same_answers(kind, width, avx2):
+    """Tables whose nibble bound passes most rows (codebooks not in nibble order, independent entries, every
+    row tied): after a window of 64 blocks the kernel scores every row exactly (dense_block8) for 512 blocks,
+    then bounds again; answers equal the float reference's, with skips, any k, batches and split over threads."""
+    rng = np.random.default_rng(width)
+    n = 52_000   # past a window, a dense stretch and the next window, on every thread of three
+    codes = rng.integers(0, 256, size=(n, width), dtype=np.uint8)
+    skip = rng.random(n) < 0.2
+    luts = {"unordered": lambda: pq_tables(rng, 3, width, ordered=False),
+            "gaussian": lambda: rng.standard_normal((3, width, 256)).astype(np.float32),
+            "equal": lambda: np.full((3, width, 256), -2.5, dtype=np.float32)}[kind]()
+    tables = scan_tables(luts, False, width)
+    bounds = fastscan.bound8_row_bounds(tables.bound8, codes)
+    exact = tables.byte.reshape(3, width, 256)[:, np.arange(width), codes].sum(-1)   # [3, n]
+    passing = (bounds >= np.sort(exact, axis=1)[:, -10:-9]).mean(1)
+    assert (passing > 0.25).all(), passing   # the dense case: the bound passes more than 8 rows of 32
+    blocks = CodeBlocks.of(codes)
+    for k in (1, 10, 700):
+        reference = TopKHeap(3, k, native=False)
+        reference.scan(codes, tables.byte, skip)
+        for threads in (1, 3):
+            heap = TopKHeap(3, k, threads=threads)
+            heap.scan(blocks, tables, skip)
+            for got, want in zip(heap.result(), reference.result()):
+                np.testing.assert_array_equal(got, want, err_msg=f"{kind} width={width} k={k} threads={threads}")
+
+
+@native_only
 def test_every_row_ties_lower_rows_win(avx2):
     codes = np.random.default_rng(0).integers(0, 256, size=(1000, 8), dtype=np.uint8)
     heap = TopKHeap(1, 10)
