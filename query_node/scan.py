@@ -237,7 +237,8 @@ def scan_tables(lookup_tables: np.ndarray, packed: bool, code_bytes: int, blocks
             return ScanTables(byte, hamming=hamming)
         if fastscan.quantized8_available():
             return ScanTables(byte, quant8=fastscan.byte_quant_tables(byte))
-        return ScanTables(byte, bound8=fastscan.bound8_tables(byte) if blocks and fastscan.blocks8_preferred() else None)
+        bound8 = fastscan.bound8_tables(byte) if blocks and fastscan.blocks8_preferred() else None
+        return ScanTables(byte, bound8=bound8)
     nib = _packed_nibble_values(_as_tables(lookup_tables), code_bytes)  # one pass serves the float and the quantized tables
     return ScanTables(_pair_tables(nib), fastscan.nibble_tables(nib) if fastscan.available() else None)
 
