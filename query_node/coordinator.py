@@ -14,9 +14,9 @@ a silent partial answer.
 
 Searches that arrive while others are in flight may share one fan-out (`batch_window`,
 query_node.batcher): their tables go to each node in one call, as one batched scan, and each
-search gets its own queries' hits. Per search that saves two of the three gRPC calls a
-search costs the machines (client -> coordinator, coordinator -> each node) and the nodes'
-passes over the codes; a search arriving when none is in flight never waits.
+search gets its own queries' hits. A batch of B searches makes one call to each node instead
+of B (each a Python gRPC call on both sides, the bulk of a request's CPU on a small machine)
+and one pass over each node's codes; a search arriving when none is in flight never waits.
 """
 from __future__ import annotations
 
