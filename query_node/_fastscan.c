@@ -786,7 +786,23 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(dense_blocks_doc,
+             "dense_blocks()\n--\n\n"
+             "How many 32-row blocks q8_scan_blocks scored densely (every row exactly, where its nibble bound\n"
+             "passed most rows) since the module loaded, over all threads; 0 where no native kernel runs.");
+
+static PyObject *dense_blocks(PyObject *self, PyObject *args) {
+    (void)self;
+    (void)args;
+#if FASTSCAN_X86
+    return PyLong_FromUnsignedLongLong(q8_dense_blocks());
+#else
+    return PyLong_FromLong(0);
+#endif
+}
+
 static PyMethodDef methods[] = {
+    {"dense_blocks", dense_blocks, METH_NOARGS, dense_blocks_doc},
     {"fs4_scan", fs4_scan, METH_VARARGS, fs4_scan_doc},
     {"fs4_scan_blocks", fs4_scan_blocks, METH_VARARGS, fs4_scan_blocks_doc},
     {"q8_scan", q8_scan, METH_VARARGS, q8_scan_doc},

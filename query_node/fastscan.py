@@ -118,6 +118,12 @@ def status8() -> str:
             f"loop for {FUSED_WIDTH}-byte codes, numba otherwise)")
 
 
+def dense_blocks() -> int:
+    """32-row blocks the 8-bit block kernel scored densely (every row exactly, where its nibble bound passed most
+    rows) since the extension loaded, over all threads: which mode ran, for tests and the benchmark."""
+    return _native().dense_blocks()
+
+
 def quantized8_available() -> bool:
     """True when 8-bit codes scan with quantized tables here (AVX-512 VBMI, not capped by FACEPQ_SIMD)."""
     native = _load()[0]

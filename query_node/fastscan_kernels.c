@@ -58,6 +58,7 @@ typedef struct {
     int16_t thr;            /* a row is a candidate when its quantized score > thr */
     int blocks, passed;     /* 8-bit blocks: blocks bounded in this window (heap full), rows their bound passed */
     int dense_left;         /* 8-bit blocks: blocks still to score densely (dense_block8) before bounding again */
+    int64_t dense_blocks;   /* 8-bit blocks: blocks this query scored densely (q8_dense_blocks) */
 } query_t;
 
 /* Offer (s, r) to a full or filling min-heap of size k (rows merged from another thread's heap). */
@@ -99,6 +100,7 @@ static query_t *make_queries(int nq, int width, const float *pair, const uint8_t
         qs[q].hr = heap_r + (size_t)q * k;
         qs[q].k = k;
         qs[q].blocks = qs[q].passed = qs[q].dense_left = 0;
+        qs[q].dense_blocks = 0;
         update_threshold(&qs[q]);
     }
     return qs;
@@ -315,6 +317,10 @@ AVX2 int fs4_scan_avx2(const uint8_t *codes, int64_t n, int32_t width, int32_t n
 #define DENSE_ROWS_PER_BLOCK 8
 #define DENSE_BLOCKS 512
 
+static uint64_t dense_blocks_scored;   /* since the module loaded, every thread's (q8_dense_blocks) */
+
+uint64_t q8_dense_blocks(void) { return __atomic_load_n(&dense_blocks_scored, __ATOMIC_RELAXED); }
+
 static inline AVX2 void dense_block8(query_t *q, const uint8_t *block, int width, uint32_t live, int64_t start,
                                      const uint8_t *skip, int has_skip, int64_t row_offset) {
     float s[32];
@@ -375,6 +381,7 @@ static inline __attribute__((always_inline)) AVX2 int scan_blocks(
             query_t *qq = &qs[q];
             if (bound8 && qq->dense_left > 0) {
                 qq->dense_left--;
+                qq->dense_blocks++;
                 dense_block8(qq, block, width, live, start, skip, has_skip, row_offset);
                 continue;
             }
@@ -396,6 +403,9 @@ static inline __attribute__((always_inline)) AVX2 int scan_blocks(
             }
         }
     }
+    int64_t dense = 0;
+    for (int q = 0; q < nq; q++) dense += qs[q].dense_blocks;
+    if (dense) __atomic_fetch_add(&dense_blocks_scored, (uint64_t)dense, __ATOMIC_RELAXED);
     free(qs);
     return SCAN_OK;
 }

@@ -73,6 +73,9 @@ int q8_scan_blocks_avx2(const uint8_t *codes, int64_t n, int32_t width, int32_t 
                         const uint8_t *nib, const double *base, const double *delta, const int32_t *terms,
                         const uint8_t *skip, int32_t has_skip, int64_t row_offset, float *heap_s,
                         int64_t *heap_r, int32_t k);
+/* Blocks q8_scan_blocks_avx2 scored densely (every row exactly, its bound passing most rows) since the module
+ * loaded, summed over threads: how a test or a benchmark sees which mode ran. */
+uint64_t q8_dense_blocks(void);
 int pq8_scan_avx2(const uint8_t *codes, int64_t n, int32_t width, int32_t nq, const float *tables,
                   const uint8_t *skip, int32_t has_skip, int64_t row_offset, float *heap_s, int64_t *heap_r,
                   int32_t k);

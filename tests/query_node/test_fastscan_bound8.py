@@ -96,7 +96,8 @@ def test_many_rows_batched_and_split_over_threads_give_the_one_query_answer(avx2
 def test_where_the_bound_passes_most_rows_the_kernel_scores_densely_with_the_same_answers(kind, width, avx2):
     """Tables whose nibble bound passes most rows (codebooks not in nibble order, independent entries, every
     row tied): after a window of 64 blocks the kernel scores every row exactly (dense_block8) for 512 blocks,
-    then bounds again; answers equal the float reference's, with skips, any k, batches and split over threads."""
+    then bounds again (the kernel's count of densely scored blocks rises); answers equal the float reference's,
+    with skips, any k, batches and split over threads."""
     rng = np.random.default_rng(width)
     n = 52_000   # past a window, a dense stretch and the next window, on every thread of three
     codes = rng.integers(0, 256, size=(n, width), dtype=np.uint8)
@@ -115,7 +116,9 @@ def test_where_the_bound_passes_most_rows_the_kernel_scores_densely_with_the_sam
         reference.scan(codes, tables.byte, skip)
         for threads in (1, 3):
             heap = TopKHeap(3, k, threads=threads)
+            dense_before = fastscan.dense_blocks()
             heap.scan(blocks, tables, skip)
+            assert fastscan.dense_blocks() > dense_before, f"{kind} width={width} k={k} threads={threads}: not dense"
             for got, want in zip(heap.result(), reference.result()):
                 np.testing.assert_array_equal(got, want, err_msg=f"{kind} width={width} k={k} threads={threads}")
 
