@@ -15,7 +15,9 @@ import time
 
 import pytest
 
+from tests.support import run_summary
 from tests.support.models import TinyModel, train_tiny_model
+from tests.support.run_dir import worker_id
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 SHARED_DATA = pathlib.Path(os.environ.get("FACEPQ_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
@@ -27,6 +29,36 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # at load average ~5, against 3 s with the threads sleeping instead (and 3 s with one thread). Set here,
 # before anything loads torch, so every subprocess (facepq CLIs, servers, Ray workers) inherits it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+if worker_id():  # pytest-xdist: each worker's local Ray clusters in a temp folder of their own, not /tmp/ray
+    os.environ.setdefault("RAY_TMPDIR", f"/tmp/facepq-ray-{worker_id()}")
+    os.makedirs(os.environ["RAY_TMPDIR"], exist_ok=True)
+
+
+def pytest_collection_modifyitems(items):
+    """Test files with slow tests first, each file's tests in their order: scripts/test.sh hands whole files
+    to its 2 workers as they free up (--dist loadfile), and a long file started last would leave one worker
+    idle while the other finishes it."""
+    slow_files = {item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.nodeid.split("::")[0] not in slow_files)
+
+
+def pytest_sessionfinish(session):
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:  # an xdist worker: the controller prints the summary
+        workeroutput["facepq_summary"] = run_summary.SECTIONS
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    for section, lines in getattr(node, "workeroutput", {}).get("facepq_summary", {}).items():
+        run_summary.SECTIONS.setdefault(section, []).extend(lines)
+
+
+def pytest_terminal_summary(terminalreporter):
+    for section, lines in run_summary.SECTIONS.items():
+        terminalreporter.section(section)
+        for line in lines:
+            terminalreporter.write_line(line)
 
 
 def _shared_subdir(name: str) -> pathlib.Path:

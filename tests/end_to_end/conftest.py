@@ -2,8 +2,8 @@
 models trained with the real `facepq train`, indexes ingested with the real Ray job, and clusters of real
 query-node and coordinator processes.
 
-The dlib embeddings of the 400 ORL photos are computed once per session into a feature cache in a
-temporary folder (FACEPQ_CACHE), which every `facepq` subprocess of these tests shares.
+The dlib embeddings of the 400 ORL photos are computed once per run into a feature cache in a temporary
+folder (FACEPQ_CACHE) that every `facepq` subprocess of these tests, and every xdist worker, shares.
 """
 from __future__ import annotations
 
@@ -16,11 +16,12 @@ import numpy as np
 import pytest
 
 from tests.support.processes import Procs, run_cli
+from tests.support.run_dir import one_at_a_time, shared_dir
 
 
 @pytest.fixture(scope="session")
 def feature_cache(tmp_path_factory) -> pathlib.Path:
-    root = tmp_path_factory.mktemp("feature_cache")
+    root = shared_dir(tmp_path_factory, "feature_cache")  # one for the run: every xdist worker reads it
     saved = os.environ.get("FACEPQ_CACHE")
     os.environ["FACEPQ_CACHE"] = str(root)  # this process and every subprocess started after
     yield root
@@ -38,8 +39,9 @@ def orl(att_faces, feature_cache):
     from opqn_model.trunks import create_trunk
 
     trunk = create_trunk("dlib")
-    emb, kept, _ = embed_records(list_photos(att_faces), trunk, trunk.default_pipeline(), FeatureCache(),
-                                 progress=False)
+    with one_at_a_time(feature_cache):  # the first worker embeds the photos, the others find them cached
+        emb, kept, _ = embed_records(list_photos(att_faces), trunk, trunk.default_pipeline(), FeatureCache(),
+                                     progress=False)
     return dict(records=kept, embeddings=emb, persons=np.array([r.person for r in kept]),
                 names=np.array([pathlib.Path(r.path).name for r in kept]))
 

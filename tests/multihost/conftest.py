@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import REPO_ROOT
-from tests.support import netns
+from tests.support import netns, run_summary
 from tests.support.history import History
 from tests.support.history_check import Report, check
 from tests.support.index import commit_log
@@ -34,20 +34,12 @@ from tests.support.ray_cluster import RayCluster, ray_env
 SEED = int(os.environ.get("FACEPQ_MULTIHOST_SEED", "15"))  # fixed: the schedule is the same every run
 RAY_HOSTS = ["rayhead", "rayw1", "rayw2"]
 ENCODER_ACTOR = "MapWorker(MapBatches(read_and_align)->MapBatches(EncoderActor))"
-SUMMARY: list[str] = []  # printed by pytest_terminal_summary
-
-
-def pytest_terminal_summary(terminalreporter):
-    if SUMMARY:
-        terminalreporter.section("multi-host: fault schedule and history summary")
-        for line in SUMMARY:
-            terminalreporter.write_line(line)
 
 
 def say(line: str = "") -> None:
-    """Print now (visible with -s) and again in the session's summary section."""
+    """Print now (visible with -s) and again in the session's summary section (tests/support/run_summary.py)."""
     print(line, flush=True)
-    SUMMARY.append(line)
+    run_summary.add("multi-host: fault schedule and history summary", line)
 
 
 @pytest.fixture(scope="module")
