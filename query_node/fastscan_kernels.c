@@ -58,7 +58,6 @@ typedef struct {
     int16_t thr;            /* a row is a candidate when its quantized score > thr */
     int blocks, passed;     /* 8-bit blocks: blocks bounded in this window (heap full), rows their bound passed */
     int dense_left;         /* 8-bit blocks: blocks still to score densely (dense_block8) before bounding again */
-    int64_t dense_blocks;   /* 8-bit blocks: blocks this query scored densely (q8_dense_blocks) */
 } query_t;
 
 /* Offer (s, r) to a full or filling min-heap of size k (rows merged from another thread's heap). */
@@ -100,7 +99,6 @@ static query_t *make_queries(int nq, int width, const float *pair, const uint8_t
         qs[q].hr = heap_r + (size_t)q * k;
         qs[q].k = k;
         qs[q].blocks = qs[q].passed = qs[q].dense_left = 0;
-        qs[q].dense_blocks = 0;
         update_threshold(&qs[q]);
     }
     return qs;
@@ -373,6 +371,7 @@ static inline __attribute__((always_inline)) AVX2 int scan_blocks(
     query_t *qs = make_queries(nq, width, pair, nib, (size_t)width8 * per_column, base, delta, terms, heap_s,
                                heap_r, k);
     if (!qs) return SCAN_NO_MEMORY;
+    int64_t dense = 0;   /* blocks scored densely, all queries: added to dense_blocks_scored once, at the end */
     for (int64_t start = 0; start < n; start += 32) {
         const uint8_t *block = codes + (size_t)start * width;
         /* rows in this block: the last one's rows past n are zero padding, never offered */
@@ -381,7 +380,7 @@ static inline __attribute__((always_inline)) AVX2 int scan_blocks(
             query_t *qq = &qs[q];
             if (bound8 && qq->dense_left > 0) {
                 qq->dense_left--;
-                qq->dense_blocks++;
+                dense++;
                 dense_block8(qq, block, width, live, start, skip, has_skip, row_offset);
                 continue;
             }
@@ -403,8 +402,6 @@ static inline __attribute__((always_inline)) AVX2 int scan_blocks(
             }
         }
     }
-    int64_t dense = 0;
-    for (int q = 0; q < nq; q++) dense += qs[q].dense_blocks;
     if (dense) __atomic_fetch_add(&dense_blocks_scored, (uint64_t)dense, __ATOMIC_RELAXED);
     free(qs);
     return SCAN_OK;
