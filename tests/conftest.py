@@ -50,8 +50,7 @@ def pytest_sessionfinish(session):
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node, error):
-    for section, lines in getattr(node, "workeroutput", {}).get("facepq_summary", {}).items():
-        run_summary.SECTIONS.setdefault(section, []).extend(lines)
+    run_summary.merge(getattr(node, "workeroutput", {}).get("facepq_summary", {}))
 
 
 def pytest_terminal_summary(terminalreporter):

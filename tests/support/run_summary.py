@@ -8,3 +8,9 @@ SECTIONS: dict[str, list[str]] = {}
 
 def add(section: str, line: str) -> None:
     SECTIONS.setdefault(section, []).append(line)
+
+
+def merge(sections: dict[str, list[str]]) -> None:
+    """Add another process's sections (an xdist worker's, in the controller)."""
+    for section, lines in sections.items():
+        SECTIONS.setdefault(section, []).extend(lines)
