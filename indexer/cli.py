@@ -40,7 +40,9 @@ def register(subparsers) -> None:
     p.add_argument("--index", required=True, help="index path or pyarrow.fs URI (created on first ingest)")
     p.add_argument("--shards", type=int, default=None, help="shards of a new index (default 4; fixed at creation)")
     p.add_argument("--ray-address", default=None, help="Ray cluster address (default $RAY_ADDRESS, else local Ray)")
-    p.add_argument("--actors", type=int, default=None, help="encoder actors (default: CPUs, at most 8)")
+    p.add_argument("--actors", type=int, default=None,
+                   help="encoder actors (default: CPUs, at most 8; never more than the photos, or the chunks of "
+                        "embeddings, to encode)")
     p.add_argument("--batch-size", type=int, default=64, help="photos per encoder call (default 64)")
     p.add_argument("--segment-rows", type=int, default=None, help="rows per segment file (default 1,000,000)")
     p.add_argument("--read-cpus", type=float, default=None,

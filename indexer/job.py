@@ -64,6 +64,7 @@ class IngestSummary:
     seconds: float = 0.0          # wall time of the whole run
     ray_seconds: float = 0.0      # connecting to / starting Ray
     startup_seconds: float = 0.0  # pipeline start -> every actor's first batch (actor start, model load)
+    actors: int = 0               # encoder actors the pipeline ran (what was asked, at most the work items)
     refine: str = "none"          # the index's refinement tier
     cells: int = 0                # the index's cell partition (0: none, exhaustive only)
     steady_rate: float = 0.0      # faces/s once every actor delivered a batch (what more actors speed up)
@@ -74,7 +75,8 @@ class IngestSummary:
     def timing_line(self) -> str:
         """Where the wall time went; a rate only where its window is long enough to mean something."""
         parts = [f"Ray {self.ray_seconds:.1f} s",
-                 f"encoder start-up {self.startup_seconds:.1f} s (actors, model load, their first batches)"]
+                 f"encoder start-up {self.startup_seconds:.1f} s ({self.actors} actor{'s' * (self.actors != 1)}, "
+                 f"model load, their first batches)"]
         if self.steady_seconds >= MIN_RATE_WINDOW_S:
             parts.append(f"then {self.steady_seconds:.1f} s at {self.steady_rate:.0f} inputs/s")
         else:  # a small gallery arrives in one burst of batches: there is no rate to speak of
@@ -317,7 +319,8 @@ def run_ingest(model_path: str, gallery: str, index_uri: str, shards: int | None
     Args:
         shards: shard count of a new index (default 4); must match an existing index when given.
         ray_address: Ray cluster to use (default: $RAY_ADDRESS, else a local Ray).
-        actors: encoder actors (default: the cluster's CPU count, at most 8).
+        actors: encoder actors (default: the cluster's CPU count, at most 8); never more than the gallery's
+            photos, or its chunks of EMBEDDING_CHUNK_ROWS (indexer.inputs) embeddings.
         batch_size: photos (or embedding rows) per encoder call.
         redis_url: Redis commit lock, for object-store indexes or many concurrent writers.
         segment_rows: rows per segment file.
@@ -413,6 +416,11 @@ def _run_pipeline(inputs: Inputs, model_path: str, pipeline: dict, writer: Index
     actors = int(actors) if actors else min(cpus, 8)
     if actors < 1:
         raise ConfigError(f"actors must be >= 1, got {actors}")
+    # No more actors than work items (photos, or embedding chunks of EMBEDDING_CHUNK_ROWS): the others would
+    # start (interpreter, torch, the model: seconds of CPU each) and get nothing (Ray Data warns as much);
+    # an embeddings file of fewer rows than a chunk is one item.
+    actors = min(actors, max(1, len(inputs.items)))
+    summary.actors = actors
     from facepq_core.progress import is_quiet
 
     _quiet_ray_data_console(is_quiet("indexer"))

@@ -56,6 +56,7 @@ def test_ingest_photos_twice_gives_the_same_faces(ray_local, trained_model, synt
     index = tmp_path / "idx"
     first = run_ingest(str(trained_model), str(gallery), str(index), batch_size=16, actors=2, progress=False)
     assert (first.version, first.previous_version, first.faces_encoded, first.faces_added) == (1, None, 72, 72)
+    assert first.actors == 2  # 73 photos: work for both
     assert sum(first.skipped.values()) == 1
     text = "\n".join(first.summary_lines())
     assert "photos skipped: 1" in text and "broken.png" in text  # the reason, with the photo as an example
@@ -82,8 +83,10 @@ def test_ingest_of_embedding_files(ray_local, trained_model, tmp_path):
     np.save(tmp_path / "emb.npy", emb)
     (tmp_path / "emb.csv").write_text("person\n" + "\n".join(f"p{i % 7}" for i in range(300)) + "\n")
     index = tmp_path / "idx"
-    s = run_ingest(str(trained_model), str(tmp_path / "emb.npy"), str(index), shards=3, progress=False)
-    assert (s.faces_added, s.version) == (300, 1)
+    # 300 rows are one chunk of work: one encoder actor, however many were asked for
+    s = run_ingest(str(trained_model), str(tmp_path / "emb.npy"), str(index), shards=3, actors=2, progress=False)
+    assert (s.faces_added, s.version, s.actors) == (300, 1, 1)
+    assert "(1 actor, model load" in s.timing_line()
     codes = codes_by_source(index)
     expected = enc.codec.encode(emb)
     assert all(codes[f"emb.npy#{i}"] == expected[i].tobytes() for i in range(300))
