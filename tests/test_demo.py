@@ -1,8 +1,9 @@
 """`facepq demo --small`, `facepq up` / `facepq down`, and Ctrl-C: real subprocesses, real Ray/Redis/gRPC.
 
 The model trained by the first test is cached outside its workdir (FACEPQ_DEMO_CACHE) and reused by
-the others: the next two in the same workdir, the last in a workdir of its own. Leftovers are checked by the pids the launcher recorded (redis-server rewrites its
-command line, so /proc cmdlines alone would miss it) and by scanning /proc for the workdir.
+the others: the next two in the same workdir, the last in a workdir of its own. Leftovers are checked by
+the pids the launcher recorded (redis-server rewrites its command line, so /proc cmdlines alone would miss
+it) and by scanning /proc for the workdir.
 """
 from __future__ import annotations
 
