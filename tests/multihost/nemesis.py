@@ -14,8 +14,8 @@ the coordinator (what the history checker needs to know which answers must stay 
     isolate-shard         both replicas of one shard with their links down: that shard has no replica
 
 `schedule(seed, ...)` gives every kind once in a seeded order, then `extra` more drawn at random, each
-with a seeded target and hold time. `Nemesis.run` starts each fault, holds it (the registry faults, which
-stop writes, longer: until a write made during them has failed), heals it, waits until an
+with a seeded target and hold time. `Nemesis.run` starts each fault, holds it (the two that stop writes,
+coordinator-registry and hang-registry, longer: until a write made during them has failed), heals it, waits until an
 answer invoked after the heal is complete again (or `recovery_timeout` passes: the checker reports it),
 and keeps a short quiet gap before the next.
 """
@@ -31,7 +31,7 @@ from query_node.service import SEARCH_TIMEOUT
 from tests.support.history import History
 
 FAULT_KINDS: dict[str, type] = {}
-# Seconds a registry fault may be held waiting for a write to fail: a write waits at most the Redis client's
+# Seconds a fault that stops writes may be held waiting for one to fail: a write waits at most the Redis client's
 # connect and reply timeouts (5 s each, indexer.lock) after its photos are encoded.
 WRITE_FAILURE_WAIT = 40.0
 
