@@ -199,6 +199,9 @@ def run(sizes: list[int], k: int = 100, queries: int = 3, repeats: int = 3, seed
     if simd and fastscan.available():
         fastscan.use_simd(simd)
     layout = "32-row blocks (query_node.code_blocks)" if fastscan.blocks_preferred() else "row-major"
+    if fastscan.blocks_preferred():
+        layout += (f", prefetched ahead for one query over more than {fastscan.last_level_cache_bytes() >> 20} MiB "
+                   f"(the last-level cache)")
     log(f"scan benchmark: one thread, top-{k}, {queries} queries x best of {repeats}; "
         f"4-bit kernel: {fastscan.status()} on {layout} codes; 8-bit kernel: {fastscan.status8()} "
         f"(8-bit codebooks numbered in nibble order, facepq_core.nibble_order); "

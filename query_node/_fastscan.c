@@ -33,7 +33,8 @@
 
 static PyObject *self_module;   /* borrowed: use() updates its `kernels` */
 
-static fs4_scan_fn fs4_impl, fs4_blocks_impl, q8_blocks_impl;
+static fs4_scan_fn fs4_impl;
+static block_scan_fn fs4_blocks_impl, q8_blocks_impl;
 static pq8_scan_fn pq8_impl;
 static q8_scan_fn q8_impl;
 static hamming_scan_fn hamming_impl;
@@ -70,13 +71,20 @@ static const quantized_variant_t FS4_VARIANTS[] = {
     {"avx2", cpu_has_avx2, fs4_scan_avx2},
 };
 
+/* A variant of a kernel on 32-row blocks. */
+typedef struct {
+    const char *isa;
+    int (*runs_here)(void);
+    block_scan_fn fn;
+} block_variant_t;
+
 /* 4-bit codes in 32-row blocks (query_node.code_blocks): a node keeps them where fs4_scan runs AVX2. */
-static const quantized_variant_t FS4_BLOCK_VARIANTS[] = {
+static const block_variant_t FS4_BLOCK_VARIANTS[] = {
     {"avx2", cpu_has_avx2, fs4_scan_blocks_avx2},
 };
 
 /* 8-bit codes in 32-row blocks, pruned by their nibble bounds: where no AVX-512 q8_scan runs. */
-static const quantized_variant_t Q8_BLOCK_VARIANTS[] = {
+static const block_variant_t Q8_BLOCK_VARIANTS[] = {
     {"avx2", cpu_has_avx2, q8_scan_blocks_avx2},
 };
 
@@ -205,11 +213,12 @@ static PyObject *no_variant(const char *kernel) {
 #define MAX_THREADS 256
 
 typedef struct {
-    fs4_scan_fn qfn;   /* quantized kernels (fs4, q8) ... */
-    pq8_scan_fn ffn;   /* ... or the float one */
+    fs4_scan_fn qfn;     /* quantized kernels on row-major codes (fs4, q8) ... */
+    block_scan_fn bfn;   /* ... or on 32-row blocks ... */
+    pq8_scan_fn ffn;     /* ... or the float one */
     const uint8_t *codes;
     int64_t n, row_offset;
-    int width, nq, has_skip, k, rc;
+    int width, nq, has_skip, k, stream, rc;
     const float *tables;
     const uint8_t *qt, *skip;
     const double *base, *delta;
@@ -223,6 +232,9 @@ static void *run_job(void *arg) {
     if (j->qfn)
         j->rc = j->qfn(j->codes, j->n, j->width, j->nq, j->tables, j->qt, j->base, j->delta, j->terms, j->skip,
                        j->has_skip, j->row_offset, j->hs, j->hr, j->k);
+    else if (j->bfn)
+        j->rc = j->bfn(j->codes, j->n, j->width, j->nq, j->tables, j->qt, j->base, j->delta, j->terms, j->skip,
+                       j->has_skip, j->row_offset, j->hs, j->hr, j->k, j->stream);
     else
         j->rc = j->ffn(j->codes, j->n, j->width, j->nq, j->tables, j->skip, j->has_skip, j->row_offset, j->hs,
                        j->hr, j->k);
@@ -310,17 +322,20 @@ PyDoc_STRVAR(q8_scan_doc,
 
 /*
  * fs4_scan, q8_scan, fs4_scan_blocks and q8_scan_blocks: the same arguments, tables of `per_column` bytes per byte
- * column; `blocked`: the codes are 32-row blocks and their row count follows them.
+ * column; `block_impl` (in place of impl): the codes are 32-row blocks, their row count follows them, and an
+ * optional `stream` follows `threads`.
  */
-static PyObject *quantized_scan(const char *kernel, fs4_scan_fn impl, long long per_column, const char *what,
-                                int blocked, PyObject *args) {
+static PyObject *quantized_scan(const char *kernel, fs4_scan_fn impl, block_scan_fn block_impl,
+                                long long per_column, const char *what, PyObject *args) {
     Py_buffer codes, pair, qt, base, delta, terms, skip, heap_s, heap_r;
-    int width, has_skip, k, nq, rc, threads = 1;
+    int width, has_skip, k, nq, rc, threads = 1, stream = 0;
     long long rows = -1, row_offset, n, width8;
     PyObject *result = NULL;
-    if (!impl) return no_variant(kernel);
-    if (blocked ? !PyArg_ParseTuple(args, "y*Liy*y*y*y*y*y*pLw*w*i|i", &codes, &rows, &width, &pair, &qt, &base,
-                                    &delta, &terms, &skip, &has_skip, &row_offset, &heap_s, &heap_r, &k, &threads)
+    if (!impl && !block_impl) return no_variant(kernel);
+    int blocked = block_impl != NULL;
+    if (blocked ? !PyArg_ParseTuple(args, "y*Liy*y*y*y*y*y*pLw*w*i|ip", &codes, &rows, &width, &pair, &qt, &base,
+                                    &delta, &terms, &skip, &has_skip, &row_offset, &heap_s, &heap_r, &k, &threads,
+                                    &stream)
                 : !PyArg_ParseTuple(args, "y*iy*y*y*y*y*y*pLw*w*i|i", &codes, &width, &pair, &qt, &base, &delta,
                                     &terms, &skip, &has_skip, &row_offset, &heap_s, &heap_r, &k, &threads))
         return NULL;
@@ -339,9 +354,9 @@ static PyObject *quantized_scan(const char *kernel, fs4_scan_fn impl, long long 
         check_size(kernel, "delta (float64 [nq])", &delta, (long long)nq * 8) ||
         check_size(kernel, "terms (int32 [nq])", &terms, (long long)nq * 4))
         goto done;
-    job_t job = {.qfn = impl, .codes = codes.buf, .n = n, .row_offset = row_offset, .width = width, .nq = nq,
-                 .has_skip = has_skip, .k = k, .tables = pair.buf, .qt = qt.buf, .skip = skip.buf,
-                 .base = base.buf, .delta = delta.buf, .terms = terms.buf, .hs = heap_s.buf, .hr = heap_r.buf};
+    job_t job = {.qfn = impl, .bfn = block_impl, .stream = stream, .codes = codes.buf, .n = n,
+                 .row_offset = row_offset, .width = width, .nq = nq, .has_skip = has_skip, .k = k,
+                 .tables = pair.buf, .qt = qt.buf, .skip = skip.buf, .base = base.buf, .delta = delta.buf, .terms = terms.buf, .hs = heap_s.buf, .hr = heap_r.buf};
     Py_BEGIN_ALLOW_THREADS
     rc = run_split(&job, threads);
     Py_END_ALLOW_THREADS
@@ -361,36 +376,36 @@ done:
 
 static PyObject *fs4_scan(PyObject *self, PyObject *args) {
     (void)self;
-    return quantized_scan("fs4_scan", fs4_impl, 64, "nibble tables (uint8 [nq, width8, 2, 32])", 0, args);
+    return quantized_scan("fs4_scan", fs4_impl, NULL, 64, "nibble tables (uint8 [nq, width8, 2, 32])", args);
 }
 
 PyDoc_STRVAR(fs4_scan_blocks_doc,
              "fs4_scan_blocks(blocks, rows, width, byte_tables, nib, base, delta, terms, skip, has_skip, row_offset,"
-             " heap_s, heap_r, k, threads=1)\n--\n\n"
+             " heap_s, heap_r, k, threads=1, stream=False)\n--\n\n"
              "fs4_scan of 4-bit codes in 32-row blocks (query_node.code_blocks); same results.\n"
              "Arguments: query_node.fastscan.scan_blocks_into.");
 
 static PyObject *fs4_scan_blocks(PyObject *self, PyObject *args) {
     (void)self;
-    return quantized_scan("fs4_scan_blocks", fs4_blocks_impl, 64, "nibble tables (uint8 [nq, width8, 2, 32])", 1,
+    return quantized_scan("fs4_scan_blocks", NULL, fs4_blocks_impl, 64, "nibble tables (uint8 [nq, width8, 2, 32])",
                           args);
 }
 
 PyDoc_STRVAR(q8_scan_blocks_doc,
              "q8_scan_blocks(blocks, rows, width, byte_tables, bound, base, delta, terms, skip, has_skip, row_offset,"
-             " heap_s, heap_r, k, threads=1)\n--\n\n"
+             " heap_s, heap_r, k, threads=1, stream=False)\n--\n\n"
              "Scan 8-bit codes in 32-row blocks, pruned by nibble bound tables, re-scored exactly;\n"
              "updates the heaps in place. Arguments: query_node.fastscan.scan_blocks_into.");
 
 static PyObject *q8_scan_blocks(PyObject *self, PyObject *args) {
     (void)self;
-    return quantized_scan("q8_scan_blocks", q8_blocks_impl, 128, "bound tables (uint8 [nq, width8, 4, 32])", 1,
+    return quantized_scan("q8_scan_blocks", NULL, q8_blocks_impl, 128, "bound tables (uint8 [nq, width8, 4, 32])",
                           args);
 }
 
 static PyObject *q8_scan(PyObject *self, PyObject *args) {
     (void)self;
-    return quantized_scan("q8_scan", q8_impl, 256, "quantized byte tables (uint8 [nq, width8, 256])", 0, args);
+    return quantized_scan("q8_scan", q8_impl, NULL, 256, "quantized byte tables (uint8 [nq, width8, 256])", args);
 }
 
 PyDoc_STRVAR(pq8_scan_doc,

@@ -30,6 +30,7 @@ kernels: same results, slower (4-bit codes ~3-4x). `status()` says which kernel 
 from __future__ import annotations
 
 import functools
+import glob
 import importlib
 import logging
 import os
@@ -116,6 +117,36 @@ def status8() -> str:
         return f"{native.kernels['q8_scan']} (quantized tables)"
     return (f"{native.kernels['q8_scan_blocks']} (nibble bounds on 32-row blocks; row-major codes: fused float "
             f"loop for {FUSED_WIDTH}-byte codes, numba otherwise)")
+
+
+# When /sys does not say (no cache files in this container): 32 MiB, the L3 of the EPYC and Xeon kinds measured here.
+DEFAULT_CACHE_BYTES = 32 << 20
+
+
+@functools.lru_cache(maxsize=1)
+def last_level_cache_bytes() -> int:
+    """Bytes of this CPU's largest cache (cpu0's highest-level cache in /sys), else `DEFAULT_CACHE_BYTES`."""
+    sizes = []
+    for index in sorted(glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size")):
+        try:
+            text = open(index).read().strip().upper()
+            unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+            sizes.append(int(text.rstrip("KMG")) * unit)
+        except (OSError, ValueError):
+            continue
+    return max(sizes, default=DEFAULT_CACHE_BYTES)
+
+
+def streams(queries: int, code_bytes: int) -> bool:
+    """Whether a block kernel should prefetch ahead (its `stream` argument) for a call of `queries` queries on
+    a scan that covers `code_bytes` bytes of codes in all (every segment of the search, not one call's).
+
+    A single query over more codes than the last-level cache holds reads them from memory as fast as a core
+    can: prefetching 16 blocks ahead took 10M 4-bit codes from 5.0 to 4.0 ms (AVX2-only EPYC). Codes the
+    cache holds, or several queries per pass (bound by the lookups), only pay for the prefetches
+    (1M: 0.41 -> 0.44 ms; 16 queries on 10M: 2.9 -> 3.1 ms per query).
+    """
+    return queries == 1 and code_bytes > last_level_cache_bytes()
 
 
 def dense_blocks() -> int:
@@ -307,11 +338,11 @@ def scan_into(codes: np.ndarray, byte_tables: np.ndarray, tables: NibbleTables, 
 
 def scan_blocks_into(blocks, byte_tables: np.ndarray, tables: NibbleTables | Bound8Tables, skip: np.ndarray,
                      has_skip: bool, row_offset: int, heap_s: np.ndarray, heap_r: np.ndarray,
-                     threads: int = 1) -> None:
+                     threads: int = 1, stream: bool = False) -> None:
     """`scan_into` for codes held as `query_node.code_blocks.CodeBlocks` (same heap, same results): 4-bit codes
     with their `NibbleTables` (kernel fs4_scan_blocks), 8-bit codes with their `Bound8Tables` (q8_scan_blocks).
 
-    Args and errors as `scan_into`, `blocks` in place of the codes.
+    Args and errors as `scan_into`, `blocks` in place of the codes; `stream`: prefetch ahead (`streams`).
     """
     kernel, name, quantized = (("fs4_scan_blocks", "nib", tables.nib) if isinstance(tables, NibbleTables)
                                else ("q8_scan_blocks", "bound", tables.bound))
@@ -320,7 +351,7 @@ def scan_blocks_into(blocks, byte_tables: np.ndarray, tables: NibbleTables | Bou
                   ("terms", tables.terms, _INT32))
     getattr(_native(), kernel)(blocks.blocks, blocks.rows, blocks.width, byte_tables, quantized, tables.base,
                                tables.delta, tables.terms, skip, has_skip, row_offset, heap_s, heap_r,
-                               heap_s.shape[-1], threads)
+                               heap_s.shape[-1], threads, stream)
 
 
 def scan8_into(codes: np.ndarray, byte_tables: np.ndarray, skip: np.ndarray, has_skip: bool, row_offset: int,

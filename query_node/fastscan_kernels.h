@@ -49,6 +49,12 @@ typedef int (*fs4_scan_fn)(const uint8_t *codes, int64_t n, int32_t width, int32
  */
 typedef fs4_scan_fn q8_scan_fn;
 
+/* Codes in 32-row blocks: fs4_scan's arguments and `stream` (prefetch ahead: the codes come from memory). */
+typedef int (*block_scan_fn)(const uint8_t *codes, int64_t n, int32_t width, int32_t nq, const float *pair,
+                             const uint8_t *nib, const double *base, const double *delta, const int32_t *terms,
+                             const uint8_t *skip, int32_t has_skip, int64_t row_offset, float *heap_s,
+                             int64_t *heap_r, int32_t k, int32_t stream);
+
 /* Any byte tables (8-bit codes, or 4-bit pair tables): arguments as fs4_scan's, without the nibble tables. */
 typedef int (*pq8_scan_fn)(const uint8_t *codes, int64_t n, int32_t width, int32_t nq, const float *tables,
                            const uint8_t *skip, int32_t has_skip, int64_t row_offset, float *heap_s,
@@ -62,17 +68,18 @@ int fs4_scan_avx2(const uint8_t *codes, int64_t n, int32_t width, int32_t nq, co
                   const uint8_t *nib, const double *base, const double *delta, const int32_t *terms,
                   const uint8_t *skip, int32_t has_skip, int64_t row_offset, float *heap_s, int64_t *heap_r,
                   int32_t k);
-/* fs4_scan of codes in 32-row blocks (query_node/code_blocks.py), ceil(n / 32) * 32 * width bytes. */
+/* fs4_scan of codes in 32-row blocks (query_node/code_blocks.py), ceil(n / 32) * 32 * width bytes;
+ * stream: prefetch ahead, the codes coming from memory rather than the cache (fastscan_kernels.c). */
 int fs4_scan_blocks_avx2(const uint8_t *codes, int64_t n, int32_t width, int32_t nq, const float *pair,
                          const uint8_t *nib, const double *base, const double *delta, const int32_t *terms,
                          const uint8_t *skip, int32_t has_skip, int64_t row_offset, float *heap_s,
-                         int64_t *heap_r, int32_t k);
+                         int64_t *heap_r, int32_t k, int32_t stream);
 /* 8-bit codes in 32-row blocks, pruned by nibble bound tables nib: uint8 [nq, width8, 4, 32]
- * (query_node.fastscan.bound8_tables), re-scored exactly with the byte tables. */
+ * (query_node.fastscan.bound8_tables), re-scored exactly with the byte tables; stream as above. */
 int q8_scan_blocks_avx2(const uint8_t *codes, int64_t n, int32_t width, int32_t nq, const float *pair,
                         const uint8_t *nib, const double *base, const double *delta, const int32_t *terms,
                         const uint8_t *skip, int32_t has_skip, int64_t row_offset, float *heap_s,
-                        int64_t *heap_r, int32_t k);
+                        int64_t *heap_r, int32_t k, int32_t stream);
 /* Blocks q8_scan_blocks_avx2 scored densely (every row exactly, its bound passing most rows) since the module
  * loaded, summed over threads: how a test or a benchmark sees which mode ran. */
 uint64_t q8_dense_blocks(void);

@@ -253,9 +253,12 @@ class TopKHeap:
             False the numba kernels (the reference the native ones are tested against).
         threads: native threads one segment's scan may be split over (same result for any count).
         first_row: the number of the first row scanned (rows of earlier segments scanned elsewhere).
+        stream: the codes come from memory, not the cache: block kernels prefetch ahead (`fastscan.streams`;
+            same result either way).
     """
 
-    def __init__(self, queries: int, k: int, native: bool | None = None, threads: int = 1, first_row: int = 0):
+    def __init__(self, queries: int, k: int, native: bool | None = None, threads: int = 1, first_row: int = 0,
+                 stream: bool = False):
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         self.scores = np.full((queries, k), -np.inf, dtype=np.float32)
@@ -264,6 +267,7 @@ class TopKHeap:
         self.rows_scanned = first_row
         self.native = fastscan.available() if native is None else native
         self.threads = max(1, int(threads))
+        self.stream = stream
 
     def scan(self, codes: np.ndarray, tables: np.ndarray | ScanTables, skip_mask: np.ndarray | None = None,
              block: int = 4096) -> None:
@@ -297,7 +301,7 @@ class TopKHeap:
         at, threads = self.rows_scanned, self.threads
         if n and blocks is not None:
             fastscan.scan_blocks_into(blocks, tables, nibble if nibble is not None else bound8, skip, has_skip, at,
-                                      self.scores, self.rows, threads)
+                                      self.scores, self.rows, threads, self.stream)
         elif n and self.native and hamming is not None:
             hamming_scan.scan_into(codes, hamming, skip, has_skip, at, self.scores, self.rows)
         elif n and self.native and nibble is not None:
@@ -361,6 +365,7 @@ def scan_segments(segments: list[tuple[np.ndarray, np.ndarray | None]], tables: 
     queries = (tables.byte if isinstance(tables, ScanTables) else tables).shape[0]
     sizes = [codes.shape[0] for codes, _ in segments]
     total = sum(sizes)
+    stream = fastscan.streams(queries, sum(codes.shape[0] * codes.shape[1] for codes, _ in segments))
     # one segment holding half the rows or more: the kernel splits it better than groups would
     grouped = threads > 1 and total >= 2 * MIN_SPLIT_ROWS and max(sizes) < total / 2
     groups = _groups(sizes, threads) if grouped else [range(len(segments))]
@@ -369,7 +374,7 @@ def scan_segments(segments: list[tuple[np.ndarray, np.ndarray | None]], tables: 
 
     def scan_group(group, kernel_threads):
         heap = TopKHeap(queries, k, native=native, threads=kernel_threads,
-                        first_row=int(starts[group.start]) if len(group) else 0)
+                        first_row=int(starts[group.start]) if len(group) else 0, stream=stream)
         for i in group:
             heap.rows_scanned = int(starts[i])
             heap.scan(segments[i][0], tables, segments[i][1])
@@ -415,7 +420,8 @@ def scan_topk_batch(codes: np.ndarray, lookup_tables: np.ndarray, k: int, packed
         if codes.ndim != 2:
             raise ValueError(f"codes must be uint8 [N, code_bytes], got shape {codes.shape}")
     tables = scan_tables(lookup_tables, packed, codes.shape[1])
-    heap = TopKHeap(tables.byte.shape[0], k)
+    queries = tables.byte.shape[0]
+    heap = TopKHeap(queries, k, stream=fastscan.streams(queries, codes.shape[0] * codes.shape[1]))
     heap.scan(codes, tables, skip_mask)
     return heap.result()
 

@@ -91,6 +91,36 @@ def test_split_scans_of_blocks_equal_one_thread_with_tombstones(avx2):
             np.testing.assert_array_equal(got, want)
 
 
+@native_only
+@pytest.mark.parametrize("m, kk", [(16, 16), (8, 256)], ids=["4-bit", "8-bit"])
+def test_prefetching_ahead_leaves_every_answer_as_it_was(avx2, m, kk):
+    """A block kernel told its codes stream from memory prefetches ahead: same heaps, threads and tombstones
+    included, and no read past the last block (a partial one, rows past 16 blocks ahead of it)."""
+    from facepq_core.codes import CodeSpec, pack_codes
+    from query_node.scan import TopKHeap, byte_tables, scan_tables
+
+    rng = np.random.default_rng(5)
+    spec = CodeSpec(M=m, K=kk)
+    codes = pack_codes(rng.integers(0, kk, size=(200_017, m), dtype=np.uint8), spec)
+    skip = rng.random(len(codes)) < 0.1
+    lut = dyadic_lut(rng, m, kk)[None]
+    reference = TopKHeap(1, 100, native=False)
+    reference.scan(codes, byte_tables(lut, spec.packed, codes.shape[1]), skip)
+    for threads in (1, 2):
+        heap = TopKHeap(1, 100, threads=threads, stream=True)
+        heap.scan(CodeBlocks.of(codes), scan_tables(lut, spec.packed, codes.shape[1]), skip)
+        for got, want in zip(heap.result(), reference.result()):
+            np.testing.assert_array_equal(got, want)
+
+
+def test_only_one_query_over_more_codes_than_the_cache_holds_prefetches():
+    cache = fastscan.last_level_cache_bytes()
+    assert cache >= 1 << 20   # read from /sys, or the 32 MiB default
+    assert fastscan.streams(1, cache + 1)
+    assert not fastscan.streams(1, cache)
+    assert not fastscan.streams(2, 100 * cache)   # a batch's lookups bound the loop, not memory
+
+
 def _resident_pages(address: int, size: int) -> int:
     from tests.query_node.test_shard_view_memory import _resident_pages as resident
 
