@@ -247,6 +247,29 @@ static inline __attribute__((always_inline)) AVX2 void candidates32_of(const que
     *mo = (uint32_t)_mm256_movemask_epi8(_mm256_cmpgt_epi16(acc1, thr)) & 0x55555555u;
 }
 
+/*
+ * 4-bit codes of at most 8 bytes in 32-row blocks: the columns' byte sums r_0..r_7 (each <= 254; columns past
+ * the code's width 0) are averaged as a tree, avg(avg(avg(r0, r1), avg(r2, r3)), avg(avg(r4, r5), avg(r6, r7))),
+ * and vpavgb rounds up, so the byte F it leaves is at least Q / 8 (Q: the row's quantized score): Q > thr
+ * implies F > floor(thr / 8). One unsigned byte compare then gives the 32 rows' mask in row order, where
+ * candidates32_of widens pair averages to 16-bit sums and tests even and odd rows apart (some 14 fewer of
+ * about 100 vector operations a block). The coarser bound keeps a few more rows for exact re-scoring. 1M
+ * 8-byte codes, one top-100 query, kernel alone: 0.38 -> 0.34 ms (AVX2-only EPYC, A/B in one process); the same
+ * tree for any width up to 8, its depth fitted to the width, measured 0.35 (a loop the compiler keeps less of
+ * in registers), so narrower codes share the depth of 8.
+ */
+static inline __attribute__((always_inline)) AVX2 uint32_t rows32_tree(const query_t *qq, const __m256i *cols,
+                                                                        int ncols) {
+    __m256i r[8];
+    for (int c = 0; c < 8; c++) r[c] = c < ncols ? column_sums(qq, cols, c) : _mm256_setzero_si256();
+    __m256i f = _mm256_avg_epu8(_mm256_avg_epu8(_mm256_avg_epu8(r[0], r[1]), _mm256_avg_epu8(r[2], r[3])),
+                                _mm256_avg_epu8(_mm256_avg_epu8(r[4], r[5]), _mm256_avg_epu8(r[6], r[7])));
+    int least = qq->thr < 0 ? 0 : qq->thr / 8 + 1;   /* a row passes when F >= least */
+    if (least > 255) return 0;
+    __m256i lv = _mm256_set1_epi8((char)least);
+    return (uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi8(_mm256_max_epu8(f, lv), f));
+}
+
 static inline AVX2 void candidates32(const query_t *qq, const __m256i *cols, int ncols, uint32_t *me, uint32_t *mo) {
     candidates32_of(qq, cols, ncols, me, mo, 0, NULL);
 }
@@ -396,12 +419,18 @@ static inline __attribute__((always_inline)) AVX2 int scan_blocks(
                 dense_block8(qq, block, width, live, start, skip, has_skip, row_offset);
                 continue;
             }
-            uint32_t me, mo;
+            uint32_t me, mo, rows;
             const char *ahead = stream && q == 0 && start + 32 * PREFETCH_BLOCKS < n
                                     ? (const char *)(block + (size_t)PREFETCH_BLOCKS * 32 * width) : NULL;
-            candidates32_of(qq, (const __m256i *)block, width, &me, &mo, bound8, ahead);
-            /* bit 2e of me / mo: rows 2e / 2e + 1 of the block; bit r of `rows`: row r */
-            uint32_t rows = (me | (mo << 1)) & live;
+            if (!bound8 && width <= 8) {
+                if (ahead)
+                    for (int l = 0; l < 32 * width; l += 64) _mm_prefetch(ahead + l, _MM_HINT_T0);
+                rows = rows32_tree(qq, (const __m256i *)block, width) & live;
+            } else {
+                candidates32_of(qq, (const __m256i *)block, width, &me, &mo, bound8, ahead);
+                /* bit 2e of me / mo: rows 2e / 2e + 1 of the block; bit r of `rows`: row r */
+                rows = (me | (mo << 1)) & live;
+            }
             if (bound8 && qq->hr[0] != EMPTY_ROW) {   /* (a heap still filling passes every row) */
                 qq->passed += __builtin_popcount(rows);
                 if (++qq->blocks == DENSE_WINDOW) {
