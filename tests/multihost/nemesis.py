@@ -207,28 +207,26 @@ class Nemesis:
         self.recovery_timeout, self.quiet = recovery_timeout, quiet
         self.recovery: list[float | None] = []  # seconds from each heal to the first complete answer after it
 
-    def _recovered_since(self, t: float) -> bool:
-        return any(o.invoked >= t and o.outcome == "ok" and o.complete for o in list(self.history.ops))
+    def _wait_for_op(self, since: float, timeout: float, matches) -> float | None:
+        """Seconds from `since` until an operation invoked at or after `since` satisfies `matches`; None once
+        `timeout` seconds from `since` have passed without one."""
+        deadline = since + timeout
+        while True:
+            if any(o.invoked >= since and matches(o) for o in list(self.history.ops)):
+                return time.monotonic() - since
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.1)
 
     def wait_for_complete_answer(self, since: float) -> float | None:
         """Seconds until an answer invoked after `since` was complete; None after recovery_timeout."""
-        deadline = since + self.recovery_timeout
-        while time.monotonic() < deadline:
-            if self._recovered_since(since):
-                return time.monotonic() - since
-            time.sleep(0.1)
-        return None
+        return self._wait_for_op(since, self.recovery_timeout, lambda o: o.outcome == "ok" and o.complete)
 
     def wait_for_failed_write(self, since: float) -> bool:
         """Wait until a write invoked after `since` has failed; False after WRITE_FAILURE_WAIT s from `since`
         (the checks then find no failed write and say so)."""
-        deadline = since + WRITE_FAILURE_WAIT
-        while time.monotonic() < deadline:
-            if any(o.kind in ("enrol", "delete") and o.invoked >= since and o.completed and o.outcome != "ok"
-                   for o in list(self.history.ops)):
-                return True
-            time.sleep(0.1)
-        return False
+        return self._wait_for_op(since, WRITE_FAILURE_WAIT, lambda o: o.kind in ("enrol", "delete") and
+                                 o.completed is not None and o.outcome != "ok") is not None
 
     def run(self, plan: list[PlannedFault]) -> None:
         for planned in plan:

@@ -32,3 +32,47 @@ def test_a_shard_is_cut_for_longer_than_a_search_may_wait(seed):
 
 def test_the_schedule_is_the_same_for_the_same_seed():
     assert schedule(CLUSTER, 15) == schedule(CLUSTER, 15) != schedule(CLUSTER, 16)
+
+
+# ---- the nemesis's waits, on a bare history (no cluster: they only read the history)
+
+
+def _nemesis(recovery_timeout: float = 0.3):
+    from tests.multihost.nemesis import Nemesis
+    from tests.support.history import History
+
+    return Nemesis(None, History(), recovery_timeout=recovery_timeout)
+
+
+def test_a_fault_held_until_a_write_fails_waits_for_a_failed_write_begun_during_it(monkeypatch):
+    import threading
+    import time
+
+    from tests.multihost import nemesis as nemesis_module
+
+    monkeypatch.setattr(nemesis_module, "WRITE_FAILURE_WAIT", 0.4)
+    n = _nemesis()
+    n.history.invoke("enrol", person="p0").fail("UNAVAILABLE before the fault")
+    since = time.monotonic()
+    n.history.invoke("search").fail("UNAVAILABLE")               # not a write
+    n.history.invoke("delete", person="p1")                      # in flight: not failed yet
+    n.history.invoke("enrol", person="p2").ok(face_ids=(1,))     # a write that went through
+    assert not n.wait_for_failed_write(since)                    # none of those ends the hold
+
+    since = time.monotonic()
+    write = n.history.invoke("enrol", person="p3")
+    threading.Timer(0.1, write.fail, args=("UNAVAILABLE: registry unreachable",)).start()
+    assert n.wait_for_failed_write(since)
+
+
+def test_recovery_is_the_first_complete_answer_after_the_heal():
+    import time
+
+    n = _nemesis()
+    n.history.invoke("search").ok(complete=True)   # before the heal: does not count
+    healed = time.monotonic()
+    n.history.invoke("search").ok(complete=False, missing_shards=(1,))
+    assert n.wait_for_complete_answer(healed) is None
+    n.history.invoke("search").ok(complete=True)
+    took = n.wait_for_complete_answer(healed)
+    assert took is not None and took >= 0
