@@ -519,6 +519,11 @@ def main(argv=None) -> int:
         raise ConfigError("need --queries >= --batch and sizes >= 1000")
     if args.segment_rows is not None and args.segment_rows < 1000:
         raise ConfigError(f"--segment-rows must be >= 1000, got {args.segment_rows}")
+    if args.work is not None:   # a folder that does not exist yet is made, like --out
+        try:
+            pathlib.Path(args.work).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"--work {args.work}: cannot make the folder ({exc.strerror})") from exc
     import numba
 
     from indexer.writer import DEFAULT_SEGMENT_ROWS

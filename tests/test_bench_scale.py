@@ -12,8 +12,10 @@ from tests.support.processes import run_cli
 def test_small_scale_report(tmp_path):
     out = tmp_path / "scale"
     proc = run_cli("bench", "scale", "--small", "--sizes", "20000", "--queries", "16", "--batch", "8", "--nprobe", "1,4",
-                   "--cells", "16", "--segment-rows", "5000", "--out", out, timeout=1200)
+                   "--cells", "16", "--segment-rows", "5000", "--out", out, "--work", tmp_path / "new" / "work",
+                   timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (tmp_path / "new" / "work").is_dir() and not any((tmp_path / "new" / "work").iterdir())  # made, emptied
     report = json.loads((out / "scale.json").read_text())
     assert report["header"]["sizes"] == [20000] and report["header"]["threads"] == [1, 2]
     assert report["header"]["segment rows"] == 5000  # 4 segments: cells are ranges in each, gathered
@@ -40,3 +42,12 @@ def test_small_scale_report(tmp_path):
     assert "| synthetic | 8bit M=8 K=256 | 20,000 | ours cells | 16 | 1 |" in text
     assert "![single-query p50 latency against N](latency_vs_n.png)" in text
     assert (out / "latency_vs_n.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_work_folder_that_cannot_be_made_is_an_error_not_a_traceback(tmp_path):
+    (tmp_path / "a-file").write_text("not a folder")
+    proc = run_cli("bench", "scale", "--small", "--work", tmp_path / "a-file" / "work", "--out", tmp_path / "out",
+                   timeout=120)
+    assert proc.returncode != 0
+    assert "--work" in proc.stderr and "cannot make the folder" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
