@@ -356,7 +356,8 @@ static PyObject *quantized_scan(const char *kernel, fs4_scan_fn impl, block_scan
         goto done;
     job_t job = {.qfn = impl, .bfn = block_impl, .stream = stream, .codes = codes.buf, .n = n,
                  .row_offset = row_offset, .width = width, .nq = nq, .has_skip = has_skip, .k = k,
-                 .tables = pair.buf, .qt = qt.buf, .skip = skip.buf, .base = base.buf, .delta = delta.buf, .terms = terms.buf, .hs = heap_s.buf, .hr = heap_r.buf};
+                 .tables = pair.buf, .qt = qt.buf, .skip = skip.buf, .base = base.buf, .delta = delta.buf,
+                 .terms = terms.buf, .hs = heap_s.buf, .hr = heap_r.buf};
     Py_BEGIN_ALLOW_THREADS
     rc = run_split(&job, threads);
     Py_END_ALLOW_THREADS

@@ -378,15 +378,6 @@ static inline AVX2 void dense_block8(query_t *q, const uint8_t *block, int width
 }
 
 /*
- * 4-bit codes in 32-row blocks (query_node/code_blocks.py): block j holds rows [32j, 32j + 32) as `width`
- * byte columns of 32 bytes, byte v of column c being byte c of row 32j + v. The columns load as they are,
- * where fs4_scan_avx2 transposes every block of row-major codes in registers first (~40 of its ~130
- * vector operations per block, most on the shuffle port that the lookups need too): 0.41 -> 0.26 ms per
- * 1M 8-byte codes in a C harness on this machine. Candidates are re-scored from the block itself.
- * Arguments: fastscan_kernels.h; `codes` is the blocks, ceil(n / 32) * 32 * width bytes. This loop serves
- * both block kernels: per_column table bytes a byte column, `bound8` picks the column values.
- */
-/*
  * `stream`: the caller's codes come from memory, not from the last-level cache (a query's scan covers more code
  * bytes than that cache holds: query_node.fastscan.streams). A single query then scans 4-bit blocks as fast as
  * one core reads memory, so the loop prefetches the block PREFETCH_BLOCKS ahead, one cache line per column pair:
@@ -396,6 +387,15 @@ static inline AVX2 void dense_block8(query_t *q, const uint8_t *block, int width
  */
 #define PREFETCH_BLOCKS 16
 
+/*
+ * 4-bit codes in 32-row blocks (query_node/code_blocks.py): block j holds rows [32j, 32j + 32) as `width`
+ * byte columns of 32 bytes, byte v of column c being byte c of row 32j + v. The columns load as they are,
+ * where fs4_scan_avx2 transposes every block of row-major codes in registers first (~40 of its ~130
+ * vector operations per block, most on the shuffle port that the lookups need too): 0.41 -> 0.26 ms per
+ * 1M 8-byte codes in a C harness on this machine. Candidates are re-scored from the block itself.
+ * Arguments: fastscan_kernels.h; `codes` is the blocks, ceil(n / 32) * 32 * width bytes. This loop serves
+ * both block kernels: per_column table bytes a byte column, `bound8` picks the column values.
+ */
 static inline __attribute__((always_inline)) AVX2 int scan_blocks(
         const uint8_t *codes, int64_t n, int32_t width, int32_t nq, const float *pair, const uint8_t *nib,
         const double *base, const double *delta, const int32_t *terms, const uint8_t *skip, int32_t has_skip,
