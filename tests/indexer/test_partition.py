@@ -29,9 +29,9 @@ def write_index(path, rng, rows=4000, cells=CELLS, spec=CodeSpec(M, K), shards=2
     return meta, ids, codes
 
 
-def hits_of(view, luts, k, nprobe):
+def hits_of(view, luts, k, nprobe, stats=None):
     return [[(h.face_id, h.score, h.shard) for h in q]
-            for q in view.search(luts, k, view.serving_shards(), nprobe=nprobe)]
+            for q in view.search(luts, k, view.serving_shards(), stats, nprobe=nprobe)]
 
 
 def same_answer_up_to_ties(a, b) -> bool:
@@ -83,6 +83,27 @@ def test_nprobe_all_is_exhaustive_and_fewer_cells_a_subset_scored_identically(tm
             expected = [fid for fid, _, _ in hits_of(view, luts[q:q + 1], 4000, 0)[0]
                         if _cell_of(view, store, fid) in scanned][:k]
             assert [fid for fid, _, _ in part] == expected
+
+
+def test_a_batch_of_queries_with_nprobe_answers_each_query_as_it_would_alone(tmp_path):
+    """Each query of a batch scans its own cells: scanning the union of the batch's cells answered a query
+    with rows of its neighbours' cells (so its answer depended on the batch) and multiplied the work."""
+    from query_node.shard_search import ScanStats
+
+    rng = np.random.default_rng(3)
+    write_index(tmp_path / "idx", rng)
+    view = load_view(IndexStore(str(tmp_path / "idx")), [0, 1])
+    luts = np.stack([dyadic_lut(rng, M, K) for _ in range(8)])
+    assert view.probes(1) and not view.probes(0) and not view.probes(CELLS)
+    for nprobe in (1, 4):
+        alone, rows_alone = [], 0
+        for q in range(len(luts)):
+            stats = ScanStats()
+            alone += hits_of(view, luts[q:q + 1], 30, nprobe, stats)
+            rows_alone += stats.rows
+        stats = ScanStats()
+        assert hits_of(view, luts, 30, nprobe, stats) == alone
+        assert stats.rows == rows_alone   # the same rows as the queries alone: no union scanned for all
 
 
 def _cell_of(view, store, fid):
@@ -162,7 +183,7 @@ def test_index_without_cells_serves_every_nprobe_exhaustively(tmp_path):
     assert manifest.model.partition is None and manifest.format_version == 2
     view = load_view(store, [0, 1])
     luts = np.stack([dyadic_lut(rng, M, K) for _ in range(3)])
-    assert view.probe_cells(luts, 2) is None
+    assert not view.probes(2)
     assert hits_of(view, luts, 20, 2) == hits_of(view, luts, 20, 0)
 
 
