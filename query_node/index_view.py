@@ -17,7 +17,6 @@ like the segment itself.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 
 import numpy as np
@@ -61,13 +60,8 @@ class IndexView:
         `threads`: native threads a segment's scan may be split over (query_node.scan_threads; same answer).
         `with_codes`: each hit carries its stored code (the coordinator's query expansion).
         `nprobe`: on a partitioned index, scan only the cells `probe_cells` picks; 0 scans everything.
-        Several queries with nprobe scan one at a time, each its own cells (`probes`).
+        Several queries with nprobe each scan their own cells (`probes`).
         """
-        queries = lookup_tables.shape[0]
-        if queries > 1 and self.probes(nprobe):
-            return [self.search(lookup_tables[q:q + 1], k, shards, stats,
-                                None if refine is None else dataclasses.replace(refine, tables=refine.tables[q:q + 1]),
-                                threads, with_codes, nprobe)[0] for q in range(queries)]
         tables = scan_tables(lookup_tables, self.model.packed, self.model.code_bytes, blocks=self.holds_blocks)
         cells = self.probe_cells(lookup_tables, nprobe) if self.probes(nprobe) else None
         per_shard = [self.shards[s].search(tables, k, stats, refine, threads, with_codes, cells) for s in shards]
@@ -76,7 +70,7 @@ class IndexView:
     def probes(self, nprobe: int) -> bool:
         """Whether a search with this nprobe scans some cells only: a partitioned index and 1 <= nprobe < L.
 
-        Such a search scans each query's own cells alone, never the union of a batch's: 16 queries of 128
+        Such a search scans each query's own cells, never the union of a batch's: 16 queries of 128
         cells of 4096 made one pass over up to half of a 100M index for all 16 (17 queries/s on one thread
         against ~150 one by one, `facepq bench scale`, AVX2-only EPYC), and a query's answer then depended
         on what else was in its batch.
@@ -84,8 +78,9 @@ class IndexView:
         return self.cell_probe is not None and 0 < nprobe < self.cell_probe.cells
 
     def probe_cells(self, lookup_tables: np.ndarray, nprobe: int) -> np.ndarray:
-        """Sorted cell ids int64 [n] a search of these tables [1, M, K] scans (`probes(nprobe)` holds)."""
-        return np.unique(self.cell_probe.probe(lookup_tables, nprobe))
+        """The cells each query of these tables [Q, M, K] scans, int64 [Q, nprobe], each row sorted (for
+        `probes(nprobe)`; one vectorised pass for the whole batch)."""
+        return self.cell_probe.probe(lookup_tables, nprobe)
 
 
 def load_view(store, shard_ids: list[int], previous: IndexView | None = None, verify: bool = True,

@@ -42,6 +42,7 @@ exact top-k of the live rows.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -221,6 +222,16 @@ class ScanTables:
     quant8: fastscan.ByteQuantTables | None = None  # 8-bit codes on the native AVX-512 kernel
     bound8: fastscan.Bound8Tables | None = None     # 8-bit codes in 32-row blocks on the native AVX2 kernel
     hamming: np.ndarray | None = None          # uint8 [Q, code_bytes]: the query codes of Hamming tables
+
+    def query(self, q: int) -> ScanTables:
+        """Query q's tables alone (every array of every table set has the query as its first axis; the
+        slices are views, C-contiguous like the whole)."""
+        def one(t):
+            if t is None or isinstance(t, np.ndarray):
+                return None if t is None else t[q:q + 1]
+            return dataclasses.replace(t, **{f.name: getattr(t, f.name)[q:q + 1] for f in dataclasses.fields(t)})
+
+        return ScanTables(**{f.name: one(getattr(self, f.name)) for f in dataclasses.fields(self)})
 
 
 def scan_tables(lookup_tables: np.ndarray, packed: bool, code_bytes: int, blocks: bool = True) -> ScanTables:

@@ -59,24 +59,23 @@ class ShardData:
         tier, whose scores the hits then carry. `threads`: native threads per segment scan (same answer).
         `with_codes`: each hit carries its stored code (read from what the scan just read: the segment's
         blocks or its map, so no page becomes resident that the scan did not already touch).
-        `cells` (optional, sorted cell ids): scan only these cells of segments grouped by cell
-        (a segment without cell offsets is scanned whole).
+        `cells` (optional, int64 [Q, n], each row sorted): scan only query q's cells `cells[q]` of segments
+        grouped by cell (a segment without cell offsets is scanned whole), each query its own.
         """
         keep = max(k, refine.candidates) if refine is not None else k
         layout = self.cell_layout()
         t0 = time.perf_counter()
-        row_map = None
         if cells is None:
-            pieces, piece_starts = list(zip(self.scanned_codes(), self.skips)), layout.starts.tolist()
-        else:  # the probed cells' ranges in every segment, gathered into one piece (query_node.cell_gather)
-            seg, lo, hi = layout.ranges(cells)
-            pieces, piece_starts, row_map = gather_ranges(self.segments_codes(), self.skips, layout, seg, lo, hi)
-        scores, rows = scan_segments(pieces, tables, keep, threads, starts=piece_starts)
-        if row_map is not None:
-            rows = row_map.shard_rows(rows)
+            pieces = list(zip(self.scanned_codes(), self.skips))
+            scores, rows = scan_segments(pieces, tables, keep, threads, starts=layout.starts.tolist())
+            scanned = sum(codes.shape[0] for codes, _ in pieces)
+        else:
+            per_query = [self._scan_cells(tables.query(q), keep, threads, cells[q], layout) for q in range(len(cells))]
+            scores, rows = np.concatenate([r[0] for r in per_query]), np.concatenate([r[1] for r in per_query])
+            scanned = sum(r[2] for r in per_query)
         if stats is not None:
             stats.scan_seconds += time.perf_counter() - t0
-            stats.rows += sum(codes.shape[0] for codes, _ in pieces)
+            stats.rows += scanned
         starts = layout.starts
         if refine is not None:
             scores, rows = timed_rescore(stats, self.segments, starts, scores, rows, refine, k)
@@ -97,6 +96,17 @@ class ShardData:
                                 code=code))
             out.append(hits)
         return out
+
+    def _scan_cells(self, tables: ScanTables, keep: int, threads: int, cells: np.ndarray, layout: CellLayout):
+        """One query's top `keep` over its cells (sorted ids): their ranges in every segment, gathered into one
+        piece (query_node.cell_gather) and scanned, rows numbered as the shard's. Returns (scores [1, keep],
+        shard rows [1, keep], rows scanned)."""
+        seg, lo, hi = layout.ranges(cells)
+        pieces, piece_starts, row_map = gather_ranges(self.segments_codes(), self.skips, layout, seg, lo, hi)
+        scores, rows = scan_segments(pieces, tables, keep, threads, starts=piece_starts)
+        if row_map is not None:
+            rows = row_map.shard_rows(rows)
+        return scores, rows, sum(codes.shape[0] for codes, _ in pieces)
 
     def segments_codes(self) -> list:
         """Each segment's codes (uint8 [rows, code_bytes], memory-mapped), in scan order."""

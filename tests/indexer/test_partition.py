@@ -79,7 +79,7 @@ def test_nprobe_all_is_exhaustive_and_fewer_cells_a_subset_scored_identically(tm
             part = hits_of(view, luts[q:q + 1], k, nprobe)[0]
             assert part and all(full[fid] == score for fid, score, _ in part)  # same rows, same scores
             # and they are the best of the rows in the scanned cells: the exhaustive order restricted to them
-            scanned = set(view.probe_cells(luts[q:q + 1], nprobe).tolist())
+            scanned = set(view.probe_cells(luts[q:q + 1], nprobe)[0].tolist())
             expected = [fid for fid, _, _ in hits_of(view, luts[q:q + 1], 4000, 0)[0]
                         if _cell_of(view, store, fid) in scanned][:k]
             assert [fid for fid, _, _ in part] == expected
