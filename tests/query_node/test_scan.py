@@ -100,3 +100,30 @@ def test_bad_shapes_raise_clear_errors():
         scan_topk(np.zeros((4, 8), np.uint8), np.zeros((7, 256), np.float32), 1, False)
     with pytest.raises(ValueError, match="k must be >= 1"):
         scan_topk(np.zeros((4, 8), np.uint8), np.zeros((8, 256), np.float32), 0, False)
+
+
+@pytest.mark.parametrize("M, K, packed, blocks", [(16, 16, True, True), (8, 256, False, True), (8, 256, False, False)],
+                         ids=["4-bit", "8-bit blocks", "8-bit rows"])
+def test_one_querys_tables_out_of_a_batch_are_its_tables_alone(M, K, packed, blocks):
+    """`ScanTables.query(q)` (a partitioned batch scans each query's cells with it) equals the tables made for
+    query q alone, whichever table sets this machine's kernels use."""
+    import dataclasses
+
+    from query_node.scan import scan_tables
+
+    rng = np.random.default_rng(M + K)
+    luts = np.stack([dyadic_lut(rng, M, K) for _ in range(3)])
+    code_bytes = M // 2 if packed else M
+    batch = scan_tables(luts, packed, code_bytes, blocks=blocks)
+    for q in range(3):
+        alone, one = scan_tables(luts[q:q + 1], packed, code_bytes, blocks=blocks), batch.query(q)
+        for field in dataclasses.fields(alone):
+            want, got = getattr(alone, field.name), getattr(one, field.name)
+            assert (want is None) == (got is None), field.name
+            if want is None:
+                continue
+            arrays = [(want, got)] if isinstance(want, np.ndarray) else \
+                [(getattr(want, f.name), getattr(got, f.name)) for f in dataclasses.fields(want)]
+            for w, g in arrays:
+                assert g.flags.c_contiguous and g.dtype == w.dtype
+                np.testing.assert_array_equal(g, w, err_msg=field.name)
