@@ -227,8 +227,10 @@ class ScanTables:
         """Query q's tables alone (every array of every table set has the query as its first axis; the
         slices are views, C-contiguous like the whole)."""
         def one(t):
-            if t is None or isinstance(t, np.ndarray):
-                return None if t is None else t[q:q + 1]
+            if t is None:
+                return None
+            if isinstance(t, np.ndarray):
+                return t[q:q + 1]
             return dataclasses.replace(t, **{f.name: getattr(t, f.name)[q:q + 1] for f in dataclasses.fields(t)})
 
         return ScanTables(**{f.name: one(getattr(self, f.name)) for f in dataclasses.fields(self)})

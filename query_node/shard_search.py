@@ -70,7 +70,9 @@ class ShardData:
             scores, rows = scan_segments(pieces, tables, keep, threads, starts=layout.starts.tolist())
             scanned = sum(codes.shape[0] for codes, _ in pieces)
         else:
-            per_query = [self._scan_cells(tables.query(q), keep, threads, cells[q], layout) for q in range(len(cells))]
+            codes = self.segments_codes()
+            per_query = [self._scan_cells(codes, tables.query(q), keep, threads, cells[q], layout)
+                         for q in range(len(cells))]
             scores, rows = np.concatenate([r[0] for r in per_query]), np.concatenate([r[1] for r in per_query])
             scanned = sum(r[2] for r in per_query)
         if stats is not None:
@@ -97,12 +99,13 @@ class ShardData:
             out.append(hits)
         return out
 
-    def _scan_cells(self, tables: ScanTables, keep: int, threads: int, cells: np.ndarray, layout: CellLayout):
-        """One query's top `keep` over its cells (sorted ids): their ranges in every segment, gathered into one
-        piece (query_node.cell_gather) and scanned, rows numbered as the shard's. Returns (scores [1, keep],
-        shard rows [1, keep], rows scanned)."""
+    def _scan_cells(self, codes: list, tables: ScanTables, keep: int, threads: int, cells: np.ndarray,
+                    layout: CellLayout):
+        """One query's top `keep` over its cells (sorted ids): their ranges in every segment (`codes`: the
+        segments' codes), gathered into one piece (query_node.cell_gather) and scanned, rows numbered as the
+        shard's. Returns (scores [1, keep], shard rows [1, keep], rows scanned)."""
         seg, lo, hi = layout.ranges(cells)
-        pieces, piece_starts, row_map = gather_ranges(self.segments_codes(), self.skips, layout, seg, lo, hi)
+        pieces, piece_starts, row_map = gather_ranges(codes, self.skips, layout, seg, lo, hi)
         scores, rows = scan_segments(pieces, tables, keep, threads, starts=piece_starts)
         if row_map is not None:
             rows = row_map.shard_rows(rows)
