@@ -817,8 +817,24 @@ static PyObject *dense_blocks(PyObject *self, PyObject *args) {
 #endif
 }
 
+PyDoc_STRVAR(streamed_calls_doc,
+             "streamed_calls()\n--\n\n"
+             "How many calls of the block kernels (fs4_scan_blocks, q8_scan_blocks) were told to stream, i.e.\n"
+             "to prefetch ahead, since the module loaded; 0 where no native kernel runs.");
+
+static PyObject *streamed_calls_py(PyObject *self, PyObject *args) {
+    (void)self;
+    (void)args;
+#if FASTSCAN_X86
+    return PyLong_FromUnsignedLongLong(streamed_calls());
+#else
+    return PyLong_FromLong(0);
+#endif
+}
+
 static PyMethodDef methods[] = {
     {"dense_blocks", dense_blocks, METH_NOARGS, dense_blocks_doc},
+    {"streamed_calls", streamed_calls_py, METH_NOARGS, streamed_calls_doc},
     {"fs4_scan", fs4_scan, METH_VARARGS, fs4_scan_doc},
     {"fs4_scan_blocks", fs4_scan_blocks, METH_VARARGS, fs4_scan_blocks_doc},
     {"q8_scan", q8_scan, METH_VARARGS, q8_scan_doc},

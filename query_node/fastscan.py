@@ -139,7 +139,8 @@ def last_level_cache_bytes() -> int:
 
 def streams(queries: int, code_bytes: int) -> bool:
     """Whether a block kernel should prefetch ahead (its `stream` argument) for a call of `queries` queries on
-    a scan that covers `code_bytes` bytes of codes in all (every segment of the search, not one call's).
+    a scan that covers `code_bytes` bytes of codes in all (`scan.scan_segments`: every segment it is given,
+    i.e. a shard's, not one call's).
 
     A single query over more codes than the last-level cache holds reads them from memory as fast as a core
     can: prefetching 16 blocks ahead took 10M 4-bit codes from 5.0 to 4.0 ms (AVX2-only EPYC). Codes the
@@ -147,6 +148,12 @@ def streams(queries: int, code_bytes: int) -> bool:
     (1M: 0.41 -> 0.44 ms; 16 queries on 10M: 2.9 -> 3.1 ms per query).
     """
     return queries == 1 and code_bytes > last_level_cache_bytes()
+
+
+def streamed_calls() -> int:
+    """Block kernel calls told to stream (prefetch ahead, `streams`) since the extension loaded: which calls
+    prefetched, for tests and the benchmark."""
+    return _native().streamed_calls()
 
 
 def dense_blocks() -> int:

@@ -387,6 +387,10 @@ static inline AVX2 void dense_block8(query_t *q, const uint8_t *block, int width
  */
 #define PREFETCH_BLOCKS 16
 
+static uint64_t streamed_scans;   /* block kernel calls told to stream since the module loaded, every thread's */
+
+uint64_t streamed_calls(void) { return __atomic_load_n(&streamed_scans, __ATOMIC_RELAXED); }
+
 /*
  * 4-bit codes in 32-row blocks (query_node/code_blocks.py): block j holds rows [32j, 32j + 32) as `width`
  * byte columns of 32 bytes, byte v of column c being byte c of row 32j + v. The columns load as they are,
@@ -446,6 +450,7 @@ static inline __attribute__((always_inline)) AVX2 int scan_blocks(
         }
     }
     if (dense) __atomic_fetch_add(&dense_blocks_scored, (uint64_t)dense, __ATOMIC_RELAXED);
+    if (stream) __atomic_fetch_add(&streamed_scans, 1, __ATOMIC_RELAXED);
     free(qs);
     return SCAN_OK;
 }

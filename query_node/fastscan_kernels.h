@@ -83,6 +83,8 @@ int q8_scan_blocks_avx2(const uint8_t *codes, int64_t n, int32_t width, int32_t 
 /* Blocks q8_scan_blocks_avx2 scored densely (every row exactly, its bound passing most rows) since the module
  * loaded, summed over threads: how a test or a benchmark sees which mode ran. */
 uint64_t q8_dense_blocks(void);
+/* Block kernel calls (either kernel, any thread) told to stream (prefetch ahead) since the module loaded. */
+uint64_t streamed_calls(void);
 int pq8_scan_avx2(const uint8_t *codes, int64_t n, int32_t width, int32_t nq, const float *tables,
                   const uint8_t *skip, int32_t has_skip, int64_t row_offset, float *heap_s, int64_t *heap_r,
                   int32_t k);

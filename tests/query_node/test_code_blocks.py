@@ -94,8 +94,8 @@ def test_split_scans_of_blocks_equal_one_thread_with_tombstones(avx2):
 @native_only
 @pytest.mark.parametrize("m, kk", [(16, 16), (8, 256)], ids=["4-bit", "8-bit"])
 def test_prefetching_ahead_leaves_every_answer_as_it_was(avx2, m, kk):
-    """A block kernel told its codes stream from memory prefetches ahead: same heaps, threads and tombstones
-    included, and no read past the last block (a partial one, rows past 16 blocks ahead of it)."""
+    """A block kernel told its codes stream from memory prefetches ahead (the counter says it did): same heaps,
+    threads and tombstones included, a partial last block."""
     from facepq_core.codes import CodeSpec, pack_codes
     from query_node.scan import TopKHeap, byte_tables, scan_tables
 
@@ -107,10 +107,33 @@ def test_prefetching_ahead_leaves_every_answer_as_it_was(avx2, m, kk):
     reference = TopKHeap(1, 100, native=False)
     reference.scan(codes, byte_tables(lut, spec.packed, codes.shape[1]), skip)
     for threads in (1, 2):
+        before = fastscan.streamed_calls()
         heap = TopKHeap(1, 100, threads=threads, stream=True)
         heap.scan(CodeBlocks.of(codes), scan_tables(lut, spec.packed, codes.shape[1]), skip)
+        assert fastscan.streamed_calls() == before + threads   # one kernel run per thread's share, each streamed
         for got, want in zip(heap.result(), reference.result()):
             np.testing.assert_array_equal(got, want)
+
+
+@native_only
+def test_a_scan_streams_by_the_bytes_of_all_its_segments_for_one_query(avx2, monkeypatch):
+    """Segments each smaller than the cache but together larger stream (the rule counts them all); a batch, or
+    what the cache holds, does not. The cache size is set small here so that small segments show the rule."""
+    from query_node.scan import scan_segments, scan_tables
+
+    monkeypatch.setattr(fastscan, "last_level_cache_bytes", lambda: 1 << 20)
+    rng = np.random.default_rng(7)
+    segments = [(CodeBlocks.of(rng.integers(0, 256, size=(50_000, 8), dtype=np.uint8)), None) for _ in range(3)]
+    luts = np.stack([dyadic_lut(rng, 16, 16) for _ in range(2)])
+
+    def streamed(pieces, queries):
+        before = fastscan.streamed_calls()
+        scan_segments(pieces, scan_tables(luts[:queries], True, 8), 10)
+        return fastscan.streamed_calls() - before
+
+    assert streamed(segments, 1) == 3           # 1.2 MB in all: each segment's call streams
+    assert streamed(segments, 2) == 0           # a batch never does
+    assert streamed(segments[:2], 1) == 0       # 0.8 MB: the cache holds it
 
 
 def test_only_one_query_over_more_codes_than_the_cache_holds_prefetches():
