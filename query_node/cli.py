@@ -133,12 +133,13 @@ def _coordinator(args) -> int:
     return 0
 
 
-def _add_batch_flags(p, what: str) -> None:
-    from query_node.batcher import DEFAULT_MAX_QUERIES, DEFAULT_WINDOW
+def _add_batch_flags(p, what: str, window: float) -> None:
+    from query_node.batcher import DEFAULT_MAX_QUERIES
 
-    p.add_argument("--batch-window-ms", type=float, default=DEFAULT_WINDOW * 1e3,
-                   help=f"while a {what} runs, gather arriving queries this long into one batched {what} (0 = off; "
-                        f"a query arriving when none is in flight never waits; default %(default)s)")
+    p.add_argument("--batch-window-ms", type=float, default=window * 1e3,
+                   help=f"queries arriving while a {what} runs gather into the next, batched {what}, which starts "
+                        f"when the one in flight ends, when full, or after this many ms (0 = off; a query arriving "
+                        f"when none is in flight never waits; default %(default)s)")
     p.add_argument("--batch-max", type=int, default=DEFAULT_MAX_QUERIES,
                    help=f"queries per batched {what} (default %(default)s)")
 
@@ -163,6 +164,7 @@ def register(subparsers) -> None:
     import os
 
     from facepq_core.addresses import DEFAULT_COORDINATOR_PORT
+    from query_node.batcher import DEFAULT_FAN_OUT_WINDOW, DEFAULT_WINDOW
     from query_node.security import ENV_NODE_AUTH_TOKEN, ENV_TLS_CA, add_server_flags
 
     p = subparsers.add_parser("node", help="serve index shards over gRPC (a query node)")
@@ -175,7 +177,7 @@ def register(subparsers) -> None:
     p.add_argument("--ttl", type=float, default=5.0, help="registry heartbeat TTL in seconds")
     p.add_argument("--threads", type=int, default=None,
                    help="native scan threads (default: the cores in this process's CPU affinity mask)")
-    _add_batch_flags(p, "scan")
+    _add_batch_flags(p, "scan", DEFAULT_WINDOW)
     p.add_argument("--poll", type=float, default=0.5, help="seconds between checks for a new index version")
     p.add_argument("--view-grace", type=float, default=10.0,
                    help="seconds a replaced index version stays answerable for searches in flight (default 10)")
@@ -214,6 +216,6 @@ def register(subparsers) -> None:
     p.add_argument("--thumbnail-root", action="append", default=[], metavar="DIR",
                    help="the web page may show thumbnails of gallery photos whose source is a file under DIR "
                         "(repeatable; default: none, the page shows the source)")
-    _add_batch_flags(p, "fan-out to the nodes")
+    _add_batch_flags(p, "fan-out to the nodes", DEFAULT_FAN_OUT_WINDOW)
     _add_metrics_flags(p)
     p.set_defaults(handler=_coordinator, log_level=logging.INFO)

@@ -12,7 +12,7 @@ a query_node.node_client.NodeClients (gRPC in production, fakes in tests). Shard
 that no replica answered are reported: `complete=False` plus `missing_shards`, never
 a silent partial answer.
 
-Searches that arrive while others are in flight may share one fan-out (`batch_window`,
+Searches that arrive while a fan-out is in flight share the next one (`batch_window`,
 query_node.batcher): their tables go to each node in one call, as one batched scan, and each
 search gets its own queries' hits. A batch of B searches makes one call to each node instead
 of B (each a Python gRPC call on both sides, the bulk of a request's CPU on a small machine)
@@ -67,8 +67,9 @@ class Coordinator:
             `tls`, `node_token` and `max_message_bytes`.
         node_timeout: seconds a node may take before its shards go to another replica (when one exists);
             a call unanswered for a few times the node's usual latency is hedged to a second replica.
-        batch_window, batch_max: searches arriving while others are in flight wait up to `batch_window`
-            seconds for more (at most `batch_max` queries) and share one fan-out (0 = off).
+        batch_window, batch_max: searches arriving while a fan-out is in flight gather into the next one,
+            which leaves when that fan-out ends, when it holds `batch_max` queries or after `batch_window`
+            seconds (0 = off).
     """
 
     def __init__(self, registry, shard_count: int, topology_ttl: float = 0.5,

@@ -5,6 +5,7 @@ The batcher's decisions are tested with a scan that blocks until the test lets i
 nodes under concurrent clients and compare every answer with the same query asked alone.
 """
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -35,6 +36,14 @@ class BlockingScan:
         return [float(t.sum()) for t in tables], len(self.calls)
 
 
+def _until(condition, what: str, timeout: float = 30.0) -> None:
+    """Wait for `condition()` (a fact the test waits on, never a time it assumes)."""
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, f"never happened: {what}"
+        time.sleep(0.005)
+
+
 def test_an_idle_batcher_scans_at_once_alone():
     scan = BlockingScan()
     scan.gate.set()
@@ -50,12 +59,45 @@ def test_requests_arriving_during_a_scan_share_one_batched_scan():
         busy = pool.submit(batcher.run, "key", np.zeros((1, 2, 2), np.float32), scan)
         assert scan.started.wait(30)
         waiting = [pool.submit(batcher.run, "key", np.full((1, 2, 2), i, np.float32), scan) for i in (1, 2)]
+        _until(lambda: batcher.queued("key") == 2, "two queries wait in the open batch")
         last = pool.submit(batcher.run, "key", np.full((2, 2, 2), 3, np.float32), scan)  # fills the batch of 4
+        _until(lambda: len(scan.calls) == 2, "the full batch starts its scan while the first still runs")
         scan.gate.set()
         assert busy.result(30)[0] == [0.0]
         answers = [f.result(30)[0] for f in waiting] + [last.result(30)[0]]
     assert answers == [[4.0], [8.0], [12.0, 12.0]]        # each request gets its own queries back, in order
     assert scan.calls == [1, 4] and batcher.batches == 1 and batcher.batched_requests == 3
+
+
+def test_a_batch_leaves_when_the_scan_in_flight_ends_not_by_the_clock():
+    """Group commit: the next batch starts as the scan before it ends, however long its window."""
+    scan = BlockingScan()
+    batcher = SearchBatcher(window=60.0, max_queries=16)
+    with ThreadPoolExecutor(8) as pool:
+        busy = pool.submit(batcher.run, "key", np.zeros((1, 2, 2), np.float32), scan)
+        assert scan.started.wait(30)
+        waiting = [pool.submit(batcher.run, "key", np.full((1, 2, 2), i, np.float32), scan) for i in (1, 2)]
+        _until(lambda: batcher.queued("key") == 2, "two queries wait in the open batch")
+        assert scan.calls == [1]                          # nothing leaves while the scan in flight runs
+        scan.gate.set()
+        assert busy.result(30)[0] == [0.0]
+        # a minute's window: only the end of the scan before can have started this batch
+        assert [f.result(30)[0] for f in waiting] == [[4.0], [8.0]]
+    assert scan.calls == [1, 2] and batcher.queued("key") == 0
+
+
+def test_a_batch_leaves_after_its_window_when_the_scan_in_flight_does_not_end():
+    first, second = BlockingScan(), BlockingScan()
+    second.gate.set()
+    batcher = SearchBatcher(window=0.05, max_queries=16)
+    with ThreadPoolExecutor(4) as pool:
+        busy = pool.submit(batcher.run, "key", np.zeros((1, 2, 2), np.float32), first)
+        assert first.started.wait(30)
+        late = pool.submit(batcher.run, "key", np.ones((1, 2, 2), np.float32), second)
+        assert late.result(30)[0] == [4.0]                # answered while the first scan still holds
+        assert not busy.done()
+        first.gate.set()
+        assert busy.result(30)[0] == [0.0]
 
 
 def test_different_keys_never_share_a_batch_and_errors_reach_every_member():
