@@ -44,6 +44,13 @@ def _until(condition, what: str, timeout: float = 30.0) -> None:
         time.sleep(0.005)
 
 
+def _scan_in_flight(pool, batcher, scan, key="key", shape=(1, 2, 2)):
+    """Submit a request whose scan `scan` holds; returns its future once that scan runs."""
+    busy = pool.submit(batcher.run, key, np.zeros(shape, np.float32), scan)
+    assert scan.started.wait(30)
+    return busy
+
+
 def test_an_idle_batcher_scans_at_once_alone():
     scan = BlockingScan()
     scan.gate.set()
@@ -56,8 +63,7 @@ def test_requests_arriving_during_a_scan_share_one_batched_scan():
     scan = BlockingScan()
     batcher = SearchBatcher(window=60.0, max_queries=4)   # closes when full, never by the clock
     with ThreadPoolExecutor(8) as pool:
-        busy = pool.submit(batcher.run, "key", np.zeros((1, 2, 2), np.float32), scan)
-        assert scan.started.wait(30)
+        busy = _scan_in_flight(pool, batcher, scan)
         waiting = [pool.submit(batcher.run, "key", np.full((1, 2, 2), i, np.float32), scan) for i in (1, 2)]
         _until(lambda: batcher.queued("key") == 2, "two queries wait in the open batch")
         last = pool.submit(batcher.run, "key", np.full((2, 2, 2), 3, np.float32), scan)  # fills the batch of 4
@@ -74,8 +80,7 @@ def test_a_batch_leaves_when_the_scan_in_flight_ends_not_by_the_clock():
     scan = BlockingScan()
     batcher = SearchBatcher(window=60.0, max_queries=16)
     with ThreadPoolExecutor(8) as pool:
-        busy = pool.submit(batcher.run, "key", np.zeros((1, 2, 2), np.float32), scan)
-        assert scan.started.wait(30)
+        busy = _scan_in_flight(pool, batcher, scan)
         waiting = [pool.submit(batcher.run, "key", np.full((1, 2, 2), i, np.float32), scan) for i in (1, 2)]
         _until(lambda: batcher.queued("key") == 2, "two queries wait in the open batch")
         assert scan.calls == [1]                          # nothing leaves while the scan in flight runs
@@ -91,8 +96,7 @@ def test_a_batch_leaves_after_its_window_when_the_scan_in_flight_does_not_end():
     second.gate.set()
     batcher = SearchBatcher(window=0.05, max_queries=16)
     with ThreadPoolExecutor(4) as pool:
-        busy = pool.submit(batcher.run, "key", np.zeros((1, 2, 2), np.float32), first)
-        assert first.started.wait(30)
+        busy = _scan_in_flight(pool, batcher, first)
         late = pool.submit(batcher.run, "key", np.ones((1, 2, 2), np.float32), second)
         assert late.result(30)[0] == [4.0]                # answered while the first scan still holds
         assert not busy.done()
@@ -104,8 +108,7 @@ def test_different_keys_never_share_a_batch_and_errors_reach_every_member():
     scan = BlockingScan()
     batcher = SearchBatcher(window=0.2, max_queries=16)
     with ThreadPoolExecutor(8) as pool:
-        busy = pool.submit(batcher.run, "a", np.zeros((1, 1, 1), np.float32), scan)
-        assert scan.started.wait(30)
+        busy = _scan_in_flight(pool, batcher, scan, "a", (1, 1, 1))
         other = [pool.submit(batcher.run, key, np.ones((1, 1, 1), np.float32), scan) for key in ("b", "c")]
         scan.gate.set()
         busy.result(30)
@@ -117,8 +120,7 @@ def test_different_keys_never_share_a_batch_and_errors_reach_every_member():
 
     gate = BlockingScan()
     with ThreadPoolExecutor(4) as pool:
-        busy = pool.submit(batcher.run, "a", np.zeros((1, 1, 1), np.float32), gate)
-        assert gate.started.wait(30)
+        busy = _scan_in_flight(pool, batcher, gate, "a", (1, 1, 1))
         members = [pool.submit(batcher.run, "x", np.ones((1, 1, 1), np.float32), failing) for _ in range(3)]
         gate.gate.set()
         for f in members:
