@@ -223,6 +223,55 @@ def split_rows(view, tables, args, truth10, exhaustive: dict, log) -> list[dict]
     return rows
 
 
+def measure_device(root, codes, spec, tables, args, log) -> list[dict]:
+    """The batched scan on a torch device (query_node.device_scan): one query at a time, then batches of
+    `args.batch`, with recall against our exhaustive scan (equal by construction; measured, not assumed)."""
+    from indexer.store import IndexStore
+    from query_node.device_scan import DeviceCodes
+    from query_node.index_view import load_view
+
+    view = load_view(IndexStore(str(root)), [0])
+    truth = [[h.face_id for h in view.search(tables[i:i + 1], 100, [0])[0]] for i in range(len(tables))]
+    t0 = time.perf_counter()
+    device = DeviceCodes(codes, spec, args.device_scan)  # face ids are row numbers in these indexes
+    build_s = time.perf_counter() - t0  # unpacked and copied to the device
+    device.search(tables[:args.batch], 10)  # warm: kernels loaded, memory allocated
+    lat = time_single(lambda i: device.search(tables[i:i + 1], 10), len(tables))
+    got = [list(r) for r in device.search(tables, 100)[1]]
+    qps = batch_throughput(lambda lo, hi: device.search(tables[lo:hi], 10), len(tables), args.batch, 1)
+    p50, p99 = percentiles(lat)
+    row = dict(method=f"ours {args.device_scan} batched scan", nprobe="all", cells=0, p50_ms=p50, p99_ms=p99,
+               qps={"1": qps}, recall10=recall(got, truth, 10), recall100=recall(got, truth, 100),
+               memory_bytes=device.nbytes, build_s=build_s)
+    log_row(log, row)
+    return [row]
+
+
+def device_scan_choice(name: str | None) -> str | None:
+    """--device-scan: None (default) = "cuda" where torch sees one, else no rows; "none" = no rows.
+
+    Raises ConfigError for a device torch cannot name or use here."""
+    from facepq_core.errors import ConfigError
+
+    try:
+        import torch
+    except ImportError:
+        if name in (None, "none"):
+            return None
+        raise ConfigError(f"--device-scan {name}: torch is not installed") from None
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else None
+    if name == "none":
+        return None
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as exc:
+        raise ConfigError(f"--device-scan {name}: not a torch device ({exc})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device-scan {name}: torch sees no CUDA device on this machine")
+    return name
+
+
 # ---------------------------------------------------------------- FAISS
 def build_faiss(data: Synthetic, m: int, nbits: int, cells: int, seed: int, with_ivf: bool = True):
     """(flat index, IVF index (None without `with_ivf`), seconds to build each, the codes (uint8 chunks), objects
@@ -407,6 +456,8 @@ def run_size(n: int, args, work: pathlib.Path, log, report=lambda rows: None) ->
         family = measure_ours(root, tables, args, nprobes, log)
         for r in family:
             r["build_s"] = build_s
+        if args.device_scan:
+            family += measure_device(root, codes, spec, tables, args, log)
         del codes
         fam = measure_faiss(flat, ivf, data.queries, nprobes, args, nbits, log)
         for r in fam:
@@ -500,6 +551,10 @@ def main(argv=None) -> int:
                     help="rows per segment file (default: the writer's, 1,000,000); fewer rows per segment "
                          "give a smaller gallery as many segments (and cell ranges per search) as a larger one")
     ap.add_argument("--model", default=None, help="an OPQN checkpoint: add rows on its real code distribution")
+    ap.add_argument("--device-scan", default=None, metavar="DEVICE",
+                    help="also scan the codes on this torch device, in batches (query_node/device_scan.py): "
+                         "'cuda', 'cuda:1', 'cpu'; default: cuda where torch sees one, else no such rows; "
+                         "'none' = no such rows")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="bench-scale", help="report folder")
     ap.add_argument("--work", default=None, help="folder for the indexes (default: a temporary folder)")
@@ -517,6 +572,7 @@ def main(argv=None) -> int:
         raise ConfigError(f"--layouts takes {', '.join(LAYOUTS)}, got {args.layouts}")
     if args.queries < args.batch or min(sizes) < 1000:
         raise ConfigError("need --queries >= --batch and sizes >= 1000")
+    args.device_scan = device_scan_choice(args.device_scan)
     if args.segment_rows is not None and args.segment_rows < 1000:
         raise ConfigError(f"--segment-rows must be >= 1000, got {args.segment_rows}")
     if args.work is not None:   # a folder that does not exist yet is made, like --out
@@ -534,6 +590,7 @@ def main(argv=None) -> int:
               "4-bit kernel": fastscan.status(), "sizes": sizes, "queries": args.queries, "batch": args.batch,
               "threads": args.threads, "nprobe": args.nprobe,
               "segment rows": args.segment_rows or DEFAULT_SEGMENT_ROWS,
+              "device scan": args.device_scan or "none (no CUDA device here)",
               "command": "facepq bench scale " + " ".join(argv or sys.argv[1:])}
     log = print
     log(f"scale benchmark: {header['machine']}; load {header['load average at start']}")
