@@ -92,7 +92,6 @@ def _coordinator(args) -> int:
 
     import torch
 
-    from facepq_core import blas
     from facepq_core.errors import ConfigError
     from query_node.coordinator_server import CoordinatorServer
     from query_node.security import ENV_NODE_AUTH_TOKEN, ClientTls, load_tokens, server_security
@@ -113,7 +112,6 @@ def _coordinator(args) -> int:
     # threads only add workers that spin after every op, taking cores from the nodes' scans on a
     # shared machine. Photo searches and enrolments run the trunk and may want more.
     torch.set_num_threads(args.torch_threads)
-    blas.use_one_thread()  # one query's tables: BLAS on this thread, not einsum loops (facepq_core.blas)
     server = CoordinatorServer(args.model, args.index, redis_url=args.redis, nodes=nodes, host=args.host,
                                port=args.port, tls=tls, auth_tokens=tokens, auth_search=args.auth_search,
                                node_tls=node_tls, node_token=node_token, upkeep_seconds=args.upkeep_seconds,

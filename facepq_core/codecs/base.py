@@ -7,7 +7,6 @@ from typing import ClassVar
 
 import numpy as np
 
-from facepq_core import blas
 from facepq_core.codes import CodeSpec, pack_codes
 from facepq_core.errors import ConfigError
 
@@ -62,19 +61,16 @@ def codec_from_state(name: str, state: dict) -> "Codec":
     return codec_class(name).from_state(state)
 
 
-# Below this many rows a codec's matrix products run in einsum loops rather than BLAS, unless this process
-# runs BLAS on one thread (facepq_core.blas says why). Batches (ingest, evaluation) take BLAS either way.
+# Below this many rows a codec's matrix products run in einsum loops rather than BLAS: OpenBLAS's threads
+# busy-wait after every call and burned ~25 ms of a core per single query in the coordinator, taken from
+# the query nodes on a shared machine. Batches (ingest, evaluation) take the BLAS product, where that spin
+# is paid once per batch.
 BLAS_MIN_ROWS = 64
 
 
-def takes_blas(rows: int) -> bool:
-    """Whether a product over `rows` rows goes to BLAS (facepq_core.blas, BLAS_MIN_ROWS)."""
-    return rows >= BLAS_MIN_ROWS or blas.small_products_use_blas()
-
-
 def rows_times(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
-    """x [N, E] @ weight.T ([O, E]) -> [N, O]: BLAS when `takes_blas(N)`, else einsum loops."""
-    if takes_blas(len(x)):
+    """x [N, E] @ weight.T ([O, E]) -> [N, O]: BLAS for batches, einsum loops for a few rows (BLAS_MIN_ROWS)."""
+    if len(x) >= BLAS_MIN_ROWS:
         return x @ weight.T
     return np.einsum("ne,oe->no", x, weight)
 

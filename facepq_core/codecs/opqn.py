@@ -11,14 +11,14 @@ so score(query, face) = sum_m LUT[m, c_m] is the log-likelihood of the face's co
 the query's soft assignment, each subspace weighted by the length of the query's own
 sub-vector (see README, "The OPQN model", for why log-probabilities and why w_m).
 
-Its products take BLAS for batches, and for single queries only where BLAS runs on one thread
-(a serving process: facepq_core.blas says why); else numpy's einsum loops.
+Single queries (the coordinator) run in numpy loops (einsum without `optimize`), never
+BLAS (facepq_core.codecs.base.rows_times says why).
 """
 from __future__ import annotations
 
 import numpy as np
 
-from facepq_core.codecs.base import Codec, register_codec, rows_times, state_array, takes_blas
+from facepq_core.codecs.base import Codec, register_codec, rows_times, state_array
 from facepq_core.codes import CodeSpec
 from facepq_core.errors import ConfigError
 
@@ -53,8 +53,6 @@ class OPQNCodec(Codec):
         return (z / np.maximum(norms, 1e-12)).astype(np.float32), norms
 
     def _logits(self, unit: np.ndarray) -> np.ndarray:
-        if takes_blas(len(unit)):  # M products [N, d] x [d, K]
-            return np.matmul(unit.transpose(1, 0, 2), self.assignment).transpose(1, 0, 2)
         return np.einsum("nmd,mdk->nmk", unit, self.assignment)
 
     def _sub_codes(self, x: np.ndarray) -> np.ndarray:

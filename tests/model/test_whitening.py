@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from facepq_core.codecs import codec_from_state
-from facepq_core.codecs.base import takes_blas
+from facepq_core.codecs.base import BLAS_MIN_ROWS
 from facepq_core.codecs.whitened import WhitenedCodec
 from facepq_core.errors import CheckpointError, ConfigError
 from opqn_model.hash_head import HashHead
@@ -24,7 +24,7 @@ def _by_hand(x, mean, projection):
     """n(P (x - m)), written out independently of the codec (the product as the codec takes it for this many
     rows, so that equal means bit-equal: BLAS and einsum round differently)."""
     x = x.astype(np.float32) - mean
-    z = x @ projection.T if takes_blas(len(x)) else np.einsum("ne,oe->no", x, projection)
+    z = x @ projection.T if len(x) >= BLAS_MIN_ROWS else np.einsum("ne,oe->no", x, projection)
     return (z / np.maximum(np.sqrt(np.square(z, dtype=np.float64).sum(1, keepdims=True)), 1e-12)).astype(np.float32)
 
 
