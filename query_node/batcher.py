@@ -14,9 +14,9 @@ together. `SearchBatcher.run` decides per request:
 So one scan runs at a time and the next batch is whatever arrived meanwhile (group commit):
 batches grow with the load, with no timer to tune. A fixed wait (the first design: lead, wait
 `window`, scan, while other batches ran) gave batches of 1-3 searches at 8 clients and left the
-coordinator's fan-outs overlapping; waiting for the scan in flight gives 3-4 and a fifth more
-searches a second through the coordinator (README, "Batching"). Bounded: a request waits at
-most `window` plus one batched scan. Requests with different keys (index version, k, shards)
+coordinator's fan-outs overlapping; waiting for the scan in flight gives 3-4, and a search through
+the coordinator costs about a quarter less CPU (README, "Batched fan-outs"). Bounded: a request
+waits at most `window` plus one batched scan. Requests with different keys (index version, k, shards)
 never share a batch.
 
 Nodes batch their scans with it; the coordinator batches whole searches with it too (one
@@ -31,7 +31,7 @@ from collections.abc import Callable
 import numpy as np
 
 DEFAULT_WINDOW = 0.001      # seconds a batch waits at most for the scan in flight (a node's --batch-window-ms)
-# A coordinator's batch waits for a whole fan-out (two hops and the nodes' scans: 2-4 ms under load), so it
+# A coordinator's batch waits for a whole fan-out (two hops and the nodes' scans: 2-7 ms under load), so it
 # may wait longer: at 1 ms it left before the fan-out in flight ended and batches stayed at 1-3 searches.
 DEFAULT_FAN_OUT_WINDOW = 0.01
 DEFAULT_MAX_QUERIES = 16    # queries per batch (the --batch-max default)
