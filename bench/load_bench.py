@@ -182,6 +182,23 @@ def coordinator_load(cluster: Cluster, dim: int, clients: int, seconds: float, t
     return run_load(lambda r: stub.Search(r, timeout=30), clients, seconds, make)
 
 
+def cpu_per_request(pids: dict[str, int], run) -> tuple[LoadResult, dict[str, float]]:
+    """`run()` -> its LoadResult, and the CPU (user + system) each process of `pids` and this one ("client")
+    spent per request meanwhile, in ms. On a shared machine throughput moves with the neighbours; CPU a
+    request moves much less, so it is the steadier way to compare two paths of one run."""
+    import psutil
+
+    procs = {**{name: psutil.Process(pid) for name, pid in pids.items()}, "client": psutil.Process()}
+
+    def seconds():
+        return {name: sum(p.cpu_times()[:2]) for name, p in procs.items()}  # user + system, all its threads
+
+    before = seconds()
+    result = run()
+    used = {name: s - before[name] for name, s in seconds().items()}
+    return result, {name: s / max(1, result.requests) * 1e3 for name, s in used.items()}
+
+
 def node_load(cluster: Cluster, model: str, clients: int, seconds: float, top_k: int = 10) -> LoadResult:
     """Reference: the same searches straight to the nodes (tables precomputed, both nodes per request)."""
     import grpc
@@ -553,8 +570,12 @@ def main(argv=None) -> int:
                 floor = grpc_floor(r, args.overhead)
                 print_overhead(r, before, after, baseline_node_rss(args.model, tmp), args.top_k, floor)
             if args.seconds > 0:
-                ref = node_load(cluster, args.model, args.clients, args.seconds, args.top_k)
-                res = coordinator_load(cluster, dim, args.clients, args.seconds, args.top_k)
+                pids = {"coordinator": cluster.coordinator.pid,
+                        **{f"node {i}": n.pid for i, n in enumerate(cluster.nodes)}}
+                ref, ref_cpu = cpu_per_request(pids, lambda: node_load(cluster, args.model, args.clients, args.seconds,
+                                                                        args.top_k))
+                res, res_cpu = cpu_per_request(pids, lambda: coordinator_load(cluster, dim, args.clients, args.seconds,
+                                                                              args.top_k))
                 print(f"{'path':32s} {'clients':>7} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} "
                       f"{'incomplete':>10}  ({load_avg()})")
                 for name, r in (("nodes direct (reference)", ref), ("coordinator (embedding)", res)):
@@ -562,6 +583,12 @@ def main(argv=None) -> int:
                           f"{r.errors:>7} {r.incomplete:>10}" + (f"  {r.error_codes}" if r.error_codes else ""))
                 if ref.qps:
                     print(f"coordinator throughput = {res.qps / ref.qps:.2f} x the nodes-direct reference")
+                for name, cpu in (("nodes direct", ref_cpu), ("through the coordinator", res_cpu)):
+                    print(f"CPU a search, {name}: " + ", ".join(f"{p} {ms:.2f}" for p, ms in cpu.items())
+                          + f" = {sum(cpu.values()):.2f} ms")
+                if ref.requests and res.requests:
+                    print(f"CPU a search through the coordinator = {sum(res_cpu.values()) / sum(ref_cpu.values()):.2f} "
+                          f"x the nodes-direct path's (steadier than throughput on a shared machine)")
             if args.reloads:
                 s = soak(cluster, args.reloads)
                 for n in cluster.nodes:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import pathlib
 import threading
+import time
 
 import pytest
 
@@ -93,3 +94,38 @@ def test_grpc_floor_starts_two_backends_and_a_relay_answers_every_call_and_stops
     # every reply carries the slower backend's busy time: > 0 only if the relay's call reached a backend
     assert r["work_ms"] > 0
     assert 0 < r["floor_ms"] < r["relay_ms"] and r["relay_ms"] > r["work_ms"]
+
+
+def test_cpu_per_request_counts_each_process_and_the_client_by_its_own_work():
+    """bench/load_bench.cpu_per_request with real processes: one that burns a fixed 0.4 s of CPU once `run`
+    tells it to (and waits for it to say so), one that waits on its input. Every number compared is work
+    done, not time elapsed."""
+    import subprocess
+    import sys
+
+    from bench import load_bench
+
+    burn = ("import sys, time\nprint('ready', flush=True)\nsys.stdin.readline()\nstart = time.process_time()\n"
+            "while time.process_time() - start < 0.4: pass\nprint('done', flush=True)\ntime.sleep(600)\n")
+    burner = subprocess.Popen([sys.executable, "-c", burn], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import sys; print('ready', flush=True); sys.stdin.readline()"],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert [p.stdout.readline().strip() for p in (burner, sleeper)] == ["ready", "ready"]  # start-ups done
+
+        def run():
+            burner.stdin.write("go\n")
+            burner.stdin.flush()
+            assert burner.stdout.readline().strip() == "done"  # blocks (no CPU) until the 0.4 s are spent
+            return load_bench.LoadResult(requests=10, errors=0, incomplete=0, seconds=1.0)
+
+        result, cpu = load_bench.cpu_per_request({"burner": burner.pid, "sleeper": sleeper.pid}, run)
+    finally:
+        for p in (burner, sleeper):
+            p.kill()
+            p.wait()
+    assert result.requests == 10 and set(cpu) == {"burner", "sleeper", "client"}
+    # the burner spent >= 0.4 s of CPU inside the run, 40 ms a request (less one 10 ms clock tick at most);
+    # the waiting process next to nothing
+    assert cpu["burner"] >= 35.0 and cpu["sleeper"] < 5.0, cpu
+    assert cpu["client"] < cpu["burner"], cpu   # the client only waited on a pipe
