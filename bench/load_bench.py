@@ -3,7 +3,9 @@
 Load: N client threads search by embedding through the coordinator for T seconds;
 prints throughput, p50/p99 latency, errors and incomplete answers. The reference in
 the same run is the same load sent straight to the nodes' Search with precomputed
-lookup tables (no model, no fan-out), so the ratio shows what the coordinator costs.
+lookup tables (no model, no fan-out), so the ratio shows what the coordinator costs;
+so does the CPU a search of every process on each path, printed with their ratio
+(`cpu_per_request`: steadier than throughput on a machine shared with other work).
 
 Soak: K hot reloads (each a real commit that deletes and re-enrols a face, so the
 number of live segments stays constant) while the nodes keep serving; after each
