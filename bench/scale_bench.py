@@ -158,8 +158,9 @@ def build_ours(root: pathlib.Path, codes_iter, meta, cells: int | None, codeword
     return time.perf_counter() - t0
 
 
-def measure_ours(root, tables, args, nprobes, log) -> list[dict]:
-    """Our rows: nprobe=all (the exhaustive scan: every cell) and each nprobe below the cell count."""
+def measure_ours(root, tables, args, nprobes, log) -> tuple[list[dict], list[list[int]]]:
+    """Our rows: nprobe=all (the exhaustive scan: every cell) and each nprobe below the cell count; and the
+    exhaustive top-100 face ids of each query (the truth other rows are measured against)."""
     from indexer.store import IndexStore
     from query_node.index_view import load_view
     from query_node.shard_search import ScanStats
@@ -200,7 +201,7 @@ def measure_ours(root, tables, args, nprobes, log) -> list[dict]:
         log_row(log, rows[-1])
         if not nprobe:
             rows += split_rows(view, tables, args, truth10, rows[-1], log)
-    return rows
+    return rows, truth100
 
 
 def split_rows(view, tables, args, truth10, exhaustive: dict, log) -> list[dict]:
@@ -223,15 +224,12 @@ def split_rows(view, tables, args, truth10, exhaustive: dict, log) -> list[dict]
     return rows
 
 
-def measure_device(root, codes, spec, tables, args, log) -> list[dict]:
+def measure_device(codes, spec, tables, truth, args, log) -> list[dict]:
     """The batched scan on a torch device (query_node.device_scan): one query at a time, then batches of
-    `args.batch`, with recall against our exhaustive scan (equal by construction; measured, not assumed)."""
-    from indexer.store import IndexStore
+    `args.batch`, with recall against `truth`, our exhaustive top-100 (equal by construction; measured, not
+    assumed)."""
     from query_node.device_scan import DeviceCodes
-    from query_node.index_view import load_view
 
-    view = load_view(IndexStore(str(root)), [0])
-    truth = [[h.face_id for h in view.search(tables[i:i + 1], 100, [0])[0]] for i in range(len(tables))]
     t0 = time.perf_counter()
     device = DeviceCodes(codes, spec, args.device_scan)  # face ids are row numbers in these indexes
     build_s = time.perf_counter() - t0  # unpacked and copied to the device
@@ -420,7 +418,7 @@ def run_real(model_path: str, n: int, args, work: pathlib.Path, nprobes, log) ->
     tables = codec.query_tables(noisy(query_base, args.seed + 99991))
     log(f"  real codes ({meta.trunk} {meta.codec} M={meta.M} K={meta.K}, {len(gallery_base)} embeddings replicated "
         f"with noise to {pool_rows:,} codes, tiled to {n:,}; {cells} cells): built in {build_s:.1f} s")
-    rows = measure_ours(root, tables, args, nprobes, log)
+    rows, _ = measure_ours(root, tables, args, nprobes, log)
     for r in rows:
         r.update(build_s=build_s, data="real", layout=f"{meta.codec} M={meta.M} K={meta.K}", n=n)
     return rows
@@ -453,11 +451,11 @@ def run_size(n: int, args, work: pathlib.Path, log, report=lambda rows: None) ->
         root = work / f"{layout}-{n}"
         build_s = build_ours(root, iter(codes), meta, cells, pq_centroids(pq), args.segment_rows, n, log)
         log(f"  ours built in {build_s:.1f} s (index writer: cells fitted and assigned, segments written and hashed)")
-        family = measure_ours(root, tables, args, nprobes, log)
+        family, truth = measure_ours(root, tables, args, nprobes, log)
         for r in family:
             r["build_s"] = build_s
         if args.device_scan:
-            family += measure_device(root, codes, spec, tables, args, log)
+            family += measure_device(codes, spec, tables, truth, args, log)
         del codes
         fam = measure_faiss(flat, ivf, data.queries, nprobes, args, nbits, log)
         for r in fam:

@@ -68,7 +68,7 @@ class ShardData:
         if cells is None:
             pieces = list(zip(self.scanned_codes(), self.skips))
             scores, rows = scan_segments(pieces, tables, keep, threads, starts=layout.starts.tolist())
-            scanned = sum(codes.shape[0] for codes, _ in pieces)
+            scanned = _rows_in(pieces)
         else:
             codes = self.segments_codes()
             per_query = [self._scan_cells(codes, tables.query(q), keep, threads, cells[q], layout)
@@ -109,7 +109,7 @@ class ShardData:
         scores, rows = scan_segments(pieces, tables, keep, threads, starts=piece_starts)
         if row_map is not None:
             rows = row_map.shard_rows(rows)
-        return scores, rows, sum(codes.shape[0] for codes, _ in pieces)
+        return scores, rows, _rows_in(pieces)
 
     def segments_codes(self) -> list:
         """Each segment's codes (uint8 [rows, code_bytes], memory-mapped), in scan order."""
@@ -150,3 +150,8 @@ class ShardData:
             ids, persons, sources = self.segments[s].hit_metadata(shard_rows - starts[s])
             meta.update(zip(shard_rows.tolist(), zip(ids.tolist(), persons, sources)))
         return meta
+
+
+def _rows_in(pieces) -> int:
+    """Rows of (codes, skip mask) pieces a scan covered."""
+    return sum(piece_codes.shape[0] for piece_codes, _ in pieces)
