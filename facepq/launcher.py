@@ -6,10 +6,11 @@
 Every process is a subprocess in its own process group (so a Ctrl-C in the
 terminal reaches only the launcher, which then stops them in order), with its
 output in `<workdir>/logs/<name>.log`. On Linux each child also gets
-PR_SET_PDEATHSIG=SIGTERM, so even a launcher killed with SIGKILL leaves no
-orphans. Servers listen on port 0 and print `facepq <what> listening on
-HOST:PORT` when ready; the launcher reads that line from the log, then waits
-for gRPC health SERVING (and for the coordinator to see every shard covered).
+PR_SET_PDEATHSIG=SIGTERM (armed by `facepq.parent_death`, not between fork
+and exec), so even a launcher killed with SIGKILL leaves no orphans. Servers
+listen on port 0 and print `facepq <what> listening on HOST:PORT` when ready;
+the launcher reads that line from the log, then waits for gRPC health SERVING
+(and for the coordinator to see every shard covered).
 
 Shards are placed on nodes by `query_node.placement.assign_shards` (the formula the
 Kubernetes StatefulSet in deploy/k8s uses too).
@@ -18,9 +19,7 @@ Kubernetes StatefulSet in deploy/k8s uses too).
 here: the launcher process and every child (pid, start time, address) of the
 last start, and `stopped` once they are gone. `facepq up` refuses to start
 while it records a running cluster; `facepq down` stops what it records
-(`stop_recorded`). Process facts (start times, waits) come from psutil; the
-parent-death signal is set through libc's prctl with ctypes, since neither the
-standard library nor psutil can set it.
+(`stop_recorded`). Process facts (start times, waits) come from psutil.
 """
 from __future__ import annotations
 
@@ -39,6 +38,7 @@ from dataclasses import asdict, dataclass
 
 import psutil
 
+from facepq import parent_death
 from facepq_core.atomic import write_bytes_atomic
 from facepq_core.errors import ConfigError, FacepqError
 from query_node.placement import assign_shards
@@ -83,24 +83,16 @@ def same_process(pid: int, start_time: float | None) -> bool:
     return now is not None and (start_time is None or abs(now - start_time) < _SAME_START_S)
 
 
-def _libc_prctl():
-    """libc's prctl, loaded in the parent: dlopen between fork and exec is not safe with threads."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes
+def start_child(args: list, out) -> subprocess.Popen:
+    """Start `args` in its own session, output to the open file `out`, SIGTERM to it when this process dies.
 
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-
-
-def _death_signal_hook():
-    """A preexec_fn: the child gets SIGTERM when the launcher dies (PR_SET_PDEATHSIG = 1); None off Linux."""
-    prctl = _libc_prctl()
-    if prctl is None:
-        return None
-    return lambda: prctl(1, signal.SIGTERM)
+    No preexec_fn: Python code between fork and exec runs the at-fork handlers of gRPC, which this process
+    has used, and those can abort the child before exec (see facepq.parent_death, which arms the signal
+    instead, after a plain vfork and exec).
+    """
+    return subprocess.Popen(parent_death.command(args), stdout=out, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                            start_new_session=True)
 
 
 @dataclass
@@ -287,10 +279,8 @@ class LocalCluster:
     # ---- processes ------------------------------------------------------------------------------
     def _spawn(self, name: str, args: list) -> ManagedProcess:
         log_path = self.workdir / "logs" / f"{name}.log"
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
         with open(log_path, "wb") as out:
-            popen = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                     start_new_session=True, preexec_fn=_death_signal_hook())
+            popen = start_child(args, out)
         proc = ManagedProcess(name, [str(a) for a in args], str(log_path), popen.pid, process_start_time(popen.pid))
         self.processes.append(proc)
         self._popen[name] = popen

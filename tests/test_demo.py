@@ -19,6 +19,7 @@ import time
 import pytest
 
 from facepq.launcher import process_start_time
+from tests.support.processes import popen_with_sigint
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -84,11 +85,7 @@ class Background:
     def __init__(self, args, log: pathlib.Path):
         self.log = log
         self._out = open(log, "w")
-        # SIGINT back to its default in the child: a test run started in the background (`cmd &`)
-        # inherits SIGINT ignored, and Python then never turns Ctrl-C into KeyboardInterrupt
-        self.proc = subprocess.Popen(args, cwd=REPO, env=env(), stdout=self._out, stderr=subprocess.STDOUT,
-                                     start_new_session=True,
-                                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        self.proc = popen_with_sigint(args, cwd=REPO, env=env(), stdout=self._out, stderr=subprocess.STDOUT)
 
     def text(self) -> str:
         return self.log.read_text(errors="replace")

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from facepq.launcher import process_start_time
-from tests.support.processes import REPO_ROOT, run_cli
+from tests.support.processes import REPO_ROOT, popen_with_sigint, run_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -35,9 +35,7 @@ def test_up_serves_a_users_index_until_ctrl_c_and_refuses_a_demo_beside_it(galle
             "--workdir", str(workdir), "--port", "0", "--nodes", "1", "--replicas", "1", "--http-port", "0",
             "--metrics-port", "0"]
     with open(log, "w") as out:
-        # SIGINT at its default in the child, as in a terminal (a background pytest ignores it)
-        up = subprocess.Popen(args, cwd=REPO_ROOT, env=_env(), stdout=out, stderr=subprocess.STDOUT,
-                              start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        up = popen_with_sigint(args, cwd=REPO_ROOT, env=_env(), stdout=out, stderr=subprocess.STDOUT)
     try:
         _wait_for(up, log, "facepq up: serving; coordinator", timeout=300)
         text = log.read_text()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -45,3 +46,19 @@ def run_cli(*args, env=None, timeout=120) -> subprocess.CompletedProcess:
     full_env = dict(os.environ, **(env or {}))
     return subprocess.run([sys.executable, "-m", "facepq.cli", *map(str, args)], cwd=REPO_ROOT, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def popen_with_sigint(args, **kwargs) -> subprocess.Popen:
+    """subprocess.Popen in a new session with SIGINT at its default, as in a terminal.
+
+    A test run started in the background (`cmd &`) inherits SIGINT ignored, and an ignored signal stays
+    ignored across exec, so a Ctrl-C would never reach the command. A preexec_fn resetting it would run
+    Python in the forked child, where gRPC's at-fork handlers (this process has used gRPC) can abort it
+    before exec (grpc/grpc#43055, see facepq.parent_death). Instead SIGINT is handled here while the child
+    is created: exec resets a handled signal to its default.
+    """
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen(args, start_new_session=True, **kwargs)
+    finally:
+        signal.signal(signal.SIGINT, previous)
