@@ -802,39 +802,28 @@ done:
     return result;
 }
 
-PyDoc_STRVAR(dense_blocks_doc,
-             "dense_blocks()\n--\n\n"
-             "How many 32-row blocks q8_scan_blocks scored densely (every row exactly, where its nibble bound\n"
-             "passed most rows) since the module loaded, over all threads; 0 where no native kernel runs.");
+PyDoc_STRVAR(counters_doc,
+             "counters()\n--\n\n"
+             "What the kernels did since the module loaded, summed over threads (all 0 where no native kernel\n"
+             "runs): dense_blocks, the 32-row blocks q8_scan_blocks scored densely (every row exactly, where its\n"
+             "nibble bound passed most rows); streamed_calls, the block kernel calls told to stream (prefetch\n"
+             "ahead); query_parallel_queries, the queries of batches scanned side by side (q8_scan_blocks and\n"
+             "pq8_scan with 5 or more queries), counted once per call and thread.");
 
-static PyObject *dense_blocks(PyObject *self, PyObject *args) {
+static PyObject *counters(PyObject *self, PyObject *args) {
     (void)self;
     (void)args;
 #if FASTSCAN_X86
-    return PyLong_FromUnsignedLongLong(q8_dense_blocks());
+    return Py_BuildValue("{sKsKsK}", "dense_blocks", (unsigned long long)q8_dense_blocks(), "streamed_calls",
+                         (unsigned long long)streamed_calls(), "query_parallel_queries",
+                         (unsigned long long)query_parallel_queries());
 #else
-    return PyLong_FromLong(0);
-#endif
-}
-
-PyDoc_STRVAR(streamed_calls_doc,
-             "streamed_calls()\n--\n\n"
-             "How many calls of the block kernels (fs4_scan_blocks, q8_scan_blocks) were told to stream, i.e.\n"
-             "to prefetch ahead, since the module loaded; 0 where no native kernel runs.");
-
-static PyObject *streamed_calls_py(PyObject *self, PyObject *args) {
-    (void)self;
-    (void)args;
-#if FASTSCAN_X86
-    return PyLong_FromUnsignedLongLong(streamed_calls());
-#else
-    return PyLong_FromLong(0);
+    return Py_BuildValue("{sisisi}", "dense_blocks", 0, "streamed_calls", 0, "query_parallel_queries", 0);
 #endif
 }
 
 static PyMethodDef methods[] = {
-    {"dense_blocks", dense_blocks, METH_NOARGS, dense_blocks_doc},
-    {"streamed_calls", streamed_calls_py, METH_NOARGS, streamed_calls_doc},
+    {"counters", counters, METH_NOARGS, counters_doc},
     {"fs4_scan", fs4_scan, METH_VARARGS, fs4_scan_doc},
     {"fs4_scan_blocks", fs4_scan_blocks, METH_VARARGS, fs4_scan_blocks_doc},
     {"q8_scan", q8_scan, METH_VARARGS, q8_scan_doc},

@@ -153,13 +153,19 @@ def streams(queries: int, code_bytes: int) -> bool:
 def streamed_calls() -> int:
     """Block kernel calls told to stream (prefetch ahead, `streams`) since the extension loaded: which calls
     prefetched, for tests and the benchmark."""
-    return _native().streamed_calls()
+    return _native().counters()["streamed_calls"]
 
 
 def dense_blocks() -> int:
     """32-row blocks the 8-bit block kernel scored densely (every row exactly, where its nibble bound passed most
     rows) since the extension loaded, over all threads: which mode ran, for tests and the benchmark."""
-    return _native().dense_blocks()
+    return _native().counters()["dense_blocks"]
+
+
+def query_parallel_queries() -> int:
+    """Queries of batches the AVX2 8-bit kernels scanned side by side (5 or more a call: one code byte, every
+    query's table entry in one vector) since the extension loaded, once per call and thread: which path ran."""
+    return _native().counters()["query_parallel_queries"]
 
 
 def quantized8_available() -> bool:

@@ -85,6 +85,9 @@ int q8_scan_blocks_avx2(const uint8_t *codes, int64_t n, int32_t width, int32_t 
 uint64_t q8_dense_blocks(void);
 /* Block kernel calls (either kernel, any thread) told to stream (prefetch ahead) since the module loaded. */
 uint64_t streamed_calls(void);
+/* Queries scanned side by side (qpar_scan: batches of 5 or more in q8_scan_blocks_avx2 and pq8_scan_avx2) since
+ * the module loaded, once per call and thread. */
+uint64_t query_parallel_queries(void);
 int pq8_scan_avx2(const uint8_t *codes, int64_t n, int32_t width, int32_t nq, const float *tables,
                   const uint8_t *skip, int32_t has_skip, int64_t row_offset, float *heap_s, int64_t *heap_r,
                   int32_t k);

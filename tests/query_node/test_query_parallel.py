@@ -1,0 +1,108 @@
+"""A batch's queries scanned side by side (the AVX2 8-bit kernels, 5 or more queries): the float answers exactly.
+
+One code byte selects every query's table entry at once (tables transposed to [byte column][256][4, 8 or 16
+lanes]); each lane sums the columns in order from 0.0f, as the single-query kernels do, so answers must equal the
+numba reference row for row and score for score, ties included, for any batch size (groups of 16 and 8 lanes,
+padded; a remainder of 1-4 past a multiple of 16 on the one-query kernels), code width, k, skip mask, segment
+boundary, zero-padded last block and thread count. The kernels' counter shows the path ran (and did not for 4
+queries). The AVX2 kernels are forced, so these run on AVX-512 CPUs too.
+"""
+import numpy as np
+import pytest
+
+from query_node import fastscan
+from query_node.code_blocks import CodeBlocks
+from query_node.scan import TopKHeap, scan_tables
+from tests.query_node.test_fastscan import _why_no_native
+from tests.query_node.test_fastscan_bound8 import tables_of
+
+pytestmark = pytest.mark.skipif(_why_no_native() is not None, reason=str(_why_no_native()))
+
+
+def _scan_both(rng, nq, width, kind, layout, threads=1, n_max=3000):
+    """(native heap, reference heap, native path's query_parallel_queries increase) over 1-3 segments."""
+    k = int(rng.integers(1, 150))
+    kk, luts = tables_of(rng, kind, nq, width)
+    tables = scan_tables(luts, False, width)
+    native, reference = TopKHeap(nq, k, native=True, threads=threads), TopKHeap(nq, k, native=False)
+    before = fastscan.query_parallel_queries()
+    for _ in range(int(rng.integers(1, 4))):
+        n = int(rng.integers(0, n_max))   # rarely a multiple of 4 or 32: scalar tails, zero-padded blocks
+        codes = rng.integers(0, kk, size=(n, width), dtype=np.uint8)
+        skip = rng.random(n) < 0.3 if rng.integers(0, 2) else None
+        native.scan(CodeBlocks.of(codes) if layout == "blocks" else codes, tables, skip)
+        reference.scan(codes, tables.byte, skip)
+    return native, reference, fastscan.query_parallel_queries() - before, k
+
+
+def _assert_same(native, reference, what):
+    (ns, nr), (fs, fr) = native.result(), reference.result()
+    np.testing.assert_array_equal(nr, fr, err_msg=what)
+    np.testing.assert_array_equal(ns, fs, err_msg=what)
+
+
+@pytest.mark.parametrize("nq", [5, 8, 9, 16, 17, 20, 21, 37, 40])
+@pytest.mark.parametrize("kind", ["pq", "logprob", "random", "ties"])
+def test_blocks_of_any_batch_size_give_the_float_answers(nq, kind, avx2):
+    rng = np.random.default_rng(nq * 7 + len(kind))
+    for width in (1, 3, 4, 6, 8, 16):
+        native, reference, scanned, k = _scan_both(rng, nq, width, kind, "blocks")
+        _assert_same(native, reference, f"{kind} nq={nq} width={width} k={k}")
+        assert scanned > 0, f"nq={nq} width={width}: the side-by-side path did not run"
+
+
+@pytest.mark.parametrize("nq", [5, 7, 12, 16, 18, 33])
+@pytest.mark.parametrize("kind", ["pq", "random", "ties"])
+def test_row_major_8_byte_codes_of_any_batch_size_give_the_float_answers(nq, kind, avx2):
+    """Row-major 8-byte codes (a partitioned index's cells, remote segments) take the fused float kernel, which
+    scans batches side by side too; n % 4 tail rows one query at a time."""
+    rng = np.random.default_rng(nq * 11 + len(kind))
+    for _ in range(3):
+        native, reference, scanned, k = _scan_both(rng, nq, 8, kind, "rows")
+        _assert_same(native, reference, f"{kind} nq={nq} k={k}")
+        assert scanned > 0
+
+
+def test_four_queries_keep_the_one_query_kernels(avx2):
+    rng = np.random.default_rng(3)
+    for layout, width in (("blocks", 8), ("rows", 8), ("blocks", 16)):
+        native, reference, scanned, _ = _scan_both(rng, 4, width, "pq", layout)
+        _assert_same(native, reference, layout)
+        assert scanned == 0, layout
+
+
+def test_split_over_threads_many_rows_every_row_tied(avx2):
+    """Rows split over threads (runs of >= 65,536), each thread's heaps merged: the one-thread answer. With every
+    score equal the lowest rows must win, across threads and across the batch's lane groups. Of 20 queries, 16 go
+    side by side and 4 to the one-query kernels."""
+    rng = np.random.default_rng(5)
+    n = 3 * 65536 + 777
+    codes = rng.integers(0, 256, size=(n, 8), dtype=np.uint8)
+    skip = rng.random(n) < 0.1
+    for luts in (rng.standard_normal((20, 8, 256)).astype(np.float32), np.full((20, 8, 256), -2.5, np.float32)):
+        tables = scan_tables(luts, False, 8)
+        reference = TopKHeap(20, 100, native=False)
+        reference.scan(codes, tables.byte, skip)
+        for threads in (1, 3):
+            for layout in (CodeBlocks.of(codes), codes):
+                heap = TopKHeap(20, 100, threads=threads)
+                before = fastscan.query_parallel_queries()
+                heap.scan(layout, tables, skip)
+                assert fastscan.query_parallel_queries() - before == 16 * threads
+                _assert_same(heap, reference, f"{threads} threads, {type(layout).__name__}")
+
+
+def test_non_finite_tables_on_row_major_codes_give_the_float_answers(avx2):
+    """-inf entries (a codeword no query may match) and NaN: no bound tables, so the fused float kernel scans
+    them, and -inf sums and NaN sums must be kept or left out exactly as the reference does."""
+    rng = np.random.default_rng(9)
+    luts = rng.standard_normal((6, 8, 256)).astype(np.float32)
+    luts[:, 2, :40] = -np.inf
+    luts[1, 5, 7] = np.nan
+    luts[4] = -np.inf   # every score -inf: the first k rows
+    codes = rng.integers(0, 256, size=(2001, 8), dtype=np.uint8)
+    tables = scan_tables(luts, False, 8)
+    native, reference = TopKHeap(6, 50, native=True), TopKHeap(6, 50, native=False)
+    native.scan(codes, tables)
+    reference.scan(codes, tables.byte)
+    _assert_same(native, reference, "non-finite")
