@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from bench.harness import ServerProcess, StartFailed
+from tests.support.processes import live_grpc_channel
 
 PYTHON = [sys.executable, "-c"]
 
@@ -63,18 +64,6 @@ def test_sigkill_is_a_crash_and_the_pid_stays_known():
 
 def test_servers_start_from_a_process_that_uses_grpc():
     """A preexec_fn in the spawn (mirakuru's default) lets gRPC's fork handlers abort the child before exec."""
-    from concurrent import futures
-
-    import grpc
-
-    server = grpc.server(futures.ThreadPoolExecutor(2))
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    try:
-        grpc.channel_ready_future(channel).result(timeout=30)
+    with live_grpc_channel():
         for _ in range(20):
             ServerProcess(["print('listening on 127.0.0.1:7', flush=True)"], program=PYTHON, timeout=60).kill()
-    finally:
-        channel.close()
-        server.stop(None)

@@ -13,6 +13,7 @@ import psutil
 import pytest
 
 from facepq.launcher import start_child
+from tests.support.processes import live_grpc_channel
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux only")
 
@@ -24,16 +25,7 @@ def _trampoline(parent: int, *args: str) -> subprocess.CompletedProcess:
 
 def test_children_start_from_a_process_that_uses_grpc(tmp_path):
     """With a preexec_fn, 2 starts in 100 aborted here ("epoll_wait error: Bad file descriptor"): 200 all start."""
-    from concurrent import futures
-
-    import grpc
-
-    server = grpc.server(futures.ThreadPoolExecutor(2))
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    try:
-        grpc.channel_ready_future(channel).result(timeout=30)
+    with live_grpc_channel():
         failed = []
         for i in range(200):
             log = tmp_path / f"{i}.log"
@@ -42,9 +34,6 @@ def test_children_start_from_a_process_that_uses_grpc(tmp_path):
             if code != 0:
                 failed.append(f"start {i}: exit {code}: {log.read_text(errors='replace')[-500:]}")
         assert not failed, "\n".join(failed)
-    finally:
-        channel.close()
-        server.stop(None)
 
 
 def test_a_child_gets_sigterm_when_its_launcher_is_killed_with_sigkill(tmp_path):

@@ -1,6 +1,7 @@
 """Real `facepq` server processes for the tests (bench.harness), a kill-all per test, and CLI runs."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -62,3 +63,23 @@ def popen_with_sigint(args, **kwargs) -> subprocess.Popen:
         return subprocess.Popen(args, start_new_session=True, **kwargs)
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
+def live_grpc_channel():
+    """A gRPC server in this process and a connected channel to it, for the duration: this process has used gRPC,
+    so gRPC's at-fork handlers would run in a child forked with Python in it (grpc/grpc#43055)."""
+    from concurrent import futures
+
+    import grpc
+
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        grpc.channel_ready_future(channel).result(timeout=30)
+        yield channel
+    finally:
+        channel.close()
+        server.stop(None)
