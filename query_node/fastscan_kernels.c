@@ -84,21 +84,30 @@ static void update_threshold(query_t *q) {
     q->thr = (int16_t)t;
 }
 
+/* Per-query state of the float kernels: their byte tables and heaps (malloc'd; NULL when out of memory). */
+static query_t *float_queries(int nq, int width, const float *tables, float *heap_s, int64_t *heap_r, int k) {
+    query_t *qs = malloc(sizeof(query_t) * (size_t)nq);
+    if (!qs) return NULL;
+    for (int q = 0; q < nq; q++) {
+        qs[q].pair = tables + (size_t)q * width * 256;
+        qs[q].hs = heap_s + (size_t)q * k;
+        qs[q].hr = heap_r + (size_t)q * k;
+        qs[q].k = k;
+    }
+    return qs;
+}
+
 /* Per-query state of the quantized kernels (malloc'd; NULL when out of memory). qstride: table bytes per query. */
 static query_t *make_queries(int nq, int width, const float *pair, const uint8_t *qtab, size_t qstride,
                              const double *base, const double *delta, const int32_t *terms, float *heap_s,
                              int64_t *heap_r, int k) {
-    query_t *qs = malloc(sizeof(query_t) * (size_t)nq);
+    query_t *qs = float_queries(nq, width, pair, heap_s, heap_r, k);
     if (!qs) return NULL;
     for (int q = 0; q < nq; q++) {
-        qs[q].pair = pair + (size_t)q * width * 256;
         qs[q].nib = qtab + (size_t)q * qstride;
         qs[q].base = base[q];
         qs[q].delta = delta[q];
         qs[q].terms = terms[q];
-        qs[q].hs = heap_s + (size_t)q * k;
-        qs[q].hr = heap_r + (size_t)q * k;
-        qs[q].k = k;
         qs[q].blocks = qs[q].passed = qs[q].dense_left = 0;
         update_threshold(&qs[q]);
     }
@@ -328,19 +337,6 @@ static inline void offer_scored(query_t *q, float s, int64_t i, const uint8_t *s
                                 int64_t row_offset) {
     int64_t r = row_offset + i;
     if (worse(q->hs[0], q->hr[0], s, r) && !(has_skip && skip[i])) replace_root(q->hs, q->hr, q->k, s, r);
-}
-
-/* Per-query state of the float kernels: their byte tables and heaps (malloc'd; NULL when out of memory). */
-static query_t *float_queries(int nq, int width, const float *tables, float *heap_s, int64_t *heap_r, int k) {
-    query_t *qs = malloc(sizeof(query_t) * (size_t)nq);
-    if (!qs) return NULL;
-    for (int q = 0; q < nq; q++) {
-        qs[q].pair = tables + (size_t)q * width * 256;
-        qs[q].hs = heap_s + (size_t)q * k;
-        qs[q].hr = heap_r + (size_t)q * k;
-        qs[q].k = k;
-    }
-    return qs;
 }
 
 /* ---- A batch's queries side by side: one code byte, every query's table entry in one vector ---- */
