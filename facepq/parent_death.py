@@ -22,13 +22,13 @@ PR_SET_PDEATHSIG = 1
 USAGE = "usage: python -m facepq.parent_death PARENT_PID PROGRAM [ARGS...]"
 
 
-def command(args: list, parent_pid: int | None = None) -> list[str]:
-    """The argv that runs `args` with the parent-death signal armed (Linux), or `args` unchanged elsewhere."""
+def command(args: list) -> list[str]:
+    """The argv that runs `args` with the parent-death signal armed for this process as the parent (Linux), or
+    `args` unchanged elsewhere."""
     args = [str(a) for a in args]
     if not sys.platform.startswith("linux"):
         return args
-    return [sys.executable, "-m", "facepq.parent_death", str(os.getpid() if parent_pid is None else parent_pid),
-            *args]
+    return [sys.executable, "-m", "facepq.parent_death", str(os.getpid()), *args]
 
 
 def _arm() -> str | None:
