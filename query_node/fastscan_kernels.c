@@ -349,24 +349,35 @@ static inline void offer_scored(query_t *q, float s, int64_t i, const uint8_t *s
  * still runs over the byte columns in order from 0.0f, exactly like exact_score, so the scores, and the answers,
  * are bit-identical to the single-query kernels'. Four rows at a time keep independent sums (the adds' latency),
  * compared with their queries' k-th best scores; the rare row that reaches one is offered to that query's heap.
- * 1M 8-byte 8-bit codes, top-100, AVX2-only EPYC, C harness (best of 5, +-10% between runs): 0.44-0.54 ms a query
- * at 16 queries, 0.51-0.67 at 8, 0.9-1.0 at 4 (lanes half empty), against 0.9-1.0 ms for one query of the bound
- * kernel. So a call of QPAR_MIN_QUERIES or more queries scans them side by side in groups of 16 (the last of 5-16
- * padded to 8 or 16 lanes), and a remainder of 1-4 past a multiple of 16 takes the one-query kernel.
+ * What a group costs, against the one-query kernel of the same codes, decides how many queries go side by side:
+ * 1M and 5M 8-byte 8-bit codes, top-100, AVX2-only EPYC, one thread (CPU time, best of 5; 2026-12-03): a pass of
+ * 8 lanes costs 4.2-4.3 ms at 1M (4.8-5.3 one-query scans of the bound kernel, 0.81-0.89 ms each in calls of 1-5)
+ * and 30-34 ms at 5M (6.6-7.3 of them, 4.6 ms each in calls of 4); a pass of 16 lanes 7.1 ms and 51.5 ms (8.7 and
+ * 11). So on 32-row blocks a group of 8 lanes pays from 7 queries and one of 16 from 12; fewer take the bound
+ * kernel (a group of 5 cost 6.8 ms a query at 5M against 4.6 on the bound kernel). Row-major codes' one-query
+ * kernel (pq8_scan) is slower (2.6 ms at 1M), so there 8 lanes pay from 3 queries and 16 from 10 (8.6 ms against
+ * 8 lanes and 2 one-query scans).
  */
-#define QPAR_MIN_QUERIES 5
 #define QPAR_MAX_LANES 16
+#define QPAR_BLOCKS_MIN8 7
+#define QPAR_BLOCKS_MIN16 12
+#define QPAR_ROWS_MIN8 3
+#define QPAR_ROWS_MIN16 10
 
 static uint64_t qpar_queries;   /* queries scanned side by side since the module loaded, every thread's */
 
 uint64_t query_parallel_queries(void) { return __atomic_load_n(&qpar_queries, __ATOMIC_RELAXED); }
 
-/* How many of a call's nq queries to scan side by side: none below QPAR_MIN_QUERIES, else all but a remainder of
- * fewer than QPAR_MIN_QUERIES past a multiple of 16 (those take the one-query kernel). */
-static inline int qpar_count(int nq) {
-    if (nq < QPAR_MIN_QUERIES) return 0;
-    return nq % QPAR_MAX_LANES < QPAR_MIN_QUERIES ? nq - nq % QPAR_MAX_LANES : nq;
+/* How many of a call's nq queries to scan side by side: every full group of 16, and of the rest r (< 16) all of
+ * them in a group of 16 when r >= min16, 8 in a group of 8 when r >= min8 (the rest, r - 8 < min16 - 8, take the
+ * one-query kernel), none when r < min8. qpar_scan groups them the same way (qpar_lanes). */
+static inline int qpar_count(int nq, int min8, int min16) {
+    int rest = nq % QPAR_MAX_LANES;
+    return nq - rest + (rest >= min16 ? rest : rest >= min8 ? (rest < 8 ? rest : 8) : 0);
 }
+
+/* Lanes of the next group when `left` queries of a qpar_count are still to scan: 16 while at least min16 are left. */
+static inline int qpar_lanes(int left, int min16) { return left >= min16 ? 16 : 8; }
 
 /* Offer the (row, query) pairs of a 4-row group whose bit is set in rows[j] (row first + j, query bit q) to the
  * queries' heaps, sums [4][16] their scores; thr follows each heap's k-th best. */
@@ -467,17 +478,18 @@ static inline __attribute__((always_inline)) AVX2 void qpar_rows(
 }
 
 /*
- * Scan every query of `qs` (nq >= 1, any count) side by side, in groups of at most 16; SCAN_NO_MEMORY when the
- * transposed tables cannot be had. Arguments as pq8_scan's; `blocked` as qpar_rows'.
+ * Scan every query of `qs` (a qpar_count of queries) side by side, in groups of 16 while at least min16 are left,
+ * then of 8; SCAN_NO_MEMORY when the transposed tables cannot be had. Arguments as pq8_scan's; `blocked` as
+ * qpar_rows'.
  */
 static inline __attribute__((always_inline)) AVX2 int qpar_scan(
         query_t *qs, int nq, const uint8_t *codes, int64_t n, int width, const int blocked, const uint8_t *skip,
-        int has_skip, int64_t row_offset) {
+        int has_skip, int64_t row_offset, int min16) {
     /* Entries of 16 lanes are 64 bytes: on cache-line boundaries, one line each. */
     float *tt = aligned_alloc(64, (size_t)width * 256 * QPAR_MAX_LANES * sizeof(float));
     if (!tt) return SCAN_NO_MEMORY;
     for (int q0 = 0; q0 < nq;) {
-        int lanes = nq - q0 > 8 ? 16 : 8, used = nq - q0 < lanes ? nq - q0 : lanes;
+        int lanes = qpar_lanes(nq - q0, min16), used = nq - q0 < lanes ? nq - q0 : lanes;
         for (int c = 0; c < width; c++)
             for (int v = 0; v < 256; v++) {
                 float *entry = tt + ((size_t)c * 256 + v) * lanes;
@@ -647,11 +659,11 @@ AVX2 int q8_scan_blocks_avx2(const uint8_t *codes, int64_t n, int32_t width, int
                              const uint8_t *nib, const double *base, const double *delta, const int32_t *terms,
                              const uint8_t *skip, int32_t has_skip, int64_t row_offset, float *heap_s,
                              int64_t *heap_r, int32_t k, int32_t stream) {
-    int side = width >= 1 && k >= 1 ? qpar_count(nq) : 0;
-    if (side) {   /* a batch: its queries side by side (qpar_scan), a remainder of 1-4 below */
+    int side = width >= 1 && k >= 1 ? qpar_count(nq, QPAR_BLOCKS_MIN8, QPAR_BLOCKS_MIN16) : 0;
+    if (side) {   /* a batch: its queries side by side (qpar_scan), the rest below */
         query_t *qs = float_queries(side, width, pair, heap_s, heap_r, k);
         if (!qs) return SCAN_NO_MEMORY;
-        int rc = qpar_scan(qs, side, codes, n, width, 1, skip, has_skip, row_offset);
+        int rc = qpar_scan(qs, side, codes, n, width, 1, skip, has_skip, row_offset, QPAR_BLOCKS_MIN16);
         free(qs);
         if (rc != SCAN_OK || side == nq) return rc;
         int width8 = (width + 7) / 8 * 8;
@@ -694,9 +706,9 @@ NO_TREE_VECTORIZE AVX2 int pq8_scan_avx2(const uint8_t *codes, int64_t n, int32_
     if (width < 1 || nq < 1 || k < 1) return SCAN_BAD_ARGS;
     query_t *qs = float_queries(nq, width, tables, heap_s, heap_r, k);
     if (!qs) return SCAN_NO_MEMORY;
-    int side = qpar_count(nq);   /* a batch: its queries side by side, a remainder of 1-4 in the loop below */
+    int side = qpar_count(nq, QPAR_ROWS_MIN8, QPAR_ROWS_MIN16);   /* side by side; the rest in the loop below */
     if (side) {
-        int rc = qpar_scan(qs, side, codes, n, width, 0, skip, has_skip, row_offset);
+        int rc = qpar_scan(qs, side, codes, n, width, 0, skip, has_skip, row_offset, QPAR_ROWS_MIN16);
         if (rc != SCAN_OK || side == nq) {
             free(qs);
             return rc;

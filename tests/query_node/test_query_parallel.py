@@ -1,11 +1,12 @@
-"""A batch's queries scanned side by side (the AVX2 8-bit kernels, 5 or more queries): the float answers exactly.
+"""A batch's queries scanned side by side (the AVX2 8-bit kernels, batches of 3-7 or more): the float answers exactly.
 
 One code byte selects every query's table entry at once (tables transposed to [byte column][256][4, 8 or 16
 lanes]); each lane sums the columns in order from 0.0f, as the single-query kernels do, so answers must equal the
 numba reference row for row and score for score, ties included, for any batch size (groups of 16 and 8 lanes,
-padded; a remainder of 1-4 past a multiple of 16 on the one-query kernels), code width, k, skip mask, segment
-boundary, zero-padded last block and thread count. The kernels' counter shows the path ran (and did not for 4
-queries). The AVX2 kernels are forced, so these run on AVX-512 CPUs too.
+padded; the queries too few to fill a group's lanes on the one-query kernels), code width, k, skip mask, segment
+boundary, zero-padded last block and thread count. The kernels' counter shows how many queries of a call took the
+path: a group of 8 lanes from 7 queries on 32-row blocks (from 3 on row-major codes, whose one-query kernel is
+slower), one of 16 from 12 (10). The AVX2 kernels are forced, so these run on AVX-512 CPUs too.
 """
 import numpy as np
 import pytest
@@ -41,7 +42,7 @@ def _assert_same(native, reference, what):
     np.testing.assert_array_equal(ns, fs, err_msg=what)
 
 
-@pytest.mark.parametrize("nq", [5, 8, 9, 16, 17, 20, 21, 37, 40])
+@pytest.mark.parametrize("nq", [7, 8, 9, 12, 16, 17, 20, 23, 28, 37, 40])
 @pytest.mark.parametrize("kind", ["pq", "logprob", "random", "ties"])
 def test_blocks_of_any_batch_size_give_the_float_answers(nq, kind, avx2):
     rng = np.random.default_rng(nq * 7 + len(kind))
@@ -51,7 +52,7 @@ def test_blocks_of_any_batch_size_give_the_float_answers(nq, kind, avx2):
         assert scanned > 0, f"nq={nq} width={width}: the side-by-side path did not run"
 
 
-@pytest.mark.parametrize("nq", [5, 7, 12, 16, 18, 33])
+@pytest.mark.parametrize("nq", [3, 5, 7, 9, 12, 16, 18, 33])
 @pytest.mark.parametrize("kind", ["pq", "random", "ties"])
 def test_row_major_8_byte_codes_of_any_batch_size_give_the_float_answers(nq, kind, avx2):
     """Row-major 8-byte codes (a partitioned index's cells, remote segments) take the fused float kernel, which
@@ -63,18 +64,36 @@ def test_row_major_8_byte_codes_of_any_batch_size_give_the_float_answers(nq, kin
         assert scanned > 0
 
 
-def test_four_queries_keep_the_one_query_kernels(avx2):
+# Queries of a call scanned side by side, by call size: every full group of 16; of the rest r, all in a group of
+# 16 from min16, 8 in a group of 8 from min8 (the others on the one-query kernel), none below min8. Blocks: min8 7,
+# min16 12; row-major: 3 and 10 (fastscan_kernels.c, QPAR_*: what a group costs against one-query scans).
+SIDE_BY_SIDE = {
+    "blocks": {1: 0, 4: 0, 6: 0, 7: 7, 8: 8, 9: 8, 11: 8, 12: 12, 16: 16, 17: 16, 22: 16, 23: 23, 25: 24, 27: 24,
+               28: 28, 33: 32, 38: 32, 39: 39},
+    "rows": {1: 0, 2: 0, 3: 3, 8: 8, 9: 8, 10: 10, 16: 16, 18: 16, 19: 19, 25: 24, 26: 26},
+}
+
+
+@pytest.mark.parametrize("layout", sorted(SIDE_BY_SIDE))
+def test_a_call_scans_side_by_side_exactly_the_queries_a_group_pays_for(layout, avx2):
     rng = np.random.default_rng(3)
-    for layout, width in (("blocks", 8), ("rows", 8), ("blocks", 16)):
-        native, reference, scanned, _ = _scan_both(rng, 4, width, "pq", layout)
-        _assert_same(native, reference, layout)
-        assert scanned == 0, layout
+    codes = rng.integers(0, 256, size=(1001, 8), dtype=np.uint8)
+    for nq, expected in SIDE_BY_SIDE[layout].items():
+        kk, luts = tables_of(rng, "pq", nq, 8)
+        tables = scan_tables(luts, False, 8)
+        native, reference = TopKHeap(nq, 20, native=True), TopKHeap(nq, 20, native=False)
+        before = fastscan.query_parallel_queries()
+        native.scan(CodeBlocks.of(codes) if layout == "blocks" else codes, tables)
+        scanned = fastscan.query_parallel_queries() - before
+        reference.scan(codes, tables.byte)
+        _assert_same(native, reference, f"{layout} nq={nq}")
+        assert scanned == expected, f"{layout}: {scanned} of {nq} queries side by side, not {expected}"
 
 
 def test_split_over_threads_many_rows_every_row_tied(avx2):
     """Rows split over threads (runs of >= 65,536), each thread's heaps merged: the one-thread answer. With every
-    score equal the lowest rows must win, across threads and across the batch's lane groups. Of 20 queries, 16 go
-    side by side and 4 to the one-query kernels."""
+    score equal the lowest rows must win, across threads and across the batch's lane groups. Of 20 queries on blocks,
+    16 go side by side and 4 to the one-query kernel; on row-major codes all 20 (a group of 16 and one of 8)."""
     rng = np.random.default_rng(5)
     n = 3 * 65536 + 777
     codes = rng.integers(0, 256, size=(n, 8), dtype=np.uint8)
@@ -84,11 +103,11 @@ def test_split_over_threads_many_rows_every_row_tied(avx2):
         reference = TopKHeap(20, 100, native=False)
         reference.scan(codes, tables.byte, skip)
         for threads in (1, 3):
-            for layout in (CodeBlocks.of(codes), codes):
+            for layout, side in ((CodeBlocks.of(codes), 16), (codes, 20)):
                 heap = TopKHeap(20, 100, threads=threads)
                 before = fastscan.query_parallel_queries()
                 heap.scan(layout, tables, skip)
-                assert fastscan.query_parallel_queries() - before == 16 * threads
+                assert fastscan.query_parallel_queries() - before == side * threads
                 _assert_same(heap, reference, f"{threads} threads, {type(layout).__name__}")
 
 
