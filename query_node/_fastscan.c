@@ -655,9 +655,7 @@ PyDoc_STRVAR(quantize_tables_doc,
              "rounding of a row's sum). False (nothing written) when a value is not finite.");
 
 /* The numpy formulas of fastscan.py in one pass (they cost ~60 us of numpy calls per query, 15-20% of
- * a 1M-row 4-bit scan); float64 throughout, the same operations in the same order, so the tables and
- * steps are the numpy ones exactly (base may differ in the last bit: its sum order is numpy's own). */
-#define QUANTIZE_MAX_COLS 256   /* 2 x 64 nibble columns, or 64 byte columns: the kernels' widest tables */
+ * a 1M-row 4-bit scan): quantize_query (fastscan_kernels.c), which the side-by-side kernel uses too. */
 
 static PyObject *quantize_tables(PyObject *self, PyObject *args) {
     Py_buffer values, out, base, delta, terms;
@@ -681,43 +679,12 @@ static PyObject *quantize_tables(PyObject *self, PyObject *args) {
         const float *v = values.buf;
         int finite = 1;
         for (long long i = 0; i < (long long)nq * cols * nv && finite; i++) finite = isfinite(v[i]);
-        double col_lo[QUANTIZE_MAX_COLS];   /* each column's minimum, from the first pass */
         if (finite) {
-            uint8_t *o = out.buf;
-            double *b = base.buf, *d = delta.buf;
-            int32_t *t = terms.buf;
-            memset(o, 0, (size_t)nq * out_cols * stride);
-            for (int q = 0; q < nq; q++) {
-                const float *vq = v + (long long)q * cols * nv;
-                double range = 0.0, amax = 0.0, sum = 0.0;
-                for (int c = 0; c < cols; c++) {
-                    double lo = vq[c * nv], hi = lo;   /* float -> double is exact: min/max as numpy's */
-                    for (int i = 0; i < nv; i++) {
-                        double x = vq[c * nv + i];
-                        lo = x < lo ? x : lo;
-                        hi = x > hi ? x : hi;
-                        amax = fabs(x) > amax ? fabs(x) : amax;
-                    }
-                    range = hi - lo > range ? hi - lo : range;
-                    sum += lo;
-                    col_lo[c] = lo;
-                }
-                double step = range / levels;
-                if (step == 0.0) step = 1.0;
-                uint8_t *oq = o + (long long)q * out_cols * stride;
-                for (int c = 0; c < cols; c++) {
-                    for (int i = 0; i < nv; i++) {
-                        double level = floor(((double)vq[c * nv + i] - col_lo[c]) / step);
-                        uint8_t u = (uint8_t)(level < 0 ? 0 : level > levels ? levels : level);
-                        for (int j = 0; j < copies; j++) oq[(long long)c * stride + j * nv + i] = u;
-                    }
-                }
-                double eps = 4.0 * (code_bytes + 2) * row_terms * amax * 0x1p-24;
-                double n_terms = row_terms + ceil(eps / step) + 2;
-                b[q] = sum;
-                d[q] = step;
-                t[q] = (int32_t)(n_terms < (double)(1 << 20) ? n_terms : (double)(1 << 20));
-            }
+            memset(out.buf, 0, (size_t)nq * out_cols * stride);
+            for (int q = 0; q < nq; q++)
+                quantize_query(v + (long long)q * cols * nv, cols, nv, (uint8_t *)out.buf + (long long)q * out_cols *
+                               stride, stride, copies, code_bytes, row_terms, levels, (double *)base.buf + q,
+                               (double *)delta.buf + q, (int32_t *)terms.buf + q);
         }
         result = PyBool_FromLong(finite);
     }
@@ -808,17 +775,20 @@ PyDoc_STRVAR(counters_doc,
              "runs): dense_blocks, the 32-row blocks q8_scan_blocks scored densely (every row exactly, where its\n"
              "nibble bound passed most rows); streamed_calls, the block kernel calls told to stream (prefetch\n"
              "ahead); query_parallel_queries, the queries of batches scanned side by side (q8_scan_blocks and\n"
-             "pq8_scan with 5 or more queries), counted once per call and thread.");
+             "pq8_scan: groups of 16, a last one of 8 or more, 3 or more on row-major codes), counted once per\n"
+             "call and thread; query_parallel_quantized, those of them scanned on quantized tables.");
 
 static PyObject *counters(PyObject *self, PyObject *args) {
     (void)self;
     (void)args;
 #if FASTSCAN_X86
-    return Py_BuildValue("{sKsKsK}", "dense_blocks", (unsigned long long)q8_dense_blocks(), "streamed_calls",
+    return Py_BuildValue("{sKsKsKsK}", "dense_blocks", (unsigned long long)q8_dense_blocks(), "streamed_calls",
                          (unsigned long long)streamed_calls(), "query_parallel_queries",
-                         (unsigned long long)query_parallel_queries());
+                         (unsigned long long)query_parallel_queries(), "query_parallel_quantized",
+                         (unsigned long long)query_parallel_quantized());
 #else
-    return Py_BuildValue("{sisisi}", "dense_blocks", 0, "streamed_calls", 0, "query_parallel_queries", 0);
+    return Py_BuildValue("{sisisisi}", "dense_blocks", 0, "streamed_calls", 0, "query_parallel_queries", 0,
+                         "query_parallel_quantized", 0);
 #endif
 }
 

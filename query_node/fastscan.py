@@ -169,6 +169,12 @@ def query_parallel_queries() -> int:
     return _native().counters()["query_parallel_queries"]
 
 
+def query_parallel_quantized() -> int:
+    """Of `query_parallel_queries`, those scanned on quantized tables (tables of up to 8 byte columns, all finite;
+    the others on float tables): which path ran."""
+    return _native().counters()["query_parallel_quantized"]
+
+
 def quantized8_available() -> bool:
     """True when 8-bit codes scan with quantized tables here (AVX-512 VBMI, not capped by FACEPQ_SIMD)."""
     native = _load()[0]

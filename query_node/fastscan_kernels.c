@@ -2,7 +2,7 @@
  * Native scan kernels: exact top-k of packed 4-bit PQ codes with quantized SIMD lookup
  * tables (fs4_scan_avx2; fs4_scan_blocks_avx2 on 32-row blocks), of 8-bit codes in 32-row blocks
  * through nibble bounds (q8_scan_blocks_avx2), and of 8-bit codes with float tables (pq8_scan_avx2);
- * the two 8-bit kernels scan a batch of 5 or more queries side by side instead (qpar_scan).
+ * the two 8-bit kernels scan a batch side by side instead (qpar_scan: groups of 16 queries, quantized where they can).
  *
  * Built at install time into the extension module query_node._fastscan (setup.py; the
  * Python side is _fastscan.c and query_node/fastscan.py). The file is compiled without
@@ -32,10 +32,44 @@
 #include "fastscan_kernels.h"
 #include "topk_heap.h"
 
-#if FASTSCAN_X86   /* the whole file: on other machines the module has no kernels */
+#include <math.h>
+
+/* Arguments: fastscan_kernels.h. */
+void quantize_query(const float *vq, int cols, int nv, uint8_t *oq, int stride, int copies, int code_bytes,
+                    int row_terms, int levels, double *base, double *delta, int32_t *terms) {
+    double col_lo[QUANTIZE_MAX_COLS];   /* each column's minimum, from the first pass */
+    double range = 0.0, amax = 0.0, sum = 0.0;
+    for (int c = 0; c < cols; c++) {
+        double lo = vq[c * nv], hi = lo;   /* float -> double is exact: min/max as numpy's */
+        for (int i = 0; i < nv; i++) {
+            double x = vq[c * nv + i];
+            lo = x < lo ? x : lo;
+            hi = x > hi ? x : hi;
+            amax = fabs(x) > amax ? fabs(x) : amax;
+        }
+        range = hi - lo > range ? hi - lo : range;
+        sum += lo;
+        col_lo[c] = lo;
+    }
+    double step = range / levels;
+    if (step == 0.0) step = 1.0;
+    for (int c = 0; c < cols; c++) {
+        for (int i = 0; i < nv; i++) {
+            double level = floor(((double)vq[c * nv + i] - col_lo[c]) / step);
+            uint8_t u = (uint8_t)(level < 0 ? 0 : level > levels ? levels : level);
+            for (int j = 0; j < copies; j++) oq[(long long)c * stride + j * nv + i] = u;
+        }
+    }
+    double eps = 4.0 * (code_bytes + 2) * row_terms * amax * 0x1p-24;
+    double n_terms = row_terms + ceil(eps / step) + 2;
+    *base = sum;
+    *delta = step;
+    *terms = (int32_t)(n_terms < (double)(1 << 20) ? n_terms : (double)(1 << 20));
+}
+
+#if FASTSCAN_X86   /* the rest of the file: on other machines the module has no kernels */
 
 #include <immintrin.h>
-#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -349,35 +383,31 @@ static inline void offer_scored(query_t *q, float s, int64_t i, const uint8_t *s
  * still runs over the byte columns in order from 0.0f, exactly like exact_score, so the scores, and the answers,
  * are bit-identical to the single-query kernels'. Four rows at a time keep independent sums (the adds' latency),
  * compared with their queries' k-th best scores; the rare row that reaches one is offered to that query's heap.
- * What a group costs, against the one-query kernel of the same codes, decides how many queries go side by side:
- * 1M and 5M 8-byte 8-bit codes, top-100, AVX2-only EPYC, one thread (CPU time, best of 5; 2026-12-03): a pass of
- * 8 lanes costs 4.2-4.3 ms at 1M (4.8-5.3 one-query scans of the bound kernel, 0.81-0.89 ms each in calls of 1-5)
- * and 30-34 ms at 5M (6.6-7.3 of them, 4.6 ms each in calls of 4); a pass of 16 lanes 7.1 ms and 51.5 ms (8.7 and
- * 11). So on 32-row blocks a group of 8 lanes pays from 7 queries and one of 16 from 12; fewer take the bound
- * kernel (a group of 5 cost 6.8 ms a query at 5M against 4.6 on the bound kernel). Row-major codes' one-query
- * kernel (pq8_scan) is slower (2.6 ms at 1M), so there 8 lanes pay from 3 queries and 16 from 10 (8.6 ms against
- * 8 lanes and 2 one-query scans).
+ * Tables of up to 8 byte columns go quantized instead (qparq_rows, below): same answers, one pass for up to 16
+ * queries whatever their number. What a pass costs against the one-query kernel of the same codes decides how
+ * many of a call's queries go side by side (AVX2-only EPYC, one thread, CPU time, `TopKHeap`, 2026-12-03): on
+ * 32-row blocks a quantized pass of 16 lanes cost 5.1-5.4 ms on 1M 8-byte codes and 19-24 ms on 5M, against
+ * 0.63-0.67 ms (top-10) and 0.84-0.88 ms (top-100) a query on the bound kernel at 1M and 3.2-4.5 ms at 5M, i.e.
+ * 6-8 of its queries; on row-major codes the one-query kernel (pq8_scan) takes 2.7 ms at 1M and the pass 4.6-5.4.
+ * So every full group of 16 goes side by side, and the rest r of a call too when r >= QPAR_BLOCKS_MIN (8) or
+ * QPAR_ROWS_MIN (3); fewer stay on the one-query kernel. (The float passes, 4.2 ms for 8 lanes and 7.1 for 16 at
+ * 1M, are left to tables the quantized pass cannot take: non-finite entries, more than 8 columns.)
  */
 #define QPAR_MAX_LANES 16
-#define QPAR_BLOCKS_MIN8 7
-#define QPAR_BLOCKS_MIN16 12
-#define QPAR_ROWS_MIN8 3
-#define QPAR_ROWS_MIN16 10
+#define QPAR_BLOCKS_MIN 8
+#define QPAR_ROWS_MIN 3
 
 static uint64_t qpar_queries;   /* queries scanned side by side since the module loaded, every thread's */
+static uint64_t qparq_queries;  /* ... of them on quantized tables */
 
 uint64_t query_parallel_queries(void) { return __atomic_load_n(&qpar_queries, __ATOMIC_RELAXED); }
+uint64_t query_parallel_quantized(void) { return __atomic_load_n(&qparq_queries, __ATOMIC_RELAXED); }
 
-/* How many of a call's nq queries to scan side by side: every full group of 16, and of the rest r (< 16) all of
- * them in a group of 16 when r >= min16, 8 in a group of 8 when r >= min8 (the rest, r - 8 < min16 - 8, take the
- * one-query kernel), none when r < min8. qpar_scan groups them the same way (qpar_lanes). */
-static inline int qpar_count(int nq, int min8, int min16) {
+/* How many of a call's nq queries to scan side by side: every full group of 16, and the rest r too when r >= min. */
+static inline int qpar_count(int nq, int min) {
     int rest = nq % QPAR_MAX_LANES;
-    return nq - rest + (rest >= min16 ? rest : rest >= min8 ? (rest < 8 ? rest : 8) : 0);
+    return rest >= min ? nq : nq - rest;
 }
-
-/* Lanes of the next group when `left` queries of a qpar_count are still to scan: 16 while at least min16 are left. */
-static inline int qpar_lanes(int left, int min16) { return left >= min16 ? 16 : 8; }
 
 /* Offer the (row, query) pairs of a 4-row group whose bit is set in rows[j] (row first + j, query bit q) to the
  * queries' heaps, sums [4][16] their scores; thr follows each heap's k-th best. */
@@ -478,18 +508,123 @@ static inline __attribute__((always_inline)) AVX2 void qpar_rows(
 }
 
 /*
- * Scan every query of `qs` (a qpar_count of queries) side by side, in groups of 16 while at least min16 are left,
- * then of 8; SCAN_NO_MEMORY when the transposed tables cannot be had. Arguments as pq8_scan's; `blocked` as
- * qpar_rows'.
+ * Side by side on quantized tables: each query's byte tables quantized to `levels` = 255 / width steps a column
+ * (quantize_query: exact = base + delta * (sum q + F), 0 <= F < terms), transposed to [byte column][256][16 lanes]
+ * of one byte, so a row's quantized sums of 16 queries are `width` 16-byte adds that cannot overflow (width *
+ * levels <= 255) from a table of width * 4 KiB, in L1 at width 8 (the float tables of 16 lanes are 16 times that).
+ * A row whose sum reaches a query's threshold (qparq_threshold) is re-scored exactly and offered; every other row
+ * cannot reach that query's k-th best score, so answers are the float kernels' bit for bit.
+ */
+#define QPARQ_LANES 16
+/* Wider tables measured slower than float ones: at 16 columns (15 steps a column, 64 KiB of tables) a batch of 16
+ * on 16x256 codes took 1.99 ms a query at 1M against 0.94 on float tables (`bench scan --batch 16`, same day). */
+#define QPARQ_MAX_WIDTH 8
+
+/* A query's quantized threshold: its rows are candidates when their quantized sum is at least this (0: all rows,
+ * while the heap fills). Rounded down and clipped to a byte: a looser bound only re-scores more rows. */
+static inline uint8_t qparq_threshold(const query_t *q) {
+    if (q->hr[0] == EMPTY_ROW) return 0;
+    double t = floor(((double)q->hs[0] - q->base) / q->delta) - q->terms + 1;
+    return t < 0 ? 0 : t > 255 ? 255 : (uint8_t)t;
+}
+
+static inline __attribute__((always_inline)) AVX2 void qparq_rows(
+        query_t *qs, int used, const uint8_t *tq, const uint8_t *codes, int64_t n, int width, const int blocked,
+        const uint8_t *skip, int has_skip, int64_t row_offset) {
+    uint8_t thr[QPARQ_LANES];
+    for (int q = 0; q < QPARQ_LANES; q++) thr[q] = q < used ? qparq_threshold(&qs[q]) : 255;
+    const uint32_t mine = (1u << used) - 1;
+    __m128i t = _mm_loadu_si128((const __m128i *)thr);
+    int64_t stop = blocked ? (n + 31) / 32 * 32 : n / 4 * 4;
+    for (int64_t first = 0; first < stop; first += 4) {
+        const uint8_t *col0 = blocked ? codes + (size_t)(first & ~(int64_t)31) * width + (first & 31)
+                                      : codes + (size_t)first * width;
+        __m128i a = _mm_setzero_si128(), b = a, c = a, d = a;
+        for (int col = 0; col < width; col++) {
+            uint32_t w;
+            if (blocked) {
+                memcpy(&w, col0 + (size_t)col * 32, 4);
+            } else {
+                const uint8_t *r = col0 + col;
+                w = (uint32_t)r[0] | (uint32_t)r[width] << 8 | (uint32_t)r[2 * width] << 16 |
+                    (uint32_t)r[3 * width] << 24;
+            }
+            const uint8_t *tc = tq + (size_t)col * 256 * QPARQ_LANES;
+            a = _mm_add_epi8(a, _mm_load_si128((const __m128i *)(tc + (w & 255) * QPARQ_LANES)));
+            b = _mm_add_epi8(b, _mm_load_si128((const __m128i *)(tc + ((w >> 8) & 255) * QPARQ_LANES)));
+            c = _mm_add_epi8(c, _mm_load_si128((const __m128i *)(tc + ((w >> 16) & 255) * QPARQ_LANES)));
+            d = _mm_add_epi8(d, _mm_load_si128((const __m128i *)(tc + (w >> 24) * QPARQ_LANES)));
+        }
+        /* lanes whose sum is >= the threshold: max(sum, thr) == sum */
+        __m128i pa = _mm_cmpeq_epi8(_mm_max_epu8(a, t), a), pb = _mm_cmpeq_epi8(_mm_max_epu8(b, t), b);
+        __m128i pc = _mm_cmpeq_epi8(_mm_max_epu8(c, t), c), pd = _mm_cmpeq_epi8(_mm_max_epu8(d, t), d);
+        uint32_t hits = (uint32_t)_mm_movemask_epi8(_mm_or_si128(_mm_or_si128(pa, pb), _mm_or_si128(pc, pd)));
+        if (__builtin_expect((hits & mine) != 0, 0)) {   /* rare once the heaps are full */
+            uint32_t rows[4] = {(uint32_t)_mm_movemask_epi8(pa) & mine, (uint32_t)_mm_movemask_epi8(pb) & mine,
+                                (uint32_t)_mm_movemask_epi8(pc) & mine, (uint32_t)_mm_movemask_epi8(pd) & mine};
+            int live = n - first < 4 ? (int)(n - first) : 4;   /* rows past n: a last block's zero padding */
+            for (int j = 0; j < live; j++)
+                for (uint32_t bits = rows[j]; bits; bits &= bits - 1) {
+                    int q = __builtin_ctz(bits);
+                    const uint8_t *row = blocked ? col0 + j : col0 + (size_t)j * width;
+                    float s = exact_score(qs[q].pair, row, blocked ? 32 : 1, width);
+                    offer_scored(&qs[q], s, first + j, skip, has_skip, row_offset);
+                    thr[q] = qparq_threshold(&qs[q]);
+                }
+            t = _mm_loadu_si128((const __m128i *)thr);
+        }
+    }
+    if (!blocked)   /* the last n % 4 rows of row-major codes, one query at a time */
+        for (int64_t i = stop; i < n; i++)
+            for (int q = 0; q < used; q++)
+                offer_scored(&qs[q], exact_score(qs[q].pair, codes + (size_t)i * width, 1, width), i, skip, has_skip,
+                             row_offset);
+}
+
+/* Quantize the byte tables of queries qs[0, used) into tq [width][256][16] (unused lanes 0) and set their base,
+ * delta and terms; 0 when a table is not finite (no bound then: the float side-by-side pass takes the group). */
+static int qparq_tables(query_t *qs, int used, int width, uint8_t *tq, uint8_t *one) {
+    for (int q = 0; q < used; q++)
+        for (int i = 0; i < width * 256; i++)
+            if (!isfinite(qs[q].pair[i])) return 0;
+    memset(tq, 0, (size_t)width * 256 * QPARQ_LANES);
+    for (int q = 0; q < used; q++) {
+        quantize_query(qs[q].pair, width, 256, one, 256, 1, width, width, 255 / width, &qs[q].base, &qs[q].delta,
+                       &qs[q].terms);
+        for (int i = 0; i < width * 256; i++) tq[(size_t)i * QPARQ_LANES + q] = one[i];
+    }
+    return 1;
+}
+
+/*
+ * Scan every query of `qs` side by side in groups of 16, on quantized tables where it can (else on float tables, a
+ * last group of 8 or fewer in 8 lanes); SCAN_NO_MEMORY when the transposed tables cannot be had. Arguments as
+ * pq8_scan's; `blocked` as qpar_rows'.
  */
 static inline __attribute__((always_inline)) AVX2 int qpar_scan(
         query_t *qs, int nq, const uint8_t *codes, int64_t n, int width, const int blocked, const uint8_t *skip,
-        int has_skip, int64_t row_offset, int min16) {
-    /* Entries of 16 lanes are 64 bytes: on cache-line boundaries, one line each. */
-    float *tt = aligned_alloc(64, (size_t)width * 256 * QPAR_MAX_LANES * sizeof(float));
-    if (!tt) return SCAN_NO_MEMORY;
-    for (int q0 = 0; q0 < nq;) {
-        int lanes = qpar_lanes(nq - q0, min16), used = nq - q0 < lanes ? nq - q0 : lanes;
+        int has_skip, int64_t row_offset) {
+    /* Entries of 16 lanes are 16 bytes quantized, 64 bytes float: on cache-line boundaries either way. */
+    uint8_t *tq = width <= QPARQ_MAX_WIDTH ? aligned_alloc(64, (size_t)width * 256 * QPARQ_LANES) : NULL;
+    uint8_t *one = malloc((size_t)width * 256);
+    float *tt = NULL;   /* made for the first group the quantized pass cannot take */
+    int rc = SCAN_OK, quantized = 0;
+    for (int q0 = 0; q0 < nq && rc == SCAN_OK;) {
+        int used = nq - q0 < QPARQ_LANES ? nq - q0 : QPARQ_LANES;
+        if (tq && one && qparq_tables(qs + q0, used, width, tq, one)) {
+            if (width == 8)   /* the product's code: its column loop unrolled, its table offsets constants */
+                qparq_rows(qs + q0, used, tq, codes, n, 8, blocked, skip, has_skip, row_offset);
+            else
+                qparq_rows(qs + q0, used, tq, codes, n, width, blocked, skip, has_skip, row_offset);
+            q0 += used, quantized += used;
+            continue;
+        }
+        if (!tt && !(tt = aligned_alloc(64, (size_t)width * 256 * QPAR_MAX_LANES * sizeof(float)))) {
+            rc = SCAN_NO_MEMORY;
+            break;
+        }
+        int lanes = nq - q0 > 8 ? 16 : 8;
+        used = nq - q0 < lanes ? nq - q0 : lanes;
         for (int c = 0; c < width; c++)
             for (int v = 0; v < 256; v++) {
                 float *entry = tt + ((size_t)c * 256 + v) * lanes;
@@ -502,6 +637,10 @@ static inline __attribute__((always_inline)) AVX2 int qpar_scan(
         q0 += used;
     }
     free(tt);
+    free(tq);
+    free(one);
+    if (rc != SCAN_OK) return rc;
+    __atomic_fetch_add(&qparq_queries, (uint64_t)quantized, __ATOMIC_RELAXED);
     __atomic_fetch_add(&qpar_queries, (uint64_t)nq, __ATOMIC_RELAXED);
     return SCAN_OK;
 }
@@ -659,11 +798,11 @@ AVX2 int q8_scan_blocks_avx2(const uint8_t *codes, int64_t n, int32_t width, int
                              const uint8_t *nib, const double *base, const double *delta, const int32_t *terms,
                              const uint8_t *skip, int32_t has_skip, int64_t row_offset, float *heap_s,
                              int64_t *heap_r, int32_t k, int32_t stream) {
-    int side = width >= 1 && k >= 1 ? qpar_count(nq, QPAR_BLOCKS_MIN8, QPAR_BLOCKS_MIN16) : 0;
+    int side = width >= 1 && k >= 1 ? qpar_count(nq, QPAR_BLOCKS_MIN) : 0;
     if (side) {   /* a batch: its queries side by side (qpar_scan), the rest below */
         query_t *qs = float_queries(side, width, pair, heap_s, heap_r, k);
         if (!qs) return SCAN_NO_MEMORY;
-        int rc = qpar_scan(qs, side, codes, n, width, 1, skip, has_skip, row_offset, QPAR_BLOCKS_MIN16);
+        int rc = qpar_scan(qs, side, codes, n, width, 1, skip, has_skip, row_offset);
         free(qs);
         if (rc != SCAN_OK || side == nq) return rc;
         int width8 = (width + 7) / 8 * 8;
@@ -706,9 +845,9 @@ NO_TREE_VECTORIZE AVX2 int pq8_scan_avx2(const uint8_t *codes, int64_t n, int32_
     if (width < 1 || nq < 1 || k < 1) return SCAN_BAD_ARGS;
     query_t *qs = float_queries(nq, width, tables, heap_s, heap_r, k);
     if (!qs) return SCAN_NO_MEMORY;
-    int side = qpar_count(nq, QPAR_ROWS_MIN8, QPAR_ROWS_MIN16);   /* side by side; the rest in the loop below */
+    int side = qpar_count(nq, QPAR_ROWS_MIN);   /* side by side; the rest in the loop below */
     if (side) {
-        int rc = qpar_scan(qs, side, codes, n, width, 0, skip, has_skip, row_offset, QPAR_ROWS_MIN16);
+        int rc = qpar_scan(qs, side, codes, n, width, 0, skip, has_skip, row_offset);
         if (rc != SCAN_OK || side == nq) {
             free(qs);
             return rc;

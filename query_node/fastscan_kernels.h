@@ -22,6 +22,18 @@
 #endif
 
 #define FS4_MAX_CODE_BYTES 64   /* fs4_scan keeps one block's transposed byte columns on the stack */
+#define QUANTIZE_MAX_COLS 256   /* 2 x 64 nibble columns, or 64 byte columns: the kernels' widest tables */
+
+/*
+ * One query's quantized tables (every machine: query_node.fastscan.nibble_tables / byte_quant_tables, and the
+ * side-by-side 8-bit kernel). vq: float32 [cols, nv], all finite; oq: column c's nv entries at c * stride, `copies`
+ * times side by side. lo_c = min of column c, delta = max_c (max_c - lo_c) / levels (1 when 0), q = clip(floor((v -
+ * lo_c) / delta), 0, levels), base = sum_c lo_c, terms = min(row_terms + ceil(eps / delta) + 2, 2^20), eps = 4
+ * (code_bytes + 2) row_terms max|v| 2^-24 (float32 rounding of a row's sum): exact = base + delta * (sum q + F),
+ * 0 <= F < terms. float64 throughout, numpy's operations in numpy's order (base may differ in the last bit).
+ */
+void quantize_query(const float *vq, int cols, int nv, uint8_t *oq, int stride, int copies, int code_bytes,
+                    int row_terms, int levels, double *base, double *delta, int32_t *terms);
 
 /* Return codes of every kernel. */
 #define SCAN_OK 0
@@ -85,9 +97,11 @@ int q8_scan_blocks_avx2(const uint8_t *codes, int64_t n, int32_t width, int32_t 
 uint64_t q8_dense_blocks(void);
 /* Block kernel calls (either kernel, any thread) told to stream (prefetch ahead) since the module loaded. */
 uint64_t streamed_calls(void);
-/* Queries scanned side by side (qpar_scan: batches of 5 or more in q8_scan_blocks_avx2 and pq8_scan_avx2) since
- * the module loaded, once per call and thread. */
+/* Queries scanned side by side (qpar_scan: a call's groups of 16 queries, and a last group of 8 or more in
+ * q8_scan_blocks_avx2, of 3 or more in pq8_scan_avx2) since the module loaded, once per call and thread; and those of
+ * them scanned on quantized tables (qparq_rows: tables of up to 8 byte columns, all finite). */
 uint64_t query_parallel_queries(void);
+uint64_t query_parallel_quantized(void);
 int pq8_scan_avx2(const uint8_t *codes, int64_t n, int32_t width, int32_t nq, const float *tables,
                   const uint8_t *skip, int32_t has_skip, int64_t row_offset, float *heap_s, int64_t *heap_r,
                   int32_t k);

@@ -1,12 +1,13 @@
-"""A batch's queries scanned side by side (the AVX2 8-bit kernels, batches of 3-7 or more): the float answers exactly.
+"""A batch's queries scanned side by side (the AVX2 8-bit kernels, groups of 16): the float answers exactly.
 
-One code byte selects every query's table entry at once (tables transposed to [byte column][256][4, 8 or 16
-lanes]); each lane sums the columns in order from 0.0f, as the single-query kernels do, so answers must equal the
-numba reference row for row and score for score, ties included, for any batch size (groups of 16 and 8 lanes,
-padded; the queries too few to fill a group's lanes on the one-query kernels), code width, k, skip mask, segment
-boundary, zero-padded last block and thread count. The kernels' counter shows how many queries of a call took the
-path: a group of 8 lanes from 7 queries on 32-row blocks (from 3 on row-major codes, whose one-query kernel is
-slower), one of 16 from 12 (10). The AVX2 kernels are forced, so these run on AVX-512 CPUs too.
+One code byte selects every query's table entry at once (tables transposed to [byte column][256][lanes]): 16
+lanes of quantized byte tables (up to 8 byte columns, finite tables), re-scoring exactly every row whose quantized
+sum reaches a query's bound; else 8 or 16 lanes of float tables, each lane summing the columns in order from 0.0f
+as the single-query kernels do. Answers must equal the numba reference row for row and score for score, ties
+included, for any batch size (a call's rest past a multiple of 16 on the one-query kernels when too few to pay for a
+pass), code width, k, skip mask, segment boundary, zero-padded last block and thread count. The kernels' counters
+show how many queries of a call took the path, and how many of them on quantized tables. The AVX2 kernels are
+forced, so these run on AVX-512 CPUs too.
 """
 import numpy as np
 import pytest
@@ -42,11 +43,11 @@ def _assert_same(native, reference, what):
     np.testing.assert_array_equal(ns, fs, err_msg=what)
 
 
-@pytest.mark.parametrize("nq", [7, 8, 9, 12, 16, 17, 20, 23, 28, 37, 40])
+@pytest.mark.parametrize("nq", [8, 9, 12, 16, 17, 20, 24, 28, 37, 40])
 @pytest.mark.parametrize("kind", ["pq", "logprob", "random", "ties"])
 def test_blocks_of_any_batch_size_give_the_float_answers(nq, kind, avx2):
     rng = np.random.default_rng(nq * 7 + len(kind))
-    for width in (1, 3, 4, 6, 8, 16):
+    for width in (1, 3, 4, 6, 8, 16, 24):   # (more than 8 columns: float tables of 8 and 16 lanes)
         native, reference, scanned, k = _scan_both(rng, nq, width, kind, "blocks")
         _assert_same(native, reference, f"{kind} nq={nq} width={width} k={k}")
         assert scanned > 0, f"nq={nq} width={width}: the side-by-side path did not run"
@@ -64,30 +65,34 @@ def test_row_major_8_byte_codes_of_any_batch_size_give_the_float_answers(nq, kin
         assert scanned > 0
 
 
-# Queries of a call scanned side by side, by call size: every full group of 16; of the rest r, all in a group of
-# 16 from min16, 8 in a group of 8 from min8 (the others on the one-query kernel), none below min8. Blocks: min8 7,
-# min16 12; row-major: 3 and 10 (fastscan_kernels.c, QPAR_*: what a group costs against one-query scans).
+# Queries of a call scanned side by side, by call size: every full group of 16, and the rest too from 8 queries on
+# 32-row blocks, from 3 on row-major codes (fastscan_kernels.c, QPAR_BLOCKS_MIN / QPAR_ROWS_MIN: what a pass costs
+# against one-query scans).
 SIDE_BY_SIDE = {
-    "blocks": {1: 0, 4: 0, 6: 0, 7: 7, 8: 8, 9: 8, 11: 8, 12: 12, 16: 16, 17: 16, 22: 16, 23: 23, 25: 24, 27: 24,
-               28: 28, 33: 32, 38: 32, 39: 39},
-    "rows": {1: 0, 2: 0, 3: 3, 8: 8, 9: 8, 10: 10, 16: 16, 18: 16, 19: 19, 25: 24, 26: 26},
+    "blocks": {1: 0, 4: 0, 7: 0, 8: 8, 9: 9, 15: 15, 16: 16, 17: 16, 23: 16, 24: 24, 33: 32, 40: 40},
+    "rows": {1: 0, 2: 0, 3: 3, 8: 8, 16: 16, 17: 16, 18: 16, 19: 19, 34: 32, 35: 35},
 }
 
 
+def _counters():
+    return fastscan.query_parallel_queries(), fastscan.query_parallel_quantized()
+
+
 @pytest.mark.parametrize("layout", sorted(SIDE_BY_SIDE))
-def test_a_call_scans_side_by_side_exactly_the_queries_a_group_pays_for(layout, avx2):
+def test_a_call_scans_side_by_side_exactly_the_queries_a_pass_pays_for(layout, avx2):
     rng = np.random.default_rng(3)
     codes = rng.integers(0, 256, size=(1001, 8), dtype=np.uint8)
     for nq, expected in SIDE_BY_SIDE[layout].items():
         kk, luts = tables_of(rng, "pq", nq, 8)
         tables = scan_tables(luts, False, 8)
         native, reference = TopKHeap(nq, 20, native=True), TopKHeap(nq, 20, native=False)
-        before = fastscan.query_parallel_queries()
+        before = _counters()
         native.scan(CodeBlocks.of(codes) if layout == "blocks" else codes, tables)
-        scanned = fastscan.query_parallel_queries() - before
+        scanned, quantized = (b - a for a, b in zip(before, _counters()))
         reference.scan(codes, tables.byte)
         _assert_same(native, reference, f"{layout} nq={nq}")
         assert scanned == expected, f"{layout}: {scanned} of {nq} queries side by side, not {expected}"
+        assert quantized == expected, f"{layout}: {quantized} of {nq} queries on quantized tables, not {expected}"
 
 
 def test_split_over_threads_many_rows_every_row_tied(avx2):
@@ -103,7 +108,7 @@ def test_split_over_threads_many_rows_every_row_tied(avx2):
         reference = TopKHeap(20, 100, native=False)
         reference.scan(codes, tables.byte, skip)
         for threads in (1, 3):
-            for layout, side in ((CodeBlocks.of(codes), 16), (codes, 20)):
+            for layout, side in ((CodeBlocks.of(codes), 16), (codes, 20)):   # (row-major: 16 and 4)
                 heap = TopKHeap(20, 100, threads=threads)
                 before = fastscan.query_parallel_queries()
                 heap.scan(layout, tables, skip)
@@ -113,15 +118,20 @@ def test_split_over_threads_many_rows_every_row_tied(avx2):
 
 def test_non_finite_tables_on_row_major_codes_give_the_float_answers(avx2):
     """-inf entries (a codeword no query may match) and NaN: no bound tables, so the fused float kernel scans
-    them, and -inf sums and NaN sums must be kept or left out exactly as the reference does."""
+    them, and -inf sums and NaN sums must be kept or left out exactly as the reference does. A group of 16 with one
+    non-finite table goes on float tables; the next, all finite, on quantized ones."""
     rng = np.random.default_rng(9)
-    luts = rng.standard_normal((6, 8, 256)).astype(np.float32)
+    luts = rng.standard_normal((22, 8, 256)).astype(np.float32)
     luts[:, 2, :40] = -np.inf
     luts[1, 5, 7] = np.nan
     luts[4] = -np.inf   # every score -inf: the first k rows
+    luts[16:] = rng.standard_normal((6, 8, 256))   # the second group: finite
     codes = rng.integers(0, 256, size=(2001, 8), dtype=np.uint8)
     tables = scan_tables(luts, False, 8)
-    native, reference = TopKHeap(6, 50, native=True), TopKHeap(6, 50, native=False)
+    native, reference = TopKHeap(22, 50, native=True), TopKHeap(22, 50, native=False)
+    before = _counters()
     native.scan(codes, tables)
+    scanned, quantized = (b - a for a, b in zip(before, _counters()))
     reference.scan(codes, tables.byte)
     _assert_same(native, reference, "non-finite")
+    assert (scanned, quantized) == (22, 6)
