@@ -409,6 +409,33 @@ static inline int qpar_count(int nq, int min) {
     return rest >= min ? nq : nq - rest;
 }
 
+/* Byte 0 of row `first` (a multiple of 4) and of the 3 rows after it: in a 32-row block (`blocked`, the rows' byte c
+ * then 32 * c further, the 4 rows side by side) or row-major. */
+static inline const uint8_t *qpar_first_byte(const uint8_t *codes, int64_t first, int width, const int blocked) {
+    return blocked ? codes + (size_t)(first & ~(int64_t)31) * width + (first & 31) : codes + (size_t)first * width;
+}
+
+/* Byte c of the 4 rows at col0 (qpar_first_byte), row j's in bits 8j..8j+7. */
+static inline uint32_t qpar_column(const uint8_t *col0, int c, int width, const int blocked) {
+    uint32_t w;
+    if (blocked) {
+        memcpy(&w, col0 + (size_t)c * 32, 4);
+    } else {
+        const uint8_t *r = col0 + c;
+        w = (uint32_t)r[0] | (uint32_t)r[width] << 8 | (uint32_t)r[2 * width] << 16 | (uint32_t)r[3 * width] << 24;
+    }
+    return w;
+}
+
+/* Rows [stop, n) of row-major codes (fewer than 4, past the side-by-side groups), one query at a time. */
+static inline void qpar_tail(query_t *qs, int used, const uint8_t *codes, int64_t stop, int64_t n, int width,
+                             const uint8_t *skip, int has_skip, int64_t row_offset) {
+    for (int64_t i = stop; i < n; i++)
+        for (int q = 0; q < used; q++)
+            offer_scored(&qs[q], exact_score(qs[q].pair, codes + (size_t)i * width, 1, width), i, skip, has_skip,
+                         row_offset);
+}
+
 /* Offer the (row, query) pairs of a 4-row group whose bit is set in rows[j] (row first + j, query bit q) to the
  * queries' heaps, sums [4][16] their scores; thr follows each heap's k-th best. */
 static inline AVX2 void qpar_offer(query_t *qs, float *thr, const float *sums, const uint32_t *rows, int64_t first,
@@ -441,18 +468,10 @@ static inline __attribute__((always_inline)) AVX2 void qpar_rows(
     /* blocks: every 4 rows of every block, its zero padding too (never offered); row-major: whole groups of 4 */
     int64_t stop = blocked ? (n + 31) / 32 * 32 : n / 4 * 4;
     for (int64_t first = 0; first < stop; first += 4) {
-        const uint8_t *col0 = blocked ? codes + (size_t)(first & ~(int64_t)31) * width + (first & 31)
-                                      : codes + (size_t)first * width;
+        const uint8_t *col0 = qpar_first_byte(codes, first, width, blocked);
         __m256 a0 = _mm256_setzero_ps(), b0 = a0, c0 = a0, d0 = a0, a1 = a0, b1 = a0, c1 = a0, d1 = a0;
         for (int c = 0; c < width; c++) {
-            uint32_t w;
-            if (blocked) {
-                memcpy(&w, col0 + (size_t)c * 32, 4);
-            } else {
-                const uint8_t *r = col0 + c;
-                w = (uint32_t)r[0] | (uint32_t)r[width] << 8 | (uint32_t)r[2 * width] << 16 |
-                    (uint32_t)r[3 * width] << 24;
-            }
+            uint32_t w = qpar_column(col0, c, width, blocked);
             const float *t = tt + (size_t)c * 256 * lanes;
             const float *p0 = t + (w & 255) * lanes, *p1 = t + ((w >> 8) & 255) * lanes;
             const float *p2 = t + ((w >> 16) & 255) * lanes, *p3 = t + (w >> 24) * lanes;
@@ -501,10 +520,7 @@ static inline __attribute__((always_inline)) AVX2 void qpar_rows(
         }
     }
     if (!blocked)   /* the last n % 4 rows of row-major codes, one query at a time */
-        for (int64_t i = stop; i < n; i++)
-            for (int q = 0; q < used; q++)
-                offer_scored(&qs[q], exact_score(qs[q].pair, codes + (size_t)i * width, 1, width), i, skip, has_skip,
-                             row_offset);
+        qpar_tail(qs, used, codes, stop, n, width, skip, has_skip, row_offset);
 }
 
 /*
@@ -537,18 +553,10 @@ static inline __attribute__((always_inline)) AVX2 void qparq_rows(
     __m128i t = _mm_loadu_si128((const __m128i *)thr);
     int64_t stop = blocked ? (n + 31) / 32 * 32 : n / 4 * 4;
     for (int64_t first = 0; first < stop; first += 4) {
-        const uint8_t *col0 = blocked ? codes + (size_t)(first & ~(int64_t)31) * width + (first & 31)
-                                      : codes + (size_t)first * width;
+        const uint8_t *col0 = qpar_first_byte(codes, first, width, blocked);
         __m128i a = _mm_setzero_si128(), b = a, c = a, d = a;
         for (int col = 0; col < width; col++) {
-            uint32_t w;
-            if (blocked) {
-                memcpy(&w, col0 + (size_t)col * 32, 4);
-            } else {
-                const uint8_t *r = col0 + col;
-                w = (uint32_t)r[0] | (uint32_t)r[width] << 8 | (uint32_t)r[2 * width] << 16 |
-                    (uint32_t)r[3 * width] << 24;
-            }
+            uint32_t w = qpar_column(col0, col, width, blocked);
             const uint8_t *tc = tq + (size_t)col * 256 * QPARQ_LANES;
             a = _mm_add_epi8(a, _mm_load_si128((const __m128i *)(tc + (w & 255) * QPARQ_LANES)));
             b = _mm_add_epi8(b, _mm_load_si128((const __m128i *)(tc + ((w >> 8) & 255) * QPARQ_LANES)));
@@ -575,10 +583,7 @@ static inline __attribute__((always_inline)) AVX2 void qparq_rows(
         }
     }
     if (!blocked)   /* the last n % 4 rows of row-major codes, one query at a time */
-        for (int64_t i = stop; i < n; i++)
-            for (int q = 0; q < used; q++)
-                offer_scored(&qs[q], exact_score(qs[q].pair, codes + (size_t)i * width, 1, width), i, skip, has_skip,
-                             row_offset);
+        qpar_tail(qs, used, codes, stop, n, width, skip, has_skip, row_offset);
 }
 
 /* Quantize the byte tables of queries qs[0, used) into tq [width][256][16] (unused lanes 0) and set their base,
