@@ -163,7 +163,7 @@ def dense_blocks() -> int:
 
 
 def query_parallel_queries() -> int:
-    """Queries of batches the AVX2 8-bit kernels scanned side by side (a call's groups of 8 and 16 lanes, one code
+    """Queries of batches the AVX2 8-bit kernels scanned side by side (a call's groups of up to 16 queries, one code
     byte selecting every query's table entry; fastscan_kernels.c qpar_count) since the extension loaded, once per
     call and thread: which path ran."""
     return _native().counters()["query_parallel_queries"]

@@ -98,7 +98,7 @@ def test_a_call_scans_side_by_side_exactly_the_queries_a_pass_pays_for(layout, a
 def test_split_over_threads_many_rows_every_row_tied(avx2):
     """Rows split over threads (runs of >= 65,536), each thread's heaps merged: the one-thread answer. With every
     score equal the lowest rows must win, across threads and across the batch's lane groups. Of 20 queries on blocks,
-    16 go side by side and 4 to the one-query kernel; on row-major codes all 20 (a group of 16 and one of 8)."""
+    16 go side by side and 4 to the one-query kernel; on row-major codes all 20 (groups of 16 and 4)."""
     rng = np.random.default_rng(5)
     n = 3 * 65536 + 777
     codes = rng.integers(0, 256, size=(n, 8), dtype=np.uint8)
@@ -108,7 +108,7 @@ def test_split_over_threads_many_rows_every_row_tied(avx2):
         reference = TopKHeap(20, 100, native=False)
         reference.scan(codes, tables.byte, skip)
         for threads in (1, 3):
-            for layout, side in ((CodeBlocks.of(codes), 16), (codes, 20)):   # (row-major: 16 and 4)
+            for layout, side in ((CodeBlocks.of(codes), 16), (codes, 20)):
                 heap = TopKHeap(20, 100, threads=threads)
                 before = fastscan.query_parallel_queries()
                 heap.scan(layout, tables, skip)
