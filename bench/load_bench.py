@@ -24,7 +24,7 @@ measures Python gRPC's own floor in the same shape (bench/grpc_floor.py): what n
 inside facepq can remove on this machine.
 
 Run: python bench/load_bench.py --model model.pt [--rows 200000] [--clients 8] [--seconds 20] [--reloads 50]
-     [--overhead 300]
+     [--overhead 300] [--compare-batching [--rounds 3]]
 (the index is random codes with the model's fingerprint, built in a temporary folder unless --index is given;
 an --index path that does not exist yet is built there and kept, to be reused by later runs)
 """
@@ -496,10 +496,23 @@ def soak(cluster: Cluster, reloads: int, timeout: float = 30.0, on_reload=None) 
 # ---------------------------------------------------------------- main
 
 
-def compare_batching(model: str, index: str, clients: int, seconds: float, top_k: int) -> tuple[float, float]:
-    """Batching off, then on (the default), in the same run: nodes-direct load on nodes started with
-    --batch-window-ms 0 and without it; then load through a coordinator started with --batch-window-ms 0
-    and without it (its nodes batching). Returns (node ratio, coordinator ratio), on / off."""
+def paired_ratio(on: list[float], off: list[float]) -> tuple[float, list[float]]:
+    """The median of per-round ratios on / off (each round's two runs back to back), and the ratios.
+
+    This machine's speed drifts by up to 2x within minutes; a ratio of two runs minutes apart measures the drift,
+    one of adjacent runs much less of it, and the median drops a round that a slow spell split."""
+    if len(on) != len(off) or not on:
+        raise ValueError(f"need as many runs with as without, at least one: got {len(on)} and {len(off)}")
+    ratios = [a / b if b else float("nan") for a, b in zip(on, off)]
+    return float(np.median(ratios)), ratios
+
+
+def compare_batching(model: str, index: str, clients: int, seconds: float, top_k: int,
+                     rounds: int = 1) -> tuple[float, float]:
+    """Batching off, then on (the default), `rounds` times in alternation: nodes-direct load on nodes started with
+    --batch-window-ms 0 and without it; then load through a coordinator started with --batch-window-ms 0 and
+    without it (its nodes batching). Returns (node ratio, coordinator ratio), on / off, each the median over the
+    rounds (paired_ratio)."""
     from opqn_model.api import FaceEncoder
 
     dim = FaceEncoder.load(model).embedding_dim
@@ -508,25 +521,31 @@ def compare_batching(model: str, index: str, clients: int, seconds: float, top_k
             ("nodes direct, node batching on", {}, "node"),
             ("coordinator, fan-out batching off", dict(coordinator_args=off), "coordinator"),
             ("coordinator, fan-out batching on", {}, "coordinator"))
-    results = {}
-    for name, cluster_args, path in runs:
-        cluster = start_cluster(model, index, **cluster_args)
-        try:
-            results[name] = node_load(cluster, model, clients, seconds, top_k) if path == "node" else \
-                coordinator_load(cluster, dim, clients, seconds, top_k)
-        finally:
-            cluster.close()
-    print(f"{'batching':36s} {'clients':>7} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}  ({load_avg()})")
-    for name, r in results.items():
-        print(f"{name:36s} {clients:>7} {r.qps:>9.1f} {r.pct(50):>8.2f} {r.pct(99):>8.2f} {r.errors:>7}")
+    results: dict[str, list] = {name: [] for name, _, _ in runs}
+    for _ in range(rounds):
+        for name, cluster_args, path in runs:
+            cluster = start_cluster(model, index, **cluster_args)
+            try:
+                results[name].append(node_load(cluster, model, clients, seconds, top_k) if path == "node" else
+                                     coordinator_load(cluster, dim, clients, seconds, top_k))
+            finally:
+                cluster.close()
+    print(f"{'batching':36s} {'round':>5} {'clients':>7} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}  "
+          f"({load_avg()})")
+    for i in range(rounds):
+        for name, per_round in results.items():
+            r = per_round[i]
+            print(f"{name:36s} {i + 1:>5} {clients:>7} {r.qps:>9.1f} {r.pct(50):>8.2f} {r.pct(99):>8.2f} "
+                  f"{r.errors:>7}")
 
-    def ratio(on: str, off: str) -> float:
-        return results[on].qps / results[off].qps if results[off].qps else float("nan")
+    def ratio(on: str, off: str) -> tuple[float, list[float]]:
+        return paired_ratio([r.qps for r in results[on]], [r.qps for r in results[off]])
 
-    node = ratio("nodes direct, node batching on", "nodes direct, node batching off")
-    coordinator = ratio("coordinator, fan-out batching on", "coordinator, fan-out batching off")
-    print(f"node throughput with batching = {node:.2f} x without (target >= 1.5)")
-    print(f"coordinator throughput with fan-out batching = {coordinator:.2f} x without")
+    node, node_rounds = ratio("nodes direct, node batching on", "nodes direct, node batching off")
+    coordinator, coordinator_rounds = ratio("coordinator, fan-out batching on", "coordinator, fan-out batching off")
+    each = (lambda xs: "" if len(xs) < 2 else " (rounds: " + ", ".join(f"{x:.2f}" for x in xs) + ")")
+    print(f"node throughput with batching = {node:.2f} x without{each(node_rounds)} (target >= 1.5)")
+    print(f"coordinator throughput with fan-out batching = {coordinator:.2f} x without{each(coordinator_rounds)}")
     return node, coordinator
 
 
@@ -545,9 +564,14 @@ def main(argv=None) -> int:
     ap.add_argument("--compare-batching", action="store_true",
                     help="also run the nodes-direct load and the coordinator load with batching off "
                          "(--batch-window-ms 0) and on, and print throughput with batching / without for each")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="with --compare-batching: alternate off and on this many times and print the median of "
+                         "the rounds' ratios (default %(default)s)")
     ap.add_argument("--overhead", type=int, default=0, metavar="N",
                     help="N sequential searches timed as bare kernel / nodes direct / coordinator (0 = skip)")
     args = ap.parse_args(argv)
+    if args.rounds < 1:
+        ap.error(f"--rounds must be at least 1, got {args.rounds}")
     logging.basicConfig(level=logging.WARNING)
     from opqn_model.api import FaceEncoder
 
@@ -560,7 +584,7 @@ def main(argv=None) -> int:
             build_random_index(args.model, index, args.rows)
             print(f"built in {time.monotonic() - t0:.0f} s", flush=True)
         if args.compare_batching and args.seconds > 0:
-            compare_batching(args.model, index, args.clients, args.seconds, args.top_k)
+            compare_batching(args.model, index, args.clients, args.seconds, args.top_k, args.rounds)
         cluster = start_cluster(args.model, index)
         try:
             print(f"machine: {os.cpu_count()} CPUs; cluster: 2 nodes + coordinator on loopback; index {index}; "

@@ -128,3 +128,26 @@ def test_cpu_per_request_counts_each_process_and_the_client_by_its_own_work():
     # the waiting process next to nothing
     assert cpu["burner"] >= 35.0 and cpu["sleeper"] < 5.0, cpu
     assert cpu["client"] < cpu["burner"], cpu   # the client only waited on a pipe
+
+
+def test_paired_ratio_is_the_median_of_each_rounds_own_ratio():
+    """`--compare-batching --rounds N`: each round's on/off runs are adjacent, so the ratio is taken per round and
+    the median kept; a round split by a slow spell (here the third: 2x slower with batching on) does not move it,
+    where the ratio of the summed throughputs would."""
+    from bench.load_bench import paired_ratio
+
+    median, ratios = paired_ratio([150.0, 300.0, 60.0], [100.0, 200.0, 120.0])
+    assert ratios == [1.5, 1.5, 0.5] and median == 1.5
+    assert paired_ratio([90.0], [100.0]) == (0.9, [0.9])
+    for on, off in (([1.0], [1.0, 2.0]), ([], [])):
+        with pytest.raises(ValueError, match="as many runs"):
+            paired_ratio(on, off)
+
+
+def test_bench_load_refuses_fewer_than_one_round(capsys):
+    from bench import load_bench
+
+    with pytest.raises(SystemExit) as stop:
+        load_bench.main(["--model", "unused.pt", "--compare-batching", "--rounds", "0"])
+    assert stop.value.code == 2
+    assert "--rounds must be at least 1, got 0" in capsys.readouterr().err
