@@ -543,7 +543,10 @@ def compare_batching(model: str, index: str, clients: int, seconds: float, top_k
 
     node, node_rounds = ratio("nodes direct, node batching on", "nodes direct, node batching off")
     coordinator, coordinator_rounds = ratio("coordinator, fan-out batching on", "coordinator, fan-out batching off")
-    each = (lambda xs: "" if len(xs) < 2 else " (rounds: " + ", ".join(f"{x:.2f}" for x in xs) + ")")
+
+    def each(ratios: list[float]) -> str:
+        return "" if len(ratios) < 2 else " (rounds: " + ", ".join(f"{x:.2f}" for x in ratios) + ")"
+
     print(f"node throughput with batching = {node:.2f} x without{each(node_rounds)} (target >= 1.5)")
     print(f"coordinator throughput with fan-out batching = {coordinator:.2f} x without{each(coordinator_rounds)}")
     return node, coordinator

@@ -83,7 +83,7 @@ def test_a_call_scans_side_by_side_exactly_the_queries_a_pass_pays_for(layout, a
     rng = np.random.default_rng(3)
     codes = rng.integers(0, 256, size=(1001, 8), dtype=np.uint8)
     for nq, expected in SIDE_BY_SIDE[layout].items():
-        kk, luts = tables_of(rng, "pq", nq, 8)
+        _, luts = tables_of(rng, "pq", nq, 8)
         tables = scan_tables(luts, False, 8)
         native, reference = TopKHeap(nq, 20, native=True), TopKHeap(nq, 20, native=False)
         before = _counters()
