@@ -611,7 +611,7 @@ static inline __attribute__((always_inline)) AVX2 int qpar_scan(
         int has_skip, int64_t row_offset) {
     /* Entries of 16 lanes are 16 bytes quantized, 64 bytes float: on cache-line boundaries either way. */
     uint8_t *tq = width <= QPARQ_MAX_WIDTH ? aligned_alloc(64, (size_t)width * 256 * QPARQ_LANES) : NULL;
-    uint8_t *one = malloc((size_t)width * 256);
+    uint8_t *one = tq ? malloc((size_t)width * 256) : NULL;   /* one query's quantized tables, then transposed */
     float *tt = NULL;   /* made for the first group the quantized pass cannot take */
     int rc = SCAN_OK, quantized = 0;
     for (int q0 = 0; q0 < nq && rc == SCAN_OK;) {
