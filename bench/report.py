@@ -102,9 +102,10 @@ def read_bound(nbytes: int, repeats: int = 3) -> float:
     return best
 
 
-def section_scan(out: pathlib.Path, sizes: list[int], queries: int, repeats: int) -> list[str]:
+def section_scan(out: pathlib.Path, sizes: list[int], queries: int, repeats: int,
+                 train_iterations: int) -> list[str]:
     scan = importlib.import_module("bench.scan_bench")
-    rows = scan.run(sizes, k=100, queries=queries, repeats=repeats, log=log.info)
+    rows = scan.run(sizes, k=100, queries=queries, repeats=repeats, log=log.info, train_iterations=train_iterations)
     code_bytes = {name: m * nbits // 8 for name, m, nbits, _ in scan.CONFIGS}
     bound = {(n, b): n / read_bound(n * b) for n in sizes for b in set(code_bytes.values())}
     plt = _figure()
@@ -301,9 +302,11 @@ def build_report(out: pathlib.Path, small: bool, data: str | None, skip: set[str
             return model
 
         plan = {
-            # --small: one size and one round of ingest runs (the sections and their ratios are the same)
+            # --small: one size, codebooks of 5 k-means iterations and one round of ingest runs (the sections and
+            # their ratios are the same)
             "scan": lambda: section_scan(out, [100_000] if small else [1_000_000, 3_000_000],
-                                         1 if small else 3, 2 if small else 3),
+                                         1 if small else 3, 2 if small else 3,
+                                         5 if small else importlib.import_module("bench.scan_bench").TRAIN_ITERATIONS),
             "quality": lambda: section_quality(out, work, data, small),
             "latency": lambda: section_latency(out, work, need_model(), 20_000 if small else 1_000_000,
                                                [1, 2] if small else [1, 2, 4, 8], 2.0 if small else 10.0),

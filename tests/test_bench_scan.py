@@ -13,7 +13,8 @@ pytestmark = pytest.mark.timeout(300)
 @pytest.mark.parametrize("simd", [None, "avx2"])
 def test_bench_scan_runs_every_configuration_and_checks_it_against_the_reference(simd):
     pytest.importorskip("faiss", reason="the scan benchmark compares with FAISS (faiss-cpu, a dependency)")
-    args = ["bench", "scan", "--sizes", "20000", "--queries", "2", "--repeats", "2", "--batch", "4"]
+    args = ["bench", "scan", "--sizes", "20000", "--queries", "2", "--repeats", "2", "--batch", "4",
+            "--train-iterations", "5"]
     done = run_cli(*args, *(["--simd", simd] if simd else []))
     assert done.returncode == 0, done.stderr[-2000:]
     out = done.stdout
@@ -23,6 +24,12 @@ def test_bench_scan_runs_every_configuration_and_checks_it_against_the_reference
     assert "matches reference: False" not in out
     if simd == "avx2" and "4-bit kernel: avx2" in out:   # where the native kernels run: the node's layout
         assert "on 32-row blocks" in out
+
+
+def test_bench_scan_refuses_a_training_of_no_iterations_in_one_line():
+    done = run_cli("bench", "scan", "--sizes", "20000", "--train-iterations", "0")
+    assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
+    assert "--train-iterations must be >= 1, got 0" in done.stderr and "Traceback" not in done.stderr, done.stderr
 
 
 def test_bench_popcount_runs_every_variant_against_faiss():
