@@ -124,7 +124,7 @@ def fault_run(face_cluster, multihost_ingest, tiny_model, tmp_path_factory) -> F
     from tests.multihost.workload import Workload, enrolment_photos
 
     cluster = face_cluster
-    plan = schedule(cluster, SEED, extra=0)  # every kind once: two repeats drawn at random added ~20 s, no check
+    plan = schedule(cluster, SEED, extra=0)  # every kind once: two repeats drawn at random added ~16 s, no check
     say(f"fault schedule (seed {SEED}; hosts: " + ", ".join(f"{h.name} {h.ip}" for h in cluster.net.hosts.values())
         + ")")
     for i, p in enumerate(plan, 1):
