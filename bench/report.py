@@ -102,12 +102,11 @@ def read_bound(nbytes: int, repeats: int = 3) -> float:
     return best
 
 
-def section_scan(out: pathlib.Path, sizes: list[int], queries: int, repeats: int,
-                 train_iterations: int | None = None) -> list[str]:
-    """`train_iterations`: of FAISS's codebook training (None: the scan benchmark's default)."""
+def section_scan(out: pathlib.Path, sizes: list[int], queries: int, repeats: int, quick: bool = False) -> list[str]:
+    """`quick`: FAISS's codebooks trained with the scan benchmark's QUICK_TRAIN_ITERATIONS (--small)."""
     scan = importlib.import_module("bench.scan_bench")
     rows = scan.run(sizes, k=100, queries=queries, repeats=repeats, log=log.info,
-                    train_iterations=train_iterations or scan.TRAIN_ITERATIONS)
+                    train_iterations=scan.QUICK_TRAIN_ITERATIONS if quick else scan.TRAIN_ITERATIONS)
     code_bytes = {name: m * nbits // 8 for name, m, nbits, _ in scan.CONFIGS}
     bound = {(n, b): n / read_bound(n * b) for n in sizes for b in set(code_bytes.values())}
     plt = _figure()
@@ -304,10 +303,10 @@ def build_report(out: pathlib.Path, small: bool, data: str | None, skip: set[str
             return model
 
         plan = {
-            # --small: one size, codebooks of 5 k-means iterations and one round of ingest runs (the sections and
-            # their ratios are the same)
+            # --small: one size, quickly trained codebooks and one round of ingest runs (the sections and their
+            # ratios are the same)
             "scan": lambda: section_scan(out, [100_000] if small else [1_000_000, 3_000_000],
-                                         1 if small else 3, 2 if small else 3, 5 if small else None),
+                                         1 if small else 3, 2 if small else 3, quick=small),
             "quality": lambda: section_quality(out, work, data, small),
             "latency": lambda: section_latency(out, work, need_model(), 20_000 if small else 1_000_000,
                                                [1, 2] if small else [1, 2, 4, 8], 2.0 if small else 10.0),

@@ -25,9 +25,10 @@ from dataclasses import dataclass
 import numpy as np
 
 # FAISS's default k-means iterations for the codebooks both sides score with; the codes are random, so the
-# codebooks only shape the lookup tables, and CI-sized runs take fewer (5: a 100K-code run of the three
-# configurations took 6.8 s instead of 14.9, most of it the training).
+# codebooks only shape the lookup tables, and CI-sized runs (the report's --small, the suite) take
+# QUICK_TRAIN_ITERATIONS: a 100K-code run of the three configurations took 6.8 s instead of 14.9, most of it training.
 TRAIN_ITERATIONS = 25
+QUICK_TRAIN_ITERATIONS = 5
 
 CONFIGS = [  # (name, M, nbits, faiss index kind)
     ("8-bit M=8 K=256", 8, 8, "pq"),

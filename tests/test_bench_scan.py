@@ -5,6 +5,7 @@ that each configuration ran, named the kernel and code layout it used, and match
 """
 import pytest
 
+from bench.scan_bench import QUICK_TRAIN_ITERATIONS
 from tests.support.processes import run_cli
 
 pytestmark = pytest.mark.timeout(300)
@@ -14,7 +15,7 @@ pytestmark = pytest.mark.timeout(300)
 def test_bench_scan_runs_every_configuration_and_checks_it_against_the_reference(simd):
     pytest.importorskip("faiss", reason="the scan benchmark compares with FAISS (faiss-cpu, a dependency)")
     args = ["bench", "scan", "--sizes", "20000", "--queries", "2", "--repeats", "2", "--batch", "4",
-            "--train-iterations", "5"]
+            "--train-iterations", str(QUICK_TRAIN_ITERATIONS)]
     done = run_cli(*args, *(["--simd", simd] if simd else []))
     assert done.returncode == 0, done.stderr[-2000:]
     out = done.stdout
