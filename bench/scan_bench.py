@@ -206,12 +206,13 @@ def run(sizes: list[int], k: int = 100, queries: int = 3, repeats: int = 3, seed
 
     if simd and fastscan.available():
         fastscan.use_simd(simd)
-    layout = "32-row blocks (query_node.code_blocks)" if fastscan.blocks_preferred() else "row-major"
+    layout = "32-row blocks of codes (query_node.code_blocks)" if fastscan.blocks_preferred() else "row-major codes"
     if fastscan.blocks_preferred():
         layout += (f", prefetched ahead for one query over more than {fastscan.last_level_cache_bytes() >> 20} MiB "
-                   f"(the last-level cache)")
+                   f"(the last-level cache), and over {fastscan.LEARN_MIN_BYTES >> 20} MiB to that where its own "
+                   f"calls ran faster so (fastscan.StreamLearner, below)")
     log(f"scan benchmark: one thread, top-{k}, {queries} queries x best of {repeats}; "
-        f"4-bit kernel: {fastscan.status()} on {layout} codes; 8-bit kernel: {fastscan.status8()} "
+        f"4-bit kernel: {fastscan.status()} on {layout}; 8-bit kernel: {fastscan.status8()} "
         f"(8-bit codebooks numbered in nibble order, facepq_core.nibble_order); "
         f"FAISS: {faiss_simd(simd)}")
     rows = []
@@ -224,6 +225,11 @@ def run(sizes: list[int], k: int = 100, queries: int = 3, repeats: int = 3, seed
         target = TARGET_8BIT if "8-bit" in r.config else TARGET_4BIT
         verdict = "meets" if r.ratio >= target else "MISSES"
         log(f"  {r.config:18s} N={r.n:>10,d}  {r.ratio:5.2f}x vs {r.faiss_name} ({verdict} target {target:.2f}x)")
+    for (kernel, size), (without, with_) in sorted(fastscan.stream_learner.costs().items()):
+        if without is not None and with_ is not None:
+            log(f"prefetch learned for one-query {kernel} scans of {(1 << (size - 1)) / 2**20:g}-"
+                f"{(1 << size) / 2**20:g} MiB: {'on' if with_ < without else 'off'} ({with_ * 1e9:.3f} ns a byte with, "
+                f"{without * 1e9:.3f} without; moving averages of this run's calls)")
     return rows
 
 

@@ -35,6 +35,9 @@ import importlib
 import logging
 import os
 import platform
+import threading
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -137,17 +140,88 @@ def last_level_cache_bytes() -> int:
     return max(sizes, default=DEFAULT_CACHE_BYTES)
 
 
-def streams(queries: int, code_bytes: int) -> bool:
+# Below this a one-query scan never prefetches: its codes stay in the core's own caches, and a call (~0.1 ms) is too
+# short to time against the other choice.
+LEARN_MIN_BYTES = 2 << 20
+
+
+def streams(queries: int, code_bytes: int, kernel: str | None = None) -> bool:
     """Whether a block kernel should prefetch ahead (its `stream` argument) for a call of `queries` queries on
     a scan that covers `code_bytes` bytes of codes in all (`scan.scan_segments`: every segment it is given,
-    i.e. a shard's, not one call's).
+    i.e. a shard's, not one call's). Scans take it through `stream_choice`, which times them.
 
     A single query over more codes than the last-level cache holds reads them from memory as fast as a core
-    can: prefetching 16 blocks ahead took 10M 4-bit codes from 5.0 to 4.0 ms (AVX2-only EPYC). Codes the
-    cache holds, or several queries per pass (bound by the lookups), only pay for the prefetches
-    (1M: 0.41 -> 0.44 ms; 16 queries on 10M: 2.9 -> 3.1 ms per query).
+    can: prefetching 16 blocks ahead took 10M 4-bit codes from 5.0 to 4.0 ms (AVX2-only EPYC). Several queries
+    per pass (bound by the lookups) only pay for the prefetches (16 queries on 10M: 2.9 -> 3.1 ms per query).
+    Between `LEARN_MIN_BYTES` and the cache's size it depends on what else the cache holds: 1M 4-bit codes (8 MB)
+    took 0.41 -> 0.44 ms with prefetches where they stayed in a quiet L3 (2026-12-03, morning), and 0.60-0.69 ->
+    0.46-0.47 ms where other work (FAISS's calls in between, another tenant) had evicted them (that night; the
+    same machine kind, `bench scan` alternating our calls with FAISS's).
+    So there a one-query scan of a block kernel (`kernel`: its name, the learner's key with the size; None: the
+    rule without learning) learns the faster choice from its own calls (`StreamLearner`).
     """
-    return queries == 1 and code_bytes > last_level_cache_bytes()
+    if queries != 1:
+        return False
+    if code_bytes > last_level_cache_bytes():
+        return True
+    return _learned(queries, code_bytes, kernel) and stream_learner.choose(kernel, code_bytes)
+
+
+def _learned(queries: int, code_bytes: int, kernel: str | None) -> bool:
+    return kernel is not None and queries == 1 and LEARN_MIN_BYTES < code_bytes <= last_level_cache_bytes()
+
+
+@contextmanager
+def stream_choice(queries: int, code_bytes: int, kernel: str | None = None):
+    """`streams(queries, code_bytes, kernel)` for the scan inside the block; a scan whose choice is learned teaches
+    the learner its time (only when it completes)."""
+    stream = streams(queries, code_bytes, kernel)
+    t0 = time.perf_counter()
+    yield stream
+    if _learned(queries, code_bytes, kernel):
+        stream_learner.record(kernel, code_bytes, stream, time.perf_counter() - t0)
+
+
+class StreamLearner:
+    """Whether one-query scans of a kernel and size class (a power of two of code bytes) run faster with prefetches,
+    from their own times: each class times one call without and one with, then takes the faster by a moving average
+    of its seconds per byte, and tries the other every `explore_every`-th call so that a change of the machine's
+    phase (another tenant's cache use) is noticed. Any choice gives the same answer; only speed is learned."""
+
+    def __init__(self, explore_every: int = 16, weight: float = 0.25):
+        if explore_every < 2 or not 0 < weight <= 1:
+            raise ValueError(f"explore_every must be >= 2 and weight in (0, 1], got {explore_every} and {weight}")
+        self.explore_every = explore_every
+        self.weight = weight
+        self._lock = threading.Lock()
+        self._cost: dict[tuple, list] = {}    # (kernel, size class) -> [seconds a byte without, with] (None: untimed)
+        self._calls: dict[tuple, int] = {}
+
+    def choose(self, kernel: str, code_bytes: int) -> bool:
+        key = kernel, code_bytes.bit_length()
+        with self._lock:
+            cost = self._cost.setdefault(key, [None, None])
+            calls = self._calls[key] = self._calls.get(key, 0) + 1
+            if cost[0] is None or cost[1] is None:
+                return cost[0] is not None          # time the call without prefetches first, then one with
+            faster = cost[1] < cost[0]
+            return not faster if calls % self.explore_every == 0 else faster
+
+    def record(self, kernel: str, code_bytes: int, stream: bool, seconds: float) -> None:
+        per_byte = seconds / max(1, code_bytes)
+        with self._lock:
+            cost = self._cost.setdefault((kernel, code_bytes.bit_length()), [None, None])
+            old = cost[stream]
+            cost[stream] = per_byte if old is None else old + self.weight * (per_byte - old)
+
+    def costs(self) -> dict[tuple, tuple]:
+        """{(kernel, size class: the bit length of the code bytes): (seconds a byte without, with)}: for the
+        benchmark's lines."""
+        with self._lock:
+            return {key: tuple(c) for key, c in self._cost.items()}
+
+
+stream_learner = StreamLearner()
 
 
 def streamed_calls() -> int:

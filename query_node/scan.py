@@ -378,14 +378,14 @@ def scan_segments(segments: list[tuple[np.ndarray, np.ndarray | None]], tables: 
     queries = (tables.byte if isinstance(tables, ScanTables) else tables).shape[0]
     sizes = [codes.shape[0] for codes, _ in segments]
     total = sum(sizes)
-    stream = fastscan.streams(queries, sum(codes.shape[0] * codes.shape[1] for codes, _ in segments))
+    code_bytes = sum(codes.shape[0] * codes.shape[1] for codes, _ in segments)
     # one segment holding half the rows or more: the kernel splits it better than groups would
     grouped = threads > 1 and total >= 2 * MIN_SPLIT_ROWS and max(sizes) < total / 2
     groups = _groups(sizes, threads) if grouped else [range(len(segments))]
     starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64) if starts is None else \
         np.asarray(list(starts) + [0], dtype=np.int64)
 
-    def scan_group(group, kernel_threads):
+    def scan_group(group, kernel_threads, stream):
         heap = TopKHeap(queries, k, native=native, threads=kernel_threads,
                         first_row=int(starts[group.start]) if len(group) else 0, stream=stream)
         for i in group:
@@ -393,11 +393,24 @@ def scan_segments(segments: list[tuple[np.ndarray, np.ndarray | None]], tables: 
             heap.scan(segments[i][0], tables, segments[i][1])
         return heap
 
-    if len(groups) == 1:
-        return scan_group(groups[0], threads).result()
-    per_group = max(1, threads // len(groups))
-    heaps = list(_segment_pool(len(groups)).map(lambda g: scan_group(g, per_group), groups))
-    return TopKHeap.merged(heaps, k)
+    with fastscan.stream_choice(queries, code_bytes,
+                                _block_kernel(tables, segments[0][0] if segments else None, threads)) as stream:
+        if len(groups) == 1:
+            heaps = [scan_group(groups[0], threads, stream)]
+        else:
+            per_group = max(1, threads // len(groups))
+            heaps = list(_segment_pool(len(groups)).map(lambda g: scan_group(g, per_group, stream), groups))
+    return heaps[0].result() if len(heaps) == 1 else TopKHeap.merged(heaps, k)
+
+
+def _block_kernel(tables, codes, threads: int) -> str | None:
+    """The block kernel that will scan `codes` (`CodeBlocks`) with these tables on `threads` threads, named as the
+    key of what `fastscan.StreamLearner` learns (a scan on more threads takes less time a byte: its own key), or
+    None where no kernel reads the prefetch hint."""
+    if not isinstance(codes, CodeBlocks) or not isinstance(tables, ScanTables):
+        return None
+    name = "4-bit blocks" if tables.nibble is not None else "8-bit blocks" if tables.bound8 is not None else None
+    return None if name is None else f"{name} on {threads} thread{'s' if threads > 1 else ''}"
 
 
 def _groups(sizes: list[int], threads: int) -> list[range]:
@@ -434,8 +447,9 @@ def scan_topk_batch(codes: np.ndarray, lookup_tables: np.ndarray, k: int, packed
             raise ValueError(f"codes must be uint8 [N, code_bytes], got shape {codes.shape}")
     tables = scan_tables(lookup_tables, packed, codes.shape[1])
     queries = tables.byte.shape[0]
-    heap = TopKHeap(queries, k, stream=fastscan.streams(queries, codes.shape[0] * codes.shape[1]))
-    heap.scan(codes, tables, skip_mask)
+    with fastscan.stream_choice(queries, codes.shape[0] * codes.shape[1], _block_kernel(tables, codes, 1)) as stream:
+        heap = TopKHeap(queries, k, stream=stream)
+        heap.scan(codes, tables, skip_mask)
     return heap.result()
 
 

@@ -136,12 +136,67 @@ def test_a_scan_streams_by_the_bytes_of_all_its_segments_for_one_query(avx2, mon
     assert streamed(segments[:2], 1) == 0       # 0.8 MB: the cache holds it
 
 
-def test_only_one_query_over_more_codes_than_the_cache_holds_prefetches():
+def test_only_one_query_over_more_codes_than_the_cache_holds_prefetches_unless_it_learned_to(monkeypatch):
     cache = fastscan.last_level_cache_bytes()
     assert cache >= 1 << 20   # read from /sys, or the 32 MiB default
     assert fastscan.streams(1, cache + 1)
     assert not fastscan.streams(1, cache)
     assert not fastscan.streams(2, 100 * cache)   # a batch's lookups bound the loop, not memory
+    learner = fastscan.StreamLearner()
+    monkeypatch.setattr(fastscan, "stream_learner", learner)
+    between = (fastscan.LEARN_MIN_BYTES + cache) // 2
+    assert fastscan.LEARN_MIN_BYTES < between <= cache
+    learner.record("4-bit blocks", between, True, 1e-3)      # prefetching measured faster for this kernel and size
+    learner.record("4-bit blocks", between, False, 2e-3)
+    assert fastscan.streams(1, between, "4-bit blocks")
+    assert not fastscan.streams(1, between)                   # no kernel named: the cache rule alone
+    assert not fastscan.streams(1, fastscan.LEARN_MIN_BYTES, "4-bit blocks")   # small scans never prefetch
+    assert not fastscan.streams(2, between, "4-bit blocks")
+    assert not fastscan.streams(1, between, "8-bit blocks")   # another kernel learns on its own: untimed, off first
+
+
+def test_the_stream_learner_times_both_choices_takes_the_faster_and_keeps_checking():
+    learner = fastscan.StreamLearner(explore_every=4, weight=0.5)
+    size = 8 << 20
+    assert learner.choose("k", size) is False                 # untimed: the call without prefetches first
+    learner.record("k", size, False, 4e-3)
+    assert learner.choose("k", size) is True                  # then one with them
+    learner.record("k", size, True, 2e-3)
+    picks = [learner.choose("k", size) for _ in range(8)]     # calls 3..10: the faster (with), the other every 4th
+    assert picks == [True, False, True, True, True, False, True, True]
+    assert learner.choose("k", size + (1 << 20)) is True      # same power of two: the same class
+    assert learner.choose("k", 2 * size) is False             # the next class is timed on its own
+    for _ in range(3):                                        # the phase changes: prefetching turns slow
+        learner.record("k", size, True, 8e-3)
+    without, with_ = learner.costs()[("k", size.bit_length())]
+    assert with_ > without
+    assert [learner.choose("k", size) for _ in range(4)] == [True, False, False, False]   # calls 12..15: 12 explores
+    with pytest.raises(ValueError, match="explore_every must be >= 2"):
+        fastscan.StreamLearner(explore_every=1)
+
+
+@native_only
+def test_a_scan_in_the_learned_range_times_itself_and_answers_alike_either_way(avx2, monkeypatch):
+    """A one-query scan of blocks between LEARN_MIN_BYTES and the cache takes the learner's choice and records its
+    time under its kernel; its first call runs without prefetches, the second with, and both answer alike."""
+    from query_node.scan import scan_segments, scan_tables
+
+    learner = fastscan.StreamLearner()
+    monkeypatch.setattr(fastscan, "stream_learner", learner)
+    monkeypatch.setattr(fastscan, "LEARN_MIN_BYTES", 100_000)
+    rng = np.random.default_rng(8)
+    segments = [(CodeBlocks.of(rng.integers(0, 256, size=(50_000, 8), dtype=np.uint8)), None) for _ in range(2)]
+    tables = scan_tables(dyadic_lut(rng, 16, 16)[None], True, 8)
+    answers, streamed = [], []
+    for _ in range(2):
+        before = fastscan.streamed_calls()
+        answers.append(scan_segments(segments, tables, 20))
+        streamed.append(fastscan.streamed_calls() - before)
+    assert streamed == [0, 2]   # off, then on (one streamed call a segment)
+    without, with_ = learner.costs()[("4-bit blocks on 1 thread", (800_000).bit_length())]
+    assert without > 0 and with_ > 0
+    for got, want in zip(answers[1], answers[0]):
+        np.testing.assert_array_equal(got, want)
 
 
 def _resident_pages(address: int, size: int) -> int:
