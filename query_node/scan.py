@@ -393,8 +393,9 @@ def scan_segments(segments: list[tuple[np.ndarray, np.ndarray | None]], tables: 
             heap.scan(segments[i][0], tables, segments[i][1])
         return heap
 
-    with fastscan.stream_choice(queries, code_bytes,
-                                _block_kernel(tables, segments[0][0] if segments else None, threads)) as stream:
+    # (the numba reference, native=False, reads no hint and teaches the learner nothing)
+    kernel = _block_kernel(tables, segments[0][0] if segments else None, threads) if native is not False else None
+    with fastscan.stream_choice(queries, code_bytes, kernel) as stream:
         if len(groups) == 1:
             heaps = [scan_group(groups[0], threads, stream)]
         else:
