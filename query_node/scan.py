@@ -393,8 +393,7 @@ def scan_segments(segments: list[tuple[np.ndarray, np.ndarray | None]], tables: 
             heap.scan(segments[i][0], tables, segments[i][1])
         return heap
 
-    # (the numba reference, native=False, reads no hint and teaches the learner nothing)
-    kernel = _block_kernel(tables, segments[0][0] if segments else None, threads) if native is not False else None
+    kernel = _block_kernel(tables, segments[0][0] if segments else None, threads, native)
     with fastscan.stream_choice(queries, code_bytes, kernel) as stream:
         if len(groups) == 1:
             heaps = [scan_group(groups[0], threads, stream)]
@@ -404,11 +403,13 @@ def scan_segments(segments: list[tuple[np.ndarray, np.ndarray | None]], tables: 
     return heaps[0].result() if len(heaps) == 1 else TopKHeap.merged(heaps, k)
 
 
-def _block_kernel(tables, codes, threads: int) -> str | None:
+def _block_kernel(tables, codes, threads: int, native: bool | None = None) -> str | None:
     """The block kernel that will scan `codes` (`CodeBlocks`) with these tables on `threads` threads, named as the
     key of what `fastscan.StreamLearner` learns (a scan on more threads takes less time a byte: its own key), or
-    None where no kernel reads the prefetch hint."""
-    if not isinstance(codes, CodeBlocks) or not isinstance(tables, ScanTables):
+    None where no kernel reads the prefetch hint: other codes or tables, or the numba kernels (`native` as
+    `TopKHeap` takes it, None meaning the extension wherever it runs), so a numba scan never teaches the learner."""
+    runs_native = fastscan.available() if native is None else native
+    if not runs_native or not isinstance(codes, CodeBlocks) or not isinstance(tables, ScanTables):
         return None
     name = "4-bit blocks" if tables.nibble is not None else "8-bit blocks" if tables.bound8 is not None else None
     return None if name is None else f"{name} on {threads} thread{'s' if threads > 1 else ''}"
